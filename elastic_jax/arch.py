@@ -1,0 +1,146 @@
+"""An architecture is data: a small pytree of int32 arrays, and its JSON form.
+
+Fields (L = space.num_layers; every layer has values even when it is off, so shapes never change):
+  hidden     int32[]   active hidden size (global)
+  depth      int32[]   layers [0, depth) are kept; later layers are removed
+  head_dim   int32[]   head size of transformer blocks (global)
+  block      int32[L]  index into config.BLOCK_TYPES ('transformer', 'bottleneck', 'skip')
+  heads      int32[L]  active query heads
+  kv_groups  int32[L]  active key/value groups; divides heads
+  ffn        int32[L]  active FFN width
+  inner      int32[L]  bottleneck inner width (0 when the space has no bottleneck block)
+
+A layer is on when it lies within `depth` and its block is not 'skip'. Because an arch only ever
+enters a jitted function as arrays of these fixed shapes, changing it never retraces.
+
+JSON form (what `sample` prints and `export --arch` reads):
+  {"hidden": 256, "depth": 4, "head_dim": 32,
+   "layers": [{"block": "transformer", "heads": 4, "kv_groups": 4, "ffn": 512, "inner": 0}, ...]}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from elastic_jax.config import BLOCK_TYPES, SKIP, SpaceConfig
+from elastic_jax.errors import UserError
+
+LAYER_FIELDS = ('block', 'heads', 'kv_groups', 'ffn', 'inner')
+GLOBAL_FIELDS = ('hidden', 'depth', 'head_dim')
+
+
+@struct.dataclass
+class Arch:
+  hidden: jax.Array
+  depth: jax.Array
+  head_dim: jax.Array
+  block: jax.Array
+  heads: jax.Array
+  kv_groups: jax.Array
+  ffn: jax.Array
+  inner: jax.Array
+
+  def layer_on(self) -> jax.Array:
+    """bool[L]: which layers compute something."""
+    num_layers = self.block.shape[-1]
+    return (jnp.arange(num_layers) < self.depth[..., None]) & (self.block != SKIP)
+
+
+def stack(archs: Sequence[Arch]) -> Arch:
+  """A batch of archs (leading axis) for `jax.vmap`."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *archs)
+
+
+def unstack(archs: Arch) -> list[Arch]:
+  n = archs.hidden.shape[0]
+  return [jax.tree.map(lambda x, i=i: x[i], archs) for i in range(n)]
+
+
+def to_json(arch: Arch) -> dict:
+  a = jax.tree.map(np.asarray, arch)
+  layers = []
+  for i in range(a.block.shape[0]):
+    layers.append({'block': BLOCK_TYPES[int(a.block[i])], 'heads': int(a.heads[i]),
+                   'kv_groups': int(a.kv_groups[i]), 'ffn': int(a.ffn[i]),
+                   'inner': int(a.inner[i])})
+  return {'hidden': int(a.hidden), 'depth': int(a.depth), 'head_dim': int(a.head_dim),
+          'layers': layers}
+
+
+def _check(field: str, value, allowed: Sequence) -> None:
+  if value not in allowed:
+    raise UserError(f'architecture field {field}={value!r} is outside the search space; '
+                    f'allowed values: {list(allowed)}')
+
+
+def from_json(d: Mapping, space: SpaceConfig) -> Arch:
+  """Validates a JSON arch against the space and returns the int32 pytree."""
+  if not isinstance(d, Mapping):
+    raise UserError(f'an architecture must be a JSON object, got {type(d).__name__}')
+  missing = [f for f in GLOBAL_FIELDS + ('layers',) if f not in d]
+  if missing:
+    raise UserError(f'architecture is missing field(s) {missing}; expected {GLOBAL_FIELDS} and '
+                    "'layers' (see `elastic-jax sample` for the format)")
+  for f in GLOBAL_FIELDS:
+    if not isinstance(d[f], int):
+      raise UserError(f'architecture field {f}={d[f]!r} must be an integer')
+  _check('hidden', d['hidden'], space.hidden)
+  _check('depth', d['depth'], space.depth)
+  _check('head_dim', d['head_dim'], space.head_dim)
+  layers = d['layers']
+  if not isinstance(layers, list) or len(layers) != space.num_layers:
+    got = len(layers) if isinstance(layers, list) else type(layers).__name__
+    raise UserError(f'architecture field layers must list {space.num_layers} layers '
+                    f'(space.num_layers), got {got}')
+  values = {f: [] for f in LAYER_FIELDS}
+  for i, layer in enumerate(layers):
+    if not isinstance(layer, Mapping):
+      raise UserError(f'architecture field layers[{i}] must be an object')
+    extra = sorted(set(layer) - set(LAYER_FIELDS))
+    if extra or any(f not in layer for f in LAYER_FIELDS):
+      raise UserError(f'architecture field layers[{i}] must have exactly the fields '
+                      f'{list(LAYER_FIELDS)}, got {sorted(layer)}')
+    _check(f'layers[{i}].block', layer['block'], space.blocks)
+    _check(f'layers[{i}].heads', layer['heads'], space.heads)
+    kv_allowed = space.kv_groups or (layer['heads'],)
+    _check(f'layers[{i}].kv_groups', layer['kv_groups'], kv_allowed)
+    if layer['heads'] % layer['kv_groups']:
+      raise UserError(f'architecture field layers[{i}].kv_groups={layer["kv_groups"]} does not '
+                      f'divide layers[{i}].heads={layer["heads"]}')
+    _check(f'layers[{i}].ffn', layer['ffn'], space.ffn)
+    _check(f'layers[{i}].inner', layer['inner'], space.inner or (0,))
+    values['block'].append(BLOCK_TYPES.index(layer['block']))
+    for f in LAYER_FIELDS[1:]:
+      values[f].append(layer[f])
+  return Arch(hidden=jnp.int32(d['hidden']), depth=jnp.int32(d['depth']),
+              head_dim=jnp.int32(d['head_dim']),
+              **{f: jnp.asarray(v, jnp.int32) for f, v in values.items()})
+
+
+def load(path: str | Path, space: SpaceConfig) -> Arch:
+  """Reads one arch from a JSON file (or the first line of a JSON-lines file)."""
+  path = Path(path)
+  if not path.is_file():
+    raise UserError(f'architecture file {path} does not exist; write one with '
+                    '`elastic-jax sample --config C --n 1 > arch.json`')
+  text = path.read_text().strip()
+  try:
+    try:
+      d = json.loads(text)
+    except json.JSONDecodeError:
+      d = json.loads(text.splitlines()[0])  # JSON lines: the first arch
+  except (json.JSONDecodeError, IndexError) as e:
+    raise UserError(f'architecture file {path} is not valid JSON ({e}); expected the format '
+                    'printed by `elastic-jax sample`') from None
+  return from_json(d, space)
+
+
+def dumps(arch: Arch) -> str:
+  return json.dumps(to_json(arch))

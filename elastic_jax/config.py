@@ -1,0 +1,254 @@
+"""Typed, frozen, validated configs built once from the ml-collections `ConfigDict`s in `configs/`.
+
+The command line and the experiment files speak `ConfigDict`; the library speaks the frozen
+dataclasses below. Each is validated in `__post_init__` so a bad value fails once, early, with a
+message naming the config field, the value and what is allowed.
+
+Three layers:
+- `ModelConfig`: the model *family* (encoder or decoder, norms, positions, MLP, embeddings, dtypes).
+  It is shared by the supernet and by every exported dense model.
+- `SpaceConfig`: the elastic search space, as data: the allowed values of every elastic dimension.
+- `ModelDims`: concrete array sizes of one model: the supernet's maxima, or one exported
+  sub-network's per-layer sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from elastic_jax.errors import UserError
+
+# Block types, in registry order: the arch stores a block's index in this tuple, so new types are
+# appended, never inserted. 'skip' is the identity (a removed layer).
+BLOCK_TYPES = ('transformer', 'bottleneck', 'skip')
+SKIP = BLOCK_TYPES.index('skip')
+
+_KINDS = ('encoder', 'decoder')
+_POSITIONS = ('learned', 'rotary', 'none')
+_NORMS = ('layernorm', 'rmsnorm', 'nonorm')
+_PLACEMENTS = ('pre', 'post')
+_MLPS = ('gelu', 'relu', 'swiglu')
+_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
+  if not ok:
+    raise UserError(f'config field {field}={value!r} is invalid: {allowed}')
+
+
+def _one_of(field: str, value: Any, choices: Sequence[Any]) -> None:
+  _require(value in choices, field, value, f'allowed values are {list(choices)}')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The model family. Every knob exists so BERT-, GPT-2- and Llama-style checkpoints fit."""
+
+  kind: str = 'decoder'  # 'encoder' (bidirectional, MLM head) | 'decoder' (causal LM head)
+  vocab_size: int = 262
+  max_len: int = 256  # longest sequence; size of the learned position table
+  positions: str = 'learned'  # 'learned' | 'rotary' (interleaved pairs) | 'none'
+  rope_theta: float = 10000.0
+  norm: str = 'layernorm'  # 'layernorm' | 'rmsnorm' | 'nonorm' (MobileBERT's elementwise affine)
+  norm_placement: str = 'pre'  # 'pre' (GPT-2, Llama) | 'post' (BERT)
+  norm_eps: float = 1e-5
+  mlp: str = 'gelu'  # 'gelu' | 'relu' | 'swiglu'
+  tie_embeddings: bool = True
+  embed_dim: int = 0  # factorised embedding width E < hidden (ALBERT/MobileBERT); 0 = no factor
+  use_bias: bool = True  # biases of linear layers and norms
+  output_bias: bool = False  # a bias on the vocabulary logits (BERT's decoder has one)
+  head_transform: bool = False  # BERT's MLM head: dense -> act -> norm before the vocab projection
+  type_vocab_size: int = 0  # BERT token-type (segment A/B) embeddings; 0 = none
+  init_std: float = 0.02
+  dtype: str = 'float32'  # compute dtype
+  param_dtype: str = 'float32'
+
+  def __post_init__(self):
+    _one_of('model.kind', self.kind, _KINDS)
+    _one_of('model.positions', self.positions, _POSITIONS)
+    _one_of('model.norm', self.norm, _NORMS)
+    _one_of('model.norm_placement', self.norm_placement, _PLACEMENTS)
+    _one_of('model.mlp', self.mlp, _MLPS)
+    _one_of('model.dtype', self.dtype, _DTYPES)
+    _one_of('model.param_dtype', self.param_dtype, _DTYPES)
+    _require(self.vocab_size > 0, 'model.vocab_size', self.vocab_size, 'must be positive')
+    _require(self.max_len > 0, 'model.max_len', self.max_len, 'must be positive')
+    _require(self.embed_dim >= 0, 'model.embed_dim', self.embed_dim, 'must be >= 0 (0 = none)')
+    _require(self.type_vocab_size >= 0, 'model.type_vocab_size', self.type_vocab_size,
+             'must be >= 0')
+    _require(self.norm_eps > 0, 'model.norm_eps', self.norm_eps, 'must be positive')
+
+  @property
+  def causal(self) -> bool:
+    return self.kind == 'decoder'
+
+  @property
+  def factorised(self) -> bool:
+    return self.embed_dim > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDims:
+  """Array sizes of one layer. `blocks` lists the block types whose weights the layer holds."""
+
+  blocks: tuple[str, ...]
+  heads: int
+  kv_groups: int
+  ffn: int
+  inner: int = 0  # bottleneck inner width; 0 when the layer has no bottleneck block
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDims:
+  """Array sizes of a whole model: the supernet's maxima or an exported sub-network's own."""
+
+  hidden: int
+  head_dim: int
+  bottleneck_head_dim: int
+  layers: tuple[LayerDims, ...]
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, d: Mapping) -> ModelDims:
+    layers = tuple(LayerDims(**{**l, 'blocks': tuple(l['blocks'])}) for l in d['layers'])
+    return cls(hidden=d['hidden'], head_dim=d['head_dim'],
+               bottleneck_head_dim=d['bottleneck_head_dim'], layers=layers)
+
+
+def _choices(field: str, values: Sequence[int], *, allow_empty: bool = False) -> tuple[int, ...]:
+  values = tuple(int(v) for v in values)
+  if not values and allow_empty:
+    return values
+  _require(len(values) > 0, field, list(values), 'needs at least one choice')
+  _require(all(v > 0 for v in values), field, list(values), 'every choice must be positive')
+  _require(len(set(values)) == len(values), field, list(values), 'choices must be distinct')
+  return tuple(sorted(values))
+
+
+@dataclasses.dataclass(frozen=True)
+class SpaceConfig:
+  """The elastic search space: allowed values per elastic dimension (the same for every layer).
+
+  Arbitrary layer subsets come from allowing the 'skip' block; prefix depth from `depth`.
+  """
+
+  num_layers: int
+  hidden: tuple[int, ...]  # global hidden size choices
+  depth: tuple[int, ...]  # number of leading layers kept (a prefix); the rest are removed
+  blocks: tuple[str, ...]  # allowed block types per layer, from BLOCK_TYPES
+  heads: tuple[int, ...]  # query heads per layer
+  kv_groups: tuple[int, ...]  # key/value groups per layer (GQA); () = multi-head (groups = heads)
+  head_dim: tuple[int, ...]  # global head size choices of transformer blocks
+  ffn: tuple[int, ...]  # FFN width per layer (both block types)
+  inner: tuple[int, ...]  # bottleneck inner width per layer; () when no bottleneck block
+  bottleneck_head_dim: int  # head size inside bottleneck blocks (not elastic)
+
+  def __post_init__(self):
+    _require(self.num_layers > 0, 'space.num_layers', self.num_layers, 'must be positive')
+    for b in self.blocks:
+      _one_of('space.blocks', b, BLOCK_TYPES)
+    _require(len(self.blocks) > 0, 'space.blocks', list(self.blocks), 'needs at least one type')
+    _require(any(b != 'skip' for b in self.blocks), 'space.blocks', list(self.blocks),
+             "needs a block type other than 'skip'")
+    _require(max(self.depth) <= self.num_layers, 'space.depth', list(self.depth),
+             f'choices must be <= space.num_layers={self.num_layers}')
+    _require(self.bottleneck_head_dim > 0 or 'bottleneck' not in self.blocks,
+             'space.bottleneck_head_dim', self.bottleneck_head_dim, 'must be positive')
+    _require(bool(self.inner) or 'bottleneck' not in self.blocks, 'space.inner',
+             list(self.inner), "needs choices when 'bottleneck' is an allowed block")
+    for h in self.heads:
+      _require(not self.kv_groups or any(h % g == 0 for g in self.kv_groups), 'space.kv_groups',
+               list(self.kv_groups), f'no choice divides the head count {h} of space.heads')
+
+  @property
+  def kinds(self) -> tuple[str, ...]:
+    """Block types that own weights."""
+    return tuple(b for b in self.blocks if b != 'skip')
+
+  @property
+  def max_kv_groups(self) -> int:
+    return max(self.kv_groups) if self.kv_groups else max(self.heads)
+
+  def supernet_dims(self) -> ModelDims:
+    kinds = self.kinds
+    layer = LayerDims(blocks=kinds, heads=max(self.heads), kv_groups=self.max_kv_groups,
+                      ffn=max(self.ffn),
+                      inner=max(self.inner) if 'bottleneck' in kinds else 0)
+    return ModelDims(hidden=max(self.hidden), head_dim=max(self.head_dim),
+                     bottleneck_head_dim=self.bottleneck_head_dim if 'bottleneck' in kinds else 0,
+                     layers=(layer,) * self.num_layers)
+
+
+def model_config(cfg: Mapping) -> ModelConfig:
+  """Builds the typed model family config from the `model` section of a ConfigDict."""
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  values = dict(cfg)
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise UserError(f'unknown config field(s) model.{", model.".join(unknown)}; '
+                    f'known fields: {sorted(fields)}')
+  return ModelConfig(**values)
+
+
+def space_config(cfg: Mapping) -> SpaceConfig:
+  """Builds the typed search space from the `space` section of a ConfigDict.
+
+  `head_dim` may be empty: then it is hidden // heads of the largest model, which requires the
+  largest head count to divide the largest hidden size.
+  """
+  known = {f.name for f in dataclasses.fields(SpaceConfig)}
+  unknown = sorted(set(cfg) - known)
+  if unknown:
+    raise UserError(f'unknown config field(s) space.{", space.".join(unknown)}; '
+                    f'known fields: {sorted(known)}')
+  hidden = _choices('space.hidden', cfg['hidden'])
+  heads = _choices('space.heads', cfg['heads'])
+  head_dim = _choices('space.head_dim', cfg.get('head_dim', ()), allow_empty=True)
+  if not head_dim:
+    if max(hidden) % max(heads):
+      raise UserError(f'config field space.heads={list(heads)} is invalid: the largest head count '
+                      f'{max(heads)} does not divide the largest hidden size {max(hidden)}; '
+                      'change space.heads or space.hidden, or set space.head_dim explicitly')
+    head_dim = (max(hidden) // max(heads),)
+  inner = _choices('space.inner', cfg.get('inner', ()), allow_empty=True)
+  blocks = tuple(cfg.get('blocks', ('transformer',)))
+  bottleneck_head_dim = int(cfg.get('bottleneck_head_dim', 0))
+  if 'bottleneck' in blocks and not bottleneck_head_dim and inner:
+    if max(inner) % max(heads):
+      raise UserError(f'config field space.inner={list(inner)} is invalid: the largest head '
+                      f'count {max(heads)} does not divide the largest inner width {max(inner)}; '
+                      'set space.bottleneck_head_dim explicitly')
+    bottleneck_head_dim = max(inner) // max(heads)
+  num_layers = int(cfg['num_layers'])
+  return SpaceConfig(
+      num_layers=num_layers,
+      hidden=hidden,
+      depth=_choices('space.depth', cfg.get('depth', ()) or (num_layers,)),
+      blocks=blocks,
+      heads=heads,
+      kv_groups=_choices('space.kv_groups', cfg.get('kv_groups', ()), allow_empty=True),
+      head_dim=head_dim,
+      ffn=_choices('space.ffn', cfg['ffn']),
+      inner=inner,
+      bottleneck_head_dim=bottleneck_head_dim,
+  )
+
+
+def check_compatible(model: ModelConfig, space: SpaceConfig) -> None:
+  """Cross-section checks between the family and the space."""
+  if model.positions == 'rotary':
+    for d in space.head_dim + ((space.bottleneck_head_dim,) if 'bottleneck' in space.blocks
+                               else ()):
+      if d % 2:
+        raise UserError(f'rotary positions need even head sizes; got {d} (space.head_dim / '
+                        'space.bottleneck_head_dim): choose even sizes or model.positions=learned')
+  if model.factorised and model.embed_dim > max(space.hidden):
+    raise UserError(f'config field model.embed_dim={model.embed_dim} is invalid: a factorised '
+                    f'embedding must be narrower than the largest hidden size {max(space.hidden)}')
+  if model.kind == 'decoder' and model.type_vocab_size:
+    raise UserError('config field model.type_vocab_size must be 0 for a decoder (token types are '
+                    'an encoder feature)')

@@ -1,0 +1,96 @@
+"""Analytic cost of an architecture, jittable, from the arch alone.
+
+`arch_cost` works on traced int32 arrays (inside `jit`, under `vmap` over a population), so search
+can apply parameter / FLOP / memory budgets without building any model. Its parameter count equals
+the exported dense model's real parameter count exactly (tested); the per-block formulas live with
+the block classes in `model/blocks.py`, so a new block type brings its own.
+
+FLOPs count multiply-adds as 2 FLOPs, per token, at sequence length `seq_len`, as executed by this
+implementation (attention scores over all `seq_len` keys, causal or not); training = 3 x forward.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from elastic_jax.arch import Arch
+from elastic_jax.config import BLOCK_TYPES, ModelConfig, ModelDims
+from elastic_jax.model.blocks import BLOCKS, _linear_params, _norm_params
+
+
+def _embed_head_cost(cfg: ModelConfig, h):
+  """Parameters and matmul MACs per token outside the layers."""
+  e = cfg.embed_dim if cfg.factorised else h
+  params = cfg.vocab_size * e
+  macs = 0
+  if cfg.factorised:
+    params = params + _linear_params(cfg, cfg.embed_dim, h)
+    macs = macs + cfg.embed_dim * h
+  if cfg.positions == 'learned':
+    params = params + cfg.max_len * h
+  params = params + cfg.type_vocab_size * h
+  params = params + _norm_params(cfg, h)  # embedding norm (post) or final norm (pre)
+  if cfg.head_transform:
+    params = params + _linear_params(cfg, h, e) + _norm_params(cfg, e)
+    macs = macs + h * e
+  elif cfg.factorised:
+    params = params + h * e
+    macs = macs + h * e
+  if not cfg.tie_embeddings:
+    params = params + e * cfg.vocab_size
+  if cfg.output_bias:
+    params = params + cfg.vocab_size
+  macs = macs + e * cfg.vocab_size
+  return params, macs
+
+
+def arch_cost(cfg: ModelConfig, arch: Arch, *, bottleneck_head_dim: int, seq_len: int) -> dict:
+  """Costs of one arch (or, under vmap, of each arch of a population).
+
+  Returns int32 `params` and float32 `flops_per_token`, `train_flops_per_token`,
+  `kv_cache_bytes_per_token`, `activation_bytes_per_token` (stored for backward, estimate),
+  `param_bytes`.
+  """
+  h = arch.hidden
+  on = arch.layer_on()
+  sizes = {'hidden': h, 'heads': arch.heads, 'kv_groups': arch.kv_groups,
+           'head_dim': arch.head_dim, 'ffn': arch.ffn, 'inner': arch.inner,
+           'bottleneck_head_dim': bottleneck_head_dim}
+  totals = None
+  for name, block in BLOCKS.items():
+    c = block.cost(cfg, sizes)
+    chosen = on & (arch.block == BLOCK_TYPES.index(name))
+    c = {k: jnp.where(chosen, jnp.asarray(v, jnp.float32 if k != 'params' else jnp.int32), 0)
+         for k, v in c.items()}
+    totals = c if totals is None else {k: totals[k] + c[k] for k in c}
+  layer_params = jnp.sum(totals['params'])
+  embed_params, embed_macs = _embed_head_cost(cfg, h)
+  params = (layer_params + embed_params).astype(jnp.int32)
+  attn_macs = 2.0 * seq_len * jnp.sum(totals['attn_width'])
+  macs = jnp.sum(totals['matmul_macs']) + jnp.asarray(embed_macs, jnp.float32) + attn_macs
+  flops = 2.0 * macs
+  act_bytes = jnp.dtype(cfg.dtype).itemsize
+  attn_probs = seq_len * jnp.sum(totals['heads'])  # one row of probabilities per head and token
+  return {
+      'params': params,
+      'flops_per_token': flops,
+      'train_flops_per_token': 3.0 * flops,
+      'kv_cache_bytes_per_token': act_bytes * jnp.sum(totals['kv_entries']),
+      'activation_bytes_per_token': act_bytes * (jnp.sum(totals['act_entries']) + attn_probs
+                                                 + 2.0 * h),
+      'param_bytes': jnp.dtype(cfg.param_dtype).itemsize * params.astype(jnp.float32),
+  }
+
+
+def dense_arch(dims: ModelDims) -> Arch:
+  """The arch a dense model computes, in its own one-point space (for costing exported models)."""
+  layers = dims.layers
+  return Arch(
+      hidden=jnp.int32(dims.hidden), depth=jnp.int32(len(layers)),
+      head_dim=jnp.int32(dims.head_dim),
+      block=jnp.asarray([BLOCK_TYPES.index(l.blocks[0]) for l in layers], jnp.int32),
+      heads=jnp.asarray([l.heads for l in layers], jnp.int32),
+      kv_groups=jnp.asarray([l.kv_groups for l in layers], jnp.int32),
+      ffn=jnp.asarray([l.ffn for l in layers], jnp.int32),
+      inner=jnp.asarray([l.inner for l in layers], jnp.int32),
+  )

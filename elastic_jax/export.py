@@ -1,0 +1,193 @@
+"""Export a sub-network as an ordinary dense model, and save / load dense models.
+
+Because every elastic dimension is a prefix of every array axis, exporting is slicing: the dense
+model's layer i is the supernet's i-th *active* layer, holding only the chosen block type, and each
+of its arrays is the leading block of the supernet's array. The dense model is the same `Model`
+class built with its own (smaller, per-layer) sizes and called with `arch=None`: no masks, smaller
+matmuls, real speedups.
+
+On disk: `config.json` (model family, sizes, source arch) + `model.safetensors` (never pickle).
+Writes go to a temporary directory renamed into place, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from elastic_jax import __version__
+from elastic_jax import arch as arch_lib
+from elastic_jax.arch import Arch
+from elastic_jax.config import BLOCK_TYPES, LayerDims, ModelConfig, ModelDims, SpaceConfig
+from elastic_jax.errors import UserError
+from elastic_jax.model.supernet import Model
+
+FORMAT = 'elastic_jax.dense/1'
+CONFIG_FILE = 'config.json'
+WEIGHTS_FILE = 'model.safetensors'
+
+
+def dense_dims(space: SpaceConfig, arch: Arch) -> tuple[ModelDims, list[int]]:
+  """Sizes of the dense model an arch exports to, and the supernet layer index of each layer."""
+  a = jax.tree.map(np.asarray, arch)
+  on = np.asarray(arch.layer_on())
+  layers, source = [], []
+  for i in np.flatnonzero(on):
+    kind = BLOCK_TYPES[int(a.block[i])]
+    layers.append(LayerDims(blocks=(kind,), heads=int(a.heads[i]), kv_groups=int(a.kv_groups[i]),
+                            ffn=int(a.ffn[i]),
+                            inner=int(a.inner[i]) if kind == 'bottleneck' else 0))
+    source.append(int(i))
+  has_bottleneck = any(l.blocks == ('bottleneck',) for l in layers)
+  dims = ModelDims(hidden=int(a.hidden), head_dim=int(a.head_dim),
+                   bottleneck_head_dim=space.bottleneck_head_dim if has_bottleneck else 0,
+                   layers=tuple(layers))
+  return dims, source
+
+
+def _flat_params(model: nnx.Module) -> dict[tuple, jax.Array]:
+  return {path: var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _abstract(cfg: ModelConfig, dims: ModelDims) -> Model:
+  return nnx.eval_shape(lambda: Model(cfg, dims, rngs=nnx.Rngs(0)))
+
+
+def _fill(abstract: Model, values: Mapping[tuple, jax.Array | np.ndarray]) -> Model:
+  """Builds a concrete model from an abstract one and a value for every parameter path."""
+  graphdef, state = nnx.split(abstract)
+  flat = nnx.to_flat_state(state)
+  for path, var in flat:
+    var.set_value(jax.numpy.asarray(values[path], var.dtype))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def export(supernet: Model, space: SpaceConfig, arch: Arch) -> Model:
+  """The dense model computing exactly what `supernet(batch, arch)` computes."""
+  dims, source = dense_dims(space, arch)
+  abstract = _abstract(supernet.cfg, dims)
+  super_params = _flat_params(supernet)
+  values = {}
+  for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    src = path
+    if path[0] == 'layers':
+      src = (path[0], source[path[1]]) + path[2:]
+    full = super_params[src]
+    if any(n > m for n, m in zip(var.shape, full.shape)):
+      raise ValueError(f'cannot slice {src} of shape {full.shape} to {var.shape}')
+    values[path] = full[tuple(slice(0, n) for n in var.shape)]
+  return _fill(abstract, values)
+
+
+def param_count(model: nnx.Module) -> int:
+  return int(sum(np.prod(v.shape) for v in _flat_params(model).values()))
+
+
+def _key(path: tuple) -> str:
+  return '.'.join(str(p) for p in path)
+
+
+def _atomic_dir(out: Path, write) -> None:
+  """Runs `write(tmp_dir)`, then moves tmp_dir to `out` (replacing an older one)."""
+  out = Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
+  try:
+    write(tmp)
+    if out.exists():
+      old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent))
+      os.replace(out, old / out.name)
+      os.replace(tmp, out)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def save(model: Model, out: str | Path, *, arch: Arch | None = None,
+         extra: Mapping | None = None, files: Mapping[str, str | Path] | None = None) -> Path:
+  """Saves a dense model as `config.json` + `model.safetensors` (atomically).
+
+  `extra` goes into config.json (e.g. the data config for evaluation); `files` are copied in
+  (e.g. the tokenizer).
+  """
+  from safetensors.numpy import save_file
+
+  config = {
+      'format': FORMAT,
+      'elastic_jax_version': __version__,
+      'model': dataclasses.asdict(model.cfg),
+      'dims': model.dims.to_json(),
+      'params': param_count(model),
+      'source_arch': arch_lib.to_json(arch) if arch is not None else None,
+      **(dict(extra) if extra else {}),
+  }
+  tensors = {_key(p): np.asarray(v) for p, v in _flat_params(model).items()}
+
+  def write(tmp: Path):
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={'format': FORMAT})
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + '\n')
+    for name, src in (files or {}).items():
+      shutil.copyfile(src, tmp / name)
+
+  _atomic_dir(Path(out), write)
+  return Path(out)
+
+
+def read_config(directory: str | Path) -> dict:
+  directory = Path(directory)
+  path = directory / CONFIG_FILE
+  if not path.is_file():
+    raise UserError(f'{directory} is not an exported model: {CONFIG_FILE} is missing; create one '
+                    'with `elastic-jax export`')
+  try:
+    config = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise UserError(f'{path} is not valid JSON ({e}); re-export the model') from None
+  if config.get('format') != FORMAT:
+    raise UserError(f'{path} has format {config.get("format")!r}, expected {FORMAT!r}')
+  return config
+
+
+def load(directory: str | Path) -> tuple[Model, dict]:
+  """Loads an exported dense model; returns it and its config.json."""
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+
+  directory = Path(directory)
+  config = read_config(directory)
+  try:
+    cfg = ModelConfig(**config['model'])
+    dims = ModelDims.from_json(config['dims'])
+  except (KeyError, TypeError) as e:
+    raise UserError(f'{directory / CONFIG_FILE} does not describe a model ({e}); re-export') \
+        from None
+  weights = directory / WEIGHTS_FILE
+  if not weights.is_file():
+    raise UserError(f'{weights} is missing; re-export the model')
+  try:
+    tensors = load_file(str(weights))
+  except (SafetensorError, OSError, ValueError) as e:
+    raise UserError(f'{weights} is corrupt or truncated ({e}); re-export the model') from None
+  abstract = _abstract(cfg, dims)
+  values = {}
+  for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    key = _key(path)
+    if key not in tensors:
+      raise UserError(f'{weights} lacks tensor {key}; re-export the model')
+    if tuple(tensors[key].shape) != tuple(var.shape):
+      raise UserError(f'{weights}: tensor {key} has shape {tensors[key].shape}, config.json '
+                      f'implies {tuple(var.shape)}; re-export the model')
+    values[path] = tensors[key]
+  return _fill(abstract, values), config

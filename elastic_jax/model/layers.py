@@ -1,0 +1,217 @@
+"""Masked building blocks: norm, attention, MLP.
+
+Every module is written for the dense model first: called with `active=None` it is an ordinary
+layer of its own array sizes. Called with active sizes (traced int32 scalars) it computes exactly
+what the dense layer holding the leading slice of its arrays would: elastic dimensions are prefixes
+of every array axis, so masking a prefix and slicing a prefix agree. That is the invariant the
+exporter relies on (`elastic_jax.export`), and the property tests check.
+
+Parameters carry logical axis names (`out_sharding` metadata) used by the sharding rules:
+  vocab, embed (hidden), factor (factorised embedding), heads, kv, head_dim, mlp, inner, pos, types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from elastic_jax.config import ModelConfig
+
+Array = jax.Array
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+def make_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], cfg: ModelConfig,
+               init: str = 'normal') -> nnx.Param:
+  """A parameter with logical axis names; 'normal' (std cfg.init_std), 'zeros' or 'ones'."""
+  dtype = dtype_of(cfg.param_dtype)
+  shape = tuple(int(s) for s in shape)
+  if init == 'normal':
+    value = cfg.init_std * jax.random.normal(rngs.params(), shape, dtype)
+  elif init == 'zeros':
+    value = jnp.zeros(shape, dtype)
+  elif init == 'ones':
+    value = jnp.ones(shape, dtype)
+  else:
+    raise ValueError(init)
+  return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+
+
+def prefix_mask(n_max: int, n_active, dtype) -> Array:
+  """[n_max] ones on the first `n_active` entries, zeros after."""
+  return (jnp.arange(n_max) < n_active).astype(dtype)
+
+
+class Norm(nnx.Module):
+  """LayerNorm, RMSNorm or NoNorm over the last axis, statistics over the active features only."""
+
+  def __init__(self, dim: int, axis_name: str, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.kind = cfg.norm
+    self.eps = cfg.norm_eps
+    self.scale = make_param(rngs, (dim,), (axis_name,), cfg, 'ones')
+    has_bias = cfg.use_bias and cfg.norm != 'rmsnorm'
+    self.bias = make_param(rngs, (dim,), (axis_name,), cfg, 'zeros') if has_bias else None
+
+  def __call__(self, x: Array, mask: Array | None = None, count=None) -> Array:
+    """`mask` [D] selects the active features, `count` is their number (mask.sum())."""
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    if self.kind != 'nonorm':
+      if mask is None:
+        mean_of = lambda v: jnp.mean(v, -1, keepdims=True)
+      else:
+        n = jnp.asarray(count, jnp.float32)
+        mean_of = lambda v: jnp.sum(v * mask, -1, keepdims=True) / n
+      if self.kind == 'layernorm':
+        x = x - mean_of(x)
+      x = x * jax.lax.rsqrt(mean_of(x * x) + self.eps)
+    x = x * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      x = x + self.bias[...].astype(jnp.float32)
+    if mask is not None:
+      x = x * mask
+    return x.astype(dtype)
+
+
+def rotary(x_BTNH: Array, positions_BT: Array, head_dim_active, theta: float,
+           hd_mask: Array | None) -> Array:
+  """Rotary embedding on interleaved pairs (2i, 2i+1).
+
+  Interleaved pairs keep the rotation of the first d' features identical for any active head size
+  d', so a prefix of the head is a head of its own; frequencies use the *active* size so the
+  masked head rotates exactly as the exported one. (Importers of rotate-half checkpoints such as
+  Hugging Face Llama permute the q/k projections to this layout.)
+  """
+  h_max = x_BTNH.shape[-1]
+  pair = jnp.arange(h_max // 2, dtype=jnp.float32)
+  inv_freq = theta ** (-2.0 * pair / jnp.asarray(head_dim_active, jnp.float32))
+  angle_BTP = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(angle_BTP)[:, :, None, :]
+  sin = jnp.sin(angle_BTP)[:, :, None, :]
+  x = x_BTNH.astype(jnp.float32)
+  x_even, x_odd = x[..., 0::2], x[..., 1::2]
+  out = jnp.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], axis=-1)
+  out = out.reshape(x.shape)
+  if hd_mask is not None:
+    out = out * hd_mask
+  return out.astype(x_BTNH.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head / grouped-query attention on a `width`-wide stream.
+
+  Elastic: active query heads (a prefix), active KV groups (a prefix), active head size (a prefix of
+  every head). Active query head h reads KV group h // (heads / kv_groups), the usual GQA mapping
+  of a dense model with that many heads and groups.
+  """
+
+  def __init__(self, width: int, width_axis: str, heads: int, kv_groups: int, head_dim: int,
+               cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.heads, self.kv_groups, self.head_dim = heads, kv_groups, head_dim
+    w, n, g, h = width, heads, kv_groups, head_dim
+    self.q = make_param(rngs, (w, n, h), (width_axis, 'heads', 'head_dim'), cfg)
+    self.k = make_param(rngs, (w, g, h), (width_axis, 'kv', 'head_dim'), cfg)
+    self.v = make_param(rngs, (w, g, h), (width_axis, 'kv', 'head_dim'), cfg)
+    self.o = make_param(rngs, (n, h, w), ('heads', 'head_dim', width_axis), cfg)
+    if cfg.use_bias:
+      self.q_bias = make_param(rngs, (n, h), ('heads', 'head_dim'), cfg, 'zeros')
+      self.k_bias = make_param(rngs, (g, h), ('kv', 'head_dim'), cfg, 'zeros')
+      self.v_bias = make_param(rngs, (g, h), ('kv', 'head_dim'), cfg, 'zeros')
+      self.o_bias = make_param(rngs, (w,), (width_axis,), cfg, 'zeros')
+    else:
+      self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
+
+  def __call__(self, x_BTD: Array, attn_mask_BTS: Array, positions_BT: Array,
+               active: dict | None = None, capture: dict | None = None) -> Array:
+    """`active`: {'heads', 'kv_groups', 'head_dim'} traced sizes, or None for the dense layer."""
+    cfg = self.cfg
+    dtype = x_BTD.dtype
+    q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, self.q[...].astype(dtype))
+    k_BTGH = jnp.einsum('BTD,DGH->BTGH', x_BTD, self.k[...].astype(dtype))
+    v_BTGH = jnp.einsum('BTD,DGH->BTGH', x_BTD, self.v[...].astype(dtype))
+    if self.q_bias is not None:
+      q_BTNH = q_BTNH + self.q_bias[...].astype(dtype)
+      k_BTGH = k_BTGH + self.k_bias[...].astype(dtype)
+      v_BTGH = v_BTGH + self.v_bias[...].astype(dtype)
+
+    if active is None:
+      heads, groups, head_dim = self.heads, self.kv_groups, self.head_dim
+      head_mask = hd_mask = None
+    else:
+      heads, groups, head_dim = active['heads'], active['kv_groups'], active['head_dim']
+      head_mask = prefix_mask(self.heads, heads, dtype)
+      hd_mask = prefix_mask(self.head_dim, head_dim, dtype)
+    # Query head n reads group n // (heads / groups); inactive heads read group 0 (masked later).
+    per_group = jnp.maximum(jnp.asarray(heads) // jnp.asarray(groups), 1)
+    kv_index = jnp.minimum(jnp.arange(self.heads) // per_group, self.kv_groups - 1)
+    k_BTNH = jnp.take(k_BTGH, kv_index, axis=2)
+    v_BTNH = jnp.take(v_BTGH, kv_index, axis=2)
+
+    if cfg.positions == 'rotary':
+      q_BTNH = rotary(q_BTNH, positions_BT, head_dim, cfg.rope_theta, hd_mask)
+      k_BTNH = rotary(k_BTNH, positions_BT, head_dim, cfg.rope_theta, hd_mask)
+    elif hd_mask is not None:
+      q_BTNH = q_BTNH * hd_mask
+    scale = jax.lax.rsqrt(jnp.asarray(head_dim, jnp.float32)).astype(dtype)
+    logits_BNTS = jnp.einsum('BTNH,BSNH->BNTS', q_BTNH * scale, k_BTNH)
+    logits_BNTS = logits_BNTS.astype(jnp.float32)
+    logits_BNTS = jnp.where(attn_mask_BTS[:, None], logits_BNTS, jnp.finfo(jnp.float32).min)
+    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1)
+    if capture is not None and 'attn_probs' in capture['names']:
+      capture['attn_probs'] = probs_BNTS if head_mask is None else probs_BNTS * head_mask[:, None,
+                                                                                           None]
+    out_BTNH = jnp.einsum('BNTS,BSNH->BTNH', probs_BNTS.astype(dtype), v_BTNH)
+    if head_mask is not None:
+      out_BTNH = out_BTNH * head_mask[:, None] * hd_mask
+    out_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTNH, self.o[...].astype(dtype))
+    if self.o_bias is not None:
+      out_BTD = out_BTD + self.o_bias[...].astype(dtype)
+    return out_BTD
+
+
+class MLP(nnx.Module):
+  """Feed-forward network width -> ffn -> width; the active FFN width is a prefix."""
+
+  def __init__(self, width: int, width_axis: str, ffn: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.kind = cfg.mlp
+    self.ffn = ffn
+    self.up = make_param(rngs, (width, ffn), (width_axis, 'mlp'), cfg)
+    self.gate = make_param(rngs, (width, ffn), (width_axis, 'mlp'), cfg) if cfg.mlp == 'swiglu' \
+        else None
+    self.down = make_param(rngs, (ffn, width), ('mlp', width_axis), cfg)
+    if cfg.use_bias:
+      self.up_bias = make_param(rngs, (ffn,), ('mlp',), cfg, 'zeros')
+      self.gate_bias = make_param(rngs, (ffn,), ('mlp',), cfg, 'zeros') if self.gate is not None \
+          else None
+      self.down_bias = make_param(rngs, (width,), (width_axis,), cfg, 'zeros')
+    else:
+      self.up_bias = self.gate_bias = self.down_bias = None
+
+  def _linear(self, x, kernel, bias):
+    y = jnp.einsum('BTD,DF->BTF', x, kernel[...].astype(x.dtype))
+    return y if bias is None else y + bias[...].astype(x.dtype)
+
+  def __call__(self, x_BTD: Array, ffn_active=None, capture: dict | None = None) -> Array:
+    up_BTF = self._linear(x_BTD, self.up, self.up_bias)
+    if self.gate is None:
+      pre_BTF = up_BTF
+      act_BTF = jax.nn.gelu(up_BTF, approximate=False) if self.kind == 'gelu' \
+          else jax.nn.relu(up_BTF)
+    else:
+      pre_BTF = self._linear(x_BTD, self.gate, self.gate_bias)
+      act_BTF = jax.nn.silu(pre_BTF) * up_BTF
+    ffn_mask = None if ffn_active is None else prefix_mask(self.ffn, ffn_active, x_BTD.dtype)
+    if capture is not None and 'ffn_pre' in capture['names']:
+      # W-PCA reads the input of the nonlinearity; inactive columns are exact zeros.
+      capture['ffn_pre'] = pre_BTF if ffn_mask is None else pre_BTF * ffn_mask
+    if ffn_mask is not None:
+      act_BTF = act_BTF * ffn_mask
+    out = jnp.einsum('BTF,FD->BTD', act_BTF, self.down[...].astype(x_BTD.dtype))
+    return out if self.down_bias is None else out + self.down_bias[...].astype(x_BTD.dtype)

@@ -1,0 +1,213 @@
+"""The elastic language model: embeddings, a stack of elastic layers, an output head.
+
+One class serves both roles:
+- `Model(cfg, space.supernet_dims())` is the weight-shared supernet; call it with an `Arch` (a
+  pytree of int32 arrays) and it computes that sub-network by masking. The arch is data, so one
+  compiled program serves every sub-network, and `jax.vmap` over archs evaluates a population.
+- `Model(cfg, dims_of_one_arch)` is an exported dense model; call it with `arch=None`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from elastic_jax.config import BLOCK_TYPES, SKIP, LayerDims, ModelConfig, ModelDims
+from elastic_jax.model.blocks import BLOCK_CAPTURES, BLOCKS, Context
+from elastic_jax.model.layers import Norm, make_param, prefix_mask
+
+Array = jax.Array
+
+# Everything `capture=` can ask for: per-layer block features, plus 'embed' (embedding output)
+# and 'hidden' (each layer's output).
+CAPTURES = ('embed', 'hidden') + BLOCK_CAPTURES
+
+
+class Embedding(nnx.Module):
+  """Token (optionally factorised), learned position and token-type embeddings."""
+
+  def __init__(self, cfg: ModelConfig, dims: ModelDims, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    h = dims.hidden
+    table_width, table_axis = (cfg.embed_dim, 'factor') if cfg.factorised else (h, 'embed')
+    self.tokens = make_param(rngs, (cfg.vocab_size, table_width), ('vocab', table_axis), cfg)
+    if cfg.factorised:
+      self.proj = make_param(rngs, (cfg.embed_dim, h), ('factor', 'embed'), cfg)
+      self.proj_bias = make_param(rngs, (h,), ('embed',), cfg, 'zeros') if cfg.use_bias else None
+    self.positions = (make_param(rngs, (cfg.max_len, h), ('pos', 'embed'), cfg)
+                      if cfg.positions == 'learned' else None)
+    self.types = (make_param(rngs, (cfg.type_vocab_size, h), ('types', 'embed'), cfg)
+                  if cfg.type_vocab_size else None)
+    self.norm = Norm(h, 'embed', cfg, rngs=rngs) if cfg.norm_placement == 'post' else None
+
+  def __call__(self, tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count) -> Array:
+    dtype = jnp.dtype(self.cfg.dtype)
+    x = jnp.take(self.tokens[...], tokens_BT, axis=0).astype(dtype)
+    if self.cfg.factorised:
+      x = jnp.einsum('BTE,ED->BTD', x, self.proj[...].astype(dtype))
+      if self.proj_bias is not None:
+        x = x + self.proj_bias[...].astype(dtype)
+    if self.positions is not None:
+      x = x + jnp.take(self.positions[...], positions_BT, axis=0).astype(dtype)
+    if self.types is not None:
+      x = x + jnp.take(self.types[...], types_BT, axis=0).astype(dtype)
+    if hidden_mask is not None:
+      x = x * hidden_mask
+    if self.norm is not None:
+      x = self.norm(x, hidden_mask, hidden_count)
+    return x
+
+
+class Head(nnx.Module):
+  """Final norm (pre-norm models), optional MLM transform, vocabulary projection (maybe tied)."""
+
+  def __init__(self, cfg: ModelConfig, dims: ModelDims, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    h = dims.hidden
+    out_width, out_axis = (cfg.embed_dim, 'factor') if cfg.factorised else (h, 'embed')
+    self.final_norm = Norm(h, 'embed', cfg, rngs=rngs) if cfg.norm_placement == 'pre' else None
+    self.transform = self.transform_bias = self.transform_norm = self.unembed = None
+    if cfg.head_transform:
+      self.transform = make_param(rngs, (h, out_width), ('embed', out_axis), cfg)
+      self.transform_bias = (make_param(rngs, (out_width,), (out_axis,), cfg, 'zeros')
+                             if cfg.use_bias else None)
+      self.transform_norm = Norm(out_width, out_axis, cfg, rngs=rngs)
+    elif cfg.factorised:
+      self.unembed = make_param(rngs, (h, out_width), ('embed', out_axis), cfg)
+    self.out = (None if cfg.tie_embeddings
+                else make_param(rngs, (out_width, cfg.vocab_size), (out_axis, 'vocab'), cfg))
+    self.out_bias = (make_param(rngs, (cfg.vocab_size,), ('vocab',), cfg, 'zeros')
+                     if cfg.output_bias else None)
+
+  def __call__(self, x_BTD, token_table_VE, hidden_mask, hidden_count) -> Array:
+    cfg = self.cfg
+    if self.final_norm is not None:
+      x_BTD = self.final_norm(x_BTD, hidden_mask, hidden_count)
+    if self.transform is not None:
+      x_BTD = jnp.einsum('BTD,DE->BTE', x_BTD, self.transform[...].astype(x_BTD.dtype))
+      if self.transform_bias is not None:
+        x_BTD = x_BTD + self.transform_bias[...].astype(x_BTD.dtype)
+      x_BTD = jax.nn.relu(x_BTD) if cfg.mlp == 'relu' else jax.nn.gelu(x_BTD, approximate=False)
+      # Without a factorised embedding the transform's output is the (elastic) hidden width.
+      mask, count = (None, None) if cfg.factorised else (hidden_mask, hidden_count)
+      x_BTD = self.transform_norm(x_BTD, mask, count)
+    elif self.unembed is not None:
+      x_BTD = jnp.einsum('BTD,DE->BTE', x_BTD, self.unembed[...].astype(x_BTD.dtype))
+    table = token_table_VE.T if self.out is None else self.out[...]
+    logits_BTV = jnp.einsum('BTE,EV->BTV', x_BTD, table.astype(x_BTD.dtype))
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    if self.out_bias is not None:
+      logits_BTV = logits_BTV + self.out_bias[...].astype(jnp.float32)
+    return logits_BTV
+
+
+class Layer(nnx.Module):
+  """One layer: the weights of every block type it may take, and the choice among them."""
+
+  def __init__(self, cfg: ModelConfig, dims: ModelDims, layer: LayerDims, *, rngs: nnx.Rngs):
+    self.kinds = tuple(layer.blocks)
+    self.hidden = dims.hidden
+    self.inner = layer.inner
+    self.blocks = nnx.Dict({k: BLOCKS[k](cfg, dims, layer, rngs=rngs) for k in self.kinds})
+    # Registry id -> branch of lax.switch; unknown ids and 'skip' go to the identity branch.
+    self.branch_of = tuple(self.kinds.index(b) if b in self.kinds else len(self.kinds)
+                           for b in BLOCK_TYPES)
+
+  def _padded(self, feats: dict, x: Array) -> dict:
+    """Pads block features to one width so every switch branch returns the same shapes."""
+    width = max(self.hidden, self.inner)
+    out = {}
+    for k, v in feats.items():
+      if k in ('attn_out', 'ffn_out') and v.shape[-1] < width:
+        v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, width - v.shape[-1])])
+      out[k] = v
+    return out
+
+  def __call__(self, x: Array, ctx: Context, active: dict | None = None, on=None, block=None):
+    """Dense: `active` is None and the layer's single block runs. Masked: `block` (registry id)
+    picks the branch, and an off layer (`on` False) is an exact identity."""
+    if active is None:
+      (kind,) = self.kinds
+      return self.blocks[kind](x, ctx, None)
+
+    def run(kind):
+      def branch(x):
+        y, feats = self.blocks[kind](x, ctx, active)
+        return y, self._padded(feats, x)
+      return branch
+
+    branches = [run(k) for k in self.kinds]
+    feats_shape = jax.eval_shape(branches[0], x)[1]
+    branches.append(lambda x: (x, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                feats_shape)))
+    branch = jnp.asarray(self.branch_of, jnp.int32)[block]
+    branch = jnp.where(on, branch, len(self.kinds))
+    if len(branches) == 1:
+      return branches[0](x)
+    # Outside vmap only the chosen block runs; under vmap switch becomes a select of all branches.
+    return jax.lax.switch(branch, branches, x)
+
+
+class Model(nnx.Module):
+  """Elastic encoder or decoder language model (supernet or exported dense model)."""
+
+  def __init__(self, cfg: ModelConfig, dims: ModelDims, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dims = dims
+    self.embed = Embedding(cfg, dims, rngs=rngs)
+    self.layers = nnx.List([Layer(cfg, dims, l, rngs=rngs) for l in dims.layers])
+    self.head = Head(cfg, dims, rngs=rngs)
+
+  def __call__(self, batch: Mapping[str, Array], arch=None, capture: tuple[str, ...] = ()):
+    """Logits [B, T, vocab] (float32); with `capture`, also a dict of the named features.
+
+    `batch`: `tokens` [B, T] int32 and optionally `positions`, `segment_ids` (0 = padding;
+    attention stays within a segment) and `token_types`. `arch`: an `Arch` for a sub-network of
+    the supernet, or None for the model's own (dense) architecture.
+    """
+    unknown = set(capture) - set(CAPTURES)
+    if unknown:
+      raise ValueError(f'unknown capture names {sorted(unknown)}; known: {CAPTURES}')
+    tokens_BT = batch['tokens']
+    b, t = tokens_BT.shape
+    positions_BT = batch.get('positions')
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+    segments_BT = batch.get('segment_ids')
+    if segments_BT is None:
+      segments_BT = jnp.ones((b, t), jnp.int32)
+    types_BT = batch.get('token_types')
+    if types_BT is None:
+      types_BT = jnp.zeros((b, t), jnp.int32)
+    attn_mask_BTS = segments_BT[:, :, None] == segments_BT[:, None, :]
+    if self.cfg.causal:
+      attn_mask_BTS = attn_mask_BTS & jnp.tril(jnp.ones((t, t), bool))
+
+    dtype = jnp.dtype(self.cfg.dtype)
+    if arch is None:
+      hidden_mask, hidden_count = None, self.dims.hidden
+    else:
+      hidden_mask, hidden_count = prefix_mask(self.dims.hidden, arch.hidden, dtype), arch.hidden
+    ctx = Context(attn_mask_BTS, positions_BT, hidden_mask, hidden_count,
+                  tuple(c for c in capture if c in BLOCK_CAPTURES))
+
+    x = self.embed(tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count)
+    features = {'embed': x, 'hidden': []} | {k: [] for k in BLOCK_CAPTURES}
+    for i, layer in enumerate(self.layers):
+      if arch is None:
+        x, feats = layer(x, ctx)
+      else:
+        active = {'heads': arch.heads[i], 'kv_groups': arch.kv_groups[i],
+                  'head_dim': arch.head_dim, 'ffn': arch.ffn[i], 'inner': arch.inner[i]}
+        on = (i < arch.depth) & (arch.block[i] != SKIP)
+        x, feats = layer(x, ctx, active, on, arch.block[i])
+      features['hidden'].append(x)
+      for k, v in feats.items():
+        features[k].append(v)
+    logits = self.head(x, self.embed.tokens[...], hidden_mask, hidden_count)
+    if not capture:
+      return logits
+    return logits, {k: features[k] for k in capture}

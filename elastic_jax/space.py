@@ -1,0 +1,182 @@
+"""The search space as jittable tables: genomes, decoding, sampling, counting.
+
+A genome is int32[G] of *choice indices*: gene g takes values in [0, gene_sizes[g]). Decoding is
+a gather from the config's choice lists, so every genome is a valid architecture by construction;
+mutation is "resample an index". Layout: [hidden, depth, head_dim] then, per layer,
+[block, heads, kv_groups, ffn, inner].
+
+KV groups must divide the head count. The kv gene picks the largest allowed group count that is
+<= its choice and divides the layer's heads (or, if none is, the smallest divisor), so the gene
+stays valid whatever the heads gene does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from elastic_jax import arch as arch_lib
+from elastic_jax.arch import Arch
+from elastic_jax.config import BLOCK_TYPES, ModelConfig, SpaceConfig
+from elastic_jax.cost import arch_cost
+from elastic_jax.errors import UserError
+
+GLOBAL_GENES = 3
+LAYER_GENES = 5
+
+
+class Space:
+  """Tables and operations of one search space (for one model family, which costs need)."""
+
+  def __init__(self, model: ModelConfig, space: SpaceConfig, seq_len: int | None = None):
+    self.model = model
+    self.cfg = space
+    self.seq_len = seq_len or model.max_len
+    self.num_layers = space.num_layers
+    self.tables = {
+        'hidden': np.asarray(space.hidden, np.int32),
+        'depth': np.asarray(space.depth, np.int32),
+        'head_dim': np.asarray(space.head_dim, np.int32),
+        'block': np.asarray([BLOCK_TYPES.index(b) for b in space.blocks], np.int32),
+        'heads': np.asarray(space.heads, np.int32),
+        'kv_groups': np.asarray(space.kv_groups or (0,), np.int32),  # 0: same as heads (MHA)
+        'ffn': np.asarray(space.ffn, np.int32),
+        'inner': np.asarray(space.inner or (0,), np.int32),
+    }
+    t = self.tables
+    layer_sizes = [len(t['block']), len(t['heads']), len(t['kv_groups']), len(t['ffn']),
+                   len(t['inner'])]
+    self.gene_sizes = np.asarray(
+        [len(t['hidden']), len(t['depth']), len(t['head_dim'])] + layer_sizes * self.num_layers,
+        np.int32)
+    self.num_genes = int(self.gene_sizes.shape[0])
+    if max(self.parameter_range()) >= 2**31 - 1:
+      raise UserError('the largest architecture has >= 2^31 parameters, beyond int32 cost '
+                      'arithmetic; shrink the space or run with JAX_ENABLE_X64=1')
+
+  # -- genomes <-> archs ----------------------------------------------------------------------
+  def decode(self, genome_G: jax.Array) -> Arch:
+    """Genome -> Arch (jittable, vmappable)."""
+    t = {k: jnp.asarray(v) for k, v in self.tables.items()}
+    genome_G = jnp.asarray(genome_G, jnp.int32)
+    per_LxK = genome_G[GLOBAL_GENES:].reshape(self.num_layers, LAYER_GENES)
+    heads_L = t['heads'][per_LxK[:, 1]]
+    if self.cfg.kv_groups:
+      kv_K = t['kv_groups']
+      chosen_L = kv_K[per_LxK[:, 2]]
+      divides_LxK = (heads_L[:, None] % kv_K[None, :]) == 0
+      below_LxK = divides_LxK & (kv_K[None, :] <= chosen_L[:, None])
+      largest_below = jnp.max(jnp.where(below_LxK, kv_K[None, :], 0), axis=1)
+      smallest_divisor = jnp.min(jnp.where(divides_LxK, kv_K[None, :], 2**30), axis=1)
+      kv_L = jnp.where(largest_below > 0, largest_below, smallest_divisor)
+    else:
+      kv_L = heads_L
+    return Arch(
+        hidden=t['hidden'][genome_G[0]], depth=t['depth'][genome_G[1]],
+        head_dim=t['head_dim'][genome_G[2]], block=t['block'][per_LxK[:, 0]], heads=heads_L,
+        kv_groups=kv_L.astype(jnp.int32), ffn=t['ffn'][per_LxK[:, 3]],
+        inner=t['inner'][per_LxK[:, 4]])
+
+  def encode(self, arch: Arch) -> jax.Array:
+    """Arch -> genome (jittable). The arch must lie in the space (see `arch.from_json`)."""
+    t = {k: jnp.asarray(v) for k, v in self.tables.items()}
+    index = lambda table, v: jnp.argmax(table == jnp.asarray(v)[..., None], axis=-1)
+    kv = (index(t['kv_groups'], arch.kv_groups) if self.cfg.kv_groups
+          else jnp.zeros_like(arch.heads))
+    per_LxK = jnp.stack([index(t['block'], arch.block), index(t['heads'], arch.heads), kv,
+                         index(t['ffn'], arch.ffn),
+                         index(t['inner'], arch.inner)], axis=-1)
+    head = jnp.stack([index(t['hidden'], arch.hidden), index(t['depth'], arch.depth),
+                      index(t['head_dim'], arch.head_dim)])
+    return jnp.concatenate([head, per_LxK.reshape(-1)]).astype(jnp.int32)
+
+  # -- sampling ----------------------------------------------------------------------------
+  def random_genomes(self, key: jax.Array, n: int) -> jax.Array:
+    """[n, G] genomes, each gene uniform over its choices."""
+    u = jax.random.uniform(key, (n, self.num_genes))
+    return jnp.floor(u * self.gene_sizes).astype(jnp.int32)
+
+  def _extreme_genome(self, largest: bool) -> np.ndarray:
+    g = (self.gene_sizes - 1) if largest else np.zeros_like(self.gene_sizes)
+    g = np.array(g)
+    # The block gene: the weighted block type with the most (largest) / fewest (smallest) params
+    # at these settings; 'skip' is left to `depth` so the smallest net still has its layers.
+    best, best_params = None, None
+    for i, b in enumerate(self.cfg.blocks):
+      if b == 'skip':
+        continue
+      trial = g.copy()
+      trial[GLOBAL_GENES::LAYER_GENES] = i
+      p = int(self.cost(self.decode(trial))['params'])
+      if best is None or (p > best_params if largest else p < best_params):
+        best, best_params = trial, p
+    return best
+
+  def largest(self) -> Arch:
+    return self.decode(self._extreme_genome(True))
+
+  def smallest(self) -> Arch:
+    return self.decode(self._extreme_genome(False))
+
+  def sample(self, key: jax.Array, n: int, *, max_params: int | None = None) -> Arch:
+    """n archs (a batched Arch), uniform per gene; with `max_params`, uniform among those under
+    the budget (rejection sampling, vectorised; raises UserError if the budget is infeasible)."""
+    if max_params is None:
+      return jax.vmap(self.decode)(self.random_genomes(key, n))
+    smallest = int(self.cost(self.smallest())['params'])
+    if max_params < smallest:
+      raise UserError(f'parameter budget {max_params:,} is below the smallest architecture of '
+                      f'the space ({smallest:,} parameters); raise the budget')
+    found, need = [], n
+    for attempt in range(64):
+      key, sub = jax.random.split(key)
+      genomes = self.random_genomes(sub, max(4 * need, 64))
+      archs = jax.vmap(self.decode)(genomes)
+      ok = np.asarray(jax.vmap(lambda a: self.cost(a)['params'])(archs) <= max_params)
+      found.extend(np.asarray(genomes)[ok][:need])
+      need = n - len(found)
+      if need <= 0:
+        return jax.vmap(self.decode)(jnp.asarray(np.stack(found)))
+      del attempt
+    raise UserError(f'could not sample {n} architectures under {max_params:,} parameters: the '
+                    'budget admits too small a share of the space; raise it')
+
+  # -- costs and size of the space ---------------------------------------------------------
+  def cost(self, arch: Arch) -> dict:
+    return arch_cost(self.model, arch, bottleneck_head_dim=self.cfg.bottleneck_head_dim,
+                     seq_len=self.seq_len)
+
+  def parameter_range(self) -> tuple[int, int]:
+    return (int(self.cost(self.smallest())['params']),
+            int(self.cost(self.largest())['params']))
+
+  def num_architectures(self) -> int:
+    """Distinct architectures: for each depth, the product of per-layer options over the kept
+    layers (a layer beyond `depth` has no effect, so it is not counted)."""
+    s = self.cfg
+    kv_options = sum(len([g for g in s.kv_groups if h % g == 0]) if s.kv_groups else 1
+                     for h in s.heads)
+    per_layer = 0
+    for b in s.blocks:
+      if b == 'transformer':
+        per_layer += kv_options * len(s.ffn)
+      elif b == 'bottleneck':
+        per_layer += kv_options * len(s.ffn) * len(s.inner)
+      else:
+        per_layer += 1
+    return len(s.hidden) * len(s.head_dim) * sum(per_layer ** d for d in s.depth)
+
+  def describe(self) -> dict:
+    lo, hi = self.parameter_range()
+    return {
+        'architectures': self.num_architectures(),
+        'log10_architectures': round(math.log10(self.num_architectures()), 2),
+        'genes': self.num_genes,
+        'params_min': lo,
+        'params_max': hi,
+        'smallest': arch_lib.to_json(self.smallest()),
+        'largest': arch_lib.to_json(self.largest()),
+    }
