@@ -100,25 +100,29 @@ class Space:
     return jnp.floor(u * self.gene_sizes).astype(jnp.int32)
 
   def _extreme_genome(self, largest: bool) -> np.ndarray:
-    g = (self.gene_sizes - 1) if largest else np.zeros_like(self.gene_sizes)
-    g = np.array(g)
-    # The block gene: the weighted block type with the most (largest) / fewest (smallest) params
-    # at these settings; 'skip' is left to `depth` so the smallest net still has its layers.
-    best, best_params = None, None
-    for i, b in enumerate(self.cfg.blocks):
-      if b == 'skip':
-        continue
-      trial = g.copy()
-      trial[GLOBAL_GENES::LAYER_GENES] = i
-      p = int(self.cost(self.decode(trial))['params'])
-      if best is None or (p > best_params if largest else p < best_params):
-        best, best_params = trial, p
-    return best
+    """Every numeric gene at its largest (smallest) choice; each layer's block the type with the
+    most (fewest) parameters at those settings, 'skip' included for the smallest."""
+    g = np.array((self.gene_sizes - 1) if largest else np.zeros_like(self.gene_sizes))
+    for layer in range(self.num_layers):
+      gene = GLOBAL_GENES + layer * LAYER_GENES
+      best, best_params = None, None
+      for i, b in enumerate(self.cfg.blocks):
+        if b == 'skip' and largest:
+          continue
+        trial = g.copy()
+        trial[gene] = i
+        p = int(self.cost(self.decode(trial))['params'])
+        if best is None or (p > best_params if largest else p < best_params):
+          best, best_params = i, p
+      g[gene] = best
+    return g
 
   def largest(self) -> Arch:
+    """The arch with the most parameters (the sandwich rule's teacher)."""
     return self.decode(self._extreme_genome(True))
 
   def smallest(self) -> Arch:
+    """The arch with the fewest parameters (with 'skip' allowed, layers may be removed)."""
     return self.decode(self._extreme_genome(False))
 
   def sample(self, key: jax.Array, n: int, *, max_params: int | None = None) -> Arch:

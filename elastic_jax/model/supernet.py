@@ -69,14 +69,14 @@ class Head(nnx.Module):
     h = dims.hidden
     out_width, out_axis = (cfg.embed_dim, 'factor') if cfg.factorised else (h, 'embed')
     self.final_norm = Norm(h, 'embed', cfg, rngs=rngs) if cfg.norm_placement == 'pre' else None
-    self.transform = self.transform_bias = self.transform_norm = self.unembed = None
-    if cfg.head_transform:
-      self.transform = make_param(rngs, (h, out_width), ('embed', out_axis), cfg)
-      self.transform_bias = (make_param(rngs, (out_width,), (out_axis,), cfg, 'zeros')
-                             if cfg.use_bias else None)
-      self.transform_norm = Norm(out_width, out_axis, cfg, rngs=rngs)
-    elif cfg.factorised:
-      self.unembed = make_param(rngs, (h, out_width), ('embed', out_axis), cfg)
+    transform = cfg.head_transform
+    self.transform = make_param(rngs, (h, out_width), ('embed', out_axis), cfg) if transform \
+        else None
+    self.transform_bias = (make_param(rngs, (out_width,), (out_axis,), cfg, 'zeros')
+                           if transform and cfg.use_bias else None)
+    self.transform_norm = Norm(out_width, out_axis, cfg, rngs=rngs) if transform else None
+    self.unembed = (make_param(rngs, (h, out_width), ('embed', out_axis), cfg)
+                    if cfg.factorised and not transform else None)
     self.out = (None if cfg.tie_embeddings
                 else make_param(rngs, (out_width, cfg.vocab_size), (out_axis, 'vocab'), cfg))
     self.out_bias = (make_param(rngs, (cfg.vocab_size,), ('vocab',), cfg, 'zeros')

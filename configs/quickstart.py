@@ -1,0 +1,53 @@
+"""Quickstart: a small decoder supernet on the embedded default corpus (Python's own docs).
+
+Runs on a laptop CPU in minutes, needs no download:
+  elastic-jax run --config=configs/quickstart.py --workdir=/tmp/elastic_quickstart
+Inspect the space without training:
+  elastic-jax info --config=configs/quickstart.py
+`:tiny` shrinks everything further (what the tests use).
+"""
+
+import ml_collections
+
+from elastic_jax import data
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  tiny = arg == 'tiny'
+  cfg = ml_collections.ConfigDict()
+  cfg.seed = 0  # seeds the supernet's initialisation, data order, sampling and search
+
+  # The model family (every exported sub-network shares it).
+  cfg.model = ml_collections.ConfigDict()
+  cfg.model.kind = 'decoder'  # causal LM
+  cfg.model.vocab_size = 1024  # must be >= the tokenizer's vocabulary (checked)
+  cfg.model.max_len = 128  # longest sequence
+  cfg.model.positions = 'rotary'
+  cfg.model.norm = 'rmsnorm'
+  cfg.model.norm_placement = 'pre'
+  cfg.model.mlp = 'swiglu'
+  cfg.model.tie_embeddings = True
+  cfg.model.use_bias = False
+  cfg.model.dtype = 'float32'  # compute dtype ('bfloat16' on TPU)
+
+  # The elastic search space, as data: allowed values per dimension.
+  cfg.space = ml_collections.ConfigDict()
+  cfg.space.num_layers = 2 if tiny else 4
+  cfg.space.hidden = [32, 48] if tiny else [64, 96, 128]  # global hidden size
+  cfg.space.depth = [1, 2] if tiny else [2, 3, 4]  # kept prefix of layers
+  cfg.space.blocks = ['transformer']  # add 'skip' for arbitrary layer subsets
+  cfg.space.heads = [2, 4]  # query heads per layer
+  cfg.space.kv_groups = [1, 2]  # grouped-query attention: KV groups per layer
+  cfg.space.head_dim = [8] if tiny else [16, 32]  # head size (global)
+  cfg.space.ffn = [32, 64] if tiny else [128, 256, 384]  # FFN width per layer
+
+  # Data: the embedded default corpus with a BPE tokenizer trained on it (cached).
+  cfg.data = data.default_config()
+  cfg.data.source = 'python_docs'
+  cfg.data.task = 'causal_lm'
+  cfg.data.tokenizer = 'bpe'
+  cfg.data.bpe_vocab_size = cfg.model.get_ref('vocab_size')
+  cfg.data.seq_len = 32 if tiny else 128
+  cfg.data.batch_size = 4 if tiny else 16
+  cfg.data.eval_batches = 2 if tiny else 8
+  return cfg

@@ -1,0 +1,172 @@
+"""The `elastic-jax` command: parses flags, calls library functions, prints results.
+
+  elastic-jax COMMAND --config=configs/X.py[:arg] [--config.a.b=v ...] [--workdir=W] [flags]
+
+Bad input raises `UserError` anywhere below; it is printed as one line and the exit code is 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from absl import flags
+from ml_collections import config_flags
+
+from elastic_jax.errors import UserError
+
+COMMANDS = {}
+
+
+def command(fn):
+  COMMANDS[fn.__name__.rstrip('_')] = fn
+  return fn
+
+
+FLAGS = flags.FlagValues()
+config_flags.DEFINE_config_file('config', None, 'Experiment config file, configs/X.py[:arg].',
+                                flag_values=FLAGS, lock_config=False)
+flags.DEFINE_string('workdir', None, 'Working directory of the run.', flag_values=FLAGS)
+flags.DEFINE_string('arch', None, 'Architecture JSON file.', flag_values=FLAGS)
+flags.DEFINE_string('out', None, 'Output directory.', flag_values=FLAGS)
+flags.DEFINE_string('model', None, 'Directory of an exported dense model.', flag_values=FLAGS)
+flags.DEFINE_integer('n', 1, 'Number of architectures.', flag_values=FLAGS)
+flags.DEFINE_integer('seed', 0, 'Random seed.', flag_values=FLAGS)
+flags.DEFINE_integer('max_params', None, 'Parameter budget for sampling.', flag_values=FLAGS)
+
+
+def _config():
+  from elastic_jax.workdir import resolve_config
+  return resolve_config(FLAGS.workdir, FLAGS.config)
+
+
+def _print_json(obj) -> None:
+  print(json.dumps(obj))
+
+
+@command
+def info():
+  """The search space: number of architectures, parameter range, smallest and largest arch."""
+  from elastic_jax.workdir import build_space
+  _print_json(build_space(_config()).describe())
+
+
+@command
+def sample():
+  """N architectures as JSON lines (uniform, or uniform under --max_params)."""
+  import jax
+
+  from elastic_jax import arch as arch_lib
+  from elastic_jax.workdir import build_space
+  if FLAGS.n < 1:
+    raise UserError(f'--n={FLAGS.n} must be >= 1')
+  space = build_space(_config())
+  archs = space.sample(jax.random.key(FLAGS.seed), FLAGS.n, max_params=FLAGS.max_params)
+  for a in arch_lib.unstack(archs):
+    print(arch_lib.dumps(a))
+
+
+def _require(flag: str):
+  value = getattr(FLAGS, flag)
+  if not value:
+    raise UserError(f'--{flag} is required for `elastic-jax {sys.argv[1]}`')
+  return value
+
+
+def _supernet_and_arch(cfg):
+  from elastic_jax import arch as arch_lib
+  from elastic_jax.workdir import build_space, load_supernet
+  space = build_space(cfg)
+  arch = arch_lib.load(_require('arch'), space.cfg)
+  model, step = load_supernet(cfg, FLAGS.workdir, space)
+  return space, model, arch, step
+
+
+@command
+def export():
+  """Exports --arch of the supernet (trained in --workdir, or initialised from --config)."""
+  import tempfile
+
+  from elastic_jax import data
+  from elastic_jax import export as export_lib
+  cfg = _config()
+  out = Path(_require('out'))
+  space, model, arch, step = _supernet_and_arch(cfg)
+  dense = export_lib.export(model, space.cfg, arch)
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizer = Path(tmp) / 'tokenizer.json'
+    data.load_tokenizer(cfg.data).save(tokenizer)
+    export_lib.save(dense, out, arch=arch,
+                    extra={'data': cfg.data.to_dict(), 'supernet_step': step},
+                    files={'tokenizer.json': tokenizer})
+  _print_json({'out': str(out), 'params': export_lib.param_count(dense), 'supernet_step': step})
+
+
+@command
+def evaluate():
+  """Validation loss of --arch in the supernet, or of the exported model --model."""
+  import ml_collections
+
+  from elastic_jax import data, evaluation
+  from elastic_jax import export as export_lib
+  from elastic_jax.cost import arch_cost, dense_arch
+  if FLAGS.model:
+    dense, saved = export_lib.load(FLAGS.model)
+    data_cfg = FLAGS.config.data if FLAGS.config else ml_collections.ConfigDict(saved['data'])
+    batches = data.eval_batches(data_cfg)
+    result = evaluation.evaluate(dense, batches)
+    cost = arch_cost(dense.cfg, dense_arch(dense.dims),
+                     bottleneck_head_dim=dense.dims.bottleneck_head_dim, seq_len=data_cfg.seq_len)
+  else:
+    cfg = _config()
+    space, model, arch, _ = _supernet_and_arch(cfg)
+    batches = data.eval_batches(cfg.data)
+    result = evaluation.evaluate(model, batches, arch)
+    cost = space.cost(arch)
+  result.update(params=int(cost['params']), flops_per_token=float(cost['flops_per_token']))
+  _print_json(result)
+
+
+@command
+def data_():
+  """Builds (or finds cached) the config's dataset and tokenizer; prints their statistics."""
+  from elastic_jax import data
+  _print_json(data.describe(_config().data))
+
+
+USAGE = """usage: elastic-jax COMMAND --config=configs/X.py[:arg] [--config.a.b=v] [flags]
+
+commands:
+""" + '\n'.join(f'  {name:10s} {fn.__doc__.splitlines()[0]}' for name, fn in COMMANDS.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
+    print(USAGE)
+    return 0
+  name = argv[1]
+  if name not in COMMANDS:
+    print(f'elastic-jax: unknown command {name!r}\n{USAGE}', file=sys.stderr)
+    return 2
+  try:
+    FLAGS(['elastic-jax'] + argv[2:])
+  except flags.Error as e:
+    print(f'elastic-jax {name}: error: {e}', file=sys.stderr)
+    return 2
+  except UserError as e:
+    print(f'elastic-jax {name}: error: {e}', file=sys.stderr)
+    return 2
+  try:
+    COMMANDS[name]()
+  except UserError as e:
+    print(f'elastic-jax {name}: error: {e}', file=sys.stderr)
+    return 2
+  finally:
+    FLAGS.unparse_flags()
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

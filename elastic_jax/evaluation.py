@@ -1,0 +1,79 @@
+"""Validation loss of sub-networks: one arch, or a whole population in one compiled call.
+
+The supernet's state is an argument of the jitted functions (never a closed-over constant), and
+the arch is int32 data, so one compilation serves every arch and every population of a given size.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from elastic_jax.train.losses import token_accuracy, token_cross_entropy
+
+MODEL_INPUTS = ('tokens', 'positions', 'segment_ids', 'token_types')
+
+
+def model_inputs(batch):
+  return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def batch_sums(model: nnx.Module, batch, arch=None) -> jax.Array:
+  """[loss sum, weight sum, correct count] of one batch."""
+  logits = model(model_inputs(batch), arch)
+  loss, weight = token_cross_entropy(logits, batch['targets'], batch['weights'])
+  correct = token_accuracy(logits, batch['targets'], batch['weights'])
+  return jnp.stack([loss, weight, correct])
+
+
+def stack_batches(batches: Sequence[dict]) -> dict:
+  """Fixed evaluation batches as one pytree with a leading batch-index axis (for lax.scan)."""
+  return {k: jnp.asarray(np.stack([b[k] for b in batches])) for k in batches[0]}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sums_one(graphdef, state, arch, stacked):
+  model = nnx.merge(graphdef, state)
+  def body(total, batch):
+    return total + batch_sums(model, batch, arch), None
+  total, _ = jax.lax.scan(body, jnp.zeros(3), stacked)
+  return total
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _sums_population(graphdef, state, archs, stacked, chunk):
+  model = nnx.merge(graphdef, state)
+  def one(arch):
+    def body(total, batch):
+      return total + batch_sums(model, batch, arch), None
+    return jax.lax.scan(body, jnp.zeros(3), stacked)[0]
+  # lax.map vmaps `chunk` archs at a time: bounded memory, one compile for any population.
+  return jax.lax.map(one, archs, batch_size=chunk)
+
+
+def _summarise(sums: np.ndarray) -> dict:
+  loss = sums[..., 0] / np.maximum(sums[..., 1], 1.0)
+  return {'loss': loss, 'perplexity': np.exp(loss), 'accuracy': sums[..., 2] /
+          np.maximum(sums[..., 1], 1.0), 'tokens': sums[..., 1]}
+
+
+def evaluate(model: nnx.Module, batches: Sequence[dict], arch=None) -> dict:
+  """Mean validation loss, perplexity and token accuracy of one arch (or of a dense model)."""
+  graphdef, state = nnx.split(model)
+  sums = np.asarray(_sums_one(graphdef, state, arch, stack_batches(batches)))
+  return {k: float(v) for k, v in _summarise(sums).items()}
+
+
+def evaluate_population(model: nnx.Module, batches: Sequence[dict] | dict, archs,
+                        chunk: int = 8) -> dict:
+  """Per-arch validation loss of a batched Arch [P, ...], one compiled call."""
+  graphdef, state = nnx.split(model)
+  stacked = batches if isinstance(batches, dict) else stack_batches(batches)
+  population = archs.hidden.shape[0]
+  sums = np.asarray(_sums_population(graphdef, state, archs, stacked, min(chunk, population)))
+  return _summarise(sums)

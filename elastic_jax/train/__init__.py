@@ -1,0 +1,1 @@
+"""Supernet training: objectives, sampling strategies, distillation, the train loop."""

@@ -1,0 +1,134 @@
+"""Architecture-as-data: JSON round trip, validation, genomes, sampling, no retracing, vmap."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import randomize
+from flax import nnx
+
+from elastic_jax import arch as arch_lib
+from elastic_jax.config import ModelConfig, space_config
+from elastic_jax.errors import UserError
+from elastic_jax.model.supernet import Model
+from elastic_jax.space import Space
+
+SPACE = dict(num_layers=4, hidden=[16, 24], depth=[2, 3, 4],
+             blocks=['transformer', 'bottleneck', 'skip'], heads=[2, 4], kv_groups=[1, 2],
+             head_dim=[4, 6], ffn=[12, 20], inner=[8], bottleneck_head_dim=4)
+
+
+@pytest.fixture(scope='module')
+def setup():
+  cfg = ModelConfig(kind='decoder', vocab_size=37, max_len=16, positions='rotary',
+                    norm='rmsnorm', mlp='swiglu')
+  space = Space(cfg, space_config(SPACE), seq_len=7)
+  model = randomize(Model(cfg, space.cfg.supernet_dims(), rngs=nnx.Rngs(0)), 1)
+  batch = {'tokens': jax.random.randint(jax.random.key(0), (2, 7), 0, 37)}
+  return cfg, space, model, batch
+
+
+def test_json_round_trip_and_genome_round_trip(setup):
+  _, space, _, _ = setup
+  archs = space.sample(jax.random.key(1), 30)
+  for a in arch_lib.unstack(archs):
+    d = json.loads(arch_lib.dumps(a))
+    b = arch_lib.from_json(d, space.cfg)
+    chex.assert_trees_all_equal(a, b)
+    genome = space.encode(a)
+    chex.assert_trees_all_equal(space.decode(genome), a)
+    assert np.all((0 <= genome) & (genome < space.gene_sizes))
+
+
+def test_decoded_genomes_are_valid(setup):
+  _, space, _, _ = setup
+  archs = jax.vmap(space.decode)(space.random_genomes(jax.random.key(2), 500))
+  assert np.all(np.asarray(archs.heads) % np.asarray(archs.kv_groups) == 0)
+  for a in arch_lib.unstack(jax.tree.map(lambda x: x[:50], archs)):
+    arch_lib.from_json(arch_lib.to_json(a), space.cfg)  # raises if outside the space
+
+
+@pytest.mark.parametrize('mutate, message', [
+    (lambda d: d.update(hidden=20), 'hidden=20'),
+    (lambda d: d['layers'][1].update(ffn=13), 'layers[1].ffn=13'),
+    (lambda d: d['layers'][0].update(block='conv'), "layers[0].block='conv'"),
+    (lambda d: d['layers'][2].update(heads=2, kv_groups=4), 'layers[2].kv_groups=4'),
+    (lambda d: d['layers'].pop(), 'must list 4 layers'),
+    (lambda d: d.pop('depth'), 'missing field'),
+])
+def test_validation_names_field_value_and_allowed(setup, mutate, message):
+  _, space, _, _ = setup
+  d = arch_lib.to_json(space.largest())
+  mutate(d)
+  with pytest.raises(UserError, match=message.replace('[', r'\[').replace(']', r'\]')):
+    arch_lib.from_json(d, space.cfg)
+
+
+def test_sampling_extremes_and_budget(setup):
+  _, space, _, _ = setup
+  lo, hi = space.parameter_range()
+  assert lo < hi
+  params = jax.vmap(lambda a: space.cost(a)['params'])(space.sample(jax.random.key(3), 200))
+  assert lo <= int(params.min()) and int(params.max()) <= hi
+  budget = (lo + hi) // 2
+  under = space.sample(jax.random.key(4), 40, max_params=budget)
+  assert int(jax.vmap(lambda a: space.cost(a)['params'])(under).max()) <= budget
+  with pytest.raises(UserError, match=f'{lo:,}'):
+    space.sample(jax.random.key(5), 4, max_params=lo - 1)
+
+
+def test_fifty_archs_trace_the_forward_once(setup):
+  _, space, model, batch = setup
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def forward(state, arch, batch):
+    return nnx.merge(graphdef, state)(batch, arch)
+
+  archs = arch_lib.unstack(space.sample(jax.random.key(6), 50))
+  assert len({arch_lib.dumps(a) for a in archs}) == 50
+  outs = [forward(state, a, batch) for a in archs]
+  for a, out in list(zip(archs, outs))[:3]:
+    np.testing.assert_allclose(out, model(batch, a), rtol=1e-5, atol=1e-5)
+
+
+def test_vmap_over_16_archs_equals_16_calls(setup):
+  _, space, model, batch = setup
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda s, a: nnx.merge(graphdef, s)(batch, a))
+  archs = space.sample(jax.random.key(7), 16)
+  together = jax.jit(jax.vmap(forward, in_axes=(None, 0)))(state, archs)
+  for i, a in enumerate(arch_lib.unstack(archs)):
+    np.testing.assert_allclose(together[i], forward(state, a), rtol=1e-5, atol=1e-5)
+
+
+def test_space_count_matches_enumeration():
+  """The distinct-architecture count equals brute-force enumeration of a tiny space."""
+  cfg = ModelConfig(vocab_size=11, max_len=8)
+  sc = space_config(dict(num_layers=2, hidden=[8, 12], depth=[1, 2],
+                         blocks=['transformer', 'skip'], heads=[2, 4], kv_groups=[1, 2],
+                         head_dim=[2], ffn=[4, 8]))
+  space = Space(cfg, sc)
+  g = np.stack(np.meshgrid(*[np.arange(n) for n in space.gene_sizes], indexing='ij'), -1)
+  archs = jax.vmap(space.decode)(jnp.asarray(g.reshape(-1, space.num_genes)))
+  keys = set()
+  for a in arch_lib.unstack(archs):
+    d = arch_lib.to_json(a)
+    d['layers'] = [l for i, l in enumerate(d['layers']) if i < d['depth']]
+    keys.add(json.dumps(d))
+  assert space.num_architectures() == len(keys)
+
+
+def test_bad_space_configs():
+  with pytest.raises(UserError, match='does not divide the largest hidden size'):
+    space_config(dict(num_layers=2, hidden=[30], heads=[4], ffn=[8]))
+  with pytest.raises(UserError, match='space.depth'):
+    space_config(dict(num_layers=2, hidden=[32], heads=[4], ffn=[8], depth=[3]))
+  with pytest.raises(UserError, match='space.kv_groups'):
+    space_config(dict(num_layers=2, hidden=[32], heads=[4], kv_groups=[3], ffn=[8]))
+  with pytest.raises(UserError, match='model.norm'):
+    ModelConfig(norm='batchnorm')

@@ -1,0 +1,136 @@
+"""The invariant that holds the project together: a masked sub-network computes exactly what its
+exported dense model computes, and the analytic parameter count is the exported model's."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import randomize
+from flax import nnx
+
+from elastic_jax import arch as arch_lib
+from elastic_jax import export
+from elastic_jax.config import ModelConfig, check_compatible, space_config
+from elastic_jax.model.supernet import Model
+from elastic_jax.space import Space
+
+# Family variants: together they cover both kinds and every knob (GQA, rotary, post-norm, swiglu,
+# factorised embedding, bottleneck and skip blocks, layer subsets, norms, heads, token types).
+FAMILIES = {
+    'gpt2': dict(kind='decoder', positions='learned', norm='layernorm', mlp='gelu'),
+    'llama_gqa': dict(kind='decoder', positions='rotary', norm='rmsnorm', mlp='swiglu',
+                      use_bias=False),
+    'bert_post': dict(kind='encoder', positions='learned', norm='layernorm',
+                      norm_placement='post', mlp='gelu', head_transform=True, output_bias=True,
+                      type_vocab_size=2),
+    'mobilebert': dict(kind='encoder', positions='learned', norm='nonorm', norm_placement='post',
+                       mlp='relu', embed_dim=10, head_transform=True, output_bias=True,
+                       type_vocab_size=2),
+    'albert_rotary': dict(kind='encoder', positions='rotary', norm='layernorm', mlp='swiglu',
+                          embed_dim=12, tie_embeddings=False),
+    'decoder_factor_post': dict(kind='decoder', positions='rotary', norm='rmsnorm',
+                                norm_placement='post', mlp='gelu', embed_dim=14,
+                                tie_embeddings=True),
+    'decoder_untied_nopos': dict(kind='decoder', positions='none', norm='layernorm', mlp='relu',
+                                 tie_embeddings=False, output_bias=True),
+    'encoder_untied_pre': dict(kind='encoder', positions='learned', norm='rmsnorm', mlp='swiglu',
+                               tie_embeddings=False, head_transform=True, use_bias=False),
+}
+SPACE = dict(num_layers=3, hidden=[18, 26, 34], depth=[1, 2, 3],
+             blocks=['transformer', 'bottleneck', 'skip'], heads=[2, 3, 6], kv_groups=[1, 2, 3],
+             head_dim=[4, 6], ffn=[10, 22, 34], inner=[8, 14], bottleneck_head_dim=4)
+ARCHS_PER_FAMILY = 26  # x 8 families = 208 random architectures
+VOCAB = 53
+
+
+def build(family: str, seed: int):
+  cfg = ModelConfig(vocab_size=VOCAB, max_len=16, **FAMILIES[family])
+  space_cfg = space_config(SPACE)
+  check_compatible(cfg, space_cfg)
+  space = Space(cfg, space_cfg, seq_len=11)
+  model = randomize(Model(cfg, space_cfg.supernet_dims(), rngs=nnx.Rngs(seed)), seed + 1)
+  return cfg, space, model
+
+
+def random_batch(cfg: ModelConfig, seed: int, b: int = 2, t: int = 11) -> dict:
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  batch = {'tokens': jax.random.randint(k1, (b, t), 0, cfg.vocab_size)}
+  # Two packed documents in row 0, padding at the end of row 1.
+  batch['segment_ids'] = jnp.asarray([[1] * 6 + [2] * (t - 6), [1] * (t - 3) + [0] * 3])
+  batch['positions'] = jnp.asarray([list(range(6)) + list(range(t - 6)), list(range(t))])
+  if cfg.type_vocab_size:
+    batch['token_types'] = jax.random.randint(k2, (b, t), 0, cfg.type_vocab_size)
+  return batch
+
+
+def rel_err(a, b) -> float:
+  return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_masked_supernet_equals_exported_dense_model(family):
+  cfg, space, model = build(family, seed=len(family))
+  batch = random_batch(cfg, seed=3)
+  archs = space.sample(jax.random.key(hash(family) % 1000), ARCHS_PER_FAMILY)
+  # One compiled, vmapped call for the whole population of masked sub-networks.
+  graphdef, state = nnx.split(model)
+  masked = jax.jit(jax.vmap(lambda s, a: nnx.merge(graphdef, s)(batch, a), in_axes=(None, 0)))
+  logits_PxBxTxV = masked(state, archs)
+  params = jax.vmap(lambda a: space.cost(a)['params'])(archs)
+  for i, arch in enumerate(arch_lib.unstack(archs)):
+    dense = export.export(model, space.cfg, arch)
+    err = rel_err(logits_PxBxTxV[i], dense(batch))
+    assert err <= 1e-5, (family, arch_lib.to_json(arch), err)
+    assert int(params[i]) == export.param_count(dense), arch_lib.to_json(arch)
+
+
+def test_largest_and_smallest_arch_export():
+  cfg, space, model = build('llama_gqa', seed=0)
+  batch = random_batch(cfg, seed=4)
+  for arch in (space.largest(), space.smallest()):
+    dense = export.export(model, space.cfg, arch)
+    assert rel_err(model(batch, arch), dense(batch)) <= 1e-5
+    assert int(space.cost(arch)['params']) == export.param_count(dense)
+  # The largest arch exports the whole supernet's transformer weights.
+  largest = export.export(model, space.cfg, space.largest())
+  assert largest.dims.hidden == max(SPACE['hidden'])
+
+
+def test_inactive_layer_is_exact_identity():
+  """Post-norm rewrites x, so an off layer must select x, not add a zero delta."""
+  cfg, space, model = build('bert_post', seed=1)
+  batch = random_batch(cfg, seed=5)
+  a = space.largest()
+  skipped = a.replace(block=a.block.at[1].set(2))
+  shallow = a.replace(depth=jnp.int32(1))
+  both_off = a.replace(block=a.block.at[1].set(2).at[2].set(2))
+  np.testing.assert_array_equal(model(batch, shallow), model(batch, both_off))
+  assert rel_err(model(batch, skipped), model(batch, a)) > 1e-3
+
+
+def test_sliced_weights_are_the_only_ones_used():
+  """Changing a weight outside the active slice leaves the sub-network's output unchanged."""
+  cfg, space, model = build('gpt2', seed=2)
+  batch = random_batch(cfg, seed=6)
+  arch = space.smallest()
+  before = model(batch, arch)
+  ffn = model.layers[0].blocks['transformer'].mlp
+  ffn.up[...] = ffn.up[...].at[:, -1].add(5.0)  # the widest FFN column is inactive
+  model.embed.positions[...] = model.embed.positions[...].at[:, -1].add(5.0)  # inactive feature
+  np.testing.assert_array_equal(before, model(batch, arch))
+
+
+def test_every_block_type_and_knob_is_covered():
+  """Guards the property test's coverage: each family knob value appears in some family."""
+  values = {k: {fam.get(k) for fam in FAMILIES.values()} for k in
+            ('kind', 'positions', 'norm', 'norm_placement', 'mlp')}
+  assert values['kind'] >= {'encoder', 'decoder'}
+  assert values['positions'] >= {'learned', 'rotary', 'none'}
+  assert values['norm'] >= {'layernorm', 'rmsnorm', 'nonorm'}
+  assert values['norm_placement'] >= {'post'}
+  assert values['mlp'] >= {'gelu', 'relu', 'swiglu'}
+  assert any(f.get('embed_dim') for f in FAMILIES.values())
+  assert len(FAMILIES) * ARCHS_PER_FAMILY >= 200
+  assert set(itertools.chain(SPACE['blocks'])) == {'transformer', 'bottleneck', 'skip'}
