@@ -98,6 +98,8 @@ class LayerDims:
   kv_groups: int
   ffn: int
   inner: int = 0  # bottleneck inner width; 0 when the layer has no bottleneck block
+  # FFN column blocks a masked model may skip (the space's FFN choices); () in dense models.
+  ffn_segments: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +116,9 @@ class ModelDims:
 
   @classmethod
   def from_json(cls, d: Mapping) -> ModelDims:
-    layers = tuple(LayerDims(**{**l, 'blocks': tuple(l['blocks'])}) for l in d['layers'])
+    layers = tuple(LayerDims(**{**l, 'blocks': tuple(l['blocks']),
+                                'ffn_segments': tuple(l.get('ffn_segments', ()))})
+                   for l in d['layers'])
     return cls(hidden=d['hidden'], head_dim=d['head_dim'],
                bottleneck_head_dim=d['bottleneck_head_dim'], layers=layers)
 
@@ -177,7 +181,8 @@ class SpaceConfig:
     kinds = self.kinds
     layer = LayerDims(blocks=kinds, heads=max(self.heads), kv_groups=self.max_kv_groups,
                       ffn=max(self.ffn),
-                      inner=max(self.inner) if 'bottleneck' in kinds else 0)
+                      inner=max(self.inner) if 'bottleneck' in kinds else 0,
+                      ffn_segments=self.ffn)
     return ModelDims(hidden=max(self.hidden), head_dim=max(self.head_dim),
                      bottleneck_head_dim=self.bottleneck_head_dim if 'bottleneck' in kinds else 0,
                      layers=(layer,) * self.num_layers)

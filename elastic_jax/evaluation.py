@@ -52,8 +52,9 @@ def _sums_population(graphdef, state, archs, stacked, chunk):
     def body(total, batch):
       return total + batch_sums(model, batch, arch), None
     return jax.lax.scan(body, jnp.zeros(3), stacked)[0]
-  # lax.map vmaps `chunk` archs at a time: bounded memory, one compile for any population.
-  return jax.lax.map(one, archs, batch_size=chunk)
+  # chunk == 1: a scan over archs, so lax.switch / lax.cond inside the model skip removed layers
+  # and FFN blocks. chunk > 1: vmaps `chunk` archs at a time (conds become selects).
+  return jax.lax.map(one, archs, batch_size=chunk if chunk > 1 else None)
 
 
 def _summarise(sums: np.ndarray) -> dict:

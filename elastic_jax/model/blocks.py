@@ -87,7 +87,7 @@ class TransformerBlock(nnx.Module):
     self.attn = Attention(dims.hidden, 'embed', layer.heads, layer.kv_groups, dims.head_dim, cfg,
                           rngs=rngs)
     self.norm2 = Norm(dims.hidden, 'embed', cfg, rngs=rngs)
-    self.mlp = MLP(dims.hidden, 'embed', layer.ffn, cfg, rngs=rngs)
+    self.mlp = MLP(dims.hidden, 'embed', layer.ffn, cfg, rngs=rngs, segments=layer.ffn_segments)
 
   def __call__(self, x: Array, ctx: Context, active: dict | None):
     cap = _Captures(ctx.capture)
@@ -152,7 +152,8 @@ class BottleneckBlock(nnx.Module):
     self.attn = Attention(layer.inner, 'inner', layer.heads, layer.kv_groups,
                           dims.bottleneck_head_dim, cfg, rngs=rngs)
     self.norm_f = Norm(layer.inner, 'inner', cfg, rngs=rngs)
-    self.mlp = MLP(layer.inner, 'inner', layer.ffn, cfg, rngs=rngs)
+    self.mlp = MLP(layer.inner, 'inner', layer.ffn, cfg, rngs=rngs,
+                   segments=layer.ffn_segments)
 
   def __call__(self, x: Array, ctx: Context, active: dict | None):
     cap = _Captures(ctx.capture)

@@ -177,11 +177,20 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """Feed-forward network width -> ffn -> width; the active FFN width is a prefix."""
+  """Feed-forward network width -> ffn -> width; the active FFN width is a prefix.
 
-  def __init__(self, width: int, width_axis: str, ffn: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  `segments` (the space's FFN width choices) split the FFN into column blocks [c_i, c_{i+1}); in
+  the masked model a block beyond the active width is skipped by `lax.cond`, so a narrow FFN
+  executes close to its own FLOPs when archs run one at a time (under vmap, cond computes both
+  sides and selects). Dense models have one block.
+  """
+
+  def __init__(self, width: int, width_axis: str, ffn: int, cfg: ModelConfig, *, rngs: nnx.Rngs,
+               segments: Sequence[int] = ()):
     self.kind = cfg.mlp
     self.ffn = ffn
+    bounds = sorted({int(c) for c in segments if 0 < c < ffn} | {ffn})
+    self.bounds = tuple(zip([0] + bounds[:-1], bounds))
     self.up = make_param(rngs, (width, ffn), (width_axis, 'mlp'), cfg)
     self.gate = make_param(rngs, (width, ffn), (width_axis, 'mlp'), cfg) if cfg.mlp == 'swiglu' \
         else None
@@ -194,24 +203,40 @@ class MLP(nnx.Module):
     else:
       self.up_bias = self.gate_bias = self.down_bias = None
 
-  def _linear(self, x, kernel, bias):
-    y = jnp.einsum('BTD,DF->BTF', x, kernel[...].astype(x.dtype))
-    return y if bias is None else y + bias[...].astype(x.dtype)
-
-  def __call__(self, x_BTD: Array, ffn_active=None, capture: dict | None = None) -> Array:
-    up_BTF = self._linear(x_BTD, self.up, self.up_bias)
+  def _segment(self, x_BTD, lo: int, hi: int, ffn_active):
+    """Pre-activation [B,T,hi-lo] and output [B,T,D] of FFN columns [lo, hi)."""
+    def linear(kernel, bias):
+      y = jnp.einsum('BTD,DF->BTF', x_BTD, kernel[...][:, lo:hi].astype(x_BTD.dtype))
+      return y if bias is None else y + bias[...][lo:hi].astype(x_BTD.dtype)
+    up_BTF = linear(self.up, self.up_bias)
     if self.gate is None:
       pre_BTF = up_BTF
       act_BTF = jax.nn.gelu(up_BTF, approximate=False) if self.kind == 'gelu' \
           else jax.nn.relu(up_BTF)
     else:
-      pre_BTF = self._linear(x_BTD, self.gate, self.gate_bias)
+      pre_BTF = linear(self.gate, self.gate_bias)
       act_BTF = jax.nn.silu(pre_BTF) * up_BTF
-    ffn_mask = None if ffn_active is None else prefix_mask(self.ffn, ffn_active, x_BTD.dtype)
+    if ffn_active is not None:
+      ffn_mask = (jnp.arange(lo, hi) < ffn_active).astype(x_BTD.dtype)
+      pre_BTF, act_BTF = pre_BTF * ffn_mask, act_BTF * ffn_mask
+    out = jnp.einsum('BTF,FD->BTD', act_BTF, self.down[...][lo:hi].astype(x_BTD.dtype))
+    return pre_BTF, out
+
+  def __call__(self, x_BTD: Array, ffn_active=None, capture: dict | None = None) -> Array:
+    pres, out = [], None
+    for lo, hi in self.bounds:
+      if ffn_active is None or lo == 0:
+        pre, seg = self._segment(x_BTD, lo, hi, ffn_active)
+      else:
+        shapes = jax.eval_shape(lambda x, lo=lo, hi=hi: self._segment(x, lo, hi, ffn_active),
+                                x_BTD)
+        pre, seg = jax.lax.cond(
+            lo < ffn_active, lambda x, lo=lo, hi=hi: self._segment(x, lo, hi, ffn_active),
+            lambda x, shapes=shapes: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+            x_BTD)
+      pres.append(pre)
+      out = seg if out is None else out + seg
     if capture is not None and 'ffn_pre' in capture['names']:
       # W-PCA reads the input of the nonlinearity; inactive columns are exact zeros.
-      capture['ffn_pre'] = pre_BTF if ffn_mask is None else pre_BTF * ffn_mask
-    if ffn_mask is not None:
-      act_BTF = act_BTF * ffn_mask
-    out = jnp.einsum('BTF,FD->BTD', act_BTF, self.down[...].astype(x_BTD.dtype))
+      capture['ffn_pre'] = pres[0] if len(pres) == 1 else jnp.concatenate(pres, axis=-1)
     return out if self.down_bias is None else out + self.down_bias[...].astype(x_BTD.dtype)
