@@ -1,0 +1,36 @@
+"""Data for elastic_jax: TFDS-built corpora and GLUE, tokenizers, and resumable grain pipelines.
+
+The rest of the project needs only these names:
+  default_config()        the `data` config section
+  train_iterator(cfg)     the endless, checkpointable training stream of one process
+  eval_batches(cfg)       the fixed validation batches used by evaluation and search
+  load_tokenizer(cfg)     the tokenizer; check_vocab(tokenizer, model_vocab_size)
+  describe(cfg)           sizes and facts, for `elastic-jax data`
+  glue_task_info(task)    (num_labels, metric_name, is_regression)
+"""
+
+from elastic_jax.data.config import DataConfig, default_config
+from elastic_jax.data.describe import describe
+from elastic_jax.data.glue_tasks import glue_task_info
+from elastic_jax.data.pipelines import eval_batches, train_iterator
+from elastic_jax.data.tokenizer import (
+    ByteTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    check_vocab,
+    load_tokenizer,
+)
+
+__all__ = [
+    'ByteTokenizer',
+    'DataConfig',
+    'HFTokenizer',
+    'Tokenizer',
+    'check_vocab',
+    'default_config',
+    'describe',
+    'eval_batches',
+    'glue_task_info',
+    'load_tokenizer',
+    'train_iterator',
+]

@@ -1,0 +1,1 @@
+"""TFDS dataset builders for the local corpora: text files, GLUE TSV files, Python docs."""

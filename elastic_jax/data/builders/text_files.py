@@ -1,0 +1,65 @@
+"""TFDS builder for local plain-text files: documents at file, blank-line or line boundaries."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from elastic_jax.data import cache, documents
+from elastic_jax.data.builders import corpus
+from elastic_jax.errors import UserError
+
+
+def resolve_files(patterns: Sequence[str]) -> list[Path]:
+  """Expands files and globs into a sorted, de-duplicated list of existing files."""
+  files: set[Path] = set()
+  for pattern in patterns:
+    expanded = os.path.expanduser(pattern)
+    if glob.has_magic(expanded):
+      matches = [Path(m) for m in glob.glob(expanded, recursive=True) if Path(m).is_file()]
+      if not matches:
+        raise UserError(f'data.paths: no file matches {pattern!r}; check the pattern')
+      files.update(m.resolve() for m in matches)
+    else:
+      path = Path(expanded)
+      if path.is_dir():
+        raise UserError(f"data.paths: {pattern!r} is a directory; give files or a glob such as "
+                        f"'{pattern.rstrip('/')}/*.txt'")
+      if not path.is_file():
+        raise UserError(f'data.paths: {pattern!r} does not exist; check the path')
+      files.add(path.resolve())
+  return sorted(files)
+
+
+class TextFilesConfig(corpus.PieceCorpusConfig):
+  """Which files, and where documents end. The name keys the cache on files, sizes and mtimes."""
+
+  def __init__(self, *, files: Sequence[Path], doc_boundary: str, validation_fraction: float):
+    self.files = tuple(Path(f) for f in files)
+    self.doc_boundary = doc_boundary
+    key = cache.stable_key([cache.file_fingerprint(f) for f in self.files], doc_boundary,
+                           validation_fraction, documents.MAX_PIECE_CHARS)
+    super().__init__(name=f'{doc_boundary}-{key}', validation_fraction=validation_fraction,
+                     description=f'{len(self.files)} local text file(s), one document per '
+                                 f'{doc_boundary.replace("_", " ")}')
+
+
+class TextFiles(corpus.PieceCorpusBuilder, skip_registration=True):
+  """Local text files as a TFDS dataset (build with file_format='array_record')."""
+
+  name = 'text_files'
+
+  def _corpus_name(self) -> str:
+    files = self.builder_config.files
+    return f'the text files ({files[0]}{" and others" if len(files) > 1 else ""})'
+
+  def _pieces(self) -> Iterator[documents.Piece]:
+    for path in self.builder_config.files:
+      try:
+        text = path.read_text(encoding='utf-8', errors='replace')
+      except OSError as e:
+        raise UserError(f'cannot read {path}: {e.strerror}') from e
+      for doc in documents.split_documents(text, self.builder_config.doc_boundary):
+        yield from documents.document_pieces(path.name, doc)

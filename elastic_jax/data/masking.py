@@ -1,0 +1,71 @@
+"""BERT-style masking of packed rows: 15% of real tokens predicted, replaced 80/10/10.
+
+Masking is done per batch from an RNG seeded by (seed, stream, batch index), so the masks are a
+function of the step like everything else in the stream and survive a checkpoint restore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from elastic_jax.data.tokenizer import Tokenizer, WordBoundaries
+
+MASK_SHARE = 0.8  # of selected tokens: replaced by the mask token
+RANDOM_SHARE = 0.1  # of selected tokens: replaced by a random ordinary token (the rest are kept)
+
+
+@dataclasses.dataclass
+class MlmMasker:
+  """Turns packed rows {tokens, segment_ids, positions} into MLM inputs, targets and weights.
+
+  Called by grain's map_with_index as masker(batch_index, batch).
+  """
+
+  tokenizer: Tokenizer
+  probability: float
+  whole_word: bool
+  seed: int
+  stream: int  # separates the training stream(s) from the evaluation masks
+
+  def __post_init__(self):
+    self._is_special = self.tokenizer.is_special
+    self._ordinary = self.tokenizer.ordinary_ids
+    self._words: WordBoundaries | None = (
+        self.tokenizer.word_boundaries() if self.whole_word else None)
+
+  def __call__(self, index: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([self.seed, self.stream, index])
+    tokens_BxL = batch['tokens']
+    segment_ids_BxL = batch['segment_ids']
+    eligible_BxL = (segment_ids_BxL > 0) & ~self._is_special[tokens_BxL]
+    if self._words is None:
+      chosen_BxL = rng.random(tokens_BxL.shape) < self.probability
+    else:
+      word_BxL = word_ids(tokens_BxL, segment_ids_BxL, self._words)
+      word_draw_BxW = rng.random((tokens_BxL.shape[0], tokens_BxL.shape[1] + 1))
+      chosen_BxL = np.take_along_axis(word_draw_BxW, word_BxL, axis=1) < self.probability
+    chosen_BxL &= eligible_BxL
+    how_BxL = rng.random(tokens_BxL.shape)
+    random_BxL = self._ordinary[rng.integers(0, len(self._ordinary), tokens_BxL.shape)]
+    inputs_BxL = np.where(chosen_BxL & (how_BxL < MASK_SHARE), self.tokenizer.mask_id, tokens_BxL)
+    use_random_BxL = chosen_BxL & (how_BxL >= MASK_SHARE) & (how_BxL < MASK_SHARE + RANDOM_SHARE)
+    inputs_BxL = np.where(use_random_BxL, random_BxL, inputs_BxL)
+    return {**batch, 'tokens': inputs_BxL.astype(np.int32), 'targets': tokens_BxL,
+            'weights': chosen_BxL.astype(np.float32)}
+
+
+def word_ids(tokens_BxL: np.ndarray, segment_ids_BxL: np.ndarray,
+             words: WordBoundaries) -> np.ndarray:
+  """int[B, L]: index of the word each token belongs to, counted from 0 along each row.
+
+  A word starts at a token that `starts` one or after a token that `ends` one, unless the token
+  always continues (WordPiece '##'); and always at a row or segment start.
+  """
+  starts_BxL = words.starts[tokens_BxL].copy()
+  starts_BxL[:, 1:] |= words.ends[tokens_BxL[:, :-1]]
+  starts_BxL &= ~words.continues[tokens_BxL]
+  starts_BxL[:, 1:] |= segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]
+  starts_BxL[:, 0] = True
+  return np.cumsum(starts_BxL, axis=1) - 1

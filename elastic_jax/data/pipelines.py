@@ -1,0 +1,279 @@
+"""grain pipelines: the training stream and the fixed evaluation batches for each task.
+
+Training stream, per process:
+  record indices -> this process's shard (records p, p+P, ...) -> shuffle, reshuffled every epoch
+  -> repeat forever -> read records in chunks from array_record -> tokenize and frame each
+  document -> pack into rows (causal LM, MLM) -> batch -> mask (MLM).
+Every step is index-based or carries its position in its iterator state, so the stream is a
+function of (config, seed, process) and a restored iterator state resumes it exactly.
+
+Batches are dicts of numpy arrays, rows = batch_size // process_count, L = seq_len:
+  causal_lm / mlm: tokens int32[rows, L] (model input), targets int32[rows, L] (what to predict at
+    each position; causal LM: the next token, already shifted), weights float32[rows, L] (loss
+    weight), segment_ids int32[rows, L] (1, 2, ... per packed document, 0 = padding), positions
+    int32[rows, L] (position within its document piece).
+  glue: tokens, segment_ids (1 real, 0 pad), positions, token_types (0 = [CLS] A [SEP],
+    1 = B [SEP]) int32[rows, L]; label int32[rows] (float32 for regression); weights
+    float32[rows] (1 = real example, 0 = padding row of the last evaluation batch).
+
+Causal LM framing: each document is [bos] text [eos]; inputs are all but the last token and
+targets all but the first, so every token of a document, eos included, is predicted exactly once
+from within its own document and no target ever crosses a document boundary: weights are 1 at
+every real token and 0 only at padding. Document pieces that do not start/end their document get
+no bos/eos (see documents.py). MLM framing is [cls] text [sep], as BERT-style fine-tuning expects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from elastic_jax.data import sources
+from elastic_jax.data.config import DataConfig
+from elastic_jax.data.glue_tasks import GlueTask
+from elastic_jax.data.masking import MlmMasker
+from elastic_jax.data.packing import PackIterDataset
+from elastic_jax.data.tokenizer import Tokenizer, bpe_tokenizer, load_tokenizer
+from elastic_jax.errors import UserError
+
+_EVAL_STREAM = 0  # mask stream of evaluation batches; training process p uses 1 + p
+# Records are read and tokenized in the consuming thread: on a 2-core machine grain's thread pool
+# costs more (GIL hand-offs, polling a prefetch buffer) than it overlaps. Documents are read in
+# chunks because array_record's batched reads are ~4x faster per record than single ones.
+_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+_DOCS_PER_READ = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadRecords:
+  """int[n] record indices -> [transform(record) for each], read with one batched lookup."""
+
+  source: Any
+  transform: Any
+
+  def __call__(self, indices: np.ndarray) -> list[Any]:
+    indices = [int(i) for i in indices]
+    if hasattr(self.source, '__getitems__'):
+      records = self.source.__getitems__(indices)
+    else:
+      records = [self.source[i] for i in indices]
+    return [self.transform(record) for record in records]
+
+
+@dataclasses.dataclass(frozen=True)
+class LmFramer:
+  """record -> {'tokens': int32[n]} (mlm) or {'tokens', 'targets': int32[n]} (causal LM)."""
+
+  tokenizer: Tokenizer
+  reader: sources.LmRecords
+  causal: bool
+
+  def __call__(self, record: Any) -> dict[str, np.ndarray]:
+    text, bos, eos = self.reader(record)
+    tok = self.tokenizer
+    start, end = (tok.bos_id, tok.eos_id) if self.causal else (tok.cls_id, tok.sep_id)
+    ids = tok.encode_array(text)
+    seq = np.concatenate([[start] if bos else [], ids, [end] if eos else []]).astype(np.int32)
+    if self.causal:
+      if len(seq) < 2:  # Nothing to predict.
+        return {'tokens': seq[:0], 'targets': seq[:0]}
+      return {'tokens': seq[:-1], 'targets': seq[1:]}
+    return {'tokens': seq}
+
+
+@dataclasses.dataclass(frozen=True)
+class GlueEncoder:
+  """record -> one padded example: [cls] A [sep] (B [sep]), pairs truncated longest-first."""
+
+  tokenizer: Tokenizer
+  reader: sources.GlueRecords
+  seq_len: int
+  task: GlueTask
+
+  def __call__(self, record: Any) -> dict[str, Any]:
+    sentence1, sentence2, label = self.reader(record)
+    tok = self.tokenizer
+    first = tok.encode_array(sentence1)
+    second = tok.encode_array(sentence2) if self.task.is_pair else None
+    if second is None:
+      first = first[:self.seq_len - 2]
+      parts = [[tok.cls_id], first, [tok.sep_id]]
+      types = [np.zeros(len(first) + 2, np.int32)]
+    else:
+      len1, len2 = truncate_pair(len(first), len(second), self.seq_len - 3)
+      first, second = first[:len1], second[:len2]
+      parts = [[tok.cls_id], first, [tok.sep_id], second, [tok.sep_id]]
+      types = [np.zeros(len1 + 2, np.int32), np.ones(len2 + 1, np.int32)]
+    ids = np.concatenate(parts).astype(np.int32)
+    n = len(ids)
+    tokens = np.full(self.seq_len, tok.pad_id, np.int32)
+    tokens[:n] = ids
+    token_types = np.zeros(self.seq_len, np.int32)
+    token_types[:n] = np.concatenate(types)
+    segment_ids = np.zeros(self.seq_len, np.int32)
+    segment_ids[:n] = 1
+    positions = np.zeros(self.seq_len, np.int32)
+    positions[:n] = np.arange(n, dtype=np.int32)
+    label = np.float32(label) if self.task.is_regression else np.int32(label)
+    return {'tokens': tokens, 'segment_ids': segment_ids, 'positions': positions,
+            'token_types': token_types, 'label': label, 'weights': np.float32(1.0)}
+
+
+def truncate_pair(len1: int, len2: int, budget: int) -> tuple[int, int]:
+  """Longest-first truncation: drop tokens from the longer sentence until the pair fits.
+
+  Closed form of the usual one-token-at-a-time loop (ties trim the second sentence).
+  """
+  if len1 + len2 <= budget:
+    return len1, len2
+  if len1 > len2:
+    new1 = max(budget - len2, (budget + 1) // 2)
+    return new1, min(len2, budget - new1)
+  new2 = max(budget - len1, budget // 2)
+  return min(len1, budget - new2), new2
+
+
+def _causal_weights(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {**batch, 'weights': (batch['segment_ids'] > 0).astype(np.float32)}
+
+
+def tokenizer_for(cfg: DataConfig, corpus: sources.Corpus) -> Tokenizer:
+  """load_tokenizer, reusing the already opened corpus for a BPE."""
+  return bpe_tokenizer(cfg, corpus) if cfg.tokenizer == 'bpe' else load_tokenizer(cfg)
+
+
+def check_task(cfg: DataConfig, corpus: sources.Corpus) -> None:
+  if (cfg.task == 'glue') != (corpus.kind == 'glue'):
+    raise UserError(f"data.task {cfg.task!r} does not fit {corpus.name}, which holds "
+                    f"{'GLUE examples' if corpus.kind == 'glue' else 'documents'}")
+
+
+def record_indices(num_records: int, *, process_index: int = 0, process_count: int = 1,
+                   shuffle: bool = False, seed: int = 0, repeat: bool = False) -> grain.MapDataset:
+  """The order in which this process reads records: its shard, shuffled anew each epoch.
+
+  Process p of P gets records p, p+P, ...: disjoint shards that together cover every record once
+  per epoch. Shuffling happens within the shard, with grain's per-epoch reseeding.
+  """
+  indices = grain.MapDataset.range(num_records)[process_index::process_count]
+  if shuffle:
+    indices = indices.shuffle(seed=seed)
+  return indices.repeat() if repeat else indices
+
+
+def _pack_and_batch(indices: grain.MapDataset, cfg: DataConfig, tokenizer: Tokenizer,
+                    corpus: sources.Corpus, source: Any, rows: int, *,
+                    drop_remainder: bool) -> grain.IterDataset:
+  """Record indices -> framed documents -> packed rows of seq_len -> batches of `rows`."""
+  causal = cfg.task == 'causal_lm'
+  framer = LmFramer(tokenizer, corpus.reader, causal)
+  chunks = indices.batch(_DOCS_PER_READ).map(ReadRecords(source, framer))
+  pad = tokenizer.pad_id
+  pad_values = {'tokens': pad, 'targets': pad} if causal else {'tokens': pad}
+  packed = PackIterDataset(chunks.to_iter_dataset(_READ_OPTIONS), seq_len=cfg.seq_len,
+                           pad_values=pad_values)
+  return packed.batch(rows, drop_remainder=drop_remainder)
+
+
+def _glue_batches(indices: grain.MapDataset, cfg: DataConfig, tokenizer: Tokenizer,
+                  corpus: sources.Corpus, source: Any, rows: int, *,
+                  drop_remainder: bool) -> grain.IterDataset:
+  encoder = GlueEncoder(tokenizer, corpus.reader, cfg.seq_len, corpus.glue_task)
+  batches = indices.batch(rows, drop_remainder=drop_remainder)
+  return batches.map(ReadRecords(source, encoder)).map(_stack).to_iter_dataset(_READ_OPTIONS)
+
+
+def _stack(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+  return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+
+def train_iterator(data_cfg: Any, *, process_index: int = 0,
+                   process_count: int = 1) -> grain.DatasetIterator:
+  """The endless, resumable training stream of this process.
+
+  Returns a grain DatasetIterator: next() gives a batch (see the module docstring); get_state()
+  gives a JSON-serialisable dict to store beside the model checkpoint, and set_state(state) on a
+  freshly made iterator (same config, same process) continues exactly where that state was taken.
+  Process p of P reads records p, p+P, ... of the train split, so the processes' shards are
+  disjoint and together cover every record once per epoch.
+  """
+  cfg = DataConfig.from_config(data_cfg)
+  if not 0 <= process_index < process_count:
+    raise UserError(f'process_index {process_index} is not in [0, process_count={process_count})')
+  if cfg.batch_size % process_count:
+    raise UserError(f'data.batch_size {cfg.batch_size} is not divisible by the {process_count} '
+                    'processes; make it a multiple of the process count')
+  corpus = sources.open_corpus(cfg)
+  check_task(cfg, corpus)
+  tokenizer = tokenizer_for(cfg, corpus)
+  rows = cfg.batch_size // process_count
+
+  num_records = len(corpus.train)
+  if num_records < process_count:
+    raise UserError(f'{corpus.name} has {num_records} training records, fewer than the '
+                    f'{process_count} processes; use more data or fewer processes')
+  indices = record_indices(num_records, process_index=process_index, process_count=process_count,
+                           shuffle=cfg.shuffle, seed=cfg.seed, repeat=True)
+  if cfg.task == 'glue':
+    ds = _glue_batches(indices, cfg, tokenizer, corpus, corpus.train, rows, drop_remainder=True)
+  else:
+    ds = _pack_and_batch(indices, cfg, tokenizer, corpus, corpus.train, rows, drop_remainder=True)
+    if cfg.task == 'causal_lm':
+      ds = ds.map(_causal_weights)
+    else:
+      ds = ds.map_with_index(MlmMasker(tokenizer, cfg.mlm_probability, cfg.whole_word_mask,
+                                       cfg.seed, stream=1 + process_index))
+  if cfg.num_workers > 0:
+    if not flags.FLAGS.is_parsed():
+      # grain's worker processes read absl flags (defaults suffice); a library caller outside an
+      # absl app has not parsed any.
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+  return iter(ds)
+
+
+def eval_batches(data_cfg: Any) -> list[dict[str, np.ndarray]]:
+  """The fixed evaluation set: `data.eval_batches` batches (0 = all) of the validation split.
+
+  Read in stored order, unshuffled, with fixed MLM masks, at the global batch size: identical on
+  every call and for any number of processes. Every batch has the full batch shape; the last one
+  is padded if the split runs out (padding rows have segment_ids 0 and weights 0), and a split
+  smaller than `eval_batches` batches gives fewer batches.
+  """
+  cfg = DataConfig.from_config(data_cfg)
+  corpus = sources.open_corpus(cfg)
+  check_task(cfg, corpus)
+  tokenizer = tokenizer_for(cfg, corpus)
+  validation = corpus.validation
+  indices = record_indices(len(validation))
+  batcher = _glue_batches if cfg.task == 'glue' else _pack_and_batch
+  ds = batcher(indices, cfg, tokenizer, corpus, validation, cfg.batch_size, drop_remainder=False)
+  batches = []
+  for batch in ds:
+    batches.append(_pad_batch(batch, cfg.batch_size, tokenizer.pad_id))
+    if len(batches) == cfg.eval_batches:
+      break
+  if cfg.task == 'causal_lm':
+    return [_causal_weights(b) for b in batches]
+  if cfg.task == 'mlm':
+    masker = MlmMasker(tokenizer, cfg.mlm_probability, cfg.whole_word_mask, cfg.seed,
+                       stream=_EVAL_STREAM)
+    return [masker(i, b) for i, b in enumerate(batches)]
+  return batches
+
+
+def _pad_batch(batch: dict[str, np.ndarray], rows: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Pads a short last batch with rows that carry no tokens (segment_ids 0, weights 0)."""
+  missing = rows - len(batch['tokens'])
+  if missing == 0:
+    return batch
+  padded = {}
+  for key, values in batch.items():
+    fill = pad_id if key in ('tokens', 'targets') else 0
+    extra = np.full((missing, *values.shape[1:]), fill, values.dtype)
+    padded[key] = np.concatenate([values, extra])
+  return padded

@@ -1,0 +1,164 @@
+"""The TFDS builders, built from ../shared/data into a temporary cache and read without TF."""
+
+import sys
+
+import data_testing
+import numpy as np
+import pytest
+
+from elastic_jax.data import glue_tasks, sources
+from elastic_jax.data.builders import python_docs
+from elastic_jax.data.config import DataConfig
+from elastic_jax.errors import UserError
+
+GLUE_DIRS = {'cola': 'CoLA', 'sst2': 'SST-2', 'mrpc': 'MRPC', 'rte': 'RTE', 'stsb': 'STS-B',
+             'wnli': 'WNLI'}
+
+
+def _tsv_rows(path, has_header):
+  lines = [line for line in path.read_text(encoding='utf-8-sig').split('\n') if line.strip()]
+  return lines[1:] if has_header else lines
+
+
+def test_text_files_line_documents(shared_data, data_cache):
+  shakespeare = data_testing.shakespeare(shared_data)
+  cfg = DataConfig.from_config({'source': 'text_files', 'paths': [str(shakespeare)],
+                                'doc_boundary': 'line', 'cache_dir': str(data_cache)})
+  corpus = sources.open_corpus(cfg)
+  lines = [line for line in shakespeare.read_text().split('\n') if line.strip()]
+  train, validation = corpus.splits['train'], corpus.splits['validation']
+  assert len(train) + len(validation) == len(lines)
+  assert len(validation) == round(len(lines) * cfg.validation_fraction)
+  texts = [corpus.reader(r)[0] for source in (train, validation)
+           for r in source.__getitems__(list(range(len(source))))]
+  assert sorted(texts) == sorted(lines)
+  assert 'tensorflow' not in sys.modules  # Built and read without TensorFlow.
+
+
+def test_text_files_single_file_is_cut_into_pieces(shared_data, data_cache):
+  shakespeare = data_testing.shakespeare(shared_data)
+  cfg = DataConfig.from_config({'source': 'text_files', 'paths': [str(shakespeare)],
+                                'doc_boundary': 'file', 'cache_dir': str(data_cache)})
+  corpus = sources.open_corpus(cfg)
+  records = [r for source in (corpus.train, corpus.validation)
+             for r in source.__getitems__(list(range(len(source))))]
+  assert len(corpus.validation) >= 1
+  texts = [corpus.reader(r) for r in records]
+  assert sum(len(t) for t, _, _ in texts) == len(shakespeare.read_text())
+  assert sum(bos for _, bos, _ in texts) == 1 and sum(eos for _, _, eos in texts) == 1
+
+
+def test_second_open_reuses_the_build(shared_data, data_cache):
+  shakespeare = data_testing.shakespeare(shared_data)
+  cfg = DataConfig.from_config({'source': 'text_files', 'paths': [str(shakespeare)],
+                                'doc_boundary': 'blank_line', 'cache_dir': str(data_cache)})
+  first = sources.open_corpus(cfg)
+  dataset_dir = data_cache / 'datasets' / 'text_files'
+  built = sorted(p.name for p in dataset_dir.iterdir())
+  second = sources.open_corpus(cfg)
+  assert first.name == second.name and first.location == second.location
+  assert sorted(p.name for p in dataset_dir.iterdir()) == built
+
+
+@pytest.mark.parametrize('task', sorted(GLUE_DIRS))
+def test_glue_tsv_rows_and_labels(task, shared_data, data_cache):
+  glue_dir = data_testing.glue_dir(shared_data)
+  spec = glue_tasks.get_task(task)
+  cfg = DataConfig.from_config({'source': 'glue', 'task': 'glue', 'glue_dir': str(glue_dir),
+                                'glue_task': task, 'cache_dir': str(data_cache)})
+  corpus = sources.open_corpus(cfg)
+  for split, file_name in (('train', 'train.tsv'), ('validation', 'dev.tsv')):
+    rows = _tsv_rows(glue_dir / GLUE_DIRS[task] / file_name, spec.has_header)
+    source = corpus.splits[split]
+    assert len(source) == len(rows), (task, split)
+    labels = np.asarray([source[i]['label'] for i in range(0, len(source), 7)])
+    if spec.is_regression:
+      assert np.issubdtype(labels.dtype, np.floating) and labels.min() >= 0 and labels.max() <= 5
+    else:
+      assert set(labels.tolist()) <= set(range(spec.num_labels))
+      assert len(set(labels.tolist())) == spec.num_labels  # Every class occurs.
+    first, second, _ = corpus.reader(source[0])
+    assert first and (bool(second) == spec.is_pair)
+
+
+def test_glue_labels_follow_the_tsv(shared_data, data_cache):
+  glue_dir = data_testing.glue_dir(shared_data)
+  cfg = DataConfig.from_config({'source': 'glue', 'task': 'glue', 'glue_dir': str(glue_dir),
+                                'glue_task': 'rte', 'cache_dir': str(data_cache)})
+  corpus = sources.open_corpus(cfg)
+  row = _tsv_rows(glue_dir / 'RTE' / 'train.tsv', True)[0].split('\t')
+  sentence1, sentence2, label = corpus.reader(corpus.train[0])
+  assert (sentence1, sentence2) == (row[1], row[2])
+  assert glue_tasks.get_task('rte').label_names[label] == row[3]
+
+
+def test_python_docs_corpus(data_cache):
+  cfg = DataConfig.from_config({'cache_dir': str(data_cache)})
+  corpus = sources.open_corpus(cfg)
+  assert len(corpus.train) > 100 and len(corpus.validation) > 5
+  records = corpus.train.__getitems__(list(range(len(corpus.train))))
+  text = ''.join(corpus.reader(r)[0] for r in records)
+  assert len(text) > 1_000_000
+  assert 'Module json' in text and 'assert' in text
+  assert 'environ({' not in text  # Signatures show no environment variables (cgi.parse).
+  reopened = sources.open_corpus(cfg)
+  assert reopened.name == corpus.name
+
+
+def test_glue_wrong_columns(tmp_path, data_cache):
+  task_dir = tmp_path / 'SST-2'
+  task_dir.mkdir()
+  (task_dir / 'train.tsv').write_text('text\tlabel\ngood movie\t1\n')
+  (task_dir / 'dev.tsv').write_text('text\tlabel\nbad movie\t0\n')
+  cfg = DataConfig.from_config({'source': 'glue', 'task': 'glue', 'glue_dir': str(tmp_path),
+                                'glue_task': 'sst2', 'cache_dir': str(data_cache)})
+  with pytest.raises(UserError, match=r"needs columns \['sentence', 'label'\]") as err:
+    sources.open_corpus(cfg)
+  assert '\n' not in str(err.value)
+
+
+def test_glue_bad_row_and_label(tmp_path, data_cache):
+  task_dir = tmp_path / 'CoLA'
+  task_dir.mkdir()
+  (task_dir / 'train.tsv').write_text('gj04\t1\t\tA sentence.\ngj04\t1\tA short row.\n')
+  (task_dir / 'dev.tsv').write_text('gj04\t1\t\tA sentence.\n')
+  cfg = {'source': 'glue', 'task': 'glue', 'glue_dir': str(tmp_path), 'glue_task': 'cola',
+         'cache_dir': str(data_cache)}
+  with pytest.raises(UserError, match=r'train.tsv:2: expected 4 tab-separated columns'):
+    sources.open_corpus(DataConfig.from_config(cfg))
+  (task_dir / 'train.tsv').write_text('gj04\t7\t\tA sentence.\n')
+  with pytest.raises(UserError, match="label '7' is not one of"):
+    sources.open_corpus(DataConfig.from_config(cfg))
+
+
+def test_glue_missing_task(shared_data, data_cache):
+  glue_dir = data_testing.glue_dir(shared_data)
+  cfg = DataConfig.from_config({'source': 'glue', 'task': 'glue', 'glue_dir': str(glue_dir),
+                                'glue_task': 'qnli', 'cache_dir': str(data_cache)})
+  with pytest.raises(UserError, match='no QNLI/ folder'):
+    sources.open_corpus(cfg)
+
+
+def test_tfds_catalog_name_reads_prepared_data(shared_data, data_cache):
+  """'tfds:<name>' goes through tfds.data_source; a dataset already prepared needs no network."""
+  shakespeare = data_testing.shakespeare(shared_data)
+  built = sources.open_corpus(DataConfig.from_config(
+      {'source': 'text_files', 'paths': [str(shakespeare)], 'doc_boundary': 'blank_line',
+       'cache_dir': str(data_cache)}))
+  cfg = DataConfig.from_config({'source': f'tfds:{built.name}',
+                                'tfds_data_dir': str(data_cache / 'datasets')})
+  corpus = sources.open_corpus(cfg)
+  assert corpus.name == f'tfds/{built.name}' and corpus.validation_split == 'validation'
+  assert len(corpus.train) == len(built.train)
+  text, bos, eos = corpus.reader(corpus.train[0])
+  assert text == built.reader(built.train[0])[0] and bos and eos
+  wrong_key = DataConfig.from_config({'source': f'tfds:{built.name}', 'tfds_text_key': 'content',
+                                      'tfds_data_dir': str(data_cache / 'datasets')})
+  with pytest.raises(UserError, match="no feature 'content'"):
+    sources.open_corpus(wrong_key)
+
+
+def test_python_docs_text_is_deterministic():
+  first = python_docs.collect_documents()
+  assert first == python_docs.collect_documents()
+  assert len(first) > 300 and all(title and text for title, text in first)
