@@ -11,6 +11,7 @@ Arguments: `small` (default, the paper's 12-layer space), `tiny` (W-PCA-Tiny: 6 
 import ml_collections
 
 from elastic_jax import data
+from elastic_jax.train import config as train_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -63,4 +64,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.data.seq_len = 64 if local else 128
   cfg.data.batch_size = 8 if local else 32
   cfg.data.eval_batches = 2 if local else 8
+
+  # Supernet training: sandwich rule, in-place KD with ELM's block-preserving loss; set
+  # train.distill.teacher to an exported BERT-style model for external-teacher KD.
+  cfg.train = train_config.default_config()
+  cfg.train.steps = 40 if local else 100_000
+  cfg.train.learning_rate = 1e-3 if local else 5e-4
+  cfg.train.warmup_steps = 5 if local else 2000
+  cfg.train.distill.block_preserving = 1.0
+  cfg.train.log_every = 5 if local else 100
+  cfg.train.eval_every = 0 if local else 2000
+  cfg.train.checkpoint_every = 20 if local else 2000
+  cfg.mesh = train_config.default_mesh()
   return cfg

@@ -10,6 +10,7 @@ Inspect the space without training:
 import ml_collections
 
 from elastic_jax import data
+from elastic_jax.train import config as train_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -50,4 +51,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.data.seq_len = 32 if tiny else 128
   cfg.data.batch_size = 4 if tiny else 16
   cfg.data.eval_batches = 2 if tiny else 8
+
+  # Supernet training: sandwich rule with in-place distillation from the largest sub-network.
+  cfg.train = train_config.default_config()
+  cfg.train.steps = 30 if tiny else 600
+  cfg.train.learning_rate = 3e-3
+  cfg.train.warmup_steps = 5 if tiny else 60
+  cfg.train.log_every = 5 if tiny else 25
+  cfg.train.eval_every = 0 if tiny else 200
+  cfg.train.checkpoint_every = 10 if tiny else 200
+  cfg.mesh = train_config.default_mesh()
   return cfg

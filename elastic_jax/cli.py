@@ -129,6 +129,15 @@ def evaluate():
 
 
 @command
+def train():
+  """Trains the supernet of --config in --workdir (resumes from the workdir's checkpoints)."""
+  from elastic_jax.train.trainer import train as train_job
+  cfg = _config()
+  result = train_job(cfg, _require('workdir'))
+  _print_json(result)
+
+
+@command
 def data_():
   """Builds (or finds cached) the config's dataset and tokenizer; prints their statistics."""
   from elastic_jax import data

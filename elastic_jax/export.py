@@ -88,6 +88,22 @@ def export(supernet: Model, space: SpaceConfig, arch: Arch) -> Model:
   return _fill(abstract, values)
 
 
+def import_dense(supernet: Model, space: SpaceConfig, arch: Arch, dense: Model) -> None:
+  """The inverse of `export`: writes a dense model's arrays into the leading slices of the
+  supernet's (in place), so training can start from an exported (or pruned) model."""
+  dims, source = dense_dims(space, arch)
+  if dims != dense.dims:
+    raise UserError(f'the exported model does not match its source arch in this space: '
+                    f'{dense.dims} != {dims}')
+  super_state = nnx.state(supernet, nnx.Param)
+  flat = dict(nnx.to_flat_state(super_state))
+  for path, value in _flat_params(dense).items():
+    dst = (path[0], source[path[1]]) + path[2:] if path[0] == 'layers' else path
+    var = flat[dst]
+    var.set_value(var[...].at[tuple(slice(0, n) for n in value.shape)].set(value))
+  nnx.update(supernet, nnx.from_flat_state(list(flat.items())))
+
+
 def param_count(model: nnx.Module) -> int:
   return int(sum(np.prod(v.shape) for v in _flat_params(model).values()))
 

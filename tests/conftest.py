@@ -26,3 +26,25 @@ def shared_data() -> Path:
   if not SHARED_DATA.is_dir():
     pytest.skip(f'shared data folder {SHARED_DATA} is absent (set ELASTIC_JAX_SHARED_DATA)')
   return SHARED_DATA
+
+
+def load_config(name: str, arg: str | None = None):
+  """An experiment config from configs/ (as `--config=configs/name.py:arg` would load it)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f'configs.{name}', REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope='session')
+def data_cache(tmp_path_factory) -> Path:
+  """One dataset / tokenizer cache for the whole session (builds are keyed by their options)."""
+  return tmp_path_factory.mktemp('data_cache')
+
+
+@pytest.fixture
+def tiny_cfg(data_cache):
+  cfg = load_config('quickstart', 'tiny')
+  cfg.data.cache_dir = str(data_cache)
+  return cfg

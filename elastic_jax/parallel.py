@@ -1,0 +1,127 @@
+"""Meshes and shardings: how the supernet, optimizer state and batches lie across devices.
+
+Mesh axes are ('data', 'fsdp', 'tensor'). Parameters carry logical axis names (see
+`model/layers.py`); `LOGICAL_RULES` maps each to a mesh axis: the hidden ('embed') axis is sharded
+FSDP-style over 'fsdp', heads / FFN / vocabulary over 'tensor'. A logical axis whose size the mesh
+axis does not divide stays replicated along it, and `check_sufficiently_sharded` refuses a layout
+that leaves large tensors replicated on a multi-device mesh. The batch is split over
+('data', 'fsdp'); archs and masks are tiny and replicated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from elastic_jax.errors import UserError
+
+AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+LOGICAL_RULES = {
+    'vocab': 'tensor',
+    'embed': 'fsdp',
+    'heads': 'tensor',
+    'kv': 'tensor',
+    'mlp': 'tensor',
+    'inner': 'fsdp',
+    'factor': None,
+    'head_dim': None,
+    'pos': None,
+    'types': None,
+}
+
+
+def mesh_shape(mesh_cfg: Mapping, num_devices: int) -> tuple[int, int, int]:
+  """Resolves one -1 entry; checks the product equals the device count."""
+  sizes = [int(mesh_cfg.get(a, 1)) for a in AXES]
+  if sizes.count(-1) > 1:
+    raise UserError(f'config mesh {dict(zip(AXES, sizes))}: at most one axis may be -1')
+  if any(s == 0 or s < -1 for s in sizes):
+    raise UserError(f'config mesh {dict(zip(AXES, sizes))}: sizes must be positive or -1')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise UserError(f'config mesh {dict(zip(AXES, sizes))} does not fit {num_devices} '
+                      f'devices: {known} does not divide {num_devices}')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise UserError(f'config mesh {dict(zip(AXES, sizes))} has {math.prod(sizes)} devices but '
+                    f'{num_devices} are available; make mesh.data*mesh.fsdp*mesh.tensor equal '
+                    f'{num_devices} (or set one axis to -1)')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Mapping, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def logical_to_spec(names, shape, mesh: Mesh) -> PartitionSpec:
+  """PartitionSpec of one array from its logical axis names (replicating what doesn't divide)."""
+  spec, used = [], set()
+  for name, size in zip(names, shape):
+    axis = LOGICAL_RULES.get(name)
+    if axis is None or axis in used or size % mesh.shape[axis] or mesh.shape[axis] == 1:
+      spec.append(None)
+    else:
+      spec.append(axis)
+      used.add(axis)
+  return PartitionSpec(*spec)
+
+
+def param_shardings(state: nnx.State, mesh: Mesh):
+  """NamedShardings for a state of NNX variables carrying logical names (`out_sharding`)."""
+  def one(var):
+    names = var.get_metadata().get('out_sharding') or (None,) * len(var.shape)
+    return NamedSharding(mesh, logical_to_spec(names, var.shape, mesh))
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+  ways = mesh.shape['data'] * mesh.shape['fsdp']
+  if batch_size % ways:
+    raise UserError(f'config data.batch_size={batch_size} is not divisible by the batch axes '
+                    f'mesh.data*mesh.fsdp={ways}; choose a multiple of {ways}')
+
+
+def check_sufficiently_sharded(state: nnx.State, shardings, mesh: Mesh,
+                               max_replicated_fraction: float = 0.25,
+                               min_size: int = 1 << 16) -> dict:
+  """Refuses layouts that silently replicate large tensors on a model-parallel mesh.
+
+  Returns {'replicated_fraction', 'bytes_per_device', 'ideal_bytes_per_device'}.
+  """
+  model_ways = mesh.shape['fsdp'] * mesh.shape['tensor']
+  total = per_device = 0
+  offenders = []
+  for var, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+    size = int(np.prod(var.shape))
+    shard = int(np.prod(sharding.shard_shape(var.shape)))
+    total += size
+    per_device += shard
+    if model_ways > 1 and shard == size and size >= min_size:
+      offenders.append((size, var.shape))
+  ideal = total / max(model_ways, 1)
+  replicated_fraction = sum(s for s, _ in offenders) / max(total, 1)
+  if replicated_fraction > max_replicated_fraction:
+    worst = sorted(offenders, reverse=True)[:3]
+    raise UserError(f'{replicated_fraction:.0%} of the parameters would be replicated on every '
+                    f'device of the mesh {dict(mesh.shape)} (largest: '
+                    f'{[tuple(s) for _, s in worst]}); choose mesh sizes that divide the model '
+                    'dimensions (hidden for fsdp; heads, FFN, vocab for tensor)')
+  return {'replicated_fraction': replicated_fraction, 'bytes_per_device': per_device * 4,
+          'ideal_bytes_per_device': ideal * 4}

@@ -1,0 +1,55 @@
+"""The `train` and `mesh` config sections, every field commented."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.steps = 1000  # optimizer steps
+  # AdamW with linear warmup then cosine (or linear) decay to end_lr_fraction * learning_rate.
+  c.learning_rate = 3e-3
+  c.warmup_steps = 100
+  c.schedule = 'cosine'  # 'cosine' | 'linear' | 'constant'
+  c.end_lr_fraction = 0.1
+  c.weight_decay = 0.01  # applied to matrices only (not to biases, norms)
+  c.b1 = 0.9
+  c.b2 = 0.98
+  c.grad_clip = 1.0  # global gradient-norm clipping; 0 = off
+  c.grad_accum = 1  # micro-batches per step (the batch is split, gradients summed)
+  # Which sub-networks each step trains (elastic_jax/train/sampling.py):
+  # 'standard' | 'random' | 'sandwich' (largest + smallest + num_random) | 'random_linear' |
+  # 'fixed' (only `arch`, e.g. one found by training-free search).
+  c.sampling = 'sandwich'
+  c.num_random = 2  # sandwich: uniformly sampled sub-networks per step
+  c.ramp_steps = 1000  # random_linear: steps over which P(sub-network) grows 0 -> 1
+  c.arch = ''  # ARCH.json: train only this architecture (sets sampling='fixed')
+  # Distillation (elastic_jax/train/distill.py). The teacher is the largest sub-network
+  # (in-place KD, when sampling trains it first) or an external dense model (`teacher`).
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = ''  # '' = in-place; or an exported model dir / a workdir with checkpoints
+  c.distill.temperature = 1.0
+  c.distill.ce = 1.0  # weight of the students' own cross-entropy
+  c.distill.logits_kl = 1.0  # KL(teacher || student) on logits
+  c.distill.hidden_mse = 0.0  # MSE of layer outputs (learned projections if widths differ)
+  c.distill.attn_kl = 0.0  # KL of head-averaged attention distributions (TinyBERT)
+  c.distill.block_preserving = 0.0  # ELM: channel-normalised MSE on embed/attn/FFN outputs
+  c.distill.layer_map = []  # teacher layer per supernet layer; [] = uniform (TinyBERT)
+  # Bookkeeping.
+  c.log_every = 20  # steps between metric lines (JSONL, TensorBoard, progress bar)
+  c.eval_every = 200  # steps between validation of the named sub-networks; 0 = only at the end
+  c.eval_archs = ['largest', 'smallest']  # names or ARCH.json paths, evaluated with one compile
+  c.checkpoint_every = 200  # steps between (asynchronous) Orbax checkpoints
+  c.keep_checkpoints = 3
+  c.init_from = ''  # start from another run's workdir or an exported model dir
+  return c
+
+
+def default_mesh() -> ml_collections.ConfigDict:
+  """Device mesh: data x fsdp x tensor; one axis may be -1 (all remaining devices)."""
+  c = ml_collections.ConfigDict()
+  c.data = -1  # pure data parallelism over the remaining devices
+  c.fsdp = 1  # parameters and optimizer state sharded along the hidden axis
+  c.tensor = 1  # heads, FFN and vocabulary split across devices
+  return c

@@ -1,0 +1,83 @@
+"""Which sub-networks a training step trains: the sampling strategies, as data.
+
+Every strategy returns a batched `Arch` with a fixed number K of archs, so a step trains any
+sub-networks without retracing; draws are a function of (seed, step) only, so a resumed run
+samples exactly what an uninterrupted one would.
+
+- standard:      [largest]                                  (K = 1)
+- random:        [one uniform arch]                          (K = 1)
+- sandwich:      [largest, smallest, N uniform archs]         (K = 2 + N; whittle's default)
+- random_linear: [uniform arch with probability p(step), else the largest], p ramping 0 -> 1
+                 linearly over `ramp_steps`                  (K = 1)
+- fixed:         [the given arch] (train one architecture, e.g. found by training-free search)
+
+The first arch of `standard`, `sandwich` and `random_linear` (when it is the largest) is the
+in-place distillation teacher of the others.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from elastic_jax import arch as arch_lib
+from elastic_jax.arch import Arch
+from elastic_jax.errors import UserError
+from elastic_jax.space import Space
+
+STRATEGIES = ('standard', 'random', 'sandwich', 'random_linear', 'fixed')
+
+
+def num_archs(strategy: str, num_random: int) -> int:
+  if strategy not in STRATEGIES:
+    raise UserError(f'config field train.sampling={strategy!r} is invalid; allowed values are '
+                    f'{list(STRATEGIES)}')
+  return 2 + num_random if strategy == 'sandwich' else 1
+
+
+def teacher_is_first(strategy: str) -> bool:
+  """Whether archs[0] is the largest network in every step (the in-place KD teacher)."""
+  return strategy in ('standard', 'sandwich')
+
+
+class Sampler:
+  """Draws the K archs of a step: `sampler(key, step) -> Arch[K]` (jittable)."""
+
+  def __init__(self, space: Space, strategy: str, num_random: int = 2, ramp_steps: int = 1000,
+               fixed: Arch | None = None):
+    self.space = space
+    self.strategy = strategy
+    self.k = num_archs(strategy, num_random)
+    self.num_random = num_random
+    self.ramp_steps = max(int(ramp_steps), 1)
+    self.largest = space.largest()
+    self.smallest = space.smallest()
+    if strategy == 'fixed' and fixed is None:
+      raise UserError("train.sampling='fixed' needs an architecture: set --config.train.arch="
+                      'ARCH.json')
+    self.fixed = fixed
+
+  def _uniform(self, key, n) -> Arch:
+    return jax.vmap(self.space.decode)(self.space.random_genomes(key, n))
+
+  def __call__(self, key: jax.Array, step) -> Arch:
+    key = jax.random.fold_in(key, step)
+    if self.strategy == 'standard':
+      return arch_lib.stack([self.largest])
+    if self.strategy == 'fixed':
+      return arch_lib.stack([self.fixed])
+    if self.strategy == 'random':
+      return self._uniform(key, 1)
+    if self.strategy == 'sandwich':
+      ends = arch_lib.stack([self.largest, self.smallest])
+      if not self.num_random:
+        return ends
+      return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ends,
+                          self._uniform(key, self.num_random))
+    # random_linear
+    k_pick, k_arch = jax.random.split(key)
+    p = jnp.minimum(jnp.asarray(step, jnp.float32) / self.ramp_steps, 1.0)
+    use_random = jax.random.uniform(k_pick) < p
+    rand = self._uniform(k_arch, 1)
+    big = arch_lib.stack([self.largest])
+    return jax.tree.map(lambda r, b: jnp.where(use_random, r, b), rand, big)

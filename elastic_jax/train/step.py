@@ -1,0 +1,188 @@
+"""One training step: sample K sub-networks, distil, accumulate gradients, update.
+
+Pure and jittable: the state (params, optimizer state, step, RNG) goes in and comes out; archs
+are sampled inside from (seed, step); the K sub-networks run in a `lax.scan` (one trace for any K
+and any archs); micro-batches (gradient accumulation) run in another scan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from elastic_jax.evaluation import model_inputs
+from elastic_jax.train import distill
+from elastic_jax.train.losses import token_cross_entropy
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State  # {'model': supernet params, 'proj': distillation projections}
+  opt_state: optax.OptState
+  rng: jax.Array  # raw key data (uint32), checkpointable
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSpec:
+  """Static description of the distillation of one run."""
+
+  weights: dict  # ce, logits_kl, hidden_mse, attn_kl, block_preserving
+  temperature: float
+  in_place: bool  # archs[0] (the largest) teaches the others
+  layer_map: tuple[int, ...]
+  teacher_heads: tuple[int, ...]  # active heads of each teacher layer (attention KL)
+
+  @property
+  def captures(self) -> tuple[str, ...]:
+    names = []
+    for loss in distill.FEATURE_LOSSES:
+      if self.weights.get(loss, 0.0):
+        names += [n for n in distill.NEEDS[loss] if n not in names]
+    return tuple(names)
+
+
+def valid_tokens(batch) -> jax.Array:
+  seg = batch.get('segment_ids')
+  return (jnp.ones(batch['tokens'].shape, jnp.float32) if seg is None
+          else (seg > 0).astype(jnp.float32))
+
+
+def student_loss(logits, feats, batch, arch, teacher, spec: DistillSpec, projections):
+  """Loss of one student against the teacher's outputs (or its own CE when there is none)."""
+  ce_sum, n = token_cross_entropy(logits, batch['targets'], batch['weights'])
+  ce = ce_sum / jnp.maximum(n, 1.0)
+  if teacher is None:
+    return ce, ce
+  w = spec.weights
+  loss = w['ce'] * ce
+  if w['logits_kl']:
+    kl = distill.logits_kl(logits, teacher['logits'], batch['weights'], spec.temperature)
+    loss = loss + w['logits_kl'] * kl / jnp.maximum(n, 1.0)
+  valid = valid_tokens(batch)
+  on = arch.layer_on().astype(jnp.float32)
+  layers = arch.block.shape[-1]
+  per_layer = lambda terms: jnp.sum(on * jnp.stack(terms)) / jnp.maximum(jnp.sum(on), 1.0)
+  if w['hidden_mse']:
+    terms = [distill.hidden_mse(projections('hidden', i, feats['hidden'][i]),
+                                teacher['hidden'][spec.layer_map[i]], valid)
+             for i in range(layers)]
+    loss = loss + w['hidden_mse'] * per_layer(terms)
+  if w['attn_kl']:
+    terms = [distill.attention_kl(feats['attn_probs'][i], teacher['attn_probs'][spec.layer_map[i]],
+                                  arch.heads[i], spec.teacher_heads[spec.layer_map[i]], valid)
+             for i in range(layers)]
+    loss = loss + w['attn_kl'] * per_layer(terms)
+  if w['block_preserving']:
+    bp = lambda name, i, j: distill.block_preserving(projections(name, i, feats[name][i]),
+                                                     teacher[name][j], valid)
+    embed = distill.block_preserving(projections('embed', 0, feats['embed']), teacher['embed'],
+                                     valid)
+    terms = [bp('attn_out', i, spec.layer_map[i]) + bp('ffn_out', i, spec.layer_map[i])
+             for i in range(layers)]
+    loss = loss + w['block_preserving'] * (embed + per_layer(terms))
+  return loss, ce
+
+
+def teacher_outputs(logits, feats) -> dict:
+  """Stop-gradient teacher targets, features stacked per layer (padded to one width)."""
+  out = {'logits': jax.lax.stop_gradient(logits)}
+  for name, value in feats.items():
+    if isinstance(value, list):
+      width = max(v.shape[-1] for v in value)
+      value = jnp.stack([jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, width - v.shape[-1])])
+                         for v in value])
+    out[name] = jax.lax.stop_gradient(value)
+  return out
+
+
+def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransformation,
+                    spec: DistillSpec, grad_accum: int,
+                    external_teacher: Callable | None = None):
+  """Returns step(state, batch[, teacher_params]) -> (state, metrics)."""
+  capture = spec.captures
+
+  def losses_of_microbatch(params, batch, archs, teacher_params):
+    model = nnx.merge(graphdef, params['model'])
+    projections = nnx.merge(proj_graphdef, params['proj'])
+    inputs = model_inputs(batch)
+
+    def run(arch):
+      out = model(inputs, arch, capture)
+      return out if capture else (out, {})
+
+    if external_teacher is not None:
+      teacher = external_teacher(teacher_params, inputs, capture)
+    else:
+      teacher = None
+    first = jax.tree.map(lambda x: x[0], archs)
+    logits0, feats0 = run(first)
+    if spec.in_place and external_teacher is None:
+      # The largest net learns from the data; it then teaches the others (stop-gradient).
+      loss0, ce0 = student_loss(logits0, feats0, batch, first, None, spec, projections)
+      teacher = teacher_outputs(logits0, feats0)
+    else:
+      loss0, ce0 = student_loss(logits0, feats0, batch, first, teacher, spec, projections)
+    rest = jax.tree.map(lambda x: x[1:], archs)
+
+    def body(total, arch):
+      logits, feats = run(arch)
+      loss, ce = student_loss(logits, feats, batch, arch, teacher, spec, projections)
+      return total + loss, ce
+
+    total, ces = jax.lax.scan(body, loss0, rest)
+    return total, jnp.concatenate([ce0[None], ces])
+
+  def step(state: TrainState, batch, teacher_params=None):
+    archs = sampler(jax.random.wrap_key_data(state.rng), state.step)
+    micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum)
+                                             + x.shape[1:]), batch)
+    grad_fn = jax.value_and_grad(losses_of_microbatch, has_aux=True)
+
+    def accumulate(carry, mb):
+      grads_sum, loss_sum, ce_sum = carry
+      (loss, ces), grads = grad_fn(state.params, mb, archs, teacher_params)
+      grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+      return (grads_sum, loss_sum + loss, ce_sum + ces), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, loss, ces), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.zeros(()), jnp.zeros(sampler.k)), micro)
+    grads = jax.tree.map(lambda g: g / grad_accum, grads)
+    loss, ces = loss / grad_accum, ces / grad_accum
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'ce_per_arch': ces}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return step
+
+
+def make_optimizer(tcfg):
+  """(AdamW with warmup + cosine / linear decay and clipping, the LR schedule); weight decay on
+  matrices only."""
+  from elastic_jax.errors import UserError
+  peak, warmup, steps = tcfg.learning_rate, tcfg.warmup_steps, tcfg.steps
+  end = peak * tcfg.end_lr_fraction
+  decay_steps = max(steps - warmup, 1)
+  if tcfg.schedule == 'cosine':
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=tcfg.end_lr_fraction)
+  elif tcfg.schedule == 'linear':
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  elif tcfg.schedule == 'constant':
+    decay = optax.constant_schedule(peak)
+  else:
+    raise UserError(f"config field train.schedule={tcfg.schedule!r} is invalid; allowed values "
+                    "are ['cosine', 'linear', 'constant']")
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), decay],
+                                  [max(warmup, 1)])
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  parts = [optax.clip_by_global_norm(tcfg.grad_clip)] if tcfg.grad_clip else []
+  parts.append(optax.adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay,
+                           mask=decay_mask))
+  return optax.chain(*parts), schedule

@@ -1,0 +1,201 @@
+"""Supernet training: resume after SIGKILL, sharded == single device, distillation, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO
+from flax import nnx
+
+from elastic_jax.errors import UserError
+from elastic_jax.train import distill
+from elastic_jax.train.trainer import train
+from elastic_jax.workdir import init_supernet
+
+CLI = [sys.executable, '-m', 'elastic_jax.cli']
+
+
+def run_cli(args, env=None, **kw):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})}
+  return subprocess.run(CLI + args, env=env, capture_output=True, text=True, cwd=REPO, **kw)
+
+
+def losses(workdir: Path) -> dict[int, float]:
+  """Logged training losses by step (the last line of a step wins: a resumed run repeats)."""
+  out = {}
+  for line in (workdir / 'metrics.jsonl').read_text().splitlines():
+    d = json.loads(line)
+    if 'loss' in d:
+      out[d['step']] = d['loss']
+  return out
+
+
+def final_params(cfg, workdir):
+  from elastic_jax.train.checkpointing import restore_params_if_any
+  model = init_supernet(cfg)
+  restore_params_if_any(workdir, model)
+  return jax.tree.leaves(nnx.state(model, nnx.Param))
+
+
+def tiny_args(data_cache, workdir, *extra):
+  return ['train', '--config=configs/quickstart.py:tiny', f'--workdir={workdir}',
+          f'--config.data.cache_dir={data_cache}', '--config.train.log_every=1', *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_equals_uninterrupted_run(tiny_cfg, data_cache, tmp_path):
+  steps = ['--config.train.steps=16', '--config.train.checkpoint_every=4']
+  full = tmp_path / 'full'
+  r = run_cli(tiny_args(data_cache, full, *steps))
+  assert r.returncode == 0, r.stderr[-2000:]
+
+  killed = tmp_path / 'killed'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen(CLI + tiny_args(data_cache, killed, *steps), env=env, cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    done = [p for p in (killed / 'checkpoints').glob('*') if p.name.isdigit()]
+    if any(int(p.name) >= 8 for p in done):
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  last = max(int(p.name) for p in (killed / 'checkpoints').glob('*') if p.name.isdigit())
+  assert last < 16, 'the run finished before it could be killed'
+  r = run_cli(tiny_args(data_cache, killed, *steps))
+  assert r.returncode == 0, r.stderr[-2000:]
+
+  assert losses(killed) == pytest.approx(losses(full), rel=1e-6)
+  tiny_cfg.train.steps = 16
+  for a, b in zip(final_params(tiny_cfg, killed), final_params(tiny_cfg, full)):
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-6
+
+
+@pytest.mark.slow
+def test_eight_devices_fsdp4_tensor2_equal_one_device(data_cache, tmp_path):
+  mesh = ['--config.mesh.data=1', '--config.mesh.fsdp=4', '--config.mesh.tensor=2',
+          '--config.train.steps=3']
+  sharded = run_cli(tiny_args(data_cache, tmp_path / 'sharded', *mesh),
+                    env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  assert sharded.returncode == 0, sharded.stderr[-2000:]
+  single = run_cli(tiny_args(data_cache, tmp_path / 'single', '--config.train.steps=3'))
+  assert single.returncode == 0, single.stderr[-2000:]
+  a, b = losses(tmp_path / 'sharded'), losses(tmp_path / 'single')
+  assert sorted(a) == [1, 2, 3]
+  for step in a:
+    assert a[step] == pytest.approx(b[step], rel=1e-5)
+
+
+def test_block_preserving_loss_matches_hand_computation():
+  rng = np.random.default_rng(0)
+  s, t = rng.normal(size=(2, 5, 3)), rng.normal(size=(2, 5, 3))
+  valid = np.ones((2, 5))
+  valid[1, 3:] = 0
+
+  def normalise(x, v):
+    out = np.zeros_like(x)
+    for b in range(x.shape[0]):
+      keep = v[b] > 0
+      xs = x[b, keep]
+      out[b, keep] = (xs - xs.mean(0)) / np.sqrt(xs.var(0) + 1e-6)
+    return out
+
+  expected = ((normalise(s, valid) - normalise(t, valid)) ** 2).sum() / (valid.sum() * 3)
+  got = distill.block_preserving(jnp.asarray(s), jnp.asarray(t), jnp.asarray(valid))
+  np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def test_logits_kl_is_zero_for_identical_and_positive_otherwise():
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(2, 3, 7)))
+  w = jnp.ones((2, 3))
+  assert abs(float(distill.logits_kl(logits, logits, w, 2.0))) < 1e-6
+  assert float(distill.logits_kl(logits, logits[:, ::-1], w, 2.0)) > 0
+
+
+def student_teacher_kl(cfg, workdir, teacher_dir):
+  from elastic_jax import data, export
+  from elastic_jax.evaluation import model_inputs
+  from elastic_jax.train.checkpointing import restore_params_if_any
+  teacher, _ = export.load(teacher_dir)
+  model = init_supernet(cfg)
+  restore_params_if_any(workdir, model)
+  from elastic_jax.workdir import build_space
+  arch = build_space(cfg).smallest()
+  total = 0.0
+  for batch in data.eval_batches(cfg.data):
+    inputs = model_inputs({k: jnp.asarray(v) for k, v in batch.items()})
+    total += float(distill.logits_kl(model(inputs, arch), teacher(inputs),
+                                     jnp.asarray(batch['weights']), 1.0))
+  return total
+
+
+@pytest.mark.slow
+def test_kd_from_frozen_teacher_lowers_kl_faster(tiny_cfg, tmp_path):
+  from conftest import randomize
+
+  from elastic_jax import export
+  from elastic_jax.workdir import build_space
+  space = build_space(tiny_cfg)
+  teacher = export.export(randomize(init_supernet(tiny_cfg, space), 7, 0.05), space.cfg,
+                          space.largest())
+  export.save(teacher, tmp_path / 'teacher', arch=space.largest())
+  kl = {'init': student_teacher_kl(tiny_cfg, tmp_path / 'untrained', tmp_path / 'teacher')}
+  for name, weight in (('kd', 1.0), ('ce', 0.0)):
+    cfg = tiny_cfg.copy_and_resolve_references()
+    cfg.train.steps = 20
+    cfg.train.eval_every = 0
+    cfg.train.distill.teacher = str(tmp_path / 'teacher')
+    cfg.train.distill.logits_kl = weight
+    cfg.train.distill.ce = 0.0 if weight else 1.0
+    cfg.train.eval_archs = ['smallest']
+    cfg.train.sampling = 'random'
+    train(cfg, tmp_path / name, progress=False)
+    kl[name] = student_teacher_kl(cfg, tmp_path / name, tmp_path / 'teacher')
+  # Same steps, same data, same sub-networks: only the distillation term differs.
+  assert kl['kd'] < 0.9 * kl['init'] and kl['kd'] < 0.9 * kl['ce'], kl
+
+
+def test_bad_input_gives_clear_errors(tiny_cfg, tmp_path):
+  cfg = tiny_cfg.copy_and_resolve_references()
+  cfg.mesh.data = 3
+  with pytest.raises(UserError, match='3 devices but 1 are available'):
+    train(cfg, tmp_path / 'a', progress=False)
+  cfg = tiny_cfg.copy_and_resolve_references()
+  cfg.train.grad_accum = 3
+  with pytest.raises(UserError, match='grad_accum'):
+    train(cfg, tmp_path / 'b', progress=False)
+  cfg = tiny_cfg.copy_and_resolve_references()
+  cfg.train.distill.teacher = str(tmp_path / 'nowhere')
+  with pytest.raises(UserError, match='train.distill.teacher'):
+    train(cfg, tmp_path / 'c', progress=False)
+  cfg = tiny_cfg.copy_and_resolve_references()
+  cfg.train.sampling = 'everything'
+  with pytest.raises(UserError, match='train.sampling'):
+    train(cfg, tmp_path / 'd', progress=False)
+
+
+@pytest.mark.slow
+def test_corrupt_latest_checkpoint_falls_back_with_warning(tiny_cfg, tmp_path, caplog):
+  cfg = tiny_cfg.copy_and_resolve_references()
+  cfg.train.steps = 8
+  cfg.train.checkpoint_every = 4
+  train(cfg, tmp_path, progress=False)
+  latest = tmp_path / 'checkpoints' / '8'
+  for f in latest.rglob('*'):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncate every file
+  from elastic_jax.train.checkpointing import restore_params_if_any
+  with caplog.at_level('WARNING'):
+    step = restore_params_if_any(tmp_path, init_supernet(cfg))
+  assert step == 4
+  assert 'unreadable' in caplog.text
