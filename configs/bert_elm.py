@@ -44,14 +44,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   unit = 12 if local else 132  # FFN widths are multiples of hidden / 4
   cfg.space = ml_collections.ConfigDict()
   cfg.space.num_layers = 4 if local else (6 if arg == 'tiny' else 12)
-  cfg.space.hidden = [48] if local else [528]
-  cfg.space.depth = [cfg.space.num_layers]
-  cfg.space.blocks = ['transformer', 'bottleneck']
-  cfg.space.heads = [4] if local else [12]
-  cfg.space.kv_groups = []  # multi-head attention
-  cfg.space.head_dim = []  # hidden / heads = 44
-  cfg.space.ffn = [unit * k for k in range(1, 7)]  # 132, 264, ..., 792
-  cfg.space.inner = [unit]  # bottleneck inner width (MobileBERT-style)
+  cfg.space.hidden = (48,) if local else (528,)
+  cfg.space.depth = (cfg.space.num_layers,)
+  cfg.space.blocks = ('transformer', 'bottleneck')
+  cfg.space.heads = (4,) if local else (12,)
+  cfg.space.kv_groups = ()  # multi-head attention
+  cfg.space.head_dim = ()  # hidden / heads = 44
+  cfg.space.ffn = tuple(unit * k for k in range(1, 7))  # 132, 264, ..., 792
+  cfg.space.inner = (unit,)  # bottleneck inner width (MobileBERT-style)
   cfg.space.bottleneck_head_dim = 0  # inner / heads = 11
 
   # Masked LM on a local text corpus; point data.paths at your own corpus, or use

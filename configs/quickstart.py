@@ -34,13 +34,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The elastic search space, as data: allowed values per dimension.
   cfg.space = ml_collections.ConfigDict()
   cfg.space.num_layers = 2 if tiny else 4
-  cfg.space.hidden = [32, 48] if tiny else [64, 96, 128]  # global hidden size
-  cfg.space.depth = [1, 2] if tiny else [2, 3, 4]  # kept prefix of layers
-  cfg.space.blocks = ['transformer']  # add 'skip' for arbitrary layer subsets
-  cfg.space.heads = [2, 4]  # query heads per layer
-  cfg.space.kv_groups = [1, 2]  # grouped-query attention: KV groups per layer
-  cfg.space.head_dim = [8] if tiny else [16, 32]  # head size (global)
-  cfg.space.ffn = [32, 64] if tiny else [128, 256, 384]  # FFN width per layer
+  cfg.space.hidden = (32, 48) if tiny else (64, 96, 128)  # global hidden size
+  cfg.space.depth = (1, 2) if tiny else (2, 3, 4)  # kept prefix of layers
+  cfg.space.blocks = ('transformer',)  # add 'skip' for arbitrary layer subsets
+  cfg.space.heads = (2, 4)  # query heads per layer
+  cfg.space.kv_groups = (1, 2)  # grouped-query attention: KV groups per layer
+  cfg.space.head_dim = (8,) if tiny else (16, 32)  # head size (global)
+  cfg.space.ffn = (32, 64) if tiny else (128, 256, 384)  # FFN width per layer
 
   # Data: the embedded default corpus with a BPE tokenizer trained on it (cached).
   cfg.data = data.default_config()

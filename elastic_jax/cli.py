@@ -24,21 +24,39 @@ def command(fn):
   return fn
 
 
-FLAGS = flags.FlagValues()
-config_flags.DEFINE_config_file('config', None, 'Experiment config file, configs/X.py[:arg].',
-                                flag_values=FLAGS, lock_config=False)
-flags.DEFINE_string('workdir', None, 'Working directory of the run.', flag_values=FLAGS)
-flags.DEFINE_string('arch', None, 'Architecture JSON file.', flag_values=FLAGS)
-flags.DEFINE_string('out', None, 'Output directory.', flag_values=FLAGS)
-flags.DEFINE_string('model', None, 'Directory of an exported dense model.', flag_values=FLAGS)
-flags.DEFINE_integer('n', 1, 'Number of architectures.', flag_values=FLAGS)
-flags.DEFINE_integer('seed', 0, 'Random seed.', flag_values=FLAGS)
-flags.DEFINE_integer('max_params', None, 'Parameter budget for sampling.', flag_values=FLAGS)
+def _make_flags() -> flags.FlagValues:
+  """Fresh flags for each invocation (config override flags depend on the config loaded)."""
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file, configs/X.py[:arg].',
+                                  flag_values=fv, lock_config=False)
+  flags.DEFINE_string('workdir', None, 'Working directory of the run.', flag_values=fv)
+  flags.DEFINE_string('arch', None, 'Architecture JSON file.', flag_values=fv)
+  flags.DEFINE_string('out', None, 'Output directory.', flag_values=fv)
+  flags.DEFINE_string('model', None, 'Directory of an exported dense model.', flag_values=fv)
+  flags.DEFINE_integer('n', 1, 'Number of architectures.', flag_values=fv)
+  flags.DEFINE_integer('seed', 0, 'Random seed.', flag_values=fv)
+  flags.DEFINE_integer('max_params', None, 'Parameter budget for sampling.', flag_values=fv)
+  return fv
+
+
+FLAGS = _make_flags()
+
+
+def _loaded_config():
+  """--config, loaded (config_flags loads lazily, so a missing or failing file surfaces here)."""
+  try:
+    cfg = FLAGS.config
+    if cfg is not None:
+      cfg.keys()  # a config that failed to load raises on first use
+    return cfg
+  except OSError as e:
+    reason = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
+    raise UserError(f'could not load --config: {reason}') from None
 
 
 def _config():
   from elastic_jax.workdir import resolve_config
-  return resolve_config(FLAGS.workdir, FLAGS.config)
+  return resolve_config(FLAGS.workdir, _loaded_config())
 
 
 def _print_json(obj) -> None:
@@ -113,7 +131,8 @@ def evaluate():
   from elastic_jax.cost import arch_cost, dense_arch
   if FLAGS.model:
     dense, saved = export_lib.load(FLAGS.model)
-    data_cfg = FLAGS.config.data if FLAGS.config else ml_collections.ConfigDict(saved['data'])
+    loaded = _loaded_config()
+    data_cfg = loaded.data if loaded else ml_collections.ConfigDict(saved['data'])
     batches = data.eval_batches(data_cfg)
     result = evaluation.evaluate(dense, batches)
     cost = arch_cost(dense.cfg, dense_arch(dense.dims),
@@ -159,21 +178,24 @@ def main(argv: list[str] | None = None) -> int:
   if name not in COMMANDS:
     print(f'elastic-jax: unknown command {name!r}\n{USAGE}', file=sys.stderr)
     return 2
+  global FLAGS
+  FLAGS = _make_flags()
+  flag_argv = ['elastic-jax'] + argv[2:]
+  saved_argv, sys.argv = sys.argv, flag_argv  # config_flags reads overrides from sys.argv
   try:
-    FLAGS(['elastic-jax'] + argv[2:])
-  except flags.Error as e:
-    print(f'elastic-jax {name}: error: {e}', file=sys.stderr)
+    FLAGS(flag_argv)
+  except (flags.Error, UserError, OSError, ValueError, TypeError) as e:
+    # A bad flag, a config file that is missing or raises: its first line says what is wrong.
+    lines = [l for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
+    print(f'elastic-jax {name}: error: {lines[0]}', file=sys.stderr)
     return 2
-  except UserError as e:
-    print(f'elastic-jax {name}: error: {e}', file=sys.stderr)
-    return 2
+  finally:
+    sys.argv = saved_argv
   try:
     COMMANDS[name]()
   except UserError as e:
     print(f'elastic-jax {name}: error: {e}', file=sys.stderr)
     return 2
-  finally:
-    FLAGS.unparse_flags()
   return 0
 
 

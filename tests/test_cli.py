@@ -1,0 +1,112 @@
+"""The `elastic-jax` command contract: info, sample, export, evaluate, and one-line errors."""
+
+import json
+
+import pytest
+from conftest import REPO, load_config
+
+from elastic_jax import cli
+
+QUICK = f'--config={REPO}/configs/quickstart.py:tiny'
+
+
+def run(capsys, *args):
+  code = cli.main(['elastic-jax', *args])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+@pytest.fixture
+def cache(data_cache):
+  return f'--config.data.cache_dir={data_cache}'
+
+
+def test_info_and_sample(capsys):
+  code, out, _ = run(capsys, 'info', QUICK)
+  assert code == 0
+  info = json.loads(out)
+  assert info['architectures'] > 1 and info['params_min'] < info['params_max']
+  code, out, _ = run(capsys, 'sample', QUICK, '--n=5', '--seed=3')
+  assert code == 0
+  lines = out.strip().splitlines()
+  assert len(lines) == 5 and all(json.loads(l)['layers'] for l in lines)
+  code, again, _ = run(capsys, 'sample', QUICK, '--n=5', '--seed=3')
+  assert again == out  # deterministic for a seed
+
+
+def test_export_then_evaluate_gives_the_same_loss(capsys, cache, tmp_path):
+  code, out, _ = run(capsys, 'sample', QUICK, '--n=1', '--seed=1')
+  arch = tmp_path / 'arch.json'
+  arch.write_text(out)
+  code, out, err = run(capsys, 'export', QUICK, cache, f'--arch={arch}',
+                       f'--out={tmp_path / "dense"}')
+  assert code == 0, err
+  assert (tmp_path / 'dense' / 'model.safetensors').is_file()
+  assert (tmp_path / 'dense' / 'tokenizer.json').is_file()
+  code, out, err = run(capsys, 'evaluate', QUICK, cache, f'--arch={arch}')
+  assert code == 0, err
+  masked = json.loads(out)
+  code, out, err = run(capsys, 'evaluate', f'--model={tmp_path / "dense"}', QUICK, cache)
+  assert code == 0, err
+  dense = json.loads(out)
+  assert dense['loss'] == pytest.approx(masked['loss'], rel=1e-5)
+  assert dense['params'] == masked['params']
+  assert dense['flops_per_token'] == pytest.approx(masked['flops_per_token'])
+
+
+@pytest.mark.parametrize('arch_text, message', [
+    ('{"hidden": 1000, "depth": 1, "head_dim": 8, "layers": []}', 'hidden=1000'),
+    ('{not json', 'not valid JSON'),
+])
+def test_bad_arch_is_one_line_exit_2_no_output(capsys, cache, tmp_path, arch_text, message):
+  arch = tmp_path / 'arch.json'
+  arch.write_text(arch_text)
+  out_dir = tmp_path / 'out'
+  code, _, err = run(capsys, 'export', QUICK, cache, f'--arch={arch}', f'--out={out_dir}')
+  assert code == 2
+  assert message in err and len(err.strip().splitlines()) == 1
+  assert not out_dir.exists()
+  assert list(tmp_path.iterdir()) == [arch]
+
+
+def test_heads_not_dividing_hidden_is_one_line_exit_2(capsys, tmp_path):
+  code, _, err = run(capsys, 'info', QUICK, '--config.space.hidden=(30, 50)',
+                     '--config.space.head_dim=()')
+  assert code == 2
+  assert 'does not divide the largest hidden size' in err
+  assert len(err.strip().splitlines()) == 1
+
+
+def test_missing_files_and_unknown_command(capsys, tmp_path):
+  code, _, err = run(capsys, 'evaluate', f'--model={tmp_path / "none"}')
+  assert code == 2 and 'config.json is missing' in err
+  code, _, err = run(capsys, 'export', QUICK, f'--arch={tmp_path / "no.json"}', '--out=x')
+  assert code == 2 and 'does not exist' in err
+  code, _, err = run(capsys, 'frobnicate')
+  assert code == 2 and 'unknown command' in err
+  code, _, err = run(capsys, 'info', '--config=configs/nope.py')
+  assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_corrupt_exported_weights(capsys, cache, tmp_path):
+  code, out, _ = run(capsys, 'sample', QUICK, '--n=1')
+  (tmp_path / 'a.json').write_text(out)
+  run(capsys, 'export', QUICK, cache, f'--arch={tmp_path / "a.json"}', f'--out={tmp_path / "m"}')
+  weights = tmp_path / 'm' / 'model.safetensors'
+  weights.write_bytes(weights.read_bytes()[:100])
+  code, _, err = run(capsys, 'evaluate', f'--model={tmp_path / "m"}', QUICK, cache)
+  assert code == 2 and 'corrupt or truncated' in err
+
+
+@pytest.mark.parametrize('name, arg', [('quickstart', None), ('quickstart', 'tiny'),
+                                       ('bert_elm', None), ('bert_elm', 'tiny'),
+                                       ('bert_elm', 'runlocal')])
+def test_every_config_builds(name, arg):
+  from flax import nnx
+
+  from elastic_jax.workdir import build_space, init_supernet
+  cfg = load_config(name, arg)
+  space = build_space(cfg)
+  model = nnx.eval_shape(lambda: init_supernet(cfg, space))
+  assert model.dims == space.cfg.supernet_dims()
+  assert space.describe()['architectures'] >= 1
