@@ -9,8 +9,8 @@ step consumes on the same machine.
 
   python bench/bench_data.py [--quick] [--train-tokens-per-s X]
 
-The training figure comes from `elastic_jax.bench_support.train_tokens_per_second(config)` (config:
-the quickstart experiment config) when that exists, else from --train-tokens-per-s. Writes
+The training figure is measured in the same run by `bench_train.quickstart_train_tokens_per_second`
+(the quickstart's real sandwich step), unless --train-tokens-per-s gives it. Writes
 bench/results/bench_data.json (top-level key pipeline_over_train: the smallest pipeline tokens/s
 over training tokens/s) and bench/results/bench_data.md (bench_data_quick.* with --quick).
 """
@@ -86,15 +86,11 @@ def measure(cfg, seconds: float) -> dict:
 
 
 def train_tokens_per_second(cfg, flag_value: float | None) -> tuple[float | None, str]:
-  try:
-    from elastic_jax import bench_support  # Written separately; may not exist yet.
-  except ImportError:
-    bench_support = None
-  if bench_support is not None and hasattr(bench_support, 'train_tokens_per_second'):
-    return float(bench_support.train_tokens_per_second(cfg)), 'elastic_jax.bench_support'
+  """Tokens/s of the quickstart's real training step, measured in this run (or given)."""
   if flag_value is not None:
     return flag_value, '--train-tokens-per-s'
-  return None, 'unavailable'
+  from bench_train import quickstart_train_tokens_per_second
+  return quickstart_train_tokens_per_second(cfg), 'bench_train.quickstart_train_tokens_per_second'
 
 
 def main() -> None:
