@@ -157,7 +157,10 @@ def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransfor
     loss, ces = loss / grad_accum, ces / grad_accum
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'ce_per_arch': ces}
+    grad_norm = optax.global_norm(grads)
+    # A checkpoint must never hold non-finite parameters: check the updated ones, not just the loss.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'ce_per_arch': ces, 'finite': finite}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step

@@ -196,7 +196,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
     external = _external_teacher_fn(t_graphdef)
   step_fn = make_train_step(graphdef, proj_graphdef, sampler, tx, spec, tcfg.grad_accum, external)
   batch_sharding = parallel.batch_sharding(mesh)
-  train_step = jax.jit(step_fn, donate_argnums=0)
+  replicated = parallel.replicated(mesh)
+  state_shardings = TrainState(step=replicated, params=shardings,
+                               opt_state=jax.tree.map(lambda x: x.sharding, state.opt_state),
+                               rng=replicated)
+  teacher_shardings = (None if teacher_params is None
+                       else jax.tree.map(lambda x: x.sharding, teacher_params))
+  state = jax.device_put(state, state_shardings)
+  train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, teacher_shardings),
+                       out_shardings=(state_shardings, replicated), donate_argnums=0)
 
   labels, eval_archs = _named_archs(list(tcfg.eval_archs), space)
   eval_stacked = arch_lib.stack(eval_archs)
@@ -232,9 +240,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
     step, metrics, t_dispatch = pending
     host = jax.device_get(metrics)
     loss = float(host['loss'])
-    if not np.isfinite(loss):
+    if not bool(host['finite']):
       checkpoints.wait()
-      raise TrainingDiverged(f'loss became {loss} at step {step}; the last good checkpoint in '
+      raise TrainingDiverged(f'training diverged at step {step} (loss {loss}, gradient norm '
+                             f'{float(host["grad_norm"])}); the last good checkpoint in '
                              f'{checkpoints.directory} is kept; lower train.learning_rate or '
                              'raise train.warmup_steps')
     if step % tcfg.log_every == 0 or step == tcfg.steps:

@@ -199,3 +199,20 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tiny_cfg, tmp_path, c
     step = restore_params_if_any(tmp_path, init_supernet(cfg))
   assert step == 4
   assert 'unreadable' in caplog.text
+
+
+def test_divergence_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path):
+  from elastic_jax.train.checkpointing import restore_params_if_any
+  from elastic_jax.train.trainer import TrainingDiverged
+  cfg = tiny_cfg.copy_and_resolve_references()
+  cfg.train.steps = 12
+  cfg.train.checkpoint_every = 1  # step 1's update uses the warm-up's zero learning rate
+  cfg.train.warmup_steps = 4
+  cfg.train.grad_clip = 0.0
+  cfg.train.learning_rate = 1e38  # overflows within a few steps of the warm-up
+  with pytest.raises(TrainingDiverged, match='training diverged at step'):
+    train(cfg, tmp_path, progress=False)
+  model = init_supernet(cfg)
+  step = restore_params_if_any(tmp_path, model)
+  assert step is not None and step < 12
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
