@@ -2,8 +2,7 @@
 
 Every check of a config value, file, architecture or checkpoint raises `UserError` with a message
 that names what is wrong and how to fix it. The CLI turns it into one line on stderr and exit
-code 2;
-library users catch it like any other exception.
+code 2; library users catch it like any other exception.
 """
 
 
