@@ -99,15 +99,15 @@ class Space:
     u = jax.random.uniform(key, (n, self.num_genes))
     return jnp.floor(u * self.gene_sizes).astype(jnp.int32)
 
-  def _extreme_genome(self, largest: bool) -> np.ndarray:
+  def _extreme_genome(self, largest: bool, allow_skip: bool = False) -> np.ndarray:
     """Every numeric gene at its largest (smallest) choice; each layer's block the type with the
-    most (fewest) parameters at those settings, 'skip' included for the smallest."""
+    most (fewest) parameters at those settings ('skip' only if `allow_skip`)."""
     g = np.array((self.gene_sizes - 1) if largest else np.zeros_like(self.gene_sizes))
     for layer in range(self.num_layers):
       gene = GLOBAL_GENES + layer * LAYER_GENES
       best, best_params = None, None
       for i, b in enumerate(self.cfg.blocks):
-        if b == 'skip' and largest:
+        if b == 'skip' and not allow_skip:
           continue
         trial = g.copy()
         trial[gene] = i
@@ -122,15 +122,20 @@ class Space:
     return self.decode(self._extreme_genome(True))
 
   def smallest(self) -> Arch:
-    """The arch with the fewest parameters (with 'skip' allowed, layers may be removed)."""
+    """The smallest network of the sandwich rule (whittle's): every dimension at its smallest,
+    the shallowest depth, each kept layer the lightest block type that computes ('skip' aside)."""
     return self.decode(self._extreme_genome(False))
+
+  def fewest_params(self) -> Arch:
+    """The arch with the fewest parameters in the space ('skip' allowed: layers may vanish)."""
+    return self.decode(self._extreme_genome(False, allow_skip=True))
 
   def sample(self, key: jax.Array, n: int, *, max_params: int | None = None) -> Arch:
     """n archs (a batched Arch), uniform per gene; with `max_params`, uniform among those under
     the budget (rejection sampling, vectorised; raises UserError if the budget is infeasible)."""
     if max_params is None:
       return jax.vmap(self.decode)(self.random_genomes(key, n))
-    smallest = int(self.cost(self.smallest())['params'])
+    smallest = int(self.cost(self.fewest_params())['params'])
     if max_params < smallest:
       raise UserError(f'parameter budget {max_params:,} is below the smallest architecture of '
                       f'the space ({smallest:,} parameters); raise the budget')
@@ -154,12 +159,13 @@ class Space:
                      seq_len=self.seq_len)
 
   def parameter_range(self) -> tuple[int, int]:
-    return (int(self.cost(self.smallest())['params']),
+    return (int(self.cost(self.fewest_params())['params']),
             int(self.cost(self.largest())['params']))
 
   def num_architectures(self) -> int:
     """Distinct architectures: for each depth, the product of per-layer options over the kept
-    layers (a layer beyond `depth` has no effect, so it is not counted)."""
+    layers (a layer beyond `depth` has no effect and a 'skip' layer has no settings, so neither
+    is counted twice)."""
     s = self.cfg
     kv_options = sum(len([g for g in s.kv_groups if h % g == 0]) if s.kv_groups else 1
                      for h in s.heads)
