@@ -10,6 +10,7 @@ Inspect the space without training:
 import ml_collections
 
 from elastic_jax import data
+from elastic_jax.search import job as search_job
 from elastic_jax.train import config as train_config
 
 
@@ -61,4 +62,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.train.eval_every = 0 if tiny else 200
   cfg.train.checkpoint_every = 10 if tiny else 200
   cfg.mesh = train_config.default_mesh()
+
+  # Architecture search on the trained supernet (every field: elastic_jax/search/job.py).
+  cfg.search = search_job.default_config()
+  cfg.search.pop_size = 8 if tiny else 24
+  cfg.search.generations = 6 if tiny else 20
+  cfg.search.latency_max = 4 if tiny else 24
   return cfg

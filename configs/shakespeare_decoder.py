@@ -12,6 +12,7 @@ from pathlib import Path
 import ml_collections
 
 from elastic_jax import data
+from elastic_jax.search import job as search_job
 from elastic_jax.train import config as train_config
 
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / 'shared/data/tinyshakespeare/input.txt'
@@ -64,4 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.train.eval_every = 500 if full else (0 if tiny else 200)
   cfg.train.checkpoint_every = 1000 if full else (10 if tiny else 200)
   cfg.mesh = train_config.default_mesh()
+
+  # Architecture search on the trained supernet (every field: elastic_jax/search/job.py).
+  cfg.search = search_job.default_config()
+  if tiny:
+    cfg.search.pop_size = 8
+    cfg.search.generations = 6
   return cfg

@@ -36,6 +36,8 @@ def _make_flags() -> flags.FlagValues:
   flags.DEFINE_integer('n', 1, 'Number of architectures.', flag_values=fv)
   flags.DEFINE_integer('seed', 0, 'Random seed.', flag_values=fv)
   flags.DEFINE_integer('max_params', None, 'Parameter budget for sampling.', flag_values=fv)
+  flags.DEFINE_string('pick', None, 'Front member to export: index:N | knee | '
+                      'best-under:params=N (see elastic_jax/search/pick.py).', flag_values=fv)
   return fv
 
 
@@ -101,14 +103,35 @@ def _supernet_and_arch(cfg):
   return space, model, arch, step
 
 
+def _print_front(result) -> None:
+  """The searched front as a table, then where the files are (stdout)."""
+  print(result['table'])
+  print(f"hypervolume {result['hypervolume']:.6g} after {result['n_evals']} evaluations "
+        f"({result['generations']} generations)")
+  print(f"plot: {result['plot']}\nsummary: {result['summary']}\nfront: {result['pareto_json']}")
+
+
+@command
+def search():
+  """Searches the supernet trained in --workdir; writes W/search/ (front, history, plot)."""
+  from elastic_jax.search.job import run_search
+  _print_front(run_search(_config(), _require('workdir')))
+
+
 @command
 def export():
-  """Exports --arch of the supernet (trained in --workdir, or initialised from --config)."""
+  """Exports --arch (supernet of --workdir or --config), or --pick from the searched front."""
   import tempfile
 
   from elastic_jax import data
   from elastic_jax import export as export_lib
   cfg = _config()
+  if FLAGS.pick:
+    if FLAGS.arch:
+      raise UserError('pass either --arch or --pick, not both')
+    from elastic_jax.search.pick import export_pick
+    _print_json(export_pick(cfg, _require('workdir'), FLAGS.pick, out=FLAGS.out))
+    return
   out = Path(_require('out'))
   space, model, arch, step = _supernet_and_arch(cfg)
   dense = export_lib.export(model, space.cfg, arch)
@@ -154,6 +177,25 @@ def train():
   cfg = _config()
   result = train_job(cfg, _require('workdir'))
   _print_json(result)
+
+
+@command
+def run():
+  """The whole job in --workdir: train -> search -> export (--pick, else search.export_pick)."""
+  from elastic_jax.search.job import run_search, search_config
+  from elastic_jax.search.pick import export_pick, parse_pick
+  from elastic_jax.train.trainer import train as train_job
+  cfg = _config()
+  workdir = _require('workdir')
+  pick = FLAGS.pick or search_config(cfg).export_pick
+  parse_pick(pick)  # a bad --pick fails now, not after training and search
+  trained = train_job(cfg, workdir)
+  print(f"trained to step {trained['step']} in {trained['seconds']:.0f} s", file=sys.stderr)
+  result = run_search(cfg, workdir)
+  exported = export_pick(cfg, workdir, pick, out=FLAGS.out)
+  _print_front(result)
+  print(f"exported front member {exported['index']} ({pick}, {exported['params']:,} "
+        f"parameters): {exported['out']}")
 
 
 @command

@@ -1,0 +1,106 @@
+"""GPT-2-medium-sized decoder supernet (~353M parameters at its largest) for TPU slices.
+
+The largest sub-network is GPT-2 medium (24 layers, hidden 1024, 16 heads of 64, FFN 4096,
+learned positions, pre-LayerNorm, GELU, tied embeddings, context 1024); the space shrinks depth,
+hidden, heads and FFN width per layer. bf16 compute, float32 parameters and optimizer state, the
+mesh pure FSDP over every chip (parameters, gradients and Adam moments split 1/N per chip).
+
+Arguments (the slice decides batch and gradient accumulation; check a change with `compile`):
+  v5e-16    (default) 16 v5e chips, topology v5e:4x4 (gcloud accelerator type v5litepod-16)
+  v5p-8     8 v5p chips, topology v5p:2x2x2 (gcloud accelerator type v5p-16: v5p counts cores)
+  runlocal  a CPU-sized space of the same family, for laptops and tests
+
+Check that it compiles and fits, on any machine (needs `pip install -e '.[tpu]'`):
+  elastic-jax compile --config=configs/gpt2_medium_supernet.py --topology=v5e:4x4
+  elastic-jax compile --config=configs/gpt2_medium_supernet.py:v5p-8 --topology=v5p:2x2x2
+Train on a v5e-16 slice (2 hosts; see launch/README.md):
+  launch/tpu_vm.sh create --name=ej --zone=us-west4-a --type=v5litepod-16
+  launch/tpu_vm.sh run --name=ej --zone=us-west4-a -- train \
+      --config=configs/gpt2_medium_supernet.py --workdir=/mnt/shared/gpt2_medium
+"""
+
+import ml_collections
+
+from elastic_jax import data, distributed
+from elastic_jax.train import config as train_config
+
+# slice -> global batch rows, tokens per row, gradient-accumulation micro-batches. Rows divide by
+# the chip count x grad_accum (every micro-batch spans all chips). Sized with `compile`: without
+# activation rematerialisation the 4 sandwich sub-networks' activations live at once, so a v5e
+# chip (16 GiB) takes one 512-token row per micro-batch; a v5p chip (95 GiB) two 1024-token rows.
+SLICES = {'v5e-16': (128, 512, 8), 'v5p-8': (64, 1024, 4)}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = arg or 'v5e-16'
+  if arg not in (*SLICES, 'runlocal'):
+    raise ValueError(f'configs/gpt2_medium_supernet.py takes {", ".join(SLICES)} or runlocal, '
+                     f'got {arg!r}')
+  local = arg == 'runlocal'
+  cfg = ml_collections.ConfigDict()
+  cfg.seed = 0
+
+  # GPT-2 family.
+  cfg.model = ml_collections.ConfigDict()
+  cfg.model.kind = 'decoder'
+  # GPT-2's 50257 ids padded to a multiple of 128 (MXU tiles; divisible by any tensor axis);
+  # a GPT-2 tokenizer.json (data.tokenizer) fits, and so does a BPE trained to this size.
+  cfg.model.vocab_size = 1024 if local else 50304
+  cfg.model.max_len = 64 if local else 1024
+  cfg.model.positions = 'learned'
+  cfg.model.norm = 'layernorm'
+  cfg.model.norm_placement = 'pre'
+  cfg.model.mlp = 'gelu'
+  cfg.model.tie_embeddings = True
+  cfg.model.use_bias = True
+  cfg.model.dtype = 'float32' if local else 'bfloat16'  # compute dtype; bf16 on the MXUs
+  cfg.model.param_dtype = 'float32'  # master weights and Adam moments stay float32
+
+  # The elastic space: depth prefix, hidden, heads, FFN width per layer.
+  cfg.space = ml_collections.ConfigDict()
+  cfg.space.num_layers = 2 if local else 24
+  cfg.space.hidden = (32, 48) if local else (768, 896, 1024)
+  cfg.space.depth = (1, 2) if local else (12, 16, 20, 24)
+  cfg.space.blocks = ('transformer',)
+  cfg.space.heads = (2, 4) if local else (8, 12, 16)
+  cfg.space.kv_groups = ()  # multi-head attention, as GPT-2
+  cfg.space.head_dim = (8,) if local else (64,)
+  cfg.space.ffn = (32, 64) if local else (2048, 3072, 4096)
+
+  # Data: a TFDS corpus and a byte-level BPE trained on it (cached), or point data.tokenizer at
+  # GPT-2's tokenizer.json. `runlocal` uses the embedded Python docs (no download).
+  cfg.data = data.default_config()
+  cfg.data.source = 'python_docs' if local else 'tfds:lm1b'
+  cfg.data.task = 'causal_lm'
+  cfg.data.tokenizer = 'bpe'
+  cfg.data.bpe_vocab_size = cfg.model.get_ref('vocab_size')
+  batch, seq_len, accum = (8, 32, 1) if local else SLICES[arg]
+  cfg.data.seq_len = seq_len  # the model's max_len stays 1024 (GPT-2's context)
+  cfg.data.batch_size = batch  # rows per step over all hosts
+  cfg.data.eval_batches = 2 if local else 8
+
+  # Sandwich rule with in-place distillation (largest + smallest + 2 random per step).
+  cfg.train = train_config.default_config()
+  cfg.train.steps = 20 if local else 100_000
+  cfg.train.learning_rate = 3e-3 if local else 3e-4
+  cfg.train.warmup_steps = 5 if local else 2000
+  cfg.train.grad_accum = accum
+  cfg.train.b2 = 0.95
+  cfg.train.weight_decay = 0.1
+  cfg.train.log_every = 5 if local else 100
+  cfg.train.eval_every = 0 if local else 5000
+  cfg.train.checkpoint_every = 10 if local else 2000
+
+  # Pure FSDP over every chip: fsdp = -1 takes all devices (16 on v5e-16, 8 on v5p-8).
+  cfg.mesh = train_config.default_mesh()
+  cfg.mesh.data = 1
+  cfg.mesh.fsdp = -1
+  cfg.mesh.tensor = 1
+
+  # Multi-host: found automatically on TPU VMs; set these for other clusters (launch/README.md).
+  cfg.distributed = distributed.default_config()
+
+  # Population evaluation (search) compiled by `elastic-jax compile`: archs per search generation.
+  cfg.search = ml_collections.ConfigDict()
+  cfg.search.pop_size = 8 if local else 50
+  return cfg

@@ -1,0 +1,228 @@
+"""Search outputs: pareto.json, history.jsonl, pareto.png, summary.md, and the front as a table.
+
+Everything here reads the plain `pareto` dict that `job.build_pareto` returns (and pareto.json
+stores), so a report can be rebuilt from the files alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from elastic_jax.search.fitness import OBJECTIVES
+
+PARETO_FILE = 'pareto.json'
+HISTORY_FILE = 'history.jsonl'
+PLOT_FILE = 'pareto.png'
+SUMMARY_FILE = 'summary.md'
+
+# Columns of the front table: (metric, header, scale, format).
+_COLUMNS = (
+    ('loss', 'loss', 1.0, '{:.4f}'),
+    ('perplexity', 'ppl', 1.0, '{:.2f}'),
+    ('params', 'params (M)', 1e6, '{:.3f}'),
+    ('flops', 'MFLOP/tok', 1e6, '{:.2f}'),
+    ('kv_cache', 'KV kB/tok', 1e3, '{:.2f}'),
+)
+
+
+def _write(path: Path, text: str) -> None:
+  from elastic_jax.workdir import write_text_atomic  # noqa: PLC0415
+  write_text_atomic(path, text)
+
+
+def _finite(x):
+  """JSON has no inf/NaN: None instead."""
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
+def _clean(obj):
+  if isinstance(obj, Mapping):
+    return {k: _clean(v) for k, v in obj.items()}
+  if isinstance(obj, list | tuple):
+    return [_clean(v) for v in obj]
+  if isinstance(obj, np.generic):
+    return _clean(obj.item())
+  return _finite(obj)
+
+
+def history_rows(history: Mapping[str, np.ndarray], names: Sequence[str]) -> list[dict]:
+  rows = []
+  for t in range(len(history['n_evals'])):
+    rows.append({
+        'generation': t + 1, 'n_evals': int(history['n_evals'][t]),
+        'best': {n: float(history['best'][t][m]) for m, n in enumerate(names)},
+        'hypervolume': float(history['hv'][t]), 'front_size': int(history['front_size'][t]),
+        'feasible': int(history['feasible'][t]), 'seconds': round(float(history['seconds'][t]), 3),
+    })
+  return rows
+
+
+def write_history(path: Path, history: Mapping[str, np.ndarray], names: Sequence[str]) -> None:
+  """history.jsonl: one JSON object per generation (rewritten whole, atomically)."""
+  lines = [json.dumps(_clean(r)) for r in history_rows(history, names)]
+  _write(Path(path), '\n'.join(lines) + '\n')
+
+
+def arch_summary(arch: Mapping) -> str:
+  """One line: global sizes, then each active layer (t = transformer heads/kv:ffn,
+  b = bottleneck heads/kv:ffn/inner); skipped layers are left out."""
+  layers = []
+  for layer in arch['layers'][:arch['depth']]:
+    if layer['block'] == 'skip':
+      continue
+    s = f"{layer['block'][0]}{layer['heads']}/{layer['kv_groups']}:{layer['ffn']}"
+    if layer['block'] == 'bottleneck':
+      s += f"/{layer['inner']}"
+    layers.append(s)
+  return f"h{arch['hidden']} d{len(layers)} hd{arch['head_dim']} [{' '.join(layers)}]"
+
+
+def _columns(pareto: Mapping) -> list[tuple]:
+  present = set(pareto['front'][0]['metrics']) if pareto['front'] else set()
+  cols = [c for c in _COLUMNS if c[0] in present]
+  for name in pareto['objectives']:
+    if name not in [c[0] for c in cols]:
+      obj = OBJECTIVES.get(name)
+      scale = obj.unit_scale if obj else 1.0
+      cols.append((name, name + (f' ({obj.unit})' if obj and obj.unit else ''), scale, '{:.4g}'))
+  return cols
+
+
+def table_rows(pareto: Mapping, with_baselines: bool = False) -> tuple[list[str], list[list[str]]]:
+  cols = _columns(pareto)
+  header = ['#'] + [c[1] for c in cols] + ['latency ms', 'architecture']
+  entries = [(str(e['index']), e) for e in pareto['front']]
+  if with_baselines:
+    entries += [(k, e) for k, e in pareto['baselines'].items()]
+  rows = []
+  for label, e in entries:
+    m = e['metrics']
+    row = [label] + [fmt.format(m[k] / scale) if m.get(k) is not None else '-'
+                     for k, _, scale, fmt in cols]
+    row.append('-' if e.get('latency_ms') is None else f"{e['latency_ms']:.3f}")
+    row.append(arch_summary(e['arch']))
+    rows.append(row)
+  return header, rows
+
+
+def format_table(pareto: Mapping, markdown: bool = False, with_baselines: bool = False) -> str:
+  """The front as an aligned text table (or a markdown table)."""
+  header, rows = table_rows(pareto, with_baselines)
+  if markdown:
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
+  widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+  fmt = lambda r: '  '.join(c.rjust(w) if i < len(r) - 1 else c
+                            for i, (c, w) in enumerate(zip(r, widths)))
+  return '\n'.join([fmt(header)] + [fmt(r) for r in rows])
+
+
+def _axis(name: str) -> tuple[str, float]:
+  obj = OBJECTIVES.get(name)
+  if obj is None:
+    return name, 1.0
+  return (f'{name} ({obj.unit})' if obj.unit else name), obj.unit_scale
+
+
+def plot(path: Path, pareto: Mapping) -> Path:
+  """pareto.png: objective 0 (y) against objective 1 (x; params for a single objective)."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  names = pareto['objectives']
+  y_name = names[0]
+  x_name = names[1] if len(names) > 1 else 'params'
+  (x_label, x_scale), (y_label, y_scale) = _axis(x_name), _axis(y_name)
+  xy = lambda entries: (np.asarray([e['metrics'][x_name] for e in entries]) / x_scale,
+                        np.asarray([e['metrics'][y_name] for e in entries]) / y_scale)
+  fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
+  if pareto['random']:
+    x, y = xy(pareto['random'])
+    ax.scatter(x, y, s=14, c='0.7', label=f'random architectures ({len(x)}, first generation)')
+  x, y = xy(pareto['front'])
+  ax.plot(x, y, '-o', c='C0', ms=5, lw=1.2, label=f'Pareto front ({len(x)}, {pareto["strategy"]})')
+  for i, (xi, yi) in enumerate(zip(x, y)):
+    ax.annotate(str(i), (xi, yi), textcoords='offset points', xytext=(3, 3), fontsize=7)
+  for (label, e), marker, color in zip(pareto['baselines'].items(), ('v', '^'), ('C3', 'C2')):
+    bx, by = xy([e])
+    ax.scatter(bx, by, marker=marker, s=60, c=color, label=f'{label} architecture', zorder=3)
+  ax.set_xlabel(x_label)
+  ax.set_ylabel(y_label)
+  ax.set_title(f"{pareto['n_evals']} evaluations, hypervolume {pareto['hypervolume']:.4g}")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f'.{path.name}.tmp.png')
+  fig.savefig(tmp)
+  plt.close(fig)
+  tmp.replace(path)
+  return path
+
+
+def summary_markdown(pareto: Mapping, history: Mapping[str, np.ndarray] | None = None) -> str:
+  names = pareto['objectives']
+  aps = pareto.get('archs_per_second')
+  lines = [
+      '# Architecture search', '',
+      f"- objectives: {', '.join(n + (' (max)' if mx else '') for n, mx in zip(names, pareto['maximize']))}",  # noqa: E501
+      f"- strategy: {pareto['strategy']}, population {pareto['pop_size']}, "
+      f"{pareto['n_children']} evaluations per generation, {pareto['generations']} generations, "
+      f"{pareto['n_evals']} evaluations"
+      + (f' in {pareto["search_seconds"]:.1f} s ({aps:.1f} archs/s incl. compile)' if aps else ''),
+      f"- budgets: {pareto['budgets'] or 'none'}; seed {pareto['seed']}; supernet step "
+      f"{pareto['supernet_step']}",
+      f"- validation tokens per evaluation: {pareto['eval_tokens']}",
+      f"- hypervolume of the front: **{pareto['hypervolume']:.6g}** (random first generation: "
+      f"{pareto['hypervolume_random_initial']:.6g}); reference point "
+      f"{dict(zip(names, pareto['ref_point']))}",
+      f"- latency: one forward of a {pareto['latency_batch']} batch, exported dense model, "
+      f"{pareto['device']}",
+      '', '## Front', '', format_table(pareto, markdown=True, with_baselines=True), '',
+      f'![Pareto front]({PLOT_FILE})', '',
+      'Export one: `elastic-jax export --workdir W --pick index:N` (or `knee`, or '
+      '`best-under:params=N`).', '']
+  if history is not None and len(history['n_evals']):
+    t_all = len(history['n_evals'])
+    shown = sorted(set(np.linspace(0, t_all - 1, min(t_all, 8)).round().astype(int)))
+    lines += ['## History', '', '| generation | evaluations | '
+              + ' | '.join(f'best {n}' for n in names) + ' | hypervolume | front |',
+              '|' + '---|' * (4 + len(names))]
+    for t in shown:
+      lines.append(f"| {t + 1} | {int(history['n_evals'][t])} | "
+                   + ' | '.join(f'{v:.4g}' for v in history['best'][t])
+                   + f" | {history['hv'][t]:.4g} | {int(history['front_size'][t])} |")
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def write_all(out_dir: Path, pareto: Mapping, history: Mapping[str, np.ndarray],
+              names: Sequence[str]) -> dict[str, str]:
+  """Writes pareto.json, history.jsonl, pareto.png and summary.md; returns their paths."""
+  out_dir = Path(out_dir)
+  _write(out_dir / PARETO_FILE, json.dumps(_clean(pareto), indent=1) + '\n')
+  write_history(out_dir / HISTORY_FILE, history, names)
+  plot(out_dir / PLOT_FILE, pareto)
+  _write(out_dir / SUMMARY_FILE, summary_markdown(pareto, history))
+  return {'pareto_json': str(out_dir / PARETO_FILE), 'history': str(out_dir / HISTORY_FILE),
+          'plot': str(out_dir / PLOT_FILE), 'summary': str(out_dir / SUMMARY_FILE)}
+
+
+def load_pareto(workdir) -> dict:
+  from elastic_jax.errors import UserError  # noqa: PLC0415
+  path = Path(workdir) / 'search' / PARETO_FILE
+  if not path.is_file():
+    raise UserError(f'{path} does not exist: run `elastic-jax search --workdir={workdir}` first')
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise UserError(f'{path} is not valid JSON ({e}); rerun `elastic-jax search`') from None

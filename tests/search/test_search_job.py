@@ -1,0 +1,305 @@
+"""The search job end to end on the tiny quickstart supernet: real validation-loss fitness.
+
+Acceptance: a 20-generation search traces the fitness once; an interrupted search resumes to the
+same population as an uninterrupted one; the outputs (pareto.json, history.jsonl, pareto.png,
+summary.md) are complete and consistent with the evaluation module; bad budgets and a workdir
+without a trained supernet fail with clear UserErrors; --pick exports the chosen member exactly.
+"""
+
+import importlib.util
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from elastic_jax import evaluation
+from elastic_jax import export as export_lib
+from elastic_jax.errors import UserError
+from elastic_jax.search import fitness as fitness_lib
+from elastic_jax.search import job, pick, report
+from elastic_jax.search.hypervolume import pareto_front_mask
+from elastic_jax.workdir import build_space
+from tests.conftest import REPO
+
+
+def _quickstart(arg):
+  spec = importlib.util.spec_from_file_location('quickstart_cfg', REPO / 'configs' /
+                                                'quickstart.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('cache')
+
+
+def tiny_config(cache_dir, **search):
+  """Every search below shares one compiled program (same objectives, population, budget and
+  generations per call), so the file compiles the search loop once."""
+  cfg = _quickstart('tiny')
+  cfg.data.cache_dir = str(cache_dir)
+  cfg.search = job.default_config()
+  cfg.search.allow_untrained = True
+  cfg.search.latency = False
+  cfg.search.pop_size = 8
+  cfg.search.generations = 6
+  cfg.search.checkpoint_every = 5
+  cfg.search.budgets.params = 70_000
+  for k, v in search.items():
+    cfg.search[k] = v
+  return cfg
+
+
+def _quiet(msg):
+  del msg
+
+
+@pytest.fixture(scope='module')
+def searched(tmp_path_factory, cache_dir):
+  """One finished search with a parameter budget and latency measurement (shared below)."""
+  workdir = tmp_path_factory.mktemp('searched')
+  cfg = tiny_config(cache_dir, generations=8, latency=True, latency_max=2, latency_repeats=2)
+  result = job.run_search(cfg, workdir, log=_quiet)
+  return cfg, workdir, result
+
+
+def test_twenty_generations_trace_the_real_loss_fitness_once(tmp_path, cache_dir):
+  job._advance.clear_cache()  # count from scratch whatever ran before
+  cfg = tiny_config(cache_dir, generations=20)  # 4 compiled calls of 5 generations
+  result = job.run_search(cfg, tmp_path, log=_quiet)
+  assert result['fitness_traces'] == 1
+  # 8 evaluations per generation, plus the smallest architecture seeded into the population
+  # (the largest is over the 70k parameter budget).
+  assert result['generations'] == 20 and result['n_evals'] == 20 * 8 + 1
+  lines = (tmp_path / 'search' / 'history.jsonl').read_text().splitlines()
+  history = [json.loads(l) for l in lines]
+  assert [h['generation'] for h in history] == list(range(1, 21))
+  # NSGA-II is elitist: the hypervolume only drops when the front outgrows the population and
+  # crowding truncates it.
+  for a, b in zip(history, history[1:]):
+    assert b['hypervolume'] >= a['hypervolume'] - 1e-9 or b['front_size'] == 8
+  assert history[-1]['hypervolume'] > history[0]['hypervolume']
+
+
+def test_resume_continues_exactly(tmp_path, cache_dir):
+  # 6 generations as one call of 5 and one of 1, versus 3 (a call with 2 masked generations), then
+  # a resumed 3: the same program and the same per-generation keys give the same search.
+  straight, split = tmp_path / 'straight', tmp_path / 'split'
+  job.run_search(tiny_config(cache_dir, generations=6), straight, log=_quiet)
+  first = job.run_search(tiny_config(cache_dir, generations=3), split, log=_quiet)
+  assert first['generations'] == 3
+  resumed = job.run_search(tiny_config(cache_dir, generations=6), split, log=_quiet)
+  assert resumed['generations'] == 6 and resumed['fitness_traces'] == 0  # same program reused
+  a = np.load(straight / 'search' / 'state.npz')
+  b = np.load(split / 'search' / 'state.npz')
+  for k in ('state_genomes_PxG', 'state_fitness_PxM', 'state_birth_P', 'history_hv',
+            'history_best', 'initial_genomes'):
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert (json.loads((straight / 'search' / 'pareto.json').read_text())['front']
+          == json.loads((split / 'search' / 'pareto.json').read_text())['front'])
+  # The same search on a further-trained supernet starts over (its fitness values are stale)...
+  messages = []
+  from elastic_jax.workdir import init_supernet
+  cfg = tiny_config(cache_dir, generations=3)
+  again = job.run_search(cfg, split, model=init_supernet(cfg, build_space(cfg)), supernet_step=7,
+                         log=messages.append)
+  assert again['generations'] == 3 and any('starting the search over' in m for m in messages)
+  # ...while a different search in the same workdir is refused, not silently mixed.
+  with pytest.raises(UserError, match='different search.*pop_size'):
+    job.run_search(tiny_config(cache_dir, generations=6, pop_size=10), split, log=_quiet)
+
+
+def test_outputs_are_complete_and_consistent(searched):
+  cfg, workdir, result = searched
+  out = workdir / 'search'
+  pareto = json.loads((out / 'pareto.json').read_text())
+  assert pareto == json.loads(json.dumps(result['pareto']))
+  assert (out / 'pareto.png').read_bytes()[:4] == b'\x89PNG'
+  summary = (out / 'summary.md').read_text()
+  assert '## Front' in summary and 'pareto.png' in summary
+  assert len((out / 'history.jsonl').read_text().splitlines()) == 8
+  front = pareto['front']
+  assert front and pareto['baselines']['smallest']['metrics']['params'] == 37472
+  assert len(pareto['random']) > 0
+  # Every member meets the budget, is distinct as a network, and the front is non-dominated.
+  params = np.asarray([e['metrics']['params'] for e in front])
+  loss = np.asarray([e['metrics']['loss'] for e in front])
+  assert np.all(params <= 70_000) and np.all(np.diff(params) > 0)
+  assert params[0] == 37472  # the seeded smallest architecture ends the front
+  assert pareto_front_mask(np.stack([loss, params], 1)).all()
+  space = build_space(cfg)
+  genomes = jnp.asarray([e['genome'] for e in front])
+  canon = np.asarray(fitness_lib.canonical_genomes(space, genomes))
+  assert len({tuple(g) for g in canon.tolist()}) == len(front)
+  # The loss is the evaluation module's loss of the same archs in the same supernet.
+  from elastic_jax import data
+  from elastic_jax.workdir import init_supernet
+  archs = jax.vmap(space.decode)(genomes)
+  ref = evaluation.evaluate_population(init_supernet(cfg, space), data.eval_batches(cfg.data),
+                                       archs, chunk=1)
+  np.testing.assert_allclose(loss, ref['loss'], rtol=1e-5)
+  # Latency measured for 2 evenly spaced front members and the two baselines.
+  measured = [e['latency_ms'] for e in front if e['latency_ms'] is not None]
+  assert len(measured) == min(2, len(front)) and all(v > 0 for v in measured)
+  assert pareto['baselines']['largest']['latency_ms'] > 0
+  table = result['table'].splitlines()
+  assert len(table) == len(front) + 1 and 'latency ms' in table[0]
+
+
+def test_pick_exports_the_chosen_member_exactly(searched, tmp_path):
+  cfg, workdir, result = searched
+  front = result['pareto']['front']
+  bound = front[len(front) // 2]['metrics']['params']
+  out = pick.export_pick(cfg, workdir, f'best-under:params={bound}', out=tmp_path / 'picked')
+  chosen = front[out['index']]
+  assert chosen['metrics']['params'] <= bound
+  assert chosen['metrics']['loss'] == min(e['metrics']['loss'] for e in front
+                                         if e['metrics']['params'] <= bound)
+  dense, saved = export_lib.load(out['out'])
+  assert out['params'] == chosen['metrics']['params'] == export_lib.param_count(dense)
+  assert saved['search']['index'] == out['index'] and (tmp_path / 'picked' /
+                                                       'tokenizer.json').is_file()
+  from elastic_jax import data
+  loss = evaluation.evaluate(dense, data.eval_batches(cfg.data))['loss']
+  assert loss == pytest.approx(chosen['metrics']['loss'], rel=1e-5)
+  default = pick.export_pick(cfg, workdir, 'knee')
+  assert default['out'] == str(workdir / 'export' / f"front_{default['index']}")
+  with pytest.raises(UserError, match='smallest on the front has .*37,472'):
+    pick.export_pick(cfg, workdir, 'best-under:params=1000')
+
+
+def test_budget_below_the_smallest_architecture_names_it(tmp_path, cache_dir):
+  cfg = tiny_config(cache_dir)
+  cfg.search.budgets.params = 30_000
+  with pytest.raises(UserError, match=r'smallest achievable value.*37,472'):
+    job.run_search(cfg, tmp_path, log=_quiet)
+  cfg = tiny_config(cache_dir)
+  cfg.search.budgets.flops = 10.0
+  with pytest.raises(UserError, match=r'budgets.flops=10 .*smallest achievable'):
+    job.run_search(cfg, tmp_path, log=_quiet)
+
+
+def test_workdir_without_trained_supernet_says_to_train_first(tmp_path, cache_dir):
+  cfg = tiny_config(cache_dir, allow_untrained=False)
+  with pytest.raises(UserError, match='no trained supernet.*elastic-jax train'):
+    job.run_search(cfg, tmp_path, log=_quiet)
+  with pytest.raises(UserError, match='run `elastic-jax search'):
+    pick.export_pick(cfg, tmp_path, 'knee')
+
+
+def test_bad_search_config_is_reported():
+  with pytest.raises(UserError, match='search.strategy'):
+    job.search_config({'search': {'strategy': 'annealing'}})
+  with pytest.raises(UserError, match='unknown objective .*speed'):
+    fitness_lib.get_objective('speed')
+  with pytest.raises(UserError, match='search.colour is not a search config field'):
+    job.search_config({'search': {'colour': 1}})
+
+
+def _pareto(points, maximize=(False, False)):
+  return {'objectives': ['loss', 'params'], 'maximize': list(maximize),
+          'front': [{'index': i, 'objectives': {'loss': l, 'params': p},
+                     'metrics': {'loss': l, 'params': p}, 'latency_ms': None}
+                    for i, (l, p) in enumerate(points)],
+          'baselines': {'smallest': {'metrics': {'loss': 9.0, 'params': 5.0}}}}
+
+
+def test_pick_rules():
+  # A convex front with an obvious knee at (2, 20).
+  p = _pareto([(5.0, 10.0), (2.0, 20.0), (1.8, 40.0), (1.7, 80.0)])
+  assert pick.choose(p, 'knee') == 1
+  assert pick.choose(p, 'index:2') == 2 and pick.choose(p, 'index:-1') == 3
+  assert pick.choose(p, 'best-under:params=40') == 2
+  assert pick.choose(p, 'best-under:params=0.04k') == 2
+  assert pick.parse_number('5M') == 5e6 and pick.parse_number('1_000') == 1000
+  with pytest.raises(UserError, match='out of range'):
+    pick.choose(p, 'index:4')
+  with pytest.raises(UserError, match=r'params <= 9.*smallest on the front has 10.*space has 5'):
+    pick.choose(p, 'best-under:params=9')
+  with pytest.raises(UserError, match='not understood'):
+    pick.choose(p, 'middle')
+  with pytest.raises(UserError, match="no front member has a 'flop'"):
+    pick.choose(p, 'best-under:flop=3')
+
+
+def _network_key(a, on, i):
+  """Host-side identity of arch i of a decoded batch: global sizes and the active layers."""
+  layers = tuple((int(a.block[i, l]), int(a.heads[i, l]), int(a.kv_groups[i, l]),
+                  int(a.ffn[i, l]), int(a.inner[i, l]))
+                 for l in range(a.block.shape[1]) if on[i, l])
+  return int(a.hidden[i]), int(a.head_dim[i]), layers
+
+
+def test_canonical_genomes_identify_equal_networks(cache_dir):
+  space = build_space(tiny_config(cache_dir))
+  genomes = space.random_genomes(jax.random.key(0), 256)
+  canon = fitness_lib.canonical_genomes(space, genomes)
+  decoded = {}
+  for name, g in (('raw', genomes), ('canon', canon)):
+    archs = jax.vmap(space.decode)(g)
+    a, on = jax.tree.map(np.asarray, archs), np.asarray(archs.layer_on())
+    decoded[name] = [_network_key(a, on, i) for i in range(256)]
+  # Canonicalising never changes the network, and equal networks get equal genomes.
+  assert decoded['raw'] == decoded['canon']
+  assert len(set(decoded['raw'])) == len({tuple(c) for c in np.asarray(canon).tolist()})
+  assert len(set(decoded['raw'])) < len({tuple(g) for g in np.asarray(genomes).tolist()})
+  g = np.asarray(genomes[0])
+  assert export_lib.dense_dims(space.cfg, space.decode(g)) == \
+      export_lib.dense_dims(space.cfg, space.decode(np.asarray(canon[0])))
+
+
+@pytest.mark.parametrize('strategy', ['regularized', 'stratified'])  # nsga2: above; others:
+# tests/search/test_search_driver.py
+def test_every_strategy_runs_under_a_budget_with_cost_objectives(strategy, cache_dir):
+  space = build_space(tiny_config(cache_dir))
+  fit = fitness_lib.Fitness(space, ('flops', 'params'))
+  budget = fitness_lib.Budgets(space, {'params': 60_000})
+  sc = job.search_config({'search': {'strategy': strategy, 'pop_size': 8,
+                                     'objectives': ('flops', 'params')}})
+  searcher = job.Searcher(fit, strategy, pop_size=8, feasible_fn=budget,
+                          generations_per_call=4, **job.strategy_kwargs(sc, space))
+  state, history = searcher.advance(searcher.init_state(), jax.random.key(1), 0, 6)
+  assert history['n_evals'][-1] == 6 * searcher.spec.n_children
+  st = jax.tree.map(np.asarray, state)
+  members = st.genomes_PxG[st.occupied_P & st.feasible_P]
+  assert len(members) > 0
+  assert np.all(fitness_lib.genome_costs(space, members)['params'] <= 60_000)
+  assert fit.traces == 1
+
+
+def test_report_table_and_history_rows():
+  pareto = _pareto([(2.0, 2e6), (1.5, 4e6)])
+  for e in pareto['front']:
+    e['arch'] = {'hidden': 64, 'depth': 2, 'head_dim': 16, 'layers': [
+        {'block': 'transformer', 'heads': 4, 'kv_groups': 2, 'ffn': 128, 'inner': 0},
+        {'block': 'skip', 'heads': 4, 'kv_groups': 2, 'ffn': 128, 'inner': 0},
+        {'block': 'transformer', 'heads': 2, 'kv_groups': 1, 'ffn': 64, 'inner': 0}]}
+  text = report.format_table(pareto)
+  assert 'h64 d1 hd16 [t4/2:128]' in text and '2.000' in text  # params in millions
+  md = report.format_table(pareto, markdown=True)
+  assert md.splitlines()[1].startswith('|---|')
+
+
+def test_zero_cost_proxy_objective_matches_the_proxies_package(cache_dir):
+  proxies = pytest.importorskip('elastic_jax.proxies')
+  from elastic_jax import data
+  from elastic_jax.workdir import init_supernet
+  cfg = tiny_config(cache_dir)
+  space = build_space(cfg)
+  model, batches = init_supernet(cfg, space), data.eval_batches(cfg.data)
+  cfg_proxy = proxies.default_config()
+  cfg_proxy.num_batches = 2
+  fitness_lib.register_objective(fitness_lib.proxy_objective('wpca', cfg_proxy), overwrite=True)
+  fit = fitness_lib.Fitness(space, ('wpca', 'params'), model=model, batches=batches)
+  assert fit.maximize == (True, False)
+  genomes = space.random_genomes(jax.random.key(3), 5)
+  got = fit.evaluate(genomes)['wpca']
+  want = proxies.score_archs(model, space, jax.vmap(space.decode)(genomes), batches, cfg_proxy,
+                             names=('wpca',))['wpca']
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # Minimised column = negated proxy.
+  np.testing.assert_allclose(np.asarray(fit(genomes, fit.data))[:, 0], -got, rtol=1e-6)
