@@ -30,23 +30,25 @@ class Checkpoints:
     self.directory = Path(workdir) / DIRNAME
     self.manager = _manager(self.directory, keep)
 
-  def save(self, step: int, params, opt_state, meta: dict) -> None:
+  def save(self, step: int, params, opt_state, rng, meta: dict) -> None:
     """`params` = {'model': supernet params, 'proj': ...}; the supernet's are an item of their
     own, so `restore_params_if_any` can read them without knowing the rest."""
+    extra = {'rng': rng, **{k: v for k, v in params.items() if k != 'model'}}
     self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params['model']),
-        extra_params=ocp.args.StandardSave({k: v for k, v in params.items() if k != 'model'}),
+        extra_params=ocp.args.StandardSave(extra),
         opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave(meta)))
 
-  def restore_latest(self, abstract_params, abstract_opt_state):
-    """(params, opt_state, meta) of the newest readable checkpoint, or None if there is none."""
-    extra = {k: v for k, v in abstract_params.items() if k != 'model'}
+  def restore_latest(self, abstract_params, abstract_opt_state, abstract_rng):
+    """(params, opt_state, rng, meta) of the newest readable checkpoint, or None."""
+    extra = {'rng': abstract_rng, **{k: v for k, v in abstract_params.items() if k != 'model'}}
     restored = _restore_latest(self.manager, abstract_params['model'], abstract_opt_state, extra)
     if restored is None:
       return None
-    model, opt_state, meta, extra = restored
     from flax import nnx
-    return nnx.State({'model': model, **extra}), opt_state, meta
+    model, opt_state, meta, extra = restored
+    rng = extra.pop('rng')
+    return nnx.State({'model': model, **extra}), opt_state, rng, meta
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -178,13 +178,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
                                  process_count=jax.process_count())
   checkpoints = Checkpoints(workdir, tcfg.keep_checkpoints)
   restored = checkpoints.restore_latest(jax.eval_shape(lambda: state.params),
-                                        jax.eval_shape(lambda: state.opt_state))
+                                        jax.eval_shape(lambda: state.opt_state),
+                                        jax.eval_shape(lambda: state.rng))
   if restored is not None:
-    r_params, r_opt, meta = restored
+    r_params, r_opt, r_rng, meta = restored
     opt_shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
     state = TrainState(step=jnp.int32(meta['step']), params=jax.device_put(r_params, shardings),
                        opt_state=jax.device_put(r_opt, opt_shardings),
-                       rng=jnp.asarray(meta['rng'], jnp.uint32))
+                       rng=jnp.asarray(r_rng, jnp.uint32))
     iterator.set_state(meta['data_state'])
     source = f"checkpoint at step {meta['step']}"
 
@@ -233,8 +234,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
   last_eval = {}
 
   def meta_for(step):
-    return {'step': step, 'rng': np.asarray(state.rng).tolist(),
-            'data_state': iterator.get_state()}
+    return {'step': step, 'data_state': iterator.get_state()}
 
   def flush(pending):
     step, metrics, t_dispatch = pending
@@ -273,7 +273,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
         if pending is not None:
           flush(pending)
         pending = None
-        checkpoints.save(step, state.params, state.opt_state, meta_for(step))
+        checkpoints.save(step, state.params, state.opt_state, state.rng, meta_for(step))
     if pending is not None:
       flush(pending)
     last_eval = run_eval(state)
