@@ -10,7 +10,7 @@ Arguments: `small` (default, the paper's 12-layer space), `tiny` (W-PCA-Tiny: 6 
 
 import ml_collections
 
-from elastic_jax import data
+from elastic_jax import data, proxies
 from elastic_jax.search import job as search_job
 from elastic_jax.train import config as train_config
 
@@ -77,6 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.train.eval_every = 0 if local else 2000
   cfg.train.checkpoint_every = 20 if local else 2000
   cfg.mesh = train_config.default_mesh()
+
+  # Zero-cost proxies (W-PCA and baselines) for `elastic-jax proxy` and training-free search
+  # (--config.search.objectives="('wpca', 'params')"); fields: elastic_jax/proxies/config.py.
+  cfg.proxy = proxies.default_config()
 
   # Architecture search on the trained supernet (every field: elastic_jax/search/job.py).
   cfg.search = search_job.default_config()

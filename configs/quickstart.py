@@ -9,7 +9,7 @@ Inspect the space without training:
 
 import ml_collections
 
-from elastic_jax import data
+from elastic_jax import data, proxies
 from elastic_jax.search import job as search_job
 from elastic_jax.train import config as train_config
 
@@ -51,21 +51,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.data.bpe_vocab_size = cfg.model.get_ref('vocab_size')
   cfg.data.seq_len = 32 if tiny else 128
   cfg.data.batch_size = 4 if tiny else 16
-  cfg.data.eval_batches = 2 if tiny else 8
+  cfg.data.eval_batches = 2 if tiny else 3  # 6,144 tokens: enough to rank, quick to score
 
   # Supernet training: sandwich rule with in-place distillation from the largest sub-network.
   cfg.train = train_config.default_config()
-  cfg.train.steps = 30 if tiny else 600
+  cfg.train.steps = 30 if tiny else 300
   cfg.train.learning_rate = 3e-3
-  cfg.train.warmup_steps = 5 if tiny else 60
+  cfg.train.warmup_steps = 5 if tiny else 30
   cfg.train.log_every = 5 if tiny else 25
-  cfg.train.eval_every = 0 if tiny else 200
-  cfg.train.checkpoint_every = 10 if tiny else 200
+  cfg.train.eval_every = 0 if tiny else 100
+  cfg.train.checkpoint_every = 10 if tiny else 100
   cfg.mesh = train_config.default_mesh()
+
+  # Zero-cost proxies (W-PCA and baselines) for `elastic-jax proxy` and training-free search
+  # (--config.search.objectives="('wpca', 'params')"); fields: elastic_jax/proxies/config.py.
+  cfg.proxy = proxies.default_config()
+  cfg.proxy.num_batches = 2 if tiny else 3  # of data.eval_batches
 
   # Architecture search on the trained supernet (every field: elastic_jax/search/job.py).
   cfg.search = search_job.default_config()
-  cfg.search.pop_size = 8 if tiny else 24
-  cfg.search.generations = 6 if tiny else 20
-  cfg.search.latency_max = 4 if tiny else 24
+  cfg.search.pop_size = 8 if tiny else 16
+  cfg.search.generations = 6 if tiny else 12
+  cfg.search.latency_max = 4 if tiny else 8
   return cfg

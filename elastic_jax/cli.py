@@ -180,6 +180,29 @@ def train():
 
 
 @command
+def proxy():
+  """Every zero-cost proxy's score of --arch, or of --n archs sampled with --seed (at init)."""
+  import jax
+
+  from elastic_jax import arch as arch_lib
+  from elastic_jax import data, proxies
+  from elastic_jax.workdir import build_space, init_supernet
+  cfg = _config()
+  space = build_space(cfg)
+  if FLAGS.arch:
+    archs = arch_lib.stack([arch_lib.load(FLAGS.arch, space.cfg)])
+  else:
+    if FLAGS.n < 1:
+      raise UserError(f'--n={FLAGS.n} must be >= 1')
+    archs = space.sample(jax.random.key(FLAGS.seed), FLAGS.n, max_params=FLAGS.max_params)
+  proxy_cfg = cfg.get('proxy', None) or proxies.default_config()
+  scores = proxies.score_archs(init_supernet(cfg, space), space, archs,
+                               data.eval_batches(cfg.data), proxy_cfg)
+  for record in proxies.as_records(archs, scores):
+    _print_json(record)
+
+
+@command
 def run():
   """The whole job in --workdir: train -> search -> export (--pick, else search.export_pick)."""
   from elastic_jax.search.job import run_search, search_config
