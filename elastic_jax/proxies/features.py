@@ -1,0 +1,132 @@
+"""Forward-only proxies, from one forward pass with captured features: V-PCA (W-PCA's count), head
+confidence, softmax confidence and activation distance.
+
+Every function here works on one network and one batch, in traced code: the network is the masked
+supernet with an `Arch` (then `jax.vmap` / `lax.map` over archs scores a population) or a dense
+model (`arch=None`). Masked parts never change a score: inactive FFN columns and off layers
+capture exact zeros (no variance; excluded from activation codes), inactive heads capture zero
+attention rows (excluded from head confidence), so the masked supernet and the exported dense
+model score the same (tested).
+
+`valid_BT` (float 0/1) marks the tokens every statistic reads: all tokens, or the non-padding ones
+(`proxy.padding`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from elastic_jax.config import BLOCK_TYPES
+from elastic_jax.proxies.pca import pca_count
+
+_BOTTLENECK = BLOCK_TYPES.index('bottleneck')
+
+
+def ffn_layers(model, arch) -> list[dict]:
+  """Per layer: `units` float[F] (active FFN units), `bottleneck` float[] (1 if the layer's block
+  is a bottleneck), `on` bool[] and `ffn` (active width).
+
+  Masked supernet: units < arch.ffn of layers that are on. Dense model: every unit of every layer.
+  """
+  out = []
+  if arch is None:
+    for layer in model.dims.layers:
+      out.append({'units': jnp.ones((layer.ffn,), jnp.float32),
+                  'bottleneck': jnp.float32(layer.blocks[0] == 'bottleneck'),
+                  'on': jnp.bool_(True), 'ffn': layer.ffn})
+    return out
+  on_L = arch.layer_on()
+  for i, layer in enumerate(model.dims.layers):
+    units = (jnp.arange(layer.ffn) < arch.ffn[i]) & on_L[i]
+    out.append({'units': units.astype(jnp.float32),
+                'bottleneck': (arch.block[i] == _BOTTLENECK).astype(jnp.float32),
+                'on': on_L[i], 'ffn': arch.ffn[i]})
+  return out
+
+
+def _pca_by_width(h_NxF, w_N, eta, on, ffn, widths):
+  """PCA count of one layer's pre-activations, on the active width only: `lax.switch` picks the
+  eigendecomposition of the first `ffn` columns among the space's FFN widths (exact: the columns
+  beyond are zeros, which add only zero eigenvalues); an off layer skips it. Outside `vmap` only
+  the chosen branch executes, so a narrow FFN costs its own O(width^3)."""
+  full = h_NxF.shape[-1]
+  sizes = widths + (() if full in widths else (full,))  # an unlisted width uses all columns
+  branches = [lambda h: jnp.int32(0)]
+  branches += [lambda h, f=f: pca_count(h[:, :f], eta, w_N) for f in sizes]
+  match = jnp.asarray(sizes) == ffn
+  chosen = jnp.where(jnp.any(match), jnp.argmax(match), sizes.index(full)) + 1
+  return jax.lax.switch(jnp.where(on, chosen, 0), branches, h_NxF)
+
+
+def vpca(ffn_pre: list[jax.Array], valid_BT: jax.Array, layers, eta: float,
+         bottleneck_ffn: str, widths: tuple[int, ...] | None = None) -> jax.Array:
+  """V-PCA: sum over FFN layers of the PCA count of the pre-activations reshaped to
+  (tokens, width). Off layers capture zeros and count 0.
+
+  With `widths` (the space's FFN width choices; masked supernet, archs one at a time) the layers,
+  which all have the supernet's width, run through one `lax.map` and each PCA uses its layer's
+  active width (`_pca_by_width`): one compiled copy per width, not per layer and width.
+  """
+  if not ffn_pre:
+    return jnp.float32(0.0)
+  w_N = valid_BT.reshape(-1)
+  if widths is not None and len({h.shape for h in ffn_pre}) == 1:
+    f_max = ffn_pre[0].shape[-1]
+    widths = tuple(w for w in widths if w <= f_max)
+    h_LxNxF = jnp.stack([h.reshape(-1, f_max) for h in ffn_pre])
+    on_L = jnp.stack([layer['on'] for layer in layers])
+    ffn_L = jnp.stack([jnp.asarray(layer['ffn'], jnp.int32) for layer in layers])
+    k_L = jax.lax.map(lambda x: _pca_by_width(x[0], w_N, eta, x[1], x[2], widths),
+                      (h_LxNxF, on_L, ffn_L)).astype(jnp.float32)
+  else:
+    k_L = jnp.stack([pca_count(h.reshape(-1, h.shape[-1]), eta, w_N) for h in ffn_pre]
+                    ).astype(jnp.float32)
+  if bottleneck_ffn == 'exclude':
+    k_L = k_L * (1.0 - jnp.stack([layer['bottleneck'] for layer in layers]))
+  return jnp.sum(k_L)
+
+
+def head_confidence(attn_probs: list[jax.Array], valid_BT: jax.Array) -> jax.Array:
+  """Mean over active heads (all layers) and valid query tokens of the largest attention
+  probability (Voita et al. 2019). A head is active where its probabilities sum to 1; the masked
+  supernet's inactive heads and off layers capture zero rows."""
+  num, den = jnp.float32(0.0), jnp.float32(0.0)
+  for p_BNTS in attn_probs:
+    p_BNTS = p_BNTS.astype(jnp.float32)
+    active_BNT = (jnp.sum(p_BNTS, axis=-1) > 0.5).astype(jnp.float32)
+    w_BNT = active_BNT * valid_BT[:, None, :]
+    num = num + jnp.sum(jnp.max(p_BNTS, axis=-1) * w_BNT)
+    den = den + jnp.sum(w_BNT)
+  return num / jnp.maximum(den, 1.0)
+
+
+def softmax_confidence(logits_BTV: jax.Array, valid_BT: jax.Array) -> jax.Array:
+  """Mean over valid tokens of the largest output (vocabulary) probability."""
+  p_max_BT = jnp.max(jax.nn.softmax(logits_BTV.astype(jnp.float32), axis=-1), axis=-1)
+  return jnp.sum(p_max_BT * valid_BT) / jnp.maximum(jnp.sum(valid_BT), 1.0)
+
+
+def activation_distance(ffn_pre: list[jax.Array], valid_BT: jax.Array, layers) -> jax.Array:
+  """NASWOT (Mellor et al. 2021) log|K| with one binary code per *sequence*.
+
+  A unit is on where its pre-activation is > 0 (ReLU and GELU outputs are positive exactly there;
+  for SwiGLU it is the gate's sign). Sequence b's code lists every (valid token, active FFN unit)
+  of every layer; K[a, b] = number of those positions where a and b agree (= N_A - Hamming
+  distance), computed as C C^T + (1 - C)(1 - C)^T over the masked codes, so masked units and
+  padding count in neither. Identical codes give a singular K and -inf. Per-sequence codes, not
+  per-token: in a causal model two sequences that start with the same token give identical
+  first-token codes and a singular K.
+  """
+  b = valid_BT.shape[0]
+  k_BxB = jnp.zeros((b, b), jnp.float32)
+  for h_BTF, layer in zip(ffn_pre, layers):
+    m_BTF = valid_BT[:, :, None] * layer['units'][None, None, :]
+    on_BTF = (h_BTF > 0).astype(jnp.float32)
+    p_BX = (m_BTF * on_BTF).reshape(b, -1)
+    q_BX = (m_BTF * (1.0 - on_BTF)).reshape(b, -1)
+    k_BxB = k_BxB + p_BX @ p_BX.T + q_BX @ q_BX.T
+  # A sequence with no code (no valid token, or a network without FFN units) has an all-zero
+  # row: give it a unit diagonal, which adds log 1 = 0 (a network without FFN layers scores 0).
+  empty_B = (jnp.diagonal(k_BxB) == 0).astype(jnp.float32)
+  return jnp.linalg.slogdet(k_BxB + jnp.diag(empty_B))[1]

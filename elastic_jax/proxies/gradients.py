@@ -1,0 +1,219 @@
+"""Proxies that back-propagate: SNIP, grad-norm, synaptic saliency and diversity, SynFlow, and
+jacobian covariance.
+
+Gradients of the masked supernet w.r.t. the supernet's parameters are the sub-network's gradients:
+every inactive slice (masked columns, unchosen block types, off layers) receives an exact zero
+gradient, so sums over the supernet's parameters equal sums over the exported dense model's
+(tested). Parameters are summed per *kernel*: every weight array of rank >= 2 except the
+embedding lookup tables (tokens, positions, token types), i.e. the linear maps of attention, FFN,
+bottleneck projections, factorised embedding and output head, as the zero-cost-proxy reference
+code sums over `nn.Linear` / `nn.Conv` weights; biases and norm parameters are left out.
+
+Losses: SNIP, grad-norm and the synaptic proxies differentiate the mean token cross-entropy of the
+batch's `targets` / `weights` (the task loss, as SNIP and grad-norm define them). The Serianni &
+Kalita transformer benchmark back-propagates ones from the last hidden state instead; we keep the
+task loss, which the masked and dense models share exactly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from elastic_jax.model.layers import Attention, Norm, prefix_mask
+from elastic_jax.train.losses import token_cross_entropy
+
+_TABLES = ('tokens', 'positions', 'types')
+_ATTN_KERNELS = ('q', 'k', 'v', 'o')
+_FFN_KERNELS = ('up', 'gate', 'down')
+
+
+def kernel_kind(path: tuple, ndim: int) -> str | None:
+  """'attn' (attention q/k/v/o), 'ffn' (FFN up/gate/down), 'other' (any other kernel), or None
+  (not a kernel: biases, norms, lookup tables)."""
+  if ndim < 2 or (path[0] == 'embed' and path[-1] in _TABLES):
+    return None
+  if 'attn' in path and path[-1] in _ATTN_KERNELS:
+    return 'attn'
+  if 'mlp' in path and path[-1] in _FFN_KERNELS:
+    return 'ffn'
+  return 'other'
+
+
+def _flat(state) -> list[tuple[tuple, jax.Array]]:
+  return [(tuple(p), v[...]) for p, v in nnx.to_flat_state(state)]
+
+
+def _hidden_mask(model, arch) -> jax.Array:
+  d = model.dims.hidden
+  return jnp.ones((d,), jnp.float32) if arch is None else prefix_mask(d, arch.hidden, jnp.float32)
+
+
+def _matrix(path: tuple, x: jax.Array) -> jax.Array:
+  """Attention kernels as matrices: q/k/v [width, heads, head_dim] -> [width, heads*head_dim];
+  o [heads, head_dim, width] -> [heads*head_dim, width]."""
+  if path[-1] == 'o':
+    return x.reshape(-1, x.shape[-1])
+  return x.reshape(x.shape[0], -1)
+
+
+def _nuclear(m: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.linalg.svd(m.astype(jnp.float32), compute_uv=False))
+
+
+def loss_gradient_proxies(state, grads, names: tuple[str, ...]) -> dict[str, jax.Array]:
+  """SNIP, grad-norm, synaptic saliency and synaptic diversity from the loss gradient `grads`.
+
+  - snip (Lee et al. 2019): sum over kernels of |W * dL/dW|.
+  - grad_norm (Abdelfattah et al. 2021): sum over kernels of the Frobenius norm of dL/dW.
+  - synaptic_saliency (TF-TAS, Zhou et al. 2022): sum over FFN kernels of |W * dL/dW|.
+  - synaptic_diversity (TF-TAS): sum over attention kernels (as matrices) of
+    nuc(W) * nuc(dL/dW). In the masked supernet W is first restricted to the rows and columns
+    where dL/dW has any non-zero entry: exactly the sub-network's slice (an inactive row or column
+    has an identically zero gradient, an active one almost surely does not), so the nuclear norm
+    is that of the dense model's kernel.
+  """
+  out = {n: jnp.float32(0.0) for n in names}
+  for (path, w), (_, g) in zip(_flat(state), _flat(grads)):
+    kind = kernel_kind(path, w.ndim)
+    if kind is None:
+      continue
+    w, g = w.astype(jnp.float32), g.astype(jnp.float32)
+    saliency = jnp.sum(jnp.abs(w * g))
+    if 'snip' in out:
+      out['snip'] += saliency
+    if 'grad_norm' in out:
+      out['grad_norm'] += jnp.sqrt(jnp.sum(g * g))
+    if 'synaptic_saliency' in out and kind == 'ffn':
+      out['synaptic_saliency'] += saliency
+    if 'synaptic_diversity' in out and kind == 'attn':
+      w_m, g_m = _matrix(path, w), _matrix(path, g)
+      rows = jnp.any(g_m != 0, axis=1).astype(jnp.float32)
+      cols = jnp.any(g_m != 0, axis=0).astype(jnp.float32)
+      out['synaptic_diversity'] += _nuclear(w_m * rows[:, None] * cols[None, :]) * _nuclear(g_m)
+  return out
+
+
+class _EmbeddingOverride:
+  """Stands in for `model.embed`: returns `fn(embedding output, hidden_mask)`; keeps `.tokens`
+  (the head reads the tied output table from it)."""
+
+  def __init__(self, embed, fn):
+    self.tokens = embed.tokens
+    self._embed = embed
+    self._fn = fn
+
+  def __call__(self, tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count):
+    x = self._embed(tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count)
+    return self._fn(x, hidden_mask)
+
+
+def _with_embedding(model, fn):
+  """The model with its embedding output replaced by `fn(x, hidden_mask)` (traced code only)."""
+  model.embed = _EmbeddingOverride(model.embed, fn)
+  return model
+
+
+def synflow(graphdef, state, arch, inputs, valid_BT) -> jax.Array:
+  """SynFlow (Tanaka et al. 2020) adapted to a language model.
+
+  SynFlow scores sum(theta * dR/dtheta) on the *linearised* network: every parameter replaced by
+  its absolute value, an all-ones input, R = the sum of the outputs, no normalisation. Here:
+  - tokens cannot be "all ones": the embedding output is replaced by all ones on the active hidden
+    features (the token, position and type tables carry no signal);
+  - every norm keeps only its elementwise affine part, |scale| x + |bias| (LayerNorm of a constant
+    vector is zero, and a scale-invariant norm makes the sum cancel to ~0 by Euler's theorem);
+  - attention is uniform: with identical (all-ones) tokens every key is the same, so the attention
+    of a model without rotary positions is uniform and the gradient of its logits is exactly zero.
+    We evaluate the pass with zero query/key projections, which makes that exact for every model
+    and removes float32 cancellation noise (the all-positive activations grow geometrically with
+    depth, and softmax gradients of equal huge logits are pure rounding). Query and key kernels
+    therefore contribute 0;
+  - R sums the logits of the valid tokens. Every term is >= 0 (a positive network increasing in
+    every |theta|); values grow quickly with depth and width (float32 overflows to inf only far
+    beyond this project's model sizes).
+  The score sums |W| * dR/d|W| over the kernels.
+  """
+  abs_state = jax.tree.map(jnp.abs, state)
+
+  def output_sum(s):
+    model = nnx.merge(graphdef, s)
+    for _, module in nnx.iter_modules(model):
+      if isinstance(module, Norm):
+        module.kind = 'nonorm'
+      elif isinstance(module, Attention):
+        for var in (module.q, module.k, module.q_bias, module.k_bias):
+          if var is not None:
+            var[...] = jnp.zeros_like(var[...])
+    ones = lambda x, mask: jnp.ones_like(x) if mask is None else jnp.ones_like(x) * mask
+    logits = _with_embedding(model, ones)(inputs, arch)
+    return jnp.sum(logits * valid_BT[..., None])
+
+  grads = jax.grad(output_sum)(abs_state)
+  total = jnp.float32(0.0)
+  for (path, w), (_, g) in zip(_flat(abs_state), _flat(grads)):
+    if kernel_kind(path, w.ndim) is not None:
+      total += jnp.sum(w.astype(jnp.float32) * g.astype(jnp.float32))
+  return total
+
+
+def jacob_cov(j_BTD: jax.Array, valid_BT: jax.Array, hidden_D: jax.Array, k: float) -> jax.Array:
+  """Jacobian covariance (Mellor et al. 2020, NASWOT v1), one row per sequence.
+
+  J_b = d(sum of sequence b's valid-token logits) / d(embedding output of b), flattened over
+  (valid tokens, active hidden features); each row is centred and scaled to unit norm over its own
+  entries, the correlation matrix's eigenvalues lambda give -sum(log(lambda + k) + 1/(lambda + k)).
+  (The FlexiBERT benchmark code takes the gradient of the position table instead; models with
+  rotary or no positions have none, so we differentiate the embedding output directly.)
+  """
+  b = valid_BT.shape[0]
+  m_BX = (valid_BT[:, :, None] * hidden_D[None, None, :]).reshape(b, -1)
+  j_BX = j_BTD.reshape(b, -1).astype(jnp.float32) * m_BX
+  count_B = jnp.maximum(jnp.sum(m_BX, axis=1, keepdims=True), 1.0)
+  z_BX = (j_BX - jnp.sum(j_BX, axis=1, keepdims=True) / count_B) * m_BX
+  z_BX = z_BX / jnp.maximum(jnp.linalg.norm(z_BX, axis=1, keepdims=True), 1e-30)
+  corr_BxB = z_BX @ z_BX.T
+  lam = jnp.maximum(jnp.linalg.eigvalsh(0.5 * (corr_BxB + corr_BxB.T)), 0.0)
+  return -jnp.sum(jnp.log(lam + k) + 1.0 / (lam + k))
+
+
+def backward_proxies(graphdef, state, arch, inputs, batch, names: tuple[str, ...],
+                     jacob_k: float) -> dict[str, jax.Array]:
+  """The loss-gradient proxies and jacob_cov from one forward pass and one backward pass.
+
+  Both differentiate the same logits: the loss gradient w.r.t. the parameters (cotangent dL/dlogits)
+  and the jacobian w.r.t. the embedding output (cotangent 1 on valid tokens). When both are asked
+  for, the two cotangents go through one vmapped VJP (one compiled backward pass).
+  """
+  loss_names = tuple(n for n in names if n != 'jacob_cov')
+  want_jacobian = 'jacob_cov' in names
+  valid_BT = batch['valid']
+  model0 = nnx.merge(graphdef, state)
+  b, t = valid_BT.shape
+  hidden_D = _hidden_mask(model0, arch)
+  delta0 = jnp.zeros((b, t, model0.dims.hidden), jnp.float32)
+
+  def logits_of(s, delta_BTD):
+    model = _with_embedding(nnx.merge(graphdef, s), lambda x, mask: x + delta_BTD.astype(x.dtype))
+    return model(inputs, arch)
+
+  def mean_loss(logits_BTV):
+    total, weight = token_cross_entropy(logits_BTV, batch['targets'], batch['weights'])
+    return total / jnp.maximum(weight, 1.0)
+
+  out = {}
+  if loss_names and want_jacobian:
+    logits, vjp = jax.vjp(logits_of, state, delta0)
+    cotangents = jnp.stack([jax.grad(mean_loss)(logits),
+                            jnp.broadcast_to(valid_BT[..., None], logits.shape)])
+    grads_2, j_2BTD = jax.vmap(vjp)(cotangents)
+    out.update(loss_gradient_proxies(state, jax.tree.map(lambda g: g[0], grads_2), loss_names))
+    out['jacob_cov'] = jacob_cov(j_2BTD[1], valid_BT, hidden_D, jacob_k)
+  elif loss_names:
+    grads = jax.grad(lambda s: mean_loss(logits_of(s, delta0)))(state)
+    out.update(loss_gradient_proxies(state, grads, loss_names))
+  elif want_jacobian:
+    j_BTD = jax.grad(lambda d: jnp.sum(logits_of(state, d) * valid_BT[..., None]))(delta0)
+    out['jacob_cov'] = jacob_cov(j_BTD, valid_BT, hidden_D, jacob_k)
+  return out

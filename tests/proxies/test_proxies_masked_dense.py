@@ -1,0 +1,172 @@
+"""Masked dimensions never change a score: every proxy of a sub-network of the supernet equals the
+same proxy of its exported dense model; W-PCA's parameter count is the analytic one; scores are
+deterministic for a seed and blind to padding."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from elastic_jax import arch as arch_lib
+from elastic_jax import export, proxies
+from elastic_jax.config import ModelConfig, check_compatible, space_config
+from elastic_jax.model.supernet import Model
+from elastic_jax.space import Space
+
+FAMILIES = {
+    'gpt2_bottleneck': dict(kind='decoder', positions='learned', norm='layernorm', mlp='gelu'),
+    'llama_gqa': dict(kind='decoder', positions='rotary', norm='rmsnorm', mlp='swiglu',
+                      use_bias=False),
+    # An encoder (BERT: post-norm, ReLU, MLM head, token types).
+    'bert_post': dict(kind='encoder', positions='learned', norm='layernorm', mlp='relu',
+                      norm_placement='post', head_transform=True, output_bias=True,
+                      type_vocab_size=2),
+}
+# Two layers: enough for every block type, layer subsets and depth, and compiles in seconds.
+SPACE = dict(num_layers=2, hidden=[18, 26, 34], depth=[1, 2],
+             blocks=['transformer', 'bottleneck', 'skip'], heads=[2, 3, 6], kv_groups=[1, 2, 3],
+             head_dim=[4, 6], ffn=[10, 22, 34], inner=[8, 14], bottleneck_head_dim=4)
+VOCAB = 53
+FORWARD = ('wpca', 'vpca', 'params', 'head_confidence', 'softmax_confidence',
+           'activation_distance')
+
+
+def init_model(cfg: ModelConfig, dims, seed: int) -> Model:
+  """A model whose every parameter is random (biases and norms too, as `conftest.randomize`
+  makes them), drawn with NumPy: JAX's eager init compiles a sampler per parameter shape, which
+  costs seconds on a busy 2-core machine."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Model(cfg, dims, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+  flat = nnx.to_flat_state(state)
+  for path, var in flat:
+    value = 0.3 * rng.normal(size=var.shape) + (1.0 if path[-1] == 'scale' else 0.0)
+    var.set_value(jnp.asarray(value, var.dtype))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+@functools.cache
+def space_of(family: str, **overrides):
+  cfg = ModelConfig(vocab_size=VOCAB, max_len=16, **FAMILIES[family])
+  space_cfg = space_config(dict(SPACE, **overrides))
+  check_compatible(cfg, space_cfg)
+  return cfg, Space(cfg, space_cfg, seq_len=11)
+
+
+def build(family: str, seed: int = 0, **overrides):
+  cfg, space = space_of(family, **overrides)
+  return cfg, space, init_model(cfg, space.cfg.supernet_dims(), seed)
+
+
+def batches(cfg: ModelConfig, n: int = 3, b: int = 5, t: int = 11, seed: int = 0) -> list[dict]:
+  """Random token batches with two packed documents in row 0 and padding at the end of row 1."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    seg = np.ones((b, t), np.int32)
+    seg[0, 6:] = 2
+    seg[1, t - 3:] = 0
+    pos = np.tile(np.arange(t), (b, 1))
+    pos[0, 6:] = np.arange(t - 6)
+    batch = {'tokens': rng.integers(0, VOCAB, (b, t)).astype(np.int32), 'segment_ids': seg,
+             'positions': pos.astype(np.int32)}
+    batch['targets'] = rng.integers(0, VOCAB, (b, t)).astype(np.int32)
+    batch['weights'] = (seg != 0).astype(np.float32)
+    if cfg.type_vocab_size:
+      batch['token_types'] = rng.integers(0, cfg.type_vocab_size, (b, t)).astype(np.int32)
+    out.append(batch)
+  return out
+
+
+def chosen_archs(space: Space):
+  """Four archs (random sizes) covering both block types, a skipped layer, a shallow depth, and
+  no layer at all. Blocks: 0 transformer, 1 bottleneck, 2 skip."""
+  a = arch_lib.unstack(space.sample(jax.random.key(7), 3))
+  a[0] = a[0].replace(block=jnp.asarray([0, 1], jnp.int32), depth=jnp.int32(2))
+  a[1] = a[1].replace(block=jnp.asarray([2, 0], jnp.int32), depth=jnp.int32(2))
+  a[2] = a[2].replace(block=jnp.asarray([1, 0], jnp.int32), depth=jnp.int32(1))
+  nothing = a[0].replace(block=jnp.full((2,), 2, jnp.int32))
+  return arch_lib.stack(a + [nothing])
+
+
+def assert_scores_close(masked: dict, dense: dict, i: int, rtol: float, label):
+  for name, value in dense.items():
+    m = masked[name][i]
+    if name in ('wpca', 'vpca', 'params'):
+      assert m == value, (label, name, m, value)  # exact: integer counts, exact parameter count
+    else:
+      np.testing.assert_allclose(m, value, rtol=rtol, atol=1e-6, err_msg=f'{label} {name}')
+
+
+@pytest.mark.parametrize('family', ['gpt2_bottleneck', 'llama_gqa'])
+def test_forward_proxies_masked_equal_dense(family):
+  cfg, space, model = build(family)
+  data = batches(cfg)
+  archs = chosen_archs(space)
+  if family != 'gpt2_bottleneck':  # both block types; one dense compilation
+    archs = jax.tree.map(lambda x: x[:1], archs)
+  masked = proxies.score_archs(model, space, archs, data, names=FORWARD)
+  for i, arch in enumerate(arch_lib.unstack(archs)):
+    dense = export.export(model, space.cfg, arch)
+    scores = proxies.score_dense(dense, data, names=FORWARD)
+    assert_scores_close(masked, scores, i, 1e-5, (family, arch_lib.to_json(arch)))
+    assert masked['params'][i] == int(space.cost(arch)['params']) == export.param_count(dense)
+  np.testing.assert_allclose(masked['wpca'], masked['params'] * masked['vpca'])
+  if family != 'gpt2_bottleneck':
+    return
+  # No layer: no FFN, so V-PCA and W-PCA are 0; the parameter count is the embedding's.
+  assert masked['vpca'][-1] == 0 and masked['wpca'][-1] == 0 and masked['params'][-1] > 0
+  assert np.all(masked['vpca'][:-1] > 0)
+  # Padding tokens (segment 0) are excluded: changing them changes no score.
+  repadded = [dict(b, tokens=np.where(b['segment_ids'] == 0, (b['tokens'] + 7) % VOCAB,
+                                      b['tokens'])) for b in data]
+  moved = proxies.score_archs(model, space, archs, repadded, names=FORWARD)
+  for name in FORWARD:
+    np.testing.assert_array_equal(masked[name], moved[name])
+  # The population scorer (for search) agrees with score_archs.
+  scorer = proxies.population_scorer(model, space, data, names=FORWARD)
+  np.testing.assert_allclose(np.asarray(scorer(archs)['wpca']), masked['wpca'], rtol=1e-6)
+  # bottleneck_ffn='exclude': a lone bottleneck layer's FFN no longer counts.
+  lone = export.export(model, space.cfg, arch_lib.unstack(archs)[2])  # depth 1, a bottleneck
+  assert lone.dims.layers[0].blocks == ('bottleneck',)
+  excluded = proxies.score_dense(lone, data, {'bottleneck_ffn': 'exclude'}, names=('vpca',))
+  assert excluded['vpca'] == 0 and masked['vpca'][2] > 0
+  # JSON records for the CLI: one per arch, infinities as None.
+  records = proxies.as_records(archs, masked)
+  assert len(records) == 4 and records[0]['arch'] == arch_lib.to_json(arch_lib.unstack(archs)[0])
+  assert records[3]['scores']['wpca'] == 0.0 and set(records[0]['scores']) == set(FORWARD)
+
+
+def test_gradient_proxies_masked_equal_dense():
+  """SNIP, grad-norm, synaptic saliency / diversity, SynFlow and jacobian covariance: gradients of
+  the masked supernet w.r.t. the supernet's weights are exactly the sub-network's. An encoder
+  with given MLM-style targets; two FFN widths and no 'skip' keep compilation short."""
+  cfg, space, model = build('bert_post', seed=3, ffn=(10, 22), blocks=('transformer', 'bottleneck'))
+  data = batches(cfg, seed=1)
+  arch = arch_lib.unstack(chosen_archs(space))[0].replace(  # bottleneck, transformer
+      block=jnp.asarray([1, 0], jnp.int32), ffn=jnp.asarray([22, 10], jnp.int32))
+  names = proxies.GRADIENT_PROXIES
+  masked = proxies.score_archs(model, space, arch, data, names=names)
+  dense = proxies.score_dense(export.export(model, space.cfg, arch), data, names=names)
+  assert_scores_close(masked, dense, 0, 1e-4, 'gradient proxies')
+  for name in names:
+    assert np.isfinite(masked[name][0]) and masked[name][0] != 0.0, name
+
+
+def test_deterministic_for_a_seed_and_chunking():
+  """Two supernets initialised from the same seed give bit-identical scores; vmapping archs in
+  chunks gives the scores of the scan over archs."""
+  cfg = ModelConfig(vocab_size=VOCAB, max_len=16, **FAMILIES['gpt2_bottleneck'])
+  space = Space(cfg, space_config(dict(num_layers=1, hidden=[18, 26], heads=[2, 3],
+                                       head_dim=[4], ffn=[10, 22])), seq_len=11)
+  archs = space.sample(jax.random.key(0), 3)
+  data = batches(cfg, seed=4)
+  scores = [proxies.score_archs(Model(cfg, space.cfg.supernet_dims(), rngs=nnx.Rngs(11)), space,
+                                archs, data, names=('wpca',))['wpca'] for _ in range(2)]
+  np.testing.assert_array_equal(scores[0], scores[1])
+  assert np.all(scores[0] > 0)
+  model = Model(cfg, space.cfg.supernet_dims(), rngs=nnx.Rngs(11))
+  vmapped = proxies.score_archs(model, space, archs, data, {'chunk': 2}, names=('wpca',))
+  np.testing.assert_array_equal(vmapped['wpca'], scores[0])

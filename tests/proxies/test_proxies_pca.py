@@ -1,0 +1,135 @@
+"""The PCA count against a float64 SciPy reference, degenerate matrices included."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+from elastic_jax.proxies import pca_count, pca_counts
+
+ETAS = (0.5, 0.9, 0.99, 0.999)
+MARGIN = 1e-5  # a cumulative ratio this close to eta is decided by float32 rounding
+count = jax.jit(pca_count)  # eta traced: one compilation per shape
+
+
+def reference(h_NxD, eta, w_N=None):
+  """k from the singular values of the centred valid rows (float64), and the closest a cumulative
+  ratio at k or k - 1 comes to eta."""
+  h = np.asarray(h_NxD, np.float64)
+  if w_N is not None:
+    h = h[np.asarray(w_N) > 0]
+  n, d = h.shape
+  if n < 2:
+    return 0, 1.0
+  x = h - h.mean(axis=0)
+  ev = scipy.linalg.svdvals(x) ** 2 / (n - 1)
+  ev = np.sort(ev)[::-1]
+  if ev[0] <= max(n, d) * np.finfo(np.float64).eps * max(np.abs(h).max(), 1e-300) ** 2:
+    return 0, 1.0  # no variance (constant / zero columns) up to float64 rounding
+  ev = np.where(ev > max(n, d) * np.finfo(np.float64).eps * ev[0], ev, 0.0)
+  ratio = np.cumsum(ev) / ev.sum()
+  k = int(np.argmax(ratio > eta)) + 1
+  near = min(abs(ratio[k - 1] - eta), abs(ratio[k - 2] - eta) if k >= 2 else 1.0)
+  return k, near
+
+
+def matrices():
+  """Named test matrices [N, D]: generic, decaying spectrum, rank-deficient, constant columns,
+  fewer tokens than width, wider than 64, all-zero, all-constant, one row."""
+  rng = np.random.default_rng(0)
+  out = {}
+  out['gaussian_41x13'] = rng.normal(size=(41, 13))
+  scales = 0.7 ** np.arange(17)
+  out['decaying_53x17'] = rng.normal(size=(53, 17)) * scales + 3.0
+  out['rank3_37x19'] = rng.normal(size=(37, 3)) @ rng.normal(size=(3, 19))
+  const = rng.normal(size=(29, 11)) * 0.5 ** np.arange(11)
+  const[:, [2, 5]] = 0.1
+  const[:, 7] = -7.3
+  out['constant_cols_29x11'] = const
+  out['wide_7x23'] = rng.normal(size=(7, 23)) * 0.8 ** np.arange(23)
+  out['wide_rank2_9x31'] = rng.normal(size=(9, 2)) @ rng.normal(size=(2, 31))
+  # Wider than 64: the tridiagonal + bisection path (covariance and Gram sides).
+  out['tall_97x71'] = rng.normal(size=(97, 71)) * 0.93 ** np.arange(71)
+  out['wide_rank40_67x89'] = (rng.normal(size=(67, 40)) * 0.9 ** np.arange(40)
+                              @ rng.normal(size=(40, 89)))
+  out['zeros_13x5'] = np.zeros((13, 5))
+  out['all_constant_13x5'] = np.full((13, 5), 0.3)
+  out['one_row_1x5'] = rng.normal(size=(1, 5))
+  return out
+
+
+@pytest.mark.parametrize('name', list(matrices()))
+def test_pca_count_matches_float64_reference(name):
+  h = matrices()[name].astype(np.float32)
+  for eta in ETAS:
+    k_ref, near = reference(h, eta)
+    k = int(count(jnp.asarray(h), eta))
+    if near > MARGIN:
+      assert k == k_ref, (name, eta, k, k_ref)
+    else:
+      assert abs(k - k_ref) <= 1, (name, eta, k, k_ref)
+
+
+def test_degenerate_cases():
+  m = matrices()
+  assert int(count(jnp.asarray(m['zeros_13x5'], jnp.float32), 0.99)) == 0
+  assert int(count(jnp.asarray(m['all_constant_13x5'], jnp.float32), 0.99)) == 0
+  assert int(count(jnp.asarray(m['one_row_1x5'], jnp.float32), 0.99)) == 0
+  # Rank r data never needs more than r components; fewer tokens than width: at most N - 1.
+  assert int(count(jnp.asarray(m['rank3_37x19'], jnp.float32), 0.999)) <= 3
+  assert int(count(jnp.asarray(m['wide_7x23'], jnp.float32), 0.999)) <= 6
+
+
+def test_zero_columns_add_no_variance():
+  """A masked FFN appends exact-zero columns: the count must not move (including across the
+  switch from the covariance to the Gram matrix when the padded width exceeds the tokens)."""
+  m = matrices()
+  for name, pad in (('decaying_53x17', 43), ('constant_cols_29x11', 4), ('wide_7x23', 4)):
+    h = jnp.asarray(m[name], jnp.float32)
+    padded = jnp.concatenate([h, jnp.zeros((h.shape[0], pad), jnp.float32)], axis=1)
+    for eta in ETAS:
+      assert int(count(padded, eta)) == int(count(h, eta)), (name, pad, eta)
+
+
+def test_padding_rows_are_left_out():
+  rng = np.random.default_rng(1)
+  h = (rng.normal(size=(31, 9)) * 0.6 ** np.arange(9)).astype(np.float32)
+  w = np.ones(31, np.float32)
+  w[[0, 4, 5, 30]] = 0.0
+  garbage = h.copy()
+  garbage[w == 0] = 1e3 * rng.normal(size=(4, 9))
+  for eta in ETAS:
+    k = int(count(jnp.asarray(garbage), eta, jnp.asarray(w)))
+    assert k == int(count(jnp.asarray(h[w > 0]), eta)), eta
+    k_ref, near = reference(garbage, eta, w)
+    assert k == k_ref or near <= MARGIN
+
+
+def test_batched_counts_equal_single_counts():
+  rng = np.random.default_rng(2)
+  h = (rng.normal(size=(5, 23, 11)) * 0.7 ** np.arange(11)).astype(np.float32)
+  h[3] = 0.0
+  w = (rng.uniform(size=(5, 23)) > 0.2).astype(np.float32)
+  batched = np.asarray(jax.jit(lambda a, b: pca_counts(a, 0.9, b))(h, w))
+  single = [int(count(jnp.asarray(h[i]), 0.9, jnp.asarray(w[i]))) for i in range(5)]
+  np.testing.assert_array_equal(batched, single)
+  assert batched[3] == 0
+
+
+def test_random_spectra_batch_matches_reference():
+  """24 random matrices with random spectra and ranks, one batched call, against the reference."""
+  rng = np.random.default_rng(3)
+  hs, ws = [], []
+  for i in range(24):
+    rank = int(rng.integers(1, 17))
+    h = rng.normal(size=(31, rank)) @ rng.normal(size=(rank, 17))
+    h = h * rng.uniform(0.3, 1.0) ** np.arange(17) + rng.normal(size=17)
+    hs.append(h)
+    ws.append((rng.uniform(size=31) > 0.3 * (i % 2)).astype(np.float32))
+  hs, ws = np.asarray(hs, np.float32), np.asarray(ws)
+  for eta in (0.9, 0.99):
+    got = np.asarray(jax.jit(pca_counts)(hs, eta, ws))
+    for i in range(24):
+      k_ref, near = reference(hs[i], eta, ws[i])
+      assert got[i] == k_ref or (near <= MARGIN and abs(got[i] - k_ref) <= 1), (i, eta)
