@@ -110,3 +110,14 @@ def test_every_config_builds(name, arg):
   model = nnx.eval_shape(lambda: init_supernet(cfg, space))
   assert model.dims == space.cfg.supernet_dims()
   assert space.describe()['architectures'] >= 1
+
+
+@pytest.mark.parametrize('override, message', [
+    ("--config.data.paths=('/no/such/corpus.txt',)", 'corpus.txt'),
+    ('--config.data.source=tfds_typo', 'data.source'),
+])
+def test_bad_data_input_is_one_line_exit_2(capsys, cache, override, message):
+  extra = ['--config.data.source=text_files'] if 'paths' in override else []
+  code, _, err = run(capsys, 'data', QUICK, cache, *extra, override)
+  assert code == 2, err
+  assert message in err and len(err.strip().splitlines()) == 1

@@ -36,7 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
   #                  (downloaded and prepared by TFDS on first use; needs internet).
   c.source = 'python_docs'
   # text_files: files or glob patterns ('~' is expanded); matched files are read in sorted order.
-  c.paths = []
+  c.paths = ()
   # text_files: what one document is: 'file' (a whole file), 'blank_line' (paragraphs separated by
   # blank lines) or 'line' (every non-empty line). Packing keeps attention within a document.
   c.doc_boundary = 'file'

@@ -216,3 +216,11 @@ def test_divergence_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny_c
   step = restore_params_if_any(tmp_path, model)
   assert step is not None and step < 12
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_batch_not_divisible_by_the_data_axes(tiny_cfg, tmp_path):
+  from elastic_jax import parallel
+  mesh = parallel.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
+  parallel.check_batch(4, mesh)
+  with pytest.raises(UserError, match='data.batch_size=6 is not divisible'):
+    parallel.check_batch(6, type('M', (), {'shape': {'data': 2, 'fsdp': 2, 'tensor': 1}})())
