@@ -198,9 +198,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
   step_fn = make_train_step(graphdef, proj_graphdef, sampler, tx, spec, tcfg.grad_accum, external)
   batch_sharding = parallel.batch_sharding(mesh)
   replicated = parallel.replicated(mesh)
+  # Optimizer moments follow their parameters; scalars (step counts) are replicated on the mesh.
+  on_mesh = lambda x: (x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
+                       and x.sharding.mesh == mesh else replicated)
   state_shardings = TrainState(step=replicated, params=shardings,
-                               opt_state=jax.tree.map(lambda x: x.sharding, state.opt_state),
-                               rng=replicated)
+                               opt_state=jax.tree.map(on_mesh, state.opt_state), rng=replicated)
   teacher_shardings = (None if teacher_params is None
                        else jax.tree.map(lambda x: x.sharding, teacher_params))
   state = jax.device_put(state, state_shardings)
