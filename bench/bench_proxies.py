@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import os
 
-# On a shared CPU, multi-threaded XLA kernels wait on each other's threads, which makes small ops
-# (eigen solves, reductions) erratic; single-threaded runs time every proxy in the same, stable
-# regime (and train as fast on 2 busy cores). Set XLA_FLAGS yourself to override.
+# On a shared CPU, threads that spin-wait for each other make timings erratic: LAPACK's eigensolver
+# (OpenBLAS threads, used by W-PCA and synaptic diversity) ran 1x to 30x slower from one identical
+# call to the next, and XLA's multi-threaded kernels stall likewise. Single-threaded runs time
+# every proxy in the same, stable regime (and train as fast on 2 busy cores). Set these yourself
+# to override.
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_multi_thread_eigen=false')
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -276,6 +279,7 @@ def main():
       'lr': args.lr, 'chunk': args.chunk, 'space': SPACE,
       'proxy_batches': f'3 x {args.proxy_batch_size} x {SEQ_LEN}',
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'openblas_num_threads': os.environ.get('OPENBLAS_NUM_THREADS', ''),
       'arch_json': [arch_lib.to_json(a) for a in arch_lib.unstack(archs)],
       'wall_seconds': time.perf_counter() - start,
       'orientation': 'every proxy is higher = predicted better; correlated with -validation loss',
@@ -311,7 +315,8 @@ def main():
            f"training minibatches of {args.proxy_batch_size} x {SEQ_LEN} tokens. tau / rho: "
            f"against -validation loss (higher = better for every proxy). s/1000 archs: fastest "
            f"of {args.repeats} round-robin calls over all archs, compile excluded, device "
-           f"{jax.devices()[0].device_kind}, XLA_FLAGS '{os.environ.get('XLA_FLAGS', '')}'."
+           f"{jax.devices()[0].device_kind}, XLA_FLAGS '{os.environ.get('XLA_FLAGS', '')}', "
+           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', '')}."
            '\n\n' + '\n\n'.join(lines))
   path = write_results('bench_proxies', results, rows, header, notes, quick=args.quick)
   print(notes)

@@ -34,6 +34,7 @@ from elastic_jax.model.supernet import Model
 FORMAT = 'elastic_jax.dense/1'
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
+ARCH_FILE = 'arch.json'
 
 
 def dense_dims(space: SpaceConfig, arch: Arch) -> tuple[ModelDims, list[int]]:
@@ -136,7 +137,8 @@ def save(model: Model, out: str | Path, *, arch: Arch | None = None,
   """Saves a dense model as `config.json` + `model.safetensors` (atomically).
 
   `extra` goes into config.json (e.g. the data config for evaluation); `files` are copied in
-  (e.g. the tokenizer).
+  (e.g. the tokenizer). With `arch` (the supernet's sub-network it came from), `arch.json` holds
+  it too.
   """
   from safetensors.numpy import save_file
 
@@ -154,6 +156,8 @@ def save(model: Model, out: str | Path, *, arch: Arch | None = None,
   def write(tmp: Path):
     save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={'format': FORMAT})
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + '\n')
+    if arch is not None:  # the sub-network, for `train --config.train.arch=DIR/arch.json`
+      (tmp / ARCH_FILE).write_text(arch_lib.dumps(arch) + '\n')
     for name, src in (files or {}).items():
       shutil.copyfile(src, tmp / name)
 

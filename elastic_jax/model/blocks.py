@@ -24,8 +24,13 @@ from elastic_jax.model.layers import MLP, Attention, Norm, make_param, prefix_ma
 
 Array = jax.Array
 
-# Features a block can hand to distillation losses and zero-cost proxies.
-BLOCK_CAPTURES = ('attn_probs', 'ffn_pre', 'attn_out', 'ffn_out')
+# Features a block can hand to distillation losses and zero-cost proxies: attention
+# probabilities, the FFN's input, first-linear kernel (masked to the active width) and
+# pre-activation, and the attention and FFN outputs.
+BLOCK_CAPTURES = ('attn_probs', 'ffn_in', 'ffn_kernel', 'ffn_pre', 'attn_out', 'ffn_out')
+# The axis of each block feature that has the block's width (hidden, or a bottleneck's inner
+# width); the masked supernet zero-pads it to the layer's widest block.
+WIDTH_AXIS = {'attn_out': -1, 'ffn_out': -1, 'ffn_in': -1, 'ffn_kernel': 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,16 +102,17 @@ class TransformerBlock(nnx.Module):
                                                'kv_groups': active['kv_groups'],
                                                'head_dim': active['head_dim']}
     ffn_active = None if active is None else active['ffn']
+    ffn_skip = None if active is None else active.get('ffn_skip')
     if self.pre_norm:
       a = mask(self.attn(self.norm1(x, m, n), ctx.attn_mask_BTS, ctx.positions_BT, attn_active,
                          cap.store))
       x = x + a
-      f = mask(self.mlp(self.norm2(x, m, n), ffn_active, cap.store))
+      f = mask(self.mlp(self.norm2(x, m, n), ffn_active, cap.store, ffn_skip))
       x = x + f
     else:
       a = mask(self.attn(x, ctx.attn_mask_BTS, ctx.positions_BT, attn_active, cap.store))
       x = self.norm1(x + a, m, n)
-      f = mask(self.mlp(x, ffn_active, cap.store))
+      f = mask(self.mlp(x, ffn_active, cap.store, ffn_skip))
       x = self.norm2(x + f, m, n)
     cap.put('attn_out', a)
     cap.put('ffn_out', f)
@@ -158,6 +164,7 @@ class BottleneckBlock(nnx.Module):
   def __call__(self, x: Array, ctx: Context, active: dict | None):
     cap = _Captures(ctx.capture)
     m, n = ctx.hidden_mask, ctx.hidden_count
+    ffn_skip = None if active is None else active.get('ffn_skip')
     if active is None:
       im, i_n, attn_active, ffn_active = None, None, None, None
     else:
@@ -179,14 +186,14 @@ class BottleneckBlock(nnx.Module):
       z = imask(linear(self.norm_io(x, m, n), self.proj_in, self.proj_in_bias))
       a = attend(self.norm_a(z, im, i_n))
       z = z + a
-      f = imask(self.mlp(self.norm_f(z, im, i_n), ffn_active, cap.store))
+      f = imask(self.mlp(self.norm_f(z, im, i_n), ffn_active, cap.store, ffn_skip))
       z = z + f
       x = x + hmask(linear(z, self.proj_out, self.proj_out_bias))
     else:
       z = imask(linear(x, self.proj_in, self.proj_in_bias))
       a = attend(z)
       z = self.norm_a(z + a, im, i_n)
-      f = imask(self.mlp(z, ffn_active, cap.store))
+      f = imask(self.mlp(z, ffn_active, cap.store, ffn_skip))
       z = self.norm_f(z + f, im, i_n)
       x = self.norm_io(x + hmask(linear(z, self.proj_out, self.proj_out_bias)), m, n)
     cap.put('attn_out', a)

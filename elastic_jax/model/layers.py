@@ -222,21 +222,37 @@ class MLP(nnx.Module):
     out = jnp.einsum('BTF,FD->BTD', act_BTF, self.down[...][lo:hi].astype(x_BTD.dtype))
     return pre_BTF, out
 
-  def __call__(self, x_BTD: Array, ffn_active=None, capture: dict | None = None) -> Array:
+  def __call__(self, x_BTD: Array, ffn_active=None, capture: dict | None = None,
+               skip=None) -> Array:
+    """`skip` (masked model only; traced bool): nothing reads this FFN's output (the last
+    layer when only features up to its input are wanted), so no column block runs and the
+    output and pre-activations are zeros; the `ffn_in` / `ffn_kernel` captures are unchanged."""
     pres, out = [], None
     for lo, hi in self.bounds:
-      if ffn_active is None or lo == 0:
+      if ffn_active is None or (lo == 0 and skip is None):
         pre, seg = self._segment(x_BTD, lo, hi, ffn_active)
       else:
         shapes = jax.eval_shape(lambda x, lo=lo, hi=hi: self._segment(x, lo, hi, ffn_active),
                                 x_BTD)
+        run = lo < ffn_active if skip is None else (lo < ffn_active) & ~skip
         pre, seg = jax.lax.cond(
-            lo < ffn_active, lambda x, lo=lo, hi=hi: self._segment(x, lo, hi, ffn_active),
+            run, lambda x, lo=lo, hi=hi: self._segment(x, lo, hi, ffn_active),
             lambda x, shapes=shapes: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
             x_BTD)
       pres.append(pre)
       out = seg if out is None else out + seg
-    if capture is not None and 'ffn_pre' in capture['names']:
-      # W-PCA reads the input of the nonlinearity; inactive columns are exact zeros.
-      capture['ffn_pre'] = pres[0] if len(pres) == 1 else jnp.concatenate(pres, axis=-1)
+    if capture is not None:
+      names = capture['names']
+      if 'ffn_pre' in names:
+        # The input of the nonlinearity; inactive columns are exact zeros.
+        capture['ffn_pre'] = pres[0] if len(pres) == 1 else jnp.concatenate(pres, axis=-1)
+      if 'ffn_in' in names:
+        capture['ffn_in'] = x_BTD
+      if 'ffn_kernel' in names:
+        # The first linear (the gate for SwiGLU): ffn_pre = ffn_in @ ffn_kernel + bias. Inactive
+        # columns are zeroed, so the pair describes the sub-network's FFN exactly.
+        kernel = (self.up if self.gate is None else self.gate)[...].astype(x_BTD.dtype)
+        if ffn_active is not None:
+          kernel = kernel * (jnp.arange(self.ffn) < ffn_active).astype(kernel.dtype)
+        capture['ffn_kernel'] = kernel
     return out if self.down_bias is None else out + self.down_bias[...].astype(x_BTD.dtype)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from elastic_jax.config import BLOCK_TYPES, SKIP, LayerDims, ModelConfig, ModelDims
-from elastic_jax.model.blocks import BLOCK_CAPTURES, BLOCKS, Context
+from elastic_jax.model.blocks import BLOCK_CAPTURES, BLOCKS, WIDTH_AXIS, Context
 from elastic_jax.model.layers import Norm, make_param, prefix_mask
 
 Array = jax.Array
@@ -121,8 +121,11 @@ class Layer(nnx.Module):
     width = max(self.hidden, self.inner)
     out = {}
     for k, v in feats.items():
-      if k in ('attn_out', 'ffn_out') and v.shape[-1] < width:
-        v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, width - v.shape[-1])])
+      axis = WIDTH_AXIS.get(k)
+      if axis is not None and v.shape[axis] < width:
+        pad = [(0, 0)] * v.ndim
+        pad[axis] = (0, width - v.shape[axis])
+        v = jnp.pad(v, pad)
       out[k] = v
     return out
 
@@ -168,6 +171,26 @@ class Model(nnx.Module):
     attention stays within a segment) and `token_types`. `arch`: an `Arch` for a sub-network of
     the supernet, or None for the model's own (dense) architecture.
     """
+    x, (hidden_mask, hidden_count), features = self._trunk(batch, arch, capture)
+    logits = self.head(x, self.embed.tokens[...], hidden_mask, hidden_count)
+    if not capture:
+      return logits
+    return logits, features
+
+  def features(self, batch: Mapping[str, Array], arch=None,
+               capture: tuple[str, ...] = ()) -> dict:
+    """Only the captured features (as `__call__` returns them), without the vocabulary
+    projection (for zero-cost proxies that read nothing but inner activations)."""
+    # Nothing reads the last active layer's FFN output unless one of these is captured: skip it.
+    skip_last_ffn = not any(c in ('hidden', 'ffn_pre', 'ffn_out') for c in capture)
+    return self._trunk(batch, arch, capture, skip_last_ffn)[2]
+
+  def _trunk(self, batch, arch, capture, skip_last_ffn: bool = False):
+    """(final hidden states, (hidden mask, active hidden count), {name: captured feature}).
+
+    `skip_last_ffn`: the masked supernet skips the last active layer's FFN (whose output then
+    is wrong: only for features read before it). A dense model needs no flag: XLA removes the
+    computation nobody reads."""
     unknown = set(capture) - set(CAPTURES)
     if unknown:
       raise ValueError(f'unknown capture names {sorted(unknown)}; known: {CAPTURES}')
@@ -196,18 +219,20 @@ class Model(nnx.Module):
 
     x = self.embed(tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count)
     features = {'embed': x, 'hidden': []} | {k: [] for k in BLOCK_CAPTURES}
+    if arch is not None and skip_last_ffn:
+      on_L = arch.layer_on()
+      last_on = len(self.layers) - 1 - jnp.argmax(on_L[::-1])
     for i, layer in enumerate(self.layers):
       if arch is None:
         x, feats = layer(x, ctx)
       else:
         active = {'heads': arch.heads[i], 'kv_groups': arch.kv_groups[i],
                   'head_dim': arch.head_dim, 'ffn': arch.ffn[i], 'inner': arch.inner[i]}
+        if skip_last_ffn:
+          active['ffn_skip'] = last_on == i
         on = (i < arch.depth) & (arch.block[i] != SKIP)
         x, feats = layer(x, ctx, active, on, arch.block[i])
       features['hidden'].append(x)
       for k, v in feats.items():
         features[k].append(v)
-    logits = self.head(x, self.embed.tokens[...], hidden_mask, hidden_count)
-    if not capture:
-      return logits
-    return logits, {k: features[k] for k in capture}
+    return x, (hidden_mask, hidden_count), {k: features[k] for k in capture}

@@ -7,6 +7,10 @@
 
 Every proxy is oriented so that higher predicts a better (lower-loss) network. A masked
 sub-network and its exported dense model get the same scores.
+
+On a shared CPU, set OPENBLAS_NUM_THREADS=1 (and XLA_FLAGS=--xla_cpu_multi_thread_eigen=false):
+LAPACK's eigensolver, which W-PCA and synaptic diversity call, otherwise spin-waits on busy cores
+and ran up to 30x slower from one identical call to the next.
 """
 
 from elastic_jax.proxies.config import (
@@ -17,7 +21,7 @@ from elastic_jax.proxies.config import (
     default_config,
     proxy_config,
 )
-from elastic_jax.proxies.pca import pca_count, pca_counts
+from elastic_jax.proxies.pca import pca_count, pca_count_linear, pca_counts
 from elastic_jax.proxies.score import (
     as_records,
     population_scorer,
@@ -34,6 +38,7 @@ __all__ = [
     'check_names',
     'default_config',
     'pca_count',
+    'pca_count_linear',
     'pca_counts',
     'population_scorer',
     'prepare_batches',

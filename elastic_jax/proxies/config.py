@@ -42,12 +42,13 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # W-PCA: explained-variance threshold of the PCA count, in (0, 1). The paper uses 0.99.
   c.eta = 0.99
-  # Validation minibatches the proxies read (the first ones of `data.eval_batches`). The W-PCA
-  # paper uses 3 minibatches of sequence length 128.
+  # Minibatches the proxies read: the first `num_batches` of those given (e.g. of
+  # `data.eval_batches`). The W-PCA paper uses 3 minibatches of sequence length 128.
   c.num_batches = 3
-  # False: each minibatch is scored on its own and the scores are averaged (the paper's V-PCA is
-  # the mean of its per-minibatch counts). True: the minibatches are concatenated into one batch
-  # first, so one PCA sees all their tokens and the kernel proxies see all their sequences.
+  # False: each minibatch is scored on its own and the scores are averaged (our reading of the
+  # paper's 3 minibatches; it does not say whether it averages or pools). True: the minibatches
+  # are concatenated into one batch first, so one PCA sees all their tokens and the kernel
+  # proxies see all their sequences.
   c.pool_batches = False
   # Which proxies `elastic-jax proxy` computes and prints; [] = all of
   # elastic_jax.proxies.PROXIES. Unknown names are an error.

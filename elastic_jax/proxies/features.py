@@ -18,70 +18,81 @@ import jax
 import jax.numpy as jnp
 
 from elastic_jax.config import BLOCK_TYPES
-from elastic_jax.proxies.pca import pca_count
+from elastic_jax.proxies.pca import pca_count_linear
 
 _BOTTLENECK = BLOCK_TYPES.index('bottleneck')
 
 
 def ffn_layers(model, arch) -> list[dict]:
   """Per layer: `units` float[F] (active FFN units), `bottleneck` float[] (1 if the layer's block
-  is a bottleneck), `on` bool[] and `ffn` (active width).
+  is a bottleneck), `on` bool[], `ffn` (active width) and `ffn_in` (active width of the FFN's
+  input: the hidden size, or a bottleneck's inner width).
 
   Masked supernet: units < arch.ffn of layers that are on. Dense model: every unit of every layer.
   """
   out = []
   if arch is None:
     for layer in model.dims.layers:
+      bottleneck = layer.blocks[0] == 'bottleneck'
       out.append({'units': jnp.ones((layer.ffn,), jnp.float32),
-                  'bottleneck': jnp.float32(layer.blocks[0] == 'bottleneck'),
-                  'on': jnp.bool_(True), 'ffn': layer.ffn})
+                  'bottleneck': jnp.float32(bottleneck), 'on': jnp.bool_(True),
+                  'ffn': layer.ffn, 'ffn_in': layer.inner if bottleneck else model.dims.hidden})
     return out
   on_L = arch.layer_on()
   for i, layer in enumerate(model.dims.layers):
     units = (jnp.arange(layer.ffn) < arch.ffn[i]) & on_L[i]
+    bottleneck = arch.block[i] == _BOTTLENECK
     out.append({'units': units.astype(jnp.float32),
-                'bottleneck': (arch.block[i] == _BOTTLENECK).astype(jnp.float32),
-                'on': on_L[i], 'ffn': arch.ffn[i]})
+                'bottleneck': bottleneck.astype(jnp.float32), 'on': on_L[i],
+                'ffn': arch.ffn[i], 'ffn_in': jnp.where(bottleneck, arch.inner[i], arch.hidden)})
   return out
 
 
-def _pca_by_width(h_NxF, w_N, eta, on, ffn, widths):
-  """PCA count of one layer's pre-activations, on the active width only: `lax.switch` picks the
-  eigendecomposition of the first `ffn` columns among the space's FFN widths (exact: the columns
-  beyond are zeros, which add only zero eigenvalues); an off layer skips it. Outside `vmap` only
-  the chosen branch executes, so a narrow FFN costs its own O(width^3)."""
-  full = h_NxF.shape[-1]
-  sizes = widths + (() if full in widths else (full,))  # an unlisted width uses all columns
-  branches = [lambda h: jnp.int32(0)]
-  branches += [lambda h, f=f: pca_count(h[:, :f], eta, w_N) for f in sizes]
-  match = jnp.asarray(sizes) == ffn
-  chosen = jnp.where(jnp.any(match), jnp.argmax(match), sizes.index(full)) + 1
-  return jax.lax.switch(jnp.where(on, chosen, 0), branches, h_NxF)
+def _sizes(choices, full):
+  """The space's width choices that fit, and the full width (used by unlisted widths)."""
+  sizes = tuple(sorted({c for c in choices if c <= full}))
+  return sizes + (() if full in sizes else (full,))
 
 
-def vpca(ffn_pre: list[jax.Array], valid_BT: jax.Array, layers, eta: float,
-         bottleneck_ffn: str, widths: tuple[int, ...] | None = None) -> jax.Array:
-  """V-PCA: sum over FFN layers of the PCA count of the pre-activations reshaped to
-  (tokens, width). Off layers capture zeros and count 0.
+def _index(sizes, value):
+  match = jnp.asarray(sizes) == value
+  return jnp.where(jnp.any(match), jnp.argmax(match), len(sizes) - 1)
 
-  With `widths` (the space's FFN width choices; masked supernet, archs one at a time) the layers,
-  which all have the supernet's width, run through one `lax.map` and each PCA uses its layer's
-  active width (`_pca_by_width`): one compiled copy per width, not per layer and width.
+
+def _count_by_width(x_NxD, w_N, kernel_DxF, eta, layer, widths):
+  """PCA count of one layer's FFN pre-activations on the active widths only: `lax.switch` picks
+  the first `ffn_in` input columns and `ffn` kernel columns among the space's choices (exact: the
+  columns beyond are zeros, which add only zero eigenvalues); an off layer skips it. Outside
+  `vmap` only the chosen branch executes, so a narrow layer costs its own O(width^3)."""
+  d_sizes = _sizes(widths[0], x_NxD.shape[-1])
+  f_sizes = _sizes(widths[1], kernel_DxF.shape[-1])
+  branches = [lambda x, k: jnp.int32(0)]
+  branches += [lambda x, k, d=d, f=f: pca_count_linear(x[:, :d], k[:d, :f], eta, w_N)
+               for d in d_sizes for f in f_sizes]
+  chosen = 1 + _index(d_sizes, layer['ffn_in']) * len(f_sizes) + _index(f_sizes, layer['ffn'])
+  return jax.lax.switch(jnp.where(layer['on'], chosen, 0), branches, x_NxD, kernel_DxF)
+
+
+def vpca(ffn_in: list[jax.Array], ffn_kernel: list[jax.Array], valid_BT: jax.Array, layers,
+         eta: float, bottleneck_ffn: str, widths: tuple | None = None) -> jax.Array:
+  """V-PCA: sum over FFN layers of the PCA count of the first linear's pre-activations reshaped
+  to (tokens, width), computed from the FFN input and kernel (`pca.pca_count_linear`: exact, and
+  cheaper than forming the pre-activations' covariance). Off layers count 0.
+
+  With `widths` (the space's (FFN input width choices, FFN width choices); masked supernet, archs
+  one at a time) each PCA runs at its layer's active widths (`_count_by_width`).
   """
-  if not ffn_pre:
+  if not ffn_in:
     return jnp.float32(0.0)
   w_N = valid_BT.reshape(-1)
-  if widths is not None and len({h.shape for h in ffn_pre}) == 1:
-    f_max = ffn_pre[0].shape[-1]
-    widths = tuple(w for w in widths if w <= f_max)
-    h_LxNxF = jnp.stack([h.reshape(-1, f_max) for h in ffn_pre])
-    on_L = jnp.stack([layer['on'] for layer in layers])
-    ffn_L = jnp.stack([jnp.asarray(layer['ffn'], jnp.int32) for layer in layers])
-    k_L = jax.lax.map(lambda x: _pca_by_width(x[0], w_N, eta, x[1], x[2], widths),
-                      (h_LxNxF, on_L, ffn_L)).astype(jnp.float32)
-  else:
-    k_L = jnp.stack([pca_count(h.reshape(-1, h.shape[-1]), eta, w_N) for h in ffn_pre]
-                    ).astype(jnp.float32)
+  counts = []
+  for x_BTD, kernel_DxF, layer in zip(ffn_in, ffn_kernel, layers):
+    x_NxD = x_BTD.reshape(-1, x_BTD.shape[-1])
+    if widths is None:  # a dense model, or vmapped archs (masked columns are exact zeros)
+      counts.append(pca_count_linear(x_NxD, kernel_DxF, eta, w_N))
+    else:
+      counts.append(_count_by_width(x_NxD, w_N, kernel_DxF, eta, layer, widths))
+  k_L = jnp.stack(counts).astype(jnp.float32)
   if bottleneck_ffn == 'exclude':
     k_L = k_L * (1.0 - jnp.stack([layer['bottleneck'] for layer in layers]))
   return jnp.sum(k_L)

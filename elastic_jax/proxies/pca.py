@@ -5,25 +5,31 @@ D features) whose cumulative explained-variance ratio first *exceeds* `eta`:
 
   1. centre every column with the mean over the valid rows (`row_weight_N` 1 = valid, 0 = left
      out; left-out rows are zeroed after centring, so they add nothing);
-  2. covariance C = X^T X / (N_valid - 1) (D x D), or, when N < D, the Gram matrix X X^T /
-     (N_valid - 1) (N x N), which has the same non-zero eigenvalues and is cheaper (the choice is
-     static, from the shapes);
-  3. eigenvalues (`jnp.linalg.eigvalsh`, float32) in descending order; k = the smallest k with
+  2. the scatter matrix X^T X (D x D), or, when N < D, the Gram matrix X X^T (N x N), which has
+     the same non-zero eigenvalues and is cheaper (the choice is static, from the shapes);
+  3. its eigenvalues in descending order; k = the smallest k with
      sum(lambda_1..k) / sum(lambda) > eta.
 
-(Tridiagonalisation + bisection, `jax.scipy.linalg.eigh_tridiagonal`, skips the eigenvectors and is
-~4x faster for one 256-wide matrix at top level on CPU, but slower inside the scans that score a
-population, and compiles ~10x slower; measured, not adopted.)
+`pca_count_linear(x_NxD, kernel_DxF, eta)` is the same count for h = x @ kernel + bias (an FFN's
+first linear), computed without forming h: centring removes the bias and the scatter matrix of h
+is kernel^T (X^T X) kernel. For N tokens, hidden width D and FFN width F that costs N D^2 + D^2 F
++ D F^2 multiply-adds instead of N F^2 (F is typically 2-4x D), and when F > D the
+decomposition shrinks to D x D (see `linear_count`). It is what W-PCA uses.
 
-Numerics (float32). Columns that are constant over the valid rows (all-zero masked FFN columns
-included) are set exactly to zero after centring, so rounding in the mean cannot invent variance.
-Eigenvalues at or below `tol = max(N_valid, D_varying) * eps32 * lambda_max` are eigensolver noise
-(this is NumPy's `matrix_rank` tolerance; tiny negative eigenvalues fall here too) and are set to
-zero before the cumulative sum; `D_varying` counts the non-constant columns, so appending zero
-columns (a masked FFN) changes neither the tolerance nor any eigenvalue above it. k never exceeds
-the number of eigenvalues above `tol` (the numerical rank), and is 0 when no column varies (zero
-total variance). The count is exact against a float64 reference except when a cumulative ratio
-lies within float32 rounding (~1e-6) of `eta`.
+The eigenvalues are the singular values of the (positive semi-definite) scatter matrix, computed
+values-only: on CPU, JAX's `eigvalsh` runs LAPACK's eigensolver with eigenvectors, while
+`svd(compute_uv=False)` skips them.
+
+Numerics (float32). Columns are first shifted by one valid row, then centred (the shifted-data
+algorithm), so a column that is constant over the valid rows (all-zero masked FFN columns
+included) becomes exactly zero: rounding in its mean cannot invent variance. The matrix is scaled
+to mean eigenvalue 1 (the count is scale-free). Eigenvalues at or below
+`tol = max(N_valid, D_varying) * eps32 * lambda_max` are solver noise (NumPy's `matrix_rank`
+tolerance) and are set to zero before the cumulative sum; `D_varying` counts the columns with
+non-zero variance, so appending zero columns (a masked FFN) changes neither the tolerance nor any
+eigenvalue above it. k never exceeds the number of eigenvalues above `tol` (the numerical rank),
+and is 0 when no column varies (zero total variance). The count is exact against a float64
+reference except when a cumulative ratio lies within float32 rounding (~1e-6) of `eta`.
 """
 
 from __future__ import annotations
@@ -34,36 +40,33 @@ import jax.numpy as jnp
 _EPS32 = float(jnp.finfo(jnp.float32).eps)
 
 
-def pca_count(h_NxD: jax.Array, eta: float, row_weight_N: jax.Array | None = None) -> jax.Array:
-  """int32 number of principal components explaining more than `eta` of the variance.
-
-  Args:
-    h_NxD: N samples (tokens) of D features (e.g. one FFN layer's pre-activations).
-    eta: explained-variance threshold in (0, 1) (validated by the caller's config).
-    row_weight_N: 1 for rows to use, 0 for rows to leave out (padding); None = all rows.
-  """
+def centred(h_NxD: jax.Array, row_weight_N: jax.Array | None = None
+            ) -> tuple[jax.Array, jax.Array]:
+  """(rows centred over the valid rows, left-out rows zeroed; number of valid rows)."""
   h_NxD = h_NxD.astype(jnp.float32)
-  n, d = h_NxD.shape
   if row_weight_N is None:
-    w_N = jnp.ones((n,), jnp.float32)
+    w_N = jnp.ones(h_NxD.shape[:1], jnp.float32)
   else:
     w_N = (row_weight_N > 0).astype(jnp.float32)
   n_valid = jnp.sum(w_N)
-  mean_D = jnp.sum(h_NxD * w_N[:, None], axis=0) / jnp.maximum(n_valid, 1.0)
-  # A column is constant if its valid entries span no range: zero it exactly.
-  big = jnp.finfo(jnp.float32).max
-  hi_D = jnp.max(jnp.where(w_N[:, None] > 0, h_NxD, -big), axis=0)
-  lo_D = jnp.min(jnp.where(w_N[:, None] > 0, h_NxD, big), axis=0)
-  varying_D = (hi_D > lo_D).astype(jnp.float32)
-  x_NxD = (h_NxD - mean_D) * w_N[:, None] * varying_D
-  denom = jnp.maximum(n_valid - 1.0, 1.0)
-  if n < d:
-    m = jnp.einsum('ND,MD->NM', x_NxD, x_NxD) / denom
-  else:
-    m = jnp.einsum('ND,NE->DE', x_NxD, x_NxD) / denom
-  ev = jnp.linalg.eigvalsh(0.5 * (m + m.T))[::-1]  # descending
-  dims = jnp.maximum(n_valid, jnp.sum(varying_D))
-  tol = dims * _EPS32 * jnp.maximum(ev[0], 0.0)
+  # Centre on a valid row first (the shifted-data algorithm): a constant column then becomes
+  # exactly zero, so rounding in its mean cannot invent variance.
+  x_NxD = h_NxD - h_NxD[jnp.argmax(w_N)]
+  mean_D = jnp.sum(x_NxD * w_N[:, None], axis=0) / jnp.maximum(n_valid, 1.0)
+  return (x_NxD - mean_D) * w_N[:, None], n_valid
+
+
+def count_from_scatter(m_DxD: jax.Array, n_valid: jax.Array, varying: jax.Array,
+                       eta: float) -> jax.Array:
+  """The PCA count from a scatter (or Gram) matrix of `n_valid` centred rows, `varying` of whose
+  columns have non-zero variance: int32."""
+  # Scale-free: normalise to mean eigenvalue 1, which keeps the solver's arithmetic far from
+  # float32's subnormal range whatever the scale of the activations.
+  scale = jnp.trace(m_DxD) / m_DxD.shape[0]
+  m_DxD = m_DxD / jnp.where(scale > 0, scale, 1.0)
+  ev = jnp.linalg.svd(0.5 * (m_DxD + m_DxD.T), compute_uv=False)  # descending
+  dims = jnp.maximum(n_valid, varying)
+  tol = dims * _EPS32 * ev[0]
   ev = jnp.where(ev > tol, ev, 0.0)
   rank = jnp.sum(ev > 0)
   total = jnp.sum(ev)
@@ -73,9 +76,61 @@ def pca_count(h_NxD: jax.Array, eta: float, row_weight_N: jax.Array | None = Non
   return jnp.minimum(k, rank).astype(jnp.int32) * (n_valid >= 2)
 
 
+def pca_count(h_NxD: jax.Array, eta: float, row_weight_N: jax.Array | None = None) -> jax.Array:
+  """int32 number of principal components explaining more than `eta` of the variance.
+
+  Args:
+    h_NxD: N samples (tokens) of D features (e.g. one FFN layer's pre-activations).
+    eta: explained-variance threshold in (0, 1) (validated by the caller's config).
+    row_weight_N: 1 for rows to use, 0 for rows to leave out (padding); None = all rows.
+  """
+  n, d = h_NxD.shape
+  x_NxD, n_valid = centred(h_NxD, row_weight_N)
+  if n < d:
+    m = jnp.einsum('ND,MD->NM', x_NxD, x_NxD)
+    varying = jnp.sum(jnp.sum(x_NxD * x_NxD, axis=0) > 0)
+  else:
+    m = jnp.einsum('ND,NE->DE', x_NxD, x_NxD)
+    varying = jnp.sum(jnp.diagonal(m) > 0)
+  return count_from_scatter(m, n_valid, varying, eta)
+
+
+def linear_count(scatter_DxD: jax.Array, n_valid: jax.Array, kernel_DxF: jax.Array,
+                 eta: float) -> jax.Array:
+  """The PCA count of x @ kernel (+ any bias) from the scatter matrix S of centred x: int32.
+
+  The pre-activations' scatter matrix is K^T S K (F x F). When F > D it has rank <= D, and its
+  non-zero eigenvalues are those of the D x D matrix R K K^T R^T for any R with S = R^T R (here
+  R = Lambda^1/2 V^T from S's eigendecomposition), which is cheaper to decompose.
+  """
+  kernel_DxF = kernel_DxF.astype(jnp.float32)
+  d, f = kernel_DxF.shape
+  if f <= d:
+    m = kernel_DxF.T @ (scatter_DxD @ kernel_DxF)
+    return count_from_scatter(m, n_valid, jnp.sum(jnp.diagonal(m) > 0), eta)
+  lam_D, v_DxD = jnp.linalg.eigh(0.5 * (scatter_DxD + scatter_DxD.T))
+  rk_DxF = (v_DxD * jnp.sqrt(jnp.maximum(lam_D, 0.0))).T @ kernel_DxF
+  varying = jnp.sum(jnp.sum(rk_DxF * rk_DxF, axis=0) > 0)  # = non-zero diagonal of K^T S K
+  return count_from_scatter(rk_DxF @ rk_DxF.T, n_valid, varying, eta)
+
+
+def input_scatter(x_NxD: jax.Array, row_weight_N: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+  """(scatter matrix X^T X of the centred valid rows, number of valid rows)."""
+  x_NxD, n_valid = centred(x_NxD, row_weight_N)
+  return jnp.einsum('ND,NE->DE', x_NxD, x_NxD), n_valid
+
+
+def pca_count_linear(x_NxD: jax.Array, kernel_DxF: jax.Array, eta: float,
+                     row_weight_N: jax.Array | None = None) -> jax.Array:
+  """`pca_count(x_NxD @ kernel_DxF + bias, eta, row_weight_N)` without forming the product."""
+  scatter_DxD, n_valid = input_scatter(x_NxD, row_weight_N)
+  return linear_count(scatter_DxD, n_valid, kernel_DxF, eta)
+
+
 def pca_counts(h_PxNxD: jax.Array, eta: float, row_weight_PxN: jax.Array | None = None
                ) -> jax.Array:
-  """`pca_count` of a stack of matrices (one batched eigendecomposition): int32[P]."""
+  """`pca_count` of a stack of matrices (one batched decomposition): int32[P]."""
   if row_weight_PxN is None:
     return jax.vmap(lambda h: pca_count(h, eta))(h_PxNxD)
   return jax.vmap(lambda h, w: pca_count(h, eta, w))(h_PxNxD, row_weight_PxN)

@@ -115,7 +115,7 @@ def prepare_batches(batches: Sequence[Mapping] | Mapping, cfg: ProxyConfig, caus
 
 
 def _batch_measures(graphdef, state, arch, batch, cfg: ProxyConfig, measures: tuple[str, ...],
-                    widths: tuple[int, ...] | None = None) -> jax.Array:
+                    widths: tuple | None = None) -> jax.Array:
   """float32[len(measures)]: every measure of one network (masked arch or dense) on one batch."""
   inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
   valid_BT = batch['valid']
@@ -124,18 +124,21 @@ def _batch_measures(graphdef, state, arch, batch, cfg: ProxyConfig, measures: tu
   if forward:
     model = nnx.merge(graphdef, state)
     capture = []
-    if 'vpca' in forward or 'activation_distance' in forward:
+    if 'vpca' in forward:
+      capture += ['ffn_in', 'ffn_kernel']
+    if 'activation_distance' in forward:
       capture.append('ffn_pre')
     if 'head_confidence' in forward:
       capture.append('attn_probs')
-    if capture:
-      logits, feats = model(inputs, arch, capture=tuple(capture))
-    else:
-      logits, feats = model(inputs, arch), {}
+    if 'softmax_confidence' in forward:
+      logits, feats = model(inputs, arch, capture=tuple(capture)) if capture \
+          else (model(inputs, arch), {})
+    else:  # only inner features: skip the vocabulary projection
+      logits, feats = None, model.features(inputs, arch, capture=tuple(capture))
     layers = features.ffn_layers(model, arch)
     if 'vpca' in forward:
-      values['vpca'] = features.vpca(feats['ffn_pre'], valid_BT, layers, cfg.eta,
-                                     cfg.bottleneck_ffn, widths)
+      values['vpca'] = features.vpca(feats['ffn_in'], feats['ffn_kernel'], valid_BT, layers,
+                                     cfg.eta, cfg.bottleneck_ffn, widths)
     if 'activation_distance' in forward:
       values['activation_distance'] = features.activation_distance(feats['ffn_pre'], valid_BT,
                                                                    layers)
@@ -182,6 +185,15 @@ def _assemble(names, measures, values_PxM, params_P) -> dict:
   return out
 
 
+def pca_widths(space, cfg: ProxyConfig):
+  """The `widths` argument of `_population`: archs run one at a time (chunk 1) can run each
+  PCA at its layer's active widths, (FFN input width choices, FFN width choices) of the space
+  (see `features.vpca`); None when archs are vmapped."""
+  if cfg.chunk != 1:
+    return None
+  return tuple(space.cfg.hidden) + tuple(space.cfg.inner), tuple(space.cfg.ffn)
+
+
 def _population_parts(model, space, batches, cfg, names):
   """(names, measures, fn: archs -> (int32[P] params, float32[P, M] measures))."""
   cfg = proxy_config(cfg)
@@ -189,8 +201,7 @@ def _population_parts(model, space, batches, cfg, names):
   measures = _measures(names)
   stacked = prepare_batches(batches, cfg, space.model.causal, names)
   graphdef, state = nnx.split(model)
-  # Run archs one at a time: the PCA of each FFN can use its own width (see features.vpca).
-  widths = tuple(space.cfg.ffn) if cfg.chunk == 1 else None
+  widths = pca_widths(space, cfg)
 
   def raw(archs: Arch):
     params_P = jax.vmap(lambda a: space.cost(a)['params'])(archs)

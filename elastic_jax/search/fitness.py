@@ -167,9 +167,9 @@ def proxy_objective(name: str, proxy_cfg=None) -> Objective:
     params = ctx.cost['params'].astype(jnp.float32)
     if not measures:
       return params
-    widths = tuple(ctx.space.cfg.ffn) if cfg.chunk == 1 else None
     values = proxy_score._population(ctx.graphdef, ctx.data['state'], ctx.archs, ctx.extra(name),
-                                     cfg=cfg, measures=measures, widths=widths)
+                                     cfg=cfg, measures=measures,
+                                     widths=proxy_score.pca_widths(ctx.space, cfg))
     return proxy_score._assemble((name,), measures, values, params)[name]
 
   return Objective(name, fn, maximize=True, needs_model=True, prepare=prepare,

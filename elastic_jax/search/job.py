@@ -70,14 +70,22 @@ def default_config() -> ml_collections.ConfigDict:
   #                                      analytic, from the arch alone (see elastic_jax/cost.py)
   #   more (e.g. zero-cost proxies) via elastic_jax.search.fitness.register_objective.
   c.objectives = ('loss', 'params')
+  # Training-free search (the W-PCA paper's): a zero-cost proxy to maximise, e.g. 'wpca'. It
+  # replaces `objectives` with (fitness,), picks the W-PCA paper's genetic algorithm when
+  # strategy is 'auto' ('ga': uniform crossover, per-gene mutation 0.1, parents from the top
+  # fifth) and its population 50 x 40 generations unless pop_size / generations are set; give it
+  # a parameter budget (budgets.params). '' = search `objectives`. A search whose objectives are
+  # all zero-cost proxies or analytic costs scores the supernet's seeded initialisation and needs
+  # no training (then `elastic-jax train --config.train.arch=ARCH.json` trains what it found).
+  c.fitness = ''
   # 'auto' (nsga2 for two or more objectives, regularized for one), 'nsga2', 'regularized'
   # (aging evolution), 'ga' (the W-PCA genetic algorithm), 'random', 'stratified' (random,
   # spread evenly over parameter counts). Single-objective strategies optimise objectives[0].
   c.strategy = 'auto'
-  # Generations; each evaluates n_children architectures.
-  c.generations = 30
-  # Population size.
-  c.pop_size = 32
+  # Generations; each evaluates n_children architectures. 0 = 30 (40 with `fitness`).
+  c.generations = 0
+  # Population size. 0 = 32 (50 with `fitness`).
+  c.pop_size = 0
   # Architectures evaluated per generation; 0 = pop_size (pop_size // 4 for 'regularized').
   c.n_children = 0
   # Upper bounds on analytic costs; 0 = no budget. Infeasible architectures are never proposed.
@@ -131,6 +139,7 @@ class SearchConfig:
   """The validated `search` section (see `default_config` for the meaning of each field)."""
 
   objectives: tuple[str, ...]
+  fitness: str
   strategy: str
   generations: int
   pop_size: int
@@ -173,9 +182,19 @@ def search_config(cfg: ml_collections.ConfigDict | Mapping) -> SearchConfig:
   objectives = merged['objectives']
   if isinstance(objectives, str):
     objectives = tuple(o.strip() for o in objectives.split(',') if o.strip())
+  fitness = str(merged['fitness'] or '')
+  if fitness:
+    from elastic_jax.proxies import PROXIES  # noqa: PLC0415
+    if fitness not in PROXIES or fitness == 'params':
+      raise UserError(f'search.fitness is {fitness!r}, not a zero-cost proxy; use one of '
+                      f'{", ".join(p for p in PROXIES if p != "params")} (or leave it empty '
+                      'and set search.objectives)')
+    objectives = (fitness,)
+  paper = bool(fitness)  # the W-PCA paper's population and generations
   sc = SearchConfig(
-      objectives=tuple(objectives), strategy=str(merged['strategy']),
-      generations=int(merged['generations']), pop_size=int(merged['pop_size']),
+      objectives=tuple(objectives), fitness=fitness, strategy=str(merged['strategy']),
+      generations=int(merged['generations']) or (40 if paper else 30),
+      pop_size=int(merged['pop_size']) or (50 if paper else 32),
       n_children=int(merged['n_children']),
       budgets=tuple(sorted((k, float(v)) for k, v in budgets.items() if v)),
       chunk=int(merged['chunk']), checkpoint_every=int(merged['checkpoint_every']),
@@ -206,6 +225,8 @@ def search_config(cfg: ml_collections.ConfigDict | Mapping) -> SearchConfig:
 def resolve_strategy(sc: SearchConfig) -> str:
   if sc.strategy != 'auto':
     return sc.strategy
+  if sc.fitness:
+    return 'ga'
   return 'nsga2' if len(sc.objectives) >= 2 else 'regularized'
 
 
@@ -477,6 +498,14 @@ def _log_stderr(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
+def training_free(sc: SearchConfig) -> bool:
+  """Whether every objective is a zero-cost proxy or an analytic cost (nothing reads the trained
+  supernet's validation loss or accuracy)."""
+  from elastic_jax.proxies import PROXIES  # noqa: PLC0415
+  return all(name in PROXIES or not fitness_lib.get_objective(name).needs_model
+             for name in sc.objectives)
+
+
 def load_trained_supernet(cfg, workdir, space, allow_untrained: bool = False):
   """(model, step) of the latest trained supernet in W/checkpoints, or a UserError saying to
   train first (or the initialisation with step None when `allow_untrained`)."""
@@ -559,7 +588,12 @@ def run_search(cfg, workdir: str | Path, *, model=None, supernet_step: int | Non
   if share < 0.02:
     log(f'warning: only {share:.1%} of random architectures meet search.budgets; the search '
         'may propose few feasible children (raise search.tries or the budgets)')
-  if model is None:
+  if model is None and training_free(sc):
+    from elastic_jax.workdir import init_supernet  # noqa: PLC0415
+    log('search: every objective is zero-cost; scoring the seeded initialisation (no training '
+        'needed)')
+    model, supernet_step = init_supernet(cfg, space), None
+  elif model is None:
     model, supernet_step = load_trained_supernet(cfg, workdir, space, sc.allow_untrained)
   batches = data_lib.eval_batches(cfg.data)
   fitness = Fitness(space, sc.objectives, model=model, batches=batches, chunk=sc.chunk)

@@ -134,3 +134,36 @@ def test_every_block_type_and_knob_is_covered():
   assert any(f.get('embed_dim') for f in FAMILIES.values())
   assert len(FAMILIES) * ARCHS_PER_FAMILY >= 200
   assert set(itertools.chain(SPACE['blocks'])) == {'transformer', 'bottleneck', 'skip'}
+
+
+@pytest.mark.parametrize('family', ['llama_gqa', 'mobilebert'])
+def test_features_only_forward_equals_the_full_forward(family):
+  """`Model.features` skips the head and the last active layer's FFN; what it returns must be
+  what the full forward captures, for masked sub-networks (one at a time and vmapped) and for
+  their exported dense models."""
+  cfg, space, model = build(family, seed=7)
+  batch = random_batch(cfg, seed=5)
+  names = ('ffn_in', 'ffn_kernel', 'attn_probs')
+  graphdef, state = nnx.split(model)
+  full = jax.jit(lambda s, a: nnx.merge(graphdef, s)(batch, a, capture=names)[1])
+  feats = jax.jit(lambda s, a: nnx.merge(graphdef, s).features(batch, a, capture=names))
+  archs = space.sample(jax.random.key(11), 4)
+  for arch in arch_lib.unstack(archs):
+    want, got = full(state, arch), feats(state, arch)
+    for name in names:
+      for w, g in zip(want[name], got[name]):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    dense = export.export(model, space.cfg, arch)
+    dense_feats = dense.features(batch, capture=names)
+    dense_full = dense(batch, capture=names)[1]
+    for name in names:
+      for w, g in zip(dense_full[name], dense_feats[name]):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  vmapped = jax.jit(jax.vmap(lambda s, a: nnx.merge(graphdef, s).features(batch, a, names),
+                             in_axes=(None, 0)))(state, archs)
+  looped = [feats(state, a) for a in arch_lib.unstack(archs)]
+  for i in range(4):
+    for name in names:
+      for layer in range(len(looped[i][name])):
+        np.testing.assert_allclose(np.asarray(vmapped[name][layer][i]),
+                                   np.asarray(looped[i][name][layer]), rtol=1e-4, atol=1e-5)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from elastic_jax.proxies import pca_count, pca_counts
+from elastic_jax.proxies import pca_count, pca_count_linear, pca_counts
 
 ETAS = (0.5, 0.9, 0.99, 0.999)
 MARGIN = 1e-5  # a cumulative ratio this close to eta is decided by float32 rounding
@@ -49,7 +49,7 @@ def matrices():
   out['constant_cols_29x11'] = const
   out['wide_7x23'] = rng.normal(size=(7, 23)) * 0.8 ** np.arange(23)
   out['wide_rank2_9x31'] = rng.normal(size=(9, 2)) @ rng.normal(size=(2, 31))
-  # Wider than 64: the tridiagonal + bisection path (covariance and Gram sides).
+  # Wider than 64, on the covariance and on the Gram side.
   out['tall_97x71'] = rng.normal(size=(97, 71)) * 0.93 ** np.arange(71)
   out['wide_rank40_67x89'] = (rng.normal(size=(67, 40)) * 0.9 ** np.arange(40)
                               @ rng.normal(size=(40, 89)))
@@ -133,3 +133,29 @@ def test_random_spectra_batch_matches_reference():
     for i in range(24):
       k_ref, near = reference(hs[i], eta, ws[i])
       assert got[i] == k_ref or (near <= MARGIN and abs(got[i] - k_ref) <= 1), (i, eta)
+
+
+def test_linear_count_equals_count_of_the_product():
+  """W-PCA's path: the count of x @ kernel + bias from x's scatter matrix equals the count of the
+  formed pre-activations, for full-rank, rank-deficient and padded inputs and for kernels with
+  zeroed (masked) columns."""
+  rng = np.random.default_rng(4)
+  cases = []
+  x = rng.normal(size=(120, 16)) * 0.8 ** np.arange(16)
+  cases.append((x, rng.normal(size=(16, 40)), None))
+  low = rng.normal(size=(90, 4)) @ rng.normal(size=(4, 12))  # rank 4 input
+  cases.append((low, rng.normal(size=(12, 30)), None))
+  k = rng.normal(size=(16, 24)) * 0.9 ** np.arange(24)
+  k[:, 17:] = 0.0  # a masked FFN: inactive columns are zero
+  w = (rng.uniform(size=120) > 0.25).astype(np.float32)
+  cases.append((x, k, w))
+  cases.append((rng.normal(size=(10, 16)), rng.normal(size=(16, 8)), None))  # N < D
+  bias = rng.normal(size=(64,))
+  for x, k, w in cases:
+    x, k = x.astype(np.float32), k.astype(np.float32)
+    h = x @ k + bias[:k.shape[1]].astype(np.float32)
+    wj = None if w is None else jnp.asarray(w)
+    for eta in ETAS:
+      got = int(jax.jit(pca_count_linear)(jnp.asarray(x), jnp.asarray(k), eta, wj))
+      k_ref, near = reference(np.asarray(h, np.float64), eta, w)
+      assert got == k_ref or (near <= MARGIN and abs(got - k_ref) <= 1), (x.shape, eta, got, k_ref)

@@ -303,3 +303,35 @@ def test_zero_cost_proxy_objective_matches_the_proxies_package(cache_dir):
   np.testing.assert_allclose(got, want, rtol=1e-5)
   # Minimised column = negated proxy.
   np.testing.assert_allclose(np.asarray(fit(genomes, fit.data))[:, 0], -got, rtol=1e-6)
+
+
+def test_training_free_search_with_a_proxy_fitness_needs_no_training(tmp_path, cache_dir):
+  """`search.fitness=wpca` (the W-PCA paper's GA) runs on a workdir that was never trained, under
+  its parameter budget, and the found architecture is the best W-PCA score it evaluated."""
+  pytest.importorskip('elastic_jax.proxies')
+  cfg = tiny_config(cache_dir, fitness='wpca', allow_untrained=False, generations=3)
+  cfg.proxy = __import__('elastic_jax.proxies', fromlist=['x']).default_config()
+  cfg.proxy.num_batches = 2
+  sc = job.search_config(cfg)
+  assert sc.objectives == ('wpca',) and job.resolve_strategy(sc) == 'ga'
+  out = job.run_search(cfg, tmp_path, log=_quiet)
+  assert not (tmp_path / 'checkpoints').exists()
+  pareto = out['pareto']
+  assert pareto['objectives'] == ['wpca'] and pareto['maximize'] == [True]
+  assert pareto['supernet_step'] is None
+  for member in pareto['front']:
+    assert member['metrics']['params'] <= 70_000
+  # One objective: the front is taken on (wpca, params), in increasing parameter count, so its
+  # last member is the best score found under the budget.
+  scores = [m['objectives']['wpca'] for m in pareto['front']]
+  assert scores == sorted(scores) and scores[-1] >= max(r['metrics']['wpca'] for r in
+                                                        pareto['random'])
+
+
+def test_training_free_defaults_follow_the_wpca_paper():
+  sc = job.search_config({'search': {'fitness': 'wpca'}})
+  assert (sc.pop_size, sc.generations, job.resolve_strategy(sc)) == (50, 40, 'ga')
+  sc = job.search_config({'search': {}})
+  assert (sc.pop_size, sc.generations, sc.objectives) == (32, 30, ('loss', 'params'))
+  with pytest.raises(UserError, match="search.fitness is 'loss', not a zero-cost proxy"):
+    job.search_config({'search': {'fitness': 'loss'}})
