@@ -4,6 +4,7 @@ The rest of the project needs only these names:
   default_config()        the `data` config section
   train_iterator(cfg)     the endless, checkpointable training stream of one process
   eval_batches(cfg)       the fixed validation batches used by evaluation and search
+  merge_process_states / process_state   a run's data position from / for each process
   load_tokenizer(cfg)     the tokenizer; check_vocab(tokenizer, model_vocab_size)
   describe(cfg)           sizes and facts, for `elastic-jax data`
   glue_task_info(task)    (num_labels, metric_name, is_regression)
@@ -12,7 +13,12 @@ The rest of the project needs only these names:
 from elastic_jax.data.config import DataConfig, default_config
 from elastic_jax.data.describe import describe
 from elastic_jax.data.glue_tasks import glue_task_info
-from elastic_jax.data.pipelines import eval_batches, train_iterator
+from elastic_jax.data.pipelines import (
+    eval_batches,
+    merge_process_states,
+    process_state,
+    train_iterator,
+)
 from elastic_jax.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
@@ -32,5 +38,7 @@ __all__ = [
     'eval_batches',
     'glue_task_info',
     'load_tokenizer',
+    'merge_process_states',
+    'process_state',
     'train_iterator',
 ]

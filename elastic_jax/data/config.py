@@ -64,6 +64,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.seq_len = 128
   # Rows per step across all processes; each process yields batch_size // process_count rows.
   c.batch_size = 32
+  # Independent training streams the batch is split into (each batch_size // num_shards rows);
+  # process p of P reads shards p*S/P .. (p+1)*S/P - 1. 0 = one per process. A fixed value (a
+  # multiple of every process count you will use) makes the data order, and so the losses and a
+  # resumed run, independent of the process count.
+  c.num_shards = 0
   # mlm: share of real tokens selected for prediction (replaced 80% [MASK], 10% random, 10% kept).
   c.mlm_probability = 0.15
   # mlm: select whole words (all tokens of a word together) instead of single tokens.
@@ -100,6 +105,7 @@ class DataConfig:
   bpe_vocab_size: int
   seq_len: int
   batch_size: int
+  num_shards: int
   mlm_probability: float
   whole_word_mask: bool
   eval_batches: int
@@ -128,7 +134,7 @@ class DataConfig:
     merged = default_config().to_dict()
     merged.update(values)
     merged['paths'] = _as_paths(merged['paths'])
-    for name, kind in (('seed', int), ('seq_len', int), ('batch_size', int),
+    for name, kind in (('seed', int), ('seq_len', int), ('batch_size', int), ('num_shards', int),
                        ('bpe_vocab_size', int), ('eval_batches', int), ('num_workers', int),
                        ('validation_fraction', float), ('mlm_probability', float),
                        ('whole_word_mask', bool), ('shuffle', bool)):
@@ -186,6 +192,11 @@ class DataConfig:
       raise UserError(f'data.seq_len must be at least 4, got {self.seq_len}')
     if self.batch_size < 1:
       raise UserError(f'data.batch_size must be a positive integer, got {self.batch_size}')
+    if self.num_shards < 0:
+      raise UserError(f'data.num_shards must be >= 0 (0 = one per process), got {self.num_shards}')
+    if self.num_shards and self.batch_size % self.num_shards:
+      raise UserError(f'data.batch_size {self.batch_size} is not divisible by data.num_shards='
+                      f'{self.num_shards}; make it a multiple')
     if not 0.0 < self.mlm_probability < 1.0:
       raise UserError(f'data.mlm_probability must be in (0, 1), got {self.mlm_probability}')
     if self.eval_batches < 0:

@@ -1,11 +1,12 @@
 """grain pipelines: the training stream and the fixed evaluation batches for each task.
 
-Training stream, per process:
-  record indices -> this process's shard (records p, p+P, ...) -> shuffle, reshuffled every epoch
+Training stream, per data shard (one per process unless `data.num_shards` says otherwise; a
+process concatenates the rows of its shards):
+  record indices -> this shard (records s, s+S, ...) -> shuffle, reshuffled every epoch
   -> repeat forever -> read records in chunks from array_record -> tokenize and frame each
   document -> pack into rows (causal LM, MLM) -> batch -> mask (MLM).
 Every step is index-based or carries its position in its iterator state, so the stream is a
-function of (config, seed, process) and a restored iterator state resumes it exactly.
+function of (config, seed, shard) and a restored iterator state resumes it exactly.
 
 Batches are dicts of numpy arrays, rows = batch_size // process_count, L = seq_len:
   causal_lm / mlm: tokens int32[rows, L] (model input), targets int32[rows, L] (what to predict at
@@ -40,7 +41,7 @@ from elastic_jax.data.packing import PackIterDataset
 from elastic_jax.data.tokenizer import Tokenizer, bpe_tokenizer, load_tokenizer
 from elastic_jax.errors import UserError
 
-_EVAL_STREAM = 0  # mask stream of evaluation batches; training process p uses 1 + p
+_EVAL_STREAM = 0  # mask stream of evaluation batches; training data shard s uses 1 + s
 # Records are read and tokenized in the consuming thread: on a 2-core machine grain's thread pool
 # costs more (GIL hand-offs, polling a prefetch buffer) than it overlaps. Documents are read in
 # chunks because array_record's batched reads are ~4x faster per record than single ones.
@@ -192,31 +193,52 @@ def _stack(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def train_iterator(data_cfg: Any, *, process_index: int = 0,
-                   process_count: int = 1) -> grain.DatasetIterator:
+                   process_count: int = 1) -> ShardedIterator:
   """The endless, resumable training stream of this process.
 
-  Returns a grain DatasetIterator: next() gives a batch (see the module docstring); get_state()
-  gives a JSON-serialisable dict to store beside the model checkpoint, and set_state(state) on a
-  freshly made iterator (same config, same process) continues exactly where that state was taken.
-  Process p of P reads records p, p+P, ... of the train split, so the processes' shards are
-  disjoint and together cover every record once per epoch.
+  The global batch is split into `data.num_shards` shards (0 = one per process), each an
+  independent stream of batch_size // num_shards rows over its own records: shard s of S reads
+  records s, s+S, ... of the train split (disjoint shards that together cover every record once
+  per epoch). Process p of P reads the consecutive shards p*S/P .. (p+1)*S/P - 1 and concatenates
+  their rows. So with a fixed num_shards the global batch of every step (all processes' rows in
+  process order) is the same for any process count that divides it.
+
+  next() gives a batch (see the module docstring); get_state() gives a JSON-serialisable dict of
+  this process's shards to store beside the model checkpoint (`merge_process_states` joins the
+  processes' states into the run's, `process_state` takes one process's part back out), and
+  set_state(state) on a freshly made iterator (same config, same shards) continues exactly where
+  that state was taken.
   """
   cfg = DataConfig.from_config(data_cfg)
   if not 0 <= process_index < process_count:
     raise UserError(f'process_index {process_index} is not in [0, process_count={process_count})')
-  if cfg.batch_size % process_count:
-    raise UserError(f'data.batch_size {cfg.batch_size} is not divisible by the {process_count} '
-                    'processes; make it a multiple of the process count')
+  num_shards = cfg.num_shards or process_count
+  # What the rows are split over: the processes, or the data shards the user set.
+  parts = f'{num_shards} data shards' if cfg.num_shards else f'{num_shards} processes'
+  if num_shards % process_count:
+    raise UserError(f'data.num_shards={num_shards} is not a multiple of the {process_count} '
+                    'processes; choose a multiple of every process count you will use')
+  if cfg.batch_size % num_shards:
+    raise UserError(f'data.batch_size {cfg.batch_size} is not divisible by the {parts}; make it '
+                    f'a multiple of {num_shards}')
   corpus = sources.open_corpus(cfg)
   check_task(cfg, corpus)
   tokenizer = tokenizer_for(cfg, corpus)
-  rows = cfg.batch_size // process_count
-
   num_records = len(corpus.train)
-  if num_records < process_count:
-    raise UserError(f'{corpus.name} has {num_records} training records, fewer than the '
-                    f'{process_count} processes; use more data or fewer processes')
-  indices = record_indices(num_records, process_index=process_index, process_count=process_count,
+  if num_records < num_shards:
+    raise UserError(f'{corpus.name} has {num_records} training records, fewer than the {parts}; '
+                    f'use more data or fewer {parts.split()[-1]}')
+  per_process = num_shards // process_count
+  shards = range(process_index * per_process, (process_index + 1) * per_process)
+  return ShardedIterator(num_shards, {
+      shard: _shard_stream(cfg, corpus, tokenizer, shard, num_shards) for shard in shards})
+
+
+def _shard_stream(cfg: DataConfig, corpus: sources.Corpus, tokenizer: Tokenizer, shard: int,
+                  num_shards: int) -> grain.DatasetIterator:
+  """The stream of one data shard: batch_size // num_shards rows per batch."""
+  rows = cfg.batch_size // num_shards
+  indices = record_indices(len(corpus.train), process_index=shard, process_count=num_shards,
                            shuffle=cfg.shuffle, seed=cfg.seed, repeat=True)
   if cfg.task == 'glue':
     ds = _glue_batches(indices, cfg, tokenizer, corpus, corpus.train, rows, drop_remainder=True)
@@ -226,7 +248,7 @@ def train_iterator(data_cfg: Any, *, process_index: int = 0,
       ds = ds.map(_causal_weights)
     else:
       ds = ds.map_with_index(MlmMasker(tokenizer, cfg.mlm_probability, cfg.whole_word_mask,
-                                       cfg.seed, stream=1 + process_index))
+                                       cfg.seed, stream=1 + shard))
   if cfg.num_workers > 0:
     if not flags.FLAGS.is_parsed():
       # grain's worker processes read absl flags (defaults suffice); a library caller outside an
@@ -234,6 +256,65 @@ def train_iterator(data_cfg: Any, *, process_index: int = 0,
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
   return iter(ds)
+
+
+class ShardedIterator:
+  """This process's data shards, read in step and concatenated row-wise (shard order)."""
+
+  def __init__(self, num_shards: int, streams: dict[int, grain.DatasetIterator]):
+    self.num_shards = num_shards
+    self.streams = streams
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(stream) for stream in self.streams.values()]
+    if len(parts) == 1:
+      return parts[0]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {'num_shards': self.num_shards,
+            'shards': {str(s): stream.get_state() for s, stream in self.streams.items()}}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Restores the shards of this iterator from a state holding them (this process's own state
+    or a whole run's from `merge_process_states`)."""
+    saved = state.get('num_shards') if isinstance(state, dict) else None
+    if saved != self.num_shards:
+      raise UserError(f'the saved data position has {saved} data shards but this run reads '
+                      f'{self.num_shards}; resume with the process count (or data.num_shards) '
+                      'of the run that saved it, or set data.num_shards to a multiple of both')
+    missing = [s for s in self.streams if str(s) not in state['shards']]
+    if missing:
+      raise UserError(f'the saved data position lacks data shards {missing}')
+    for s, stream in self.streams.items():
+      stream.set_state(state['shards'][str(s)])
+
+
+def merge_process_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+  """The run's data position: every process's `get_state()` joined (all shards)."""
+  counts = {s['num_shards'] for s in states}
+  if len(counts) != 1:
+    raise ValueError(f'processes read different numbers of data shards: {sorted(counts)}')
+  shards = {}
+  for s in states:
+    shards.update(s['shards'])
+  return {'num_shards': counts.pop(), 'shards': shards}
+
+
+def process_state(run_state: dict[str, Any], process_index: int,
+                  process_count: int) -> dict[str, Any]:
+  """The part of a run's data position (`merge_process_states`) that process p of P reads."""
+  num_shards = run_state['num_shards']
+  if num_shards % process_count:
+    raise UserError(f'cannot split the saved data position of {num_shards} data shards over '
+                    f'{process_count} processes; use a process count dividing {num_shards}')
+  per_process = num_shards // process_count
+  keep = range(process_index * per_process, (process_index + 1) * per_process)
+  return {'num_shards': num_shards,
+          'shards': {str(s): run_state['shards'][str(s)] for s in keep}}
 
 
 def eval_batches(data_cfg: Any) -> list[dict[str, np.ndarray]]:
