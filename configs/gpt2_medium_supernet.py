@@ -13,7 +13,7 @@ Arguments (the slice decides batch and gradient accumulation; check a change wit
 Check that it compiles and fits, on any machine (needs `pip install -e '.[tpu]'`):
   elastic-jax compile --config=configs/gpt2_medium_supernet.py --topology=v5e:4x4
   elastic-jax compile --config=configs/gpt2_medium_supernet.py:v5p-8 --topology=v5p:2x2x2
-Train on a v5e-16 slice (2 hosts; see launch/README.md):
+Train on a v5e-16 slice (4 hosts of 4 chips; see launch/README.md):
   launch/tpu_vm.sh create --name=ej --zone=us-west4-a --type=v5litepod-16
   launch/tpu_vm.sh run --name=ej --zone=us-west4-a -- train \
       --config=configs/gpt2_medium_supernet.py --workdir=/mnt/shared/gpt2_medium

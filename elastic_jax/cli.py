@@ -170,13 +170,27 @@ def evaluate():
   _print_json(result)
 
 
+def _join_processes(cfg) -> bool:
+  """Joins the other processes of a multi-process run (config section `distributed`, JAX_*
+  variables, or a detected TPU pod; see elastic_jax/distributed.py) before any device is used,
+  and stops every process with one line if they were given different configs. True on process 0,
+  the one that prints."""
+  from elastic_jax import distributed
+  info = distributed.initialize(cfg)
+  distributed.check_same_config(cfg, workdir=FLAGS.workdir, pick=FLAGS.pick, out=FLAGS.out)
+  return info.is_main
+
+
 @command
 def train():
   """Trains the supernet of --config in --workdir (resumes from the workdir's checkpoints)."""
   from elastic_jax.train.trainer import train as train_job
   cfg = _config()
-  result = train_job(cfg, _require('workdir'))
-  _print_json(result)
+  workdir = _require('workdir')
+  is_main = _join_processes(cfg)
+  result = train_job(cfg, workdir)
+  if is_main:
+    _print_json(result)
 
 
 @command
@@ -212,7 +226,13 @@ def run():
   workdir = _require('workdir')
   pick = FLAGS.pick or search_config(cfg).export_pick
   parse_pick(pick)  # a bad --pick fails now, not after training and search
+  is_main = _join_processes(cfg)
   trained = train_job(cfg, workdir)
+  if not is_main:
+    # Every process searches (the same computation on its own devices; the files it writes are
+    # identical and replaced atomically), so all finish together; process 0 exports and prints.
+    run_search(cfg, workdir, log=lambda _: None)
+    return
   print(f"trained to step {trained['step']} in {trained['seconds']:.0f} s", file=sys.stderr)
   result = run_search(cfg, workdir)
   exported = export_pick(cfg, workdir, pick, out=FLAGS.out)

@@ -91,6 +91,23 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def microbatch_sharding(mesh: Mesh) -> NamedSharding:
+  """Stacked micro-batches [grad_accum, rows, ...]: each micro-batch over the batch axes."""
+  return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+
+
+def opt_state_shardings(tx, abstract_params, param_shardings, mesh: Mesh):
+  """Shardings of the optimizer state: each moment like its parameter, counts replicated.
+
+  (`jax.jit(tx.init)` alone may leave the moments unsharded: zeros depend on no input's sharding.)
+  """
+  import optax
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                               transform_non_params=lambda _: replicated(mesh),
+                               is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def check_batch(batch_size: int, mesh: Mesh) -> None:
   ways = mesh.shape['data'] * mesh.shape['fsdp']
   if batch_size % ways:

@@ -2,7 +2,9 @@
 
 Saved every N steps asynchronously (Orbax writes to a temporary name and renames when complete, so
 a checkpoint is either whole or absent), keeping the last K. Restore takes the latest checkpoint,
-and falls back to the one before it, with a warning, when the latest cannot be read.
+and falls back to the one before it, with a warning, when the latest cannot be read. Arrays are
+restored onto the shardings the caller gives, so a checkpoint written on one mesh or process count
+reads on any other.
 """
 
 from __future__ import annotations
@@ -19,42 +21,73 @@ ITEMS = ('params', 'extra_params', 'opt_state', 'meta')
 DIRNAME = 'checkpoints'
 
 
-def _manager(directory: Path, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+def _manager(directory: Path, keep: int = 3, async_save: bool = True,
+             this_process_only: bool = False) -> ocp.CheckpointManager:
+  """All processes take part in each save and restore (each writes / reads its own shards)
+  unless `this_process_only`: a reader of host-local arrays that the other processes do not join
+  (an init_from / teacher / search supernet read on one host)."""
+  extra = {}
+  if this_process_only and jax.process_count() > 1:
+    me = jax.process_index()
+    extra['multiprocessing_options'] = ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f'process{me}')
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                         create=True)
+                                         create=not this_process_only, **extra)
   return ocp.CheckpointManager(directory.absolute(), options=options, item_names=ITEMS)
 
 
+def abstract_of(tree):
+  """ShapeDtypeStructs with the shardings of `tree`'s arrays: a restore target that puts every
+  array where the live one is (any mesh, any process count)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 class Checkpoints:
+  """The training state's checkpoints in W/checkpoints. In a multi-process run every process
+  calls `save` and `restore_latest` with its part of the global arrays; the workdir must be a
+  filesystem all hosts share."""
+
   def __init__(self, workdir: Path, keep: int = 3):
     self.directory = Path(workdir) / DIRNAME
     self.manager = _manager(self.directory, keep)
 
-  def save(self, step: int, params, opt_state, rng, meta: dict) -> None:
-    """`params` = {'model': supernet params, 'proj': ...}; the supernet's are an item of their
-    own, so `restore_params_if_any` can read them without knowing the rest."""
-    extra = {'rng': rng, **{k: v for k, v in params.items() if k != 'model'}}
+  def save(self, step: int, state, meta: dict) -> None:
+    """`state`: a TrainState (params = {'model': supernet params, 'proj': ...}); the supernet's
+    params are an item of their own, so `restore_params_if_any` can read them alone."""
+    extra = {'rng': state.rng, **{k: v for k, v in state.params.items() if k != 'model'}}
     self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params['model']),
+        params=ocp.args.StandardSave(state.params['model']),
         extra_params=ocp.args.StandardSave(extra),
-        opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave(meta)))
+        opt_state=ocp.args.StandardSave(state.opt_state), meta=ocp.args.JsonSave(meta)))
 
-  def restore_latest(self, abstract_params, abstract_opt_state, abstract_rng):
-    """(params, opt_state, rng, meta) of the newest readable checkpoint, or None."""
-    extra = {'rng': abstract_rng, **{k: v for k, v in abstract_params.items() if k != 'model'}}
-    restored = _restore_latest(self.manager, abstract_params['model'], abstract_opt_state, extra)
+  def restore_latest(self, abstract_state):
+    """(state, meta) of the newest readable checkpoint, or None. `abstract_state`: the TrainState
+    as ShapeDtypeStructs carrying shardings (`StepSetup.abstract_state`)."""
+    from flax import nnx
+    params = abstract_state.params
+    extra = {'rng': abstract_state.rng, **{k: v for k, v in params.items() if k != 'model'}}
+    restored = _restore_latest(self.manager, params['model'], abstract_state.opt_state, extra)
     if restored is None:
       return None
-    from flax import nnx
     model, opt_state, meta, extra = restored
     rng = extra.pop('rng')
-    return nnx.State({'model': model, **extra}), opt_state, rng, meta
+    state = abstract_state.replace(step=_replicated_step(meta['step'], abstract_state.step),
+                                   params=nnx.State({'model': model, **extra}),
+                                   opt_state=opt_state, rng=rng)
+    return state, meta
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _replicated_step(step: int, abstract):
+  """The step counter as a global array with `abstract`'s sharding."""
+  import numpy as np
+  value = np.asarray(step, abstract.dtype)
+  return jax.make_array_from_callback((), abstract.sharding, lambda _: value)
 
 
 def _restore_latest(manager, abstract_params, abstract_opt_state=None, abstract_extra=None):
@@ -81,16 +114,18 @@ def _restore_latest(manager, abstract_params, abstract_opt_state=None, abstract_
 
 
 def restore_params_if_any(workdir: Path, model) -> int | None:
-  """Loads the latest trained params of `workdir` into `model`; returns the step, or None."""
+  """Loads the latest trained params of `workdir` into `model` (host-local arrays, e.g. from
+  `init_supernet`), whatever mesh and process count wrote them; returns the step, or None.
+
+  Reads on this process alone: in a multi-process run the others need not call it."""
   from flax import nnx
 
   directory = Path(workdir) / DIRNAME
   if not directory.is_dir():
     return None
-  manager = _manager(directory, async_save=False)
+  manager = _manager(directory, async_save=False, this_process_only=True)
   try:
-    abstract = jax.eval_shape(lambda: nnx.state(model, nnx.Param))
-    restored = _restore_latest(manager, abstract)
+    restored = _restore_latest(manager, abstract_of(nnx.state(model, nnx.Param)))
   finally:
     manager.close()
   if restored is None:

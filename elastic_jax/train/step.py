@@ -101,10 +101,27 @@ def teacher_outputs(logits, feats) -> dict:
   return out
 
 
+def split_microbatches(batch, grad_accum: int, sharding=None):
+  """[B, ...] -> [grad_accum, B // grad_accum, ...], micro-batch i = rows i, i + grad_accum, ...
+
+  Strided, not contiguous: the batch is split over the devices in contiguous blocks, so every
+  micro-batch takes rows from every device's block and spans all devices (a contiguous split
+  would put each micro-batch on 1 / grad_accum of them). `sharding` (the micro-batches' sharding,
+  the batch axis second) pins that layout.
+  """
+  def split(x):
+    x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+  return jax.tree.map(split, batch)
+
+
 def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransformation,
                     spec: DistillSpec, grad_accum: int,
-                    external_teacher: Callable | None = None):
-  """Returns step(state, batch[, teacher_params]) -> (state, metrics)."""
+                    external_teacher: Callable | None = None, *, micro_sharding=None):
+  """Returns step(state, batch[, teacher_params]) -> (state, metrics).
+
+  `micro_sharding`: the sharding of the stacked micro-batches (see `split_microbatches`).
+  """
   capture = spec.captures
 
   def losses_of_microbatch(params, batch, archs, teacher_params):
@@ -140,8 +157,7 @@ def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransfor
 
   def step(state: TrainState, batch, teacher_params=None):
     archs = sampler(jax.random.wrap_key_data(state.rng), state.step)
-    micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum)
-                                             + x.shape[1:]), batch)
+    micro = split_microbatches(batch, grad_accum, micro_sharding)
     grad_fn = jax.value_and_grad(losses_of_microbatch, has_aux=True)
 
     def accumulate(carry, mb):

@@ -8,6 +8,7 @@ The host dispatches step N+1 before it reads step N's metrics, so the device nev
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -15,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from elastic_jax import arch as arch_lib
-from elastic_jax import data, evaluation, parallel
+from elastic_jax import data, distributed, evaluation, parallel
 from elastic_jax import export as export_lib
 from elastic_jax.errors import UserError
 from elastic_jax.train import distill
@@ -125,98 +127,163 @@ def _init_from(path: str, model, cfg, space) -> str:
                   'workdir with checkpoints')
 
 
+@dataclasses.dataclass
+class StepSetup:
+  """The training step of a config on a mesh and how its state lies there: what `train` runs and
+  what `elastic-jax compile` (elastic_jax/aot.py) compiles for a TPU slice."""
+
+  space: object
+  mesh: jax.sharding.Mesh
+  sampler: Sampler
+  strategy: str
+  graphdef: object  # the supernet's
+  proj_graphdef: object  # the distillation projections'
+  init_params: object  # () -> {'model', 'proj'} params at the seeded initialisation (jit it)
+  tx: optax.GradientTransformation
+  schedule: object
+  state_shardings: TrainState
+  batch_sharding: jax.sharding.NamedSharding
+  teacher_shardings: object  # of an external teacher's params, else None
+  step: object  # jit(step)(state, batch, teacher_params) -> (state, metrics), state donated
+  sharding_report: dict
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the training state (no arrays)."""
+    params = jax.eval_shape(self.init_params)
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                        opt_state=jax.eval_shape(self.tx.init, params),
+                        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))
+    # The shardings' leaves stand for whole NNX variables: one array each, in the same order.
+    leaves, treedef = jax.tree.flatten(shapes)
+    shardings = jax.tree.leaves(self.state_shardings)
+    return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                              for x, s in zip(leaves, shardings, strict=True)])
+
+
+def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=None, *,
+               grad_accum: int | None = None) -> StepSetup:
+  """The jitted training step of `cfg` over `mesh` (sharding-first, nothing allocated).
+
+  `teacher`: an external dense teacher model (train.distill.teacher), else None. `grad_accum`
+  overrides train.grad_accum (aot's FLOP analysis compiles one micro-batch).
+  """
+  tcfg = cfg.train
+  grad_accum = int(tcfg.grad_accum if grad_accum is None else grad_accum)
+  space = build_space(cfg)
+  fixed = arch_lib.load(tcfg.arch, space.cfg) if tcfg.arch else None
+  strategy = 'fixed' if fixed is not None else tcfg.sampling
+  sampler = Sampler(space, strategy, tcfg.num_random, tcfg.ramp_steps, fixed)
+
+  abstract = nnx.eval_shape(lambda: init_supernet(cfg, space))
+  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  model_shardings = parallel.param_shardings(abstract_params, mesh)
+  sharding_report = parallel.check_sufficiently_sharded(abstract_params, model_shardings, mesh)
+  spec, proj_features = _distill_spec(cfg, space, teacher)
+  proj_graphdef, _ = nnx.split(nnx.eval_shape(
+      lambda: distill.Projections(proj_features, rngs=nnx.Rngs(0))), nnx.Param)
+
+  def init_params():
+    params = nnx.state(init_supernet(cfg, space), nnx.Param)
+    proj = nnx.state(distill.Projections(proj_features, rngs=nnx.Rngs(0)), nnx.Param)
+    return nnx.State({'model': params, 'proj': proj})
+
+  replicated = parallel.replicated(mesh)
+  abstract_all = jax.eval_shape(init_params)
+  shardings = nnx.State({'model': model_shardings,
+                         'proj': jax.tree.map(lambda _: replicated, abstract_all['proj'],
+                                              is_leaf=lambda x: isinstance(x, nnx.Variable))})
+  tx, schedule = make_optimizer(tcfg)
+  state_shardings = TrainState(
+      step=replicated, params=shardings, rng=replicated,
+      opt_state=parallel.opt_state_shardings(tx, abstract_all, shardings, mesh))
+
+  external = teacher_shardings = None
+  if teacher is not None:
+    t_graphdef, t_params = nnx.split(teacher, nnx.Param)
+    teacher_shardings = parallel.param_shardings(t_params, mesh)
+    external = _external_teacher_fn(t_graphdef)
+  step_fn = make_train_step(graphdef, proj_graphdef, sampler, tx, spec, grad_accum, external,
+                            micro_sharding=parallel.microbatch_sharding(mesh))
+  batch_sharding = parallel.batch_sharding(mesh)
+  step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, teacher_shardings),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return StepSetup(space, mesh, sampler, strategy, graphdef, proj_graphdef, init_params, tx,
+                   schedule, state_shardings, batch_sharding, teacher_shardings, step,
+                   sharding_report)
+
+
+def check_batch(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """The global batch splits over the mesh's batch axes and into train.grad_accum micro-batches."""
+  parallel.check_batch(cfg.data.batch_size, mesh)
+  if cfg.data.batch_size % cfg.train.grad_accum:
+    raise UserError(f'config data.batch_size={cfg.data.batch_size} is not divisible by '
+                    f'train.grad_accum={cfg.train.grad_accum}')
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True) -> dict:
-  """Trains the supernet of `cfg` in `workdir`; returns the final metrics."""
+  """Trains the supernet of `cfg` in `workdir`; returns the final metrics.
+
+  Multi-process (see elastic_jax/distributed.py): every process calls this with the same config
+  and workdir; each reads its own data shards, the step runs over all processes' devices, each
+  writes its shards of the checkpoints, and only process 0 writes config.json and metrics.
+  """
   workdir = Path(workdir)
   tcfg = cfg.train
-  space = build_space(cfg)
   mesh = parallel.make_mesh(cfg.get('mesh', {}))
-  parallel.check_batch(cfg.data.batch_size, mesh)
-  if cfg.data.batch_size % tcfg.grad_accum:
-    raise UserError(f'config data.batch_size={cfg.data.batch_size} is not divisible by '
-                    f'train.grad_accum={tcfg.grad_accum}')
+  check_batch(cfg, mesh)
   tokenizer = data.load_tokenizer(cfg.data)
   data.check_vocab(tokenizer, cfg.model.vocab_size)
   is_main = jax.process_index() == 0
   if is_main:
     save_config(workdir, cfg)
 
-  fixed = arch_lib.load(tcfg.arch, space.cfg) if tcfg.arch else None
-  strategy = 'fixed' if fixed is not None else tcfg.sampling
-  sampler = Sampler(space, strategy, tcfg.num_random, tcfg.ramp_steps, fixed)
-
-  # Abstract model -> shardings -> sharded initialisation.
-  abstract = nnx.eval_shape(lambda: init_supernet(cfg, space))
-  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-  model_shardings = parallel.param_shardings(abstract_params, mesh)
-  sharding_report = parallel.check_sufficiently_sharded(abstract_params, model_shardings, mesh)
-
+  space = build_space(cfg)
   teacher = _load_teacher(tcfg.distill.teacher, cfg, space) if tcfg.distill.teacher else None
-  spec, proj_features = _distill_spec(cfg, space, teacher)
-  proj = distill.Projections(proj_features, rngs=nnx.Rngs(0))
-  proj_graphdef, proj_params = nnx.split(proj, nnx.Param)
+  setup = build_step(cfg, mesh, teacher)
+  sampler, replicated = setup.sampler, parallel.replicated(mesh)
+  shardings = setup.state_shardings
 
-  def init_params():
-    params = nnx.state(init_supernet(cfg, space), nnx.Param)
-    return nnx.State({'model': params, 'proj': proj_params})
-
-  shardings = nnx.State({'model': model_shardings,
-                         'proj': jax.tree.map(lambda _: parallel.replicated(mesh), proj_params)})
-  tx, schedule = make_optimizer(tcfg)
-  params = jax.jit(init_params, out_shardings=shardings)()
-  model_for_init = nnx.merge(graphdef, params['model'])
+  # The seeded initialisation, created sharded; or another run's weights, read on every host.
+  params = jax.jit(setup.init_params, out_shardings=shardings.params)()
   source = 'seeded initialisation'
   if tcfg.init_from:
-    source = _init_from(tcfg.init_from, model_for_init, cfg, space)
-    params = jax.device_put(nnx.State({'model': nnx.state(model_for_init, nnx.Param),
-                                       'proj': params['proj']}), shardings)
-  opt_state = jax.jit(tx.init)(params)
-  rng = jax.random.key_data(jax.random.key(int(cfg.seed)))
-  state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, rng=rng)
+    model = init_supernet(cfg, space)
+    source = _init_from(tcfg.init_from, model, cfg, space)
+    params = nnx.State({'model': distributed.put_global(nnx.state(model, nnx.Param),
+                                                        shardings.params['model']),
+                        'proj': params['proj']})
+  opt_state = jax.jit(setup.tx.init, out_shardings=shardings.opt_state)(params)
+  step0, rng = jax.jit(lambda: (jnp.int32(0), jax.random.key_data(jax.random.key(int(cfg.seed)))),
+                       out_shardings=(replicated, replicated))()
+  state = TrainState(step=step0, params=params, opt_state=opt_state, rng=rng)
 
-  iterator = data.train_iterator(cfg.data, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+  shard_index, shard_count = distributed.process_batch_shard(setup.batch_sharding,
+                                                             cfg.data.batch_size)
+  iterator = data.train_iterator(cfg.data, process_index=shard_index, process_count=shard_count)
   checkpoints = Checkpoints(workdir, tcfg.keep_checkpoints)
-  restored = checkpoints.restore_latest(jax.eval_shape(lambda: state.params),
-                                        jax.eval_shape(lambda: state.opt_state),
-                                        jax.eval_shape(lambda: state.rng))
+  restored = checkpoints.restore_latest(setup.abstract_state())
   if restored is not None:
-    r_params, r_opt, r_rng, meta = restored
-    opt_shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
-    state = TrainState(step=jnp.int32(meta['step']), params=jax.device_put(r_params, shardings),
-                       opt_state=jax.device_put(r_opt, opt_shardings),
-                       rng=jnp.asarray(r_rng, jnp.uint32))
-    iterator.set_state(meta['data_state'])
+    state, meta = restored
+    iterator.set_state(data.process_state(meta['data_state'], shard_index, shard_count))
     source = f"checkpoint at step {meta['step']}"
 
   teacher_params = None
-  external = None
   if teacher is not None:
-    t_graphdef, teacher_params = nnx.split(teacher, nnx.Param)
-    teacher_params = jax.device_put(teacher_params, parallel.param_shardings(teacher_params, mesh))
-    external = _external_teacher_fn(t_graphdef)
-  step_fn = make_train_step(graphdef, proj_graphdef, sampler, tx, spec, tcfg.grad_accum, external)
-  batch_sharding = parallel.batch_sharding(mesh)
-  replicated = parallel.replicated(mesh)
-  # Optimizer moments follow their parameters; scalars (step counts) are replicated on the mesh.
-  on_mesh = lambda x: (x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
-                       and x.sharding.mesh == mesh else replicated)
-  state_shardings = TrainState(step=replicated, params=shardings,
-                               opt_state=jax.tree.map(on_mesh, state.opt_state), rng=replicated)
-  teacher_shardings = (None if teacher_params is None
-                       else jax.tree.map(lambda x: x.sharding, teacher_params))
-  state = jax.device_put(state, state_shardings)
-  train_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, teacher_shardings),
-                       out_shardings=(state_shardings, replicated), donate_argnums=0)
+    teacher_params = distributed.put_global(nnx.state(teacher, nnx.Param),
+                                            setup.teacher_shardings)
+  train_step = setup.step
 
   labels, eval_archs = _named_archs(list(tcfg.eval_archs), space)
-  eval_stacked = arch_lib.stack(eval_archs)
-  eval_data = evaluation.stack_batches(data.eval_batches(cfg.data))
+  # The evaluation set is the same on every process: each puts its devices' part.
+  eval_stacked = distributed.put_global(arch_lib.stack(eval_archs), replicated)
+  eval_data = distributed.put_global(
+      evaluation.stack_batches(data.eval_batches(cfg.data)),
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.BATCH_AXES)))
 
   def run_eval(state):
-    sums = evaluation._sums_population(graphdef, state.params['model'], eval_stacked, eval_data,
-                                       len(labels))
-    summary = evaluation._summarise(np.asarray(sums))
+    sums = evaluation._sums_population(setup.graphdef, state.params['model'], eval_stacked,
+                                       eval_data, len(labels))
+    summary = evaluation._summarise(distributed.to_host(sums))
     out = {}
     for i, label in enumerate(labels):
       out[f'eval/{label}/loss'] = float(summary['loss'][i])
@@ -229,14 +296,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
   logger = MetricLogger(workdir, enabled=is_main, total=tcfg.steps, start=start_step,
                         progress=progress)
   logger.info(f'training from {source}: {space.describe()["architectures"]:,} architectures, '
-              f'{sampler.k} per step ({strategy}), mesh {dict(mesh.shape)}, '
-              f'{sharding_report["replicated_fraction"]:.0%} replicated')
+              f'{sampler.k} per step ({setup.strategy}), mesh {dict(mesh.shape)} over '
+              f'{jax.process_count()} process(es), '
+              f'{setup.sharding_report["replicated_fraction"]:.0%} replicated')
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   pending = None  # (step, metrics) dispatched but not yet read
   last_eval = {}
 
   def meta_for(step):
-    return {'step': step, 'data_state': iterator.get_state()}
+    # The run's data position: every process's shards (a collective; Orbax writes it once).
+    states = distributed.allgather_json(iterator.get_state())
+    return {'step': step, 'data_state': data.merge_process_states(states)}
 
   def flush(pending):
     step, metrics, t_dispatch = pending
@@ -251,7 +321,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
     if step % tcfg.log_every == 0 or step == tcfg.steps:
       ces = np.asarray(host['ce_per_arch'])
       line = {'step': step, 'loss': loss, 'grad_norm': float(host['grad_norm']),
-              'lr': float(schedule(step - 1)), 'ce_first': float(ces[0]),
+              'lr': float(setup.schedule(step - 1)), 'ce_first': float(ces[0]),
               'ce_last': float(ces[-1]), 'ce_mean': float(ces.mean())}
       logger.log(step, line, tokens=tokens_per_step)
 
@@ -259,7 +329,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
     t_start = time.perf_counter()
     host_step = start_step  # the device's step, known on the host without a sync
     while host_step < tcfg.steps:
-      batch = jax.device_put(_model_batch(next(iterator)), batch_sharding)
+      batch = distributed.global_batch(_model_batch(next(iterator)), setup.batch_sharding)
       state, metrics = train_step(state, batch, teacher_params)
       host_step += 1
       step = host_step
@@ -275,7 +345,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
         if pending is not None:
           flush(pending)
         pending = None
-        checkpoints.save(step, state.params, state.opt_state, state.rng, meta_for(step))
+        checkpoints.save(step, state, meta_for(step))
     if pending is not None:
       flush(pending)
     last_eval = run_eval(state)

@@ -224,3 +224,12 @@ def test_batch_not_divisible_by_the_data_axes(tiny_cfg, tmp_path):
   parallel.check_batch(4, mesh)
   with pytest.raises(UserError, match='data.batch_size=6 is not divisible'):
     parallel.check_batch(6, type('M', (), {'shape': {'data': 2, 'fsdp': 2, 'tensor': 1}})())
+
+
+def test_microbatches_take_strided_rows_so_each_spans_every_device():
+  from elastic_jax.train.step import split_microbatches
+  batch = {'tokens': np.arange(24).reshape(12, 2)}
+  micro = split_microbatches(batch, 3)
+  assert micro['tokens'].shape == (3, 4, 2)
+  for i in range(3):
+    np.testing.assert_array_equal(micro['tokens'][i], batch['tokens'][i::3])
