@@ -38,6 +38,8 @@ def _make_flags() -> flags.FlagValues:
   flags.DEFINE_integer('max_params', None, 'Parameter budget for sampling.', flag_values=fv)
   flags.DEFINE_string('pick', None, 'Front member to export: index:N | knee | '
                       'best-under:params=N (see elastic_jax/search/pick.py).', flag_values=fv)
+  flags.DEFINE_string('topology', None, 'TPU slice to compile for: CHIP:AxB (v5e, v6e) or '
+                      'CHIP:AxBxC (v4, v5p), e.g. v5e:4x4.', flag_values=fv)
   return fv
 
 
@@ -191,6 +193,17 @@ def train():
   result = train_job(cfg, workdir)
   if is_main:
     _print_json(result)
+
+
+@command
+def compile_():
+  """Compiles training and population evaluation for a TPU --topology: memory, FLOPs, MFU."""
+  from elastic_jax import aot
+  cfg = _config()
+  report = aot.compile_report(cfg, _require('topology'))
+  print(aot.format_report(report), file=sys.stderr)
+  _print_json(report)
+  aot.check_fits(report)  # exit 2 with one line if a program does not fit in HBM
 
 
 @command

@@ -1,0 +1,422 @@
+"""Ahead-of-time compilation for a TPU slice on a CPU-only machine: `elastic-jax compile`.
+
+  elastic-jax compile --config=configs/gpt2_medium_supernet.py --topology=v5e:4x4
+
+With the `libtpu` wheel installed (`pip install -e '.[tpu]'`), `get_topology_desc` describes the
+devices of a TPU slice without owning one. The training step and the population-evaluation step are
+built exactly as the trainer and the search build them (same shardings, same donation), lowered
+with abstract arguments (`jax.ShapeDtypeStruct`s carrying `NamedSharding`s over the slice's mesh)
+and compiled by the TPU compiler. The report gives, per program and per device:
+- memory (XLA's buffer assignment): arguments, outputs, aliased (donated) bytes, temporaries,
+  generated code, and the peak, against the chip's HBM;
+- XLA's FLOP count and its estimated run time (`optimal_seconds`, a roofline estimate of the
+  compiled program: no collectives' latency, no host work);
+- MFU estimate: the sub-networks' analytic model FLOPs (`cost.py`) over (chips x peak x estimated
+  time). The masked supernet runs every sub-network at the supernet's widths, so this is lower than
+  the hardware FLOP utilisation (`xla_flops_utilisation`).
+
+XLA's cost analysis counts the body of a loop once. The trainer runs its micro-batches in a
+`lax.scan` and, inside it, the first sub-network and then the other K - 1 in another scan; the
+population evaluation scans over archs and, inside, over batches. By default (`flops='loops'`) the
+real programs' counts are multiplied accordingly: train x grad_accum x K / 2 (one micro-batch with
+the first sub-network and one more, every sub-network running at the supernet's widths), eval x
+archs x batches. `flops='unrolled'` compiles analysis programs instead (one micro-batch with the
+sub-network scan unrolled; one (arch, batch)): XLA's exact count, but the unrolled step of a large
+model needs tens of GB of host memory to compile. 'loops' is within 3% of 'unrolled' on the
+quickstart config (tested) and 24% above it on a 2-layer GPT-2-medium-width supernet (the scan
+body's count is not every sub-network's), so read FLOPs, times and MFU as estimates; memory is
+exact: it always comes from the real programs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import logging
+import math
+import os
+import re
+import time
+
+from elastic_jax.errors import UserError
+
+# Set before JAX loads the TPU plugin. The plugin refuses to load while another process of this
+# machine holds its lockfile (any JAX process may take it once the wheel is installed); compiling
+# for a topology needs no chip, so allow concurrent loads. Without TPU chips, also tell libtpu
+# there is no metadata server or worker list to find; a TPU VM keeps its own settings.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+if not glob.glob('/dev/accel*') and not os.path.exists('/dev/vfio'):
+  os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Per-chip facts of a TPU generation."""
+
+  name: str
+  hbm_bytes: int
+  peak_bf16_flops: float  # dense bf16 FLOP/s
+  hbm_bytes_per_s: float
+  torus_dims: int  # 2: topologies AxB; 3: AxBxC
+
+
+# Sources: Cloud TPU system architecture pages, "key chip specifications" tables:
+#   v4:  https://cloud.google.com/tpu/docs/v4   275 TFLOP/s bf16, 32 GiB HBM2, 1228 GB/s
+#   v5e: https://cloud.google.com/tpu/docs/v5e  197 TFLOP/s bf16, 16 GB HBM2, 819 GB/s
+#   v5p: https://cloud.google.com/tpu/docs/v5p  459 TFLOP/s bf16, 95 GiB HBM2e, 2765 GB/s
+#   v6e: https://cloud.google.com/tpu/docs/v6e  918 TFLOP/s bf16, 32 GB HBM, 1640 GB/s
+CHIPS = {
+    'v4': Chip('TPU v4', 32 * GIB, 275e12, 1228e9, 3),
+    'v5e': Chip('TPU v5e', 16 * GIB, 197e12, 819e9, 2),
+    'v5p': Chip('TPU v5p', 95 * GIB, 459e12, 2765e9, 3),
+    'v6e': Chip('TPU v6e', 32 * GIB, 918e12, 1640e9, 2),
+}
+_TOPOLOGY = re.compile(r'^(?P<chip>[a-z0-9]+):(?P<shape>\d+(?:x\d+)*)$')
+PROGRAMS = ('train_step', 'population_eval')
+FLOP_METHODS = ('loops', 'unrolled', 'none')
+
+
+def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
+  """'v5e:4x4' -> ('v5e', (4, 4)); a clear UserError for anything else."""
+  example = 'CHIP:AxB for v5e/v6e or CHIP:AxBxC for v4/v5p, e.g. v5e:4x4 or v5p:2x2x2'
+  m = _TOPOLOGY.match(topology.strip().lower())
+  if not m or m['chip'] not in CHIPS:
+    raise UserError(f'unknown topology {topology!r}: write {example} (chips: {", ".join(CHIPS)})')
+  chip = CHIPS[m['chip']]
+  shape = tuple(int(s) for s in m['shape'].split('x'))
+  if len(shape) != chip.torus_dims or min(shape) < 1:
+    raise UserError(f'unknown topology {topology!r}: a {chip.name} slice has '
+                    f'{chip.torus_dims} dimensions; write {example}')
+  return m['chip'], shape
+
+
+def tpu_devices(topology: str) -> list:
+  """The devices of a TPU slice, from libtpu's topology description (no TPU needed)."""
+  parse_topology(topology)
+  try:
+    from jax.experimental import topologies
+    topo = topologies.get_topology_desc(platform='tpu', topology_name=topology.strip().lower())
+  except Exception as e:  # noqa: BLE001  (a missing plugin and a bad name both surface here)
+    text = f'{type(e).__name__}: {e}'
+    if 'libtpu' in text.lower() or 'plugin' in text.lower() or 'tpu' not in text.lower():
+      raise UserError(f'cannot describe TPU topology {topology!r} ({_first_line(text)}); '
+                      "compiling for TPU needs the tpu extra: pip install -e '.[tpu]'") from None
+    raise UserError(f'TPU topology {topology!r} is not available: {_first_line(text)}') from None
+  return list(topo.devices)
+
+
+def _first_line(text: str) -> str:
+  return next((l.strip() for l in str(text).splitlines() if l.strip()), '')[:300]
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's state and step, abstract (shapes + shardings, no arrays).
+
+
+def batch_keys(cfg) -> dict:
+  """The arrays of one training batch as the trainer feeds them (name -> dtype)."""
+  import jax.numpy as jnp
+  if cfg.data.task == 'glue':
+    raise UserError("config data.task='glue' trains no supernet; compile a causal_lm or mlm config")
+  return {'tokens': jnp.int32, 'targets': jnp.int32, 'weights': jnp.float32,
+          'segment_ids': jnp.int32, 'positions': jnp.int32}
+
+
+def train_program(cfg, mesh, *, grad_accum: int | None = None, batch_size: int | None = None):
+  """(the trainer's StepSetup over `mesh`, its abstract (state, batch, teacher) arguments)."""
+  import jax
+
+  from elastic_jax.train.trainer import build_step
+  if cfg.train.distill.teacher:
+    raise UserError('compile builds the in-place distillation step; clear '
+                    'train.distill.teacher (an external teacher) to compile this config')
+  setup = build_step(cfg, mesh, grad_accum=grad_accum)
+  shape = (int(cfg.data.batch_size if batch_size is None else batch_size), cfg.data.seq_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, d, sharding=setup.batch_sharding)
+           for k, d in batch_keys(cfg).items()}
+  return setup, (setup.abstract_state(), batch, None)
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+  """Traces every `lax.scan` (and `lax.map`) fully unrolled, so XLA's cost analysis, which counts
+  a loop body once, counts every iteration."""
+  import jax
+  from jax._src.lax.control_flow import loops
+  original = loops.scan
+
+  def scan(f, init, xs=None, length=None, reverse=False, unroll=1, _split_transpose=False):
+    return original(f, init, xs, length, reverse=reverse, unroll=True,
+                    _split_transpose=_split_transpose)
+
+  jax.lax.scan, loops.scan = scan, scan
+  try:
+    yield
+  finally:
+    jax.lax.scan, loops.scan = original, original
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling and reporting.
+
+
+_OOM = re.compile(r'memory required for (?P<what>[^(]*)\((?P<need>[\d.]+)(?P<unit>[KMGT]?)\)'
+                  r'.*available HBM \((?P<have>[\d.]+)(?P<hunit>[KMGT]?)\)')
+_UNITS = {'': 1, 'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
+
+
+class DoesNotFit(Exception):
+  """The TPU compiler refused the program: it needs more HBM than a device has."""
+
+  def __init__(self, need: int, have: int, message: str):
+    super().__init__(message)
+    self.need, self.have, self.message = need, have, message
+
+
+def _compile(jitted, *args):
+  """(compiled, seconds); raises DoesNotFit when the TPU compiler runs out of HBM."""
+  t = time.perf_counter()
+  try:
+    lowered = jitted.lower(*args)
+    t_lowered = time.perf_counter()
+    compiled = lowered.compile()
+  except Exception as e:  # noqa: BLE001  (XlaRuntimeError / JaxRuntimeError by jax version)
+    text = str(e)
+    m = _OOM.search(text.replace('\n', ' '))
+    if 'RESOURCE_EXHAUSTED' not in text or m is None:
+      raise
+    need = int(float(m['need']) * _UNITS[m['unit']])
+    have = int(float(m['have']) * _UNITS[m['hunit']])
+    raise DoesNotFit(need, have, _first_line(text)) from None
+  t_end = time.perf_counter()
+  logging.info('lowered in %.1f s, compiled in %.1f s', t_lowered - t, t_end - t_lowered)
+  return compiled, t_end - t
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  parts = {'arguments': m.argument_size_in_bytes, 'outputs': m.output_size_in_bytes,
+           'aliased': m.alias_size_in_bytes, 'temporaries': m.temp_size_in_bytes,
+           'code': m.generated_code_size_in_bytes}
+  total = (parts['arguments'] + parts['outputs'] - parts['aliased'] + parts['temporaries']
+           + parts['code'])
+  peak = int(getattr(m, 'peak_memory_in_bytes', 0) or 0)
+  return {**{k: int(v) for k, v in parts.items()}, 'total': int(max(total, peak))}
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+  return {'flops': float(cost.get('flops', 0.0)),
+          'bytes_accessed': float(cost.get('bytes accessed', 0.0)),
+          'seconds': float(cost.get('optimal_seconds', 0.0))}
+
+
+def _mean_train_flops(space, archs) -> float:
+  """Mean of the analytic training FLOPs per token summed over each step's archs."""
+  import jax
+  import numpy as np
+  costs = jax.vmap(jax.vmap(lambda a: space.cost(a)['train_flops_per_token']))(archs)
+  return float(np.asarray(costs).sum(axis=1).mean())
+
+
+def _entry(name: str, build, flops, model_flops: float, chip: Chip, devices_per_chip: int,
+           hbm: int, peak_total: float) -> dict:
+  """Compiles `build()`, the real program, and summarises it.
+
+  `flops` says how to count its FLOPs and time: ('loops', k): XLA's counts of the real program
+  times k (its loop bodies, counted once by XLA, run k times as a whole); ('compile', analyse, k):
+  the counts of the program `analyse()` builds, times k; None: the raw counts only.
+  """
+  entry = {'program': name, 'hbm_bytes_per_device': hbm, 'model_flops': model_flops}
+  try:
+    compiled, seconds = _compile(*build())
+  except DoesNotFit as e:
+    zeros = dict.fromkeys(('arguments', 'outputs', 'aliased', 'temporaries', 'code'), 0)
+    return {**entry, 'memory_bytes': {**zeros, 'total': e.need}, 'hbm_fraction': e.need / hbm,
+            'fits': False, 'compiler_hbm_bytes': e.have, 'error': e.message}
+  entry.update(memory_bytes=_memory(compiled), compile_seconds=seconds)
+  entry['hbm_fraction'] = entry['memory_bytes']['total'] / hbm
+  entry['fits'] = entry['memory_bytes']['total'] <= hbm
+  raw = _cost(compiled)
+  del compiled  # a large program's executable holds GBs of host memory
+  entry['xla_flops_loop_bodies_once'] = raw['flops']
+  if flops is None:
+    entry.update(xla_flops_per_device=None, estimated_seconds=None, mfu_estimate=None,
+                 xla_flops_utilisation=None)
+    return entry
+  if flops[0] == 'compile':
+    cost = _cost(_compile(*flops[1]())[0])
+  else:
+    cost = raw
+  k = flops[-1]
+  flops_dev, est = cost['flops'] * k, cost['seconds'] * k
+  peak = chip.peak_bf16_flops / devices_per_chip
+  if est <= 0:  # no XLA estimate: a roofline of the chip's peak FLOP/s and HBM bandwidth
+    est = max(flops_dev / peak, cost['bytes_accessed'] * k * devices_per_chip
+              / chip.hbm_bytes_per_s)
+  entry.update(flops_method=flops[0], xla_flops_per_device=flops_dev,
+               xla_bytes_accessed_per_device=cost['bytes_accessed'] * k,
+               estimated_seconds=est, xla_flops_utilisation=flops_dev / (est * peak),
+               mfu_estimate=model_flops / (est * peak_total))
+  return entry
+
+
+class _Lowered:
+  """Adapts an already lowered program to `_compile(jitted, *args)`."""
+
+  def __init__(self, lowered):
+    self.lowered = lowered
+
+  def lower(self):
+    return self.lowered
+
+
+def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops') -> dict:
+  """Compiles `programs` of `cfg` for `topology`; returns the report (see the module docstring).
+
+  `flops`: how FLOPs and times are counted (see the module docstring): 'loops' (the real
+  programs' counts times their loop trip counts; no extra compile), 'unrolled' (analysis
+  compiles with the loops unrolled: exact, but a large model's unrolled step needs tens of GB
+  of host memory to compile) or 'none' (memory only). Raises UserError for an unknown topology,
+  a mesh that does not fit it, or a bad config; a program that does not fit in HBM is reported
+  (`fits: False`), not raised.
+  """
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from elastic_jax import arch as arch_lib
+  from elastic_jax import evaluation, parallel
+  from elastic_jax.train.trainer import check_batch
+  from elastic_jax.workdir import build_space
+
+  chip_name, shape = parse_topology(topology)
+  chip = CHIPS[chip_name]
+  if flops not in FLOP_METHODS:
+    raise UserError(f'unknown FLOP counting {flops!r}; choose from {list(FLOP_METHODS)}')
+  unknown = sorted(set(programs) - set(PROGRAMS))
+  if unknown:
+    raise UserError(f'unknown program(s) {unknown}; choose from {list(PROGRAMS)}')
+  devices = tpu_devices(topology)
+  chips = math.prod(shape)
+  devices_per_chip = max(len(devices) // chips, 1)
+  hbm = chip.hbm_bytes // devices_per_chip
+  try:
+    mesh = parallel.make_mesh(cfg.get('mesh', {}), devices)
+  except UserError as e:
+    raise UserError(f'the config mesh does not fit topology {topology} ({len(devices)} devices): '
+                    f'{e}') from None
+  check_batch(cfg, mesh)
+  tcfg = cfg.train
+  space = build_space(cfg)
+  tokens = cfg.data.batch_size * cfg.data.seq_len
+  common = {'chip': chip, 'devices_per_chip': devices_per_chip, 'hbm': hbm,
+            'peak_total': chips * chip.peak_bf16_flops}
+  report = {'topology': topology, 'chip': chip.name, 'chips': chips, 'devices': len(devices),
+            'hbm_bytes_per_device': hbm, 'peak_flops_per_chip': chip.peak_bf16_flops,
+            'mesh': {k: int(v) for k, v in mesh.shape.items()},
+            'params_max': int(space.cost(space.largest())['params']),
+            'batch': [int(cfg.data.batch_size), int(cfg.data.seq_len)],
+            'grad_accum': int(tcfg.grad_accum), 'dtype': str(cfg.model.get('dtype', 'float32')),
+            'programs': {}}
+
+  setup, args = train_program(cfg, mesh)
+  if 'train_step' in programs:
+    report['replicated_fraction'] = setup.sharding_report['replicated_fraction']
+    micro = cfg.data.batch_size // tcfg.grad_accum
+
+    def analyse():
+      # One micro-batch with the sub-network scan unrolled, x grad_accum (the optimizer update,
+      # a few FLOPs per parameter, is then counted grad_accum times: negligible).
+      one, one_args = train_program(cfg, mesh, grad_accum=1, batch_size=micro)
+      with unrolled_scans():
+        lowered = one.step.lower(*one_args)
+      return (_Lowered(lowered),)
+
+    k = setup.sampler.k
+    if flops == 'unrolled' or (flops == 'loops' and k == 1):
+      ok = micro % (mesh.shape['data'] * mesh.shape['fsdp']) == 0
+      method = ('compile', analyse, tcfg.grad_accum) if ok else None
+    elif flops == 'loops':
+      # XLA counts the micro-batch scan's body once, and in it the first sub-network plus the
+      # scan body of the other K - 1 (one sub-network; all run at supernet widths): x K / 2.
+      method = ('loops', tcfg.grad_accum * k / 2)
+    else:
+      method = None
+    archs = arch_lib.stack([setup.sampler(jax.random.key(int(cfg.seed)), s) for s in range(8)])
+    entry = _entry('train_step', lambda: (setup.step, *args), method,
+                   _mean_train_flops(space, archs) * tokens, **common)
+    entry['archs_per_step'] = int(k)
+    report['programs']['train_step'] = entry
+
+  if 'population_eval' in programs:
+    # The trainer's evaluation (and the search's fitness): archs x fixed batches in one program.
+    search = cfg.get('search', {})
+    population = int(search.get('pop_size', 50))
+    chunk = max(1, min(int(search.get('chunk', 1)), population))
+    n_batches = int(cfg.data.eval_batches) or 1
+    params = args[0].params['model']
+    rep = parallel.replicated(mesh)
+    archs = space.sample(jax.random.key(0), population)
+    sds = lambda x, sh, drop=0: jax.ShapeDtypeStruct(x.shape[drop:], x.dtype, sharding=sh)
+    eval_sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, parallel.BATCH_AXES))
+    shape = (n_batches, cfg.data.batch_size, cfg.data.seq_len)
+    stacked = {k: jax.ShapeDtypeStruct(shape, d, sharding=eval_sharding)
+               for k, d in batch_keys(cfg).items()}
+
+    def build():
+      return (_Lowered(evaluation._sums_population.lower(
+          setup.graphdef, params, jax.tree.map(lambda x: sds(x, rep), archs), stacked, chunk)),)
+
+    def analyse():  # one (arch, batch), x population x batches
+      one = jax.jit(lambda p, a, b: evaluation.batch_sums(nnx.merge(setup.graphdef, p), b, a))
+      batch = {k: sds(v, setup.batch_sharding, 1) for k, v in stacked.items()}
+      return one, params, jax.tree.map(lambda x: sds(x, rep, 1), archs), batch
+
+    flops_per_token = np.asarray(jax.vmap(lambda a: space.cost(a)['flops_per_token'])(archs))
+    # XLA counts one (chunk of archs, batch) of the nested scans; the analysis compiles one
+    # (arch, batch).
+    method = {'loops': ('loops', -(-population // chunk) * n_batches),
+              'unrolled': ('compile', analyse, population * n_batches)}.get(flops)
+    entry = _entry('population_eval', build, method,
+                   float(flops_per_token.sum()) * tokens * n_batches, **common)
+    entry.update(population=population, chunk=chunk, eval_batches=n_batches)
+    report['programs']['population_eval'] = entry
+  report['fits'] = all(p['fits'] for p in report['programs'].values())
+  return report
+
+
+def check_fits(report: dict) -> None:
+  """One line naming the first program that does not fit in HBM (UserError), else nothing."""
+  for name, p in report['programs'].items():
+    if not p['fits']:
+      m = p['memory_bytes']
+      detail = (f' ({m["arguments"] / GIB:.2f} arguments + {m["temporaries"] / GIB:.2f} '
+                'temporaries)' if m['arguments'] else '')
+      raise UserError(
+          f'{name} needs {m["total"] / GIB:.2f} GiB per device on {report["topology"]}{detail}, '
+          f'more than the {p["hbm_bytes_per_device"] / GIB:.1f} GiB HBM of a {report["chip"]} '
+          'device; shard more (mesh.fsdp), raise train.grad_accum or lower data.batch_size')
+
+
+def format_report(report: dict) -> str:
+  """A few human-readable lines (the CLI prints the JSON report; this is for logs and bench)."""
+  lines = [f'{report["topology"]} ({report["chip"]}, {report["devices"]} devices, '
+           f'{report["hbm_bytes_per_device"] / GIB:.1f} GiB HBM each), mesh {report["mesh"]}, '
+           f'{report["params_max"] / 1e6:.0f}M max params, batch {report["batch"]}']
+  for name, p in report['programs'].items():
+    m = p['memory_bytes']
+    line = (f'  {name}: {m["total"] / GIB:.2f} GiB/device ({p["hbm_fraction"]:.0%} of HBM; '
+            f'args {m["arguments"] / GIB:.2f}, temps {m["temporaries"] / GIB:.2f})')
+    if p.get('estimated_seconds'):
+      line += (f', {p["xla_flops_per_device"] / 1e12:.2f} TFLOP/device, est. '
+               f'{p["estimated_seconds"]:.3f} s, MFU~{p["mfu_estimate"]:.1%}')
+    line += ', fits' if p['fits'] else ', DOES NOT FIT'
+    lines.append(line)
+  return '\n'.join(lines)

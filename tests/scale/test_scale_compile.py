@@ -1,0 +1,93 @@
+"""`elastic-jax compile`: lower and compile for a TPU slice on this CPU (needs the tpu extra)."""
+
+import json
+
+import pytest
+from conftest import REPO, load_config
+
+from elastic_jax import aot, cli
+from elastic_jax.errors import UserError
+
+QUICK = f'--config={REPO}/configs/quickstart.py:tiny'
+
+
+def run(capsys, *args):
+  code = cli.main(['elastic-jax', *args])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+@pytest.mark.parametrize('topology', ['v9:2x2', 'v5e:2x2x2', 'v5p:4x4', 'v5e', 'v5e:0x2'])
+def test_unknown_topology_is_one_clear_line(capsys, topology):
+  code, out, err = run(capsys, 'compile', QUICK, f'--topology={topology}')
+  assert code == 2 and not out
+  lines = [l for l in err.splitlines() if l.startswith('elastic-jax')]
+  assert len(lines) == 1 and 'unknown topology' in lines[0], err
+  assert 'v5e:4x4' in lines[0]  # says what to write
+
+
+def test_topology_names_parse():
+  assert aot.parse_topology('v5e:4x4') == ('v5e', (4, 4))
+  assert aot.parse_topology('V5P:2x2x2') == ('v5p', (2, 2, 2))
+  with pytest.raises(UserError, match='unknown topology'):
+    aot.parse_topology('tpu:2x2')
+
+
+def test_mesh_that_does_not_fit_the_topology_is_one_clear_line(capsys):
+  pytest.importorskip('libtpu')
+  code, out, err = run(capsys, 'compile', QUICK, '--topology=v5e:2x2', '--config.mesh.data=3')
+  assert code == 2 and not out
+  lines = [l for l in err.splitlines() if l.startswith('elastic-jax')]
+  assert len(lines) == 1, err
+  assert 'does not fit topology v5e:2x2 (4 devices)' in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_small_config_compiles_for_v5e_2x2_and_reports_memory(capsys):
+  pytest.importorskip('libtpu')
+  code, out, err = run(capsys, 'compile', QUICK, '--topology=v5e:2x2')
+  assert code == 0, err
+  report = json.loads(out)
+  assert report['devices'] == 4 and report['mesh'] == {'data': 4, 'fsdp': 1, 'tensor': 1}
+  assert report['fits']
+  for name in ('train_step', 'population_eval'):
+    p = report['programs'][name]
+    m = p['memory_bytes']
+    assert m['arguments'] > 0 and m['temporaries'] > 0 and 0 < m['total'] < p[
+        'hbm_bytes_per_device']
+    # Every sub-network's FLOPs are executed (at supernet widths, so at least the model FLOPs).
+    assert p['xla_flops_per_device'] * report['devices'] >= 0.9 * p['model_flops']
+    assert p['estimated_seconds'] > 0 and 0 < p['mfu_estimate'] < 1
+  assert report['programs']['train_step']['memory_bytes']['aliased'] > 0  # donated state
+
+  # The loop-count FLOPs agree with analysis compiles whose loops are unrolled.
+  exact = aot.compile_report(load_config('quickstart', 'tiny'), 'v5e:2x2', flops='unrolled')
+  for name, p in exact['programs'].items():
+    assert report['programs'][name]['xla_flops_per_device'] == pytest.approx(
+        p['xla_flops_per_device'], rel=0.1), name
+
+
+@pytest.mark.slow
+def test_gpt2_medium_fits_in_v5e_4x4_hbm():
+  pytest.importorskip('libtpu')
+  cfg = load_config('gpt2_medium_supernet')
+  report = aot.compile_report(cfg, 'v5e:4x4', programs=('train_step',), flops='none')
+  step = report['programs']['train_step']
+  assert report['params_max'] > 340e6 and report['mesh']['fsdp'] == 16
+  assert step['fits'], aot.format_report(report)
+  assert step['memory_bytes']['total'] < 0.95 * step['hbm_bytes_per_device']
+
+
+@pytest.mark.parametrize('name', ['gpt2_medium_supernet', 'bert_base_elm'])
+@pytest.mark.parametrize('arg', [None, 'v5p-8', 'runlocal'])
+def test_large_configs_build(name, arg):
+  from elastic_jax.workdir import build_space
+  cfg = load_config(name, arg)
+  low, high = build_space(cfg).parameter_range()
+  assert 0 < low < high
+  if arg != 'runlocal':
+    assert high > (340e6 if name.startswith('gpt2') else 80e6)
+    assert cfg.model.dtype == 'bfloat16' and cfg.model.param_dtype == 'float32'
+  # Every micro-batch spans all chips of the slice it was sized for (16 or 8).
+  assert cfg.data.batch_size % (cfg.train.grad_accum * (8 if arg == 'v5p-8' else 16 if arg is
+                                                         None else 1)) == 0
