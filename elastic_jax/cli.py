@@ -157,7 +157,13 @@ def evaluate():
   if FLAGS.model:
     dense, saved = export_lib.load(FLAGS.model)
     loaded = _loaded_config()
-    data_cfg = loaded.data if loaded else ml_collections.ConfigDict(saved['data'])
+    if loaded:
+      data_cfg = loaded.data
+    else:  # the data the model was trained on, tokenized by the tokenizer exported with it
+      data_cfg = ml_collections.ConfigDict(saved['data'])
+      tokenizer = Path(FLAGS.model) / 'tokenizer.json'
+      if tokenizer.is_file():
+        data_cfg.tokenizer = str(tokenizer)
     batches = data.eval_batches(data_cfg)
     result = evaluation.evaluate(dense, batches)
     cost = arch_cost(dense.cfg, dense_arch(dense.dims),

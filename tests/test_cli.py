@@ -50,6 +50,10 @@ def test_export_then_evaluate_gives_the_same_loss(capsys, cache, tmp_path):
   assert code == 0, err
   dense = json.loads(out)
   assert dense['loss'] == pytest.approx(masked['loss'], rel=1e-5)
+  # Without --config: the data config saved in the export, tokenized by the exported tokenizer.
+  code, out, err = run(capsys, 'evaluate', f'--model={tmp_path / "dense"}')
+  assert code == 0, err
+  assert json.loads(out)['loss'] == pytest.approx(masked['loss'], rel=1e-5)
   assert dense['params'] == masked['params']
   assert dense['flops_per_token'] == pytest.approx(masked['flops_per_token'])
 

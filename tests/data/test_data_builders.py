@@ -159,6 +159,11 @@ def test_tfds_catalog_name_reads_prepared_data(shared_data, data_cache):
 
 
 def test_python_docs_text_is_deterministic():
+  """The same text on every run and in every virtual environment of this Python: nothing in it
+  names where the interpreter lives (platform.architecture's default executable did, and two
+  venvs then trained different BPE tokenizers under one cache key)."""
   first = python_docs.collect_documents()
   assert first == python_docs.collect_documents()
   assert len(first) > 300 and all(title and text for title, text in first)
+  text = '\n'.join(t for _, t in first)
+  assert sys.executable not in text and sys.prefix not in text

@@ -32,10 +32,12 @@ def collect_documents() -> list[tuple[str, str]]:
   """[(title, text)] of the Python documentation, gathered in an isolated child process."""
   with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp) / 'docs.json'
-    # -I and a bare environment: no user site-packages and no environment variables can change
-    # what gets imported or end up in the text.
+    # -I -S and a bare environment: no site-packages (a virtual environment's included; their
+    # .pth hooks, e.g. setuptools' distutils shim, would change what stdlib imports resolve to)
+    # and no environment variables can change what gets imported or end up in the text.
     env = {'PATH': os.defpath, 'LANG': 'C.UTF-8', 'HOME': tmp}
-    result = subprocess.run([sys.executable, '-I', str(_DUMP_SCRIPT), str(out)], cwd=tmp, env=env,
+    result = subprocess.run([sys.executable, '-I', '-S', str(_DUMP_SCRIPT), str(out)], cwd=tmp,
+                            env=env,
                             capture_output=True, text=True, timeout=600, check=False)
     if result.returncode != 0 or not out.exists():
       last = (result.stderr.strip().splitlines() or ['no output'])[-1]
@@ -47,7 +49,8 @@ def collect_documents() -> list[tuple[str, str]]:
 class PythonDocsConfig(corpus.PieceCorpusConfig):
 
   def __init__(self, *, validation_fraction: float):
-    key = cache.stable_key(python_identity(), validation_fraction, documents.MAX_PIECE_CHARS)
+    key = cache.stable_key(python_identity(), validation_fraction, documents.MAX_PIECE_CHARS,
+                           'stdlib-only-v2')
     version = f'py{sys.version_info.major}{sys.version_info.minor}'
     super().__init__(name=f'{version}-{key}', validation_fraction=validation_fraction,
                      description=f'Python {platform.python_version()} documentation: pydoc help '

@@ -40,11 +40,18 @@ def _quiet_import(name):
     return importlib.import_module(name)
 
 
+def _is_path(value):
+  """A string default that names a file (platform.architecture(executable=sys.executable)):
+  it would make the corpus depend on where Python or the virtual environment lives."""
+  return isinstance(value, str) and ('/' in value or '\\' in value)
+
+
 def _signature(obj):
   """The signature with only literal defaults spelled out.
 
-  Other defaults are shown as '...': their reprs can hold memory addresses or the environment
-  (cgi.parse(environ=os.environ)), which would make the corpus vary per run and leak variables.
+  Other defaults are shown as '...': their reprs can hold memory addresses, the environment
+  (cgi.parse(environ=os.environ)) or paths, which would make the corpus vary per run or machine
+  and leak variables.
   """
   try:
     signature = inspect.signature(obj)
@@ -54,7 +61,7 @@ def _signature(obj):
   for param in signature.parameters.values():
     default = param.default
     if default is not param.empty and not (
-        isinstance(default, _LITERALS) and len(repr(default)) <= 40):
+        isinstance(default, _LITERALS) and len(repr(default)) <= 40 and not _is_path(default)):
       param = param.replace(default=_Elided())
     params.append(param.replace(annotation=param.empty))
   return str(signature.replace(parameters=params, return_annotation=signature.empty))
