@@ -55,12 +55,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Supernet training: sandwich rule with in-place distillation from the largest sub-network.
   cfg.train = train_config.default_config()
-  cfg.train.steps = 30 if tiny else 300
+  cfg.train.steps = 30 if tiny else 600
   cfg.train.learning_rate = 3e-3
   cfg.train.warmup_steps = 5 if tiny else 30
   cfg.train.log_every = 5 if tiny else 25
-  cfg.train.eval_every = 0 if tiny else 100
-  cfg.train.checkpoint_every = 10 if tiny else 100
+  cfg.train.eval_every = 0 if tiny else 200
+  cfg.train.checkpoint_every = 10 if tiny else 200
   cfg.mesh = train_config.default_mesh()
 
   # Zero-cost proxies (W-PCA and baselines) for `elastic-jax proxy` and training-free search
