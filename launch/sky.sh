@@ -39,24 +39,7 @@ if [[ -z "$cluster" ]]; then
   exit 2
 fi
 
-shquote() {
-  local out=() a q="'"
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then
-      out+=("$a")
-    else
-      out+=("$q${a//$q/$q\\$q$q}$q")
-    fi
-  done
-  echo "${out[*]}"
-}
-
-run() {
-  shquote "$@"
-  if [[ $dry_run -eq 0 ]]; then
-    "$@"
-  fi
-}
+source "$(dirname "$0")/common.sh"  # shquote, run
 
 case "$action" in
   launch)

@@ -69,26 +69,7 @@ runtime_for() {
 where=(--zone="$zone")
 [[ -n "$project" ]] && where+=(--project="$project")
 
-# Shell-quotes words only where needed ('...' with ' written as '\''), so printed commands run.
-shquote() {
-  local out=() a q="'"
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_./:=,@%+~-]+$ ]]; then
-      out+=("$a")
-    else
-      out+=("$q${a//$q/$q\\$q$q}$q")
-    fi
-  done
-  echo "${out[*]}"
-}
-
-# Prints the command (runnable as printed); runs it unless --dry-run.
-run() {
-  shquote "$@"
-  if [[ $dry_run -eq 0 ]]; then
-    "$@"
-  fi
-}
+source "$(dirname "$0")/common.sh"  # shquote, run
 
 tpu=(gcloud compute tpus tpu-vm)
 archive="${TMPDIR:-/tmp}/elastic_jax_code.tar.gz"
