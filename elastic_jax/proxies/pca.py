@@ -16,9 +16,9 @@ is kernel^T (X^T X) kernel. For N tokens, hidden width D and FFN width F that co
 + D F^2 multiply-adds instead of N F^2 (F is typically 2-4x D), and when F > D the
 decomposition shrinks to D x D (see `linear_count`). It is what W-PCA uses.
 
-The eigenvalues are the singular values of the (positive semi-definite) scatter matrix, computed
-values-only: on CPU, JAX's `eigvalsh` runs LAPACK's eigensolver with eigenvectors, while
-`svd(compute_uv=False)` skips them.
+The eigenvalues of the (positive semi-definite) scatter matrix come from the solver that is
+fastest on the platform (`descending_eigenvalues`): on CPU its singular values, computed
+values-only; on GPU and TPU `eigvalsh`.
 
 Numerics (float32). Columns are first shifted by one valid row, then centred (the shifted-data
 algorithm), so a column that is constant over the valid rows (all-zero masked FFN columns
@@ -56,6 +56,24 @@ def centred(h_NxD: jax.Array, row_weight_N: jax.Array | None = None
   return (x_NxD - mean_D) * w_N[:, None], n_valid
 
 
+def _singular_values(m):
+  return jnp.linalg.svd(m, compute_uv=False)
+
+
+def _eigvalsh_descending(m):
+  return jnp.linalg.eigvalsh(m)[..., ::-1]
+
+
+def descending_eigenvalues(m_DxD: jax.Array) -> jax.Array:
+  """Eigenvalues of a symmetric positive semi-definite matrix, in descending order.
+
+  On CPU its singular values, computed values-only (JAX's CPU `eigvalsh` also computes the
+  eigenvectors); elsewhere `eigvalsh`, whose batched GPU solver is ~100x faster than the GPU SVD
+  at these sizes (H100: 96 matrices of 128 x 128 in 1.3 ms against 228 ms). Both return the
+  same values up to solver rounding (tested)."""
+  return jax.lax.platform_dependent(m_DxD, cpu=_singular_values, default=_eigvalsh_descending)
+
+
 def count_from_scatter(m_DxD: jax.Array, n_valid: jax.Array, varying: jax.Array,
                        eta: float) -> jax.Array:
   """The PCA count from a scatter (or Gram) matrix of `n_valid` centred rows, `varying` of whose
@@ -64,7 +82,7 @@ def count_from_scatter(m_DxD: jax.Array, n_valid: jax.Array, varying: jax.Array,
   # float32's subnormal range whatever the scale of the activations.
   scale = jnp.trace(m_DxD) / m_DxD.shape[0]
   m_DxD = m_DxD / jnp.where(scale > 0, scale, 1.0)
-  ev = jnp.linalg.svd(0.5 * (m_DxD + m_DxD.T), compute_uv=False)  # descending
+  ev = descending_eigenvalues(0.5 * (m_DxD + m_DxD.T))
   dims = jnp.maximum(n_valid, varying)
   tol = dims * _EPS32 * ev[0]
   ev = jnp.where(ev > tol, ev, 0.0)

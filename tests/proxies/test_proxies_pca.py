@@ -159,3 +159,18 @@ def test_linear_count_equals_count_of_the_product():
       got = int(jax.jit(pca_count_linear)(jnp.asarray(x), jnp.asarray(k), eta, wj))
       k_ref, near = reference(np.asarray(h, np.float64), eta, w)
       assert got == k_ref or (near <= MARGIN and abs(got - k_ref) <= 1), (x.shape, eta, got, k_ref)
+
+
+def test_both_eigenvalue_solvers_agree():
+  """`descending_eigenvalues` picks singular values on CPU and eigvalsh elsewhere: on the
+  reference matrices' scatter matrices both give the same spectrum to solver rounding."""
+  from elastic_jax.proxies import pca
+  for name, h in matrices().items():
+    x = np.asarray(h, np.float64)
+    x = x - x.mean(axis=0)
+    m = jnp.asarray(x.T @ x, jnp.float32)
+    a = np.asarray(pca._singular_values(m))
+    b = np.asarray(pca._eigvalsh_descending(m))
+    scale = max(float(a[0]), 1e-30)
+    np.testing.assert_allclose(a / scale, np.maximum(b, 0) / scale, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(pca.descending_eigenvalues(m)), a)  # CPU: SVD
