@@ -29,7 +29,7 @@ _KINDS = ('encoder', 'decoder')
 _POSITIONS = ('learned', 'rotary', 'none')
 _NORMS = ('layernorm', 'rmsnorm', 'nonorm')
 _PLACEMENTS = ('pre', 'post')
-_MLPS = ('gelu', 'relu', 'swiglu')
+_MLPS = ('gelu', 'gelu_tanh', 'relu', 'swiglu')
 _DTYPES = ('float32', 'bfloat16', 'float16')
 
 
@@ -54,13 +54,15 @@ class ModelConfig:
   norm: str = 'layernorm'  # 'layernorm' | 'rmsnorm' | 'nonorm' (MobileBERT's elementwise affine)
   norm_placement: str = 'pre'  # 'pre' (GPT-2, Llama) | 'post' (BERT)
   norm_eps: float = 1e-5
-  mlp: str = 'gelu'  # 'gelu' | 'relu' | 'swiglu'
+  mlp: str = 'gelu'  # 'gelu' (exact) | 'gelu_tanh' (GPT-2's tanh form) | 'relu' | 'swiglu'
   tie_embeddings: bool = True
   embed_dim: int = 0  # factorised embedding width E < hidden (ALBERT/MobileBERT); 0 = no factor
   use_bias: bool = True  # biases of linear layers and norms
+  qkv_bias: bool = False  # q/k/v projections carry biases even when use_bias is False (Qwen2)
   output_bias: bool = False  # a bias on the vocabulary logits (BERT's decoder has one)
   head_transform: bool = False  # BERT's MLM head: dense -> act -> norm before the vocab projection
   type_vocab_size: int = 0  # BERT token-type (segment A/B) embeddings; 0 = none
+  pooler: bool = False  # BERT's pooler (dense + tanh on the first token); not used by the LM loss
   init_std: float = 0.02
   dtype: str = 'float32'  # compute dtype
   param_dtype: str = 'float32'
@@ -87,6 +89,10 @@ class ModelConfig:
   @property
   def factorised(self) -> bool:
     return self.embed_dim > 0
+
+  @property
+  def attn_qkv_bias(self) -> bool:
+    return self.use_bias or self.qkv_bias
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,8 @@ def _embed_head_cost(cfg: ModelConfig, h):
     params = params + e * cfg.vocab_size
   if cfg.output_bias:
     params = params + cfg.vocab_size
+  if cfg.pooler:  # not part of the LM forward: parameters only
+    params = params + h * h + h
   macs = macs + e * cfg.vocab_size
   return params, macs
 

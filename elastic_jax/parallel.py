@@ -33,6 +33,7 @@ LOGICAL_RULES = {
     'head_dim': None,
     'pos': None,
     'types': None,
+    'embed_out': None,  # the pooler's output features (its input is 'embed')
 }
 
 

@@ -53,8 +53,9 @@ def _linear_params(cfg: ModelConfig, d_in, d_out):
 
 
 def attention_cost(cfg: ModelConfig, width, heads, kv_groups, head_dim):
-  q = _linear_params(cfg, width, heads * head_dim)
-  kv = 2 * _linear_params(cfg, width, kv_groups * head_dim)
+  qkv_bias = 1 if cfg.attn_qkv_bias else 0
+  q = width * heads * head_dim + qkv_bias * heads * head_dim
+  kv = 2 * (width * kv_groups * head_dim + qkv_bias * kv_groups * head_dim)
   o = _linear_params(cfg, heads * head_dim, width)
   matmul = width * heads * head_dim * 2 + 2 * width * kv_groups * head_dim
   return q + kv + o, matmul

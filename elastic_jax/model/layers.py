@@ -43,6 +43,19 @@ def make_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], cfg: M
   return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
 
 
+def activation(name: str, x: Array) -> Array:
+  """The nonlinearity `name` of ModelConfig.mlp (SwiGLU's is SiLU, applied to the gate)."""
+  if name == 'gelu':
+    return jax.nn.gelu(x, approximate=False)
+  if name == 'gelu_tanh':
+    return jax.nn.gelu(x, approximate=True)
+  if name == 'relu':
+    return jax.nn.relu(x)
+  if name == 'swiglu':
+    return jax.nn.silu(x)
+  raise ValueError(name)
+
+
 def prefix_mask(n_max: int, n_active, dtype) -> Array:
   """[n_max] ones on the first `n_active` entries, zeros after."""
   return (jnp.arange(n_max) < n_active).astype(dtype)
@@ -120,13 +133,13 @@ class Attention(nnx.Module):
     self.k = make_param(rngs, (w, g, h), (width_axis, 'kv', 'head_dim'), cfg)
     self.v = make_param(rngs, (w, g, h), (width_axis, 'kv', 'head_dim'), cfg)
     self.o = make_param(rngs, (n, h, w), ('heads', 'head_dim', width_axis), cfg)
-    if cfg.use_bias:
+    if cfg.attn_qkv_bias:
       self.q_bias = make_param(rngs, (n, h), ('heads', 'head_dim'), cfg, 'zeros')
       self.k_bias = make_param(rngs, (g, h), ('kv', 'head_dim'), cfg, 'zeros')
       self.v_bias = make_param(rngs, (g, h), ('kv', 'head_dim'), cfg, 'zeros')
-      self.o_bias = make_param(rngs, (w,), (width_axis,), cfg, 'zeros')
     else:
-      self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
+      self.q_bias = self.k_bias = self.v_bias = None
+    self.o_bias = make_param(rngs, (w,), (width_axis,), cfg, 'zeros') if cfg.use_bias else None
 
   def __call__(self, x_BTD: Array, attn_mask_BTS: Array, positions_BT: Array,
                active: dict | None = None, capture: dict | None = None) -> Array:
@@ -211,11 +224,10 @@ class MLP(nnx.Module):
     up_BTF = linear(self.up, self.up_bias)
     if self.gate is None:
       pre_BTF = up_BTF
-      act_BTF = jax.nn.gelu(up_BTF, approximate=False) if self.kind == 'gelu' \
-          else jax.nn.relu(up_BTF)
+      act_BTF = activation(self.kind, up_BTF)
     else:
       pre_BTF = linear(self.gate, self.gate_bias)
-      act_BTF = jax.nn.silu(pre_BTF) * up_BTF
+      act_BTF = activation(self.kind, pre_BTF) * up_BTF
     if ffn_active is not None:
       ffn_mask = (jnp.arange(lo, hi) < ffn_active).astype(x_BTD.dtype)
       pre_BTF, act_BTF = pre_BTF * ffn_mask, act_BTF * ffn_mask

@@ -17,7 +17,7 @@ from flax import nnx
 
 from elastic_jax.config import BLOCK_TYPES, SKIP, LayerDims, ModelConfig, ModelDims
 from elastic_jax.model.blocks import BLOCK_CAPTURES, BLOCKS, WIDTH_AXIS, Context
-from elastic_jax.model.layers import Norm, make_param, prefix_mask
+from elastic_jax.model.layers import Norm, activation, make_param, prefix_mask
 
 Array = jax.Array
 
@@ -82,15 +82,21 @@ class Head(nnx.Module):
     self.out_bias = (make_param(rngs, (cfg.vocab_size,), ('vocab',), cfg, 'zeros')
                      if cfg.output_bias else None)
 
-  def __call__(self, x_BTD, token_table_VE, hidden_mask, hidden_count) -> Array:
-    cfg = self.cfg
+  def normed(self, x_BTD, hidden_mask, hidden_count) -> Array:
+    """The last hidden states as the model outputs them (after the final norm of pre-norm
+    models): what Hugging Face calls `last_hidden_state`."""
     if self.final_norm is not None:
       x_BTD = self.final_norm(x_BTD, hidden_mask, hidden_count)
+    return x_BTD
+
+  def __call__(self, x_BTD, token_table_VE, hidden_mask, hidden_count) -> Array:
+    cfg = self.cfg
+    x_BTD = self.normed(x_BTD, hidden_mask, hidden_count)
     if self.transform is not None:
       x_BTD = jnp.einsum('BTD,DE->BTE', x_BTD, self.transform[...].astype(x_BTD.dtype))
       if self.transform_bias is not None:
         x_BTD = x_BTD + self.transform_bias[...].astype(x_BTD.dtype)
-      x_BTD = jax.nn.relu(x_BTD) if cfg.mlp == 'relu' else jax.nn.gelu(x_BTD, approximate=False)
+      x_BTD = activation('gelu' if cfg.mlp == 'swiglu' else cfg.mlp, x_BTD)
       # Without a factorised embedding the transform's output is the (elastic) hidden width.
       mask, count = (None, None) if cfg.factorised else (hidden_mask, hidden_count)
       x_BTD = self.transform_norm(x_BTD, mask, count)
@@ -102,6 +108,20 @@ class Head(nnx.Module):
     if self.out_bias is not None:
       logits_BTV = logits_BTV + self.out_bias[...].astype(jnp.float32)
     return logits_BTV
+
+
+class Pooler(nnx.Module):
+  """BERT's pooler: tanh(dense(first token's last hidden state)), for sentence-level heads."""
+
+  def __init__(self, cfg: ModelConfig, dims: ModelDims, *, rngs: nnx.Rngs):
+    h = dims.hidden
+    self.kernel = make_param(rngs, (h, h), ('embed', 'embed_out'), cfg)
+    self.bias = make_param(rngs, (h,), ('embed_out',), cfg, 'zeros')
+
+  def __call__(self, x_BTD: Array, hidden_mask: Array | None) -> Array:
+    y_BD = jnp.einsum('BD,DE->BE', x_BTD[:, 0], self.kernel[...].astype(x_BTD.dtype))
+    y_BD = jnp.tanh(y_BD + self.bias[...].astype(x_BTD.dtype))
+    return y_BD if hidden_mask is None else y_BD * hidden_mask
 
 
 class Layer(nnx.Module):
@@ -163,6 +183,7 @@ class Model(nnx.Module):
     self.embed = Embedding(cfg, dims, rngs=rngs)
     self.layers = nnx.List([Layer(cfg, dims, l, rngs=rngs) for l in dims.layers])
     self.head = Head(cfg, dims, rngs=rngs)
+    self.pooler = Pooler(cfg, dims, rngs=rngs) if cfg.pooler else None
 
   def __call__(self, batch: Mapping[str, Array], arch=None, capture: tuple[str, ...] = ()):
     """Logits [B, T, vocab] (float32); with `capture`, also a dict of the named features.
@@ -176,6 +197,18 @@ class Model(nnx.Module):
     if not capture:
       return logits
     return logits, features
+
+  def hidden_states(self, batch: Mapping[str, Array], arch=None, *,
+                    pooled: bool = False) -> Array | tuple[Array, Array]:
+    """The last hidden states [B, T, hidden] (after the final norm of pre-norm models; inactive
+    features are zeros), and with `pooled` the pooler's output [B, hidden] too."""
+    x, (hidden_mask, hidden_count), _ = self._trunk(batch, arch, ())
+    x = self.head.normed(x, hidden_mask, hidden_count)
+    if not pooled:
+      return x
+    if self.pooler is None:
+      raise ValueError('this model has no pooler (model.pooler=False)')
+    return x, self.pooler(x, hidden_mask)
 
   def features(self, batch: Mapping[str, Array], arch=None,
                capture: tuple[str, ...] = ()) -> dict:

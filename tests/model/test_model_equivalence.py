@@ -19,12 +19,14 @@ from elastic_jax.space import Space
 # Family variants: together they cover both kinds and every knob (GQA, rotary, post-norm, swiglu,
 # factorised embedding, bottleneck and skip blocks, layer subsets, norms, heads, token types).
 FAMILIES = {
-    'gpt2': dict(kind='decoder', positions='learned', norm='layernorm', mlp='gelu'),
+    'gpt2': dict(kind='decoder', positions='learned', norm='layernorm', mlp='gelu_tanh'),
     'llama_gqa': dict(kind='decoder', positions='rotary', norm='rmsnorm', mlp='swiglu',
                       use_bias=False),
+    'qwen2_qkv_bias': dict(kind='decoder', positions='rotary', norm='rmsnorm', mlp='swiglu',
+                           use_bias=False, qkv_bias=True, tie_embeddings=False),
     'bert_post': dict(kind='encoder', positions='learned', norm='layernorm',
                       norm_placement='post', mlp='gelu', head_transform=True, output_bias=True,
-                      type_vocab_size=2),
+                      type_vocab_size=2, pooler=True),
     'mobilebert': dict(kind='encoder', positions='learned', norm='nonorm', norm_placement='post',
                        mlp='relu', embed_dim=10, head_transform=True, output_bias=True,
                        type_vocab_size=2),
@@ -41,7 +43,7 @@ FAMILIES = {
 SPACE = dict(num_layers=3, hidden=[18, 26, 34], depth=[1, 2, 3],
              blocks=['transformer', 'bottleneck', 'skip'], heads=[2, 3, 6], kv_groups=[1, 2, 3],
              head_dim=[4, 6], ffn=[10, 22, 34], inner=[8, 14], bottleneck_head_dim=4)
-ARCHS_PER_FAMILY = 26  # x 8 families = 208 random architectures
+ARCHS_PER_FAMILY = 24  # x 9 families = 216 random architectures
 VOCAB = 53
 
 
@@ -130,7 +132,9 @@ def test_every_block_type_and_knob_is_covered():
   assert values['positions'] >= {'learned', 'rotary', 'none'}
   assert values['norm'] >= {'layernorm', 'rmsnorm', 'nonorm'}
   assert values['norm_placement'] >= {'post'}
-  assert values['mlp'] >= {'gelu', 'relu', 'swiglu'}
+  assert values['mlp'] >= {'gelu', 'gelu_tanh', 'relu', 'swiglu'}
+  assert any(f.get('qkv_bias') for f in FAMILIES.values())
+  assert any(f.get('pooler') for f in FAMILIES.values())
   assert any(f.get('embed_dim') for f in FAMILIES.values())
   assert len(FAMILIES) * ARCHS_PER_FAMILY >= 200
   assert set(itertools.chain(SPACE['blocks'])) == {'transformer', 'bottleneck', 'skip'}
