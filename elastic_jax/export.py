@@ -55,15 +55,15 @@ def dense_dims(space: SpaceConfig, arch: Arch) -> tuple[ModelDims, list[int]]:
   return dims, source
 
 
-def _flat_params(model: nnx.Module) -> dict[tuple, jax.Array]:
+def flat_params(model: nnx.Module) -> dict[tuple, jax.Array]:
   return {path: var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def _abstract(cfg: ModelConfig, dims: ModelDims) -> Model:
+def abstract_model(cfg: ModelConfig, dims: ModelDims) -> Model:
   return nnx.eval_shape(lambda: Model(cfg, dims, rngs=nnx.Rngs(0)))
 
 
-def _fill(abstract: Model, values: Mapping[tuple, jax.Array | np.ndarray]) -> Model:
+def fill_model(abstract: Model, values: Mapping[tuple, jax.Array | np.ndarray]) -> Model:
   """Builds a concrete model from an abstract one and a value for every parameter path."""
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
@@ -75,8 +75,8 @@ def _fill(abstract: Model, values: Mapping[tuple, jax.Array | np.ndarray]) -> Mo
 def export(supernet: Model, space: SpaceConfig, arch: Arch) -> Model:
   """The dense model computing exactly what `supernet(batch, arch)` computes."""
   dims, source = dense_dims(space, arch)
-  abstract = _abstract(supernet.cfg, dims)
-  super_params = _flat_params(supernet)
+  abstract = abstract_model(supernet.cfg, dims)
+  super_params = flat_params(supernet)
   values = {}
   for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
     src = path
@@ -86,7 +86,7 @@ def export(supernet: Model, space: SpaceConfig, arch: Arch) -> Model:
     if any(n > m for n, m in zip(var.shape, full.shape)):
       raise ValueError(f'cannot slice {src} of shape {full.shape} to {var.shape}')
     values[path] = full[tuple(slice(0, n) for n in var.shape)]
-  return _fill(abstract, values)
+  return fill_model(abstract, values)
 
 
 def import_dense(supernet: Model, space: SpaceConfig, arch: Arch, dense: Model) -> None:
@@ -98,7 +98,7 @@ def import_dense(supernet: Model, space: SpaceConfig, arch: Arch, dense: Model) 
                     f'{dense.dims} != {dims}')
   super_state = nnx.state(supernet, nnx.Param)
   flat = dict(nnx.to_flat_state(super_state))
-  for path, value in _flat_params(dense).items():
+  for path, value in flat_params(dense).items():
     dst = (path[0], source[path[1]]) + path[2:] if path[0] == 'layers' else path
     var = flat[dst]
     var.set_value(var[...].at[tuple(slice(0, n) for n in value.shape)].set(value))
@@ -106,14 +106,14 @@ def import_dense(supernet: Model, space: SpaceConfig, arch: Arch, dense: Model) 
 
 
 def param_count(model: nnx.Module) -> int:
-  return int(sum(np.prod(v.shape) for v in _flat_params(model).values()))
+  return int(sum(np.prod(v.shape) for v in flat_params(model).values()))
 
 
-def _key(path: tuple) -> str:
+def param_key(path: tuple) -> str:
   return '.'.join(str(p) for p in path)
 
 
-def _atomic_dir(out: Path, write) -> None:
+def write_dir_atomic(out: Path, write) -> None:
   """Runs `write(tmp_dir)`, then moves tmp_dir to `out` (replacing an older one)."""
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +151,7 @@ def save(model: Model, out: str | Path, *, arch: Arch | None = None,
       'source_arch': arch_lib.to_json(arch) if arch is not None else None,
       **(dict(extra) if extra else {}),
   }
-  tensors = {_key(p): np.asarray(v) for p, v in _flat_params(model).items()}
+  tensors = {param_key(p): np.asarray(v) for p, v in flat_params(model).items()}
 
   def write(tmp: Path):
     save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={'format': FORMAT})
@@ -161,7 +161,7 @@ def save(model: Model, out: str | Path, *, arch: Arch | None = None,
     for name, src in (files or {}).items():
       shutil.copyfile(src, tmp / name)
 
-  _atomic_dir(Path(out), write)
+  write_dir_atomic(Path(out), write)
   return Path(out)
 
 
@@ -200,14 +200,14 @@ def load(directory: str | Path) -> tuple[Model, dict]:
     tensors = load_file(str(weights))
   except (SafetensorError, OSError, ValueError) as e:
     raise UserError(f'{weights} is corrupt or truncated ({e}); re-export the model') from None
-  abstract = _abstract(cfg, dims)
+  abstract = abstract_model(cfg, dims)
   values = {}
   for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-    key = _key(path)
+    key = param_key(path)
     if key not in tensors:
       raise UserError(f'{weights} lacks tensor {key}; re-export the model')
     if tuple(tensors[key].shape) != tuple(var.shape):
       raise UserError(f'{weights}: tensor {key} has shape {tensors[key].shape}, config.json '
                       f'implies {tuple(var.shape)}; re-export the model')
     values[path] = tensors[key]
-  return _fill(abstract, values), config
+  return fill_model(abstract, values), config

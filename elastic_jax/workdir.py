@@ -12,6 +12,7 @@ supernet uses the config's seeded initialisation, so every command works before 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -80,8 +81,46 @@ def load_supernet(cfg: ml_collections.ConfigDict, workdir: str | None,
   """
   space = space or build_space(cfg)
   model = init_supernet(cfg, space)
+  step = None
   if workdir:
     from elastic_jax.train import checkpointing  # noqa: PLC0415  (optional until training runs)
     step = checkpointing.restore_params_if_any(Path(workdir), model)
-    return model, step
-  return model, None
+  init_from = cfg.get('train', {}).get('init_from', '')
+  if step is None and init_from:  # e.g. an imported pre-trained model, not yet fine-tuned
+    apply_init_from(init_from, model, space)
+  return model, step
+
+
+def apply_init_from(path: str, model: Model, space: Space) -> str:
+  """Writes the weights `train.init_from` names into the supernet (in place); returns what they
+  were. `path`: an exported dense model (placed at its source arch), a workdir with checkpoints
+  (its latest supernet), or `hf:DIR`, a Hugging Face checkpoint (placed as the sub-network of its
+  own sizes, which must be in the space)."""
+  from elastic_jax import arch as arch_lib
+  from elastic_jax import export as export_lib
+  if path.startswith('hf:'):
+    from elastic_jax.hf import convert
+    from elastic_jax.hf.space import original_arch
+    imported = convert.load_dense(path[3:])
+    numerics = dict(dtype='float32', param_dtype='float32', init_std=0.0)  # not the function
+    if dataclasses.replace(imported.model.cfg, **numerics) != dataclasses.replace(space.model,
+                                                                                   **numerics):
+      raise UserError(f'config field train.init_from={path!r}: the checkpoint\'s model family '
+                      f'{imported.model.cfg} differs from the config\'s model section '
+                      f'{space.model}; import it with `elastic-jax import-hf` instead')
+    arch = arch_lib.from_json(original_arch(imported.shape, space.num_layers), space.cfg)
+    export_lib.import_dense(model, space.cfg, arch, imported.model)
+    return f'Hugging Face checkpoint {path[3:]}'
+  p = Path(path)
+  if (p / export_lib.CONFIG_FILE).is_file():
+    dense, saved = export_lib.load(p)
+    source = saved.get('source_arch')
+    if source is None:
+      raise UserError(f'{p} records no source_arch; it cannot be placed into this supernet')
+    export_lib.import_dense(model, space.cfg, arch_lib.from_json(source, space.cfg), dense)
+    return f'exported model {p}'
+  from elastic_jax.train import checkpointing  # noqa: PLC0415
+  if checkpointing.restore_params_if_any(p, model) is not None:
+    return f'workdir {p}'
+  raise UserError(f'config field train.init_from={path!r}: neither an exported model, a '
+                  'workdir with checkpoints nor hf:DIR (a Hugging Face checkpoint)')

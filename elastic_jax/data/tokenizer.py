@@ -140,7 +140,11 @@ class ByteTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
   """A Hugging Face `tokenizers.Tokenizer`, with any missing special token appended to it."""
 
-  def __init__(self, tokenizer: hf.Tokenizer, *, kind: str, lossless: bool):
+  def __init__(self, tokenizer: hf.Tokenizer, *, kind: str, lossless: bool,
+               named: dict[str, str] | None = None):
+    """`named`: role -> token text from a pre-trained model's tokenizer_config.json; those roles
+    use the model's own tokens (two roles may share one, e.g. pad = eos, as the model was
+    trained)."""
     tokenizer.no_padding()  # Pipelines pad and truncate themselves; a tokenizer.json may not.
     tokenizer.no_truncation()
     self._tokenizer = tokenizer
@@ -148,13 +152,17 @@ class HFTokenizer(Tokenizer):
     self.lossless = lossless
     specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
     taken: set[int] = set()
+    self.appended_roles: tuple[str, ...] = ()
     for role in SPECIAL_ROLES:
-      found = next((specials[name] for name in _ROLE_CANDIDATES[role]
-                    if name in specials and specials[name] not in taken), None)
+      found = tokenizer.token_to_id(named[role]) if role in (named or {}) else None
+      if found is None:
+        found = next((specials[name] for name in _ROLE_CANDIDATES[role]
+                      if name in specials and specials[name] not in taken), None)
       if found is None:  # e.g. BERT has no bos/eos, GPT-2 only <|endoftext|>.
         name = _ROLE_CANDIDATES[role][0]
         tokenizer.add_special_tokens([hf.AddedToken(name, special=True, normalized=False)])
         found = tokenizer.token_to_id(name)
+        self.appended_roles += (role,)
       setattr(self, f'{role}_id', found)
       taken.add(found)
     self._special_names = sorted(specials) + [_ROLE_CANDIDATES[r][0] for r in SPECIAL_ROLES]
@@ -230,7 +238,26 @@ def tokenizer_from_file(path: str | Path) -> Tokenizer:
     raise UserError(f'data.tokenizer: {path} is not a Hugging Face tokenizer.json ({e})') from e
   is_byte_level = isinstance(tokenizer.pre_tokenizer, hf.pre_tokenizers.ByteLevel) and \
       isinstance(tokenizer.decoder, hf.decoders.ByteLevel) and tokenizer.normalizer is None
-  return HFTokenizer(tokenizer, kind='hf', lossless=is_byte_level)
+  return HFTokenizer(tokenizer, kind='hf', lossless=is_byte_level,
+                     named=_configured_roles(path.parent / 'tokenizer_config.json'))
+
+
+def _configured_roles(path: Path) -> dict[str, str]:
+  """Special-token roles a transformers `tokenizer_config.json` names ({} if there is none)."""
+  if not path.is_file():
+    return {}
+  try:
+    config = json.loads(path.read_text(encoding='utf-8'))
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f'{path} is not valid JSON ({e})') from None
+  roles = {}
+  for role in SPECIAL_ROLES:
+    value = config.get(f'{role}_token') if isinstance(config, dict) else None
+    if isinstance(value, dict):  # AddedToken serialised as {"content": ...}
+      value = value.get('content')
+    if isinstance(value, str) and value:
+      roles[role] = value
+  return roles
 
 
 def bpe_tokenizer(cfg: DataConfig, corpus: sources.Corpus) -> Tokenizer:
@@ -277,12 +304,28 @@ def _training_texts(corpus: sources.Corpus) -> Iterator[str]:
         return
 
 
-def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+# Special tokens each task writes into batches.
+TASK_ROLES = {'causal_lm': ('bos', 'eos', 'pad'), 'mlm': ('cls', 'sep', 'mask', 'pad'),
+              'glue': ('cls', 'sep', 'pad')}
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int, task: str | None = None) -> None:
   """Raises UserError unless the model's embedding has a row for every tokenizer id.
 
   A larger model vocabulary is fine (padded to a friendly multiple); a smaller one would index out
-  of range.
+  of range. With `task`, special tokens the tokenizer lacked and elastic_jax appended (ids past a
+  pre-trained model's vocabulary) are allowed when the task never writes them.
   """
+  appended = getattr(tokenizer, 'appended_roles', ())
+  if task is not None and appended:
+    needed = [r for r in TASK_ROLES.get(task, SPECIAL_ROLES)
+              if r in appended and getattr(tokenizer, f'{r}_id') >= model_vocab_size]
+    if needed:
+      raise UserError(f'the tokenizer has no {"/".join(needed)} token within the model\'s '
+                      f'{model_vocab_size} ids, which task {task!r} needs; name one in the '
+                      'tokenizer_config.json beside tokenizer.json (e.g. "pad_token")')
+    if model_vocab_size >= tokenizer.vocab_size - len(appended):
+      return
   if model_vocab_size < tokenizer.vocab_size:
     raise UserError(f'the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids but '
                     f'model.vocab_size is {model_vocab_size}; set model.vocab_size to at least '

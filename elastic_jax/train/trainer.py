@@ -28,7 +28,7 @@ from elastic_jax.train.checkpointing import Checkpoints, restore_params_if_any
 from elastic_jax.train.logger import MetricLogger
 from elastic_jax.train.sampling import Sampler, teacher_is_first
 from elastic_jax.train.step import DistillSpec, TrainState, make_optimizer, make_train_step
-from elastic_jax.workdir import build_space, init_supernet, save_config
+from elastic_jax.workdir import apply_init_from, build_space, init_supernet, save_config
 
 
 class TrainingDiverged(UserError):
@@ -110,21 +110,6 @@ def _external_teacher_fn(teacher_graphdef):
     logits, feats = out if capture else (out, {})
     return teacher_outputs(logits, feats)
   return run
-
-
-def _init_from(path: str, model, cfg, space) -> str:
-  p = Path(path)
-  if (p / export_lib.CONFIG_FILE).is_file():
-    dense, saved = export_lib.load(p)
-    source = saved.get('source_arch')
-    if source is None:
-      raise UserError(f'{p} records no source_arch; it cannot be placed into this supernet')
-    export_lib.import_dense(model, space.cfg, arch_lib.from_json(source, space.cfg), dense)
-    return f'exported model {p}'
-  if restore_params_if_any(p, model) is not None:
-    return f'workdir {p}'
-  raise UserError(f'config field train.init_from={path!r}: neither an exported model nor a '
-                  'workdir with checkpoints')
 
 
 @dataclasses.dataclass
@@ -232,7 +217,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
   mesh = parallel.make_mesh(cfg.get('mesh', {}))
   check_batch(cfg, mesh)
   tokenizer = data.load_tokenizer(cfg.data)
-  data.check_vocab(tokenizer, cfg.model.vocab_size)
+  data.check_vocab(tokenizer, cfg.model.vocab_size, task=cfg.data.task)
   is_main = jax.process_index() == 0
   if is_main:
     save_config(workdir, cfg)
@@ -248,7 +233,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
   source = 'seeded initialisation'
   if tcfg.init_from:
     model = init_supernet(cfg, space)
-    source = _init_from(tcfg.init_from, model, cfg, space)
+    source = apply_init_from(tcfg.init_from, model, space)
     params = nnx.State({'model': distributed.put_global(nnx.state(model, nnx.Param),
                                                         shardings.params['model']),
                         'proj': params['proj']})
