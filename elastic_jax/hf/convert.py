@@ -66,8 +66,8 @@ def read(directory: str | Path) -> tuple[ModelConfig, layout.Shape, dict, dict, 
   unknown = [n for n in unused if not _NOT_IMPORTED.search(n)]
   if unknown:
     raise UserError(f'{directory}: {len(unknown)} checkpoint tensor(s) have no place in a '
-                    f'{hf_config["model_type"]} model as elastic_jax reads it, e.g. {unknown[0]!r}; '
-                    'is config.json the one these weights were saved with?')
+                    f'{hf_config["model_type"]} model as elastic_jax reads it, e.g. '
+                    f'{unknown[0]!r}; is config.json the one these weights were saved with?')
   return cfg, shape, hf_config, native, unused
 
 

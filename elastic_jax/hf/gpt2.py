@@ -39,7 +39,8 @@ def to_native(t: Mapping, hf: Mapping, s: Shape) -> dict[str, np.ndarray]:
   pre = prefix(t, 'wte.weight', ('transformer.', ''))
   d, n, hd = s.hidden, s.heads, s.head_dim
   p = {'embed.tokens': t[pre + 'wte.weight'], 'embed.positions': t[pre + 'wpe.weight'],
-       'head.final_norm.scale': t[pre + 'ln_f.weight'], 'head.final_norm.bias': t[pre + 'ln_f.bias']}
+       'head.final_norm.scale': t[pre + 'ln_f.weight'],
+       'head.final_norm.bias': t[pre + 'ln_f.bias']}
   if not hf.get('tie_word_embeddings', True):
     p['head.out'] = t['lm_head.weight'].T
   for i in range(s.num_layers):

@@ -83,7 +83,7 @@ def to_native(t: Mapping, hf: Mapping, s: Shape) -> dict[str, np.ndarray]:
   for i in range(s.num_layers):
     a = f'{pre}layers.{i}.self_attn.'
     m = f'{pre}layers.{i}.mlp.'
-    proj = lambda name, n, rotate: (
+    proj = lambda name, n, rotate, a=a: (
         t[a + name + '.weight'].reshape(n, hd, d)[:, perm if rotate else slice(None)]
         .transpose(2, 0, 1))
     p[layer_key(i, 'attn.q')] = proj('q_proj', s.heads, True)
