@@ -20,7 +20,7 @@ COMMANDS = {}
 
 
 def command(fn):
-  COMMANDS[fn.__name__.rstrip('_')] = fn
+  COMMANDS[fn.__name__.rstrip('_').replace('_', '-')] = fn
   return fn
 
 
@@ -30,9 +30,15 @@ def _make_flags() -> flags.FlagValues:
   config_flags.DEFINE_config_file('config', None, 'Experiment config file, configs/X.py[:arg].',
                                   flag_values=fv, lock_config=False)
   flags.DEFINE_string('workdir', None, 'Working directory of the run.', flag_values=fv)
-  flags.DEFINE_string('arch', None, 'Architecture JSON file.', flag_values=fv)
+  flags.DEFINE_string('arch', None, "Architecture JSON file, or 'largest' / 'smallest'.",
+                      flag_values=fv)
+  flags.DEFINE_enum('format', 'native', ['native', 'hf'], 'export: native (config.json + '
+                    'model.safetensors) or hf (a directory transformers loads).', flag_values=fv)
+  flags.DEFINE_string('gguf', None, 'import-hf: a GGUF file to dequantise and import (hf extra).',
+                      flag_values=fv)
   flags.DEFINE_string('out', None, 'Output directory.', flag_values=fv)
-  flags.DEFINE_string('model', None, 'Directory of an exported dense model.', flag_values=fv)
+  flags.DEFINE_string('model', None, 'Directory of an exported dense model (import-hf: a Hugging '
+                      'Face model directory).', flag_values=fv)
   flags.DEFINE_integer('n', 1, 'Number of architectures.', flag_values=fv)
   flags.DEFINE_integer('seed', 0, 'Random seed.', flag_values=fv)
   flags.DEFINE_integer('max_params', None, 'Parameter budget for sampling.', flag_values=fv)
@@ -100,7 +106,11 @@ def _supernet_and_arch(cfg):
   from elastic_jax import arch as arch_lib
   from elastic_jax.workdir import build_space, load_supernet
   space = build_space(cfg)
-  arch = arch_lib.load(_require('arch'), space.cfg)
+  name = _require('arch')
+  if name in ('largest', 'smallest'):
+    arch = space.largest() if name == 'largest' else space.smallest()
+  else:
+    arch = arch_lib.load(name, space.cfg)
   model, step = load_supernet(cfg, FLAGS.workdir, space)
   return space, model, arch, step
 
@@ -122,28 +132,25 @@ def search():
 
 @command
 def export():
-  """Exports --arch (supernet of --workdir or --config), or --pick from the searched front."""
-  import tempfile
-
-  from elastic_jax import data
+  """Exports --arch (supernet of --workdir or --config), or --pick from the searched front;
+  --format=hf writes a directory transformers loads."""
   from elastic_jax import export as export_lib
+  from elastic_jax.hf.importer import original_hf_config
   cfg = _config()
   if FLAGS.pick:
     if FLAGS.arch:
       raise UserError('pass either --arch or --pick, not both')
     from elastic_jax.search.pick import export_pick
-    _print_json(export_pick(cfg, _require('workdir'), FLAGS.pick, out=FLAGS.out))
+    _print_json(export_pick(cfg, _require('workdir'), FLAGS.pick, out=FLAGS.out,
+                            fmt=FLAGS.format))
     return
   out = Path(_require('out'))
   space, model, arch, step = _supernet_and_arch(cfg)
   dense = export_lib.export(model, space.cfg, arch)
-  with tempfile.TemporaryDirectory() as tmp:
-    tokenizer = Path(tmp) / 'tokenizer.json'
-    data.load_tokenizer(cfg.data).save(tokenizer)
-    export_lib.save(dense, out, arch=arch,
-                    extra={'data': cfg.data.to_dict(), 'supernet_step': step},
-                    files={'tokenizer.json': tokenizer})
-  _print_json({'out': str(out), 'params': export_lib.param_count(dense), 'supernet_step': step})
+  saved = export_lib.save_with_tokenizer(
+      dense, out, cfg.data, arch=arch, fmt=FLAGS.format, hf_base=original_hf_config(cfg),
+      extra={'data': cfg.data.to_dict(), 'supernet_step': step})
+  _print_json({**saved, 'supernet_step': step})
 
 
 @command
@@ -258,6 +265,16 @@ def run():
   _print_front(result)
   print(f"exported front member {exported['index']} ({pick}, {exported['params']:,} "
         f"parameters): {exported['out']}")
+
+
+@command
+def import_hf():
+  """A Hugging Face checkpoint (--model DIR or --gguf FILE) becomes workdir --out."""
+  from elastic_jax.hf.importer import import_workdir
+  report = import_workdir(FLAGS.model, _require('out'), user_cfg=_loaded_config(),
+                          gguf=FLAGS.gguf, log=lambda m: print(m, file=sys.stderr))
+  _print_json({k: report[k] for k in ('source', 'model_type', 'params', 'initialised',
+                                      'not_imported', 'seconds')} | {'workdir': FLAGS.out})
 
 
 @command

@@ -165,6 +165,39 @@ def save(model: Model, out: str | Path, *, arch: Arch | None = None,
   return Path(out)
 
 
+FORMATS = ('native', 'hf')
+
+
+def save_with_tokenizer(model: Model, out: str | Path, data_cfg, *, arch: Arch | None = None,
+                        extra: Mapping | None = None, fmt: str = 'native',
+                        hf_base: Mapping | None = None) -> dict:
+  """Saves an exported model with the tokenizer of `data_cfg`, as `fmt`: 'native' (this module's
+  format) or 'hf' (a directory `transformers` loads; `hf_base`: the imported original's
+  config.json). Returns what was written."""
+  from elastic_jax import data  # noqa: PLC0415
+  if fmt not in FORMATS:
+    raise UserError(f'--format={fmt!r} is invalid; choose one of {list(FORMATS)}')
+  with tempfile.TemporaryDirectory() as tmp:
+    files = {'tokenizer.json': data.load_tokenizer(data_cfg).save(Path(tmp) / 'tokenizer.json')}
+    source = Path(str(data_cfg.get('tokenizer', '')))
+    source_dir = source if source.is_dir() else source.parent
+    if fmt == 'hf' and (source_dir / 'tokenizer.json').is_file():
+      # A pre-trained model's own tokenizer files (roles, chat template), not our copy.
+      from elastic_jax.hf import checkpoint  # noqa: PLC0415
+      files = checkpoint.tokenizer_files(source_dir)
+    if fmt == 'hf':
+      from elastic_jax.hf import convert  # noqa: PLC0415
+      extra = dict(extra or {})
+      if arch is not None:
+        extra['source_arch'] = arch_lib.to_json(arch)
+      report = convert.save_dense(model, out, base=hf_base, files=files, extra=extra)
+      return {'out': str(out), 'format': 'hf', 'params': report['params_real'],
+              'params_stored': report['params_stored'], 'hf_model_type': report['model_type'],
+              'note': report['note']}
+    save(model, out, arch=arch, extra=extra, files=files)
+    return {'out': str(out), 'format': 'native', 'params': param_count(model)}
+
+
 def read_config(directory: str | Path) -> dict:
   directory = Path(directory)
   path = directory / CONFIG_FILE

@@ -26,6 +26,7 @@ from elastic_jax import arch as arch_lib
 from elastic_jax import data, proxies
 from elastic_jax import export as export_lib
 from elastic_jax.config import check_compatible, space_config
+from elastic_jax.data.tokenizer import tokenizer_from_file
 from elastic_jax.errors import UserError
 from elastic_jax.hf import checkpoint, convert
 from elastic_jax.hf import space as hf_space
@@ -33,6 +34,18 @@ from elastic_jax.hf import space as hf_space
 PRETRAINED = 'pretrained'
 REPORT = 'import.json'
 HF_CONFIG = 'hf_config.json'
+
+
+def original_hf_config(cfg: ml_collections.ConfigDict) -> dict:
+  """The imported original's config.json, if `cfg` is an imported workdir's ({} otherwise): an
+  export keeps its model type, token ids and dropout settings."""
+  init_from = str(cfg.get('train', {}).get('init_from', ''))
+  path = Path(init_from) / HF_CONFIG if init_from and not init_from.startswith('hf:') else None
+  if init_from.startswith('hf:'):
+    path = Path(init_from[3:]) / checkpoint.CONFIG_FILE
+  if path is None or not path.is_file():
+    return {}
+  return json.loads(path.read_text())
 
 
 def base_config(kind: str, max_len: int) -> ml_collections.ConfigDict:
@@ -129,7 +142,7 @@ def import_workdir(model_dir: str | Path | None, workdir: str | Path, *,
     final = workdir.resolve()
     cfg.train.init_from = str(final / PRETRAINED)
     cfg.data.tokenizer = str(final / PRETRAINED / checkpoint.TOKENIZER_FILE)
-    tokenizer = data.tokenizer_from_file(tokenizer_files[checkpoint.TOKENIZER_FILE])
+    tokenizer = tokenizer_from_file(tokenizer_files[checkpoint.TOKENIZER_FILE])
     data.check_vocab(tokenizer, model.cfg.vocab_size, task=cfg.data.task)
 
     tmp = Path(tempfile.mkdtemp(prefix=f'.{workdir.name}.tmp-', dir=workdir.parent))

@@ -508,8 +508,10 @@ def training_free(sc: SearchConfig) -> bool:
 
 def load_trained_supernet(cfg, workdir, space, allow_untrained: bool = False):
   """(model, step) of the latest trained supernet in W/checkpoints, or a UserError saying to
-  train first (or the initialisation with step None when `allow_untrained`)."""
-  from elastic_jax.workdir import init_supernet, load_supernet  # noqa: PLC0415
+  train first (or the initialisation with step None when `allow_untrained`). A workdir whose
+  `train.init_from` names pre-trained weights (an imported Hugging Face model) is searchable
+  before any training: step None, the pre-trained weights."""
+  from elastic_jax.workdir import load_supernet  # noqa: PLC0415
 
   ckpt = Path(workdir) / 'checkpoints'
   has_checkpoint = ckpt.is_dir() and any(ckpt.iterdir())
@@ -517,13 +519,14 @@ def load_trained_supernet(cfg, workdir, space, allow_untrained: bool = False):
   model = None
   if has_checkpoint:
     model, step = load_supernet(cfg, str(workdir), space)
+  pretrained = bool(cfg.get('train', {}).get('init_from', ''))
   if step is None:
-    if not allow_untrained:
+    if not (allow_untrained or pretrained):
       raise UserError(
           f'no trained supernet in {ckpt}: run `elastic-jax train --config=<config> '
           f'--workdir={workdir}` first (or `elastic-jax run`, which trains, searches and '
           'exports); search.allow_untrained=True searches the untrained initialisation')
-    model = model or init_supernet(cfg, space)
+    model = model or load_supernet(cfg, None, space)[0]
   return model, step
 
 

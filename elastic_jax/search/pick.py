@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -134,14 +133,14 @@ def choose(pareto: Mapping, spec: str) -> int:
   return int(np.flatnonzero(ok)[np.argmin(first[ok])])
 
 
-def export_pick(cfg, workdir: str | Path, spec: str, out: str | Path | None = None) -> dict:
+def export_pick(cfg, workdir: str | Path, spec: str, out: str | Path | None = None,
+                fmt: str = 'native') -> dict:
   """Exports the front member `spec` selects to `out` (default W/export/front_<index>).
 
   The weights come from W's trained supernet; the result notes when its training step differs
   from the one the search measured the front on.
   """
   from elastic_jax import arch as arch_lib  # noqa: PLC0415
-  from elastic_jax import data  # noqa: PLC0415
   from elastic_jax import export as export_lib  # noqa: PLC0415
   from elastic_jax.search.job import load_trained_supernet  # noqa: PLC0415
   from elastic_jax.search.report import load_pareto  # noqa: PLC0415
@@ -160,15 +159,12 @@ def export_pick(cfg, workdir: str | Path, spec: str, out: str | Path | None = No
                  'metrics': entry['metrics'], 'latency_ms': entry.get('latency_ms'),
                  'searched_at_supernet_step': pareto.get('supernet_step')}
   data_cfg = cfg.data.to_dict() if hasattr(cfg.data, 'to_dict') else dict(cfg.data)
-  with tempfile.TemporaryDirectory() as tmp:
-    tokenizer = Path(tmp) / 'tokenizer.json'
-    data.load_tokenizer(cfg.data).save(tokenizer)
-    export_lib.save(dense, out, arch=arch,
-                    extra={'data': data_cfg, 'supernet_step': step, 'search': search_info},
-                    files={'tokenizer.json': tokenizer})
-  result = {'out': str(out), 'index': index, 'pick': spec, 'params': export_lib.param_count(dense),
-            'supernet_step': step, 'objectives': entry['objectives'],
-            'latency_ms': entry.get('latency_ms')}
+  from elastic_jax.hf.importer import original_hf_config  # noqa: PLC0415
+  saved = export_lib.save_with_tokenizer(
+      dense, out, cfg.data, arch=arch, fmt=fmt, hf_base=original_hf_config(cfg),
+      extra={'data': data_cfg, 'supernet_step': step, 'search': search_info})
+  result = {**saved, 'index': index, 'pick': spec, 'supernet_step': step,
+            'objectives': entry['objectives'], 'latency_ms': entry.get('latency_ms')}
   if step != pareto.get('supernet_step'):
     result['warning'] = (f'the supernet is now at step {step} but the front was measured at step '
                          f"{pareto.get('supernet_step')}; rerun `elastic-jax search` to refresh it")
