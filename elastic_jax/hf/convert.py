@@ -120,7 +120,7 @@ def hf_tensors(model: Model, base: Mapping | None = None) -> tuple[dict, dict, d
             for p, v in export_lib.flat_params(model).items()}
   tied_width = family is not llama
   uniform, shape = layout.uniform(params, model.dims, mha_only=tied_width, tied_width=tied_width,
-                                  family=family.MODEL_TYPES[0])
+                                  family=family.MODEL_TYPES[0], heads_divide_hidden=True)
   config, tensors = family.from_native(uniform, cfg, shape, base)
   real, stored = layout.count(params), layout.count(uniform)
   per_layer = [dataclasses.asdict(l) for l in model.dims.layers]

@@ -11,6 +11,8 @@ exported sub-network may differ per layer. Padding makes them uniform exactly:
   n // per in the original). r = 1 (multi-head) for families without grouped-query attention.
 - Attention width tied to the hidden size (GPT-2, BERT: head size = hidden / heads): the head
   count is padded to hidden / head_dim, which requires heads * head_dim <= hidden.
+- Llama-family configs (explicit head size) still require the head count to divide the hidden
+  size: heads are padded to the next count that does (in whole groups).
 The padding's parameters are reported as stored minus real parameters.
 """
 
@@ -57,32 +59,48 @@ def _pad(x: np.ndarray, axis: int, size: int) -> np.ndarray:
   return np.pad(x, pad)
 
 
+def _heads_dividing(hidden: int, heads: int, ratio: int) -> tuple[int, int]:
+  """The fewest heads >= `heads` that divide `hidden`, in whole groups of r | ratio heads
+  (largest r first: fewer KV copies)."""
+  for r in sorted((d for d in range(1, ratio + 1) if ratio % d == 0), reverse=True):
+    for h in range(heads, hidden + 1):
+      if hidden % h == 0 and h % r == 0:
+        return h, r
+  raise UserError(f'this sub-network has {heads} heads in a layer but hidden size {hidden}; '
+                  'the Hugging Face config requires a head count dividing the hidden size: '
+                  'choose a sub-network with hidden >= heads, or export with --format native')
+
+
 def uniform(params: Params, dims: ModelDims, *, mha_only: bool, tied_width: bool,
-            family: str) -> tuple[Params, Shape]:
+            family: str, heads_divide_hidden: bool = False) -> tuple[Params, Shape]:
   """Pads a dense model's per-layer sizes to one `Shape` (see the module docstring)."""
   for i, layer in enumerate(dims.layers):
     if layer.blocks != ('transformer',):
       raise UserError(f'layer {i} of this sub-network is a {layer.blocks[0]} block, which no '
                       f'Hugging Face {family} class can express; export it with --format native')
-  if not dims.layers:
-    raise UserError('this sub-network has no layers; Hugging Face configs need at least one')
   hd = dims.head_dim
-  heads = max(l.heads for l in dims.layers)
-  if tied_width:
+  # A sub-network may remove every layer (embeddings -> head): written with 0 layers.
+  heads = max((l.heads for l in dims.layers), default=1)
+  if tied_width and not dims.layers:
+    heads = 1 if dims.hidden % hd else dims.hidden // hd  # no attention: any valid head count
+  elif tied_width:
     too_wide = [i for i, l in enumerate(dims.layers) if l.heads * hd > dims.hidden]
     if dims.hidden % hd or too_wide:
       raise UserError(
           f'{family} ties the attention width to the hidden size (head size = hidden / heads), '
           f'but this sub-network has hidden {dims.hidden} and head size {hd} with '
-          f'{max(l.heads for l in dims.layers)} heads in layer(s) {too_wide or "all"}; choose '
+          f'{heads} heads in layer(s) {too_wide or "all"}; choose '
           'one whose heads x head size <= hidden with head size dividing hidden, or export '
           'with --format native')
     heads = dims.hidden // hd
-  ratio = 1 if mha_only else math.gcd(*(l.heads // l.kv_groups for l in dims.layers))
+  ratio = 1 if mha_only or not dims.layers else math.gcd(*(l.heads // l.kv_groups
+                                                             for l in dims.layers))
   if heads % ratio:  # only when tied_width padded the heads; fall back to multi-head
     ratio = 1
+  if heads_divide_hidden and dims.layers:  # transformers validates hidden % heads == 0
+    heads, ratio = _heads_dividing(dims.hidden, heads, ratio)
   groups = heads // ratio
-  ffn = max(l.ffn for l in dims.layers)
+  ffn = max((l.ffn for l in dims.layers), default=1)
   out = {k: v for k, v in params.items() if not k.startswith('layers.')}
   for i, layer in enumerate(dims.layers):
     get = lambda rest, i=i: params[layer_key(i, rest)]
