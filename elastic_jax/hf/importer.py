@@ -60,7 +60,8 @@ def base_config(kind: str, max_len: int) -> ml_collections.ConfigDict:
   cfg.data.task = 'causal_lm' if kind == 'decoder' else 'mlm'
   cfg.data.seq_len = min(128, max_len)
   cfg.data.batch_size = 8
-  cfg.data.eval_batches = 4
+  cfg.data.eval_batches = 2  # 2,048 validation tokens per architecture: a pre-trained model
+  # ranks stably on little text, and each evaluation runs the whole (large) model
   cfg.train = train_config.default_config()
   cfg.train.steps = 200  # a short supernet fine-tuning from the pre-trained weights
   cfg.train.learning_rate = 1e-4
@@ -68,6 +69,9 @@ def base_config(kind: str, max_len: int) -> ml_collections.ConfigDict:
   cfg.mesh = train_config.default_mesh()
   cfg.proxy = proxies.default_config()
   cfg.search = search_job.default_config()
+  cfg.search.pop_size = 16  # 16 x 8 generations: minutes for a 135M model on a CPU
+  cfg.search.generations = 8
+  cfg.search.latency_max = 4
   return cfg
 
 
