@@ -46,6 +46,13 @@ def _make_flags() -> flags.FlagValues:
                       'best-under:params=N (see elastic_jax/search/pick.py).', flag_values=fv)
   flags.DEFINE_string('topology', None, 'TPU slice to compile for: CHIP:AxB (v5e, v6e) or '
                       'CHIP:AxBxC (v4, v5p), e.g. v5e:4x4.', flag_values=fv)
+  flags.DEFINE_string('prompt', None, 'generate: the text to continue.', flag_values=fv)
+  flags.DEFINE_integer('max_new_tokens', 64, 'generate: tokens to add.', flag_values=fv)
+  flags.DEFINE_float('temperature', 0.0, 'generate: sampling temperature (0 = greedy).',
+                     flag_values=fv)
+  flags.DEFINE_integer('top_k', 0, 'generate: sample among the k likeliest (0 = all).',
+                       flag_values=fv)
+  flags.DEFINE_float('top_p', 1.0, 'generate: nucleus sampling mass (1 = all).', flag_values=fv)
   return fv
 
 
@@ -275,6 +282,24 @@ def import_hf():
                           gguf=FLAGS.gguf, log=lambda m: print(m, file=sys.stderr))
   _print_json({k: report[k] for k in ('source', 'model_type', 'params', 'initialised',
                                       'not_imported', 'seconds')} | {'workdir': FLAGS.out})
+
+
+@command
+def generate():
+  """Continues --prompt with the decoder --model (an export or a Hugging Face directory)."""
+  from elastic_jax import generate as gen
+  from elastic_jax.data.tokenizer import tokenizer_from_file
+  model, tokenizer_path = gen.load(_require('model'))
+  if tokenizer_path is None:
+    raise UserError(f'--model {FLAGS.model} has no tokenizer.json; export the model with its '
+                    'tokenizer (`elastic-jax export` writes one)')
+  tokenizer = tokenizer_from_file(tokenizer_path)
+  prompt = tokenizer.encode(_require('prompt'))
+  sampling = gen.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+  result = gen.Generator(model).generate([prompt], FLAGS.max_new_tokens, sampling=sampling,
+                                         seed=FLAGS.seed, eos_id=tokenizer.eos_id)
+  print(FLAGS.prompt + tokenizer.decode(result.tokens[0]))
+  print(json.dumps(result.summary()), file=sys.stderr)
 
 
 @command
