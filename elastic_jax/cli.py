@@ -53,6 +53,10 @@ def _make_flags() -> flags.FlagValues:
   flags.DEFINE_integer('top_k', 0, 'generate: sample among the k likeliest (0 = all).',
                        flag_values=fv)
   flags.DEFINE_float('top_p', 1.0, 'generate: nucleus sampling mass (1 = all).', flag_values=fv)
+  flags.DEFINE_string('task', None, 'finetune: GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, '
+                      'qnli, rte, wnli).', flag_values=fv)
+  flags.DEFINE_string('suite', None, 'finetune: a task suite instead of --task (glue-small).',
+                      flag_values=fv)
   return fv
 
 
@@ -287,9 +291,10 @@ def import_hf():
 @command
 def generate():
   """Continues --prompt with the decoder --model (an export or a Hugging Face directory)."""
+  from elastic_jax import export as export_lib
   from elastic_jax import generate as gen
   from elastic_jax.data.tokenizer import tokenizer_from_file
-  model, tokenizer_path = gen.load(_require('model'))
+  model, tokenizer_path = export_lib.load_any(_require('model'))
   if tokenizer_path is None:
     raise UserError(f'--model {FLAGS.model} has no tokenizer.json; export the model with its '
                     'tokenizer (`elastic-jax export` writes one)')
@@ -300,6 +305,30 @@ def generate():
                                          seed=FLAGS.seed, eos_id=tokenizer.eos_id)
   print(FLAGS.prompt + tokenizer.decode(result.tokens[0]))
   print(json.dumps(result.summary()), file=sys.stderr)
+
+
+@command
+def finetune():
+  """Fine-tunes --model on GLUE --task (or --suite glue-small) in --workdir (resumes it)."""
+  from elastic_jax.finetune import trainer
+  loaded = _loaded_config()
+  cfg = trainer.default_config()
+  if loaded is not None and 'finetune' in loaded:
+    cfg.update(loaded.finetune)
+  if not cfg.glue_dir:
+    default = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'glue'
+    cfg.glue_dir = str(default) if default.is_dir() else ''
+  model, workdir = _require('model'), _require('workdir')
+  log = lambda m: print(m, file=sys.stderr)
+  if FLAGS.suite:
+    if FLAGS.task:
+      raise UserError('pass either --task or --suite, not both')
+    scores = trainer.run_suite(model, FLAGS.suite, workdir, cfg, log=log)
+    print((Path(workdir) / f'{FLAGS.suite}.md').read_text())
+    _print_json(scores)
+    return
+  result = trainer.finetune(model, _require('task'), workdir, cfg, log=log)
+  _print_json({'task': result['task'], 'best': result['best']})
 
 
 @command

@@ -11,10 +11,8 @@ so a padded row computes what the unpadded prompt would. Models: native exports
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -237,25 +235,3 @@ def greedy_reference(model: Model, prompt: Sequence[int], max_new_tokens: int) -
   for n in range(len(prompt), ids.shape[1]):
     ids[0, n] = int(jnp.argmax(forward(jnp.asarray(ids))[n - 1]))
   return ids[0, len(prompt):].tolist()
-
-
-def load(directory: str | Path) -> tuple[Model, Path | None]:
-  """A dense model from a native export or a Hugging Face directory, and its tokenizer.json (or
-  None)."""
-  from elastic_jax import export as export_lib  # noqa: PLC0415
-  directory = Path(directory)
-  config_path = directory / 'config.json'
-  if not config_path.is_file():
-    raise UserError(f'--model {directory}: no config.json; pass a directory written by '
-                    '`elastic-jax export` or a Hugging Face model directory')
-  try:
-    config = json.loads(config_path.read_text())
-  except json.JSONDecodeError as e:
-    raise UserError(f'{config_path} is not valid JSON ({e})') from None
-  if isinstance(config, dict) and 'model_type' in config and 'format' not in config:
-    from elastic_jax.hf import convert  # noqa: PLC0415
-    model = convert.load_dense(directory).model
-  else:
-    model = export_lib.load(directory)[0]
-  tokenizer = directory / 'tokenizer.json'
-  return model, tokenizer if tokenizer.is_file() else None
