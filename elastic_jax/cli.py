@@ -309,7 +309,8 @@ def generate():
 
 @command
 def finetune():
-  """Fine-tunes --model on GLUE --task (or --suite glue-small) in --workdir (resumes it)."""
+  """Fine-tunes --model on GLUE --task (or --suite glue-small) in --workdir (resumes it);
+  --out: also write the best epoch as a transformers sequence classifier (BERT)."""
   from elastic_jax.finetune import trainer
   loaded = _loaded_config()
   cfg = trainer.default_config()
@@ -328,7 +329,14 @@ def finetune():
     _print_json(scores)
     return
   result = trainer.finetune(model, _require('task'), workdir, cfg, log=log)
-  _print_json({'task': result['task'], 'best': result['best']})
+  out = {'task': result['task'], 'best': result['best']}
+  if FLAGS.out:  # the best epoch as a transformers AutoModelForSequenceClassification directory
+    from elastic_jax.finetune.export_hf import save_classifier
+    clf, task, _ = trainer.load_best(workdir)
+    config = json.loads((Path(model) / 'config.json').read_text())
+    base = config if 'model_type' in config else None  # a Hugging Face --model: keep its ids
+    out['exported'] = save_classifier(clf, task, FLAGS.out, tokenizer_dir=model, base=base)
+  _print_json(out)
 
 
 @command
