@@ -6,4 +6,5 @@
   classifier.py  the exported model with a task head (classification or regression)
   trainer.py   the fine-tuning loop: dev evaluation each epoch, best checkpoint kept (Orbax,
                resumable), optional distillation from a fine-tuned teacher; the glue-small suite
+  export_hf.py a fine-tuned BERT classifier as a transformers sequence-classification directory
 """
