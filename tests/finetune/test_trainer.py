@@ -175,3 +175,12 @@ def test_bad_input_is_one_line_exit_2(encoder_dir, shared_data, tmp_path, capsys
   assert 'either --task or --suite' in _one_error_line(
       base + ['--task=rte', '--suite=glue-small', config, glue], capsys)
   assert 'unknown --suite' in _one_error_line(base + ['--suite=glue-big', config, glue], capsys)
+
+
+@pytest.mark.parametrize('arg', [None, 'quick', 'tiny'])
+def test_finetune_config_loads_with_every_field_known(arg):
+  from conftest import load_config
+  ft = load_config('finetune_glue', arg).finetune
+  assert set(ft) == set(trainer.default_config())
+  if arg is None:  # W-PCA's recipe
+    assert (ft.batch_size, ft.epochs, ft.epochs_cola, ft.max_train_examples) == (32, 10, 50, 0)
