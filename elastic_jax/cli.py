@@ -46,6 +46,17 @@ def _make_flags() -> flags.FlagValues:
                       'best-under:params=N (see elastic_jax/search/pick.py).', flag_values=fv)
   flags.DEFINE_string('topology', None, 'TPU slice to compile for: CHIP:AxB (v5e, v6e) or '
                       'CHIP:AxBxC (v4, v5p), e.g. v5e:4x4.', flag_values=fv)
+  flags.DEFINE_string('prompt', None, 'generate: the text to continue.', flag_values=fv)
+  flags.DEFINE_integer('max_new_tokens', 64, 'generate: tokens to add.', flag_values=fv)
+  flags.DEFINE_float('temperature', 0.0, 'generate: sampling temperature (0 = greedy).',
+                     flag_values=fv)
+  flags.DEFINE_integer('top_k', 0, 'generate: sample among the k likeliest (0 = all).',
+                       flag_values=fv)
+  flags.DEFINE_float('top_p', 1.0, 'generate: nucleus sampling mass (1 = all).', flag_values=fv)
+  flags.DEFINE_string('task', None, 'finetune: GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, '
+                      'qnli, rte, wnli).', flag_values=fv)
+  flags.DEFINE_string('suite', None, 'finetune: a task suite instead of --task (glue-small).',
+                      flag_values=fv)
   return fv
 
 
@@ -275,6 +286,57 @@ def import_hf():
                           gguf=FLAGS.gguf, log=lambda m: print(m, file=sys.stderr))
   _print_json({k: report[k] for k in ('source', 'model_type', 'params', 'initialised',
                                       'not_imported', 'seconds')} | {'workdir': FLAGS.out})
+
+
+@command
+def generate():
+  """Continues --prompt with the decoder --model (an export or a Hugging Face directory)."""
+  from elastic_jax import export as export_lib
+  from elastic_jax import generate as gen
+  from elastic_jax.data.tokenizer import tokenizer_from_file
+  model, tokenizer_path = export_lib.load_any(_require('model'))
+  if tokenizer_path is None:
+    raise UserError(f'--model {FLAGS.model} has no tokenizer.json; export the model with its '
+                    'tokenizer (`elastic-jax export` writes one)')
+  tokenizer = tokenizer_from_file(tokenizer_path)
+  prompt = tokenizer.encode(_require('prompt'))
+  sampling = gen.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+  result = gen.Generator(model).generate([prompt], FLAGS.max_new_tokens, sampling=sampling,
+                                         seed=FLAGS.seed, eos_id=tokenizer.eos_id)
+  print(FLAGS.prompt + tokenizer.decode(result.tokens[0]))
+  print(json.dumps(result.summary()), file=sys.stderr)
+
+
+@command
+def finetune():
+  """Fine-tunes --model on GLUE --task (or --suite glue-small) in --workdir (resumes it);
+  --out: also write the best epoch as a transformers sequence classifier (BERT)."""
+  from elastic_jax.finetune import trainer
+  loaded = _loaded_config()
+  cfg = trainer.default_config()
+  if loaded is not None and 'finetune' in loaded:
+    cfg.update(loaded.finetune)
+  if not cfg.glue_dir:
+    default = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'glue'
+    cfg.glue_dir = str(default) if default.is_dir() else ''
+  model, workdir = _require('model'), _require('workdir')
+  log = lambda m: print(m, file=sys.stderr)
+  if FLAGS.suite:
+    if FLAGS.task:
+      raise UserError('pass either --task or --suite, not both')
+    scores = trainer.run_suite(model, FLAGS.suite, workdir, cfg, log=log)
+    print((Path(workdir) / f'{FLAGS.suite}.md').read_text())
+    _print_json(scores)
+    return
+  result = trainer.finetune(model, _require('task'), workdir, cfg, log=log)
+  out = {'task': result['task'], 'best': result['best']}
+  if FLAGS.out:  # the best epoch as a transformers AutoModelForSequenceClassification directory
+    from elastic_jax.finetune.export_hf import save_classifier
+    clf, task, _ = trainer.load_best(workdir)
+    config = json.loads((Path(model) / 'config.json').read_text())
+    base = config if 'model_type' in config else None  # a Hugging Face --model: keep its ids
+    out['exported'] = save_classifier(clf, task, FLAGS.out, tokenizer_dir=model, base=base)
+  _print_json(out)
 
 
 @command

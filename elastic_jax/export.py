@@ -244,3 +244,24 @@ def load(directory: str | Path) -> tuple[Model, dict]:
                       f'implies {tuple(var.shape)}; re-export the model')
     values[path] = tensors[key]
   return fill_model(abstract, values), config
+
+
+def load_any(directory: str | Path) -> tuple[Model, Path | None]:
+  """A dense model from a native export or a Hugging Face directory (through
+  `elastic_jax.hf.convert`), and its tokenizer.json (None if there is none)."""
+  directory = Path(directory)
+  path = directory / CONFIG_FILE
+  if not path.is_file():
+    raise UserError(f'--model {directory}: no {CONFIG_FILE}; pass a directory written by '
+                    '`elastic-jax export` or a Hugging Face model directory')
+  try:
+    config = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise UserError(f'{path} is not valid JSON ({e})') from None
+  if isinstance(config, dict) and 'model_type' in config and 'format' not in config:
+    from elastic_jax.hf import convert  # noqa: PLC0415
+    model = convert.load_dense(directory).model
+  else:
+    model = load(directory)[0]
+  tokenizer = directory / 'tokenizer.json'
+  return model, tokenizer if tokenizer.is_file() else None

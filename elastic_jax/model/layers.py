@@ -116,6 +116,24 @@ def rotary(x_BTNH: Array, positions_BT: Array, head_dim_active, theta: float,
   return out.astype(x_BTNH.dtype)
 
 
+class KVCache(nnx.Module):
+  """Keys and values of one attention layer for decoding: [B, S, kv groups, head size] slots,
+  preallocated; each call writes its T new entries at `index` and advances it by T."""
+
+  def __init__(self, batch: int, slots: int, kv_groups: int, head_dim: int, dtype):
+    self.k = nnx.Cache(jnp.zeros((batch, slots, kv_groups, head_dim), dtype))
+    self.v = nnx.Cache(jnp.zeros((batch, slots, kv_groups, head_dim), dtype))
+    self.index = nnx.Cache(jnp.zeros((), jnp.int32))
+
+  def update(self, k_BTGH: Array, v_BTGH: Array) -> tuple[Array, Array]:
+    """Writes the new entries; returns all slots [B, S, G, H] (unwritten ones are zeros)."""
+    start = (0, self.index[...], 0, 0)
+    self.k[...] = jax.lax.dynamic_update_slice(self.k[...], k_BTGH.astype(self.k.dtype), start)
+    self.v[...] = jax.lax.dynamic_update_slice(self.v[...], v_BTGH.astype(self.v.dtype), start)
+    self.index[...] = self.index[...] + k_BTGH.shape[1]
+    return self.k[...].astype(k_BTGH.dtype), self.v[...].astype(v_BTGH.dtype)
+
+
 class Attention(nnx.Module):
   """Multi-head / grouped-query attention on a `width`-wide stream.
 
@@ -140,6 +158,8 @@ class Attention(nnx.Module):
     else:
       self.q_bias = self.k_bias = self.v_bias = None
     self.o_bias = make_param(rngs, (w,), (width_axis,), cfg, 'zeros') if cfg.use_bias else None
+    # A `KVCache` while decoding (set by elastic_jax.generate on dense models), else None.
+    self.kv_cache = nnx.data(None)
 
   def __call__(self, x_BTD: Array, attn_mask_BTS: Array, positions_BT: Array,
                active: dict | None = None, capture: dict | None = None) -> Array:
@@ -161,17 +181,20 @@ class Attention(nnx.Module):
       heads, groups, head_dim = active['heads'], active['kv_groups'], active['head_dim']
       head_mask = prefix_mask(self.heads, heads, dtype)
       hd_mask = prefix_mask(self.head_dim, head_dim, dtype)
+    # Rotary acts per head, so rotating the KV groups before the GQA gather below is exact (and
+    # is what a KV cache stores).
+    if cfg.positions == 'rotary':
+      q_BTNH = rotary(q_BTNH, positions_BT, head_dim, cfg.rope_theta, hd_mask)
+      k_BTGH = rotary(k_BTGH, positions_BT, head_dim, cfg.rope_theta, hd_mask)
+    elif hd_mask is not None:
+      q_BTNH = q_BTNH * hd_mask
+    if self.kv_cache is not None:  # keys S are the cache's slots; attn_mask_BTS covers them
+      k_BTGH, v_BTGH = self.kv_cache.update(k_BTGH, v_BTGH)
     # Query head n reads group n // (heads / groups); inactive heads read group 0 (masked later).
     per_group = jnp.maximum(jnp.asarray(heads) // jnp.asarray(groups), 1)
     kv_index = jnp.minimum(jnp.arange(self.heads) // per_group, self.kv_groups - 1)
     k_BTNH = jnp.take(k_BTGH, kv_index, axis=2)
     v_BTNH = jnp.take(v_BTGH, kv_index, axis=2)
-
-    if cfg.positions == 'rotary':
-      q_BTNH = rotary(q_BTNH, positions_BT, head_dim, cfg.rope_theta, hd_mask)
-      k_BTNH = rotary(k_BTNH, positions_BT, head_dim, cfg.rope_theta, hd_mask)
-    elif hd_mask is not None:
-      q_BTNH = q_BTNH * hd_mask
     scale = jax.lax.rsqrt(jnp.asarray(head_dim, jnp.float32)).astype(dtype)
     logits_BNTS = jnp.einsum('BTNH,BSNH->BNTS', q_BTNH * scale, k_BTNH)
     logits_BNTS = logits_BNTS.astype(jnp.float32)

@@ -189,7 +189,9 @@ class Model(nnx.Module):
     """Logits [B, T, vocab] (float32); with `capture`, also a dict of the named features.
 
     `batch`: `tokens` [B, T] int32 and optionally `positions`, `segment_ids` (0 = padding;
-    attention stays within a segment) and `token_types`. `arch`: an `Arch` for a sub-network of
+    attention stays within a segment), `token_types`, and `attn_mask` [B, T, S] (bool: may token
+    t attend to key s; replaces the one made from segment ids, e.g. when the keys are a KV cache,
+    see elastic_jax.generate). `arch`: an `Arch` for a sub-network of
     the supernet, or None for the model's own (dense) architecture.
     """
     x, (hidden_mask, hidden_count), features = self._trunk(batch, arch, capture)
@@ -197,6 +199,12 @@ class Model(nnx.Module):
     if not capture:
       return logits
     return logits, features
+
+  def last_logits(self, batch: Mapping[str, Array]) -> Array:
+    """Logits [B, vocab] (float32) of each row's last position only: decoding needs no others,
+    and the vocabulary projection of a whole prompt costs as much as a layer or more."""
+    x, (hidden_mask, hidden_count), _ = self._trunk(batch, None, ())
+    return self.head(x[:, -1:], self.embed.tokens[...], hidden_mask, hidden_count)[:, 0]
 
   def hidden_states(self, batch: Mapping[str, Array], arch=None, *,
                     pooled: bool = False) -> Array | tuple[Array, Array]:
@@ -238,9 +246,11 @@ class Model(nnx.Module):
     types_BT = batch.get('token_types')
     if types_BT is None:
       types_BT = jnp.zeros((b, t), jnp.int32)
-    attn_mask_BTS = segments_BT[:, :, None] == segments_BT[:, None, :]
-    if self.cfg.causal:
-      attn_mask_BTS = attn_mask_BTS & jnp.tril(jnp.ones((t, t), bool))
+    attn_mask_BTS = batch.get('attn_mask')
+    if attn_mask_BTS is None:
+      attn_mask_BTS = segments_BT[:, :, None] == segments_BT[:, None, :]
+      if self.cfg.causal:
+        attn_mask_BTS = attn_mask_BTS & jnp.tril(jnp.ones((t, t), bool))
 
     dtype = jnp.dtype(self.cfg.dtype)
     if arch is None:

@@ -1,0 +1,294 @@
+"""Fine-tuning an exported model on one GLUE task, and the glue-small suite.
+
+Workdir layout:
+  finetune.json        what is being fine-tuned (model, task, settings); a rerun must match it
+  checkpoints/latest   params, optimizer state and progress after the last finished epoch (Orbax)
+  checkpoints/best     params of the epoch with the best dev score
+  results.json         dev metrics of every epoch and the best one
+
+A killed run resumes from `latest`: the data order of an epoch is a function of (seed, epoch), so
+the resumed run computes what the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from elastic_jax import export as export_lib
+from elastic_jax.data.glue_tasks import GlueTask, get_task
+from elastic_jax.data.tokenizer import tokenizer_from_file
+from elastic_jax.errors import UserError
+from elastic_jax.finetune import inputs, metrics
+from elastic_jax.finetune.classifier import Classifier
+from elastic_jax.workdir import write_text_atomic
+
+SUITES = {'glue-small': ('cola', 'sst2', 'mrpc', 'rte', 'stsb', 'wnli')}
+MANIFEST = 'finetune.json'
+RESULTS = 'results.json'
+_ARRAYS = ('tokens', 'segment_ids', 'positions', 'token_types')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `finetune` section; defaults follow W-PCA's GLUE fine-tuning (batch 32; 10 epochs, CoLA
+  50; prediction-layer distillation with weight 1 when a teacher is given)."""
+  c = ml_collections.ConfigDict()
+  c.glue_dir = ''  # GLUE directory of TSV files (CoLA/, SST-2/, ...), or 'tfds' (online)
+  c.cache_dir = ''  # built datasets ('' = the data cache default)
+  c.seq_len = 128
+  c.batch_size = 32
+  c.epochs = 10
+  c.epochs_cola = 50  # W-PCA fine-tunes CoLA longer
+  c.learning_rate = 5e-5
+  c.warmup_fraction = 0.1  # linear warmup over this share of the steps, then linear decay to 0
+  c.weight_decay = 0.01
+  c.eval_batch_size = 64
+  c.max_train_examples = 0  # > 0: only the first N training examples (quick runs)
+  c.max_dev_examples = 0
+  c.seed = 0
+  c.teacher = ''  # a finetune workdir of the same task: distil its best checkpoint's predictions
+  c.distill_weight = 1.0  # weight of the soft cross-entropy (MSE for regression) to the teacher
+  c.hard_weight = 0.0  # weight of the label loss when distilling (1 without a teacher)
+  c.temperature = 1.0  # distillation temperature
+  return c
+
+
+def _epochs(cfg, task: GlueTask) -> int:
+  return int(cfg.epochs_cola if task.name == 'cola' else cfg.epochs)
+
+
+def _load_model_and_tokenizer(model_dir: str | Path):
+  model, tokenizer_path = export_lib.load_any(model_dir)
+  if tokenizer_path is None:
+    raise UserError(f'--model {model_dir} has no tokenizer.json; fine-tuning needs the model\'s '
+                    'tokenizer beside it (`elastic-jax export` writes one)')
+  return model, tokenizer_from_file(tokenizer_path)
+
+
+def _classifier(model_dir, task: GlueTask, seed: int):
+  model, tokenizer = _load_model_and_tokenizer(model_dir)
+  return Classifier(model, task.num_labels, rngs=nnx.Rngs(seed)), tokenizer
+
+
+def _loss(outputs_BL, batch, task: GlueTask, teacher_BL, cfg):
+  """Mean over real rows (weight 1) of the label loss and/or the distillation loss."""
+  w_B = batch['weight']
+  if task.is_regression:
+    hard_B = jnp.square(outputs_BL[:, 0] - batch['label'])
+  else:
+    hard_B = optax.softmax_cross_entropy_with_integer_labels(outputs_BL, batch['label'])
+  loss_B = hard_B
+  if teacher_BL is not None:
+    if task.is_regression:
+      soft_B = jnp.square(outputs_BL[:, 0] - teacher_BL[:, 0])
+    else:
+      t = cfg.temperature
+      soft_B = optax.softmax_cross_entropy(outputs_BL / t, jax.nn.softmax(teacher_BL / t))
+    loss_B = cfg.hard_weight * hard_B + cfg.distill_weight * soft_B
+  return jnp.sum(loss_B * w_B) / jnp.maximum(jnp.sum(w_B), 1.0)
+
+
+def _batches(split: dict, order: np.ndarray, size: int):
+  """Fixed-shape batches in `order`; the last one padded with weight-0 rows."""
+  for start in range(0, len(order), size):
+    idx = order[start:start + size]
+    real = len(idx)
+    idx = np.concatenate([idx, np.zeros(size - real, idx.dtype)])
+    batch = {k: split[k][idx] for k in (*_ARRAYS, 'label')}
+    batch['weight'] = (np.arange(size) < real).astype(np.float32)
+    yield batch
+
+
+def predict(graphdef, params, split: dict, batch_size: int, task: GlueTask) -> np.ndarray:
+  """Predicted labels (argmax), or scores for regression, of every row of `split`."""
+  forward = _forward_fn(graphdef)
+  out = []
+  n = len(split['label'])
+  for batch in _batches(split, np.arange(n), batch_size):
+    logits = np.asarray(forward(params, {k: batch[k] for k in _ARRAYS}))
+    out.append(logits[:int(batch['weight'].sum())])
+  logits = np.concatenate(out)
+  return logits[:, 0] if task.is_regression else logits.argmax(-1)
+
+
+_FORWARDS: dict = {}
+
+
+def _forward_fn(graphdef):
+  if graphdef not in _FORWARDS:
+    _FORWARDS[graphdef] = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b))
+  return _FORWARDS[graphdef]
+
+
+def _manager(directory: Path, items: tuple[str, ...]) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
+  return ocp.CheckpointManager(directory.absolute(), options=options, item_names=items)
+
+
+def _restore(manager: ocp.CheckpointManager, abstract: dict):
+  step = manager.latest_step()
+  args = {k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
+  args['meta'] = ocp.args.JsonRestore()
+  return manager.restore(step, args=ocp.args.Composite(**args))
+
+
+def load_best(workdir: str | Path):
+  """(classifier, task, best dev metrics) of a finished or running fine-tuning workdir."""
+  workdir = Path(workdir)
+  path = workdir / MANIFEST
+  if not path.is_file():
+    raise UserError(f'{workdir} is not a fine-tuning workdir ({MANIFEST} is missing)')
+  manifest = json.loads(path.read_text())
+  task = get_task(manifest['task'])
+  clf, _ = _classifier(manifest['model'], task, manifest['config']['seed'])
+  best = workdir / 'checkpoints' / 'best'
+  if not best.is_dir():
+    raise UserError(f'{workdir} has no best checkpoint yet; fine-tune at least one epoch')
+  graphdef, params = nnx.split(clf, nnx.Param)
+  restored = _restore(_manager(best, ('params', 'meta')), {'params': params})
+  return nnx.merge(graphdef, restored['params']), task, restored['meta']
+
+
+def finetune(model_dir: str | Path, task_name: str, workdir: str | Path,
+             cfg: ml_collections.ConfigDict | None = None, *, log: Callable = print,
+             on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
+  """Fine-tunes `model_dir` on GLUE `task_name` in `workdir` (resuming it); returns the results."""
+  cfg = cfg or default_config()
+  task = get_task(task_name)
+  workdir = Path(workdir)
+  if not cfg.glue_dir:
+    raise UserError('finetune.glue_dir is empty: set --config.finetune.glue_dir to the GLUE '
+                    "directory (holding CoLA/, SST-2/, ...) or to 'tfds'")
+  manifest = {'model': str(Path(model_dir).resolve()), 'task': task.name,
+              'config': cfg.to_dict()}
+  if (workdir / MANIFEST).is_file():
+    previous = json.loads((workdir / MANIFEST).read_text())
+    if previous != manifest:
+      raise UserError(f'{workdir} holds a fine-tuning run of other settings ({MANIFEST}); use '
+                      'a new --workdir or the same model, task and config')
+  clf, tokenizer = _classifier(model_dir, task, cfg.seed)
+  kind = clf.backbone.cfg.kind
+  inputs.check_tokenizer(tokenizer, kind, clf.backbone.cfg.vocab_size)
+  seq_len = min(int(cfg.seq_len), clf.backbone.cfg.max_len)
+  corpus = inputs.open_task(cfg.glue_dir, task, cfg.cache_dir)
+  start = time.perf_counter()
+  train = inputs.encode_split(corpus.train, corpus.reader, tokenizer, task, kind, seq_len,
+                              cfg.max_train_examples)
+  dev = inputs.encode_split(corpus.validation, corpus.reader, tokenizer, task, kind, seq_len,
+                            cfg.max_dev_examples)
+  log(f'{task.name}: {len(train["label"])} train / {len(dev["label"])} dev examples encoded in '
+      f'{time.perf_counter() - start:.1f} s')
+
+  teacher = None
+  if cfg.teacher:
+    teacher_clf, teacher_task, _ = load_best(cfg.teacher)
+    if teacher_task.name != task.name:
+      raise UserError(f'finetune.teacher {cfg.teacher} was fine-tuned on {teacher_task.name}, '
+                      f'not {task.name}')
+    teacher = nnx.split(teacher_clf, nnx.Param)
+
+  epochs = _epochs(cfg, task)
+  steps_per_epoch = math.ceil(len(train['label']) / cfg.batch_size)
+  total = epochs * steps_per_epoch
+  warmup = int(cfg.warmup_fraction * total)
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
+       optax.linear_schedule(cfg.learning_rate, 0.0, max(total - warmup, 1))], [warmup])
+  tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+  graphdef, params = nnx.split(clf, nnx.Param)
+  opt_state = tx.init(params)
+
+  def train_step(params, opt_state, batch, teacher_params):
+    teacher_BL = None
+    if teacher is not None:
+      teacher_BL = jax.lax.stop_gradient(nnx.merge(teacher[0], teacher_params)(batch))
+
+    def loss_fn(p):
+      return _loss(nnx.merge(graphdef, p)(batch), batch, task, teacher_BL, cfg)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  step_fn = jax.jit(train_step, donate_argnums=(0, 1))
+  teacher_params = teacher[1] if teacher is not None else None
+
+  latest = _manager(workdir / 'checkpoints' / 'latest', ('params', 'opt_state', 'meta'))
+  best = _manager(workdir / 'checkpoints' / 'best', ('params', 'meta'))
+  progress = {'epoch': -1, 'best_score': -math.inf, 'best_epoch': -1, 'history': []}
+  if latest.latest_step() is not None:
+    restored = _restore(latest, {'params': params, 'opt_state': opt_state})
+    params, opt_state, progress = restored['params'], restored['opt_state'], restored['meta']
+    log(f'resuming after epoch {progress["epoch"] + 1} of {epochs}')
+  else:
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(workdir / MANIFEST, json.dumps(manifest, indent=2) + '\n')
+
+  for epoch in range(progress['epoch'] + 1, epochs):
+    order = np.random.default_rng((cfg.seed, epoch)).permutation(len(train['label']))
+    t0, losses = time.perf_counter(), []
+    for batch in _batches(train, order, cfg.batch_size):
+      batch = {k: jnp.asarray(v) for k, v in batch.items()}
+      params, opt_state, loss = step_fn(params, opt_state, batch, teacher_params)
+      losses.append(loss)
+    train_loss = float(np.mean(jax.device_get(losses)))
+    if not math.isfinite(train_loss):
+      raise UserError(f'{task.name} epoch {epoch + 1}: the training loss is {train_loss}; lower '
+                      'finetune.learning_rate')
+    dev_metrics = metrics.task_metrics(
+        task, predict(graphdef, params, dev, cfg.eval_batch_size, task), dev['label'])
+    record = {'epoch': epoch + 1, 'train_loss': train_loss, 'seconds':
+              round(time.perf_counter() - t0, 2), **{k: round(v, 6) for k, v in
+                                                     dev_metrics.items()}}
+    progress['history'].append(record)
+    log(json.dumps(record))
+    if dev_metrics['score'] > progress['best_score']:
+      progress.update(best_score=dev_metrics['score'], best_epoch=epoch + 1)
+      best.save(epoch, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                               meta=ocp.args.JsonSave(record)))
+    progress['epoch'] = epoch
+    latest.save(epoch, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                               opt_state=ocp.args.StandardSave(opt_state),
+                                               meta=ocp.args.JsonSave(progress)))
+    best.wait_until_finished()
+    latest.wait_until_finished()
+    if on_epoch_end is not None:
+      on_epoch_end(epoch, record)
+
+  best_record = next(r for r in progress['history'] if r['epoch'] == progress['best_epoch'])
+  result = {'task': task.name, 'model': manifest['model'], 'metric': task.metric,
+            'best': best_record, 'history': progress['history']}
+  write_text_atomic(workdir / RESULTS, json.dumps(result, indent=2) + '\n')
+  return result
+
+
+def run_suite(model_dir: str | Path, suite: str, workdir: str | Path,
+              cfg: ml_collections.ConfigDict | None = None, *, log: Callable = print) -> dict:
+  """Fine-tunes every task of `suite` in workdir/<task>; writes workdir/<suite>.json and .md."""
+  if suite not in SUITES:
+    raise UserError(f'unknown --suite {suite!r}; use one of {", ".join(SUITES)}')
+  workdir = Path(workdir)
+  scores = {}
+  for name in SUITES[suite]:
+    result = finetune(model_dir, name, workdir / name, cfg, log=log)
+    scores[name] = {k: v for k, v in result['best'].items()
+                    if k not in ('epoch', 'train_loss', 'seconds')}
+  scores['avg'] = float(np.mean([s['score'] for s in scores.values()]))
+  rows = [f'| {name} | {", ".join(f"{k} {100 * v:.1f}" for k, v in s.items() if k != "score")} '
+          f'| {100 * s["score"]:.1f} |' for name, s in scores.items() if name != 'avg']
+  md = '\n'.join([f'# {suite}: {model_dir}', '', '| task | dev metrics | score |', '|---|---|---|',
+                  *rows, f'| avg | | {100 * scores["avg"]:.1f} |', ''])
+  write_text_atomic(workdir / f'{suite}.json', json.dumps(scores, indent=2) + '\n')
+  write_text_atomic(workdir / f'{suite}.md', md)
+  return scores

