@@ -2,7 +2,7 @@
 
 Layout of W:
   config.json       the experiment config (ConfigDict as JSON), written by the first command
-  checkpoints/      Orbax checkpoints of supernet training (see `elastic_jax.train`)
+  checkpoints/      Orbax checkpoints of supernet training (see `elastic_jax/checkpoints.py`)
   search/           search outputs (pareto.json, history.jsonl, pareto.png, ...)
   export/           exported dense models
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import ml_collections
 from flax import nnx
 
+from elastic_jax import checkpoints
 from elastic_jax.config import check_compatible, model_config, space_config
 from elastic_jax.errors import UserError
 from elastic_jax.model.supernet import Model
@@ -81,7 +82,6 @@ def load_supernet(cfg: ml_collections.ConfigDict, workdir: str | None,
   space = space or build_space(cfg)
   model = init_supernet(cfg, space)
   if workdir:
-    from elastic_jax.train import checkpointing  # noqa: PLC0415  (optional until training runs)
-    step = checkpointing.restore_params_if_any(Path(workdir), model)
+    step = checkpoints.restore_params_if_any(Path(workdir), model)
     return model, step
   return model, None

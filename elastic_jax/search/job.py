@@ -509,10 +509,11 @@ def training_free(sc: SearchConfig) -> bool:
 def load_trained_supernet(cfg, workdir, space, allow_untrained: bool = False):
   """(model, step) of the latest trained supernet in W/checkpoints, or a UserError saying to
   train first (or the initialisation with step None when `allow_untrained`)."""
+  from elastic_jax import checkpoints  # noqa: PLC0415
   from elastic_jax.workdir import init_supernet, load_supernet  # noqa: PLC0415
 
-  ckpt = Path(workdir) / 'checkpoints'
-  has_checkpoint = ckpt.is_dir() and any(ckpt.iterdir())
+  ckpt = Path(workdir) / checkpoints.DIRNAME
+  has_checkpoint = checkpoints.has_checkpoints(workdir)
   step = None
   model = None
   if has_checkpoint:

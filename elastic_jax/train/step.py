@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from elastic_jax import losses
 from elastic_jax.evaluation import model_inputs
 from elastic_jax.train import distill
-from elastic_jax.train.losses import token_cross_entropy
 
 
 @struct.dataclass
@@ -55,33 +55,33 @@ def valid_tokens(batch) -> jax.Array:
 
 def student_loss(logits, feats, batch, arch, teacher, spec: DistillSpec, projections):
   """Loss of one student against the teacher's outputs (or its own CE when there is none)."""
-  ce_sum, n = token_cross_entropy(logits, batch['targets'], batch['weights'])
+  ce_sum, n = losses.token_cross_entropy(logits, batch['targets'], batch['weights'])
   ce = ce_sum / jnp.maximum(n, 1.0)
   if teacher is None:
     return ce, ce
   w = spec.weights
   loss = w['ce'] * ce
   if w['logits_kl']:
-    kl = distill.logits_kl(logits, teacher['logits'], batch['weights'], spec.temperature)
+    kl = losses.logits_kl(logits, teacher['logits'], batch['weights'], spec.temperature)
     loss = loss + w['logits_kl'] * kl / jnp.maximum(n, 1.0)
   valid = valid_tokens(batch)
   on = arch.layer_on().astype(jnp.float32)
   layers = arch.block.shape[-1]
   per_layer = lambda terms: jnp.sum(on * jnp.stack(terms)) / jnp.maximum(jnp.sum(on), 1.0)
   if w['hidden_mse']:
-    terms = [distill.hidden_mse(projections('hidden', i, feats['hidden'][i]),
+    terms = [losses.hidden_mse(projections('hidden', i, feats['hidden'][i]),
                                 teacher['hidden'][spec.layer_map[i]], valid)
              for i in range(layers)]
     loss = loss + w['hidden_mse'] * per_layer(terms)
   if w['attn_kl']:
-    terms = [distill.attention_kl(feats['attn_probs'][i], teacher['attn_probs'][spec.layer_map[i]],
+    terms = [losses.attention_kl(feats['attn_probs'][i], teacher['attn_probs'][spec.layer_map[i]],
                                   arch.heads[i], spec.teacher_heads[spec.layer_map[i]], valid)
              for i in range(layers)]
     loss = loss + w['attn_kl'] * per_layer(terms)
   if w['block_preserving']:
-    bp = lambda name, i, j: distill.block_preserving(projections(name, i, feats[name][i]),
+    bp = lambda name, i, j: losses.block_preserving(projections(name, i, feats[name][i]),
                                                      teacher[name][j], valid)
-    embed = distill.block_preserving(projections('embed', 0, feats['embed']), teacher['embed'],
+    embed = losses.block_preserving(projections('embed', 0, feats['embed']), teacher['embed'],
                                      valid)
     terms = [bp('attn_out', i, spec.layer_map[i]) + bp('ffn_out', i, spec.layer_map[i])
              for i in range(layers)]

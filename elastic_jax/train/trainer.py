@@ -20,11 +20,11 @@ import optax
 from flax import nnx
 
 from elastic_jax import arch as arch_lib
+from elastic_jax import checkpoints as checkpoints_lib
 from elastic_jax import data, distributed, evaluation, parallel
 from elastic_jax import export as export_lib
 from elastic_jax.errors import UserError
 from elastic_jax.train import distill
-from elastic_jax.train.checkpointing import Checkpoints, restore_params_if_any
 from elastic_jax.train.logger import MetricLogger
 from elastic_jax.train.sampling import Sampler, teacher_is_first
 from elastic_jax.train.step import DistillSpec, TrainState, make_optimizer, make_train_step
@@ -54,10 +54,10 @@ def _load_teacher(path: str, cfg, space):
   p = Path(path)
   if (p / export_lib.CONFIG_FILE).is_file():
     return export_lib.load(p)[0]
-  if (p / 'checkpoints').is_dir():
+  if checkpoints_lib.has_checkpoints(p):
     teacher_cfg = cfg
     supernet = init_supernet(teacher_cfg, space)
-    if restore_params_if_any(p, supernet) is None:
+    if checkpoints_lib.restore_params_if_any(p, supernet) is None:
       raise UserError(f'teacher workdir {p} has no readable checkpoint; train it first')
     return export_lib.export(supernet, space.cfg, space.largest())
   raise UserError(f'config field train.distill.teacher={path!r}: no exported model '
@@ -121,7 +121,7 @@ def _init_from(path: str, model, cfg, space) -> str:
       raise UserError(f'{p} records no source_arch; it cannot be placed into this supernet')
     export_lib.import_dense(model, space.cfg, arch_lib.from_json(source, space.cfg), dense)
     return f'exported model {p}'
-  if restore_params_if_any(p, model) is not None:
+  if checkpoints_lib.restore_params_if_any(p, model) is not None:
     return f'workdir {p}'
   raise UserError(f'config field train.init_from={path!r}: neither an exported model nor a '
                   'workdir with checkpoints')
@@ -260,7 +260,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
   shard_index, shard_count = distributed.process_batch_shard(setup.batch_sharding,
                                                              cfg.data.batch_size)
   iterator = data.train_iterator(cfg.data, process_index=shard_index, process_count=shard_count)
-  checkpoints = Checkpoints(workdir, tcfg.keep_checkpoints)
+  checkpoints = checkpoints_lib.Checkpoints(workdir, tcfg.keep_checkpoints)
   restored = checkpoints.restore_latest(setup.abstract_state())
   if restored is not None:
     state, meta = restored
