@@ -319,10 +319,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
                              f'{checkpoints.directory} is kept; lower train.learning_rate or '
                              'raise train.warmup_steps')
     if step % tcfg.log_every == 0 or step == tcfg.steps:
-      ces = np.asarray(host['ce_per_arch'])
+      # loss: the step's objective, the SUM over its K sub-networks of their losses (README,
+      # "Training"); each sub-network's loss and cross-entropy are logged under its label.
       line = {'step': step, 'loss': loss, 'grad_norm': float(host['grad_norm']),
-              'lr': float(setup.schedule(step - 1)), 'ce_first': float(ces[0]),
-              'ce_last': float(ces[-1]), 'ce_mean': float(ces.mean())}
+              'lr': float(setup.schedule(step - 1))}
+      for label, arch_loss, ce in zip(sampler.labels, np.asarray(host['loss_per_arch']),
+                                      np.asarray(host['ce_per_arch']), strict=True):
+        line[f'train/{label}/loss'] = float(arch_loss)
+        line[f'train/{label}/ce'] = float(ce)
       logger.log(step, line, tokens=tokens_per_step)
 
   try:
