@@ -238,18 +238,15 @@ def n_children_of(sc: SearchConfig) -> int:
 # -- strategies ------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
 class ParamsOf:
-  """genomes -> float32[B] parameter counts (hashable by value: a static jit argument)."""
+  """genomes -> float32[B] parameter counts (a static jit argument, equal by the space's key)."""
 
-  def __init__(self, space):
-    self.space = space
-    self._key = space_key(space)
+  space: Any = dataclasses.field(compare=False, repr=False)
+  space_key: tuple = dataclasses.field(init=False, repr=False)
 
-  def __hash__(self):
-    return hash(self._key)
-
-  def __eq__(self, other):
-    return isinstance(other, ParamsOf) and self._key == other._key
+  def __post_init__(self):
+    object.__setattr__(self, 'space_key', space_key(self.space))
 
   def __call__(self, genomes_BxG):
     cost = jax.vmap(lambda g: self.space.cost(self.space.decode(g)))(genomes_BxG)
