@@ -197,10 +197,7 @@ def proxy_objective(name: str, proxy_cfg=None) -> Objective:
 
 def get_objective(name: str) -> Objective:
   if name not in OBJECTIVES:
-    try:
-      from elastic_jax.proxies import PROXIES  # noqa: PLC0415
-    except ImportError:
-      PROXIES = ()
+    from elastic_jax.proxies import PROXIES  # noqa: PLC0415
     if name in PROXIES and name != 'params':
       return register_objective(proxy_objective(name))
     raise UserError(f'unknown objective {name!r}; known objectives: {", ".join(sorted(OBJECTIVES))}'

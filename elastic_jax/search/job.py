@@ -553,10 +553,7 @@ def _extreme_seeds(sc: SearchConfig, space, fitness: Fitness, budgets: Budgets,
 
 def _register_proxies(sc: SearchConfig, proxy_cfg) -> None:
   """Zero-cost proxies named in search.objectives, with the experiment's `proxy` section."""
-  try:
-    from elastic_jax.proxies import PROXIES  # noqa: PLC0415
-  except ImportError:
-    return
+  from elastic_jax.proxies import PROXIES  # noqa: PLC0415
   from elastic_jax.search.fitness import proxy_objective, register_objective  # noqa: PLC0415
   for name in sc.objectives:
     if name in PROXIES and name != 'params':
