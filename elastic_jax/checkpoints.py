@@ -89,9 +89,10 @@ class Checkpoints:
       raise CheckpointError(f'saving the checkpoint of step {step} in {self.directory} failed '
                             f'({describe(e)}); check the disk space and permissions there') from e
     if not saved:
-      raise CheckpointError(f'Orbax refused to save the checkpoint of step {step} in '
-                            f'{self.directory}: it holds step {self.manager.latest_step()} '
-                            'already; move that directory away or train in a new workdir')
+      latest = self.manager.latest_step()
+      raise CheckpointError(f'Orbax refused to save the checkpoint of step {step}: '
+                            f'{self.directory} holds step {latest} already; move '
+                            f'{self.directory / str(latest)} away or train in a new workdir')
 
   def restore_latest(self, abstract_state):
     """(state, meta) of the newest readable checkpoint, or None. `abstract_state`: the TrainState

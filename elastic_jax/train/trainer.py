@@ -356,9 +356,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
     logger.log(int(state.step), last_eval)
     elapsed = time.perf_counter() - t_start
   finally:
-    checkpoints.wait()
-    checkpoints.close()
-    logger.close()
+    try:
+      checkpoints.wait()  # CheckpointError if the last save failed
+    finally:
+      checkpoints.close()
+      logger.close()
   return {'step': int(state.step), 'seconds': elapsed, **last_eval}
 
 

@@ -33,8 +33,8 @@ def test_a_save_orbax_refuses_is_an_error_not_silence(tmp_path):
     ckpt.save(4, tiny_state(1.0), {'step': 4})
     ckpt.wait()
     # Orbax skips (returns False for) a step not newer than its latest one.
-    with pytest.raises(checkpoints.CheckpointError, match='refused to save .* step 4 .* holds '
-                       'step 4 already'):
+    with pytest.raises(checkpoints.CheckpointError,
+                       match='refused to save the checkpoint of step 4: .* holds step 4 already'):
       ckpt.save(4, tiny_state(2.0), {'step': 4})
     with pytest.raises(checkpoints.CheckpointError, match='step 3'):
       ckpt.save(3, tiny_state(2.0), {'step': 3})
