@@ -3,6 +3,7 @@
 Layout of W:
   config.json       the experiment config (ConfigDict as JSON), written by the first command
   checkpoints/      Orbax checkpoints of supernet training (see `elastic_jax/checkpoints.py`)
+  checkpoints_unreadable/  checkpoints a training run could not read, moved aside for inspection
   search/           search outputs (pareto.json, history.jsonl, pareto.png, ...)
   export/           exported dense models
 
@@ -20,7 +21,6 @@ from pathlib import Path
 import ml_collections
 from flax import nnx
 
-from elastic_jax import checkpoints
 from elastic_jax.config import check_compatible, model_config, space_config
 from elastic_jax.errors import UserError
 from elastic_jax.model.supernet import Model
@@ -82,6 +82,7 @@ def load_supernet(cfg: ml_collections.ConfigDict, workdir: str | None,
   space = space or build_space(cfg)
   model = init_supernet(cfg, space)
   if workdir:
+    from elastic_jax import checkpoints  # noqa: PLC0415  (Orbax loads only when needed)
     step = checkpoints.restore_params_if_any(Path(workdir), model)
     return model, step
   return model, None
