@@ -76,7 +76,7 @@ def _nll_elastic(model, tokens: np.ndarray) -> tuple[float, float, float]:
   import jax.numpy as jnp
   from flax import nnx
 
-  from elastic_jax.train.losses import token_cross_entropy
+  from elastic_jax.losses import token_cross_entropy
   graphdef, state = nnx.split(model)
 
   @jax.jit

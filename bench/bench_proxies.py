@@ -51,9 +51,9 @@ from scipy import stats
 from elastic_jax import arch as arch_lib
 from elastic_jax import proxies
 from elastic_jax.config import ModelConfig, space_config
+from elastic_jax.losses import token_cross_entropy
 from elastic_jax.model.supernet import Model
 from elastic_jax.space import Space
-from elastic_jax.train.losses import token_cross_entropy
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'tinyshakespeare'
 VOCAB = 262  # elastic_jax.data's byte tokenizer: 256 bytes + 6 special tokens

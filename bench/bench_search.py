@@ -97,9 +97,10 @@ def supernet(cfg, workdir: Path, untrained: bool):
   space = build_space(cfg)
   if untrained:
     return space, init_supernet(cfg, space), None, 0.0
-  from elastic_jax.train import checkpointing, trainer  # noqa: PLC0415
+  from elastic_jax import checkpoints  # noqa: PLC0415
+  from elastic_jax.train import trainer  # noqa: PLC0415
   model = init_supernet(cfg, space)
-  step = checkpointing.restore_params_if_any(workdir, model)
+  step = checkpoints.restore_params_if_any(workdir, model)
   seconds = 0.0
   if step is None or step < cfg.train.steps:
     start = time.perf_counter()

@@ -27,8 +27,8 @@ from common import write_results
 from flax import nnx
 
 from elastic_jax import data, evaluation, export
+from elastic_jax.losses import token_cross_entropy
 from elastic_jax.train import distill
-from elastic_jax.train.losses import token_cross_entropy
 from elastic_jax.train.sampling import Sampler
 from elastic_jax.train.step import DistillSpec, TrainState, make_optimizer, make_train_step
 from elastic_jax.workdir import build_space, init_supernet

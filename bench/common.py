@@ -1,16 +1,21 @@
-"""Shared plumbing of the bench scripts: timing, result files (JSON + markdown table)."""
+"""Shared plumbing of the bench scripts: timing, result files (JSON + markdown table) that say
+where they come from (git commit, uncommitted changes, machine, command line)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import jax
 
 RESULTS = Path(__file__).resolve().parent / 'results'
+REPO = RESULTS.parents[1]
 
 
 def timed(fn, *args, **kwargs):
@@ -26,12 +31,28 @@ def machine() -> dict:
           'cpus': os.cpu_count(), 'python': platform.python_version(), 'jax': jax.__version__}
 
 
+def provenance() -> dict:
+  """The commit the bench ran on, whether the work tree differed from it (`dirty`; untracked
+  files count), and the command line. None where git cannot tell (not a clone)."""
+  def git(*args) -> str | None:
+    try:
+      out = subprocess.run(['git', *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+    except OSError:
+      return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+  commit = git('rev-parse', 'HEAD')
+  status = git('status', '--porcelain') if commit else None
+  return {'commit': commit, 'dirty': None if status is None else bool(status),
+          'command': shlex.join(['python', *sys.argv])}
+
+
 def write_results(name: str, results: dict, table_rows: list[tuple], header: tuple,
                   notes: str = '', quick: bool = False) -> Path:
   """Writes bench/results/<name>.json (top-level keys = headline figures) and <name>.md."""
   RESULTS.mkdir(parents=True, exist_ok=True)
   stem = name + ('_quick' if quick else '')
-  results = {**results, 'quick': quick, 'machine': machine()}
+  results = {**results, 'quick': quick, 'machine': machine(), **provenance()}
   path = RESULTS / f'{stem}.json'
   tmp = path.with_suffix('.json.tmp')
   tmp.write_text(json.dumps(results, indent=2) + '\n')
@@ -39,7 +60,9 @@ def write_results(name: str, results: dict, table_rows: list[tuple], header: tup
   lines = [f'# {name}' + (' (quick)' if quick else ''), '', notes.strip(), '',
            '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in table_rows]
-  lines += ['', f"Machine: {results['machine']}", '']
+  dirty = ' (with uncommitted changes)' if results['dirty'] else ''
+  lines += ['', f"Machine: {results['machine']}", '',
+            f"Commit {results['commit']}{dirty}; command: `{results['command']}`", '']
   md = RESULTS / f'{stem}.md'
   md.write_text('\n'.join(lines))
   return path

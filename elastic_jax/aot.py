@@ -147,7 +147,15 @@ def train_program(cfg, mesh, *, grad_accum: int | None = None, batch_size: int |
 @contextlib.contextmanager
 def unrolled_scans():
   """Traces every `lax.scan` (and `lax.map`) fully unrolled, so XLA's cost analysis, which counts
-  a loop body once, counts every iteration."""
+  a loop body once, counts every iteration.
+
+  Why a monkeypatch of JAX's private `loops` module: the scans to unroll are inside the training
+  step and `lax.map`, which JAX implements by calling `loops.scan` through its module global, and
+  JAX has no public switch that unrolls them. tests/scale/test_private_jax_apis.py fails if
+  `jax.lax.scan` stops being `loops.scan`, if its signature changes, or if the patch no longer
+  removes the loops from a lowered scan and map. Only functions traced inside the context are
+  unrolled (JAX reuses a trace made before it), so build the program to analyse inside.
+  """
   import jax
   from jax._src.lax.control_flow import loops
   original = loops.scan

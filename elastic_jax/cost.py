@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from elastic_jax.arch import Arch
 from elastic_jax.config import BLOCK_TYPES, ModelConfig, ModelDims
-from elastic_jax.model.blocks import BLOCKS, _linear_params, _norm_params
+from elastic_jax.model.blocks import BLOCKS, linear_params, norm_params
 
 
 def _embed_head_cost(cfg: ModelConfig, h):
@@ -24,14 +24,14 @@ def _embed_head_cost(cfg: ModelConfig, h):
   params = cfg.vocab_size * e
   macs = 0
   if cfg.factorised:
-    params = params + _linear_params(cfg, cfg.embed_dim, h)
+    params = params + linear_params(cfg, cfg.embed_dim, h)
     macs = macs + cfg.embed_dim * h
   if cfg.positions == 'learned':
     params = params + cfg.max_len * h
   params = params + cfg.type_vocab_size * h
-  params = params + _norm_params(cfg, h)  # embedding norm (post) or final norm (pre)
+  params = params + norm_params(cfg, h)  # embedding norm (post) or final norm (pre)
   if cfg.head_transform:
-    params = params + _linear_params(cfg, h, e) + _norm_params(cfg, e)
+    params = params + linear_params(cfg, h, e) + norm_params(cfg, e)
     macs = macs + h * e
   elif cfg.factorised:
     params = params + h * e

@@ -96,7 +96,11 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _cluster_detected() -> bool:
-  """Whether JAX's own cluster detection would find a managed multi-process environment."""
+  """Whether JAX's own cluster detection would find a managed multi-process environment.
+
+  Reads JAX's private cluster registry (no public API says whether `jax.distributed.initialize()`
+  would find a cluster without calling it, which blocks); tests/scale/test_private_jax_apis.py
+  fails if the attributes used here change."""
   try:
     from jax._src import clusters
     with warnings.catch_warnings():  # e.g. "Kubernetes detected, but no kubernetes package"

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from elastic_jax.train.losses import token_accuracy, token_cross_entropy
+from elastic_jax.losses import token_accuracy, token_cross_entropy
 
 MODEL_INPUTS = ('tokens', 'positions', 'segment_ids', 'token_types')
 

@@ -2,7 +2,8 @@
 
 Layout of W:
   config.json       the experiment config (ConfigDict as JSON), written by the first command
-  checkpoints/      Orbax checkpoints of supernet training (see `elastic_jax.train`)
+  checkpoints/      Orbax checkpoints of supernet training (see `elastic_jax/checkpoints.py`)
+  checkpoints_unreadable/  checkpoints a training run could not read, moved aside for inspection
   search/           search outputs (pareto.json, history.jsonl, pareto.png, ...)
   export/           exported dense models
 
@@ -83,8 +84,8 @@ def load_supernet(cfg: ml_collections.ConfigDict, workdir: str | None,
   model = init_supernet(cfg, space)
   step = None
   if workdir:
-    from elastic_jax.train import checkpointing  # noqa: PLC0415  (optional until training runs)
-    step = checkpointing.restore_params_if_any(Path(workdir), model)
+    from elastic_jax import checkpoints  # noqa: PLC0415  (Orbax loads only when needed)
+    step = checkpoints.restore_params_if_any(Path(workdir), model)
   init_from = cfg.get('train', {}).get('init_from', '')
   if step is None and init_from:  # e.g. an imported pre-trained model, not yet fine-tuned
     apply_init_from(init_from, model, space)
@@ -119,8 +120,8 @@ def apply_init_from(path: str, model: Model, space: Space) -> str:
       raise UserError(f'{p} records no source_arch; it cannot be placed into this supernet')
     export_lib.import_dense(model, space.cfg, arch_lib.from_json(source, space.cfg), dense)
     return f'exported model {p}'
-  from elastic_jax.train import checkpointing  # noqa: PLC0415
-  if checkpointing.restore_params_if_any(p, model) is not None:
+  from elastic_jax import checkpoints  # noqa: PLC0415
+  if checkpoints.restore_params_if_any(p, model) is not None:
     return f'workdir {p}'
   raise UserError(f'config field train.init_from={path!r}: neither an exported model, a '
                   'workdir with checkpoints nor hf:DIR (a Hugging Face checkpoint)')

@@ -44,11 +44,13 @@ class Context:
   capture: tuple[str, ...] = ()
 
 
-def _norm_params(cfg: ModelConfig, d):
+def norm_params(cfg: ModelConfig, d):
+  """Parameters of a norm over `d` features (scale, and bias unless RMSNorm)."""
   return d * (2 if cfg.use_bias and cfg.norm != 'rmsnorm' else 1)
 
 
-def _linear_params(cfg: ModelConfig, d_in, d_out):
+def linear_params(cfg: ModelConfig, d_in, d_out):
+  """Parameters of a `d_in -> d_out` linear map (bias per cfg.use_bias)."""
   return d_in * d_out + (d_out if cfg.use_bias else 0)
 
 
@@ -56,14 +58,14 @@ def attention_cost(cfg: ModelConfig, width, heads, kv_groups, head_dim):
   qkv_bias = 1 if cfg.attn_qkv_bias else 0
   q = width * heads * head_dim + qkv_bias * heads * head_dim
   kv = 2 * (width * kv_groups * head_dim + qkv_bias * kv_groups * head_dim)
-  o = _linear_params(cfg, heads * head_dim, width)
+  o = linear_params(cfg, heads * head_dim, width)
   matmul = width * heads * head_dim * 2 + 2 * width * kv_groups * head_dim
   return q + kv + o, matmul
 
 
 def mlp_cost(cfg: ModelConfig, width, ffn):
   n_in = 2 if cfg.mlp == 'swiglu' else 1
-  params = n_in * _linear_params(cfg, width, ffn) + _linear_params(cfg, ffn, width)
+  params = n_in * linear_params(cfg, width, ffn) + linear_params(cfg, ffn, width)
   return params, (n_in + 1) * width * ffn
 
 
@@ -125,7 +127,7 @@ class TransformerBlock(nnx.Module):
     attn_p, attn_mm = attention_cost(cfg, h, s['heads'], s['kv_groups'], s['head_dim'])
     mlp_p, mlp_mm = mlp_cost(cfg, h, s['ffn'])
     return {
-        'params': 2 * _norm_params(cfg, h) + attn_p + mlp_p,
+        'params': 2 * norm_params(cfg, h) + attn_p + mlp_p,
         'matmul_macs': attn_mm + mlp_mm,
         'attn_width': s['heads'] * s['head_dim'],
         'kv_entries': 2 * s['kv_groups'] * s['head_dim'],
@@ -206,8 +208,8 @@ class BottleneckBlock(nnx.Module):
     h, i = s['hidden'], s['inner']
     attn_p, attn_mm = attention_cost(cfg, i, s['heads'], s['kv_groups'], s['bottleneck_head_dim'])
     mlp_p, mlp_mm = mlp_cost(cfg, i, s['ffn'])
-    params = (_norm_params(cfg, h) + 2 * _norm_params(cfg, i) + _linear_params(cfg, h, i)
-              + _linear_params(cfg, i, h) + attn_p + mlp_p)
+    params = (norm_params(cfg, h) + 2 * norm_params(cfg, i) + linear_params(cfg, h, i)
+              + linear_params(cfg, i, h) + attn_p + mlp_p)
     bh = s['bottleneck_head_dim']
     return {
         'params': params,

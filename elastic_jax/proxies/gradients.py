@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from elastic_jax.losses import token_cross_entropy
 from elastic_jax.model.layers import Attention, Norm, prefix_mask
-from elastic_jax.train.losses import token_cross_entropy
 
 _TABLES = ('tokens', 'positions', 'types')
 _ATTN_KERNELS = ('q', 'k', 'v', 'o')

@@ -147,41 +147,57 @@ def register_objective(objective: Objective, *, overwrite: bool = False) -> Obje
   return objective
 
 
+@dataclasses.dataclass(frozen=True)
+class _ProxyFn:
+  """A proxy objective's `fn`, equal to another exactly when it computes the same values (same
+  proxy, same `proxy` settings): compiled programs are shared by equal settings only."""
+
+  name: str
+  cfg: Any  # proxies.ProxyConfig (a frozen dataclass)
+
+  def __call__(self, ctx: Context) -> jax.Array:
+    from elastic_jax.proxies import score as proxy_score  # noqa: PLC0415
+    params = ctx.cost['params'].astype(jnp.float32)
+    measures = proxy_score._measures((self.name,))
+    if not measures:
+      return params
+    values = proxy_score._population(ctx.graphdef, ctx.data['state'], ctx.archs,
+                                     ctx.extra(self.name), cfg=self.cfg, measures=measures,
+                                     widths=proxy_score.pca_widths(ctx.space, self.cfg))
+    return proxy_score._assemble((self.name,), measures, values, params)[self.name]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProxyPrepare:
+  """A proxy objective's `prepare`: its minibatches in the proxy's own format."""
+
+  name: str
+  cfg: Any
+
+  def __call__(self, space, model, batches):
+    from elastic_jax.proxies import score as proxy_score  # noqa: PLC0415
+    del model
+    return proxy_score.prepare_batches(batches, self.cfg, space.model.causal, (self.name,))
+
+
 def proxy_objective(name: str, proxy_cfg=None) -> Objective:
   """A zero-cost proxy of `elastic_jax.proxies` as an objective (`proxy_cfg`: the `proxy` config
   section; None = its defaults): maximised (every proxy is oriented so that higher predicts a
   better network), computed for the whole population inside the fitness's compiled call, with
-  the supernet's state as an argument. Uses the proxies package's population core.
+  the supernet's state as an argument. Uses the proxies package's population core. Objectives
+  made from equal settings are equal (and share compiled programs); others are not.
   """
   from elastic_jax import proxies  # noqa: PLC0415
-  from elastic_jax.proxies import score as proxy_score  # noqa: PLC0415
 
   cfg = proxies.proxy_config(proxy_cfg)
-  measures = proxy_score._measures((name,))
-
-  def prepare(space, model, batches):
-    del model
-    return proxy_score.prepare_batches(batches, cfg, space.model.causal, (name,))
-
-  def fn(ctx: Context) -> jax.Array:
-    params = ctx.cost['params'].astype(jnp.float32)
-    if not measures:
-      return params
-    values = proxy_score._population(ctx.graphdef, ctx.data['state'], ctx.archs, ctx.extra(name),
-                                     cfg=cfg, measures=measures,
-                                     widths=proxy_score.pca_widths(ctx.space, cfg))
-    return proxy_score._assemble((name,), measures, values, params)[name]
-
-  return Objective(name, fn, maximize=True, needs_model=True, prepare=prepare,
+  return Objective(name, _ProxyFn(name, cfg), maximize=True, needs_model=True,
+                   prepare=_ProxyPrepare(name, cfg),
                    description=f'zero-cost proxy {name} (elastic_jax.proxies, maximised)')
 
 
 def get_objective(name: str) -> Objective:
   if name not in OBJECTIVES:
-    try:
-      from elastic_jax.proxies import PROXIES  # noqa: PLC0415
-    except ImportError:
-      PROXIES = ()
+    from elastic_jax.proxies import PROXIES  # noqa: PLC0415
     if name in PROXIES and name != 'params':
       return register_objective(proxy_objective(name))
     raise UserError(f'unknown objective {name!r}; known objectives: {", ".join(sorted(OBJECTIVES))}'
@@ -307,39 +323,45 @@ REPORT_METRICS = ('loss', 'perplexity', 'accuracy', 'params', 'flops', 'kv_cache
                   'activation_memory')
 
 
+@dataclasses.dataclass(frozen=True)
 class FitnessFn:
   """The jittable function `fn(genomes_BxG, data) -> float32[B, M]` (every column minimised).
 
-  Holds no arrays: it is a static argument of jitted search loops, and instances compare equal
-  when they compute the same function, so those loops are shared between runs in one process
-  (and the jit cache keeps no supernet alive). `traces` counts how often it was traced.
+  Holds no arrays: it is a static argument of jitted search loops. A frozen dataclass whose
+  compared fields are everything the traced function depends on (the space's key, the
+  objectives' full definitions, not just their names, the graphdef, the chunk), so two instances
+  are equal exactly when they compute the same function: equal searches in one process share
+  compiled loops, and a re-registered objective (other proxy settings) never reuses a stale one.
+  The jit cache keeps no supernet alive. `traces` counts how often it was traced.
   """
 
-  def __init__(self, space: Space, names: tuple[str, ...], graphdef, chunk: int):
-    self.space = space
-    self.names = names
-    self.objectives = tuple(get_objective(n) for n in names)
-    self.graphdef = graphdef
-    self.chunk = chunk
-    self.traces = 0
-    self._key = (*space_key(space), names, graphdef, chunk)
+  space: Space = dataclasses.field(compare=False, repr=False)
+  names: tuple[str, ...]
+  graphdef: Any
+  chunk: int
+  objectives: tuple[Objective, ...] = dataclasses.field(init=False)
+  space_key: tuple = dataclasses.field(init=False, repr=False)
+  _traces: list = dataclasses.field(init=False, compare=False, repr=False)
 
-  def __hash__(self):
-    return hash(self._key)
+  def __post_init__(self):
+    object.__setattr__(self, 'objectives', tuple(get_objective(n) for n in self.names))
+    object.__setattr__(self, 'space_key', space_key(self.space))
+    object.__setattr__(self, '_traces', [0])
 
-  def __eq__(self, other):
-    return isinstance(other, FitnessFn) and self._key == other._key
+  @property
+  def traces(self) -> int:
+    return self._traces[0]
 
   def metrics(self, genomes_BxG: jax.Array, data: Mapping | None,
-              names: Sequence[str]) -> dict[str, jax.Array]:
-    """Natural-unit values {name: float32[B]} of any registered objectives (jittable)."""
+              objectives: Sequence[Objective]) -> dict[str, jax.Array]:
+    """Natural-unit values {name: float32[B]} of any objectives (jittable)."""
     ctx = Context(self.space, jnp.asarray(genomes_BxG, jnp.int32), self.graphdef, data,
                   self.chunk)
-    return {n: jnp.asarray(get_objective(n).fn(ctx), jnp.float32) for n in names}
+    return {o.name: jnp.asarray(o.fn(ctx), jnp.float32) for o in objectives}
 
   def __call__(self, genomes_BxG: jax.Array, data: Mapping | None) -> jax.Array:
-    self.traces += 1  # Python side effect: runs once per trace, never per compiled call
-    values = self.metrics(genomes_BxG, data, self.names)
+    self._traces[0] += 1  # Python side effect: runs once per trace, never per compiled call
+    values = self.metrics(genomes_BxG, data, self.objectives)
     columns = [-values[o.name] if o.maximize else values[o.name] for o in self.objectives]
     return jnp.stack(columns, axis=1)
 
@@ -347,9 +369,9 @@ class FitnessFn:
 EVAL_BLOCK = 8
 
 
-@functools.partial(jax.jit, static_argnames=('fn', 'names'))
-def _metrics_jit(genomes_BxG, data, *, fn: FitnessFn, names: tuple[str, ...]):
-  return fn.metrics(genomes_BxG, data, names)
+@functools.partial(jax.jit, static_argnames=('fn', 'objectives'))
+def _metrics_jit(genomes_BxG, data, *, fn: FitnessFn, objectives: tuple[Objective, ...]):
+  return fn.metrics(genomes_BxG, data, objectives)
 
 
 class Fitness:
@@ -416,8 +438,10 @@ class Fitness:
       return {n: np.zeros(0, np.float32) for n in names}
     padded = -(-b // EVAL_BLOCK) * EVAL_BLOCK
     genomes = np.concatenate([genomes, np.repeat(genomes[:1], padded - b, axis=0)])
+    # The objectives' definitions, not just their names, key the compiled program.
+    objectives = tuple(get_objective(n) for n in names)
     outs = [_metrics_jit(jnp.asarray(genomes[i:i + EVAL_BLOCK]), self.data, fn=self.fn,
-                         names=names) for i in range(0, padded, EVAL_BLOCK)]
+                         objectives=objectives) for i in range(0, padded, EVAL_BLOCK)]
     return {n: np.concatenate([np.asarray(o[n]) for o in outs])[:b] for n in names}
 
   def reference_point(self, overrides: Sequence[float] = (),
@@ -454,30 +478,31 @@ class Fitness:
     return self.evaluate(genomes, names)
 
 
+@dataclasses.dataclass(frozen=True, init=False)
 class Budgets:
   """Constraint `feasible(genomes_BxG) -> bool[B]` from analytic cost budgets (jittable).
 
   `budgets` maps cost names (`COST_KEYS`: params, flops, kv_cache, ...) to upper bounds; a value
-  of 0 or None means no budget. Hashable by value so jitted loops are shared between runs.
+  of 0 or None means no budget. A frozen dataclass equal by value (the space's key and the
+  budgets), so jitted loops are shared between runs.
   """
+
+  space: Space = dataclasses.field(compare=False, repr=False)
+  budgets: tuple[tuple[str, float], ...]
+  space_key: tuple = dataclasses.field(repr=False)
 
   def __init__(self, space: Space, budgets: Mapping[str, float | None]):
     unknown = sorted(set(budgets) - set(COST_KEYS))
     if unknown:
       raise UserError(f'search.budgets.{unknown[0]} is not a budgetable cost; use one of '
                       f'{", ".join(COST_KEYS)}')
-    self.space = space
-    self.budgets = tuple(sorted((k, float(v)) for k, v in budgets.items() if v))
-    self._key = (*space_key(space), self.budgets)
+    object.__setattr__(self, 'space', space)
+    object.__setattr__(self, 'budgets',
+                       tuple(sorted((k, float(v)) for k, v in budgets.items() if v)))
+    object.__setattr__(self, 'space_key', space_key(space))
 
   def __bool__(self):
     return bool(self.budgets)
-
-  def __hash__(self):
-    return hash(self._key)
-
-  def __eq__(self, other):
-    return isinstance(other, Budgets) and self._key == other._key
 
   def __call__(self, genomes_BxG: jax.Array) -> jax.Array:
     cost = jax.vmap(lambda g: self.space.cost(self.space.decode(g)))(genomes_BxG)

@@ -238,18 +238,15 @@ def n_children_of(sc: SearchConfig) -> int:
 # -- strategies ------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
 class ParamsOf:
-  """genomes -> float32[B] parameter counts (hashable by value: a static jit argument)."""
+  """genomes -> float32[B] parameter counts (a static jit argument, equal by the space's key)."""
 
-  def __init__(self, space):
-    self.space = space
-    self._key = space_key(space)
+  space: Any = dataclasses.field(compare=False, repr=False)
+  space_key: tuple = dataclasses.field(init=False, repr=False)
 
-  def __hash__(self):
-    return hash(self._key)
-
-  def __eq__(self, other):
-    return isinstance(other, ParamsOf) and self._key == other._key
+  def __post_init__(self):
+    object.__setattr__(self, 'space_key', space_key(self.space))
 
   def __call__(self, genomes_BxG):
     cost = jax.vmap(lambda g: self.space.cost(self.space.decode(g)))(genomes_BxG)
@@ -511,10 +508,11 @@ def load_trained_supernet(cfg, workdir, space, allow_untrained: bool = False):
   train first (or the initialisation with step None when `allow_untrained`). A workdir whose
   `train.init_from` names pre-trained weights (an imported Hugging Face model) is searchable
   before any training: step None, the pre-trained weights."""
+  from elastic_jax import checkpoints  # noqa: PLC0415
   from elastic_jax.workdir import load_supernet  # noqa: PLC0415
 
-  ckpt = Path(workdir) / 'checkpoints'
-  has_checkpoint = ckpt.is_dir() and any(ckpt.iterdir())
+  ckpt = Path(workdir) / checkpoints.DIRNAME
+  has_checkpoint = checkpoints.has_checkpoints(workdir)
   step = None
   model = None
   if has_checkpoint:
@@ -558,10 +556,7 @@ def _extreme_seeds(sc: SearchConfig, space, fitness: Fitness, budgets: Budgets,
 
 def _register_proxies(sc: SearchConfig, proxy_cfg) -> None:
   """Zero-cost proxies named in search.objectives, with the experiment's `proxy` section."""
-  try:
-    from elastic_jax.proxies import PROXIES  # noqa: PLC0415
-  except ImportError:
-    return
+  from elastic_jax.proxies import PROXIES  # noqa: PLC0415
   from elastic_jax.search.fitness import proxy_objective, register_objective  # noqa: PLC0415
   for name in sc.objectives:
     if name in PROXIES and name != 'params':

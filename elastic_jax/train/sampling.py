@@ -57,6 +57,14 @@ class Sampler:
                       'ARCH.json')
     self.fixed = fixed
 
+  @property
+  def labels(self) -> tuple[str, ...]:
+    """A name for each of the K positions (how the training metrics name per-arch losses)."""
+    if self.strategy == 'sandwich':
+      return ('largest', 'smallest') + tuple(f'random{i}' for i in range(self.num_random))
+    return {'standard': ('largest',), 'fixed': ('fixed',), 'random': ('random',),
+            'random_linear': ('sampled',)}[self.strategy]
+
   def _uniform(self, key, n) -> Arch:
     return jax.vmap(self.space.decode)(self.space.random_genomes(key, n))
 

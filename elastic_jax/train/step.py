@@ -3,6 +3,13 @@
 Pure and jittable: the state (params, optimizer state, step, RNG) goes in and comes out; archs
 are sampled inside from (seed, step); the K sub-networks run in a `lax.scan` (one trace for any K
 and any archs); micro-batches (gradient accumulation) run in another scan.
+
+The objective of a step is the sum over its K sub-networks of each one's loss (weighted
+cross-entropy plus distillation terms). Every token-level term is a mean over the tokens of the
+whole global batch: each micro-batch adds its token sums divided by the global batch's token
+count (counted once, over all micro-batches, devices and processes: the step sees the global
+batch), so how the batch is split into micro-batches or over devices changes neither the loss
+nor the gradient, even when micro-batches hold different numbers of tokens (masked LM, padding).
 """
 
 from __future__ import annotations
@@ -15,9 +22,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from elastic_jax import losses
 from elastic_jax.evaluation import model_inputs
 from elastic_jax.train import distill
-from elastic_jax.train.losses import token_cross_entropy
 
 
 @struct.dataclass
@@ -53,40 +60,55 @@ def valid_tokens(batch) -> jax.Array:
           else (seg > 0).astype(jnp.float32))
 
 
-def student_loss(logits, feats, batch, arch, teacher, spec: DistillSpec, projections):
-  """Loss of one student against the teacher's outputs (or its own CE when there is none)."""
-  ce_sum, n = token_cross_entropy(logits, batch['targets'], batch['weights'])
-  ce = ce_sum / jnp.maximum(n, 1.0)
+def token_totals(batch) -> dict:
+  """The token counts that normalise a step's losses: the CE weight total and the number of valid
+  tokens, of the whole (global) batch."""
+  return {'weights': jnp.maximum(jnp.sum(batch['weights'].astype(jnp.float32)), 1.0),
+          'valid': jnp.maximum(jnp.sum(valid_tokens(batch)), 1.0)}
+
+
+def student_loss(logits, feats, batch, arch, teacher, spec: DistillSpec, projections,
+                 totals: dict | None = None):
+  """(loss, cross-entropy) of one student on `batch` against the teacher's outputs (or its own CE
+  when there is none), as this batch's share of the global batch's means: token sums divided
+  by `totals` (`token_totals` of the global batch; default: of `batch` itself)."""
+  totals = token_totals(batch) if totals is None else totals
+  ce_sum, _ = losses.token_cross_entropy(logits, batch['targets'], batch['weights'])
+  ce = ce_sum / totals['weights']
   if teacher is None:
     return ce, ce
   w = spec.weights
   loss = w['ce'] * ce
   if w['logits_kl']:
-    kl = distill.logits_kl(logits, teacher['logits'], batch['weights'], spec.temperature)
-    loss = loss + w['logits_kl'] * kl / jnp.maximum(n, 1.0)
+    kl = losses.logits_kl(logits, teacher['logits'], batch['weights'], spec.temperature)
+    loss = loss + w['logits_kl'] * kl / totals['weights']
   valid = valid_tokens(batch)
+  # The feature losses are means over this batch's valid tokens: weighted by its share of the
+  # global batch's valid tokens, they add up to the global mean.
+  share = jnp.sum(valid) / totals['valid']
+  feature_loss = 0.0
   on = arch.layer_on().astype(jnp.float32)
   layers = arch.block.shape[-1]
   per_layer = lambda terms: jnp.sum(on * jnp.stack(terms)) / jnp.maximum(jnp.sum(on), 1.0)
   if w['hidden_mse']:
-    terms = [distill.hidden_mse(projections('hidden', i, feats['hidden'][i]),
+    terms = [losses.hidden_mse(projections('hidden', i, feats['hidden'][i]),
                                 teacher['hidden'][spec.layer_map[i]], valid)
              for i in range(layers)]
-    loss = loss + w['hidden_mse'] * per_layer(terms)
+    feature_loss = feature_loss + w['hidden_mse'] * per_layer(terms)
   if w['attn_kl']:
-    terms = [distill.attention_kl(feats['attn_probs'][i], teacher['attn_probs'][spec.layer_map[i]],
+    terms = [losses.attention_kl(feats['attn_probs'][i], teacher['attn_probs'][spec.layer_map[i]],
                                   arch.heads[i], spec.teacher_heads[spec.layer_map[i]], valid)
              for i in range(layers)]
-    loss = loss + w['attn_kl'] * per_layer(terms)
+    feature_loss = feature_loss + w['attn_kl'] * per_layer(terms)
   if w['block_preserving']:
-    bp = lambda name, i, j: distill.block_preserving(projections(name, i, feats[name][i]),
+    bp = lambda name, i, j: losses.block_preserving(projections(name, i, feats[name][i]),
                                                      teacher[name][j], valid)
-    embed = distill.block_preserving(projections('embed', 0, feats['embed']), teacher['embed'],
+    embed = losses.block_preserving(projections('embed', 0, feats['embed']), teacher['embed'],
                                      valid)
     terms = [bp('attn_out', i, spec.layer_map[i]) + bp('ffn_out', i, spec.layer_map[i])
              for i in range(layers)]
-    loss = loss + w['block_preserving'] * (embed + per_layer(terms))
-  return loss, ce
+    feature_loss = feature_loss + w['block_preserving'] * (embed + per_layer(terms))
+  return loss + share * feature_loss, ce
 
 
 def teacher_outputs(logits, feats) -> dict:
@@ -115,16 +137,15 @@ def split_microbatches(batch, grad_accum: int, sharding=None):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransformation,
-                    spec: DistillSpec, grad_accum: int,
-                    external_teacher: Callable | None = None, *, micro_sharding=None):
-  """Returns step(state, batch[, teacher_params]) -> (state, metrics).
-
-  `micro_sharding`: the sharding of the stacked micro-batches (see `split_microbatches`).
-  """
+def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
+                 external_teacher: Callable | None = None):
+  """loss(params, batch, archs, teacher_params, totals) -> (total, (loss_per_arch, ce_per_arch)):
+  the summed loss of the K sub-networks `archs` on one micro-batch, normalised by the global
+  batch's `totals` (`token_totals`). Differentiate it with respect to `params` only: the teacher
+  (the first arch in-place, or `teacher_params`) enters through stop-gradient targets."""
   capture = spec.captures
 
-  def losses_of_microbatch(params, batch, archs, teacher_params):
+  def loss_fn(params, batch, archs, teacher_params, totals):
     model = nnx.merge(graphdef, params['model'])
     projections = nnx.merge(proj_graphdef, params['proj'])
     inputs = model_inputs(batch)
@@ -141,42 +162,60 @@ def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransfor
     logits0, feats0 = run(first)
     if spec.in_place and external_teacher is None:
       # The largest net learns from the data; it then teaches the others (stop-gradient).
-      loss0, ce0 = student_loss(logits0, feats0, batch, first, None, spec, projections)
+      loss0, ce0 = student_loss(logits0, feats0, batch, first, None, spec, projections, totals)
       teacher = teacher_outputs(logits0, feats0)
     else:
-      loss0, ce0 = student_loss(logits0, feats0, batch, first, teacher, spec, projections)
+      loss0, ce0 = student_loss(logits0, feats0, batch, first, teacher, spec, projections,
+                                totals)
     rest = jax.tree.map(lambda x: x[1:], archs)
 
-    def body(total, arch):
+    def body(_, arch):
       logits, feats = run(arch)
-      loss, ce = student_loss(logits, feats, batch, arch, teacher, spec, projections)
-      return total + loss, ce
+      return None, student_loss(logits, feats, batch, arch, teacher, spec, projections, totals)
 
-    total, ces = jax.lax.scan(body, loss0, rest)
-    return total, jnp.concatenate([ce0[None], ces])
+    _, (losses_rest, ces_rest) = jax.lax.scan(body, None, rest)
+    per_arch = jnp.concatenate([loss0[None], losses_rest])
+    ces = jnp.concatenate([ce0[None], ces_rest])
+    return jnp.sum(per_arch), (per_arch, ces)
+
+  return loss_fn
+
+
+def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransformation,
+                    spec: DistillSpec, grad_accum: int,
+                    external_teacher: Callable | None = None, *, micro_sharding=None):
+  """Returns step(state, batch[, teacher_params]) -> (state, metrics).
+
+  Metrics: `loss` (the step's objective: the sum over its K sub-networks of their losses),
+  `loss_per_arch` and `ce_per_arch` (float32[K], in the sampler's order), `grad_norm`, `finite`.
+  `micro_sharding`: the sharding of the stacked micro-batches (see `split_microbatches`).
+  """
+  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, proj_graphdef, spec, external_teacher),
+                               has_aux=True)
 
   def step(state: TrainState, batch, teacher_params=None):
     archs = sampler(jax.random.wrap_key_data(state.rng), state.step)
+    totals = token_totals(batch)  # of the global batch, before it is split
     micro = split_microbatches(batch, grad_accum, micro_sharding)
-    grad_fn = jax.value_and_grad(losses_of_microbatch, has_aux=True)
 
     def accumulate(carry, mb):
-      grads_sum, loss_sum, ce_sum = carry
-      (loss, ces), grads = grad_fn(state.params, mb, archs, teacher_params)
+      grads_sum, loss_sum, per_arch_sum, ce_sum = carry
+      (loss, (per_arch, ces)), grads = grad_fn(state.params, mb, archs, teacher_params, totals)
       grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-      return (grads_sum, loss_sum + loss, ce_sum + ces), None
+      return (grads_sum, loss_sum + loss, per_arch_sum + per_arch, ce_sum + ces), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, loss, ces), _ = jax.lax.scan(
-        accumulate, (zeros, jnp.zeros(()), jnp.zeros(sampler.k)), micro)
-    grads = jax.tree.map(lambda g: g / grad_accum, grads)
-    loss, ces = loss / grad_accum, ces / grad_accum
+    k = jnp.zeros(sampler.k)
+    # Each micro-batch's terms are already divided by the global token counts: sums, not means.
+    (grads, loss, per_arch, ces), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), k, k),
+                                                   micro)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
     # A checkpoint must never hold non-finite parameters: check the updated ones, not just the loss.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
-    metrics = {'loss': loss, 'grad_norm': grad_norm, 'ce_per_arch': ces, 'finite': finite}
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'loss_per_arch': per_arch,
+               'ce_per_arch': ces, 'finite': finite}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step

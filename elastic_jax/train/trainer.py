@@ -20,11 +20,11 @@ import optax
 from flax import nnx
 
 from elastic_jax import arch as arch_lib
+from elastic_jax import checkpoints as checkpoints_lib
 from elastic_jax import data, distributed, evaluation, parallel
 from elastic_jax import export as export_lib
 from elastic_jax.errors import UserError
 from elastic_jax.train import distill
-from elastic_jax.train.checkpointing import Checkpoints, restore_params_if_any
 from elastic_jax.train.logger import MetricLogger
 from elastic_jax.train.sampling import Sampler, teacher_is_first
 from elastic_jax.train.step import DistillSpec, TrainState, make_optimizer, make_train_step
@@ -54,10 +54,10 @@ def _load_teacher(path: str, cfg, space):
   p = Path(path)
   if (p / export_lib.CONFIG_FILE).is_file():
     return export_lib.load(p)[0]
-  if (p / 'checkpoints').is_dir():
+  if checkpoints_lib.has_checkpoints(p):
     teacher_cfg = cfg
     supernet = init_supernet(teacher_cfg, space)
-    if restore_params_if_any(p, supernet) is None:
+    if checkpoints_lib.restore_params_if_any(p, supernet) is None:
       raise UserError(f'teacher workdir {p} has no readable checkpoint; train it first')
     return export_lib.export(supernet, space.cfg, space.largest())
   raise UserError(f'config field train.distill.teacher={path!r}: no exported model '
@@ -245,7 +245,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
   shard_index, shard_count = distributed.process_batch_shard(setup.batch_sharding,
                                                              cfg.data.batch_size)
   iterator = data.train_iterator(cfg.data, process_index=shard_index, process_count=shard_count)
-  checkpoints = Checkpoints(workdir, tcfg.keep_checkpoints)
+  checkpoints = checkpoints_lib.Checkpoints(workdir, tcfg.keep_checkpoints)
   restored = checkpoints.restore_latest(setup.abstract_state())
   if restored is not None:
     state, meta = restored
@@ -304,10 +304,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
                              f'{checkpoints.directory} is kept; lower train.learning_rate or '
                              'raise train.warmup_steps')
     if step % tcfg.log_every == 0 or step == tcfg.steps:
-      ces = np.asarray(host['ce_per_arch'])
+      # loss: the step's objective, the SUM over its K sub-networks of their losses (README,
+      # "Training"); each sub-network's loss and cross-entropy are logged under its label.
       line = {'step': step, 'loss': loss, 'grad_norm': float(host['grad_norm']),
-              'lr': float(setup.schedule(step - 1)), 'ce_first': float(ces[0]),
-              'ce_last': float(ces[-1]), 'ce_mean': float(ces.mean())}
+              'lr': float(setup.schedule(step - 1))}
+      for label, arch_loss, ce in zip(sampler.labels, np.asarray(host['loss_per_arch']),
+                                      np.asarray(host['ce_per_arch']), strict=True):
+        line[f'train/{label}/loss'] = float(arch_loss)
+        line[f'train/{label}/ce'] = float(ce)
       logger.log(step, line, tokens=tokens_per_step)
 
   try:
@@ -337,9 +341,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
     logger.log(int(state.step), last_eval)
     elapsed = time.perf_counter() - t_start
   finally:
-    checkpoints.wait()
-    checkpoints.close()
-    logger.close()
+    try:
+      checkpoints.wait()  # CheckpointError if the last save failed
+    finally:
+      checkpoints.close()
+      logger.close()
   return {'step': int(state.step), 'seconds': elapsed, **last_eval}
 
 

@@ -38,7 +38,7 @@ def losses(workdir) -> dict[int, float]:
 
 
 def restored_params(workdir):
-  from elastic_jax.train.checkpointing import restore_params_if_any
+  from elastic_jax.checkpoints import restore_params_if_any
   from elastic_jax.workdir import init_supernet
   model = init_supernet(load_config('quickstart', 'tiny'))
   step = restore_params_if_any(workdir, model)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from elastic_jax import evaluation
+from elastic_jax import evaluation, proxies
 from elastic_jax import export as export_lib
 from elastic_jax.errors import UserError
 from elastic_jax.search import fitness as fitness_lib
@@ -285,7 +285,6 @@ def test_report_table_and_history_rows():
 
 
 def test_zero_cost_proxy_objective_matches_the_proxies_package(cache_dir):
-  proxies = pytest.importorskip('elastic_jax.proxies')
   from elastic_jax import data
   from elastic_jax.workdir import init_supernet
   cfg = tiny_config(cache_dir)
@@ -305,12 +304,42 @@ def test_zero_cost_proxy_objective_matches_the_proxies_package(cache_dir):
   np.testing.assert_allclose(np.asarray(fit(genomes, fit.data))[:, 0], -got, rtol=1e-6)
 
 
+def test_other_proxy_settings_in_the_same_process_never_reuse_the_stale_program(cache_dir):
+  """Re-registering a proxy objective with other settings (as a second search with another
+  `proxy` section does) gives another compiled fitness; equal settings share one."""
+  from elastic_jax import data
+  from elastic_jax.workdir import init_supernet
+  cfg = tiny_config(cache_dir)
+  space = build_space(cfg)
+  model, batches = init_supernet(cfg, space), data.eval_batches(cfg.data)
+  genomes = space.random_genomes(jax.random.key(4), 5)
+  got, fns = {}, {}
+  for eta in (0.99, 0.3, 0.99):
+    cfg_proxy = proxies.default_config()
+    cfg_proxy.num_batches = 2
+    cfg_proxy.eta = eta
+    fitness_lib.register_objective(fitness_lib.proxy_objective('wpca', cfg_proxy),
+                                   overwrite=True)
+    fit = fitness_lib.Fitness(space, ('wpca', 'params'), model=model, batches=batches)
+    got[eta] = fit.evaluate(genomes)['wpca']
+    want = proxies.score_archs(model, space, jax.vmap(space.decode)(genomes), batches, cfg_proxy,
+                               names=('wpca',))['wpca']
+    np.testing.assert_allclose(got[eta], want, rtol=1e-5)
+    fns.setdefault(eta, []).append(fit.fn)
+  assert not np.allclose(got[0.99], got[0.3])  # the settings matter, so a stale program shows
+  a, b = fns[0.99]
+  assert a == b and hash(a) == hash(b)  # equal settings: one compiled search loop
+  assert fns[0.3][0] != a
+  budgets = [fitness_lib.Budgets(space, {'params': 7e4}) for _ in range(2)]
+  assert budgets[0] == budgets[1] and hash(budgets[0]) == hash(budgets[1])
+  assert budgets[0] != fitness_lib.Budgets(space, {'params': 6e4})
+
+
 def test_training_free_search_with_a_proxy_fitness_needs_no_training(tmp_path, cache_dir):
   """`search.fitness=wpca` (the W-PCA paper's GA) runs on a workdir that was never trained, under
   its parameter budget, and the found architecture is the best W-PCA score it evaluated."""
-  pytest.importorskip('elastic_jax.proxies')
   cfg = tiny_config(cache_dir, fitness='wpca', allow_untrained=False, generations=3)
-  cfg.proxy = __import__('elastic_jax.proxies', fromlist=['x']).default_config()
+  cfg.proxy = proxies.default_config()
   cfg.proxy.num_batches = 2
   sc = job.search_config(cfg)
   assert sc.objectives == ('wpca',) and job.resolve_strategy(sc) == 'ga'

@@ -15,8 +15,8 @@ import pytest
 from conftest import REPO
 from flax import nnx
 
+from elastic_jax import losses as loss_lib
 from elastic_jax.errors import UserError
-from elastic_jax.train import distill
 from elastic_jax.train.trainer import train
 from elastic_jax.workdir import init_supernet
 
@@ -39,7 +39,7 @@ def losses(workdir: Path) -> dict[int, float]:
 
 
 def final_params(cfg, workdir):
-  from elastic_jax.train.checkpointing import restore_params_if_any
+  from elastic_jax.checkpoints import restore_params_if_any
   model = init_supernet(cfg)
   restore_params_if_any(workdir, model)
   return jax.tree.leaves(nnx.state(model, nnx.Param))
@@ -110,7 +110,7 @@ def test_block_preserving_loss_matches_hand_computation():
     return out
 
   expected = ((normalise(s, valid) - normalise(t, valid)) ** 2).sum() / (valid.sum() * 3)
-  got = distill.block_preserving(jnp.asarray(s), jnp.asarray(t), jnp.asarray(valid))
+  got = loss_lib.block_preserving(jnp.asarray(s), jnp.asarray(t), jnp.asarray(valid))
   np.testing.assert_allclose(float(got), expected, rtol=1e-5)
 
 
@@ -118,14 +118,14 @@ def test_logits_kl_is_zero_for_identical_and_positive_otherwise():
   rng = np.random.default_rng(1)
   logits = jnp.asarray(rng.normal(size=(2, 3, 7)))
   w = jnp.ones((2, 3))
-  assert abs(float(distill.logits_kl(logits, logits, w, 2.0))) < 1e-6
-  assert float(distill.logits_kl(logits, logits[:, ::-1], w, 2.0)) > 0
+  assert abs(float(loss_lib.logits_kl(logits, logits, w, 2.0))) < 1e-6
+  assert float(loss_lib.logits_kl(logits, logits[:, ::-1], w, 2.0)) > 0
 
 
 def student_teacher_kl(cfg, workdir, teacher_dir):
   from elastic_jax import data, export
+  from elastic_jax.checkpoints import restore_params_if_any
   from elastic_jax.evaluation import model_inputs
-  from elastic_jax.train.checkpointing import restore_params_if_any
   teacher, _ = export.load(teacher_dir)
   model = init_supernet(cfg)
   restore_params_if_any(workdir, model)
@@ -134,7 +134,7 @@ def student_teacher_kl(cfg, workdir, teacher_dir):
   total = 0.0
   for batch in data.eval_batches(cfg.data):
     inputs = model_inputs({k: jnp.asarray(v) for k, v in batch.items()})
-    total += float(distill.logits_kl(model(inputs, arch), teacher(inputs),
+    total += float(loss_lib.logits_kl(model(inputs, arch), teacher(inputs),
                                      jnp.asarray(batch['weights']), 1.0))
   return total
 
@@ -194,7 +194,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tiny_cfg, tmp_path, c
   for f in latest.rglob('*'):
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncate every file
-  from elastic_jax.train.checkpointing import restore_params_if_any
+  from elastic_jax.checkpoints import restore_params_if_any
   with caplog.at_level('WARNING'):
     step = restore_params_if_any(tmp_path, init_supernet(cfg))
   assert step == 4
@@ -202,7 +202,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tiny_cfg, tmp_path, c
 
 
 def test_divergence_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path):
-  from elastic_jax.train.checkpointing import restore_params_if_any
+  from elastic_jax.checkpoints import restore_params_if_any
   from elastic_jax.train.trainer import TrainingDiverged
   cfg = tiny_cfg.copy_and_resolve_references()
   cfg.train.steps = 12

@@ -1,0 +1,210 @@
+"""The one reader and writer of supernet checkpoints (W/checkpoints), for train, workdir and search.
+
+A checkpoint holds params, optimizer state, step, RNG and the data iterator's position. Saved every
+N steps asynchronously (Orbax writes to a temporary name and renames when complete, so a checkpoint
+is either whole or absent), keeping the last K; a save Orbax refuses or fails is an error, never
+silence. Restore takes the latest checkpoint, and falls back to the one before it, with a warning,
+when the latest cannot be read; the training run's restore also moves the unreadable one aside
+(to W/checkpoints_unreadable/, kept for inspection), so that the step can be saved again when the
+run retrains it. Arrays are restored onto the shardings the caller gives, so a checkpoint written on
+one mesh or process count reads on any other.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from elastic_jax.errors import UserError
+
+ITEMS = ('params', 'extra_params', 'opt_state', 'meta')
+DIRNAME = 'checkpoints'
+UNREADABLE_DIRNAME = 'checkpoints_unreadable'
+
+
+class CheckpointError(UserError):
+  """A checkpoint could not be written."""
+
+
+def has_checkpoints(workdir: str | Path) -> bool:
+  """Whether `workdir` holds a checkpoint directory with anything in it."""
+  directory = Path(workdir) / DIRNAME
+  return directory.is_dir() and any(directory.iterdir())
+
+
+def describe(error: BaseException) -> str:
+  """An exception in words for a one-line message: its type and first line, at most 200 chars."""
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  text = f'{type(error).__name__}: {lines[0]}' if lines else type(error).__name__
+  return text[:200]
+
+
+def _manager(directory: Path, keep: int = 3, async_save: bool = True,
+             this_process_only: bool = False) -> ocp.CheckpointManager:
+  """All processes take part in each save and restore (each writes / reads its own shards)
+  unless `this_process_only`: a reader of host-local arrays that the other processes do not join
+  (an init_from / teacher / search supernet read on one host)."""
+  extra = {}
+  if this_process_only and jax.process_count() > 1:
+    me = jax.process_index()
+    extra['multiprocessing_options'] = ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f'process{me}')
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                         create=not this_process_only, **extra)
+  return ocp.CheckpointManager(directory.absolute(), options=options, item_names=ITEMS)
+
+
+def abstract_of(tree):
+  """ShapeDtypeStructs with the shardings of `tree`'s arrays: a restore target that puts every
+  array where the live one is (any mesh, any process count)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class Checkpoints:
+  """The training state's checkpoints in W/checkpoints. In a multi-process run every process
+  calls `save` and `restore_latest` with its part of the global arrays; the workdir must be a
+  filesystem all hosts share."""
+
+  def __init__(self, workdir: Path, keep: int = 3):
+    self.directory = Path(workdir) / DIRNAME
+    self.unreadable = Path(workdir) / UNREADABLE_DIRNAME
+    self.manager = _manager(self.directory, keep)
+
+  def save(self, step: int, state, meta: dict) -> None:
+    """`state`: a TrainState (params = {'model': supernet params, 'proj': ...}); the supernet's
+    params are an item of their own, so `restore_params_if_any` can read them alone.
+
+    Raises CheckpointError when Orbax refuses the save (it skips a step not newer than its latest
+    one, silently) or when this or the previous, asynchronous, save failed."""
+    extra = {'rng': state.rng, **{k: v for k, v in state.params.items() if k != 'model'}}
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(state.params['model']),
+          extra_params=ocp.args.StandardSave(extra),
+          opt_state=ocp.args.StandardSave(state.opt_state), meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # noqa: BLE001  (Orbax raises many types; name the step and the cause)
+      raise CheckpointError(f'saving the checkpoint of step {step} in {self.directory} failed '
+                            f'({describe(e)}); check the disk space and permissions there') from e
+    if not saved:
+      latest = self.manager.latest_step()
+      raise CheckpointError(f'Orbax refused to save the checkpoint of step {step}: '
+                            f'{self.directory} holds step {latest} already; move '
+                            f'{self.directory / str(latest)} away or train in a new workdir')
+
+  def restore_latest(self, abstract_state):
+    """(state, meta) of the newest readable checkpoint, or None. `abstract_state`: the TrainState
+    as ShapeDtypeStructs carrying shardings (`StepSetup.abstract_state`)."""
+    from flax import nnx
+    params = abstract_state.params
+    extra = {'rng': abstract_state.rng, **{k: v for k, v in params.items() if k != 'model'}}
+    restored = _restore_latest(self.manager, params['model'], abstract_state.opt_state, extra,
+                               move_unreadable_to=self.unreadable)
+    if restored is None:
+      return None
+    model, opt_state, meta, extra = restored
+    rng = extra.pop('rng')
+    state = abstract_state.replace(step=_replicated_step(meta['step'], abstract_state.step),
+                                   params=nnx.State({'model': model, **extra}),
+                                   opt_state=opt_state, rng=rng)
+    return state, meta
+
+  def wait(self) -> None:
+    """Blocks until the asynchronous save in flight is on disk; CheckpointError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f'writing a checkpoint in {self.directory} failed ({describe(e)}); '
+                            'check the disk space and permissions there') from e
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def _replicated_step(step: int, abstract):
+  """The step counter as a global array with `abstract`'s sharding."""
+  import numpy as np
+  value = np.asarray(step, abstract.dtype)
+  return jax.make_array_from_callback((), abstract.sharding, lambda _: value)
+
+
+def _restore_latest(manager, abstract_params, abstract_opt_state=None, abstract_extra=None,
+                    move_unreadable_to: Path | None = None):
+  """(params, opt_state, meta, extra) of the newest readable checkpoint, or None if there is none.
+
+  `move_unreadable_to`: move each unreadable checkpoint there (the training run's restore, which
+  will save those steps again; Orbax would refuse a step it still lists)."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  errors = []
+  for step in steps:
+    items = {'params': ocp.args.StandardRestore(abstract_params), 'meta': ocp.args.JsonRestore()}
+    if abstract_opt_state is not None:
+      items['opt_state'] = ocp.args.StandardRestore(abstract_opt_state)
+      items['extra_params'] = ocp.args.StandardRestore(abstract_extra)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001  (any unreadable checkpoint: fall back to an older one)
+      where = ''
+      if move_unreadable_to is not None:
+        where = f'; moved to {_move_aside(manager, step, move_unreadable_to)}'
+      logging.warning('checkpoint at step %d in %s is unreadable (%s)%s; trying the previous one',
+                      step, manager.directory, describe(e), where)
+      errors.append((step, describe(e)))
+      continue
+    return (restored['params'], restored.get('opt_state'), restored['meta'],
+            restored.get('extra_params'))
+  if errors:
+    tried = '; '.join(f'step {s}: {why}' for s, why in errors)
+    moved = (f' (moved to {move_unreadable_to}; run again to train from scratch)'
+             if move_unreadable_to is not None else '; delete it to train from scratch')
+    raise UserError(f'no readable checkpoint in {manager.directory} ({tried}){moved}')
+  return None
+
+
+def _move_aside(manager, step: int, target_dir: Path) -> Path:
+  """Renames checkpoint `step` to target_dir/<step>[.n] (process 0; the others wait), and makes
+  the manager forget it."""
+  _sync(f'elastic_jax_move_aside_{step}_start')  # every process names the same target
+  source = Path(manager.directory) / str(step)
+  target = target_dir / str(step)
+  n = 0
+  while target.exists():
+    n += 1
+    target = target_dir / f'{step}.{n}'
+  if jax.process_index() == 0 and source.exists():
+    target_dir.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
+  _sync(f'elastic_jax_move_aside_{step}_done')
+  manager.reload()
+  return target
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices(name)
+
+
+def restore_params_if_any(workdir: Path, model) -> int | None:
+  """Loads the latest trained params of `workdir` into `model` (host-local arrays, e.g. from
+  `init_supernet`), whatever mesh and process count wrote them; returns the step, or None.
+
+  Reads on this process alone: in a multi-process run the others need not call it."""
+  from flax import nnx
+
+  directory = Path(workdir) / DIRNAME
+  if not directory.is_dir():
+    return None
+  manager = _manager(directory, async_save=False, this_process_only=True)
+  try:
+    restored = _restore_latest(manager, abstract_of(nnx.state(model, nnx.Param)))
+  finally:
+    manager.close()
+  if restored is None:
+    return None
+  params, _, meta, _ = restored
+  nnx.update(model, params)
+  return int(meta['step'])

@@ -1,0 +1,182 @@
+"""Checkpoints under faults: a refused or failed save is an error; an unreadable checkpoint is
+moved aside and its step saved again; kill -9 at several points of a checkpoint write, then
+resume, ends with the parameters of an uninterrupted run."""
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO
+from flax import nnx
+
+from elastic_jax import checkpoints
+from elastic_jax.train.step import TrainState
+from elastic_jax.train.trainer import train
+from elastic_jax.workdir import init_supernet
+
+
+def tiny_state(value: float) -> TrainState:
+  params = nnx.State({'model': {'w': jnp.full((3,), value)}, 'proj': {}})
+  return TrainState(step=jnp.int32(0), params=params, opt_state={'m': jnp.zeros(3)},
+                    rng=jax.random.key_data(jax.random.key(0)))
+
+
+def test_a_save_orbax_refuses_is_an_error_not_silence(tmp_path):
+  ckpt = checkpoints.Checkpoints(tmp_path)
+  try:
+    ckpt.save(4, tiny_state(1.0), {'step': 4})
+    ckpt.wait()
+    # Orbax skips (returns False for) a step not newer than its latest one.
+    with pytest.raises(checkpoints.CheckpointError,
+                       match='refused to save the checkpoint of step 4: .* holds step 4 already'):
+      ckpt.save(4, tiny_state(2.0), {'step': 4})
+    with pytest.raises(checkpoints.CheckpointError, match='step 3'):
+      ckpt.save(3, tiny_state(2.0), {'step': 3})
+  finally:
+    ckpt.close()
+
+
+def test_a_failing_save_names_the_step_and_the_cause(tmp_path):
+  ckpt = checkpoints.Checkpoints(tmp_path)
+  try:
+    # A meta dict JSON cannot hold: the save fails (now or when the async write completes).
+    with pytest.raises(checkpoints.CheckpointError, match='checkpoint') as info:
+      ckpt.save(1, tiny_state(1.0), {'step': object()})
+      ckpt.wait()
+    assert 'bound method' not in str(info.value)
+  finally:
+    ckpt.close()
+
+
+def test_describe_gives_words():
+  assert checkpoints.describe(ValueError('bad shape\nmore')) == 'ValueError: bad shape'
+  assert checkpoints.describe(KeyError()) == 'KeyError'
+
+
+@pytest.mark.slow
+def test_unreadable_checkpoint_is_moved_aside_and_its_step_saved_again(tiny_cfg, tmp_path,
+                                                                       caplog):
+  cfg = tiny_cfg.copy_and_resolve_references()
+  cfg.train.steps = 8
+  cfg.train.checkpoint_every = 4
+  cfg.train.eval_every = 0
+  train(cfg, tmp_path, progress=False)
+  reference = init_supernet(cfg)
+  assert checkpoints.restore_params_if_any(tmp_path, reference) == 8
+  latest = tmp_path / 'checkpoints' / '8'
+  for f in latest.rglob('*'):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncate every file
+
+  # A read-only reader falls back to step 4 and leaves the run's directory alone.
+  with caplog.at_level(logging.WARNING):
+    assert checkpoints.restore_params_if_any(tmp_path, init_supernet(cfg)) == 4
+  assert latest.is_dir()
+  assert 'checkpoint at step 8' in caplog.text and 'is unreadable' in caplog.text
+
+  # The training run moves it aside, retrains steps 5-8 and saves step 8 again.
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    train(cfg, tmp_path, progress=False)
+  moved = tmp_path / 'checkpoints_unreadable' / '8'
+  assert moved.is_dir() and latest.is_dir()
+  warning = [r.getMessage() for r in caplog.records if 'is unreadable' in r.getMessage()]
+  assert warning and 'step 8' in warning[0] and str(moved) in warning[0]
+  assert 'bound method' not in warning[0]
+  retrained = init_supernet(cfg)
+  assert checkpoints.restore_params_if_any(tmp_path, retrained) == 8
+  for a, b in zip(jax.tree.leaves(nnx.state(retrained, nnx.Param)),
+                  jax.tree.leaves(nnx.state(reference, nnx.Param)), strict=True):
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-6
+
+
+# A training run that kills itself (SIGKILL) when its checkpoint write of step `at` reaches
+# `point`: Orbax's own file operations are wrapped, so the kill lands inside the real write.
+DRIVER = textwrap.dedent('''
+    import os, signal, sys
+    import jax
+    sys.path.insert(0, {tests!r})
+    from conftest import load_config
+    from orbax.checkpoint._src.path import async_path
+    from elastic_jax.train.trainer import train
+
+    point, at, workdir, cache, xla_cache = sys.argv[1:6]
+    # The runs share compiled programs through JAX's persistent cache: one compile, not six.
+    jax.config.update('jax_compilation_cache_dir', xla_cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+    tmp = f'/{{at}}.orbax-checkpoint-tmp'
+    write_text, rename = async_path.write_text, async_path.rename
+
+    def die():
+      os.kill(os.getpid(), signal.SIGKILL)
+
+    async def write_text_then_maybe_die(path, text):
+      # 'arrays': the first item's array metadata is being written, nothing is complete.
+      if point == 'arrays' and tmp in str(path) and str(path).endswith('_METADATA'):
+        die()
+      return await write_text(path, text)
+
+    async def rename_and_maybe_die(src, dst):
+      step_dir = str(src).endswith(tmp)
+      if point == 'before_commit' and step_dir:
+        die()  # every item written and committed inside the temporary step directory
+      out = await rename(src, dst)
+      if point == 'after_commit' and step_dir:
+        die()  # the step directory renamed; Orbax's bookkeeping after it never ran
+      return out
+
+    async_path.write_text, async_path.rename = write_text_then_maybe_die, rename_and_maybe_die
+    cfg = load_config('quickstart', 'tiny')
+    cfg.data.cache_dir = cache
+    cfg.train.steps, cfg.train.checkpoint_every, cfg.train.eval_every = 12, 4, 0
+    cfg.train.keep_checkpoints = 2
+    train(cfg, workdir, progress=False)
+''')
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_writes_then_resume_equals_uninterrupted_run(tiny_cfg, data_cache,
+                                                                            tmp_path):
+  """Kill points: while the arrays are written (nothing complete), with everything written but
+  the step directory not yet renamed, right after the rename (Orbax's bookkeeping undone); each
+  run resumes the workdir the previous one was killed in."""
+  driver = tmp_path / 'driver.py'
+  driver.write_text(DRIVER.format(tests=str(REPO / 'tests')))
+  killed = tmp_path / 'killed'
+  env_cmd = [sys.executable, str(driver)]
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(REPO)}
+  xla_cache = str(tmp_path / 'xla_cache')
+
+  def run(point, at, workdir):
+    return subprocess.run(env_cmd + [point, str(at), str(workdir), str(data_cache), xla_cache],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+  full = run('none', 0, tmp_path / 'full')  # uninterrupted
+  assert full.returncode == 0, full.stderr[-3000:]
+  # Each run resumes the last one's workdir and is killed during one checkpoint write.
+  for point, at in (('arrays', 8), ('before_commit', 8), ('after_commit', 8), ('arrays', 12),
+                    ('none', 0)):
+    r = run(point, at, killed)
+    if point == 'none':
+      assert r.returncode == 0, r.stderr[-3000:]
+    else:
+      assert r.returncode == -9, (f'the run was not killed at {point} of step {at} (exit '
+                                  f'{r.returncode}): {r.stderr[-3000:]}')
+    steps = sorted(int(p.name) for p in (killed / 'checkpoints').iterdir() if p.name.isdigit())
+    expected_latest = {('arrays', 8): 4, ('before_commit', 8): 4, ('after_commit', 8): 8,
+                       ('arrays', 12): 8, ('none', 0): 12}[(point, at)]
+    assert steps and steps[-1] == expected_latest, (point, at, steps)
+
+  a, b = init_supernet(tiny_cfg), init_supernet(tiny_cfg)
+  assert checkpoints.restore_params_if_any(killed, a) == 12
+  assert checkpoints.restore_params_if_any(tmp_path / 'full', b) == 12
+  leaves = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param))
+  for x, y in zip(leaves(a), leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)

@@ -1,0 +1,303 @@
+"""The training step against independent references (float32).
+
+- the sandwich step's gradient is the sum of the per-architecture gradients computed one by one
+  (with and without in-place distillation, and with an external teacher);
+- gradient accumulation and any split of the batch give the gradient and loss of the whole batch,
+  every term a mean over the global batch's tokens, also when micro-batches hold different numbers
+  of tokens;
+- the teacher receives no gradient;
+- the logits KL is KL(teacher || student) at temperature T, times T^2 (hand computation).
+
+The step's gradient is read exactly from an optimizer whose state is the last gradient it saw.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import randomize
+from flax import nnx
+
+from elastic_jax import export
+from elastic_jax import losses as loss_lib
+from elastic_jax.train import distill
+from elastic_jax.train.sampling import Sampler
+from elastic_jax.train.step import DistillSpec, TrainState, make_loss_fn, make_train_step
+from elastic_jax.train.trainer import _external_teacher_fn
+from elastic_jax.workdir import build_space, init_supernet
+
+VOCAB, B, T = 37, 6, 11
+TEMPERATURE = 2.0
+W_CE, W_KL = 0.7, 1.3
+
+
+def grad_capture() -> optax.GradientTransformation:
+  """An 'optimizer' that leaves the params alone and keeps the gradient as its state."""
+  return optax.GradientTransformation(
+      init=lambda params: jax.tree.map(jnp.zeros_like, params),
+      update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+@pytest.fixture(scope='module')
+def setup():
+  from conftest import load_config
+  cfg = load_config('quickstart', 'tiny')
+  cfg.model.vocab_size = VOCAB
+  space = build_space(cfg)
+  model = randomize(init_supernet(cfg, space), seed=3, scale=0.2)
+  graphdef, model_params = nnx.split(model, nnx.Param)
+  proj_graphdef, proj_params = nnx.split(distill.Projections({}, rngs=nnx.Rngs(0)), nnx.Param)
+  params = nnx.State({'model': model_params, 'proj': proj_params})
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, VOCAB, (B, T)).astype(np.int32)
+  targets = rng.integers(0, VOCAB, (B, T)).astype(np.int32)
+  # Rows keep very different numbers of tokens (1 to 11), as in masked LM or padded batches.
+  keep = np.asarray([1, 11, 3, 9, 2, 7])
+  weights = (np.arange(T)[None, :] < keep[:, None]).astype(np.float32)
+  batch = {'tokens': jnp.asarray(tokens), 'targets': jnp.asarray(targets),
+           'weights': jnp.asarray(weights)}
+  return {'cfg': cfg, 'space': space, 'model': model, 'graphdef': graphdef,
+          'proj_graphdef': proj_graphdef, 'params': params, 'batch': batch}
+
+
+def spec_of(setup, *, ce=W_CE, kl=W_KL, in_place=True, teacher_heads=None):
+  space = setup['space']
+  weights = {'ce': ce, 'logits_kl': kl, 'hidden_mse': 0.0, 'attn_kl': 0.0,
+             'block_preserving': 0.0}
+  heads = teacher_heads or tuple(int(h) for h in space.largest().heads)
+  return DistillSpec(weights=weights, temperature=TEMPERATURE, in_place=in_place,
+                     layer_map=tuple(range(space.num_layers)), teacher_heads=heads)
+
+
+def step_grads(setup, spec, grad_accum=1, batch=None, external=None, teacher_params=None,
+               num_random=1):
+  """(gradient, metrics, archs) of one sandwich step (one compile per setting, shared)."""
+  sampler = Sampler(setup['space'], 'sandwich', num_random=num_random)
+  key = (repr(spec), grad_accum, num_random, external is not None)
+  compiled = setup.setdefault('steps', {})
+  if key not in compiled:
+    compiled[key] = jax.jit(make_train_step(setup['graphdef'], setup['proj_graphdef'], sampler,
+                                            grad_capture(), spec, grad_accum, external))
+  params = setup['params']
+  rng = jax.random.key_data(jax.random.key(5))
+  state = TrainState(step=jnp.int32(0), params=params, opt_state=grad_capture().init(params),
+                     rng=rng)
+  new, metrics = compiled[key](state, setup['batch'] if batch is None else batch, teacher_params)
+  archs = sampler(jax.random.wrap_key_data(rng), jnp.int32(0))
+  return new.opt_state, metrics, archs
+
+
+# -- independent reference: each sub-network's loss written out, differentiated alone ---------
+
+def hand_ce(logits, batch):
+  """Mean over the batch's weighted tokens of -log softmax(logits)[target]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, batch['targets'][..., None], axis=-1)[..., 0]
+  return jnp.sum(nll * batch['weights']) / jnp.sum(batch['weights'])
+
+
+def hand_kl(student, teacher, batch, t=TEMPERATURE):
+  """T^2 x mean over weighted tokens of sum_v p_teacher (log p_teacher - log p_student)."""
+  p_t = jax.nn.softmax(teacher / t, axis=-1)
+  kl = jnp.sum(p_t * (jnp.log(p_t) - jax.nn.log_softmax(student / t, axis=-1)), axis=-1)
+  return t * t * jnp.sum(kl * batch['weights']) / jnp.sum(batch['weights'])
+
+
+def logits_of(setup, params, arch, batch):
+  model = nnx.merge(setup['graphdef'], params['model'])
+  return model({'tokens': batch['tokens']}, arch)
+
+
+def per_arch_reference(setup, archs, batch, teacher_logits=None, *, in_place=True,
+                       ce=W_CE, kl=W_KL, teacher_gets_gradient=False):
+  """Sum over archs of jax.grad of each one's own loss, and the per-arch losses.
+
+  In-place: arch 0 learns from the data alone; the others from ce x CE + kl x KL(teacher ||
+  student), the teacher's logits a constant (computed beforehand, outside the differentiated
+  function) unless `teacher_gets_gradient`. `teacher_logits` given: every arch is a student of
+  that external teacher. No distillation: every arch learns from the data alone."""
+  key = ((in_place, ce, kl, teacher_gets_gradient, str(archs.hidden))
+         if teacher_logits is None and batch is setup['batch'] else None)
+  cache = setup.setdefault('references', {})
+  if key is not None and key in cache:
+    return cache[key]
+  out = _per_arch_reference(setup, archs, batch, teacher_logits, in_place, ce, kl,
+                            teacher_gets_gradient)
+  if key is not None:
+    cache[key] = out
+  return out
+
+
+def _per_arch_reference(setup, archs, batch, teacher_logits, in_place, ce, kl,
+                        teacher_gets_gradient):
+  params = setup['params']
+  k = archs.hidden.shape[0]
+  arch = lambda i: jax.tree.map(lambda x: x[i], archs)
+  const_teacher = teacher_logits
+  if in_place and teacher_logits is None:
+    const_teacher = jnp.asarray(np.asarray(logits_of(setup, params, arch(0), batch)))
+  fns = reference_fns(setup)
+  total, per_arch = None, []
+  for i in range(k):
+    if const_teacher is None or (in_place and teacher_logits is None and i == 0):
+      value, g = fns['ce'](params, arch(i), batch)
+    elif teacher_gets_gradient:
+      value, g = fns['leaky'](params, arch(i), arch(0), batch, ce, kl)
+    else:
+      value, g = fns['kd'](params, arch(i), const_teacher, batch, ce, kl)
+    per_arch.append(float(value))
+    total = g if total is None else jax.tree.map(jnp.add, total, g)
+  return total, np.asarray(per_arch)
+
+
+def reference_fns(setup):
+  """Jitted value-and-grad of one sub-network's loss (the arch is an argument: one compile)."""
+  if 'reference_fns' not in setup:
+    def ce_loss(p, arch, batch):
+      return hand_ce(logits_of(setup, p, arch, batch), batch)
+
+    def kd_loss(p, arch, teacher, batch, ce, kl):
+      logits = logits_of(setup, p, arch, batch)
+      return ce * hand_ce(logits, batch) + kl * hand_kl(logits, teacher, batch)
+
+    def leaky_loss(p, arch, teacher_arch, batch, ce, kl):
+      return kd_loss(p, arch, logits_of(setup, p, teacher_arch, batch), batch, ce, kl)
+
+    setup['reference_fns'] = {name: jax.jit(jax.value_and_grad(f)) for name, f in
+                              (('ce', ce_loss), ('kd', kd_loss), ('leaky', leaky_loss))}
+  return setup['reference_fns']
+
+
+def assert_trees_close(got, want, rtol=1e-5):
+  """Every leaf within rtol x (the largest magnitude of the whole reference gradient)."""
+  scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(want))
+  assert scale > 0
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=rtol * scale)
+
+
+def max_tree_diff(a, b) -> float:
+  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a),
+                                                              jax.tree.leaves(b)))
+
+
+# -- the tests ------------------------------------------------------------------------------
+
+@pytest.mark.slow  # one more compile of the step (~15 s on 2 cores)
+def test_sandwich_gradient_is_the_sum_of_per_arch_gradients_without_distillation(setup):
+  spec = spec_of(setup, in_place=False)
+  grads, metrics, archs = step_grads(setup, spec)
+  want, per_arch = per_arch_reference(setup, archs, setup['batch'], in_place=False)
+  assert archs.hidden.shape[0] == 3  # largest, smallest, one random
+  assert_trees_close(grads, want)
+  np.testing.assert_allclose(np.asarray(metrics['loss_per_arch']), per_arch, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(metrics['ce_per_arch']), per_arch, rtol=1e-5)
+  assert float(metrics['loss']) == pytest.approx(per_arch.sum(), rel=1e-5)
+
+
+def test_sandwich_gradient_with_in_place_distillation_and_no_gradient_to_the_teacher(setup):
+  spec = spec_of(setup, in_place=True)
+  grads, metrics, archs = step_grads(setup, spec)
+  want, per_arch = per_arch_reference(setup, archs, setup['batch'])
+  assert_trees_close(grads, want)
+  np.testing.assert_allclose(np.asarray(metrics['loss_per_arch']), per_arch, rtol=1e-5)
+  assert float(metrics['loss']) == pytest.approx(per_arch.sum(), rel=1e-5)
+  # The check can fail: had the teacher's logits carried a gradient, the step's would differ.
+  leaky, _ = per_arch_reference(setup, archs, setup['batch'], teacher_gets_gradient=True)
+  scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(want))
+  assert max_tree_diff(leaky, want) > 1e-3 * scale
+
+
+def external_teacher(setup):
+  space = setup['space']
+  teacher = export.export(randomize(init_supernet(setup['cfg'], space), 11, 0.2), space.cfg,
+                          space.largest())
+  t_graphdef, t_params = nnx.split(teacher, nnx.Param)
+  return teacher, t_graphdef, t_params
+
+
+@pytest.mark.slow  # one more compile of the step (~15 s on 2 cores)
+def test_external_teacher_gets_no_gradient_and_the_step_matches_the_reference(setup):
+  teacher, t_graphdef, t_params = external_teacher(setup)
+  spec = spec_of(setup, in_place=False,
+                 teacher_heads=tuple(l.heads for l in teacher.dims.layers))
+  run_teacher = _external_teacher_fn(t_graphdef)
+  grads, metrics, archs = step_grads(setup, spec, external=run_teacher, teacher_params=t_params)
+  teacher_logits = jnp.asarray(np.asarray(teacher({'tokens': setup['batch']['tokens']})))
+  want, per_arch = per_arch_reference(setup, archs, setup['batch'], teacher_logits,
+                                      in_place=False)
+  assert_trees_close(grads, want)
+  np.testing.assert_allclose(np.asarray(metrics['loss_per_arch']), per_arch, rtol=1e-5)
+
+  # The loss's gradient with respect to the teacher's parameters is exactly zero ...
+  loss_fn = make_loss_fn(setup['graphdef'], setup['proj_graphdef'], spec, run_teacher)
+  from elastic_jax.train.step import token_totals
+  totals = token_totals(setup['batch'])
+  g_teacher = jax.grad(lambda tp: loss_fn(setup['params'], setup['batch'], archs, tp, totals)[0])(
+      t_params)
+  assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g_teacher))
+  # ... and would not be without the stop-gradient (the check can fail).
+  def leaky(tp):
+    model = nnx.merge(setup['graphdef'], setup['params']['model'])
+    logits = model({'tokens': setup['batch']['tokens']}, jax.tree.map(lambda x: x[1], archs))
+    t_logits = nnx.merge(t_graphdef, tp)({'tokens': setup['batch']['tokens']})
+    return hand_kl(logits, t_logits, setup['batch'])
+  assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(jax.grad(leaky)(t_params))) > 0
+
+
+def test_grad_accum_equals_one_step_on_the_whole_batch_token_weighted(setup):
+  grad_accum = 3
+  spec = spec_of(setup, in_place=True)
+  whole, m_whole, archs = step_grads(setup, spec, grad_accum=1)
+  split, m_split, _ = step_grads(setup, spec, grad_accum=grad_accum)
+  assert_trees_close(split, whole)
+  assert float(m_split['loss']) == pytest.approx(float(m_whole['loss']), rel=1e-5)
+  np.testing.assert_allclose(np.asarray(m_split['loss_per_arch']),
+                             np.asarray(m_whole['loss_per_arch']), rtol=1e-5)
+  # Both equal the reference on the whole batch (token-weighted) ...
+  want, per_arch = per_arch_reference(setup, archs, setup['batch'])
+  assert_trees_close(split, want)
+  assert float(m_split['loss']) == pytest.approx(per_arch.sum(), rel=1e-5)
+  # ... which a mean of micro-batch means is not: the micro-batches' token counts differ.
+  w = np.asarray(setup['batch']['weights'])
+  counts = [w[i::grad_accum].sum() for i in range(grad_accum)]
+  assert len(set(counts)) > 1
+
+
+def test_reordering_the_rows_of_a_batch_changes_neither_loss_nor_gradient(setup):
+  """Another split of the same tokens: the rows permuted, so micro-batches group other rows."""
+  spec = spec_of(setup, in_place=True)
+  whole, m_whole, _ = step_grads(setup, spec, grad_accum=3)
+  perm = np.asarray([1, 0, 4, 3, 2, 5])  # micro-batches {1, 3}, {0, 2}, {4, 5}
+  batch = {k: v[perm] for k, v in setup['batch'].items()}
+  shuffled, m_shuffled, _ = step_grads(setup, spec, grad_accum=3, batch=batch)
+  assert_trees_close(shuffled, whole)
+  assert float(m_shuffled['loss']) == pytest.approx(float(m_whole['loss']), rel=1e-5)
+
+
+def test_logits_kl_is_teacher_to_student_with_temperature_squared():
+  rng = np.random.default_rng(4)
+  student = rng.normal(size=(2, 3, 5)) * 2.0
+  teacher = rng.normal(size=(2, 3, 5)) * 2.0
+  w = np.asarray([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+  t = 3.0
+
+  def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+  def kl(p, q):  # KL(p || q) per token
+    return (p * (np.log(p) - np.log(q))).sum(-1)
+
+  p_t, p_s = softmax(teacher / t), softmax(student / t)
+  expected = t * t * (kl(p_t, p_s) * w).sum()
+  got = float(loss_lib.logits_kl(jnp.asarray(student, jnp.float32),
+                                 jnp.asarray(teacher, jnp.float32), jnp.asarray(w), t))
+  assert got == pytest.approx(expected, rel=1e-5)
+  # The test tells the alternatives apart: the other direction, no T^2, no temperature.
+  wrong = {'KL(student || teacher)': t * t * (kl(p_s, p_t) * w).sum(),
+           'without T^2': (kl(p_t, p_s) * w).sum(),
+           'T = 1': (kl(softmax(teacher), softmax(student)) * w).sum()}
+  for name, value in wrong.items():
+    assert abs(value - expected) > 0.05 * expected, name
