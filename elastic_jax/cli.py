@@ -1,49 +1,103 @@
 """The `elastic-jax` command: parses flags, calls library functions, prints results.
 
   elastic-jax COMMAND --config=configs/X.py[:arg] [--config.a.b=v ...] [--workdir=W] [flags]
+  elastic-jax COMMAND --help        the command's flags and the config fields it reads
+  elastic-jax --version
 
-Bad input raises `UserError` anywhere below; it is printed as one line and the exit code is 2.
+Each command declares the flags it takes (`@command(flags=...)`, definitions in `FLAG_DEFS`), so
+a new command with flags of its own is one entry in each. Bad input raises `UserError` anywhere
+below; it is printed as one line and the exit code is 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
+import re
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from absl import flags
 from ml_collections import config_flags
 
+from elastic_jax import __version__
 from elastic_jax.errors import UserError
 
-COMMANDS = {}
+# Every flag a command may take: name -> (kind, default, help).
+FLAG_DEFS = {
+    'workdir': ('string', None, 'Working directory of the run.'),
+    'arch': ('string', None, 'Architecture JSON file (from `sample`, `export`, pareto.json).'),
+    'out': ('string', None, 'Output directory (must be new, or an earlier export with '
+            '--overwrite).'),
+    'overwrite': ('bool', False, 'Replace an earlier export at --out.'),
+    'model': ('string', None, 'Directory of an exported dense model.'),
+    'n': ('integer', 1, 'Number of architectures.'),
+    'seed': ('integer', 0, 'Random seed.'),
+    'max_params': ('integer', None, 'Parameter budget for sampling.'),
+    'pick': ('string', None, 'Front member to export: index:N | knee | best-under:params=N '
+             '(see elastic_jax/search/pick.py).'),
+    'topology': ('string', None, 'TPU slice to compile for: CHIP:AxB (v5e, v6e) or CHIP:AxBxC '
+                 '(v4, v5p), e.g. v5e:4x4.'),
+}
+
+# Where each config section's fields are listed, every field commented.
+SECTION_DOCS = {
+    'seed': 'the top-level seed of the experiment config',
+    'model': 'elastic_jax/config.py (ModelConfig)',
+    'space': 'elastic_jax/config.py (SpaceConfig)',
+    'data': 'elastic_jax/data/config.py',
+    'train': 'elastic_jax/train/config.py',
+    'mesh': 'elastic_jax/train/config.py (default_mesh)',
+    'search': 'elastic_jax/search/job.py (default_config)',
+    'proxy': 'elastic_jax/proxies/config.py',
+    'distributed': 'elastic_jax/distributed.py',
+}
 
 
-def command(fn):
-  COMMANDS[fn.__name__.rstrip('_')] = fn
-  return fn
+@dataclasses.dataclass(frozen=True)
+class Command:
+  name: str
+  fn: Callable[[], None]
+  flags: tuple[str, ...]  # besides --config
+  sections: tuple[str, ...]  # the config sections it reads (for --help)
 
 
-def _make_flags() -> flags.FlagValues:
+COMMANDS: dict[str, Command] = {}
+
+
+def command(*, flags: tuple[str, ...] = ('workdir',), sections=('seed', 'model', 'space'),
+            name: str | None = None):
+  def register(fn):
+    cmd_name = name or fn.__name__.rstrip('_')
+    unknown = set(flags) - set(FLAG_DEFS)
+    assert not unknown, f'{cmd_name}: undefined flags {unknown}'
+    COMMANDS[cmd_name] = Command(cmd_name, fn, tuple(flags), tuple(sections))
+    return fn
+  return register
+
+
+def _make_flags(names) -> flags.FlagValues:
   """Fresh flags for each invocation (config override flags depend on the config loaded)."""
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'Experiment config file, configs/X.py[:arg].',
                                   flag_values=fv, lock_config=False)
-  flags.DEFINE_string('workdir', None, 'Working directory of the run.', flag_values=fv)
-  flags.DEFINE_string('arch', None, 'Architecture JSON file.', flag_values=fv)
-  flags.DEFINE_string('out', None, 'Output directory.', flag_values=fv)
-  flags.DEFINE_string('model', None, 'Directory of an exported dense model.', flag_values=fv)
-  flags.DEFINE_integer('n', 1, 'Number of architectures.', flag_values=fv)
-  flags.DEFINE_integer('seed', 0, 'Random seed.', flag_values=fv)
-  flags.DEFINE_integer('max_params', None, 'Parameter budget for sampling.', flag_values=fv)
-  flags.DEFINE_string('pick', None, 'Front member to export: index:N | knee | '
-                      'best-under:params=N (see elastic_jax/search/pick.py).', flag_values=fv)
-  flags.DEFINE_string('topology', None, 'TPU slice to compile for: CHIP:AxB (v5e, v6e) or '
-                      'CHIP:AxBxC (v4, v5p), e.g. v5e:4x4.', flag_values=fv)
+  define = {'string': flags.DEFINE_string, 'integer': flags.DEFINE_integer,
+            'bool': flags.DEFINE_bool}
+  for name in names:
+    kind, default, help_text = FLAG_DEFS[name]
+    define[kind](name, default, help_text, flag_values=fv)
   return fv
 
 
-FLAGS = _make_flags()
+FLAGS = _make_flags(FLAG_DEFS)
+
+
+def _flag(name: str):
+  """A flag's value, None when the running command does not take it."""
+  return getattr(FLAGS, name) if name in FLAGS else None
 
 
 def _loaded_config():
@@ -58,23 +112,43 @@ def _loaded_config():
     raise UserError(f'could not load --config: {reason}') from None
 
 
-def _config():
-  from elastic_jax.workdir import resolve_config
-  return resolve_config(FLAGS.workdir, _loaded_config())
+def _config(*, continuing: bool = False):
+  """The command's config: --config (checked against W/config.json when --workdir has one:
+  `continuing` commands must agree on every field that defines the run, the others on the
+  supernet's), else W/config.json."""
+  from elastic_jax import workdir as workdir_lib
+  loaded, workdir = _loaded_config(), _flag('workdir')
+  if loaded is not None and workdir:
+    workdir_lib.check_same_run(workdir, loaded, continuing=continuing)
+  return workdir_lib.resolve_config(workdir, loaded)
 
 
 def _print_json(obj) -> None:
   print(json.dumps(obj))
 
 
-@command
+def _note(message: str) -> None:
+  print(f'elastic-jax {_RUNNING}: {message}', file=sys.stderr)
+
+
+def _require(flag: str):
+  value = _flag(flag)
+  if not value:
+    raise UserError(f'--{flag} is required for `elastic-jax {_RUNNING}`')
+  return value
+
+
+_RUNNING = ''  # the command being run, for messages
+
+
+@command(flags=('workdir',))
 def info():
   """The search space: number of architectures, parameter range, smallest and largest arch."""
   from elastic_jax.workdir import build_space
   _print_json(build_space(_config()).describe())
 
 
-@command
+@command(flags=('workdir', 'n', 'seed', 'max_params'))
 def sample():
   """N architectures as JSON lines (uniform, or uniform under --max_params)."""
   import jax
@@ -89,50 +163,54 @@ def sample():
     print(arch_lib.dumps(a))
 
 
-def _require(flag: str):
-  value = getattr(FLAGS, flag)
-  if not value:
-    raise UserError(f'--{flag} is required for `elastic-jax {sys.argv[1]}`')
-  return value
-
-
 def _supernet_and_arch(cfg):
   from elastic_jax import arch as arch_lib
   from elastic_jax.workdir import build_space, load_supernet
   space = build_space(cfg)
   arch = arch_lib.load(_require('arch'), space.cfg)
-  model, step = load_supernet(cfg, FLAGS.workdir, space)
+  model, step = load_supernet(cfg, _flag('workdir'), space)
+  if _flag('workdir') and step is None:
+    _note(f'{_flag("workdir")} has no trained supernet yet: using the seeded initialisation')
   return space, model, arch, step
 
 
 def _print_front(result) -> None:
   """The searched front as a table, then where the files are (stdout)."""
   print(result['table'])
-  print(f"hypervolume {result['hypervolume']:.6g} after {result['n_evals']} evaluations "
-        f"({result['generations']} generations)")
+  if result.get('hypervolume') is not None:
+    print(f"hypervolume {result['hypervolume']:.6g} after {result['n_evals']} evaluations "
+          f"({result['generations']} generations)")
+  else:
+    print(f"{result['n_evals']} evaluations ({result['generations']} generations)")
   print(f"plot: {result['plot']}\nsummary: {result['summary']}\nfront: {result['pareto_json']}")
 
 
-@command
+@command(flags=('workdir',), sections=('seed', 'model', 'space', 'data', 'search', 'proxy'))
 def search():
   """Searches the supernet trained in --workdir; writes W/search/ (front, history, plot)."""
   from elastic_jax.search.job import run_search
   _print_front(run_search(_config(), _require('workdir')))
 
 
-@command
+@command(flags=('workdir', 'arch', 'pick', 'out', 'overwrite'),
+         sections=('seed', 'model', 'space', 'data'))
 def export():
   """Exports --arch (supernet of --workdir or --config), or --pick from the searched front."""
   import tempfile
 
   from elastic_jax import data
   from elastic_jax import export as export_lib
+  from elastic_jax.workdir import check_exists
+  if FLAGS.pick and FLAGS.arch:
+    raise UserError('pass either --arch or --pick, not both')
+  if FLAGS.out:
+    export_lib.check_out(FLAGS.out, FLAGS.overwrite)  # before any work: never a user's files
+  check_exists(FLAGS.workdir)
   cfg = _config()
   if FLAGS.pick:
-    if FLAGS.arch:
-      raise UserError('pass either --arch or --pick, not both')
     from elastic_jax.search.pick import export_pick
-    _print_json(export_pick(cfg, _require('workdir'), FLAGS.pick, out=FLAGS.out))
+    _print_json(export_pick(cfg, _require('workdir'), FLAGS.pick, out=FLAGS.out,
+                            overwrite=FLAGS.overwrite))
     return
   out = Path(_require('out'))
   space, model, arch, step = _supernet_and_arch(cfg)
@@ -142,34 +220,33 @@ def export():
     data.load_tokenizer(cfg.data).save(tokenizer)
     export_lib.save(dense, out, arch=arch,
                     extra={'data': cfg.data.to_dict(), 'supernet_step': step},
-                    files={'tokenizer.json': tokenizer})
+                    files={'tokenizer.json': tokenizer}, overwrite=FLAGS.overwrite)
   _print_json({'out': str(out), 'params': export_lib.param_count(dense), 'supernet_step': step})
 
 
-@command
+@command(flags=('workdir', 'arch', 'model'), sections=('seed', 'model', 'space', 'data'))
 def evaluate():
   """Validation loss of --arch in the supernet, or of the exported model --model."""
-  import ml_collections
-
   from elastic_jax import data, evaluation
   from elastic_jax import export as export_lib
   from elastic_jax.cost import arch_cost, dense_arch
+  from elastic_jax.workdir import check_exists, check_seq_len
   if FLAGS.model:
+    if FLAGS.arch or FLAGS.workdir:
+      raise UserError('--model evaluates an exported model: leave out --workdir and --arch')
     dense, saved = export_lib.load(FLAGS.model)
     loaded = _loaded_config()
-    if loaded:
-      data_cfg = loaded.data
-    else:  # the data the model was trained on, tokenized by the tokenizer exported with it
-      data_cfg = ml_collections.ConfigDict(saved['data'])
-      tokenizer = Path(FLAGS.model) / 'tokenizer.json'
-      if tokenizer.is_file():
-        data_cfg.tokenizer = str(tokenizer)
+    data_cfg = loaded.data if loaded else export_lib.saved_data_config(FLAGS.model, saved)
+    check_seq_len(dense.cfg, data_cfg.seq_len)
+    data.check_lm_task(data_cfg)
     batches = data.eval_batches(data_cfg)
     result = evaluation.evaluate(dense, batches)
     cost = arch_cost(dense.cfg, dense_arch(dense.dims),
                      bottleneck_head_dim=dense.dims.bottleneck_head_dim, seq_len=data_cfg.seq_len)
   else:
+    check_exists(FLAGS.workdir)
     cfg = _config()
+    data.check_lm_task(cfg.data)
     space, model, arch, _ = _supernet_and_arch(cfg)
     batches = data.eval_batches(cfg.data)
     result = evaluation.evaluate(model, batches, arch)
@@ -185,23 +262,27 @@ def _join_processes(cfg) -> bool:
   the one that prints."""
   from elastic_jax import distributed
   info = distributed.initialize(cfg)
-  distributed.check_same_config(cfg, workdir=FLAGS.workdir, pick=FLAGS.pick, out=FLAGS.out)
+  distributed.check_same_config(cfg, workdir=_flag('workdir'), pick=_flag('pick'),
+                                out=_flag('out'))
   return info.is_main
 
 
-@command
+_TRAIN_SECTIONS = ('seed', 'model', 'space', 'data', 'train', 'mesh', 'distributed')
+
+
+@command(flags=('workdir',), sections=_TRAIN_SECTIONS)
 def train():
   """Trains the supernet of --config in --workdir (resumes from the workdir's checkpoints)."""
   from elastic_jax.train.trainer import train as train_job
-  cfg = _config()
   workdir = _require('workdir')
+  cfg = _config(continuing=True)
   is_main = _join_processes(cfg)
   result = train_job(cfg, workdir)
   if is_main:
     _print_json(result)
 
 
-@command
+@command(flags=('topology',), sections=_TRAIN_SECTIONS)
 def compile_():
   """Compiles training and population evaluation for a TPU --topology: memory, FLOPs, MFU."""
   from elastic_jax import aot
@@ -212,7 +293,8 @@ def compile_():
   aot.check_fits(report)  # exit 2 with one line if a program does not fit in HBM
 
 
-@command
+@command(flags=('workdir', 'arch', 'n', 'seed', 'max_params'),
+         sections=('seed', 'model', 'space', 'data', 'proxy'))
 def proxy():
   """Every zero-cost proxy's score of --arch, or of --n archs sampled with --seed (at init)."""
   import jax
@@ -235,69 +317,195 @@ def proxy():
     _print_json(record)
 
 
-@command
+@command(flags=('workdir', 'pick', 'out', 'overwrite'),
+         sections=_TRAIN_SECTIONS + ('search', 'proxy'))
 def run():
   """The whole job in --workdir: train -> search -> export (--pick, else search.export_pick)."""
+  from elastic_jax import export as export_lib
   from elastic_jax.search.job import run_search, search_config
   from elastic_jax.search.pick import export_pick, parse_pick
   from elastic_jax.train.trainer import train as train_job
-  cfg = _config()
   workdir = _require('workdir')
+  cfg = _config(continuing=True)
   pick = FLAGS.pick or search_config(cfg).export_pick
   parse_pick(pick)  # a bad --pick fails now, not after training and search
+  if FLAGS.out:
+    export_lib.check_out(FLAGS.out, FLAGS.overwrite)
   is_main = _join_processes(cfg)
+  seconds = {}
+  t = time.perf_counter()
   trained = train_job(cfg, workdir)
+  seconds['train'] = time.perf_counter() - t
   if not is_main:
     # Every process searches (the same computation on its own devices; the files it writes are
     # identical and replaced atomically), so all finish together; process 0 exports and prints.
     run_search(cfg, workdir, log=lambda _: None)
     return
-  print(f"trained to step {trained['step']} in {trained['seconds']:.0f} s", file=sys.stderr)
+  print(f"trained to step {trained['step']} in {seconds['train']:.0f} s", file=sys.stderr)
+  t = time.perf_counter()
   result = run_search(cfg, workdir)
-  exported = export_pick(cfg, workdir, pick, out=FLAGS.out)
+  seconds['search'] = time.perf_counter() - t
+  t = time.perf_counter()
+  # The run's own export folder (W/export/front_<i>) is replaced when the job is run again.
+  exported = export_pick(cfg, workdir, pick, out=FLAGS.out,
+                         overwrite=FLAGS.overwrite or not FLAGS.out)
+  seconds['export'] = time.perf_counter() - t
   _print_front(result)
   print(f"exported front member {exported['index']} ({pick}, {exported['params']:,} "
         f"parameters): {exported['out']}")
+  print('time per phase: ' + ', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())
+        + f' (total {sum(seconds.values()):.1f} s)')
 
 
-@command
+@command(flags=('workdir',), sections=('data',))
 def data_():
   """Builds (or finds cached) the config's dataset and tokenizer; prints their statistics."""
   from elastic_jax import data
   _print_json(data.describe(_config().data))
 
 
-USAGE = """usage: elastic-jax COMMAND --config=configs/X.py[:arg] [--config.a.b=v] [flags]
-
-commands:
-""" + '\n'.join(f'  {name:10s} {fn.__doc__.splitlines()[0]}' for name, fn in COMMANDS.items())
+# -- flag parsing ----------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv if argv is None else argv)
-  if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
-    print(USAGE)
-    return 0
-  name = argv[1]
-  if name not in COMMANDS:
-    print(f'elastic-jax: unknown command {name!r}\n{USAGE}', file=sys.stderr)
-    return 2
+def usage() -> str:
+  return ('usage: elastic-jax COMMAND --config=configs/X.py[:arg] [--config.a.b=v] [flags]\n'
+          '       elastic-jax COMMAND --help\n       elastic-jax --version\n\ncommands:\n'
+          + '\n'.join(f'  {c.name:10s} {c.fn.__doc__.splitlines()[0]}'
+                      for c in COMMANDS.values()))
+
+
+def command_help(cmd: Command, cfg=None) -> str:
+  """`elastic-jax CMD --help`: what it does, its flags, and the config fields it reads (with
+  their values when --config was given too)."""
+  lines = [f'usage: elastic-jax {cmd.name} [--config=configs/X.py[:arg]] [--config.a.b=v ...] '
+           + ' '.join(f'[--{f}]' for f in cmd.flags), '', cmd.fn.__doc__.strip(), '', 'flags:',
+           '  --config=configs/X.py[:arg]  the experiment config (a workdir\'s config.json when '
+           'left out)']
+  for name in cmd.flags:
+    kind, default, help_text = FLAG_DEFS[name]
+    value = {'string': '=S', 'integer': '=N', 'bool': ''}[kind]
+    lines.append(f'  --{name}{value}  {help_text}'
+                 + (f' (default {default})' if default not in (None, False) else ''))
+  lines += ['', 'config fields it reads (override any with --config.SECTION.FIELD=VALUE after '
+            '--config; every field is commented in):']
+  lines += [f'  {s}: {SECTION_DOCS[s]}' for s in cmd.sections]
+  if cfg is None:
+    lines.append(f'`elastic-jax {cmd.name} --config=configs/X.py --help` lists their values.')
+  else:
+    lines += ['', 'their values in this config:']
+    for section in cmd.sections:
+      if section not in cfg:
+        continue
+      value = cfg[section]
+      if hasattr(value, 'to_dict'):
+        for key, v in _flat_items(value.to_dict(), f'{section}.'):
+          lines.append(f'  --config.{key}={v!r}')
+      else:
+        lines.append(f'  --config.{section}={value!r}')
+  return '\n'.join(lines)
+
+
+def _flat_items(tree, prefix):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _flat_items(v, f'{prefix}{k}.')
+    else:
+      yield f'{prefix}{k}', v
+
+
+def _innermost(e: BaseException) -> BaseException:
+  """The original error behind config_flags' wrappers (e.g. the config file's own ValueError)."""
+  seen = e
+  while (seen.__cause__ or seen.__context__) is not None:
+    seen = seen.__cause__ or seen.__context__
+  return seen
+
+
+def _override_error(e: BaseException, args: list[str]) -> str:
+  """One line for an override naming a field the config does not have."""
+  text = str(e).replace('\\n', '\n').replace('\\', '')
+  keys = re.findall(r"'(\w+)'", text)
+  key = keys[0] if keys else ''
+  suggestion = re.search(r'Did you mean "(\w+)"', text)
+  culprit = next((a for a in args if a.startswith('--config.')
+                  and re.search(rf'\.{re.escape(key)}(\.|=|$)', a.split('=')[0] + '=')), None)
+  where = culprit or '--config override'
+  hint = f" (did you mean '{suggestion.group(1)}'?)" if suggestion else ''
+  return f'{where}: the config has no field {key!r}{hint}'
+
+
+def _parse(cmd: Command, args: list[str]) -> None:
+  """Parses `args` into FLAGS for `cmd`; UserError with one line for anything wrong."""
   global FLAGS
-  FLAGS = _make_flags()
-  flag_argv = ['elastic-jax'] + argv[2:]
+  FLAGS = _make_flags(cmd.flags)
+  overrides = [a for a in args if a.startswith('--config.')]
+  config_args = [a for a in args if a == '--config' or a.startswith('--config=')]
+  if overrides and not config_args:
+    raise UserError(f'{overrides[0]} overrides a field of --config, but no --config was given: '
+                    'add --config=configs/X.py (before the overrides); a workdir\'s config.json '
+                    'cannot be overridden')
+  # config_flags wants --config before its overrides: move it first.
+  if config_args:
+    args = config_args + [a for a in args if a not in config_args]
+  for a in args:
+    name = a[2:].split('=')[0] if a.startswith('--') else ''
+    if name.startswith('no'):
+      name = name[2:] if name[2:] in cmd.flags else name
+    if name and name != 'config' and not name.startswith('config.') and name not in cmd.flags:
+      close = difflib.get_close_matches(name, list(cmd.flags) + ['config'], n=1)
+      hint = f' (did you mean --{close[0]}?)' if close else ''
+      raise UserError(f'`elastic-jax {cmd.name}` takes no flag --{name}{hint}; its flags: '
+                      + ', '.join(f'--{f}' for f in ('config',) + cmd.flags))
+  flag_argv = ['elastic-jax'] + args
   saved_argv, sys.argv = sys.argv, flag_argv  # config_flags reads overrides from sys.argv
   try:
     FLAGS(flag_argv)
-  except (flags.Error, UserError, OSError, ValueError, TypeError) as e:
-    # A bad flag, a config file that is missing or raises: its first line says what is wrong.
+    _loaded_config()
+  except (AttributeError, KeyError) as e:
+    raise UserError(_override_error(e, overrides)) from None
+  except (flags.Error, OSError, ValueError, TypeError) as e:
+    if isinstance(e, UserError):
+      raise
+    inner = _innermost(e)
+    if inner is not e and not isinstance(inner, OSError):  # the config file's own reason
+      first = [l for l in str(inner).splitlines() if l.strip()] or [type(inner).__name__]
+      raise UserError(f'--config: {first[-1].strip()}') from None
     lines = [l for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
-    print(f'elastic-jax {name}: error: {lines[0]}', file=sys.stderr)
-    return 2
+    raise UserError(lines[0]) from None
   finally:
     sys.argv = saved_argv
+
+
+def main(argv: list[str] | None = None) -> int:
+  global _RUNNING
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
+    print(usage())
+    return 0
+  if argv[1] == '--version':
+    print(f'elastic-jax {__version__}')
+    return 0
+  name = argv[1]
+  if name not in COMMANDS:
+    close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+    hint = f' (did you mean {close[0]}?)' if close else ''
+    print(f'elastic-jax: unknown command {name!r}{hint}\n{usage()}', file=sys.stderr)
+    return 2
+  cmd, _RUNNING = COMMANDS[name], name
+  args = argv[2:]
+  wants_help = any(a in ('-h', '--help', '--helpfull', '-help') for a in args)
+  if wants_help:
+    args = [a for a in args if a not in ('-h', '--help', '--helpfull', '-help')]
   try:
-    COMMANDS[name]()
+    _parse(cmd, args)
+    if wants_help:
+      print(command_help(cmd, _loaded_config()))
+      return 0
+    cmd.fn()
   except UserError as e:
+    if wants_help:  # help without the config's values
+      print(command_help(cmd))
+      return 0
     print(f'elastic-jax {name}: error: {e}', file=sys.stderr)
     return 2
   return 0

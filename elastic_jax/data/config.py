@@ -208,6 +208,20 @@ class DataConfig:
       raise UserError(f'data.num_workers must be >= 0, got {self.num_workers}')
 
 
+LM_TASKS = ('causal_lm', 'mlm')
+
+
+def check_lm_task(data_cfg: Any) -> None:
+  """Supernet training, evaluation and search model tokens: UserError for a GLUE task (a
+  classification head fine-tuned on an exported model, not a supernet objective)."""
+  task = data_cfg.task if isinstance(data_cfg, DataConfig) else dict(data_cfg).get('task')
+  if task == 'glue':
+    raise UserError("data.task='glue' is for fine-tuning an exported model on a GLUE task "
+                    '(`elastic-jax finetune`, which a later version adds); supernet training, '
+                    "evaluation and search need data.task 'causal_lm' or 'mlm'")
+  DataConfig.from_config(data_cfg)
+
+
 def _as_paths(value: Any) -> tuple[str, ...]:
   if isinstance(value, (str, os.PathLike)):
     value = [value]

@@ -26,9 +26,7 @@ import functools
 import inspect
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from elastic_jax import atomic
 from elastic_jax.errors import UserError
 from elastic_jax.search import baselines, driver, nsga2, operators
 from elastic_jax.search import fitness as fitness_lib
@@ -416,18 +415,6 @@ _STATE_FIELDS = state_lib.SearchState._fields
 _HISTORY_KEYS = ('best', 'n_evals', 'hv', 'front_size', 'feasible', 'seconds')
 
 
-def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-
-
 @dataclasses.dataclass
 class Progress:
   """Everything a resumed search needs besides the (fixed) settings."""
@@ -449,7 +436,8 @@ class Progress:
                   key_data=np.asarray(jax.random.key_data(self.key)),
                   ref=np.asarray(self.ref, np.float64),
                   fingerprint=np.asarray(self.fingerprint))
-    _save_npz_atomic(path, arrays)
+    with atomic.open_atomic(path, 'wb') as f:
+      np.savez(f, **arrays)
 
   @classmethod
   def load(cls, path: Path) -> Progress:

@@ -134,8 +134,10 @@ def choose(pareto: Mapping, spec: str) -> int:
   return int(np.flatnonzero(ok)[np.argmin(first[ok])])
 
 
-def export_pick(cfg, workdir: str | Path, spec: str, out: str | Path | None = None) -> dict:
-  """Exports the front member `spec` selects to `out` (default W/export/front_<index>).
+def export_pick(cfg, workdir: str | Path, spec: str, out: str | Path | None = None,
+                overwrite: bool = False) -> dict:
+  """Exports the front member `spec` selects to `out` (default W/export/front_<index>); an
+  existing `out` is replaced only when it is an earlier export and `overwrite` is set.
 
   The weights come from W's trained supernet; the result notes when its training step differs
   from the one the search measured the front on.
@@ -152,9 +154,10 @@ def export_pick(cfg, workdir: str | Path, spec: str, out: str | Path | None = No
   entry = pareto['front'][index]
   space = build_space(cfg)
   arch = arch_lib.from_json(entry['arch'], space.cfg)
+  out = Path(out) if out else Path(workdir) / 'export' / f'front_{index}'
+  export_lib.check_out(out, overwrite)  # before the supernet is read
   model, step = load_trained_supernet(cfg, workdir, space,
                                       allow_untrained=pareto.get('supernet_step') is None)
-  out = Path(out) if out else Path(workdir) / 'export' / f'front_{index}'
   dense = export_lib.export(model, space.cfg, arch)
   search_info = {'pick': spec, 'index': index, 'objectives': entry['objectives'],
                  'metrics': entry['metrics'], 'latency_ms': entry.get('latency_ms'),
@@ -165,7 +168,7 @@ def export_pick(cfg, workdir: str | Path, spec: str, out: str | Path | None = No
     data.load_tokenizer(cfg.data).save(tokenizer)
     export_lib.save(dense, out, arch=arch,
                     extra={'data': data_cfg, 'supernet_step': step, 'search': search_info},
-                    files={'tokenizer.json': tokenizer})
+                    files={'tokenizer.json': tokenizer}, overwrite=overwrite)
   result = {'out': str(out), 'index': index, 'pick': spec, 'params': export_lib.param_count(dense),
             'supernet_step': step, 'objectives': entry['objectives'],
             'latency_ms': entry.get('latency_ms')}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from elastic_jax import atomic
 from elastic_jax.search.fitness import OBJECTIVES
 
 PARETO_FILE = 'pareto.json'
@@ -31,8 +32,7 @@ _COLUMNS = (
 
 
 def _write(path: Path, text: str) -> None:
-  from elastic_jax.workdir import write_text_atomic  # noqa: PLC0415
-  write_text_atomic(path, text)
+  atomic.write_text(path, text)
 
 
 def _finite(x):
@@ -160,13 +160,10 @@ def plot(path: Path, pareto: Mapping) -> Path:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f'.{path.name}.tmp.png')
-  fig.savefig(tmp)
-  plt.close(fig)
-  tmp.replace(path)
-  return path
+  try:
+    return atomic.write_file(path, fig.savefig)
+  finally:
+    plt.close(fig)
 
 
 def summary_markdown(pareto: Mapping, history: Mapping[str, np.ndarray] | None = None) -> str:
