@@ -89,7 +89,10 @@ def write_dir(out: str | Path, write: Callable[[Path], None], *, replace: bool =
   tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
   try:
     _public(tmp, is_dir=True)
-    write(tmp)  # files created inside already follow the umask
+    write(tmp)
+    for f in tmp.rglob('*'):  # some writers (safetensors) create private files too
+      if not f.is_symlink():
+        _public(f, is_dir=f.is_dir())
     if out.exists() or out.is_symlink():
       if not replace:
         raise FileExistsError(f'{out} exists')

@@ -177,11 +177,13 @@ def _supernet_and_arch(cfg):
 def _print_front(result) -> None:
   """The searched front as a table, then where the files are (stdout)."""
   print(result['table'])
-  if result.get('hypervolume') is not None:
+  names = result['pareto']['objectives']
+  if len(names) > 1:
     print(f"hypervolume {result['hypervolume']:.6g} after {result['n_evals']} evaluations "
           f"({result['generations']} generations)")
   else:
-    print(f"{result['n_evals']} evaluations ({result['generations']} generations)")
+    print(f"{result['n_evals']} evaluations ({result['generations']} generations) of "
+          f"{names[0]}")
   print(f"plot: {result['plot']}\nsummary: {result['summary']}\nfront: {result['pareto_json']}")
 
 

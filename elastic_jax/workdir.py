@@ -84,10 +84,10 @@ def config_diff(old, new, *, only: tuple[str, ...] | None = None,
   """'field: old -> new' for every dotted field that differs (within `only`, outside `ignore`)."""
   a, b = _flat(_as_json(old)), _flat(_as_json(new))
   under = lambda key, names: any(key == n or key.startswith(n + '.') for n in names)
-  keys = sorted(k for k in set(a) | set(b) if a.get(k, '<absent>') != b.get(k, '<absent>'))
+  # A field only one side has is left out: a config.json written before the field existed.
+  keys = sorted(k for k in set(a) & set(b) if a[k] != b[k])
   keys = [k for k in keys if (only is None or under(k, only)) and not under(k, ignore)]
-  show = lambda key, d: json.dumps(d[key]) if key in d else '(absent)'
-  return [f'{k}: {show(k, a)} -> {show(k, b)}' for k in keys]
+  return [f'{k}: {json.dumps(a[k])} -> {json.dumps(b[k])}' for k in keys]
 
 
 def check_same_run(workdir: str | Path, cfg: ml_collections.ConfigDict, *,
@@ -123,9 +123,9 @@ def check_exists(workdir: str | Path | None) -> None:
 
 @contextlib.contextmanager
 def cleanup_on_failure(workdir: str | Path) -> Iterator[None]:
-  """Removes what a failing command created in `workdir` while W holds no checkpoint: a run
-  that fails before it has saved anything leaves no workdir holding only config.json and
-  TensorBoard files behind. Whatever was in W before is kept."""
+  """Removes what a failing command created in `workdir` while W holds no checkpoint (of training
+  or of a search): a run that fails before it has saved anything leaves no workdir holding only
+  config.json and TensorBoard files behind. Whatever was in W before is kept."""
   workdir = Path(workdir)
   existed = workdir.is_dir()
   before = set(workdir.iterdir()) if existed else set()
@@ -133,7 +133,9 @@ def cleanup_on_failure(workdir: str | Path) -> Iterator[None]:
     yield
   except BaseException:
     ckpt = workdir / 'checkpoints'
-    if not (ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())):
+    saved = ((ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir()))
+             or (workdir / 'search' / 'state.npz').is_file())
+    if not saved:
       if not existed:
         shutil.rmtree(workdir, ignore_errors=True)
       elif workdir.is_dir():

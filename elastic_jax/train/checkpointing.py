@@ -10,6 +10,7 @@ reads on any other.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import jax
@@ -90,6 +91,13 @@ def _replicated_step(step: int, abstract):
   return jax.make_array_from_callback((), abstract.sharding, lambda _: value)
 
 
+def _reason(e: BaseException) -> str:
+  """An exception's first line without TensorStore's `See full TensorStore details: <bound
+  method ...>` tail (a repr, not a reason)."""
+  first = (str(e).splitlines() or [type(e).__name__])[0]
+  return re.sub(r'\.?\s*See full TensorStore details:.*', '', first)[:200] or type(e).__name__
+
+
 def _restore_latest(manager, abstract_params, abstract_opt_state=None, abstract_extra=None):
   steps = sorted(manager.all_steps(), reverse=True)
   errors = []
@@ -102,7 +110,7 @@ def _restore_latest(manager, abstract_params, abstract_opt_state=None, abstract_
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001  (any unreadable checkpoint: fall back to an older one)
       logging.warning('checkpoint at step %d in %s is unreadable (%s); trying the previous one',
-                      step, manager.directory, str(e).splitlines()[0][:200])
+                      step, manager.directory, _reason(e))
       errors.append((step, e))
       continue
     return (restored['params'], restored.get('opt_state'), restored['meta'],
