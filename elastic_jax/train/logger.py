@@ -28,7 +28,11 @@ class MetricLogger:
 
   def info(self, message: str) -> None:
     if self.enabled:
-      (self.bar.write if self.bar else print)(message)
+      # stderr: stdout is the command's result (JSON); tqdm.write defaults to stdout.
+      if self.bar is not None:
+        self.bar.write(message, file=sys.stderr)
+      else:
+        print(message, file=sys.stderr, flush=True)
 
   def log(self, step: int, metrics: dict, tokens: int | None = None,
           show: dict | None = None) -> None:
