@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import stat
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -173,6 +173,8 @@ def _run_block(commands: list[str], tmp: Path, cache: Path, monkeypatch) -> list
                        f'{shlex.join(argv)}\n{stderr.getvalue()[-3000:]}')
     if out_file:
       Path(out_file).write_text(stdout.getvalue())
+    if argv[0] == 'run':  # the README promises the time per phase
+      assert 'time per phase: train' in stdout.getvalue(), stdout.getvalue()
   return skipped
 
 
