@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import REPO, load_config
 
-from elastic_jax import cli
+from elastic_jax import cli, cli_flags
 
 QUICK = f'--config={REPO}/configs/quickstart.py:tiny'
 
@@ -247,7 +247,7 @@ def test_every_command_has_help_listing_its_flags_and_config_fields(name):
     assert f'--{flag}' in out
   for section in command.sections:
     assert f'  {section}: ' in out  # and where its fields are documented:
-  for doc in {cli.SECTION_DOCS[s].split()[0] for s in command.sections if s != 'seed'}:
+  for doc in {cli_flags.SECTION_DOCS[s].split()[0] for s in command.sections if s != 'seed'}:
     assert (REPO / doc).is_file(), doc
 
 
