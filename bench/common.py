@@ -10,6 +10,8 @@ from pathlib import Path
 
 import jax
 
+from elastic_jax import atomic
+
 RESULTS = Path(__file__).resolve().parent / 'results'
 
 
@@ -33,13 +35,11 @@ def write_results(name: str, results: dict, table_rows: list[tuple], header: tup
   stem = name + ('_quick' if quick else '')
   results = {**results, 'quick': quick, 'machine': machine()}
   path = RESULTS / f'{stem}.json'
-  tmp = path.with_suffix('.json.tmp')
-  tmp.write_text(json.dumps(results, indent=2) + '\n')
-  os.replace(tmp, path)
+  atomic.write_text(path, json.dumps(results, indent=2) + '\n')
   lines = [f'# {name}' + (' (quick)' if quick else ''), '', notes.strip(), '',
            '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in table_rows]
   lines += ['', f"Machine: {results['machine']}", '']
   md = RESULTS / f'{stem}.md'
-  md.write_text('\n'.join(lines))
+  atomic.write_text(md, '\n'.join(lines))
   return path
