@@ -152,12 +152,26 @@ def _override_error(e: BaseException, args: list[str]) -> str:
   return f'{where}: the config has no field {key!r}{hint}'
 
 
+def _join_config_value(args: list[str]) -> list[str]:
+  """'--config X' -> '--config=X', so that --config can be moved before its overrides."""
+  out, i = [], 0
+  while i < len(args):
+    if args[i] == '--config' and i + 1 < len(args):
+      out.append(f'--config={args[i + 1]}')
+      i += 2
+    else:
+      out.append(args[i])
+      i += 1
+  return out
+
+
 def parse(cmd: Command, args: list[str]) -> flags.FlagValues:
   """Parses `args` into fresh flags for `cmd` (loading --config); UserError with one line for
   anything wrong."""
   fv = make_flags(cmd.flags)
   overrides = [a for a in args if a.startswith('--config.')]
-  config_args = [a for a in args if a == '--config' or a.startswith('--config=')]
+  args = _join_config_value(args)
+  config_args = [a for a in args if a.startswith('--config=')]
   if overrides and not config_args:
     raise UserError(f'{overrides[0]} overrides a field of --config, but no --config was given: '
                     'add --config=configs/X.py (before the overrides); a workdir\'s config.json '
@@ -177,7 +191,10 @@ def parse(cmd: Command, args: list[str]) -> flags.FlagValues:
   flag_argv = ['elastic-jax'] + args
   saved_argv, sys.argv = sys.argv, flag_argv  # config_flags reads overrides from sys.argv
   try:
-    fv(flag_argv)
+    positional = fv(flag_argv)[1:]
+    if positional:
+      raise UserError(f'unexpected argument {positional[0]!r}: `elastic-jax {cmd.name}` takes '
+                      'only flags (--name=value)')
     loaded_config(fv)
   except (AttributeError, KeyError) as e:
     raise UserError(_override_error(e, overrides)) from None

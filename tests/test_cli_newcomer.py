@@ -268,6 +268,7 @@ def test_overrides_without_config_name_the_problem(trained):
   assert_one_line_exit_2(run('search', f'--workdir={work}', '--config.search.generations=3'),
                          'no --config was given')
   assert_one_line_exit_2(run('export', '--n=3'), 'takes no flag --n')
+  assert_one_line_exit_2(run('info', 'configs/quickstart.py'), 'unexpected argument')
 
 
 # -- 7. misleading output ------------------------------------------------------------------
