@@ -39,7 +39,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Bookkeeping.
   c.log_every = 20  # steps between metric lines (JSONL, TensorBoard, progress bar)
   c.eval_every = 200  # steps between validation of the named sub-networks; 0 = only at the end
-  c.eval_archs = ('largest', 'smallest')  # names or ARCH.json paths, evaluated with one compile
+  # Names or ARCH.json paths, evaluated with one compile (a `train.arch` run evaluates that arch).
+  c.eval_archs = ('largest', 'smallest')
   c.checkpoint_every = 200  # steps between (asynchronous) Orbax checkpoints
   c.keep_checkpoints = 3
   c.init_from = ''  # start from another run's workdir or an exported model dir
