@@ -14,6 +14,8 @@ from pathlib import Path
 
 import jax
 
+from elastic_jax import atomic
+
 RESULTS = Path(__file__).resolve().parent / 'results'
 REPO = RESULTS.parents[1]
 
@@ -54,9 +56,7 @@ def write_results(name: str, results: dict, table_rows: list[tuple], header: tup
   stem = name + ('_quick' if quick else '')
   results = {**results, 'quick': quick, 'machine': machine(), **provenance()}
   path = RESULTS / f'{stem}.json'
-  tmp = path.with_suffix('.json.tmp')
-  tmp.write_text(json.dumps(results, indent=2) + '\n')
-  os.replace(tmp, path)
+  atomic.write_text(path, json.dumps(results, indent=2) + '\n')
   lines = [f'# {name}' + (' (quick)' if quick else ''), '', notes.strip(), '',
            '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in table_rows]
@@ -64,5 +64,5 @@ def write_results(name: str, results: dict, table_rows: list[tuple], header: tup
   lines += ['', f"Machine: {results['machine']}", '',
             f"Commit {results['commit']}{dirty}; command: `{results['command']}`", '']
   md = RESULTS / f'{stem}.md'
-  md.write_text('\n'.join(lines))
+  atomic.write_text(md, '\n'.join(lines))
   return path

@@ -15,6 +15,8 @@ from elastic_jax.train import config as train_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg not in (None, '', 'tiny'):
+    raise ValueError(f"configs/quickstart.py takes '' or 'tiny', got {arg!r}")
   tiny = arg == 'tiny'
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0  # seeds the supernet's initialisation, data order, sampling and search

@@ -69,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Zero-cost proxies (W-PCA and baselines) for `elastic-jax proxy` and training-free search
   # (--config.search.objectives="('wpca', 'params')"); fields: elastic_jax/proxies/config.py.
   cfg.proxy = proxies.default_config()
+  cfg.proxy.num_batches = min(3, cfg.data.eval_batches)  # of the data.eval_batches given
 
   # Architecture search on the trained supernet (every field: elastic_jax/search/job.py).
   cfg.search = search_job.default_config()

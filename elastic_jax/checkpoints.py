@@ -13,6 +13,7 @@ one mesh or process count reads on any other.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import jax
@@ -36,9 +37,12 @@ def has_checkpoints(workdir: str | Path) -> bool:
 
 
 def describe(error: BaseException) -> str:
-  """An exception in words for a one-line message: its type and first line, at most 200 chars."""
+  """An exception in words for a one-line message: its type and first line, at most 200 chars,
+  without TensorStore's `See full TensorStore details: <bound method ...>` tail (a repr, not a
+  reason)."""
   lines = [l.strip() for l in str(error).splitlines() if l.strip()]
-  text = f'{type(error).__name__}: {lines[0]}' if lines else type(error).__name__
+  first = re.sub(r'\.?\s*See full TensorStore details:.*', '', lines[0]) if lines else ''
+  text = f'{type(error).__name__}: {first}' if first else type(error).__name__
   return text[:200]
 
 

@@ -1,97 +1,84 @@
 """The `elastic-jax` command: parses flags, calls library functions, prints results.
 
   elastic-jax COMMAND --config=configs/X.py[:arg] [--config.a.b=v ...] [--workdir=W] [flags]
+  elastic-jax COMMAND --help        the command's flags and the config fields it reads
+  elastic-jax --version
 
-Bad input raises `UserError` anywhere below; it is printed as one line and the exit code is 2.
+Each command declares the flags it takes and the config sections it reads (`@command(...)`; flag
+definitions, parsing and --help are in `elastic_jax/cli_flags.py`). Bad input raises `UserError`
+anywhere below; it is printed as one line and the exit code is 2.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
+import time
 from pathlib import Path
 
-from absl import flags
-from ml_collections import config_flags
-
+from elastic_jax import __version__
+from elastic_jax.cli_flags import (
+    COMMANDS,
+    FLAG_DEFS,
+    command,
+    command_help,
+    loaded_config,
+    make_flags,
+    parse,
+    usage,
+)
 from elastic_jax.errors import UserError
 
-COMMANDS = {}
+FLAGS = make_flags(FLAG_DEFS)
 
 
-def command(fn):
-  COMMANDS[fn.__name__.rstrip('_').replace('_', '-')] = fn
-  return fn
-
-
-def _make_flags() -> flags.FlagValues:
-  """Fresh flags for each invocation (config override flags depend on the config loaded)."""
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file, configs/X.py[:arg].',
-                                  flag_values=fv, lock_config=False)
-  flags.DEFINE_string('workdir', None, 'Working directory of the run.', flag_values=fv)
-  flags.DEFINE_string('arch', None, "Architecture JSON file, or 'largest' / 'smallest'.",
-                      flag_values=fv)
-  flags.DEFINE_enum('format', 'native', ['native', 'hf'], 'export: native (config.json + '
-                    'model.safetensors) or hf (a directory transformers loads).', flag_values=fv)
-  flags.DEFINE_string('gguf', None, 'import-hf: a GGUF file to dequantise and import (hf extra).',
-                      flag_values=fv)
-  flags.DEFINE_string('out', None, 'Output directory.', flag_values=fv)
-  flags.DEFINE_string('model', None, 'Directory of an exported dense model (import-hf: a Hugging '
-                      'Face model directory).', flag_values=fv)
-  flags.DEFINE_integer('n', 1, 'Number of architectures.', flag_values=fv)
-  flags.DEFINE_integer('seed', 0, 'Random seed.', flag_values=fv)
-  flags.DEFINE_integer('max_params', None, 'Parameter budget for sampling.', flag_values=fv)
-  flags.DEFINE_string('pick', None, 'Front member to export: index:N | knee | '
-                      'best-under:params=N (see elastic_jax/search/pick.py).', flag_values=fv)
-  flags.DEFINE_string('topology', None, 'TPU slice to compile for: CHIP:AxB (v5e, v6e) or '
-                      'CHIP:AxBxC (v4, v5p), e.g. v5e:4x4.', flag_values=fv)
-  flags.DEFINE_string('prompt', None, 'generate: the text to continue.', flag_values=fv)
-  flags.DEFINE_integer('max_new_tokens', 64, 'generate: tokens to add.', flag_values=fv)
-  flags.DEFINE_float('temperature', 0.0, 'generate: sampling temperature (0 = greedy).',
-                     flag_values=fv)
-  flags.DEFINE_integer('top_k', 0, 'generate: sample among the k likeliest (0 = all).',
-                       flag_values=fv)
-  flags.DEFINE_float('top_p', 1.0, 'generate: nucleus sampling mass (1 = all).', flag_values=fv)
-  flags.DEFINE_string('task', None, 'finetune: GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, '
-                      'qnli, rte, wnli).', flag_values=fv)
-  flags.DEFINE_string('suite', None, 'finetune: a task suite instead of --task (glue-small).',
-                      flag_values=fv)
-  return fv
-
-
-FLAGS = _make_flags()
+def _flag(name: str):
+  """A flag's value, None when the running command does not take it."""
+  return getattr(FLAGS, name) if name in FLAGS else None
 
 
 def _loaded_config():
-  """--config, loaded (config_flags loads lazily, so a missing or failing file surfaces here)."""
-  try:
-    cfg = FLAGS.config
-    if cfg is not None:
-      cfg.keys()  # a config that failed to load raises on first use
-    return cfg
-  except OSError as e:
-    reason = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
-    raise UserError(f'could not load --config: {reason}') from None
+  return loaded_config(FLAGS)
 
 
-def _config():
-  from elastic_jax.workdir import resolve_config
-  return resolve_config(FLAGS.workdir, _loaded_config())
+def _config(*, continuing: bool = False):
+  """The command's config: --config (checked against W/config.json when --workdir has one:
+  `continuing` commands must agree on every field that defines the run, the others on the
+  supernet's), else W/config.json."""
+  from elastic_jax import workdir as workdir_lib
+  loaded, workdir = _loaded_config(), _flag('workdir')
+  if loaded is not None and workdir:
+    workdir_lib.check_same_run(workdir, loaded, continuing=continuing)
+  return workdir_lib.resolve_config(workdir, loaded)
 
 
 def _print_json(obj) -> None:
   print(json.dumps(obj))
 
 
-@command
+def _note(message: str) -> None:
+  print(f'elastic-jax {_RUNNING}: {message}', file=sys.stderr)
+
+
+def _require(flag: str):
+  value = _flag(flag)
+  if not value:
+    raise UserError(f'--{flag} is required for `elastic-jax {_RUNNING}`')
+  return value
+
+
+_RUNNING = ''  # the command being run, for messages
+
+
+@command(flags=('workdir',))
 def info():
   """The search space: number of architectures, parameter range, smallest and largest arch."""
   from elastic_jax.workdir import build_space
   _print_json(build_space(_config()).describe())
 
 
-@command
+@command(flags=('workdir', 'n', 'seed', 'max_params'))
 def sample():
   """N architectures as JSON lines (uniform, or uniform under --max_params)."""
   import jax
@@ -106,13 +93,6 @@ def sample():
     print(arch_lib.dumps(a))
 
 
-def _require(flag: str):
-  value = getattr(FLAGS, flag)
-  if not value:
-    raise UserError(f'--{flag} is required for `elastic-jax {sys.argv[1]}`')
-  return value
-
-
 def _supernet_and_arch(cfg):
   from elastic_jax import arch as arch_lib
   from elastic_jax.workdir import build_space, load_supernet
@@ -122,72 +102,83 @@ def _supernet_and_arch(cfg):
     arch = space.largest() if name == 'largest' else space.smallest()
   else:
     arch = arch_lib.load(name, space.cfg)
-  model, step = load_supernet(cfg, FLAGS.workdir, space)
+  model, step = load_supernet(cfg, _flag('workdir'), space)
+  if _flag('workdir') and step is None and not cfg.get('train', {}).get('init_from'):
+    _note(f'{_flag("workdir")} has no trained supernet yet: using the seeded initialisation')
   return space, model, arch, step
 
 
 def _print_front(result) -> None:
   """The searched front as a table, then where the files are (stdout)."""
   print(result['table'])
-  print(f"hypervolume {result['hypervolume']:.6g} after {result['n_evals']} evaluations "
-        f"({result['generations']} generations)")
+  names = result['pareto']['objectives']
+  if len(names) > 1:
+    print(f"hypervolume {result['hypervolume']:.6g} after {result['n_evals']} evaluations "
+          f"({result['generations']} generations)")
+  else:
+    print(f"{result['n_evals']} evaluations ({result['generations']} generations) of "
+          f"{names[0]}")
   print(f"plot: {result['plot']}\nsummary: {result['summary']}\nfront: {result['pareto_json']}")
 
 
-@command
+@command(flags=('workdir',), sections=('seed', 'model', 'space', 'data', 'search', 'proxy'))
 def search():
   """Searches the supernet trained in --workdir; writes W/search/ (front, history, plot)."""
   from elastic_jax.search.job import run_search
   _print_front(run_search(_config(), _require('workdir')))
 
 
-@command
+@command(flags=('workdir', 'arch', 'pick', 'out', 'overwrite', 'format'),
+         sections=('seed', 'model', 'space', 'data'))
 def export():
   """Exports --arch (supernet of --workdir or --config), or --pick from the searched front;
   --format=hf writes a directory transformers loads."""
   from elastic_jax import export as export_lib
   from elastic_jax.hf.importer import original_hf_config
+  from elastic_jax.workdir import check_exists
+  if FLAGS.pick and FLAGS.arch:
+    raise UserError('pass either --arch or --pick, not both')
+  if FLAGS.out:
+    export_lib.check_out(FLAGS.out, FLAGS.overwrite)  # before any work: never a user's files
+  check_exists(FLAGS.workdir)
   cfg = _config()
   if FLAGS.pick:
-    if FLAGS.arch:
-      raise UserError('pass either --arch or --pick, not both')
     from elastic_jax.search.pick import export_pick
     _print_json(export_pick(cfg, _require('workdir'), FLAGS.pick, out=FLAGS.out,
-                            fmt=FLAGS.format))
+                            fmt=FLAGS.format, overwrite=FLAGS.overwrite))
     return
   out = Path(_require('out'))
   space, model, arch, step = _supernet_and_arch(cfg)
   dense = export_lib.export(model, space.cfg, arch)
   saved = export_lib.save_with_tokenizer(
       dense, out, cfg.data, arch=arch, fmt=FLAGS.format, hf_base=original_hf_config(cfg),
-      extra={'data': cfg.data.to_dict(), 'supernet_step': step})
+      extra={'data': cfg.data.to_dict(), 'supernet_step': step}, overwrite=FLAGS.overwrite)
   _print_json({**saved, 'supernet_step': step})
 
 
-@command
+@command(flags=('workdir', 'arch', 'model'), sections=('seed', 'model', 'space', 'data'))
 def evaluate():
   """Validation loss of --arch in the supernet, or of the exported model --model."""
-  import ml_collections
-
   from elastic_jax import data, evaluation
   from elastic_jax import export as export_lib
   from elastic_jax.cost import arch_cost, dense_arch
+  from elastic_jax.workdir import check_exists, check_seq_len
   if FLAGS.model:
+    if FLAGS.arch or FLAGS.workdir:
+      raise UserError('--model evaluates an exported model: leave out --workdir and --arch')
     dense, saved = export_lib.load(FLAGS.model)
     loaded = _loaded_config()
-    if loaded:
-      data_cfg = loaded.data
-    else:  # the data the model was trained on, tokenized by the tokenizer exported with it
-      data_cfg = ml_collections.ConfigDict(saved['data'])
-      tokenizer = Path(FLAGS.model) / 'tokenizer.json'
-      if tokenizer.is_file():
-        data_cfg.tokenizer = str(tokenizer)
+    data_cfg = loaded.data if loaded else export_lib.saved_data_config(FLAGS.model, saved)
+    check_seq_len(dense.cfg, data_cfg.seq_len)
+    data.check_lm_task(data_cfg)
     batches = data.eval_batches(data_cfg)
     result = evaluation.evaluate(dense, batches)
     cost = arch_cost(dense.cfg, dense_arch(dense.dims),
                      bottleneck_head_dim=dense.dims.bottleneck_head_dim, seq_len=data_cfg.seq_len)
   else:
+    check_exists(FLAGS.workdir)
     cfg = _config()
+    data.check_lm_task(cfg.data)
     space, model, arch, _ = _supernet_and_arch(cfg)
     batches = data.eval_batches(cfg.data)
     result = evaluation.evaluate(model, batches, arch)
@@ -203,23 +194,27 @@ def _join_processes(cfg) -> bool:
   the one that prints."""
   from elastic_jax import distributed
   info = distributed.initialize(cfg)
-  distributed.check_same_config(cfg, workdir=FLAGS.workdir, pick=FLAGS.pick, out=FLAGS.out)
+  distributed.check_same_config(cfg, workdir=_flag('workdir'), pick=_flag('pick'),
+                                out=_flag('out'))
   return info.is_main
 
 
-@command
+_TRAIN_SECTIONS = ('seed', 'model', 'space', 'data', 'train', 'mesh', 'distributed')
+
+
+@command(flags=('workdir',), sections=_TRAIN_SECTIONS)
 def train():
   """Trains the supernet of --config in --workdir (resumes from the workdir's checkpoints)."""
   from elastic_jax.train.trainer import train as train_job
-  cfg = _config()
   workdir = _require('workdir')
+  cfg = _config(continuing=True)
   is_main = _join_processes(cfg)
   result = train_job(cfg, workdir)
   if is_main:
     _print_json(result)
 
 
-@command
+@command(flags=('topology',), sections=_TRAIN_SECTIONS)
 def compile_():
   """Compiles training and population evaluation for a TPU --topology: memory, FLOPs, MFU."""
   from elastic_jax import aot
@@ -230,7 +225,8 @@ def compile_():
   aot.check_fits(report)  # exit 2 with one line if a program does not fit in HBM
 
 
-@command
+@command(flags=('workdir', 'arch', 'n', 'seed', 'max_params'),
+         sections=('seed', 'model', 'space', 'data', 'proxy'))
 def proxy():
   """Every zero-cost proxy's score of --arch, or of --n archs sampled with --seed (at init)."""
   import jax
@@ -253,32 +249,48 @@ def proxy():
     _print_json(record)
 
 
-@command
+@command(flags=('workdir', 'pick', 'out', 'overwrite'),
+         sections=_TRAIN_SECTIONS + ('search', 'proxy'))
 def run():
   """The whole job in --workdir: train -> search -> export (--pick, else search.export_pick)."""
+  from elastic_jax import export as export_lib
   from elastic_jax.search.job import run_search, search_config
   from elastic_jax.search.pick import export_pick, parse_pick
   from elastic_jax.train.trainer import train as train_job
-  cfg = _config()
   workdir = _require('workdir')
+  cfg = _config(continuing=True)
   pick = FLAGS.pick or search_config(cfg).export_pick
   parse_pick(pick)  # a bad --pick fails now, not after training and search
+  if FLAGS.out:
+    export_lib.check_out(FLAGS.out, FLAGS.overwrite)
   is_main = _join_processes(cfg)
+  seconds = {}
+  t = time.perf_counter()
   trained = train_job(cfg, workdir)
+  seconds['train'] = time.perf_counter() - t
   if not is_main:
     # Every process searches (the same computation on its own devices; the files it writes are
     # identical and replaced atomically), so all finish together; process 0 exports and prints.
     run_search(cfg, workdir, log=lambda _: None)
     return
-  print(f"trained to step {trained['step']} in {trained['seconds']:.0f} s", file=sys.stderr)
+  print(f"trained to step {trained['step']} in {seconds['train']:.0f} s", file=sys.stderr)
+  t = time.perf_counter()
   result = run_search(cfg, workdir)
-  exported = export_pick(cfg, workdir, pick, out=FLAGS.out)
+  seconds['search'] = time.perf_counter() - t
+  t = time.perf_counter()
+  # The run's own export folder (W/export/front_<i>) is replaced when the job is run again.
+  exported = export_pick(cfg, workdir, pick, out=FLAGS.out,
+                         overwrite=FLAGS.overwrite or not FLAGS.out)
+  seconds['export'] = time.perf_counter() - t
   _print_front(result)
   print(f"exported front member {exported['index']} ({pick}, {exported['params']:,} "
         f"parameters): {exported['out']}")
+  print('time per phase: ' + ', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())
+        + f' (total {sum(seconds.values()):.1f} s)')
 
 
-@command
+@command(flags=('model', 'gguf', 'out'),
+         sections=('hf', 'space', 'data', 'train', 'search'), name='import-hf')
 def import_hf():
   """A Hugging Face checkpoint (--model DIR or --gguf FILE) becomes workdir --out."""
   from elastic_jax.hf.importer import import_workdir
@@ -288,7 +300,8 @@ def import_hf():
                                       'not_imported', 'seconds')} | {'workdir': FLAGS.out})
 
 
-@command
+@command(flags=('model', 'prompt', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed'),
+         sections=())
 def generate():
   """Continues --prompt with the decoder --model (an export or a Hugging Face directory)."""
   from elastic_jax import export as export_lib
@@ -307,7 +320,7 @@ def generate():
   print(json.dumps(result.summary()), file=sys.stderr)
 
 
-@command
+@command(flags=('model', 'task', 'suite', 'workdir', 'out'), sections=('finetune',))
 def finetune():
   """Fine-tunes --model on GLUE --task (or --suite glue-small) in --workdir (resumes it);
   --out: also write the best epoch as a transformers sequence classifier (BERT)."""
@@ -339,44 +352,46 @@ def finetune():
   _print_json(out)
 
 
-@command
+@command(flags=('workdir',), sections=('data',))
 def data_():
   """Builds (or finds cached) the config's dataset and tokenizer; prints their statistics."""
   from elastic_jax import data
   _print_json(data.describe(_config().data))
 
 
-USAGE = """usage: elastic-jax COMMAND --config=configs/X.py[:arg] [--config.a.b=v] [flags]
-
-commands:
-""" + '\n'.join(f'  {name:10s} {fn.__doc__.splitlines()[0]}' for name, fn in COMMANDS.items())
+# -- flag parsing ----------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
+  global FLAGS, _RUNNING
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
-    print(USAGE)
+    print(usage())
+    return 0
+  if argv[1] == '--version':
+    print(f'elastic-jax {__version__}')
     return 0
   name = argv[1]
   if name not in COMMANDS:
-    print(f'elastic-jax: unknown command {name!r}\n{USAGE}', file=sys.stderr)
+    close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+    hint = f' (did you mean {close[0]}?)' if close else ''
+    print(f'elastic-jax: unknown command {name!r}{hint}\n{usage()}', file=sys.stderr)
     return 2
-  global FLAGS
-  FLAGS = _make_flags()
-  flag_argv = ['elastic-jax'] + argv[2:]
-  saved_argv, sys.argv = sys.argv, flag_argv  # config_flags reads overrides from sys.argv
+  cmd, _RUNNING = COMMANDS[name], name
+  args = argv[2:]
+  wants_help = any(a in ('-h', '--help', '--helpfull', '-help') for a in args)
+  if wants_help:
+    args = [a for a in args if a not in ('-h', '--help', '--helpfull', '-help')]
   try:
-    FLAGS(flag_argv)
-  except (flags.Error, UserError, OSError, ValueError, TypeError) as e:
-    # A bad flag, a config file that is missing or raises: its first line says what is wrong.
-    lines = [l for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
-    print(f'elastic-jax {name}: error: {lines[0]}', file=sys.stderr)
-    return 2
-  finally:
-    sys.argv = saved_argv
-  try:
-    COMMANDS[name]()
+    FLAGS = parse(cmd, args)
+    if wants_help:
+      print(command_help(cmd, _loaded_config()))
+      return 0
+    cmd.fn()
   except UserError as e:
+    if wants_help:  # help without the config's values
+      print(command_help(cmd))
+      return 0
     print(f'elastic-jax {name}: error: {e}', file=sys.stderr)
     return 2
   return 0

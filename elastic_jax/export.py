@@ -7,14 +7,14 @@ class built with its own (smaller, per-layer) sizes and called with `arch=None`:
 matmuls, real speedups.
 
 On disk: `config.json` (model family, sizes, source arch) + `model.safetensors` (never pickle).
-Writes go to a temporary directory renamed into place, so a failed export leaves nothing behind.
+Writes go to a temporary directory renamed into place, so a failed export leaves nothing behind;
+an existing path is replaced only when it is an earlier export and the caller allows it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from elastic_jax import __version__
+from elastic_jax import __version__, atomic
 from elastic_jax import arch as arch_lib
 from elastic_jax.arch import Arch
 from elastic_jax.config import BLOCK_TYPES, LayerDims, ModelConfig, ModelDims, SpaceConfig
@@ -113,28 +113,54 @@ def param_key(path: tuple) -> str:
   return '.'.join(str(p) for p in path)
 
 
-def write_dir_atomic(out: Path, write) -> None:
-  """Runs `write(tmp_dir)`, then moves tmp_dir to `out` (replacing an older one)."""
-  out = Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
+HF_REPORT_FILE = 'elastic_jax_export.json'  # beside every Hugging Face export (elastic_jax.hf)
+
+
+def write_export_dir(out: str | Path, write, *, overwrite: bool = False) -> Path:
+  """Writes an export directory atomically (`write(tmp_dir)`), refusing to replace anything but
+  an earlier export, and that only with `overwrite` (see `check_out`)."""
+  return atomic.write_dir(Path(out), write, replace=check_out(out, overwrite))
+
+
+def is_export(directory: str | Path) -> bool:
+  """Whether `directory` holds a model an export wrote: native (its config.json names our
+  format) or Hugging Face (with our export report beside it)."""
+  if (Path(directory) / HF_REPORT_FILE).is_file():
+    return True
+  path = Path(directory) / CONFIG_FILE
   try:
-    write(tmp)
-    if out.exists():
-      old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old-', dir=out.parent))
-      os.replace(out, old / out.name)
-      os.replace(tmp, out)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    return json.loads(path.read_text()).get('format') == FORMAT
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def check_out(out: str | Path, overwrite: bool = False) -> bool:
+  """Refuses an `out` that holds anything but an earlier export (and that one without
+  `overwrite`): an export never deletes a user's files. Returns whether `out` exists (an empty
+  directory, or an earlier export to replace)."""
+  out = Path(out)
+  if not out.exists() and not out.is_symlink():
+    return False
+  if out.is_dir() and not out.is_symlink():
+    if not any(out.iterdir()):
+      return True
+    if is_export(out):
+      if overwrite:
+        return True
+      raise UserError(f'--out {out} holds an earlier export; pass --overwrite to replace it, or '
+                      'choose another --out')
+    raise UserError(f'--out {out} is a directory holding other files, not an exported model; '
+                    'choose a new path (nothing was written)')
+  raise UserError(f'--out {out} is an existing file; choose a new path (nothing was written)')
 
 
 def save(model: Model, out: str | Path, *, arch: Arch | None = None,
-         extra: Mapping | None = None, files: Mapping[str, str | Path] | None = None) -> Path:
+         extra: Mapping | None = None, files: Mapping[str, str | Path] | None = None,
+         overwrite: bool = False) -> Path:
   """Saves a dense model as `config.json` + `model.safetensors` (atomically).
+
+  `out` must not exist, or be an empty directory, or (with `overwrite`) an earlier export
+  (`check_out`).
 
   `extra` goes into config.json (e.g. the data config for evaluation); `files` are copied in
   (e.g. the tokenizer). With `arch` (the supernet's sub-network it came from), `arch.json` holds
@@ -161,8 +187,7 @@ def save(model: Model, out: str | Path, *, arch: Arch | None = None,
     for name, src in (files or {}).items():
       shutil.copyfile(src, tmp / name)
 
-  write_dir_atomic(Path(out), write)
-  return Path(out)
+  return write_export_dir(out, write, overwrite=overwrite)
 
 
 FORMATS = ('native', 'hf')
@@ -170,7 +195,7 @@ FORMATS = ('native', 'hf')
 
 def save_with_tokenizer(model: Model, out: str | Path, data_cfg, *, arch: Arch | None = None,
                         extra: Mapping | None = None, fmt: str = 'native',
-                        hf_base: Mapping | None = None) -> dict:
+                        hf_base: Mapping | None = None, overwrite: bool = False) -> dict:
   """Saves an exported model with the tokenizer of `data_cfg`, as `fmt`: 'native' (this module's
   format) or 'hf' (a directory `transformers` loads; `hf_base`: the imported original's
   config.json). Returns what was written."""
@@ -190,11 +215,12 @@ def save_with_tokenizer(model: Model, out: str | Path, data_cfg, *, arch: Arch |
       extra = dict(extra or {})
       if arch is not None:
         extra['source_arch'] = arch_lib.to_json(arch)
-      report = convert.save_dense(model, out, base=hf_base, files=files, extra=extra)
+      report = convert.save_dense(model, out, base=hf_base, files=files, extra=extra,
+                                  overwrite=overwrite)
       return {'out': str(out), 'format': 'hf', 'params': report['params_real'],
               'params_stored': report['params_stored'], 'hf_model_type': report['model_type'],
               'note': report['note']}
-    save(model, out, arch=arch, extra=extra, files=files)
+    save(model, out, arch=arch, extra=extra, files=files, overwrite=overwrite)
     return {'out': str(out), 'format': 'native', 'params': param_count(model)}
 
 
@@ -208,9 +234,35 @@ def read_config(directory: str | Path) -> dict:
     config = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise UserError(f'{path} is not valid JSON ({e}); re-export the model') from None
+  if not isinstance(config, dict):
+    raise UserError(f'{path} does not describe an exported model; re-export it')
+  if config.get('format') != FORMAT and ('space' in config or (directory / 'checkpoints').is_dir()):
+    raise UserError(f'{directory} is the workdir of a run, not an exported model: use '
+                    f'--workdir={directory} --arch=ARCH.json, or export a sub-network first '
+                    f'(`elastic-jax export --workdir={directory} --pick=knee`)')
   if config.get('format') != FORMAT:
     raise UserError(f'{path} has format {config.get("format")!r}, expected {FORMAT!r}')
   return config
+
+
+def saved_data_config(directory: str | Path, config: Mapping):
+  """The data an exported model was trained on (its config.json's `data` section), tokenized by
+  the tokenizer exported with it; UserError when the export records none."""
+  import ml_collections  # noqa: PLC0415
+
+  directory = Path(directory)
+  if not isinstance(config.get('data'), Mapping):
+    raise UserError(f'{directory} records no data section (exported without one): pass '
+                    '--config=configs/X.py to name the data to evaluate on')
+  data_cfg = ml_collections.ConfigDict(dict(config['data']))
+  tokenizer = directory / 'tokenizer.json'
+  if tokenizer.is_file():
+    data_cfg.tokenizer = str(tokenizer)
+  elif data_cfg.get('tokenizer', 'bytes') not in ('bytes', 'bpe'):
+    raise UserError(f'{directory} has no tokenizer.json and its data section names tokenizer '
+                    f'{data_cfg.tokenizer!r}; pass --config=configs/X.py with the right '
+                    'data.tokenizer')
+  return data_cfg
 
 
 def load(directory: str | Path) -> tuple[Model, dict]:

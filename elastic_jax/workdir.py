@@ -13,15 +13,17 @@ supernet uses the config's seeded initialisation, so every command works before 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
-import tempfile
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import ml_collections
 from flax import nnx
 
+from elastic_jax import atomic
 from elastic_jax.config import check_compatible, model_config, space_config
 from elastic_jax.errors import UserError
 from elastic_jax.model.supernet import Model
@@ -30,16 +32,8 @@ from elastic_jax.space import Space
 CONFIG_FILE = 'config.json'
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-  with os.fdopen(fd, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def save_config(workdir: str | Path, cfg: ml_collections.ConfigDict) -> None:
-  write_text_atomic(Path(workdir) / CONFIG_FILE, cfg.to_json_best_effort(indent=2) + '\n')
+  atomic.write_text(Path(workdir) / CONFIG_FILE, cfg.to_json_best_effort(indent=2) + '\n')
 
 
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -61,10 +55,115 @@ def resolve_config(workdir: str | None, cfg: ml_collections.ConfigDict | None):
   raise UserError('pass --config=configs/X.py (or --workdir of a run that has a config.json)')
 
 
+# Fields a run may change between invocations on the same workdir (what to log, how far to
+# train, how to search); every other field defines the run and must stay the same.
+RUN_FREE_FIELDS = ('search', 'proxy', 'mesh', 'distributed', 'data.cache_dir',
+                   'data.eval_batches', 'train.steps', 'train.log_every', 'train.eval_every',
+                   'train.eval_archs', 'train.checkpoint_every', 'train.keep_checkpoints')
+# Fields the supernet's arrays (and its seeded initialisation) depend on: a command that reads a
+# workdir's supernet with another config must agree on these.
+SUPERNET_FIELDS = ('seed', 'model', 'space')
+
+
+def _flat(tree, prefix: str = '') -> dict[str, object]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, f'{prefix}{k}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _as_json(cfg) -> dict:
+  """A config as config.json holds it (tuples as lists), so a loaded one compares equal."""
+  if isinstance(cfg, ml_collections.ConfigDict):
+    return json.loads(cfg.to_json_best_effort())
+  return json.loads(json.dumps(cfg, default=str))
+
+
+def config_diff(old, new, *, only: tuple[str, ...] | None = None,
+                ignore: tuple[str, ...] = ()) -> list[str]:
+  """'field: old -> new' for every dotted field that differs (within `only`, outside `ignore`)."""
+  a, b = _flat(_as_json(old)), _flat(_as_json(new))
+  under = lambda key, names: any(key == n or key.startswith(n + '.') for n in names)
+  # A field only one side has is left out: a config.json written before the field existed.
+  keys = sorted(k for k in set(a) & set(b) if a[k] != b[k])
+  keys = [k for k in keys if (only is None or under(k, only)) and not under(k, ignore)]
+  return [f'{k}: {json.dumps(a[k])} -> {json.dumps(b[k])}' for k in keys]
+
+
+def check_same_run(workdir: str | Path, cfg: ml_collections.ConfigDict, *,
+                   continuing: bool) -> bool:
+  """Compares `cfg` with W/config.json before anything in W is touched.
+
+  `continuing`: the command adds to W's run (train, run), so every field but RUN_FREE_FIELDS
+  must agree; otherwise (evaluate, export, search, proxy) only the SUPERNET_FIELDS must. Raises
+  UserError naming the fields that differ. Returns whether W has a config.json.
+  """
+  path = Path(workdir) / CONFIG_FILE
+  if not path.is_file():
+    return False
+  saved = load_config(workdir)
+  if continuing:
+    diff = config_diff(saved, cfg, ignore=RUN_FREE_FIELDS)
+  else:
+    diff = config_diff(saved, cfg, only=SUPERNET_FIELDS)
+  if diff:
+    more = f' (and {len(diff) - 3} more)' if len(diff) > 3 else ''
+    raise UserError(f'--workdir {workdir} holds a run of another config ({"; ".join(diff[:3])}'
+                    f'{more}); use a new --workdir, or leave out --config to use {path}')
+  return True
+
+
+def check_exists(workdir: str | Path | None) -> None:
+  """A --workdir that a reading command (evaluate, export, search of a trained run) is given must
+  exist: a typo would otherwise silently read the untrained initialisation."""
+  if workdir and not Path(workdir).is_dir():
+    raise UserError(f'--workdir {workdir} does not exist; check the path (leave out --workdir to '
+                    'use the config\'s seeded initialisation)')
+
+
+@contextlib.contextmanager
+def cleanup_on_failure(workdir: str | Path) -> Iterator[None]:
+  """Removes what a failing command created in `workdir` while W holds no checkpoint (of training
+  or of a search): a run that fails before it has saved anything leaves no workdir holding only
+  config.json and TensorBoard files behind. Whatever was in W before is kept."""
+  workdir = Path(workdir)
+  existed = workdir.is_dir()
+  before = set(workdir.iterdir()) if existed else set()
+  try:
+    yield
+  except BaseException:
+    ckpt = workdir / 'checkpoints'
+    saved = ((ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir()))
+             or (workdir / 'search' / 'state.npz').is_file())
+    if not saved:
+      if not existed:
+        shutil.rmtree(workdir, ignore_errors=True)
+      elif workdir.is_dir():
+        for p in set(workdir.iterdir()) - before:
+          if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+          else:
+            p.unlink(missing_ok=True)
+    raise
+
+
+def check_seq_len(model_cfg, seq_len: int | None) -> None:
+  """The data's rows must fit the model: learned positions have model.max_len rows (longer
+  sequences index past the table), and rotary models are built and tested up to max_len."""
+  max_len = int(model_cfg.max_len)
+  if seq_len is not None and int(seq_len) > max_len:
+    raise UserError(f'data.seq_len={seq_len} exceeds model.max_len={max_len}, the longest '
+                    f'sequence the model is built for ({model_cfg.positions} positions); lower '
+                    'data.seq_len or raise model.max_len')
+
+
 def build_space(cfg: ml_collections.ConfigDict) -> Space:
   model, space = model_config(cfg.model), space_config(cfg.space)
   check_compatible(model, space)
   seq_len = cfg.get('data', {}).get('seq_len', None)
+  check_seq_len(model, seq_len)
   return Space(model, space, seq_len=seq_len)
 
 
@@ -84,6 +183,7 @@ def load_supernet(cfg: ml_collections.ConfigDict, workdir: str | None,
   model = init_supernet(cfg, space)
   step = None
   if workdir:
+    check_exists(workdir)
     from elastic_jax import checkpoints  # noqa: PLC0415  (Orbax loads only when needed)
     step = checkpoints.restore_params_if_any(Path(workdir), model)
   init_from = cfg.get('train', {}).get('init_from', '')

@@ -6,11 +6,12 @@ The rest of the project needs only these names:
   eval_batches(cfg)       the fixed validation batches used by evaluation and search
   merge_process_states / process_state   a run's data position from / for each process
   load_tokenizer(cfg)     the tokenizer; check_vocab(tokenizer, model_vocab_size)
+  check_lm_task(cfg)      UserError unless data.task models tokens (not GLUE)
   describe(cfg)           sizes and facts, for `elastic-jax data`
   glue_task_info(task)    (num_labels, metric_name, is_regression)
 """
 
-from elastic_jax.data.config import DataConfig, default_config
+from elastic_jax.data.config import DataConfig, check_lm_task, default_config
 from elastic_jax.data.describe import describe
 from elastic_jax.data.glue_tasks import glue_task_info
 from elastic_jax.data.pipelines import (
@@ -32,6 +33,7 @@ __all__ = [
     'DataConfig',
     'HFTokenizer',
     'Tokenizer',
+    'check_lm_task',
     'check_vocab',
     'default_config',
     'describe',

@@ -20,6 +20,7 @@ from elastic_jax.errors import UserError
 SOURCES = ('python_docs', 'text_files', 'glue')  # plus 'tfds:<catalog name>'
 TASKS = ('causal_lm', 'mlm', 'glue')
 DOC_BOUNDARIES = ('file', 'blank_line', 'line')
+ENCODING_ERRORS = ('strict', 'replace', 'ignore')
 TFDS_PREFIX = 'tfds:'
 CACHE_ENV_VAR = 'ELASTIC_JAX_CACHE'
 
@@ -40,6 +41,9 @@ def default_config() -> ml_collections.ConfigDict:
   # text_files: what one document is: 'file' (a whole file), 'blank_line' (paragraphs separated by
   # blank lines) or 'line' (every non-empty line). Packing keeps attention within a document.
   c.doc_boundary = 'file'
+  # text_files: bytes that are not UTF-8: 'strict' (an error naming the file and byte offset),
+  # 'replace' (read as U+FFFD) or 'ignore' (dropped).
+  c.encoding_errors = 'strict'
   # glue: the GLUE data directory (holding CoLA/, SST-2/, ...) or one task's directory.
   c.glue_dir = ''
   # glue: task name: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli (case and '-' ignored).
@@ -95,6 +99,7 @@ class DataConfig:
   source: str
   paths: tuple[str, ...]
   doc_boundary: str
+  encoding_errors: str
   glue_dir: str
   glue_task: str
   tfds_text_key: str
@@ -139,8 +144,8 @@ class DataConfig:
                        ('validation_fraction', float), ('mlm_probability', float),
                        ('whole_word_mask', bool), ('shuffle', bool)):
       merged[name] = _coerce(name, merged[name], kind)
-    for name in ('source', 'doc_boundary', 'glue_dir', 'glue_task', 'tfds_text_key',
-                 'tfds_data_dir', 'task', 'tokenizer', 'cache_dir'):
+    for name in ('source', 'doc_boundary', 'encoding_errors', 'glue_dir', 'glue_task',
+                 'tfds_text_key', 'tfds_data_dir', 'task', 'tokenizer', 'cache_dir'):
       if not isinstance(merged[name], str):
         raise UserError(f'data.{name} must be a string, got {merged[name]!r}')
     config = cls(**merged)
@@ -181,6 +186,9 @@ class DataConfig:
     if self.doc_boundary not in DOC_BOUNDARIES:
       raise UserError(f"data.doc_boundary is {self.doc_boundary!r}; use one of "
                       f"{', '.join(DOC_BOUNDARIES)}")
+    if self.encoding_errors not in ENCODING_ERRORS:
+      raise UserError(f"data.encoding_errors is {self.encoding_errors!r}; use one of "
+                      f"{', '.join(ENCODING_ERRORS)}")
     if not 0.0 <= self.validation_fraction < 1.0:
       raise UserError(f'data.validation_fraction must be in [0, 1), got {self.validation_fraction}')
     if not self.tokenizer:
@@ -206,6 +214,20 @@ class DataConfig:
       raise UserError(f'data.seed must be in [0, 2**32), got {self.seed}')
     if self.num_workers < 0:
       raise UserError(f'data.num_workers must be >= 0, got {self.num_workers}')
+
+
+LM_TASKS = ('causal_lm', 'mlm')
+
+
+def check_lm_task(data_cfg: Any) -> None:
+  """Supernet training, evaluation and search model tokens: UserError for a GLUE task (a
+  classification head fine-tuned on an exported model, not a supernet objective)."""
+  task = data_cfg.task if isinstance(data_cfg, DataConfig) else dict(data_cfg).get('task')
+  if task == 'glue':
+    raise UserError("data.task='glue' is for fine-tuning an exported model on a GLUE task "
+                    '(`elastic-jax finetune`, which a later version adds); supernet training, '
+                    "evaluation and search need data.task 'causal_lm' or 'mlm'")
+  DataConfig.from_config(data_cfg)
 
 
 def _as_paths(value: Any) -> tuple[str, ...]:

@@ -97,7 +97,8 @@ def open_corpus(cfg: DataConfig) -> Corpus:
   elif cfg.source == 'text_files':
     config = text_files.TextFilesConfig(files=text_files.resolve_files(cfg.paths),
                                         doc_boundary=cfg.doc_boundary,
-                                        validation_fraction=cfg.validation_fraction)
+                                        validation_fraction=cfg.validation_fraction,
+                                        encoding_errors=cfg.encoding_errors)
     builder = _prepare(text_files.TextFiles, config, cfg)
     reader, task = LmRecords(), None
   elif cfg.source == 'glue':

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import tokenizers as hf
 
+from elastic_jax import atomic
 from elastic_jax.data import cache, sources
 from elastic_jax.data.config import DataConfig
 from elastic_jax.errors import UserError
@@ -268,8 +269,7 @@ def bpe_tokenizer(cfg: DataConfig, corpus: sources.Corpus) -> Tokenizer:
     if not path.is_file():
       _log.info('Training a %d-token BPE on %s', cfg.bpe_vocab_size, corpus.name)
       tokenizer = train_bpe(_training_texts(corpus), cfg.bpe_vocab_size)
-      tokenizer.save(path.with_suffix('.tmp'))
-      path.with_suffix('.tmp').replace(path)  # Never leave a half-written tokenizer behind.
+      atomic.write_file(path, lambda tmp: tokenizer.save(str(tmp)))
   tokenizer = tokenizer_from_file(path)
   tokenizer.kind = 'bpe'
   return tokenizer

@@ -45,6 +45,6 @@ def save_classifier(clf: Classifier, task: GlueTask, out: str | Path, *,
     checkpoint.write(tmp, config, tensors, files)
     (tmp / convert.REPORT_FILE).write_text(json.dumps({**report, 'task': task.name}, indent=2))
 
-  export_lib.write_dir_atomic(Path(out), write)
+  export_lib.write_export_dir(out, write)
   return {'out': str(out), 'task': task.name, 'num_labels': len(labels),
           'params_real': report['params_real']}

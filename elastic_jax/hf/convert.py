@@ -24,7 +24,7 @@ from elastic_jax.hf import bert, checkpoint, gpt2, layout, llama
 from elastic_jax.model.supernet import Model
 
 FAMILIES: dict[str, ModuleType] = {mt: m for m in (gpt2, llama, bert) for mt in m.MODEL_TYPES}
-REPORT_FILE = 'elastic_jax_export.json'
+REPORT_FILE = export_lib.HF_REPORT_FILE
 # Checkpoint entries that are not parameters of the model (buffers, tied copies, the BERT
 # next-sentence head): left out of an import and listed in its report.
 _NOT_IMPORTED = re.compile(r'(\.attn\.(masked_)?bias$|position_ids$|rotary_emb\.inv_freq$|'
@@ -138,8 +138,10 @@ def hf_tensors(model: Model, base: Mapping | None = None) -> tuple[dict, dict, d
 
 
 def save_dense(model: Model, out: str | Path, *, base: Mapping | None = None,
-               files: Mapping[str, Path] | None = None, extra: Mapping | None = None) -> dict:
-  """Writes `model` as a Hugging Face directory (atomically); returns the export report."""
+               files: Mapping[str, Path] | None = None, extra: Mapping | None = None,
+               overwrite: bool = False) -> dict:
+  """Writes `model` as a Hugging Face directory (atomically; an existing `out` only if it is an
+  earlier export and `overwrite`); returns the export report."""
   config, tensors, report = hf_tensors(model, base)
   report = {**report, **(dict(extra) if extra else {})}
 
@@ -147,7 +149,7 @@ def save_dense(model: Model, out: str | Path, *, base: Mapping | None = None,
     checkpoint.write(tmp, config, tensors, files or {})
     (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + '\n')
 
-  export_lib.write_dir_atomic(Path(out), write)
+  export_lib.write_export_dir(out, write, overwrite=overwrite)
   return report
 
 

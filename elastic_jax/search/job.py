@@ -21,14 +21,13 @@ run would have, and a finished run given more generations continues where it sto
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from elastic_jax import atomic
 from elastic_jax.errors import UserError
 from elastic_jax.search import baselines, driver, nsga2, operators
 from elastic_jax.search import fitness as fitness_lib
@@ -413,18 +413,6 @@ _STATE_FIELDS = state_lib.SearchState._fields
 _HISTORY_KEYS = ('best', 'n_evals', 'hv', 'front_size', 'feasible', 'seconds')
 
 
-def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-
-
 @dataclasses.dataclass
 class Progress:
   """Everything a resumed search needs besides the (fixed) settings."""
@@ -446,7 +434,8 @@ class Progress:
                   key_data=np.asarray(jax.random.key_data(self.key)),
                   ref=np.asarray(self.ref, np.float64),
                   fingerprint=np.asarray(self.fingerprint))
-    _save_npz_atomic(path, arrays)
+    with atomic.open_atomic(path, 'wb') as f:
+      np.savez(f, **arrays)
 
   @classmethod
   def load(cls, path: Path) -> Progress:
@@ -573,11 +562,24 @@ def run_search(cfg, workdir: str | Path, *, model=None, supernet_step: int | Non
   'fitness_traces' (traces of the fitness in this call: 1 for a fresh search, 0 when an equal
   search already compiled the loop in this process)}.
   """
+  from elastic_jax import workdir as workdir_lib  # noqa: PLC0415
+
+  sc = search_config(cfg)
+  workdir_lib.build_space(cfg)  # a bad config fails before the workdir is touched
+  from elastic_jax import data as data_lib  # noqa: PLC0415
+  data_lib.check_lm_task(cfg.data)
+  is_main = jax.process_index() == 0
+  with workdir_lib.cleanup_on_failure(workdir) if is_main else contextlib.nullcontext():
+    if is_main and not (Path(workdir) / workdir_lib.CONFIG_FILE).is_file():
+      workdir_lib.save_config(workdir, cfg)  # later commands find the config in W
+    return _run_search(cfg, workdir, sc, model, supernet_step, log)
+
+
+def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> dict:
   from elastic_jax import data as data_lib  # noqa: PLC0415
   from elastic_jax.search import report  # noqa: PLC0415
   from elastic_jax.workdir import build_space  # noqa: PLC0415
 
-  sc = search_config(cfg)
   space = build_space(cfg)
   _register_proxies(sc, cfg.get('proxy', None))
   strategy = resolve_strategy(sc)
@@ -639,6 +641,16 @@ def run_search(cfg, workdir: str | Path, *, model=None, supernet_step: int | Non
         f'supernet step {supernet_step}')
 
   history_path = out_dir / 'history.jsonl'
+  digest = results_digest(fp, sc, progress.generation)
+  done = (report.load_finished(out_dir, digest) if progress.generation >= sc.generations
+          else None)
+  if done is not None:
+    # The same search, already finished and reported: report it again as it is (measuring the
+    # latency again would rewrite pareto.json with other numbers).
+    log(f'search: {out_dir / report.PARETO_FILE} already holds this search '
+        f'({progress.generation} generations); reporting it unchanged')
+    paths = report.write_all(out_dir, done, progress.history, fitness.names, only_missing=True)
+    return _result(done, paths, progress, fitness)
   warm = searcher.warmup_generations
   while progress.generation < sc.generations:
     g0 = progress.generation
@@ -667,16 +679,29 @@ def run_search(cfg, workdir: str | Path, *, model=None, supernet_step: int | Non
     evals = int(new['n_evals'][-1])
     log(f'search: generation {progress.generation}/{sc.generations}, {evals} evaluations, '
         + ', '.join(f'best {k} {v:.4g}' for k, v in zip(fitness.names, best[-1]))
-        + f', hypervolume {new["hv"][-1]:.4g}, {n * searcher.spec.n_children / seconds:.1f} '
-        'archs/s')
+        + (f', hypervolume {new["hv"][-1]:.4g}' if len(fitness.names) > 1 else '')
+        + f', {n * searcher.spec.n_children / seconds:.1f} archs/s')
 
   pareto = build_pareto(sc, space, fitness, model, batches, progress, supernet_step, strategy,
                         extremes, log)
+  pareto['results_digest'] = results_digest(fp, sc, progress.generation)
   paths = report.write_all(out_dir, pareto, progress.history, fitness.names)
+  return _result(pareto, paths, progress, fitness)
+
+
+def _result(pareto, paths, progress, fitness) -> dict:
+  from elastic_jax.search import report  # noqa: PLC0415
   return {'pareto': pareto, 'table': report.format_table(pareto), **paths,
           'hypervolume': pareto['hypervolume'], 'generations': progress.generation,
           'n_evals': pareto['n_evals'], 'seconds': pareto['search_seconds'],
           'fitness_traces': fitness.traces}
+
+
+def results_digest(fp: str, sc: SearchConfig, generations: int) -> str:
+  """Identifies a finished search's results: its settings, its length, the latency settings."""
+  import hashlib  # noqa: PLC0415
+  text = json.dumps([fp, generations, sc.latency, sc.latency_max, sc.latency_repeats])
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _front_order(fitness: Fitness, state, mask_P) -> np.ndarray:

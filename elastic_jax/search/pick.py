@@ -134,8 +134,10 @@ def choose(pareto: Mapping, spec: str) -> int:
 
 
 def export_pick(cfg, workdir: str | Path, spec: str, out: str | Path | None = None,
-                fmt: str = 'native') -> dict:
-  """Exports the front member `spec` selects to `out` (default W/export/front_<index>).
+                fmt: str = 'native', overwrite: bool = False) -> dict:
+  """Exports the front member `spec` selects to `out` (default W/export/front_<index>) as `fmt`
+  ('native' or 'hf'); an existing `out` is replaced only when it is an earlier export and
+  `overwrite` is set.
 
   The weights come from W's trained supernet; the result notes when its training step differs
   from the one the search measured the front on.
@@ -151,9 +153,10 @@ def export_pick(cfg, workdir: str | Path, spec: str, out: str | Path | None = No
   entry = pareto['front'][index]
   space = build_space(cfg)
   arch = arch_lib.from_json(entry['arch'], space.cfg)
+  out = Path(out) if out else Path(workdir) / 'export' / f'front_{index}'
+  export_lib.check_out(out, overwrite)  # before the supernet is read
   model, step = load_trained_supernet(cfg, workdir, space,
                                       allow_untrained=pareto.get('supernet_step') is None)
-  out = Path(out) if out else Path(workdir) / 'export' / f'front_{index}'
   dense = export_lib.export(model, space.cfg, arch)
   search_info = {'pick': spec, 'index': index, 'objectives': entry['objectives'],
                  'metrics': entry['metrics'], 'latency_ms': entry.get('latency_ms'),
@@ -162,7 +165,7 @@ def export_pick(cfg, workdir: str | Path, spec: str, out: str | Path | None = No
   from elastic_jax.hf.importer import original_hf_config  # noqa: PLC0415
   saved = export_lib.save_with_tokenizer(
       dense, out, cfg.data, arch=arch, fmt=fmt, hf_base=original_hf_config(cfg),
-      extra={'data': data_cfg, 'supernet_step': step, 'search': search_info})
+      overwrite=overwrite, extra={'data': data_cfg, 'supernet_step': step, 'search': search_info})
   result = {**saved, 'index': index, 'pick': spec, 'supernet_step': step,
             'objectives': entry['objectives'], 'latency_ms': entry.get('latency_ms')}
   if step != pareto.get('supernet_step'):

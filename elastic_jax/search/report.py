@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from elastic_jax import atomic
 from elastic_jax.search.fitness import OBJECTIVES
 
 PARETO_FILE = 'pareto.json'
@@ -31,8 +32,7 @@ _COLUMNS = (
 
 
 def _write(path: Path, text: str) -> None:
-  from elastic_jax.workdir import write_text_atomic  # noqa: PLC0415
-  write_text_atomic(path, text)
+  atomic.write_text(path, text)
 
 
 def _finite(x):
@@ -131,8 +131,42 @@ def _axis(name: str) -> tuple[str, float]:
   return (f'{name} ({obj.unit})' if obj.unit else name), obj.unit_scale
 
 
+def _outside_budgets(entry: Mapping, budgets: Mapping) -> list[str]:
+  """The budgets an entry's metrics exceed, as 'params 0.92M > 0.3M'-style strings."""
+  return [f'{k} {entry["metrics"][k]:.4g} > {v:.4g}' for k, v in budgets.items()
+          if entry['metrics'].get(k) is not None and entry['metrics'][k] > v]
+
+
+def _label_points(ax, x, y, min_gap: float = 0.04) -> None:
+  """Numbers the front's points, leaving out a label that would overlap an earlier one (closer
+  than `min_gap` of the axes in both directions)."""
+  if not len(x):
+    return
+  span = lambda v: (np.ptp(v) or 1.0)
+  nx, ny = (x - np.min(x)) / span(x), (y - np.min(y)) / span(y)
+  placed: list[tuple[float, float]] = []
+  for i in range(len(x)):
+    if any(abs(nx[i] - px) < min_gap and abs(ny[i] - py) < min_gap for px, py in placed):
+      continue
+    placed.append((nx[i], ny[i]))
+    ax.annotate(str(i), (x[i], y[i]), textcoords='offset points', xytext=(4, 4), fontsize=7)
+
+
 def plot(path: Path, pareto: Mapping) -> Path:
-  """pareto.png: objective 0 (y) against objective 1 (x; params for a single objective)."""
+  """Writes pareto.png (`pareto_figure`) atomically."""
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  fig = pareto_figure(pareto)
+  try:
+    return atomic.write_file(path, fig.savefig)
+  finally:
+    plt.close(fig)
+
+
+def pareto_figure(pareto: Mapping):
+  """Objective 0 (y) against objective 1 (x; params for a single objective), the budgets as
+  dashed lines; baselines outside the budgets are named in the legend, not drawn (they would
+  stretch the axes far beyond every searched point). The hypervolume is given for two or more
+  objectives only (for one it is just the best value)."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -141,32 +175,45 @@ def plot(path: Path, pareto: Mapping) -> Path:
   y_name = names[0]
   x_name = names[1] if len(names) > 1 else 'params'
   (x_label, x_scale), (y_label, y_scale) = _axis(x_name), _axis(y_name)
-  xy = lambda entries: (np.asarray([e['metrics'][x_name] for e in entries]) / x_scale,
-                        np.asarray([e['metrics'][y_name] for e in entries]) / y_scale)
+  if pareto['maximize'][0]:
+    y_label += ' (higher is better)'
+  budgets = dict(pareto.get('budgets') or {})
+  xy = lambda entries: (np.asarray([e['metrics'][x_name] for e in entries], float) / x_scale,
+                        np.asarray([e['metrics'][y_name] for e in entries], float) / y_scale)
   fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
   if pareto['random']:
     x, y = xy(pareto['random'])
     ax.scatter(x, y, s=14, c='0.7', label=f'random architectures ({len(x)}, first generation)')
   x, y = xy(pareto['front'])
-  ax.plot(x, y, '-o', c='C0', ms=5, lw=1.2, label=f'Pareto front ({len(x)}, {pareto["strategy"]})')
-  for i, (xi, yi) in enumerate(zip(x, y)):
-    ax.annotate(str(i), (xi, yi), textcoords='offset points', xytext=(3, 3), fontsize=7)
+  what = 'Pareto front' if len(names) > 1 else f'best {y_name} per size'
+  ax.plot(x, y, '-o', c='C0', ms=5, lw=1.2, label=f'{what} ({len(x)}, {pareto["strategy"]})')
+  _label_points(ax, x, y)
   for (label, e), marker, color in zip(pareto['baselines'].items(), ('v', '^'), ('C3', 'C2')):
+    outside = _outside_budgets(e, budgets)
+    if outside:
+      ax.scatter([], [], marker=marker, s=60, c=color,
+                 label=f'{label} architecture: outside the budget ({outside[0]}), not shown')
+      continue
     bx, by = xy([e])
     ax.scatter(bx, by, marker=marker, s=60, c=color, label=f'{label} architecture', zorder=3)
+  for name, bound in budgets.items():
+    if name == x_name:
+      ax.axvline(bound / x_scale, ls='--', c='C3', lw=1, label=f'budget: {name} <= {bound:.4g}')
+    elif name == y_name:
+      ax.axhline(bound / y_scale, ls='--', c='C3', lw=1, label=f'budget: {name} <= {bound:.4g}')
   ax.set_xlabel(x_label)
   ax.set_ylabel(y_label)
-  ax.set_title(f"{pareto['n_evals']} evaluations, hypervolume {pareto['hypervolume']:.4g}")
+  title = f"{pareto['n_evals']} evaluations"
+  if len(names) > 1:
+    title += f", hypervolume {pareto['hypervolume']:.4g}"
+  elif len(y):
+    best = np.max(y) if pareto['maximize'][0] else np.min(y)
+    title += f', best {y_name} {best * y_scale:.4g}'
+  ax.set_title(title)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7)
   fig.tight_layout()
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f'.{path.name}.tmp.png')
-  fig.savefig(tmp)
-  plt.close(fig)
-  tmp.replace(path)
-  return path
+  return fig
 
 
 def summary_markdown(pareto: Mapping, history: Mapping[str, np.ndarray] | None = None) -> str:
@@ -182,9 +229,9 @@ def summary_markdown(pareto: Mapping, history: Mapping[str, np.ndarray] | None =
       f"- budgets: {pareto['budgets'] or 'none'}; seed {pareto['seed']}; supernet step "
       f"{pareto['supernet_step']}",
       f"- validation tokens per evaluation: {pareto['eval_tokens']}",
-      f"- hypervolume of the front: **{pareto['hypervolume']:.6g}** (random first generation: "
-      f"{pareto['hypervolume_random_initial']:.6g}); reference point "
-      f"{dict(zip(names, pareto['ref_point']))}",
+      *([f"- hypervolume of the front: **{pareto['hypervolume']:.6g}** (random first "
+         f"generation: {pareto['hypervolume_random_initial']:.6g}); reference point "
+         f"{dict(zip(names, pareto['ref_point']))}"] if len(names) > 1 else []),
       f"- latency: one forward of a {pareto['latency_batch']} batch, exported dense model, "
       f"{pareto['device']}",
       '', '## Front', '', format_table(pareto, markdown=True, with_baselines=True), '',
@@ -192,29 +239,46 @@ def summary_markdown(pareto: Mapping, history: Mapping[str, np.ndarray] | None =
       'Export one: `elastic-jax export --workdir W --pick index:N` (or `knee`, or '
       '`best-under:params=N`).', '']
   if history is not None and len(history['n_evals']):
-    t_all = len(history['n_evals'])
-    shown = sorted(set(np.linspace(0, t_all - 1, min(t_all, 8)).round().astype(int)))
+    multi = len(names) > 1
     lines += ['## History', '', '| generation | evaluations | '
-              + ' | '.join(f'best {n}' for n in names) + ' | hypervolume | front |',
-              '|' + '---|' * (4 + len(names))]
-    for t in shown:
+              + ' | '.join(f'best {n}' for n in names)
+              + (' | hypervolume | front |' if multi else ' |'),
+              '|' + '---|' * (2 + len(names) + 2 * multi)]
+    for t in range(len(history['n_evals'])):  # every generation
       lines.append(f"| {t + 1} | {int(history['n_evals'][t])} | "
                    + ' | '.join(f'{v:.4g}' for v in history['best'][t])
-                   + f" | {history['hv'][t]:.4g} | {int(history['front_size'][t])} |")
+                   + (f" | {history['hv'][t]:.4g} | {int(history['front_size'][t])} |"
+                      if multi else ' |'))
     lines.append('')
   return '\n'.join(lines)
 
 
 def write_all(out_dir: Path, pareto: Mapping, history: Mapping[str, np.ndarray],
-              names: Sequence[str]) -> dict[str, str]:
-  """Writes pareto.json, history.jsonl, pareto.png and summary.md; returns their paths."""
+              names: Sequence[str], *, only_missing: bool = False) -> dict[str, str]:
+  """Writes pareto.json, history.jsonl, pareto.png and summary.md (with `only_missing`, only
+  those that do not exist); returns their paths."""
   out_dir = Path(out_dir)
-  _write(out_dir / PARETO_FILE, json.dumps(_clean(pareto), indent=1) + '\n')
-  write_history(out_dir / HISTORY_FILE, history, names)
-  plot(out_dir / PLOT_FILE, pareto)
-  _write(out_dir / SUMMARY_FILE, summary_markdown(pareto, history))
+  writers = {
+      PARETO_FILE: lambda p: _write(p, json.dumps(_clean(pareto), indent=1) + '\n'),
+      HISTORY_FILE: lambda p: write_history(p, history, names),
+      PLOT_FILE: lambda p: plot(p, pareto),
+      SUMMARY_FILE: lambda p: _write(p, summary_markdown(pareto, history)),
+  }
+  for name, write in writers.items():
+    if not (only_missing and (out_dir / name).is_file()):
+      write(out_dir / name)
   return {'pareto_json': str(out_dir / PARETO_FILE), 'history': str(out_dir / HISTORY_FILE),
           'plot': str(out_dir / PLOT_FILE), 'summary': str(out_dir / SUMMARY_FILE)}
+
+
+def load_finished(out_dir: Path, digest: str) -> dict | None:
+  """pareto.json when it holds the results `digest` names (see `job.results_digest`), else
+  None."""
+  try:
+    pareto = json.loads((Path(out_dir) / PARETO_FILE).read_text())
+  except (OSError, ValueError):
+    return None
+  return pareto if isinstance(pareto, dict) and pareto.get('results_digest') == digest else None
 
 
 def load_pareto(workdir) -> dict:

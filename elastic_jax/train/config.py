@@ -39,7 +39,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Bookkeeping.
   c.log_every = 20  # steps between metric lines (JSONL, TensorBoard, progress bar)
   c.eval_every = 200  # steps between validation of the named sub-networks; 0 = only at the end
-  c.eval_archs = ('largest', 'smallest')  # names or ARCH.json paths, evaluated with one compile
+  # Names or ARCH.json paths, evaluated with one compile (a `train.arch` run evaluates that arch).
+  c.eval_archs = ('largest', 'smallest')
   c.checkpoint_every = 200  # steps between (asynchronous) Orbax checkpoints
   c.keep_checkpoints = 3
   c.init_from = ''  # start from another run's workdir or an exported model dir
@@ -53,3 +54,18 @@ def default_mesh() -> ml_collections.ConfigDict:
   c.fsdp = 1  # parameters and optimizer state sharded along the hidden axis
   c.tensor = 1  # heads, FFN and vocabulary split across devices
   return c
+
+
+def check(tcfg) -> None:
+  """UserError naming the first `train` field with an impossible value (before a run creates
+  anything)."""
+  from elastic_jax.errors import UserError  # noqa: PLC0415
+
+  for name, low in (('steps', 1), ('log_every', 1), ('checkpoint_every', 1),
+                    ('keep_checkpoints', 1), ('grad_accum', 1), ('eval_every', 0),
+                    ('warmup_steps', 0), ('num_random', 0)):
+    value = tcfg.get(name, low)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      raise UserError(f'config field train.{name}={value!r} must be an integer >= {low}')
+  if not float(tcfg.learning_rate) > 0:
+    raise UserError(f'config field train.learning_rate={tcfg.learning_rate!r} must be positive')

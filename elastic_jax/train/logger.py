@@ -28,9 +28,16 @@ class MetricLogger:
 
   def info(self, message: str) -> None:
     if self.enabled:
-      (self.bar.write if self.bar else print)(message)
+      # stderr: stdout is the command's result (JSON); tqdm.write defaults to stdout.
+      if self.bar is not None:
+        self.bar.write(message, file=sys.stderr)
+      else:
+        print(message, file=sys.stderr, flush=True)
 
-  def log(self, step: int, metrics: dict, tokens: int | None = None) -> None:
+  def log(self, step: int, metrics: dict, tokens: int | None = None,
+          show: dict | None = None) -> None:
+    """Appends `metrics` to the JSONL and TensorBoard files; the bar shows `show` (named values)
+    and the speed, or the validation metrics."""
     if not self.enabled:
       return
     now = time.perf_counter()
@@ -46,9 +53,13 @@ class MetricLogger:
       self.tb.add_scalar(k, v, step)
     if self.bar is not None:
       self.bar.n = step
-      shown = {k.split('/')[-2] + '/' + k.split('/')[-1] if '/' in k else k: v
-               for k, v in metrics.items() if k in ('loss', 'tokens_per_s') or 'eval/' in k}
-      self.bar.set_postfix({k: f'{v:.4g}' for k, v in list(shown.items())[:4]}, refresh=True)
+      if show is None:
+        show = {f'{k.split("/")[1]} val loss': v for k, v in metrics.items()
+                if k.startswith('eval/') and k.endswith('/loss')}
+      if 'tokens_per_s' in metrics:
+        show = {**show, 'tok/s': metrics['tokens_per_s']}
+      if show:
+        self.bar.set_postfix({k: f'{v:.4g}' for k, v in show.items()}, refresh=True)
 
   def close(self) -> None:
     if self.enabled:

@@ -8,7 +8,9 @@ The host dispatches step N+1 before it reads step N's metrics, so the device nev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -24,11 +26,18 @@ from elastic_jax import checkpoints as checkpoints_lib
 from elastic_jax import data, distributed, evaluation, parallel
 from elastic_jax import export as export_lib
 from elastic_jax.errors import UserError
-from elastic_jax.train import distill
+from elastic_jax.train import config as train_config
+from elastic_jax.train import curves, distill
 from elastic_jax.train.logger import MetricLogger
 from elastic_jax.train.sampling import Sampler, teacher_is_first
 from elastic_jax.train.step import DistillSpec, TrainState, make_optimizer, make_train_step
-from elastic_jax.workdir import apply_init_from, build_space, init_supernet, save_config
+from elastic_jax.workdir import (
+  apply_init_from,
+  build_space,
+  cleanup_on_failure,
+  init_supernet,
+  save_config,
+)
 
 
 class TrainingDiverged(UserError):
@@ -214,15 +223,23 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
   """
   workdir = Path(workdir)
   tcfg = cfg.train
+  train_config.check(tcfg)  # before anything is created
+  data.check_lm_task(cfg.data)
+  space = build_space(cfg)
   mesh = parallel.make_mesh(cfg.get('mesh', {}))
   check_batch(cfg, mesh)
   tokenizer = data.load_tokenizer(cfg.data)
   data.check_vocab(tokenizer, cfg.model.vocab_size, task=cfg.data.task)
   is_main = jax.process_index() == 0
-  if is_main:
-    save_config(workdir, cfg)
+  with cleanup_on_failure(workdir) if is_main else contextlib.nullcontext():
+    if is_main:
+      save_config(workdir, cfg)
+    return _train(cfg, workdir, space, mesh, is_main, progress)
 
-  space = build_space(cfg)
+
+def _train(cfg, workdir: Path, space, mesh, is_main: bool, progress: bool) -> dict:
+  tcfg = cfg.train
+
   teacher = _load_teacher(tcfg.distill.teacher, cfg, space) if tcfg.distill.teacher else None
   setup = build_step(cfg, mesh, teacher)
   sampler, replicated = setup.sampler, parallel.replicated(mesh)
@@ -250,7 +267,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
   if restored is not None:
     state, meta = restored
     iterator.set_state(data.process_state(meta['data_state'], shard_index, shard_count))
-    source = f"checkpoint at step {meta['step']}"
+    source = f"the checkpoint at step {meta['step']}"
 
   teacher_params = None
   if teacher is not None:
@@ -258,7 +275,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
                                             setup.teacher_shardings)
   train_step = setup.step
 
-  labels, eval_archs = _named_archs(list(tcfg.eval_archs), space)
+  if setup.strategy == 'fixed':  # the one architecture trained is the one to report
+    labels, eval_archs = ['arch'], [sampler.fixed]
+  else:
+    labels, eval_archs = _named_archs(list(tcfg.eval_archs), space)
   # The evaluation set is the same on every process: each puts its devices' part.
   eval_stacked = distributed.put_global(arch_lib.stack(eval_archs), replicated)
   eval_data = distributed.put_global(
@@ -278,11 +298,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
     return out
 
   start_step = int(state.step)
+  if restored is not None and is_main:
+    print(f'resuming from the checkpoint at step {start_step} in {checkpoints.directory}',
+          file=sys.stderr, flush=True)
   logger = MetricLogger(workdir, enabled=is_main, total=tcfg.steps, start=start_step,
                         progress=progress)
-  logger.info(f'training from {source}: {space.describe()["architectures"]:,} architectures, '
-              f'{sampler.k} per step ({setup.strategy}), mesh {dict(mesh.shape)} over '
-              f'{jax.process_count()} process(es), '
+  if setup.strategy == 'fixed':
+    what = (f'one architecture ({tcfg.arch}, {int(space.cost(sampler.fixed)["params"]):,} '
+            'parameters)')
+  else:
+    what = (f'{space.describe()["architectures"]:,} architectures, {sampler.k} per step '
+            f'({setup.strategy})')
+  logger.info(f'training from {source} to step {tcfg.steps}: {what}, mesh {dict(mesh.shape)} '
+              f'over {jax.process_count()} process(es), '
               f'{setup.sharding_report["replicated_fraction"]:.0%} replicated')
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   pending = None  # (step, metrics) dispatched but not yet read
@@ -308,11 +336,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
       # "Training"); each sub-network's loss and cross-entropy are logged under its label.
       line = {'step': step, 'loss': loss, 'grad_norm': float(host['grad_norm']),
               'lr': float(setup.schedule(step - 1))}
-      for label, arch_loss, ce in zip(sampler.labels, np.asarray(host['loss_per_arch']),
-                                      np.asarray(host['ce_per_arch']), strict=True):
+      ces = np.asarray(host['ce_per_arch'])
+      for label, arch_loss, ce in zip(sampler.labels, np.asarray(host['loss_per_arch']), ces,
+                                      strict=True):
         line[f'train/{label}/loss'] = float(arch_loss)
         line[f'train/{label}/ce'] = float(ce)
-      logger.log(step, line, tokens=tokens_per_step)
+      # The bar: the first sub-network's own cross-entropy, and the loss the optimizer sees
+      # (summed over the step's sub-networks, distillation terms included), named as such.
+      shown = {f'{sampler.labels[0]} ce': float(ces[0])}
+      if sampler.k > 1:
+        shown[f'loss (sum of {sampler.k})'] = loss
+      logger.log(step, line, tokens=tokens_per_step, show=shown)
 
   try:
     t_start = time.perf_counter()
@@ -346,6 +380,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
     finally:
       checkpoints.close()
       logger.close()
+  if is_main:
+    curves.plot_training(workdir)
   return {'step': int(state.step), 'seconds': elapsed, **last_eval}
 
 

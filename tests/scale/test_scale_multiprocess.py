@@ -72,7 +72,9 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(built
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads([l for l in r.stdout.splitlines() if l.startswith('{')][-1])
   assert result['step'] == 5
-  assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 2 process(es)" in r.stdout
+  # The log line goes to process 0's stderr (stdout holds the result alone).
+  assert ("mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 2 process(es)"
+          in (tmp_path / 'logs' / 'process_0.err').read_text())
   # Only process 0 prints its result.
   assert not [l for l in (tmp_path / 'logs' / 'process_1.out').read_text().splitlines()
               if l.startswith('{')]

@@ -33,14 +33,31 @@ def resolve_files(patterns: Sequence[str]) -> list[Path]:
   return sorted(files)
 
 
+def read_text(path: Path, errors: str = 'strict') -> str:
+  """A file's text as UTF-8; with errors='strict', UserError naming the first invalid byte."""
+  try:
+    raw = path.read_bytes()
+  except OSError as e:
+    raise UserError(f'cannot read {path}: {e.strerror}') from e
+  try:
+    return raw.decode('utf-8', errors=errors)
+  except UnicodeDecodeError as e:
+    raise UserError(f'{path} is not UTF-8 text: byte offset {e.start} ({raw[e.start]:#04x}) '
+                    f'{e.reason}; convert the file to UTF-8, or set data.encoding_errors='
+                    "'replace' to read such bytes as U+FFFD") from None
+
+
 class TextFilesConfig(corpus.PieceCorpusConfig):
   """Which files, and where documents end. The name keys the cache on files, sizes and mtimes."""
 
-  def __init__(self, *, files: Sequence[Path], doc_boundary: str, validation_fraction: float):
+  def __init__(self, *, files: Sequence[Path], doc_boundary: str, validation_fraction: float,
+               encoding_errors: str = 'strict'):
     self.files = tuple(Path(f) for f in files)
     self.doc_boundary = doc_boundary
+    self.encoding_errors = encoding_errors
     key = cache.stable_key([cache.file_fingerprint(f) for f in self.files], doc_boundary,
-                           validation_fraction, documents.MAX_PIECE_CHARS)
+                           validation_fraction, documents.MAX_PIECE_CHARS,
+                           *([] if encoding_errors == 'strict' else [encoding_errors]))
     super().__init__(name=f'{doc_boundary}-{key}', validation_fraction=validation_fraction,
                      description=f'{len(self.files)} local text file(s), one document per '
                                  f'{doc_boundary.replace("_", " ")}')
@@ -57,9 +74,6 @@ class TextFiles(corpus.PieceCorpusBuilder, skip_registration=True):
 
   def _pieces(self) -> Iterator[documents.Piece]:
     for path in self.builder_config.files:
-      try:
-        text = path.read_text(encoding='utf-8', errors='replace')
-      except OSError as e:
-        raise UserError(f'cannot read {path}: {e.strerror}') from e
+      text = read_text(path, self.builder_config.encoding_errors)
       for doc in documents.split_documents(text, self.builder_config.doc_boundary):
         yield from documents.document_pieces(path.name, doc)
