@@ -190,3 +190,21 @@ def test_flexibert_space_errors_are_one_clear_line():
   with pytest.raises(UserError, match='need model.kind=encoder'):
     check_compatible(ModelConfig(**dict(FAMILY, kind='decoder', type_vocab_size=0)),
                      space_config(SPACE))
+
+
+def test_proxies_of_masked_flexibert_archs_equal_their_dense_exports():
+  """Every zero-cost proxy scores a masked FlexiBERT sub-network as its exported dense model."""
+  from elastic_jax import proxies
+
+  cfg, space, model = build(seed=4)
+  rng = np.random.default_rng(5)
+  tokens = rng.integers(0, cfg.vocab_size, (2, 3, 11)).astype(np.int32)
+  weights = (rng.random((2, 3, 11)) < 0.3).astype(np.float32)
+  batches = [{'tokens': tokens[k], 'targets': tokens[k], 'weights': weights[k]} for k in range(2)]
+  pcfg = proxies.proxy_config({'num_batches': 2})
+  archs = space.sample(jax.random.key(8), 3)
+  masked = proxies.score_archs(model, space, archs, batches, pcfg)
+  for i, arch in enumerate(arch_lib.unstack(archs)):
+    dense = proxies.score_dense(export.export(model, space.cfg, arch), batches, pcfg)
+    for name, value in dense.items():
+      np.testing.assert_allclose(masked[name][i], value, rtol=2e-4, err_msg=name)
