@@ -192,6 +192,7 @@ def test_flexibert_space_errors_are_one_clear_line():
                      space_config(SPACE))
 
 
+@pytest.mark.slow  # ~2 CPU-minutes: three dense exports compile every proxy
 def test_proxies_of_masked_flexibert_archs_equal_their_dense_exports():
   """Every zero-cost proxy scores a masked FlexiBERT sub-network as its exported dense model."""
   from elastic_jax import proxies
