@@ -9,6 +9,7 @@ Fields (L = space.num_layers; every layer has values even when it is off, so sha
   kv_groups  int32[L]  active key/value groups; divides heads
   ffn        int32[L]  active FFN width
   inner      int32[L]  bottleneck inner width (0 when the space has no bottleneck block)
+  ffn_layers int32[L]  stacked FFN linears of a FlexiBERT block (1 elsewhere)
 
 A layer is on when it lies within `depth` and its block is not 'skip'. Because an arch only ever
 enters a jitted function as arrays of these fixed shapes, changing it never retraces.
@@ -16,6 +17,8 @@ enters a jitted function as arrays of these fixed shapes, changing it never retr
 JSON form (what `sample` prints and `export --arch` reads):
   {"hidden": 256, "depth": 4, "head_dim": 32,
    "layers": [{"block": "transformer", "heads": 4, "kv_groups": 4, "ffn": 512, "inner": 0}, ...]}
+A layer may also carry "ffn_layers" (FlexiBERT blocks); absent means 1, and it is written only
+when it is not 1, so archs of spaces without stacked FFNs keep their JSON form.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from elastic_jax.config import BLOCK_TYPES, SKIP, SpaceConfig
 from elastic_jax.errors import UserError
 
 LAYER_FIELDS = ('block', 'heads', 'kv_groups', 'ffn', 'inner')
+OPTIONAL_LAYER_FIELDS = {'ffn_layers': 1}
 GLOBAL_FIELDS = ('hidden', 'depth', 'head_dim')
 
 
@@ -46,6 +50,7 @@ class Arch:
   kv_groups: jax.Array
   ffn: jax.Array
   inner: jax.Array
+  ffn_layers: jax.Array
 
   def layer_on(self) -> jax.Array:
     """bool[L]: which layers compute something."""
@@ -67,9 +72,11 @@ def to_json(arch: Arch) -> dict:
   a = jax.tree.map(np.asarray, arch)
   layers = []
   for i in range(a.block.shape[0]):
-    layers.append({'block': BLOCK_TYPES[int(a.block[i])], 'heads': int(a.heads[i]),
-                   'kv_groups': int(a.kv_groups[i]), 'ffn': int(a.ffn[i]),
-                   'inner': int(a.inner[i])})
+    layer = {'block': BLOCK_TYPES[int(a.block[i])], 'heads': int(a.heads[i]),
+             'kv_groups': int(a.kv_groups[i]), 'ffn': int(a.ffn[i]), 'inner': int(a.inner[i])}
+    if int(a.ffn_layers[i]) != 1:
+      layer['ffn_layers'] = int(a.ffn_layers[i])
+    layers.append(layer)
   return {'hidden': int(a.hidden), 'depth': int(a.depth), 'head_dim': int(a.head_dim),
           'layers': layers}
 
@@ -99,14 +106,16 @@ def from_json(d: Mapping, space: SpaceConfig) -> Arch:
     got = len(layers) if isinstance(layers, list) else type(layers).__name__
     raise UserError(f'architecture field layers must list {space.num_layers} layers '
                     f'(space.num_layers), got {got}')
-  values = {f: [] for f in LAYER_FIELDS}
+  values = {f: [] for f in LAYER_FIELDS + tuple(OPTIONAL_LAYER_FIELDS)}
   for i, layer in enumerate(layers):
     if not isinstance(layer, Mapping):
       raise UserError(f'architecture field layers[{i}] must be an object')
-    extra = sorted(set(layer) - set(LAYER_FIELDS))
+    extra = sorted(set(layer) - set(LAYER_FIELDS) - set(OPTIONAL_LAYER_FIELDS))
     if extra or any(f not in layer for f in LAYER_FIELDS):
       raise UserError(f'architecture field layers[{i}] must have exactly the fields '
-                      f'{list(LAYER_FIELDS)}, got {sorted(layer)}')
+                      f'{list(LAYER_FIELDS)} (and optionally {list(OPTIONAL_LAYER_FIELDS)}), '
+                      f'got {sorted(layer)}')
+    layer = {**OPTIONAL_LAYER_FIELDS, **layer}
     _check(f'layers[{i}].block', layer['block'], space.blocks)
     _check(f'layers[{i}].heads', layer['heads'], space.heads)
     kv_allowed = space.kv_groups or (layer['heads'],)
@@ -116,8 +125,9 @@ def from_json(d: Mapping, space: SpaceConfig) -> Arch:
                       f'divide layers[{i}].heads={layer["heads"]}')
     _check(f'layers[{i}].ffn', layer['ffn'], space.ffn)
     _check(f'layers[{i}].inner', layer['inner'], space.inner or (0,))
+    _check(f'layers[{i}].ffn_layers', layer['ffn_layers'], space.ffn_layers)
     values['block'].append(BLOCK_TYPES.index(layer['block']))
-    for f in LAYER_FIELDS[1:]:
+    for f in LAYER_FIELDS[1:] + tuple(OPTIONAL_LAYER_FIELDS):
       values[f].append(layer[f])
   return Arch(hidden=jnp.int32(d['hidden']), depth=jnp.int32(d['depth']),
               head_dim=jnp.int32(d['head_dim']),

@@ -21,9 +21,14 @@ from typing import Any
 from elastic_jax.errors import UserError
 
 # Block types, in registry order: the arch stores a block's index in this tuple, so new types are
-# appended, never inserted. 'skip' is the identity (a removed layer).
-BLOCK_TYPES = ('transformer', 'bottleneck', 'skip')
+# appended, never inserted. 'skip' is the identity (a removed layer). The last six are FlexiBERT's
+# operations (`elastic_jax/model/flexibert.py`): self-attention with scaled dot-product or weighted
+# multiplicative scores, Fourier or cosine transforms along the sequence, dynamic convolution with
+# kernel 5 or 9.
+BLOCK_TYPES = ('transformer', 'bottleneck', 'skip', 'sa_sdp', 'sa_wma', 'lt_dft', 'lt_dct',
+               'dsc_5', 'dsc_9')
 SKIP = BLOCK_TYPES.index('skip')
+FLEXIBERT_BLOCKS = BLOCK_TYPES[3:]
 
 _KINDS = ('encoder', 'decoder')
 _POSITIONS = ('learned', 'rotary', 'none')
@@ -106,6 +111,7 @@ class LayerDims:
   inner: int = 0  # bottleneck inner width; 0 when the layer has no bottleneck block
   # FFN column blocks a masked model may skip (the space's FFN choices); () in dense models.
   ffn_segments: tuple[int, ...] = ()
+  ffn_layers: int = 1  # stacked FFN linears of FlexiBERT blocks (the supernet: the most allowed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +162,9 @@ class SpaceConfig:
   ffn: tuple[int, ...]  # FFN width per layer (both block types)
   inner: tuple[int, ...]  # bottleneck inner width per layer; () when no bottleneck block
   bottleneck_head_dim: int  # head size inside bottleneck blocks (not elastic)
+  # Stacked FFN linears per layer of FlexiBERT blocks (FlexiBERT's num_feed_forward); other blocks
+  # have one FFN and ignore it.
+  ffn_layers: tuple[int, ...] = (1,)
 
   def __post_init__(self):
     _require(self.num_layers > 0, 'space.num_layers', self.num_layers, 'must be positive')
@@ -173,6 +182,12 @@ class SpaceConfig:
     for h in self.heads:
       _require(not self.kv_groups or any(h % g == 0 for g in self.kv_groups), 'space.kv_groups',
                list(self.kv_groups), f'no choice divides the head count {h} of space.heads')
+    if any(b in FLEXIBERT_BLOCKS for b in self.blocks):
+      _check_flexibert(self)
+
+  @property
+  def flexibert(self) -> bool:
+    return any(b in FLEXIBERT_BLOCKS for b in self.blocks)
 
   @property
   def kinds(self) -> tuple[str, ...]:
@@ -188,10 +203,26 @@ class SpaceConfig:
     layer = LayerDims(blocks=kinds, heads=max(self.heads), kv_groups=self.max_kv_groups,
                       ffn=max(self.ffn),
                       inner=max(self.inner) if 'bottleneck' in kinds else 0,
-                      ffn_segments=self.ffn)
+                      ffn_segments=self.ffn, ffn_layers=max(self.ffn_layers))
     return ModelDims(hidden=max(self.hidden), head_dim=max(self.head_dim),
                      bottleneck_head_dim=self.bottleneck_head_dim if 'bottleneck' in kinds else 0,
                      layers=(layer,) * self.num_layers)
+
+
+def _check_flexibert(space: SpaceConfig) -> None:
+  """FlexiBERT blocks split the hidden size into `heads` heads of size hidden / heads (dynamic
+  convolution: heads / 2 attention and heads / 2 convolution heads), and have no GQA."""
+  for h in space.heads:
+    for d in space.hidden:
+      _require(d % h == 0, 'space.heads', list(space.heads),
+               f'FlexiBERT blocks need every head count to divide every hidden size ({d} % {h})')
+    if any(b.startswith('dsc') for b in space.blocks):
+      _require(h % 2 == 0, 'space.heads', list(space.heads),
+               'dynamic convolution blocks (dsc_5, dsc_9) need even head counts')
+  _require(not space.kv_groups, 'space.kv_groups', list(space.kv_groups),
+           'FlexiBERT blocks have no grouped-query attention: leave it empty')
+  _require(all(1 <= n <= 8 for n in space.ffn_layers), 'space.ffn_layers',
+           list(space.ffn_layers), 'choices must lie in 1..8')
 
 
 def model_config(cfg: Mapping) -> ModelConfig:
@@ -235,6 +266,10 @@ def space_config(cfg: Mapping) -> SpaceConfig:
                       'set space.bottleneck_head_dim explicitly')
     bottleneck_head_dim = max(inner) // max(heads)
   num_layers = int(cfg['num_layers'])
+  ffn_layers = _choices('space.ffn_layers', cfg.get('ffn_layers', ()) or (1,))
+  if ffn_layers != (1,) and not any(b in FLEXIBERT_BLOCKS for b in blocks):
+    raise UserError(f'config field space.ffn_layers={list(ffn_layers)} is invalid: only FlexiBERT '
+                    f'blocks {list(FLEXIBERT_BLOCKS)} stack FFN layers; use (1,)')
   return SpaceConfig(
       num_layers=num_layers,
       hidden=hidden,
@@ -246,6 +281,7 @@ def space_config(cfg: Mapping) -> SpaceConfig:
       ffn=_choices('space.ffn', cfg['ffn']),
       inner=inner,
       bottleneck_head_dim=bottleneck_head_dim,
+      ffn_layers=ffn_layers,
   )
 
 
@@ -260,6 +296,13 @@ def check_compatible(model: ModelConfig, space: SpaceConfig) -> None:
   if model.factorised and model.embed_dim > max(space.hidden):
     raise UserError(f'config field model.embed_dim={model.embed_dim} is invalid: a factorised '
                     f'embedding must be narrower than the largest hidden size {max(space.hidden)}')
+  if space.flexibert:
+    # The sequence transforms and convolutions read every position (as FlexiBERT does), so they
+    # would see the future in a decoder; the reference blocks are post-norm ELECTRA layers.
+    if model.kind != 'encoder' or model.norm_placement != 'post' or model.mlp == 'swiglu':
+      raise UserError('FlexiBERT blocks (space.blocks) need model.kind=encoder, '
+                      "model.norm_placement=post and model.mlp 'gelu' or 'relu' (ELECTRA layers); "
+                      f'got {model.kind}, {model.norm_placement}, {model.mlp}')
   if model.kind == 'decoder' and model.type_vocab_size:
     raise UserError('config field model.type_vocab_size must be 0 for a decoder (token types are '
                     'an encoder feature)')

@@ -57,7 +57,7 @@ def arch_cost(cfg: ModelConfig, arch: Arch, *, bottleneck_head_dim: int, seq_len
   on = arch.layer_on()
   sizes = {'hidden': h, 'heads': arch.heads, 'kv_groups': arch.kv_groups,
            'head_dim': arch.head_dim, 'ffn': arch.ffn, 'inner': arch.inner,
-           'bottleneck_head_dim': bottleneck_head_dim}
+           'bottleneck_head_dim': bottleneck_head_dim, 'ffn_layers': arch.ffn_layers}
   totals = None
   for name, block in BLOCKS.items():
     c = block.cost(cfg, sizes)
@@ -95,4 +95,5 @@ def dense_arch(dims: ModelDims) -> Arch:
       kv_groups=jnp.asarray([l.kv_groups for l in layers], jnp.int32),
       ffn=jnp.asarray([l.ffn for l in layers], jnp.int32),
       inner=jnp.asarray([l.inner for l in layers], jnp.int32),
+      ffn_layers=jnp.asarray([l.ffn_layers for l in layers], jnp.int32),
   )

@@ -27,7 +27,14 @@ from flax import nnx
 from elastic_jax import __version__, atomic
 from elastic_jax import arch as arch_lib
 from elastic_jax.arch import Arch
-from elastic_jax.config import BLOCK_TYPES, LayerDims, ModelConfig, ModelDims, SpaceConfig
+from elastic_jax.config import (
+    BLOCK_TYPES,
+    FLEXIBERT_BLOCKS,
+    LayerDims,
+    ModelConfig,
+    ModelDims,
+    SpaceConfig,
+)
 from elastic_jax.errors import UserError
 from elastic_jax.model.supernet import Model
 
@@ -46,7 +53,8 @@ def dense_dims(space: SpaceConfig, arch: Arch) -> tuple[ModelDims, list[int]]:
     kind = BLOCK_TYPES[int(a.block[i])]
     layers.append(LayerDims(blocks=(kind,), heads=int(a.heads[i]), kv_groups=int(a.kv_groups[i]),
                             ffn=int(a.ffn[i]),
-                            inner=int(a.inner[i]) if kind == 'bottleneck' else 0))
+                            inner=int(a.inner[i]) if kind == 'bottleneck' else 0,
+                            ffn_layers=int(a.ffn_layers[i]) if kind in FLEXIBERT_BLOCKS else 1))
     source.append(int(i))
   has_bottleneck = any(l.blocks == ('bottleneck',) for l in layers)
   dims = ModelDims(hidden=int(a.hidden), head_dim=int(a.head_dim),

@@ -3,7 +3,9 @@
 A genome is int32[G] of *choice indices*: gene g takes values in [0, gene_sizes[g]). Decoding is
 a gather from the config's choice lists, so every genome is a valid architecture by construction;
 mutation is "resample an index". Layout: [hidden, depth, head_dim] then, per layer,
-[block, heads, kv_groups, ffn, inner].
+[block, heads, kv_groups, ffn, inner], then, only in spaces with more than one `ffn_layers`
+choice (FlexiBERT's stacked FFNs), one `ffn_layers` gene per layer (so the genomes of every other
+space are unchanged).
 
 KV groups must divide the head count. The kv gene picks the largest allowed group count that is
 <= its choice and divides the layer's heads (or, if none is, the smallest divisor), so the gene
@@ -20,7 +22,7 @@ import numpy as np
 
 from elastic_jax import arch as arch_lib
 from elastic_jax.arch import Arch
-from elastic_jax.config import BLOCK_TYPES, ModelConfig, SpaceConfig
+from elastic_jax.config import BLOCK_TYPES, FLEXIBERT_BLOCKS, ModelConfig, SpaceConfig
 from elastic_jax.cost import arch_cost
 from elastic_jax.errors import UserError
 
@@ -45,13 +47,17 @@ class Space:
         'kv_groups': np.asarray(space.kv_groups or (0,), np.int32),  # 0: same as heads (MHA)
         'ffn': np.asarray(space.ffn, np.int32),
         'inner': np.asarray(space.inner or (0,), np.int32),
+        'ffn_layers': np.asarray(space.ffn_layers, np.int32),
     }
     t = self.tables
     layer_sizes = [len(t['block']), len(t['heads']), len(t['kv_groups']), len(t['ffn']),
                    len(t['inner'])]
+    # Trailing per-layer genes of the stacked-FFN depth, only where it is a choice.
+    self.ffn_layer_genes = len(space.ffn_layers) > 1
+    tail = [len(t['ffn_layers'])] * self.num_layers if self.ffn_layer_genes else []
     self.gene_sizes = np.asarray(
-        [len(t['hidden']), len(t['depth']), len(t['head_dim'])] + layer_sizes * self.num_layers,
-        np.int32)
+        [len(t['hidden']), len(t['depth']), len(t['head_dim'])] + layer_sizes * self.num_layers
+        + tail, np.int32)
     self.num_genes = int(self.gene_sizes.shape[0])
     if max(self.parameter_range()) >= 2**31 - 1:
       raise UserError('the largest architecture has >= 2^31 parameters, beyond int32 cost '
@@ -62,7 +68,12 @@ class Space:
     """Genome -> Arch (jittable, vmappable)."""
     t = {k: jnp.asarray(v) for k, v in self.tables.items()}
     genome_G = jnp.asarray(genome_G, jnp.int32)
-    per_LxK = genome_G[GLOBAL_GENES:].reshape(self.num_layers, LAYER_GENES)
+    end = GLOBAL_GENES + self.num_layers * LAYER_GENES
+    per_LxK = genome_G[GLOBAL_GENES:end].reshape(self.num_layers, LAYER_GENES)
+    if self.ffn_layer_genes:
+      ffn_layers_L = t['ffn_layers'][genome_G[end:]]
+    else:
+      ffn_layers_L = jnp.full((self.num_layers,), t['ffn_layers'][0], jnp.int32)
     heads_L = t['heads'][per_LxK[:, 1]]
     if self.cfg.kv_groups:
       kv_K = t['kv_groups']
@@ -78,7 +89,7 @@ class Space:
         hidden=t['hidden'][genome_G[0]], depth=t['depth'][genome_G[1]],
         head_dim=t['head_dim'][genome_G[2]], block=t['block'][per_LxK[:, 0]], heads=heads_L,
         kv_groups=kv_L.astype(jnp.int32), ffn=t['ffn'][per_LxK[:, 3]],
-        inner=t['inner'][per_LxK[:, 4]])
+        inner=t['inner'][per_LxK[:, 4]], ffn_layers=ffn_layers_L)
 
   def encode(self, arch: Arch) -> jax.Array:
     """Arch -> genome (jittable). The arch must lie in the space (see `arch.from_json`)."""
@@ -91,7 +102,10 @@ class Space:
                          index(t['inner'], arch.inner)], axis=-1)
     head = jnp.stack([index(t['hidden'], arch.hidden), index(t['depth'], arch.depth),
                       index(t['head_dim'], arch.head_dim)])
-    return jnp.concatenate([head, per_LxK.reshape(-1)]).astype(jnp.int32)
+    parts = [head, per_LxK.reshape(-1)]
+    if self.ffn_layer_genes:
+      parts.append(index(t['ffn_layers'], arch.ffn_layers))
+    return jnp.concatenate(parts).astype(jnp.int32)
 
   # -- sampling ----------------------------------------------------------------------------
   def random_genomes(self, key: jax.Array, n: int) -> jax.Array:
@@ -175,6 +189,8 @@ class Space:
         per_layer += kv_options * len(s.ffn)
       elif b == 'bottleneck':
         per_layer += kv_options * len(s.ffn) * len(s.inner)
+      elif b in FLEXIBERT_BLOCKS:
+        per_layer += len(s.heads) * len(s.ffn) * len(s.ffn_layers)
       else:
         per_layer += 1
     return len(s.hidden) * len(s.head_dim) * sum(per_layer ** d for d in s.depth)

@@ -104,7 +104,8 @@ def test_corrupt_exported_weights(capsys, cache, tmp_path):
 
 @pytest.mark.parametrize('name, arg', [('quickstart', None), ('quickstart', 'tiny'),
                                        ('bert_elm', None), ('bert_elm', 'tiny'),
-                                       ('bert_elm', 'runlocal')])
+                                       ('bert_elm', 'runlocal'), ('flexibert', None),
+                                       ('flexibert', 'runlocal')])
 def test_every_config_builds(name, arg):
   from flax import nnx
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from elastic_jax.config import LayerDims, ModelConfig, ModelDims
+from elastic_jax.model.flexibert import FLEXIBERT_BLOCK_CLASSES
 from elastic_jax.model.layers import MLP, Attention, Norm, make_param, prefix_mask
 
 Array = jax.Array
@@ -226,3 +227,5 @@ BLOCKS: dict[str, type[nnx.Module]] = {
     'transformer': TransformerBlock,
     'bottleneck': BottleneckBlock,
 }
+# FlexiBERT's operations (elastic_jax/model/flexibert.py), one registry entry per BLOCK_TYPES name.
+BLOCKS.update(FLEXIBERT_BLOCK_CLASSES)

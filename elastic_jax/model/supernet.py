@@ -270,7 +270,8 @@ class Model(nnx.Module):
         x, feats = layer(x, ctx)
       else:
         active = {'heads': arch.heads[i], 'kv_groups': arch.kv_groups[i],
-                  'head_dim': arch.head_dim, 'ffn': arch.ffn[i], 'inner': arch.inner[i]}
+                  'head_dim': arch.head_dim, 'ffn': arch.ffn[i], 'inner': arch.inner[i],
+                  'ffn_layers': arch.ffn_layers[i]}
         if skip_last_ffn:
           active['ffn_skip'] = last_on == i
         on = (i < arch.depth) & (arch.block[i] != SKIP)

@@ -25,8 +25,9 @@ from elastic_jax.losses import token_cross_entropy
 from elastic_jax.model.layers import Attention, Norm, prefix_mask
 
 _TABLES = ('tokens', 'positions', 'types')
-_ATTN_KERNELS = ('q', 'k', 'v', 'o')
-_FFN_KERNELS = ('up', 'gate', 'down')
+# 'wq': weighted multiplicative attention's query map; 'mid': stacked FFN linears (FlexiBERT).
+_ATTN_KERNELS = ('q', 'k', 'v', 'o', 'wq')
+_FFN_KERNELS = ('up', 'gate', 'down', 'mid')
 
 
 def kernel_kind(path: tuple, ndim: int) -> str | None:

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from elastic_jax import evaluation
-from elastic_jax.config import BLOCK_TYPES
+from elastic_jax.config import BLOCK_TYPES, FLEXIBERT_BLOCKS
 from elastic_jax.errors import UserError
 from elastic_jax.space import GLOBAL_GENES, LAYER_GENES, Space
 
@@ -285,13 +285,19 @@ def canonical_genomes(space: Space, genomes_BxG: jax.Array) -> jax.Array:
   archs = jax.vmap(space.decode)(genomes_BxG)
   enc_BxG = jax.vmap(space.encode)(archs)  # re-encoding maps kv choices to the decoded divisor
   b = enc_BxG.shape[0]
-  per_BxLxK = enc_BxG[:, GLOBAL_GENES:].reshape(b, space.num_layers, LAYER_GENES)
+  end = GLOBAL_GENES + space.num_layers * LAYER_GENES
+  per_BxLxK = enc_BxG[:, GLOBAL_GENES:end].reshape(b, space.num_layers, LAYER_GENES)
   within_BxL = jnp.arange(space.num_layers)[None, :] < archs.depth[:, None]
   on_BxL = archs.layer_on()
   bottleneck_BxL = archs.block == BLOCK_TYPES.index('bottleneck')
   keep_BxLxK = jnp.stack([within_BxL, on_BxL, on_BxL, on_BxL, on_BxL & bottleneck_BxL], axis=-1)
   per_BxLxK = jnp.where(keep_BxLxK, per_BxLxK, 0)
-  return jnp.concatenate([enc_BxG[:, :GLOBAL_GENES], per_BxLxK.reshape(b, -1)], axis=1)
+  parts = [enc_BxG[:, :GLOBAL_GENES], per_BxLxK.reshape(b, -1)]
+  if space.ffn_layer_genes:  # stacked-FFN genes count only in FlexiBERT layers that are on
+    flexi_BxL = jnp.isin(archs.block, jnp.asarray([BLOCK_TYPES.index(k)
+                                                   for k in FLEXIBERT_BLOCKS]))
+    parts.append(jnp.where(on_BxL & flexi_BxL, enc_BxG[:, end:], 0))
+  return jnp.concatenate(parts, axis=1)
 
 
 def _register_builtins() -> None:
