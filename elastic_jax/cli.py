@@ -44,6 +44,8 @@ def _make_flags() -> flags.FlagValues:
   flags.DEFINE_integer('max_params', None, 'Parameter budget for sampling.', flag_values=fv)
   flags.DEFINE_string('pick', None, 'Front member to export: index:N | knee | '
                       'best-under:params=N (see elastic_jax/search/pick.py).', flag_values=fv)
+  flags.DEFINE_string('budgets', None, 'compress: params=0.3,0.5,0.7 (fractions of the '
+                      'original or counts).', flag_values=fv)
   flags.DEFINE_string('topology', None, 'TPU slice to compile for: CHIP:AxB (v5e, v6e) or '
                       'CHIP:AxBxC (v4, v5p), e.g. v5e:4x4.', flag_values=fv)
   return fv
@@ -275,6 +277,25 @@ def import_hf():
                           gguf=FLAGS.gguf, log=lambda m: print(m, file=sys.stderr))
   _print_json({k: report[k] for k in ('source', 'model_type', 'params', 'initialised',
                                       'not_imported', 'seconds')} | {'workdir': FLAGS.out})
+
+
+@command
+def sort():
+  """Sorts the imported model of --workdir by importance (W/sort/: scores, permutations)."""
+  from elastic_jax.compress.sort import run_sort
+  report = run_sort(_config(), _require('workdir'), log=lambda m: print(m, file=sys.stderr))
+  _print_json({k: report[k] for k in ('method', 'layer_method', 'tokens', 'layer_order')})
+
+
+@command
+def compress():
+  """Compresses --model (or --gguf) in --workdir: import, sort, fine-tune, search, export
+  under --budgets, pruning baselines, W/compress/summary.md (resumable)."""
+  from elastic_jax.compress.job import run_compress
+  summary = run_compress(FLAGS.model, _require('workdir'), budgets=FLAGS.budgets,
+                         user_cfg=_loaded_config(), gguf=FLAGS.gguf)
+  _print_json({k: summary[k] for k in ('hv_search', 'hv_pruning')}
+              | {'summary': str(Path(FLAGS.workdir) / 'compress' / 'summary.md')})
 
 
 @command

@@ -69,7 +69,8 @@ class Scores:
   @classmethod
   def from_arrays(cls, arrays, **meta) -> Scores:
     n = len(arrays['layers'])
-    per = {k: [np.asarray(arrays[f'{k}_{i}']) for i in range(n)] for k in ('heads', 'groups', 'ffn')}
+    per = {k: [np.asarray(arrays[f'{k}_{i}']) for i in range(n)]
+           for k in ('heads', 'groups', 'ffn')}
     return cls(hidden=np.asarray(arrays['hidden']), layers=np.asarray(arrays['layers']), **per,
                **meta)
 
@@ -84,8 +85,8 @@ def check_calibration(batches: Sequence[dict], min_tokens: int) -> int:
                    for b in batches))
   if tokens < min_tokens:
     raise UserError(f'the calibration set has {tokens} tokens, fewer than the {min_tokens} '
-                    'importance scores need; raise compress.calibration_batches (or data.batch_size '
-                    '/ data.seq_len), or lower compress.min_calibration_tokens')
+                    'importance scores need; raise compress.calibration_batches (or '
+                    'data.batch_size / data.seq_len), or lower compress.min_calibration_tokens')
   return tokens
 
 
