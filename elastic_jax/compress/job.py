@@ -94,7 +94,6 @@ def _import(model_dir, workdir: Path, user_cfg, gguf, log) -> None:
     if source is not None and recorded != str(source):
       raise UserError(f'{workdir} was imported from {recorded}, not {source}; compress into a '
                       'new workdir (or pass the same --model)')
-    log(f'compress: import: {workdir} already imported from {recorded}')
     return
   if source is None:
     raise UserError(f'{workdir} has no imported model; pass --model DIR (or --gguf FILE)')
@@ -199,6 +198,8 @@ def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
 
   workdir = Path(workdir)
   out_dir = workdir / COMPRESS_DIR
+  if budgets:
+    parse_budgets(budgets, 1)  # a malformed spec fails before any work
   _import(model_dir, workdir, user_cfg, gguf, log)
   stages = Stages(workdir)
   stages.finish('import', True) if 'import' not in stages.done else None
