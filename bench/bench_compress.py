@@ -10,7 +10,7 @@ Data: the embedded Python-docs corpus; fine-tuning and calibration read its trai
 perplexity is on its validation split (held out). Latency: median of 5 jitted forwards of one row
 of `seq_len` tokens through each exported dense model on this machine.
 
-  python bench/bench_compress.py --quick     # minutes: seq 64, batch 4, 8 fine-tuning steps
+  python bench/bench_compress.py --quick     # minutes: seq 64, batch 4, 4 fine-tuning steps
   python bench/bench_compress.py             # about 2 h on a 2-core CPU (sizes in --help)
 
 The workdir (--workdir) keeps every stage, so an interrupted run resumes.
@@ -30,17 +30,18 @@ import ml_collections
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-# (seq_len, batch, fine-tuning steps, calibration batches, eval batches, search pop, generations)
-SIZES = {'quick': (64, 4, 8, 4, 2, 8, 2), 'full': (128, 8, 120, 8, 8, 16, 6)}
+# (seq_len, batch, fine-tuning steps, calibration batches, eval batches, search pop, generations,
+#  random sub-networks per step)
+SIZES = {'quick': (64, 4, 4, 4, 1, 8, 1, 1), 'full': (128, 8, 120, 8, 8, 16, 6, 2)}
 
 
 def config(size: str) -> ml_collections.ConfigDict:
-  seq_len, batch, steps, calib, evals, pop, gens = SIZES[size]
+  seq_len, batch, steps, calib, evals, pop, gens, num_random = SIZES[size]
   return ml_collections.ConfigDict({
       'data': {'seq_len': seq_len, 'batch_size': batch, 'eval_batches': evals},
       'train': {'steps': steps, 'warmup_steps': max(1, steps // 10), 'learning_rate': 5e-5,
                 'log_every': max(1, steps // 10), 'eval_every': 0, 'checkpoint_every': steps,
-                'num_random': 2},
+                'num_random': num_random},
       'search': {'pop_size': pop, 'generations': gens, 'latency_max': 0},
       'compress': {'calibration_batches': calib, 'min_calibration_tokens': 1024}})
 
@@ -83,7 +84,7 @@ def main():
       m = e[key]
       table.append((name, label, f"{m['params']:,}", f"{m['ppl']:.3f}",
                     f"{m['latency_ms']:.1f}"))
-  seq_len, batch, steps, calib, evals, pop, gens = SIZES[size]
+  seq_len, batch, steps, calib, evals, pop, gens, num_random = SIZES[size]
   results = {
       'ppl_original': summary['original']['ppl'], 'hv_search': summary['hv_search'],
       'hv_pruning': summary['hv_pruning'], 'hv_pruned_only': summary['hv_pruned_only'],
@@ -92,7 +93,7 @@ def main():
       'eval_data': summary['eval_data'], 'finetune_tokens': summary['finetune_tokens'],
       'sizes': {'seq_len': seq_len, 'batch_size': batch, 'finetune_steps': steps,
                 'calibration_batches': calib, 'eval_batches': evals, 'search_pop': pop,
-                'search_generations': gens},
+                'search_generations': gens, 'num_random': num_random},
       'seconds': seconds, 'workdir': str(workdir),
       'model': 'SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to float32)',
   }
