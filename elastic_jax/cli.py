@@ -353,6 +353,27 @@ def finetune():
 
 
 @command(flags=('workdir',), sections=('data',))
+@command(flags=('workdir',), sections=('compress', 'data'))
+def sort():
+  """Sorts the imported model of --workdir by importance (W/sort/: scores, permutations)."""
+  from elastic_jax.compress.sort import run_sort
+  report = run_sort(_config(), _require('workdir'), log=lambda m: print(m, file=sys.stderr))
+  _print_json({k: report[k] for k in ('method', 'layer_method', 'tokens', 'layer_order')})
+
+
+@command(flags=('model', 'gguf', 'workdir', 'budgets'),
+         sections=('compress', 'hf', 'data', 'train', 'search'))
+def compress():
+  """Compresses --model (or --gguf) in --workdir: import, sort, fine-tune, search, export
+  under --budgets, pruning baselines, W/compress/summary.md (resumable)."""
+  from elastic_jax.compress.job import run_compress
+  summary = run_compress(FLAGS.model, _require('workdir'), budgets=FLAGS.budgets,
+                         user_cfg=_loaded_config(), gguf=FLAGS.gguf)
+  _print_json({k: summary[k] for k in ('hv_search', 'hv_pruning')}
+              | {'summary': str(Path(FLAGS.workdir) / 'compress' / 'summary.md')})
+
+
+@command(flags=('workdir',), sections=('data',))
 def data_():
   """Builds (or finds cached) the config's dataset and tokenizer; prints their statistics."""
   from elastic_jax import data

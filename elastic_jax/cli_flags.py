@@ -34,6 +34,8 @@ FLAG_DEFS = {
     'top_p': ('float', 1.0, 'generate: nucleus sampling mass (1 = all).'),
     'task': ('string', None, 'finetune: GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, '
              'wnli).'),
+    'budgets': ('string', None, 'compress: params=0.3,0.5,0.7 (fractions of the original or '
+                'counts).'),
     'suite': ('string', None, 'finetune: a task suite instead of --task (glue-small).'),
     'out': ('string', None, 'Output directory (must be new, or an earlier export with '
             '--overwrite).'),
@@ -62,6 +64,7 @@ SECTION_DOCS = {
     'distributed': 'elastic_jax/distributed.py',
     'hf': 'elastic_jax/hf/space.py (default_config: the imported space as fractions)',
     'finetune': 'elastic_jax/finetune/trainer.py (default_config)',
+    'compress': 'elastic_jax/compress/config.py',
 }
 
 

@@ -25,13 +25,15 @@ from elastic_jax.model.layers import MLP, Attention, Norm, make_param, prefix_ma
 
 Array = jax.Array
 
-# Features a block can hand to distillation losses and zero-cost proxies: attention
-# probabilities, the FFN's input, first-linear kernel (masked to the active width) and
-# pre-activation, and the attention and FFN outputs.
-BLOCK_CAPTURES = ('attn_probs', 'ffn_in', 'ffn_kernel', 'ffn_pre', 'attn_out', 'ffn_out')
+# Features a block can hand to distillation losses, zero-cost proxies and importance scores:
+# attention probabilities, the FFN's input, first-linear kernel (masked to the active width) and
+# pre-activation, and the attention and FFN outputs; the attention's input, per-head context
+# [B,T,N,H] (before the output projection) and the FFN's activation (the down projection's input).
+BLOCK_CAPTURES = ('attn_probs', 'ffn_in', 'ffn_kernel', 'ffn_pre', 'attn_out', 'ffn_out',
+                  'attn_in', 'attn_heads', 'ffn_act')
 # The axis of each block feature that has the block's width (hidden, or a bottleneck's inner
 # width); the masked supernet zero-pads it to the layer's widest block.
-WIDTH_AXIS = {'attn_out': -1, 'ffn_out': -1, 'ffn_in': -1, 'ffn_kernel': 0}
+WIDTH_AXIS = {'attn_out': -1, 'ffn_out': -1, 'ffn_in': -1, 'ffn_kernel': 0, 'attn_in': -1}
 
 
 @dataclasses.dataclass(frozen=True)

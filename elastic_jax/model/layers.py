@@ -166,6 +166,8 @@ class Attention(nnx.Module):
     """`active`: {'heads', 'kv_groups', 'head_dim'} traced sizes, or None for the dense layer."""
     cfg = self.cfg
     dtype = x_BTD.dtype
+    if capture is not None and 'attn_in' in capture['names']:
+      capture['attn_in'] = x_BTD
     q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, self.q[...].astype(dtype))
     k_BTGH = jnp.einsum('BTD,DGH->BTGH', x_BTD, self.k[...].astype(dtype))
     v_BTGH = jnp.einsum('BTD,DGH->BTGH', x_BTD, self.v[...].astype(dtype))
@@ -206,6 +208,8 @@ class Attention(nnx.Module):
     out_BTNH = jnp.einsum('BNTS,BSNH->BTNH', probs_BNTS.astype(dtype), v_BTNH)
     if head_mask is not None:
       out_BTNH = out_BTNH * head_mask[:, None] * hd_mask
+    if capture is not None and 'attn_heads' in capture['names']:
+      capture['attn_heads'] = out_BTNH  # per-head context, before the output projection
     out_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTNH, self.o[...].astype(dtype))
     if self.o_bias is not None:
       out_BTD = out_BTD + self.o_bias[...].astype(dtype)
@@ -240,7 +244,7 @@ class MLP(nnx.Module):
       self.up_bias = self.gate_bias = self.down_bias = None
 
   def _segment(self, x_BTD, lo: int, hi: int, ffn_active):
-    """Pre-activation [B,T,hi-lo] and output [B,T,D] of FFN columns [lo, hi)."""
+    """Pre-activation and activation [B,T,hi-lo] and output [B,T,D] of FFN columns [lo, hi)."""
     def linear(kernel, bias):
       y = jnp.einsum('BTD,DF->BTF', x_BTD, kernel[...][:, lo:hi].astype(x_BTD.dtype))
       return y if bias is None else y + bias[...][lo:hi].astype(x_BTD.dtype)
@@ -255,32 +259,35 @@ class MLP(nnx.Module):
       ffn_mask = (jnp.arange(lo, hi) < ffn_active).astype(x_BTD.dtype)
       pre_BTF, act_BTF = pre_BTF * ffn_mask, act_BTF * ffn_mask
     out = jnp.einsum('BTF,FD->BTD', act_BTF, self.down[...][lo:hi].astype(x_BTD.dtype))
-    return pre_BTF, out
+    return pre_BTF, act_BTF, out
 
   def __call__(self, x_BTD: Array, ffn_active=None, capture: dict | None = None,
                skip=None) -> Array:
     """`skip` (masked model only; traced bool): nothing reads this FFN's output (the last
     layer when only features up to its input are wanted), so no column block runs and the
     output and pre-activations are zeros; the `ffn_in` / `ffn_kernel` captures are unchanged."""
-    pres, out = [], None
+    pres, acts, out = [], [], None
     for lo, hi in self.bounds:
       if ffn_active is None or (lo == 0 and skip is None):
-        pre, seg = self._segment(x_BTD, lo, hi, ffn_active)
+        pre, act, seg = self._segment(x_BTD, lo, hi, ffn_active)
       else:
         shapes = jax.eval_shape(lambda x, lo=lo, hi=hi: self._segment(x, lo, hi, ffn_active),
                                 x_BTD)
         run = lo < ffn_active if skip is None else (lo < ffn_active) & ~skip
-        pre, seg = jax.lax.cond(
+        pre, act, seg = jax.lax.cond(
             run, lambda x, lo=lo, hi=hi: self._segment(x, lo, hi, ffn_active),
             lambda x, shapes=shapes: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
             x_BTD)
       pres.append(pre)
+      acts.append(act)
       out = seg if out is None else out + seg
     if capture is not None:
       names = capture['names']
       if 'ffn_pre' in names:
         # The input of the nonlinearity; inactive columns are exact zeros.
         capture['ffn_pre'] = pres[0] if len(pres) == 1 else jnp.concatenate(pres, axis=-1)
+      if 'ffn_act' in names:  # the input of the down projection (importance of FFN neurons)
+        capture['ffn_act'] = acts[0] if len(acts) == 1 else jnp.concatenate(acts, axis=-1)
       if 'ffn_in' in names:
         capture['ffn_in'] = x_BTD
       if 'ffn_kernel' in names:

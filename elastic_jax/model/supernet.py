@@ -223,7 +223,7 @@ class Model(nnx.Module):
     """Only the captured features (as `__call__` returns them), without the vocabulary
     projection (for zero-cost proxies that read nothing but inner activations)."""
     # Nothing reads the last active layer's FFN output unless one of these is captured: skip it.
-    skip_last_ffn = not any(c in ('hidden', 'ffn_pre', 'ffn_out') for c in capture)
+    skip_last_ffn = not any(c in ('hidden', 'ffn_pre', 'ffn_act', 'ffn_out') for c in capture)
     return self._trunk(batch, arch, capture, skip_last_ffn)[2]
 
   def _trunk(self, batch, arch, capture, skip_last_ffn: bool = False):

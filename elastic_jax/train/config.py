@@ -20,7 +20,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.grad_accum = 1  # micro-batches per step (the batch is split, gradients summed)
   # Which sub-networks each step trains (elastic_jax/train/sampling.py):
   # 'standard' | 'random' | 'sandwich' (largest + smallest + num_random) | 'random_linear' |
-  # 'fixed' (only `arch`, e.g. one found by training-free search).
+  # 'fixed' (only `arch`, e.g. one found by training-free search) | 'stratified' (largest +
+  # smallest + num_random spread over parameter counts, whittle's).
   c.sampling = 'sandwich'
   c.num_random = 2  # sandwich: uniformly sampled sub-networks per step
   c.ramp_steps = 1000  # random_linear: steps over which P(sub-network) grows 0 -> 1

@@ -10,9 +10,13 @@ samples exactly what an uninterrupted one would.
 - random_linear: [uniform arch with probability p(step), else the largest], p ramping 0 -> 1
                  linearly over `ramp_steps`                  (K = 1)
 - fixed:         [the given arch] (train one architecture, e.g. found by training-free search)
+- stratified:    [largest, smallest, N archs spread over parameter counts] (K = 2 + N; whittle's
+                 parameter-stratified sampling: the N come from random bins of equal width over
+                 the space's parameter range, so small and large models are drawn equally often,
+                 unlike uniform genes, which concentrate on middle sizes)
 
-The first arch of `standard`, `sandwich` and `random_linear` (when it is the largest) is the
-in-place distillation teacher of the others.
+The first arch of `standard`, `sandwich`, `stratified` and `random_linear` (when it is the
+largest) is the in-place distillation teacher of the others.
 """
 
 from __future__ import annotations
@@ -25,19 +29,20 @@ from elastic_jax.arch import Arch
 from elastic_jax.errors import UserError
 from elastic_jax.space import Space
 
-STRATEGIES = ('standard', 'random', 'sandwich', 'random_linear', 'fixed')
+STRATEGIES = ('standard', 'random', 'sandwich', 'random_linear', 'fixed', 'stratified')
+STRATIFIED_BINS = 8
 
 
 def num_archs(strategy: str, num_random: int) -> int:
   if strategy not in STRATEGIES:
     raise UserError(f'config field train.sampling={strategy!r} is invalid; allowed values are '
                     f'{list(STRATEGIES)}')
-  return 2 + num_random if strategy == 'sandwich' else 1
+  return 2 + num_random if strategy in ('sandwich', 'stratified') else 1
 
 
 def teacher_is_first(strategy: str) -> bool:
   """Whether archs[0] is the largest network in every step (the in-place KD teacher)."""
-  return strategy in ('standard', 'sandwich')
+  return strategy in ('standard', 'sandwich', 'stratified')
 
 
 class Sampler:
@@ -56,6 +61,8 @@ class Sampler:
       raise UserError("train.sampling='fixed' needs an architecture: set --config.train.arch="
                       'ARCH.json')
     self.fixed = fixed
+    self.param_range = (tuple(float(p) for p in space.parameter_range())
+                        if strategy == 'stratified' else None)
 
   @property
   def labels(self) -> tuple[str, ...]:
@@ -68,6 +75,15 @@ class Sampler:
   def _uniform(self, key, n) -> Arch:
     return jax.vmap(self.space.decode)(self.space.random_genomes(key, n))
 
+  def _stratified(self, key, n) -> Arch:
+    from elastic_jax.search.baselines import stratified_random_search  # noqa: PLC0415
+    params = lambda genomes: jax.vmap(lambda g: self.space.cost(self.space.decode(g))['params'])(
+        genomes)
+    genomes, _ = stratified_random_search(
+        key, jnp.asarray(self.space.gene_sizes), n, params, STRATIFIED_BINS,
+        value_range=self.param_range)
+    return jax.vmap(self.space.decode)(genomes)
+
   def __call__(self, key: jax.Array, step) -> Arch:
     key = jax.random.fold_in(key, step)
     if self.strategy == 'standard':
@@ -76,12 +92,13 @@ class Sampler:
       return arch_lib.stack([self.fixed])
     if self.strategy == 'random':
       return self._uniform(key, 1)
-    if self.strategy == 'sandwich':
+    if self.strategy in ('sandwich', 'stratified'):
       ends = arch_lib.stack([self.largest, self.smallest])
       if not self.num_random:
         return ends
+      draw = self._uniform if self.strategy == 'sandwich' else self._stratified
       return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ends,
-                          self._uniform(key, self.num_random))
+                          draw(key, self.num_random))
     # random_linear
     k_pick, k_arch = jax.random.split(key)
     p = jnp.minimum(jnp.asarray(step, jnp.float32) / self.ramp_steps, 1.0)

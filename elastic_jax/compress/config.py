@@ -1,0 +1,23 @@
+"""The `compress` config section, every field commented."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Importance sorting (elastic_jax/compress/importance.py), on batches of the training stream.
+  c.calibration_batches = 8  # batches of data.batch_size x data.seq_len tokens
+  c.min_calibration_tokens = 1024  # fewer calibration tokens than this is refused
+  c.importance = 'activation'  # 'activation' | 'taylor' (first-order gradient x weight)
+  c.layer_importance = 'cosine'  # 'cosine' (1 - cos(in, out)) | 'loss' (increase when removed)
+  # Supernet fine-tuning from the original (the train section sets steps, learning rate, ...).
+  c.teacher = 'original'  # 'original' (external teacher: logits KL) | 'in_place' (largest)
+  c.sampling = 'stratified'  # train.sampling for the supernet: 'stratified' | 'sandwich' | ...
+  # Budgets of the exported models: 'params=0.3,0.5,0.7' (fractions of the original, or
+  # absolute counts > 1 such as 50M).
+  c.budgets = 'params=0.3,0.5,0.7'
+  c.baselines = True  # structural-pruning baselines (a) pruned, (b) pruned + fine-tuned
+  c.latency_batch = 1  # rows of the batch whose forward latency is measured
+  return c

@@ -1,0 +1,293 @@
+"""`elastic-jax compress --model DIR --workdir W --budgets params=0.3,0.5,0.7`.
+
+Compression of a pre-trained model by search, resumable at every stage:
+  1 import     the checkpoint becomes W (elastic_jax/hf/importer.py)
+  2 sort       importance sorting of the original (elastic_jax/compress/sort.py)
+  3 finetune   supernet fine-tuning from the sorted original (the train job; compress.sampling,
+               the original as external teacher or in-place distillation)
+  4 search     loss vs params (the search job; search.objectives may add latency / FLOPs)
+  5 export     the best searched model under each budget, native and `hf` format
+  6 baselines  pruning baselines at the searched models' sizes (elastic_jax/compress/pruning.py):
+               (a) pruned only, (b) pruned then fine-tuned with the same steps, batch and teacher
+  7 report     every model's perplexity on the held-out validation split and forward latency:
+               W/compress/summary.json, summary.md and front.png (the searched front with the
+               baselines and the original marked)
+W/compress/stages.json records finished stages; the train and search jobs resume themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from elastic_jax import arch as arch_lib
+from elastic_jax import data, evaluation
+from elastic_jax import export as export_lib
+from elastic_jax.compress import pruning
+from elastic_jax.compress.sort import compress_section, pretrained_dir, run_sort
+from elastic_jax.errors import UserError
+from elastic_jax.workdir import (
+    apply_init_from,
+    build_space,
+    init_supernet,
+    load_config,
+    save_config,
+    write_text_atomic,
+)
+
+COMPRESS_DIR = 'compress'
+STAGES_FILE = 'stages.json'
+STAGES = ('import', 'sort', 'finetune', 'search', 'export', 'baselines', 'report')
+
+
+def _stderr(msg: str) -> None:
+  import sys  # noqa: PLC0415
+  print(msg, file=sys.stderr, flush=True)
+
+
+def parse_budgets(spec: str, original_params: int) -> list[tuple[str, int]]:
+  """'params=0.3,0.5,0.7' -> [(label, parameter count)]; values <= 1 are fractions of the
+  original, larger ones counts (k/M/G suffixes accepted)."""
+  from elastic_jax.search.pick import parse_number  # noqa: PLC0415
+  spec = (spec or '').strip()
+  if not spec.startswith('params='):
+    raise UserError(f'--budgets {spec!r} is not understood; expected params=F[,F...], fractions '
+                    'of the original (0.3) or parameter counts (50M)')
+  out = []
+  for part in spec[len('params='):].split(','):
+    value = parse_number(part)
+    if value <= 0:
+      raise UserError(f'--budgets: {part!r} must be positive')
+    count = int(round(value * original_params)) if value <= 1 else int(value)
+    label = f'{value:g}' if value <= 1 else part.strip()
+    out.append((label, count))
+  return out
+
+
+class Stages:
+  """W/compress/stages.json: which stages are done, with their results."""
+
+  def __init__(self, workdir: Path):
+    self.path = workdir / COMPRESS_DIR / STAGES_FILE
+    self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+  def finish(self, stage: str, result) -> None:
+    self.done[stage] = result
+    write_text_atomic(self.path, json.dumps(self.done, indent=2) + '\n')
+
+
+def _import(model_dir, workdir: Path, user_cfg, gguf, log) -> None:
+  from elastic_jax.hf.importer import REPORT, import_workdir  # noqa: PLC0415
+  source = Path(gguf if gguf is not None else model_dir).resolve() if (gguf or model_dir) else None
+  report_path = workdir / REPORT
+  if report_path.is_file():
+    recorded = json.loads(report_path.read_text()).get('source')
+    if source is not None and recorded != str(source):
+      raise UserError(f'{workdir} was imported from {recorded}, not {source}; compress into a '
+                      'new workdir (or pass the same --model)')
+    return
+  if source is None:
+    raise UserError(f'{workdir} has no imported model; pass --model DIR (or --gguf FILE)')
+  cfg = ml_collections.ConfigDict() if user_cfg is None else copy.deepcopy(user_cfg)
+  if 'hf' not in cfg:
+    cfg.hf = ml_collections.ConfigDict()
+  cfg.hf.layer_subsets = cfg.hf.get('layer_subsets', True)  # search may drop any layer
+  import_workdir(model_dir, workdir, user_cfg=cfg, gguf=gguf, log=log)
+
+
+def _finetune_config(cfg, workdir: Path, c) -> ml_collections.ConfigDict:
+  cfg = copy.deepcopy(cfg)
+  cfg.train.sampling = str(c.sampling)
+  if c.teacher == 'original':
+    cfg.train.distill.teacher = str(pretrained_dir(cfg, workdir))
+    cfg.train.distill.logits_kl = cfg.train.distill.get('logits_kl', 1.0) or 1.0
+  elif c.teacher != 'in_place':
+    raise UserError(f"config field compress.teacher={c.teacher!r} is invalid; allowed values are "
+                    "['original', 'in_place']")
+  return cfg
+
+
+def original_model(cfg, space):
+  """The supernet holding the (sorted) original's weights, not fine-tuned."""
+  model = init_supernet(cfg, space)
+  apply_init_from(str(pretrained_dir(cfg, None)), model, space)
+  return model
+
+
+def _baseline_finetune(cfg, workdir: Path, arch_json: dict, out: Path, log) -> Path:
+  """Fine-tunes the pruned model alone (same steps, batch and teacher as the supernet)."""
+  from elastic_jax.train.trainer import train as train_job  # noqa: PLC0415
+  run_dir = out.parent / f'.train_{out.name}'
+  run_dir.mkdir(parents=True, exist_ok=True)
+  arch_path = run_dir / 'arch.json'
+  arch_path.write_text(json.dumps(arch_json) + '\n')
+  bcfg = copy.deepcopy(cfg)
+  bcfg.train.sampling = 'fixed'
+  bcfg.train.arch = str(arch_path)
+  bcfg.train.eval_archs = (str(arch_path),)
+  if not bcfg.train.distill.teacher:  # in-place has no teacher here: the original teaches
+    bcfg.train.distill.teacher = str(pretrained_dir(cfg, workdir))
+  log(f'compress: baselines: fine-tuning the pruned model {out.name} ({bcfg.train.steps} steps)')
+  train_job(bcfg, run_dir, progress=False)
+  space = build_space(bcfg)
+  model = init_supernet(bcfg, space)
+  from elastic_jax.checkpoints import restore_params_if_any  # noqa: PLC0415
+  restore_params_if_any(run_dir, model)
+  return _save(model, space, arch_json, bcfg, out)
+
+
+def _save(model, space, arch_json: dict, cfg, out: Path, fmt: str = 'native') -> Path:
+  from elastic_jax.hf.importer import original_hf_config  # noqa: PLC0415
+  arch = arch_lib.from_json(arch_json, space.cfg)
+  dense = export_lib.export(model, space.cfg, arch)
+  export_lib.save_with_tokenizer(dense, out, cfg.data, arch=arch, fmt=fmt,
+                                 hf_base=original_hf_config(cfg),
+                                 extra={'data': cfg.data.to_dict()})
+  return out
+
+
+def latency_ms(model, batch: dict, repeats: int = 5) -> float:
+  """Median milliseconds of one jitted forward of `batch` through a dense model."""
+  inputs = {k: jnp.asarray(v) for k, v in evaluation.model_inputs(batch).items()}
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  jax.block_until_ready(forward(state, inputs))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(forward(state, inputs))
+    times.append(time.perf_counter() - t)
+  return 1e3 * float(np.median(times))
+
+
+def measure(directory: Path, batches, latency_rows: int) -> dict:
+  dense, config = export_lib.load(directory)
+  result = evaluation.evaluate(dense, batches)
+  one = {k: v[:latency_rows] for k, v in batches[0].items()}
+  return {'dir': str(directory), 'params': int(config['params']), 'loss': result['loss'],
+          'ppl': result['perplexity'], 'latency_ms': latency_ms(dense, one),
+          'arch': config.get('source_arch')}
+
+
+def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
+  """Exact 2-D hypervolume of (perplexity, params) points (both minimised) below `ref`."""
+  from elastic_jax.search.hypervolume import hypervolume_nd  # noqa: PLC0415
+  if not points:
+    return 0.0
+  return float(hypervolume_nd(np.asarray(points, np.float64), np.asarray(ref, np.float64)))
+
+
+def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
+                 budgets: str | None = None, user_cfg: ml_collections.ConfigDict | None = None,
+                 gguf: str | Path | None = None,
+                 log: Callable[[str], None] = _stderr) -> dict:
+  """Runs (or resumes) every stage; returns the summary (also W/compress/summary.json)."""
+  from elastic_jax.search.job import run_search  # noqa: PLC0415
+  from elastic_jax.search.pick import export_pick  # noqa: PLC0415
+  from elastic_jax.search.report import load_pareto  # noqa: PLC0415
+  from elastic_jax.train.trainer import train as train_job  # noqa: PLC0415
+
+  workdir = Path(workdir)
+  out_dir = workdir / COMPRESS_DIR
+  if budgets:
+    parse_budgets(budgets, 1)  # a malformed spec fails before any work
+  _import(model_dir, workdir, user_cfg, gguf, log)
+  stages = Stages(workdir)
+  stages.finish('import', True) if 'import' not in stages.done else None
+  cfg = load_config(workdir)
+  c = compress_section(cfg)
+  space = build_space(cfg)
+  original_params = int(json.loads((workdir / 'import.json').read_text())['params'])
+  budget_list = parse_budgets(budgets or str(c.budgets), original_params)
+  smallest = space.parameter_range()[0]
+  for label, count in budget_list:
+    if count < smallest:
+      raise UserError(f'budget params={label} ({count:,} parameters) is below the smallest '
+                      f'sub-network of the space ({smallest:,} parameters, '
+                      f'{smallest / original_params:.3f} of the original); raise the budget or '
+                      'widen the space (hf.* fractions)')
+
+  log('compress: stage sort')
+  run_sort(cfg, workdir, log=log)
+  stages.finish('sort', True)
+
+  ft_cfg = _finetune_config(cfg, workdir, c)
+  if 'finetune' not in stages.done:
+    log(f'compress: stage finetune ({ft_cfg.train.steps} steps, sampling '
+        f'{ft_cfg.train.sampling}, teacher {c.teacher})')
+    save_config(workdir, ft_cfg)
+    trained = train_job(ft_cfg, workdir)
+    stages.finish('finetune', {k: trained[k] for k in ('step', 'seconds')})
+
+  log('compress: stage search')
+  run_search(ft_cfg, workdir, log=log)
+  stages.finish('search', True)
+  pareto = load_pareto(workdir)
+
+  models = out_dir / 'models'
+  searched = {}
+  for label, count in budget_list:
+    native = models / f'search_{label}'
+    if not (native / export_lib.CONFIG_FILE).is_file():
+      spec = f'best-under:params={count}'
+      export_pick(ft_cfg, workdir, spec, out=native)
+      export_pick(ft_cfg, workdir, spec, out=models / f'search_{label}_hf', fmt='hf')
+    searched[label] = native
+  stages.finish('export', {k: str(v) for k, v in searched.items()})
+
+  baselines = {}
+  if c.baselines:
+    from elastic_jax.compress.sort import load_scores  # noqa: PLC0415
+    layer_order = load_scores(workdir)[1]['layer_order']
+    original = None
+    for label, native in searched.items():
+      target = export_lib.read_config(native)['params']
+      arch_json, _ = pruning.prune_arch(space, layer_order, target)
+      pruned, tuned = models / f'pruned_{label}', models / f'pruned_finetuned_{label}'
+      if not (pruned / export_lib.CONFIG_FILE).is_file():
+        original = original if original is not None else original_model(ft_cfg, space)
+        _save(original, space, arch_json, ft_cfg, pruned)
+      if not (tuned / export_lib.CONFIG_FILE).is_file():
+        _baseline_finetune(ft_cfg, workdir, arch_json, tuned, log)
+      baselines[label] = {'pruned': pruned, 'pruned_finetuned': tuned}
+    stages.finish('baselines', {k: {n: str(p) for n, p in v.items()} for k, v in
+                                baselines.items()})
+
+  log('compress: stage report (perplexity on the held-out validation split, latency)')
+  batches = data.eval_batches(ft_cfg.data)
+  rows = int(c.latency_batch)
+  summary = {'source': json.loads((workdir / 'import.json').read_text())['source'],
+             'eval_data': f"{ft_cfg.data.get('source', 'corpus')}: validation split "
+                          f'({len(batches)} batches of {ft_cfg.data.batch_size} x '
+                          f'{ft_cfg.data.seq_len} tokens; fine-tuning reads the train split)',
+             'finetune_steps': int(ft_cfg.train.steps),
+             'finetune_tokens': int(ft_cfg.train.steps) * int(ft_cfg.data.batch_size)
+                                * int(ft_cfg.data.seq_len),
+             'original': measure(pretrained_dir(cfg, workdir), batches, rows), 'budgets': {}}
+  for label, count in budget_list:
+    entry = {'budget_params': count, 'search': measure(searched[label], batches, rows)}
+    for name, path in baselines.get(label, {}).items():
+      entry[name] = measure(path, batches, rows)
+    summary['budgets'][label] = entry
+  ref = (max([summary['original']['ppl']] + [m['ppl'] for e in summary['budgets'].values()
+                                               for k, m in e.items() if k != 'budget_params'])
+         * 1.1, original_params * 1.0)
+  pts = lambda name: [(e[name]['ppl'], e[name]['params']) for e in summary['budgets'].values()
+                      if name in e]
+  summary['hv_ref'] = list(ref)
+  summary['hv_search'] = hypervolume(pts('search'), ref)
+  summary['hv_pruning'] = hypervolume(pts('pruned_finetuned') or pts('pruned'), ref)
+  summary['hv_pruned_only'] = hypervolume(pts('pruned'), ref)
+  from elastic_jax.compress import report  # noqa: PLC0415
+  report.write(out_dir, summary, pareto)
+  stages.finish('report', True)
+  return summary

@@ -1,0 +1,71 @@
+"""Structural-pruning baselines: the sub-network a fixed rule picks at a parameter count, using
+the importance scores but no search (Minitron-style width and depth pruning).
+
+The rule: among *uniform* architectures (every kept layer has the same heads, KV groups and FFN
+width) at every hidden size, keeping the k most important layers (by the sort's layer ranking
+when the space may drop any layer, else the first k), take the one with the most parameters not
+above the target (ties: more layers, then wider FFN). Because the weights are importance-sorted,
+its prefixes are the highest-scoring units: this is pruning by importance, with the shape chosen
+by size alone instead of by measured loss.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import numpy as np
+
+from elastic_jax import arch as arch_lib
+from elastic_jax.errors import UserError
+from elastic_jax.space import Space
+
+
+def kept_layers(space: Space, layer_order: list[int], k: int) -> list[int] | None:
+  """The layers a k-layer pruned model keeps, or None if the space cannot express it."""
+  cfg = space.cfg
+  if 'skip' in cfg.blocks:
+    return sorted(layer_order[:k])
+  return list(range(k)) if k in cfg.depth else None
+
+
+def candidates(space: Space, layer_order: list[int]) -> list[dict]:
+  """Every uniform architecture the rule considers (JSON form)."""
+  cfg = space.cfg
+  out = []
+  kv_choices = cfg.kv_groups or (None,)
+  for k in range(1, cfg.num_layers + 1):
+    keep = kept_layers(space, layer_order, k)
+    if keep is None:
+      continue
+    depth = max(keep) + 1 if 'skip' in cfg.blocks else k
+    if depth not in cfg.depth:
+      depth = min(d for d in cfg.depth if d >= max(keep) + 1)
+    for hidden, heads, kv, ffn in itertools.product(cfg.hidden, cfg.heads, kv_choices, cfg.ffn):
+      kv = heads if kv is None else kv
+      if heads % kv:
+        continue
+      layers = []
+      for i in range(cfg.num_layers):
+        block = 'transformer' if i in keep else 'skip'
+        layers.append({'block': block, 'heads': heads, 'kv_groups': kv, 'ffn': ffn, 'inner': 0})
+      out.append({'hidden': hidden, 'depth': depth, 'head_dim': max(cfg.head_dim),
+                  'layers': layers})
+  return out
+
+
+def prune_arch(space: Space, layer_order: list[int], max_params: float) -> tuple[dict, int]:
+  """(JSON arch, parameters) of the pruned model at `max_params`."""
+  archs = candidates(space, layer_order)
+  stacked = arch_lib.stack([arch_lib.from_json(a, space.cfg) for a in archs])
+  params = np.asarray(jax.vmap(lambda a: space.cost(a)['params'])(stacked))
+  layers = np.asarray([sum(l['block'] != 'skip' for l in a['layers'][:a['depth']])
+                       for a in archs])
+  ffn = np.asarray([a['layers'][0]['ffn'] for a in archs])
+  ok = params <= max_params
+  if not ok.any():
+    raise UserError(f'no pruned model has <= {max_params:,.0f} parameters: the smallest uniform '
+                    f'one has {int(params.min()):,}; raise the budget')
+  best = np.lexsort((ffn, layers, params))[::-1]
+  best = [i for i in best if ok[i]][0]
+  return archs[best], int(params[best])

@@ -1,0 +1,146 @@
+"""`elastic-jax sort` and `elastic-jax compress` end to end on a tiny random Llama, and the bad
+inputs the issue names: one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from elastic_jax import cli
+from elastic_jax import export as export_lib
+from elastic_jax.compress import job as compress_job
+from elastic_jax.hf import convert
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'hf'))
+H = pytest.importorskip('hf_testing')
+
+
+def run(capsys, *args):
+  code = cli.main(['elastic-jax', *args])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def one_line_error(code, err) -> str:
+  assert code == 2, err
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert len(lines) == 1, err
+  return lines[0]
+
+
+@pytest.fixture
+def imported(tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv('ELASTIC_JAX_CACHE', str(tmp_path / 'cache'))
+  llama = H.save_model('llama', tmp_path / 'llama')
+  w = tmp_path / 'W'
+  code, _, err = run(capsys, 'import-hf', f'--model={llama}', f'--out={w}')
+  assert code == 0, err
+  return llama, w
+
+
+def _set(w: Path, section: str, **values):
+  cfg = json.loads((w / 'config.json').read_text())
+  cfg.setdefault(section, {}).update(values)
+  (w / 'config.json').write_text(json.dumps(cfg))
+
+
+def test_sort_command_keeps_the_function_and_saves_scores(imported, capsys):
+  llama, w = imported
+  _set(w, 'data', seq_len=16, batch_size=4)
+  _set(w, 'compress', calibration_batches=2, min_calibration_tokens=64)
+  before, _ = export_lib.load(w / 'pretrained')
+  code, out, err = run(capsys, 'sort', f'--workdir={w}')
+  assert code == 0, err
+  report = json.loads(out)
+  assert report['tokens'] == 128 and sorted(report['layer_order']) == [0, 1, 2]
+  scores = np.load(w / 'sort' / 'scores.npz')
+  assert scores['hidden'].shape == (24,) and scores['heads_0'].shape == (6,)
+  after, saved = export_lib.load(w / 'pretrained')
+  assert saved['sorted']['method'] == 'activation'
+  batch = H.ours(H.padded_batch('llama'))
+  np.testing.assert_allclose(np.asarray(after(batch)), np.asarray(before(batch)), rtol=1e-5,
+                             atol=1e-5)
+  # transformers still reads the sorted original as the same model.
+  code, _, err = run(capsys, 'export', f'--workdir={w}', '--arch=largest', '--format=hf',
+                     f'--out={w.parent / "hf"}')
+  assert code == 0, err
+  b = H.padded_batch('llama')
+  mask = np.asarray(b['attention_mask'], bool)
+  assert H.max_scaled_diff(H.reference_logits(w.parent / 'hf', b),
+                           H.reference_logits(llama, b), mask) <= 1e-5
+  code, out, err = run(capsys, 'sort', f'--workdir={w}')  # done: nothing changes
+  assert code == 0 and 'already sorted' in err
+
+
+def test_too_few_calibration_tokens(imported, capsys):
+  _, w = imported
+  _set(w, 'compress', calibration_batches=1, min_calibration_tokens=10**6)
+  line = one_line_error(*run(capsys, 'sort', f'--workdir={w}')[::2])
+  assert 'calibration set has' in line and '1000000' in line
+  assert not (w / 'sort').exists()
+
+
+def test_budget_below_the_smallest_subnetwork_names_it(imported, capsys):
+  llama, w = imported
+  line = one_line_error(*run(capsys, 'compress', f'--model={llama}', f'--workdir={w}',
+                             '--budgets=params=0.001')[::2])
+  assert 'below the smallest sub-network' in line and 'parameters' in line
+  smallest = int(line.split('(')[2].split(' parameters')[0].replace(',', ''))
+  assert smallest > 0
+  assert not (w / 'sort').exists()
+
+
+def test_workdir_of_another_model_is_refused(imported, tmp_path, capsys):
+  _, w = imported
+  gpt2 = H.save_model('gpt2', tmp_path / 'gpt2')
+  capsys.readouterr()  # transformers' progress bar
+  line = one_line_error(*run(capsys, 'compress', f'--model={gpt2}', f'--workdir={w}')[::2])
+  assert 'was imported from' in line and 'new workdir' in line
+
+
+def test_bad_budget_spec(imported, capsys):
+  llama, w = imported
+  line = one_line_error(*run(capsys, 'compress', f'--model={llama}', f'--workdir={w}',
+                             '--budgets=flops=3')[::2])
+  assert 'params=' in line
+
+
+@pytest.mark.slow
+def test_compress_end_to_end_and_resume(tmp_path, monkeypatch):
+  monkeypatch.setenv('ELASTIC_JAX_CACHE', str(tmp_path / 'cache'))
+  llama = H.save_model('llama', tmp_path / 'llama')
+  cfg = ml_collections.ConfigDict({
+      'data': {'seq_len': 16, 'batch_size': 4, 'eval_batches': 2},
+      'train': {'steps': 3, 'warmup_steps': 1, 'log_every': 3, 'eval_every': 0,
+                'checkpoint_every': 3, 'learning_rate': 1e-3},
+      'search': {'pop_size': 8, 'generations': 2, 'latency_max': 2},
+      'compress': {'calibration_batches': 2, 'min_calibration_tokens': 64}})
+  w = tmp_path / 'W'
+  summary = compress_job.run_compress(llama, w, budgets='params=0.5', user_cfg=cfg,
+                                      log=lambda m: None)
+  entry = summary['budgets']['0.5']
+  original = summary['original']['params']
+  assert entry['search']['params'] <= 0.5 * original
+  assert entry['pruned']['params'] <= entry['search']['params']
+  assert entry['pruned_finetuned']['arch'] == entry['pruned']['arch']
+  for key in ('hv_search', 'hv_pruning', 'hv_pruned_only'):
+    assert summary[key] >= 0
+  for name in ('summary.md', 'summary.json', 'front.png'):
+    assert (w / 'compress' / name).is_file()
+  # The hf export of the searched model computes what the native one does (transformers).
+  native, _ = export_lib.load(w / 'compress' / 'models' / 'search_0.5')
+  b = H.padded_batch('llama')
+  mask = np.asarray(b['attention_mask'], bool)
+  assert H.max_scaled_diff(convert.logits_reference(w / 'compress' / 'models' / 'search_0.5_hf',
+                                                    b), np.asarray(native(H.ours(b))),
+                           mask) <= 1e-4
+  stages = json.loads((w / 'compress' / 'stages.json').read_text())
+  assert set(stages) == set(compress_job.STAGES)
+  again = compress_job.run_compress(llama, w, budgets='params=0.5', log=lambda m: None)
+  assert again['budgets']['0.5']['search']['ppl'] == entry['search']['ppl']
+  assert again['budgets']['0.5']['pruned_finetuned']['ppl'] == entry['pruned_finetuned']['ppl']
