@@ -30,18 +30,17 @@ import numpy as np
 from flax import nnx
 
 from elastic_jax import arch as arch_lib
-from elastic_jax import data, evaluation
+from elastic_jax import atomic, data, evaluation
 from elastic_jax import export as export_lib
 from elastic_jax.compress import pruning
 from elastic_jax.compress.sort import compress_section, pretrained_dir, run_sort
 from elastic_jax.errors import UserError
 from elastic_jax.workdir import (
-    apply_init_from,
-    build_space,
-    init_supernet,
-    load_config,
-    save_config,
-    write_text_atomic,
+  apply_init_from,
+  build_space,
+  init_supernet,
+  load_config,
+  save_config,
 )
 
 COMPRESS_DIR = 'compress'
@@ -82,7 +81,7 @@ class Stages:
 
   def finish(self, stage: str, result) -> None:
     self.done[stage] = result
-    write_text_atomic(self.path, json.dumps(self.done, indent=2) + '\n')
+    atomic.write_text(self.path, json.dumps(self.done, indent=2) + '\n')
 
 
 def _import(model_dir, workdir: Path, user_cfg, gguf, log) -> None:

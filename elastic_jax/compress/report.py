@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from elastic_jax.workdir import write_text_atomic
+from elastic_jax import atomic
 
 ROWS = (('search', 'searched'), ('pruned', 'pruned (a)'),
         ('pruned_finetuned', 'pruned + fine-tuned (b)'))
@@ -69,6 +69,6 @@ def plot(path: Path, summary: Mapping, pareto: Mapping) -> None:
 
 def write(out_dir: Path, summary: Mapping, pareto: Mapping) -> None:
   out_dir.mkdir(parents=True, exist_ok=True)
-  write_text_atomic(out_dir / 'summary.json', json.dumps(summary, indent=2, default=str) + '\n')
+  atomic.write_text(out_dir / 'summary.json', json.dumps(summary, indent=2, default=str) + '\n')
   plot(out_dir / 'front.png', summary, pareto)
-  write_text_atomic(out_dir / 'summary.md', markdown(summary))
+  atomic.write_text(out_dir / 'summary.md', markdown(summary))

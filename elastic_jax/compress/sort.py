@@ -21,12 +21,11 @@ import ml_collections
 import numpy as np
 
 from elastic_jax import arch as arch_lib
-from elastic_jax import data
+from elastic_jax import atomic, data
 from elastic_jax import export as export_lib
 from elastic_jax.compress import config as compress_config
 from elastic_jax.compress import importance, permute
 from elastic_jax.errors import UserError
-from elastic_jax.workdir import write_text_atomic
 
 SORT_DIR = 'sort'
 SCORES_FILE = 'scores.npz'
@@ -120,6 +119,6 @@ def run_sort(cfg, workdir, *, log=print) -> dict:
   extra['sorted'] = {k: report[k] for k in ('method', 'layer_method', 'tokens', 'layer_order')}
   files = {p.name: p for p in pretrained.iterdir() if p.is_file() and p.name not in _DENSE_FILES}
   export_lib.save(sorted_model, pretrained, arch=arch, extra=extra, files=files)
-  write_text_atomic(sort_dir / REPORT_FILE, json.dumps(report) + '\n')
+  atomic.write_text(sort_dir / REPORT_FILE, json.dumps(report) + '\n')
   log(f'sort: done in {report["seconds"]:.1f} s; layers by importance {report["layer_order"]}')
   return report

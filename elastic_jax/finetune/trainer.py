@@ -26,13 +26,13 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from elastic_jax import atomic
 from elastic_jax import export as export_lib
 from elastic_jax.data.glue_tasks import GlueTask, get_task
 from elastic_jax.data.tokenizer import tokenizer_from_file
 from elastic_jax.errors import UserError
 from elastic_jax.finetune import inputs, metrics
 from elastic_jax.finetune.classifier import Classifier
-from elastic_jax.workdir import write_text_atomic
 
 SUITES = {'glue-small': ('cola', 'sst2', 'mrpc', 'rte', 'stsb', 'wnli')}
 MANIFEST = 'finetune.json'
@@ -233,7 +233,7 @@ def finetune(model_dir: str | Path, task_name: str, workdir: str | Path,
     log(f'resuming after epoch {progress["epoch"] + 1} of {epochs}')
   else:
     workdir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(workdir / MANIFEST, json.dumps(manifest, indent=2) + '\n')
+    atomic.write_text(workdir / MANIFEST, json.dumps(manifest, indent=2) + '\n')
 
   for epoch in range(progress['epoch'] + 1, epochs):
     order = np.random.default_rng((cfg.seed, epoch)).permutation(len(train['label']))
@@ -269,7 +269,7 @@ def finetune(model_dir: str | Path, task_name: str, workdir: str | Path,
   best_record = next(r for r in progress['history'] if r['epoch'] == progress['best_epoch'])
   result = {'task': task.name, 'model': manifest['model'], 'metric': task.metric,
             'best': best_record, 'history': progress['history']}
-  write_text_atomic(workdir / RESULTS, json.dumps(result, indent=2) + '\n')
+  atomic.write_text(workdir / RESULTS, json.dumps(result, indent=2) + '\n')
   return result
 
 
@@ -289,6 +289,6 @@ def run_suite(model_dir: str | Path, suite: str, workdir: str | Path,
           f'| {100 * s["score"]:.1f} |' for name, s in scores.items() if name != 'avg']
   md = '\n'.join([f'# {suite}: {model_dir}', '', '| task | dev metrics | score |', '|---|---|---|',
                   *rows, f'| avg | | {100 * scores["avg"]:.1f} |', ''])
-  write_text_atomic(workdir / f'{suite}.json', json.dumps(scores, indent=2) + '\n')
-  write_text_atomic(workdir / f'{suite}.md', md)
+  atomic.write_text(workdir / f'{suite}.json', json.dumps(scores, indent=2) + '\n')
+  atomic.write_text(workdir / f'{suite}.md', md)
   return scores
