@@ -135,7 +135,7 @@ def export():
   --format=hf writes a directory transformers loads."""
   from elastic_jax import export as export_lib
   from elastic_jax.hf.importer import original_hf_config
-  from elastic_jax.workdir import check_exists
+  from elastic_jax.workdir import check_exists, save_export
   if FLAGS.pick and FLAGS.arch:
     raise UserError('pass either --arch or --pick, not both')
   if FLAGS.out:
@@ -150,7 +150,7 @@ def export():
   out = Path(_require('out'))
   space, model, arch, step = _supernet_and_arch(cfg)
   dense = export_lib.export(model, space.cfg, arch)
-  saved = export_lib.save_with_tokenizer(
+  saved = save_export(
       dense, out, cfg.data, arch=arch, fmt=FLAGS.format, hf_base=original_hf_config(cfg),
       extra={'data': cfg.data.to_dict(), 'supernet_step': step}, overwrite=FLAGS.overwrite)
   _print_json({**saved, 'supernet_step': step})

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -196,40 +195,6 @@ def save(model: Model, out: str | Path, *, arch: Arch | None = None,
       shutil.copyfile(src, tmp / name)
 
   return write_export_dir(out, write, overwrite=overwrite)
-
-
-FORMATS = ('native', 'hf')
-
-
-def save_with_tokenizer(model: Model, out: str | Path, data_cfg, *, arch: Arch | None = None,
-                        extra: Mapping | None = None, fmt: str = 'native',
-                        hf_base: Mapping | None = None, overwrite: bool = False) -> dict:
-  """Saves an exported model with the tokenizer of `data_cfg`, as `fmt`: 'native' (this module's
-  format) or 'hf' (a directory `transformers` loads; `hf_base`: the imported original's
-  config.json). Returns what was written."""
-  from elastic_jax import data  # noqa: PLC0415
-  if fmt not in FORMATS:
-    raise UserError(f'--format={fmt!r} is invalid; choose one of {list(FORMATS)}')
-  with tempfile.TemporaryDirectory() as tmp:
-    files = {'tokenizer.json': data.load_tokenizer(data_cfg).save(Path(tmp) / 'tokenizer.json')}
-    source = Path(str(data_cfg.get('tokenizer', '')))
-    source_dir = source if source.is_dir() else source.parent
-    if fmt == 'hf' and (source_dir / 'tokenizer.json').is_file():
-      # A pre-trained model's own tokenizer files (roles, chat template), not our copy.
-      from elastic_jax.hf import checkpoint  # noqa: PLC0415
-      files = checkpoint.tokenizer_files(source_dir)
-    if fmt == 'hf':
-      from elastic_jax.hf import convert  # noqa: PLC0415
-      extra = dict(extra or {})
-      if arch is not None:
-        extra['source_arch'] = arch_lib.to_json(arch)
-      report = convert.save_dense(model, out, base=hf_base, files=files, extra=extra,
-                                  overwrite=overwrite)
-      return {'out': str(out), 'format': 'hf', 'params': report['params_real'],
-              'params_stored': report['params_stored'], 'hf_model_type': report['model_type'],
-              'note': report['note']}
-    save(model, out, arch=arch, extra=extra, files=files, overwrite=overwrite)
-    return {'out': str(out), 'format': 'native', 'params': param_count(model)}
 
 
 def read_config(directory: str | Path) -> dict:

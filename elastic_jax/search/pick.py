@@ -146,7 +146,7 @@ def export_pick(cfg, workdir: str | Path, spec: str, out: str | Path | None = No
   from elastic_jax import export as export_lib  # noqa: PLC0415
   from elastic_jax.search.job import load_trained_supernet  # noqa: PLC0415
   from elastic_jax.search.report import load_pareto  # noqa: PLC0415
-  from elastic_jax.workdir import build_space  # noqa: PLC0415
+  from elastic_jax.workdir import build_space, save_export  # noqa: PLC0415
 
   pareto = load_pareto(workdir)
   index = choose(pareto, spec)
@@ -163,7 +163,7 @@ def export_pick(cfg, workdir: str | Path, spec: str, out: str | Path | None = No
                  'searched_at_supernet_step': pareto.get('supernet_step')}
   data_cfg = cfg.data.to_dict() if hasattr(cfg.data, 'to_dict') else dict(cfg.data)
   from elastic_jax.hf.importer import original_hf_config  # noqa: PLC0415
-  saved = export_lib.save_with_tokenizer(
+  saved = save_export(
       dense, out, cfg.data, arch=arch, fmt=fmt, hf_base=original_hf_config(cfg),
       overwrite=overwrite, extra={'data': data_cfg, 'supernet_step': step, 'search': search_info})
   result = {**saved, 'index': index, 'pick': spec, 'supernet_step': step,
