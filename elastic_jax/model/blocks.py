@@ -21,7 +21,15 @@ from flax import nnx
 
 from elastic_jax.config import LayerDims, ModelConfig, ModelDims
 from elastic_jax.model.flexibert import FLEXIBERT_BLOCK_CLASSES
-from elastic_jax.model.layers import MLP, Attention, Norm, make_param, prefix_mask
+from elastic_jax.model.layers import (
+    MLP,
+    Attention,
+    Norm,
+    linear_params,
+    make_param,
+    norm_params,
+    prefix_mask,
+)
 
 Array = jax.Array
 
@@ -45,16 +53,6 @@ class Context:
   hidden_mask: Array | None  # [hidden] active features; None in a dense model
   hidden_count: Array | int  # number of active hidden features
   capture: tuple[str, ...] = ()
-
-
-def norm_params(cfg: ModelConfig, d):
-  """Parameters of a norm over `d` features (scale, and bias unless RMSNorm)."""
-  return d * (2 if cfg.use_bias and cfg.norm != 'rmsnorm' else 1)
-
-
-def linear_params(cfg: ModelConfig, d_in, d_out):
-  """Parameters of a `d_in -> d_out` linear map (bias per cfg.use_bias)."""
-  return d_in * d_out + (d_out if cfg.use_bias else 0)
 
 
 def attention_cost(cfg: ModelConfig, width, heads, kv_groups, head_dim):

@@ -37,21 +37,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from elastic_jax.config import LayerDims, ModelConfig, ModelDims
-from elastic_jax.model.layers import Attention, Norm, make_param, prefix_mask
+from elastic_jax.model.layers import (
+    Attention,
+    Norm,
+    activation,
+    linear_params,
+    make_param,
+    norm_params,
+    prefix_mask,
+)
 
 Array = jax.Array
 
 
-def _linear_params(cfg: ModelConfig, d_in, d_out):
-  return d_in * d_out + (d_out if cfg.use_bias else 0)
-
-
-def _norm_params(cfg: ModelConfig, d):
-  return d * (2 if cfg.use_bias and cfg.norm != 'rmsnorm' else 1)
-
-
 def _act(cfg: ModelConfig, x):
-  return jax.nn.relu(x) if cfg.mlp == 'relu' else jax.nn.gelu(x, approximate=False)
+  return activation(cfg.mlp, x)  # FlexiBERT spaces refuse SwiGLU (config.py)
 
 
 class _Linear(nnx.Module):
@@ -214,9 +214,9 @@ class FlexiBlock(nnx.Module):
   def cost(cls, cfg: ModelConfig, s: dict) -> dict:
     h, f, n = s['hidden'], s['ffn'], s['ffn_layers']
     mix = cls.mix_cost(cfg, h, s['heads'])
-    ffn_p = (_linear_params(cfg, h, f) + (n - 1) * _linear_params(cfg, f, f)
-             + _linear_params(cfg, f, h))
-    norms = (2 if cls.residual_norm else 1) * _norm_params(cfg, h)
+    ffn_p = (linear_params(cfg, h, f) + (n - 1) * linear_params(cfg, f, f)
+             + linear_params(cfg, f, h))
+    norms = (2 if cls.residual_norm else 1) * norm_params(cfg, h)
     return {
         'params': mix['params'] + ffn_p + norms,
         'matmul_macs': mix['macs'] + 2 * h * f + (n - 1) * f * f,
@@ -312,7 +312,7 @@ class _SABlock(FlexiBlock):
 
   @classmethod
   def mix_cost(cls, cfg, h, heads):
-    params = 4 * _linear_params(cfg, h, h) + (h * h if cls.weighted else 0)
+    params = 4 * linear_params(cfg, h, h) + (h * h if cls.weighted else 0)
     return {'params': params, 'macs': (5 if cls.weighted else 4) * h * h, 'attn_width': h,
             'kv_entries': 2 * h, 'act_entries': 5 * h, 'heads': heads}
 
@@ -359,7 +359,7 @@ class _LTBlock(FlexiBlock):
     transforms = 2 if cls.kind == 'dft' else 1
     # attn_width: the sequence transform costs 2 * seq_len * attn_width MACs per token; the
     # within-head one runs as a block-diagonal hidden x hidden matrix.
-    return {'params': _linear_params(cfg, h, h), 'macs': (1 + transforms) * h * h,
+    return {'params': linear_params(cfg, h, h), 'macs': (1 + transforms) * h * h,
             'attn_width': transforms * h // 2, 'kv_entries': 0, 'act_entries': 2 * h,
             'heads': 0}
 
@@ -442,9 +442,9 @@ class _DSCBlock(FlexiBlock):
   @classmethod
   def mix_cost(cls, cfg, h, heads):
     a, k, n = h // 2, cls.kernel_size, heads // 2
-    params = (4 * _linear_params(cfg, h, a)  # q, k, v, conv value
+    params = (4 * linear_params(cfg, h, a)  # q, k, v, conv value
               + k * h + h * a + a  # separable convolution (its bias always exists)
-              + _linear_params(cfg, a, n * k) + _linear_params(cfg, h, h))  # conv kernel, output
+              + linear_params(cfg, a, n * k) + linear_params(cfg, h, h))  # conv kernel, output
     return {'params': params, 'macs': 4 * h * a + k * h + h * a + a * n * k + h * h + a * k,
             'attn_width': a, 'kv_entries': 2 * a, 'act_entries': 7 * a + n * k, 'heads': n}
 

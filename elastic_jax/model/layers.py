@@ -56,6 +56,16 @@ def activation(name: str, x: Array) -> Array:
   raise ValueError(name)
 
 
+def norm_params(cfg: ModelConfig, d):
+  """Parameters of a norm over `d` features (scale, and bias unless RMSNorm)."""
+  return d * (2 if cfg.use_bias and cfg.norm != 'rmsnorm' else 1)
+
+
+def linear_params(cfg: ModelConfig, d_in, d_out):
+  """Parameters of a `d_in -> d_out` linear map (bias per cfg.use_bias)."""
+  return d_in * d_out + (d_out if cfg.use_bias else 0)
+
+
 def prefix_mask(n_max: int, n_active, dtype) -> Array:
   """[n_max] ones on the first `n_active` entries, zeros after."""
   return (jnp.arange(n_max) < n_active).astype(dtype)
