@@ -32,6 +32,8 @@ def training_series(workdir: str | Path) -> dict[str, tuple[list[int], list[floa
         if len(parts) != 3 or not isinstance(value, int | float):
           continue
         split, name, metric = parts
+        if name.startswith(('random', 'sampled')):
+          continue  # a different sub-network at every step (Sampler.labels): not one curve
         if (split, metric) in (('train', 'ce'), ('eval', 'loss')):
           values.setdefault(f'{split}/{name}', {})[step] = float(value)
   return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in sorted(values.items())}
