@@ -60,7 +60,7 @@ def _half_subnetwork(hf_dir: Path, tmp: Path) -> tuple[Path, dict]:
   from elastic_jax import arch as arch_lib
   from elastic_jax import export as export_lib
   from elastic_jax.hf.importer import import_workdir, original_hf_config
-  from elastic_jax.workdir import build_space, load_config, load_supernet
+  from elastic_jax.workdir import build_space, load_config, load_supernet, save_export
   workdir = tmp / 'workdir'
   import_workdir(hf_dir, workdir, log=lambda m: None)
   cfg = load_config(workdir)
@@ -72,7 +72,7 @@ def _half_subnetwork(hf_dir: Path, tmp: Path) -> tuple[Path, dict]:
   arch = arch_lib.unstack(archs)[int(np.argmax(params))]
   dense = export_lib.export(supernet, space.cfg, arch)
   out = tmp / 'half'
-  saved = export_lib.save_with_tokenizer(dense, out, cfg.data, arch=arch, fmt='hf',
+  saved = save_export(dense, out, cfg.data, arch=arch, fmt='hf',
                                          hf_base=original_hf_config(cfg))
   return out, {'params': saved['params'], 'params_full': full, 'arch': arch_lib.to_json(arch)}
 

@@ -36,11 +36,12 @@ from elastic_jax.compress import pruning
 from elastic_jax.compress.sort import compress_section, pretrained_dir, run_sort
 from elastic_jax.errors import UserError
 from elastic_jax.workdir import (
-  apply_init_from,
-  build_space,
-  init_supernet,
-  load_config,
-  save_config,
+    apply_init_from,
+    build_space,
+    init_supernet,
+    load_config,
+    save_config,
+    save_export,
 )
 
 COMPRESS_DIR = 'compress'
@@ -148,9 +149,8 @@ def _save(model, space, arch_json: dict, cfg, out: Path, fmt: str = 'native') ->
   from elastic_jax.hf.importer import original_hf_config  # noqa: PLC0415
   arch = arch_lib.from_json(arch_json, space.cfg)
   dense = export_lib.export(model, space.cfg, arch)
-  export_lib.save_with_tokenizer(dense, out, cfg.data, arch=arch, fmt=fmt,
-                                 hf_base=original_hf_config(cfg),
-                                 extra={'data': cfg.data.to_dict()})
+  save_export(dense, out, cfg.data, arch=arch, fmt=fmt, hf_base=original_hf_config(cfg),
+              extra={'data': cfg.data.to_dict()}, overwrite=True)  # a stage's own output
   return out
 
 
@@ -238,8 +238,10 @@ def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
     native = models / f'search_{label}'
     if not (native / export_lib.CONFIG_FILE).is_file():
       spec = f'best-under:params={count}'
-      export_pick(ft_cfg, workdir, spec, out=native)
-      export_pick(ft_cfg, workdir, spec, out=models / f'search_{label}_hf', fmt='hf')
+      # A stage's own outputs: an interrupted run may have written one of the two.
+      export_pick(ft_cfg, workdir, spec, out=native, overwrite=True)
+      export_pick(ft_cfg, workdir, spec, out=models / f'search_{label}_hf', fmt='hf',
+                  overwrite=True)
     searched[label] = native
   stages.finish('export', {k: str(v) for k, v in searched.items()})
 

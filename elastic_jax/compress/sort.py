@@ -118,7 +118,8 @@ def run_sort(cfg, workdir, *, log=print) -> dict:
            if k not in ('format', 'elastic_jax_version', 'model', 'dims', 'params', 'source_arch')}
   extra['sorted'] = {k: report[k] for k in ('method', 'layer_method', 'tokens', 'layer_order')}
   files = {p.name: p for p in pretrained.iterdir() if p.is_file() and p.name not in _DENSE_FILES}
-  export_lib.save(sorted_model, pretrained, arch=arch, extra=extra, files=files)
+  export_lib.save(sorted_model, pretrained, arch=arch, extra=extra, files=files,
+                  overwrite=True)  # the imported original, replaced by its sorted self
   atomic.write_text(sort_dir / REPORT_FILE, json.dumps(report) + '\n')
   log(f'sort: done in {report["seconds"]:.1f} s; layers by importance {report["layer_order"]}')
   return report

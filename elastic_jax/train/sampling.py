@@ -67,7 +67,7 @@ class Sampler:
   @property
   def labels(self) -> tuple[str, ...]:
     """A name for each of the K positions (how the training metrics name per-arch losses)."""
-    if self.strategy == 'sandwich':
+    if self.strategy in ('sandwich', 'stratified'):
       return ('largest', 'smallest') + tuple(f'random{i}' for i in range(self.num_random))
     return {'standard': ('largest',), 'fixed': ('fixed',), 'random': ('random',),
             'random_linear': ('sampled',)}[self.strategy]
