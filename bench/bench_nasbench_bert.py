@@ -40,7 +40,6 @@ import csv  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -125,13 +124,6 @@ def correlations(scores: dict, target: np.ndarray) -> tuple[dict, dict, dict]:
   return tau, rho, n
 
 
-def git_state() -> dict:
-  def run(*cmd):
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True).stdout.strip()
-  return {'git_commit': run('git', 'rev-parse', 'HEAD'),
-          'git_dirty': bool(run('git', 'status', '--porcelain', '--untracked-files=no'))}
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help='CI mode: 24 archs, 4 dense checks')
@@ -151,7 +143,6 @@ def main():
   n_dense = args.dense if args.dense is not None else (4 if args.quick else 16)
   n_timing = args.timing_archs or (12 if args.quick else 64)
   start = time.perf_counter()
-  git = git_state()  # the code that runs, before anything can change the worktree
 
   cfg, tokenizer_path = load_config()
   if not tokenizer_path.endswith('.json'):
@@ -274,7 +265,6 @@ def main():
       'batches': f'3 x {args.batch_size} x {SEQ_LEN} tokens (RTE train text, uncased WordPiece, '
                  f'15% [MASK], seed {args.seed})',
       'wall_seconds': {**wall, 'total': time.perf_counter() - start},
-      **git,
       'command': ' '.join([Path(sys.executable).name] + sys.argv),
       'python_platform': platform.platform(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
