@@ -163,7 +163,7 @@ def _run_block(commands: list[str], tmp: Path, cache: Path, monkeypatch) -> list
     last = steps[-1]
     if last == TEST_COMMAND:
       # The test command itself (this test is part of it): it must be what CI runs.
-      assert TEST_COMMAND.split('/bin/')[-1] in (REPO / '.ci' / 'run').read_text()
+      assert TEST_COMMAND.split('/bin/python')[-1] in (REPO / '.ci' / 'run').read_text()
       continue
     argv = shlex.split(last)
     assert argv[0] in ('elastic-jax', '.venv/bin/elastic-jax'), command
