@@ -36,6 +36,7 @@ _NORMS = ('layernorm', 'rmsnorm', 'nonorm')
 _PLACEMENTS = ('pre', 'post')
 _MLPS = ('gelu', 'gelu_tanh', 'relu', 'swiglu')
 _DTYPES = ('float32', 'bfloat16', 'float16')
+_REMATS = ('none', 'dots_saveable', 'full')
 
 
 def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -71,9 +72,16 @@ class ModelConfig:
   init_std: float = 0.02
   dtype: str = 'float32'  # compute dtype
   param_dtype: str = 'float32'
+  # The masked supernet runs each run of structurally identical layers as one `lax.scan` over their
+  # stacked parameters: compile time and program size stop growing with depth. Exact either way.
+  scan_layers: bool = True
+  # Rematerialisation of the scanned layers in the backward pass: 'none' keeps every activation;
+  # 'dots_saveable' keeps only matmul outputs; 'full' recomputes each layer from its input.
+  remat: str = 'none'
 
   def __post_init__(self):
     _one_of('model.kind', self.kind, _KINDS)
+    _one_of('model.remat', self.remat, _REMATS)
     _one_of('model.positions', self.positions, _POSITIONS)
     _one_of('model.norm', self.norm, _NORMS)
     _one_of('model.norm_placement', self.norm_placement, _PLACEMENTS)

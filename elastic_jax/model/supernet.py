@@ -25,6 +25,12 @@ Array = jax.Array
 # and 'hidden' (each layer's output).
 CAPTURES = ('embed', 'hidden') + BLOCK_CAPTURES
 
+# `model.remat` of the scanned layers: what the backward pass keeps rather than recomputes.
+REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+}
+
 
 class Embedding(nnx.Module):
   """Token (optionally factorised), learned position and token-type embeddings."""
@@ -262,21 +268,69 @@ class Model(nnx.Module):
 
     x = self.embed(tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count)
     features = {'embed': x, 'hidden': []} | {k: [] for k in BLOCK_CAPTURES}
+    last_on = None
     if arch is not None and skip_last_ffn:
       on_L = arch.layer_on()
       last_on = len(self.layers) - 1 - jnp.argmax(on_L[::-1])
-    for i, layer in enumerate(self.layers):
+    for start, stop in self._layer_groups(arch is not None):
       if arch is None:
-        x, feats = layer(x, ctx)
+        x, feats = self.layers[start](x, ctx)
+        hidden_L, feats_L = [x], {k: [v] for k, v in feats.items()}
       else:
-        active = {'heads': arch.heads[i], 'kv_groups': arch.kv_groups[i],
-                  'head_dim': arch.head_dim, 'ffn': arch.ffn[i], 'inner': arch.inner[i],
-                  'ffn_layers': arch.ffn_layers[i]}
-        if skip_last_ffn:
-          active['ffn_skip'] = last_on == i
-        on = (i < arch.depth) & (arch.block[i] != SKIP)
-        x, feats = layer(x, ctx, active, on, arch.block[i])
-      features['hidden'].append(x)
-      for k, v in feats.items():
-        features[k].append(v)
+        x, hidden_L, feats_L = self._masked_group(start, stop, x, ctx, arch, last_on)
+      features['hidden'].extend(hidden_L)
+      for k, v in feats_L.items():
+        features[k].extend(v)
     return x, (hidden_mask, hidden_count), {k: features[k] for k in capture}
+
+  def _layer_groups(self, masked: bool) -> list[tuple[int, int]]:
+    """[start, stop) runs of consecutive layers that one `lax.scan` can run: the masked
+    supernet's layers with the same parameter structure (a uniform space is one group), when
+    `model.scan_layers` is on; otherwise (and for dense models) one group per layer."""
+    n = len(self.layers)
+    if not (masked and self.cfg.scan_layers):
+      return [(i, i + 1) for i in range(n)]
+    def structure(layer):
+      graphdef, state = nnx.split(layer)
+      return graphdef, jax.tree.map(lambda v: (v.shape, v.dtype), state)
+    groups, keys = [], [structure(layer) for layer in self.layers]
+    for i in range(n):
+      if groups and keys[i] == keys[groups[-1][0]]:
+        groups[-1][1] = i + 1
+      else:
+        groups.append([i, i + 1])
+    return [tuple(g) for g in groups]
+
+  def _masked_group(self, start, stop, x, ctx, arch, last_on):
+    """Runs layers [start, stop) of the supernet on arch `arch`: one `lax.scan` over their
+    stacked parameters and per-layer arch fields (the compiled program's size no longer grows
+    with depth), or the layer itself for a group of one. Returns (output, [hidden per layer],
+    {feature: [per layer]})."""
+    def apply(layer, x, i, fields):
+      active = {'heads': fields['heads'], 'kv_groups': fields['kv_groups'],
+                'head_dim': arch.head_dim, 'ffn': fields['ffn'], 'inner': fields['inner'],
+                'ffn_layers': fields['ffn_layers']}
+      if last_on is not None:
+        active['ffn_skip'] = last_on == i
+      on = (i < arch.depth) & (fields['block'] != SKIP)
+      return layer(x, ctx, active, on, fields['block'])
+
+    names = ('heads', 'kv_groups', 'ffn', 'inner', 'ffn_layers', 'block')
+    fields_L = {k: getattr(arch, k)[start:stop] for k in names}
+    if stop - start == 1:
+      x, feats = apply(self.layers[start], x, start, {k: v[0] for k, v in fields_L.items()})
+      return x, [x], {k: [v] for k, v in feats.items()}
+    graphdef, _ = nnx.split(self.layers[start])
+    states = [nnx.split(self.layers[i])[1] for i in range(start, stop)]
+    stacked = jax.tree.map(lambda *v: jnp.stack(v), *states)
+
+    def body(x, inputs):
+      state, i, fields = inputs
+      y, feats = apply(nnx.merge(graphdef, state), x, i, fields)
+      return y, (y, feats)
+
+    if self.cfg.remat != 'none':
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat])
+    x, (hidden_LBTD, feats_L) = jax.lax.scan(
+        body, x, (stacked, jnp.arange(start, stop), fields_L))
+    return x, list(hidden_LBTD), {k: list(v) for k, v in feats_L.items()}
