@@ -48,3 +48,14 @@ def tiny_cfg(data_cache):
   cfg = load_config('quickstart', 'tiny')
   cfg.data.cache_dir = str(data_cache)
   return cfg
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _free_compiled_programs():
+  """Drops JAX's compiled programs and traces after each test module: one long process runs the
+  whole suite, and the executables of big compiles (TPU-topology programs, 200-arch property
+  tests) would otherwise stay resident to its end."""
+  yield
+  jax.clear_caches()
+  import gc
+  gc.collect()
