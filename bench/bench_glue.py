@@ -18,7 +18,8 @@ its GLUE score (CoLA Matthews, MRPC F1 / accuracy mean, STS-B Pearson / Spearman
 otherwise), on the dev split (the first `dev` examples in quick mode).
 
   python bench/bench_glue.py --quick   # minutes: 3 tasks, 96 training examples, 1 epoch
-  python bench/bench_glue.py           # glue-small, 2000 training examples x 3 epochs per task
+  python bench/bench_glue.py           # glue-small, 1000 training examples x 3 epochs per task
+                                       # (not yet run; estimated 1-2 h on a quiet 2-core CPU)
 
 The workdir (--workdir) keeps every stage; an interrupted run resumes.
 """
@@ -43,7 +44,7 @@ GLUE_SMALL = ('cola', 'sst2', 'mrpc', 'rte', 'stsb', 'wnli')
 SIZES = {  # tasks, seq_len, epochs, train examples, dev examples (0 = all), batch, learning rate
     'quick': dict(tasks=('rte', 'mrpc', 'stsb'), seq_len=64, epochs=1, train=96, dev=64,
                   batch=16, lr=1e-4),
-    'full': dict(tasks=GLUE_SMALL, seq_len=128, epochs=3, train=2000, dev=0, batch=32, lr=1e-4),
+    'full': dict(tasks=GLUE_SMALL, seq_len=128, epochs=3, train=1000, dev=0, batch=32, lr=1e-4),
 }
 BUDGET = 0.5  # the sub-network's parameters, as a fraction of the original's
 

@@ -63,12 +63,14 @@ def _max_context(doc_spans, position: int, index: int) -> bool:
   return best == index
 
 
-def answer_tokens(offsets: np.ndarray, start_char: int, text: str) -> tuple[int, int]:
+def answer_tokens(offsets: np.ndarray, start_char: int, text: str,
+                  qid: str = '') -> tuple[int, int]:
   """First and last context token overlapping the answer's characters."""
   end_char = start_char + len(text)
   overlap = np.flatnonzero((offsets[:, 1] > start_char) & (offsets[:, 0] < end_char))
   if not len(overlap):
-    raise UserError(f'the answer {text!r} at character {start_char} covers no token')
+    raise UserError(f'question {qid!r}: the answer {text!r} at character {start_char} covers no '
+                    'token of the context (blank?); fix or drop it')
   return int(overlap[0]), int(overlap[-1])
 
 
@@ -85,7 +87,8 @@ def encode(examples: list[Example], tokenizer: Tokenizer, seq_len: int, doc_stri
     if max_tokens < 1:
       raise UserError(f'finetune.seq_len {seq_len} leaves no room for the context after a '
                       f'{len(query)}-token question; raise seq_len or lower max_query_len')
-    answer = answer_tokens(offsets, ex.answers[0][1], ex.answers[0][0]) if ex.answers else None
+    answer = (answer_tokens(offsets, ex.answers[0][1], ex.answers[0][0], ex.id) if ex.answers
+              else None)
     doc_spans = spans(len(ids), max_tokens, doc_stride)
     first = len(query) + 2  # where the context starts in every window
     for w, (start, length) in enumerate(doc_spans):
