@@ -322,7 +322,8 @@ def generate():
 
 @command(flags=('model', 'task', 'suite', 'workdir', 'out'), sections=('finetune',))
 def finetune():
-  """Fine-tunes --model on GLUE --task (or --suite glue-small) in --workdir (resumes it);
+  """Fine-tunes --model on --task (GLUE, squad, squad_v2; or --suite glue-small) in --workdir
+  (resumes it);
   --out: also write the best epoch as a transformers sequence classifier (BERT)."""
   from elastic_jax.finetune import trainer
   loaded = _loaded_config()
@@ -345,10 +346,13 @@ def finetune():
   out = {'task': result['task'], 'best': result['best']}
   if FLAGS.out:  # the best epoch as a transformers AutoModelForSequenceClassification directory
     from elastic_jax.finetune.export_hf import save_classifier
-    clf, task, _ = trainer.load_best(workdir)
+    clf, job, _ = trainer.load_best(workdir)
+    if not hasattr(job, 'task'):
+      raise UserError(f'--out exports GLUE classifiers; {job.name} has no transformers export '
+                      'here (its checkpoint is in --workdir)')
     config = json.loads((Path(model) / 'config.json').read_text())
     base = config if 'model_type' in config else None  # a Hugging Face --model: keep its ids
-    out['exported'] = save_classifier(clf, task, FLAGS.out, tokenizer_dir=model, base=base)
+    out['exported'] = save_classifier(clf, job.task, FLAGS.out, tokenizer_dir=model, base=base)
   _print_json(out)
 
 

@@ -33,7 +33,7 @@ FLAG_DEFS = {
     'top_k': ('integer', 0, 'generate: sample among the k likeliest (0 = all).'),
     'top_p': ('float', 1.0, 'generate: nucleus sampling mass (1 = all).'),
     'task': ('string', None, 'finetune: GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, '
-             'wnli).'),
+             'wnli), or squad / squad_v2 (extractive QA).'),
     'budgets': ('string', None, 'compress: params=0.3,0.5,0.7 (fractions of the original or '
                 'counts).'),
     'suite': ('string', None, 'finetune: a task suite instead of --task (glue-small).'),

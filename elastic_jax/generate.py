@@ -235,3 +235,22 @@ def greedy_reference(model: Model, prompt: Sequence[int], max_new_tokens: int) -
   for n in range(len(prompt), ids.shape[1]):
     ids[0, n] = int(jnp.argmax(forward(jnp.asarray(ids))[n - 1]))
   return ids[0, len(prompt):].tolist()
+
+
+def decode_latency(model: Model, *, prompt_tokens: int = 32, new_tokens: int = 16,
+                   repeats: int = 3) -> dict:
+  """What one user waits for on this device: milliseconds to prefill a `prompt_tokens` prompt
+  (batch 1, greedy, up to its first new token) and milliseconds per further token; medians of
+  `repeats` runs after one compile-and-warm-up run. The prompt shrinks to fit the model's
+  positions (it is a fixed id pattern: latency does not depend on the ids)."""
+  new_tokens = max(2, min(new_tokens, model.cfg.max_len // 2))
+  prompt_tokens = max(1, min(prompt_tokens, model.cfg.max_len - new_tokens))
+  prompt = (np.arange(prompt_tokens) % model.cfg.vocab_size).tolist()
+  generator = Generator(model)
+  first = generator.generate([prompt], new_tokens)
+  runs = [generator.generate([prompt], new_tokens) for _ in range(repeats)]
+  return {'prefill_ms': round(1e3 * float(np.median([r.prefill_s for r in runs])), 4),
+          'per_token_ms': round(1e3 * float(np.median([r.decode_s / r.decode_steps
+                                                       for r in runs])), 4),
+          'prompt_tokens': prompt_tokens, 'new_tokens': new_tokens,
+          'compile_s': round(first.compile_s, 3)}

@@ -74,6 +74,10 @@ class Tokenizer:
     """int32[n] ids of `text`, no special tokens added."""
     raise NotImplementedError
 
+  def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(int32[n] ids, int32[n, 2] character offsets): token i came from text[start:end]."""
+    raise NotImplementedError
+
   def decode(self, ids: Any) -> str:
     """The text of `ids`, special tokens left out."""
     raise NotImplementedError
@@ -119,6 +123,13 @@ class ByteTokenizer(Tokenizer):
 
   def encode_array(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode('utf-8', errors='surrogatepass'), np.uint8).astype(np.int32)
+
+  def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    ids = self.encode_array(text)
+    # Each byte points at the whole character it is part of.
+    widths = [len(c.encode('utf-8', errors='surrogatepass')) for c in text]
+    char_of_byte = np.repeat(np.arange(len(text), dtype=np.int32), widths)
+    return ids, np.stack([char_of_byte, char_of_byte + 1], axis=1).reshape(-1, 2)
 
   def decode(self, ids: Any) -> str:
     ids = np.asarray(ids, np.int64).ravel()
@@ -171,6 +182,11 @@ class HFTokenizer(Tokenizer):
 
   def encode_array(self, text: str) -> np.ndarray:
     return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    encoding = self._tokenizer.encode(text, add_special_tokens=False)
+    offsets = np.asarray(encoding.offsets, np.int32).reshape(-1, 2)
+    return np.asarray(encoding.ids, np.int32), offsets
 
   def decode(self, ids: Any) -> str:
     return self._tokenizer.decode([int(i) for i in np.asarray(ids).ravel()],

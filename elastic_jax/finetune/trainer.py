@@ -1,4 +1,6 @@
-"""Fine-tuning an exported model on one GLUE task, and the glue-small suite.
+"""Fine-tuning an exported model on one task (GLUE, or SQuAD extractive QA), and the glue-small
+suite. What is task-specific (head, data, loss, dev metrics) lives in the task's job
+(`glue_job.GlueJob`, `squad_job.SquadJob`); this module is the loop around it.
 
 Workdir layout:
   finetune.json        what is being fine-tuned (model, task, settings); a rerun must match it
@@ -12,6 +14,7 @@ the resumed run computes what the uninterrupted one would.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -28,11 +31,12 @@ from flax import nnx
 
 from elastic_jax import atomic
 from elastic_jax import export as export_lib
-from elastic_jax.data.glue_tasks import GlueTask, get_task
+from elastic_jax.data.glue_tasks import TASKS, get_task
 from elastic_jax.data.tokenizer import tokenizer_from_file
 from elastic_jax.errors import UserError
-from elastic_jax.finetune import inputs, metrics
-from elastic_jax.finetune.classifier import Classifier
+from elastic_jax.finetune import inputs, squad_data
+from elastic_jax.finetune.glue_job import GlueJob
+from elastic_jax.finetune.squad_job import SquadJob
 
 SUITES = {'glue-small': ('cola', 'sst2', 'mrpc', 'rte', 'stsb', 'wnli')}
 MANIFEST = 'finetune.json'
@@ -57,6 +61,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_train_examples = 0  # > 0: only the first N training examples (quick runs)
   c.max_dev_examples = 0
   c.seed = 0
+  # SQuAD (--task squad / squad_v2), the standard recipe's settings (seq_len 384 there):
+  c.squad_dir = ''  # directory of train-v1.1.json / dev-v1.1.json (-v2.0), or 'tfds' (online)
+  c.doc_stride = 128  # tokens between the starts of a long context's windows
+  c.max_query_len = 64  # questions are cut to this many tokens
+  c.n_best = 20  # start / end candidates per window when reading the answer
+  c.max_answer_len = 30  # tokens
+  c.null_threshold = 0.0  # v2.0: answer '' when no-answer beats the best span by more than this
   c.teacher = ''  # a finetune workdir of the same task: distil its best checkpoint's predictions
   c.distill_weight = 1.0  # weight of the soft cross-entropy (MSE for regression) to the teacher
   c.hard_weight = 0.0  # weight of the label loss when distilling (1 without a teacher)
@@ -64,8 +75,14 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _epochs(cfg, task: GlueTask) -> int:
-  return int(cfg.epochs_cola if task.name == 'cola' else cfg.epochs)
+def job_for(task_name: str) -> GlueJob | SquadJob:
+  """The job of `task_name`: a GLUE task, or 'squad' / 'squad_v2'."""
+  if task_name in squad_data.VERSIONS:
+    return SquadJob(task_name)
+  if task_name.lower().removeprefix('glue/').replace('-', '').replace('_', '') not in TASKS:
+    raise UserError(f'unknown task {task_name!r}; use a GLUE task ({", ".join(TASKS)}) or '
+                    f'{" / ".join(squad_data.VERSIONS)}')
+  return GlueJob(get_task(task_name))
 
 
 def _load_model_and_tokenizer(model_dir: str | Path):
@@ -76,50 +93,30 @@ def _load_model_and_tokenizer(model_dir: str | Path):
   return model, tokenizer_from_file(tokenizer_path)
 
 
-def _classifier(model_dir, task: GlueTask, seed: int):
+def _head(model_dir, job, seed: int):
   model, tokenizer = _load_model_and_tokenizer(model_dir)
-  return Classifier(model, task.num_labels, rngs=nnx.Rngs(seed)), tokenizer
+  return job.head(model, seed), tokenizer
 
 
-def _loss(outputs_BL, batch, task: GlueTask, teacher_BL, cfg):
-  """Mean over real rows (weight 1) of the label loss and/or the distillation loss."""
-  w_B = batch['weight']
-  if task.is_regression:
-    hard_B = jnp.square(outputs_BL[:, 0] - batch['label'])
-  else:
-    hard_B = optax.softmax_cross_entropy_with_integer_labels(outputs_BL, batch['label'])
-  loss_B = hard_B
-  if teacher_BL is not None:
-    if task.is_regression:
-      soft_B = jnp.square(outputs_BL[:, 0] - teacher_BL[:, 0])
-    else:
-      t = cfg.temperature
-      soft_B = optax.softmax_cross_entropy(outputs_BL / t, jax.nn.softmax(teacher_BL / t))
-    loss_B = cfg.hard_weight * hard_B + cfg.distill_weight * soft_B
-  return jnp.sum(loss_B * w_B) / jnp.maximum(jnp.sum(w_B), 1.0)
-
-
-def _batches(split: dict, order: np.ndarray, size: int):
-  """Fixed-shape batches in `order`; the last one padded with weight-0 rows."""
+def _batches(split: dict, order: np.ndarray, size: int, keys: tuple[str, ...]):
+  """Fixed-shape batches of `keys` in `order`; the last one padded with weight-0 rows."""
   for start in range(0, len(order), size):
     idx = order[start:start + size]
     real = len(idx)
     idx = np.concatenate([idx, np.zeros(size - real, idx.dtype)])
-    batch = {k: split[k][idx] for k in (*_ARRAYS, 'label')}
+    batch = {k: split[k][idx] for k in keys}
     batch['weight'] = (np.arange(size) < real).astype(np.float32)
     yield batch
 
 
-def predict(graphdef, params, split: dict, batch_size: int, task: GlueTask) -> np.ndarray:
-  """Predicted labels (argmax), or scores for regression, of every row of `split`."""
+def outputs(graphdef, params, arrays: dict, batch_size: int) -> np.ndarray:
+  """The head's outputs for every row of `arrays` (model inputs [N, T])."""
   forward = _forward_fn(graphdef)
   out = []
-  n = len(split['label'])
-  for batch in _batches(split, np.arange(n), batch_size):
+  for batch in _batches(arrays, np.arange(len(arrays['tokens'])), batch_size, _ARRAYS):
     logits = np.asarray(forward(params, {k: batch[k] for k in _ARRAYS}))
     out.append(logits[:int(batch['weight'].sum())])
-  logits = np.concatenate(out)
-  return logits[:, 0] if task.is_regression else logits.argmax(-1)
+  return np.concatenate(out)
 
 
 _FORWARDS: dict = {}
@@ -144,62 +141,58 @@ def _restore(manager: ocp.CheckpointManager, abstract: dict):
 
 
 def load_best(workdir: str | Path):
-  """(classifier, task, best dev metrics) of a finished or running fine-tuning workdir."""
+  """(model with its head, job, best dev metrics) of a finished or running fine-tuning workdir;
+  `job.task` is the GlueTask of a GLUE run."""
   workdir = Path(workdir)
   path = workdir / MANIFEST
   if not path.is_file():
     raise UserError(f'{workdir} is not a fine-tuning workdir ({MANIFEST} is missing)')
   manifest = json.loads(path.read_text())
-  task = get_task(manifest['task'])
-  clf, _ = _classifier(manifest['model'], task, manifest['config']['seed'])
+  job = job_for(manifest['task'])
+  clf, _ = _head(manifest['model'], job, manifest['config']['seed'])
   best = workdir / 'checkpoints' / 'best'
   if not best.is_dir():
     raise UserError(f'{workdir} has no best checkpoint yet; fine-tune at least one epoch')
   graphdef, params = nnx.split(clf, nnx.Param)
   restored = _restore(_manager(best, ('params', 'meta')), {'params': params})
-  return nnx.merge(graphdef, restored['params']), task, restored['meta']
+  return nnx.merge(graphdef, restored['params']), job, restored['meta']
 
 
 def finetune(model_dir: str | Path, task_name: str, workdir: str | Path,
              cfg: ml_collections.ConfigDict | None = None, *, log: Callable = print,
              on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
-  """Fine-tunes `model_dir` on GLUE `task_name` in `workdir` (resuming it); returns the results."""
+  """Fine-tunes `model_dir` on `task_name` (a GLUE task, 'squad' or 'squad_v2') in `workdir`
+  (resuming it); returns the results."""
   cfg = cfg or default_config()
-  task = get_task(task_name)
+  job = job_for(task_name)
   workdir = Path(workdir)
-  if not cfg.glue_dir:
-    raise UserError('finetune.glue_dir is empty: set --config.finetune.glue_dir to the GLUE '
-                    "directory (holding CoLA/, SST-2/, ...) or to 'tfds'")
-  manifest = {'model': str(Path(model_dir).resolve()), 'task': task.name,
+  manifest = {'model': str(Path(model_dir).resolve()), 'task': job.name,
               'config': cfg.to_dict()}
   if (workdir / MANIFEST).is_file():
     previous = json.loads((workdir / MANIFEST).read_text())
     if previous != manifest:
       raise UserError(f'{workdir} holds a fine-tuning run of other settings ({MANIFEST}); use '
                       'a new --workdir or the same model, task and config')
-  clf, tokenizer = _classifier(model_dir, task, cfg.seed)
+  clf, tokenizer = _head(model_dir, job, cfg.seed)
   kind = clf.backbone.cfg.kind
   inputs.check_tokenizer(tokenizer, kind, clf.backbone.cfg.vocab_size)
   seq_len = min(int(cfg.seq_len), clf.backbone.cfg.max_len)
-  corpus = inputs.open_task(cfg.glue_dir, task, cfg.cache_dir)
   start = time.perf_counter()
-  train = inputs.encode_split(corpus.train, corpus.reader, tokenizer, task, kind, seq_len,
-                              cfg.max_train_examples)
-  dev = inputs.encode_split(corpus.validation, corpus.reader, tokenizer, task, kind, seq_len,
-                            cfg.max_dev_examples)
-  log(f'{task.name}: {len(train["label"])} train / {len(dev["label"])} dev examples encoded in '
+  train, dev = job.load(cfg, tokenizer, kind, seq_len)
+  n_train = job.size(train)
+  log(f'{job.name}: {n_train} train rows encoded, dev read in '
       f'{time.perf_counter() - start:.1f} s')
 
   teacher = None
   if cfg.teacher:
-    teacher_clf, teacher_task, _ = load_best(cfg.teacher)
-    if teacher_task.name != task.name:
-      raise UserError(f'finetune.teacher {cfg.teacher} was fine-tuned on {teacher_task.name}, '
-                      f'not {task.name}')
+    teacher_clf, teacher_job, _ = load_best(cfg.teacher)
+    if teacher_job.name != job.name:
+      raise UserError(f'finetune.teacher {cfg.teacher} was fine-tuned on {teacher_job.name}, '
+                      f'not {job.name}')
     teacher = nnx.split(teacher_clf, nnx.Param)
 
-  epochs = _epochs(cfg, task)
-  steps_per_epoch = math.ceil(len(train['label']) / cfg.batch_size)
+  epochs = job.epochs(cfg)
+  steps_per_epoch = math.ceil(n_train / cfg.batch_size)
   total = epochs * steps_per_epoch
   warmup = int(cfg.warmup_fraction * total)
   schedule = optax.join_schedules(
@@ -215,7 +208,7 @@ def finetune(model_dir: str | Path, task_name: str, workdir: str | Path,
       teacher_BL = jax.lax.stop_gradient(nnx.merge(teacher[0], teacher_params)(batch))
 
     def loss_fn(p):
-      return _loss(nnx.merge(graphdef, p)(batch), batch, task, teacher_BL, cfg)
+      return job.loss(nnx.merge(graphdef, p)(batch), batch, teacher_BL, cfg)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -236,18 +229,18 @@ def finetune(model_dir: str | Path, task_name: str, workdir: str | Path,
     atomic.write_text(workdir / MANIFEST, json.dumps(manifest, indent=2) + '\n')
 
   for epoch in range(progress['epoch'] + 1, epochs):
-    order = np.random.default_rng((cfg.seed, epoch)).permutation(len(train['label']))
+    order = np.random.default_rng((cfg.seed, epoch)).permutation(n_train)
     t0, losses = time.perf_counter(), []
-    for batch in _batches(train, order, cfg.batch_size):
+    for batch in _batches(train, order, cfg.batch_size, (*_ARRAYS, *job.label_keys)):
       batch = {k: jnp.asarray(v) for k, v in batch.items()}
       params, opt_state, loss = step_fn(params, opt_state, batch, teacher_params)
       losses.append(loss)
     train_loss = float(np.mean(jax.device_get(losses)))
     if not math.isfinite(train_loss):
-      raise UserError(f'{task.name} epoch {epoch + 1}: the training loss is {train_loss}; lower '
+      raise UserError(f'{job.name} epoch {epoch + 1}: the training loss is {train_loss}; lower '
                       'finetune.learning_rate')
-    dev_metrics = metrics.task_metrics(
-        task, predict(graphdef, params, dev, cfg.eval_batch_size, task), dev['label'])
+    dev_metrics = job.evaluate(
+        functools.partial(outputs, graphdef, params, batch_size=cfg.eval_batch_size), dev, cfg)
     record = {'epoch': epoch + 1, 'train_loss': train_loss, 'seconds':
               round(time.perf_counter() - t0, 2), **{k: round(v, 6) for k, v in
                                                      dev_metrics.items()}}
@@ -267,7 +260,8 @@ def finetune(model_dir: str | Path, task_name: str, workdir: str | Path,
       on_epoch_end(epoch, record)
 
   best_record = next(r for r in progress['history'] if r['epoch'] == progress['best_epoch'])
-  result = {'task': task.name, 'model': manifest['model'], 'metric': task.metric,
+  metric = job.task.metric if isinstance(job, GlueJob) else 'f1'
+  result = {'task': job.name, 'model': manifest['model'], 'metric': metric,
             'best': best_record, 'history': progress['history']}
   atomic.write_text(workdir / RESULTS, json.dumps(result, indent=2) + '\n')
   return result

@@ -126,6 +126,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.latency = True
   c.latency_max = 24
   c.latency_repeats = 5
+  # Decoders, with `latency`: also the decode latency (elastic_jax.generate's KV-cache decoding,
+  # batch 1: prefill ms of a 32-token prompt and ms per new token over 16) of at most this many
+  # front members (evenly spaced) and the two baselines; 0 = off. Two compiles per model.
+  c.decode_latency_max = 2
   # Search the untrained initialisation when the workdir has no trained supernet (smoke tests
   # only: the front is then meaningless). False: a clear error asks to run `train` first.
   c.allow_untrained = False
@@ -160,6 +164,7 @@ class SearchConfig:
   latency: bool
   latency_max: int
   latency_repeats: int
+  decode_latency_max: int
   allow_untrained: bool
   export_pick: str
 
@@ -205,12 +210,14 @@ def search_config(cfg: ml_collections.ConfigDict | Mapping) -> SearchConfig:
       seed_extremes=bool(merged['seed_extremes']),
       stratify_bins=int(merged['stratify_bins']), seed=seed, latency=bool(merged['latency']),
       latency_max=int(merged['latency_max']), latency_repeats=int(merged['latency_repeats']),
+      decode_latency_max=int(merged['decode_latency_max']),
       allow_untrained=bool(merged['allow_untrained']), export_pick=str(merged['export_pick']))
   if sc.strategy not in STRATEGY_NAMES:
     raise UserError(f'search.strategy is {sc.strategy!r}; use one of {", ".join(STRATEGY_NAMES)}')
   for name, low in (('generations', 1), ('pop_size', 2), ('n_children', 0), ('chunk', 1),
                     ('checkpoint_every', 1), ('tries', 1), ('stratify_bins', 1),
-                    ('latency_max', 0), ('latency_repeats', 1), ('sample_size', 0),
+                    ('latency_max', 0), ('latency_repeats', 1), ('decode_latency_max', 0),
+                    ('sample_size', 0),
                     ('top_k', 0)):
     if getattr(sc, name) < low:
       raise UserError(f'search.{name} must be >= {low}, got {getattr(sc, name)}')
@@ -700,7 +707,8 @@ def _result(pareto, paths, progress, fitness) -> dict:
 def results_digest(fp: str, sc: SearchConfig, generations: int) -> str:
   """Identifies a finished search's results: its settings, its length, the latency settings."""
   import hashlib  # noqa: PLC0415
-  text = json.dumps([fp, generations, sc.latency, sc.latency_max, sc.latency_repeats])
+  text = json.dumps([fp, generations, sc.latency, sc.latency_max, sc.latency_repeats,
+                     sc.decode_latency_max])
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -740,6 +748,22 @@ def measure_latency(model, space, genomes, batch: Mapping, repeats: int = 5) -> 
   return out
 
 
+def measure_decode_latency(model, space, genomes, repeats: int = 3) -> list[dict]:
+  """Prefill and per-token decode milliseconds (`generate.decode_latency`) of each genome's
+  exported dense decoder."""
+  from elastic_jax import export as export_lib  # noqa: PLC0415
+  from elastic_jax.generate import decode_latency  # noqa: PLC0415
+  return [decode_latency(export_lib.export(model, space.cfg, space.decode(jnp.asarray(g))),
+                         repeats=repeats) for g in genomes]
+
+
+def _spread(n: int, k: int) -> list[int]:
+  """At most k indices evenly spaced over range(n)."""
+  if n == 0 or k == 0:
+    return []
+  return list(np.unique(np.round(np.linspace(0, n - 1, min(n, k))).astype(int)))
+
+
 def build_pareto(sc: SearchConfig, space, fitness: Fitness, model, batches, progress,
                  supernet_step, strategy: str, extremes: dict[str, np.ndarray],
                  log=_log_stderr) -> dict:
@@ -770,21 +794,27 @@ def build_pareto(sc: SearchConfig, space, fitness: Fitness, model, batches, prog
             for n in names}
   rows = [{k: float(v[i]) for k, v in values.items()} for i in range(len(everything))]
   nf = len(front)
-  latency = [None] * (nf + 2)
+  latency, decode = [None] * (nf + 2), [None] * (nf + 2)
   if sc.latency and sc.latency_max > 0:
-    pick = np.unique(np.round(np.linspace(0, nf - 1, min(nf, sc.latency_max))).astype(int))
-    chosen = list(pick) + [nf, nf + 1]
+    chosen = _spread(nf, sc.latency_max) + [nf, nf + 1]
     log(f'search: measuring latency of {len(chosen)} exported models on '
         f'{jax.devices()[0].device_kind}')
     ms = measure_latency(model, space, everything[chosen], batches[0], sc.latency_repeats)
     for i, v in zip(chosen, ms):
       latency[i] = round(v, 4)
+  if sc.latency and sc.decode_latency_max > 0 and model.cfg.kind == 'decoder':
+    chosen = _spread(nf, sc.decode_latency_max) + [nf, nf + 1]
+    log(f'search: measuring decode latency of {len(chosen)} exported models')
+    for i, v in zip(chosen, measure_decode_latency(model, space, everything[chosen],
+                                                   sc.latency_repeats)):
+      decode[i] = v
 
   def entry(i, genome):
     return {'genome': [int(x) for x in genome],
             'arch': arch_lib.to_json(space.decode(jnp.asarray(genome))),
             'objectives': {n: rows[i][n] for n in fitness.names},
-            'metrics': rows[i], 'latency_ms': latency[i] if i < len(latency) else None}
+            'metrics': rows[i], 'latency_ms': latency[i] if i < len(latency) else None,
+            'decode_latency': decode[i] if i < len(decode) else None}
 
   ref_min = fitness.to_minimised(progress.ref)
   final_fit = np.asarray([[rows[i][n] for n in fitness.names] for i in range(nf)])

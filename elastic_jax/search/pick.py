@@ -160,6 +160,7 @@ def export_pick(cfg, workdir: str | Path, spec: str, out: str | Path | None = No
   dense = export_lib.export(model, space.cfg, arch)
   search_info = {'pick': spec, 'index': index, 'objectives': entry['objectives'],
                  'metrics': entry['metrics'], 'latency_ms': entry.get('latency_ms'),
+                 'decode_latency': entry.get('decode_latency'),
                  'searched_at_supernet_step': pareto.get('supernet_step')}
   data_cfg = cfg.data.to_dict() if hasattr(cfg.data, 'to_dict') else dict(cfg.data)
   from elastic_jax.hf.importer import original_hf_config  # noqa: PLC0415
@@ -167,7 +168,8 @@ def export_pick(cfg, workdir: str | Path, spec: str, out: str | Path | None = No
       dense, out, cfg.data, arch=arch, fmt=fmt, hf_base=original_hf_config(cfg),
       overwrite=overwrite, extra={'data': data_cfg, 'supernet_step': step, 'search': search_info})
   result = {**saved, 'index': index, 'pick': spec, 'supernet_step': step,
-            'objectives': entry['objectives'], 'latency_ms': entry.get('latency_ms')}
+            'objectives': entry['objectives'], 'latency_ms': entry.get('latency_ms'),
+            'decode_latency': entry.get('decode_latency')}
   if step != pareto.get('supernet_step'):
     result['warning'] = (f'the supernet is now at step {step} but the front was measured at step '
                          f"{pareto.get('supernet_step')}; rerun `elastic-jax search` to refresh it")

@@ -97,16 +97,21 @@ def _columns(pareto: Mapping) -> list[tuple]:
 
 def table_rows(pareto: Mapping, with_baselines: bool = False) -> tuple[list[str], list[list[str]]]:
   cols = _columns(pareto)
-  header = ['#'] + [c[1] for c in cols] + ['latency ms', 'architecture']
   entries = [(str(e['index']), e) for e in pareto['front']]
   if with_baselines:
     entries += [(k, e) for k, e in pareto['baselines'].items()]
+  decode = any(e.get('decode_latency') for _, e in entries)  # decoders only
+  header = (['#'] + [c[1] for c in cols] + ['latency ms']
+            + (['prefill ms', 'ms/token'] if decode else []) + ['architecture'])
   rows = []
   for label, e in entries:
     m = e['metrics']
     row = [label] + [fmt.format(m[k] / scale) if m.get(k) is not None else '-'
                      for k, _, scale, fmt in cols]
     row.append('-' if e.get('latency_ms') is None else f"{e['latency_ms']:.3f}")
+    if decode:
+      d = e.get('decode_latency')
+      row += ['-', '-'] if not d else [f"{d['prefill_ms']:.2f}", f"{d['per_token_ms']:.3f}"]
     row.append(arch_summary(e['arch']))
     rows.append(row)
   return header, rows
@@ -219,6 +224,8 @@ def pareto_figure(pareto: Mapping):
 def summary_markdown(pareto: Mapping, history: Mapping[str, np.ndarray] | None = None) -> str:
   names = pareto['objectives']
   aps = pareto.get('archs_per_second')
+  decoded = [e['decode_latency'] for e in [*pareto['front'], *pareto['baselines'].values()]
+             if e.get('decode_latency')]
   lines = [
       '# Architecture search', '',
       f"- objectives: {', '.join(n + (' (max)' if mx else '') for n, mx in zip(names, pareto['maximize']))}",  # noqa: E501
@@ -233,7 +240,10 @@ def summary_markdown(pareto: Mapping, history: Mapping[str, np.ndarray] | None =
          f"generation: {pareto['hypervolume_random_initial']:.6g}); reference point "
          f"{dict(zip(names, pareto['ref_point']))}"] if len(names) > 1 else []),
       f"- latency: one forward of a {pareto['latency_batch']} batch, exported dense model, "
-      f"{pareto['device']}",
+      f"{pareto['device']}"
+      + ('; decode: KV-cache generation of one row (elastic_jax.generate), prefill of a '
+         f"{decoded[0]['prompt_tokens']}-token prompt and ms per token over "
+         f"{decoded[0]['new_tokens']} new tokens" if decoded else ''),
       '', '## Front', '', format_table(pareto, markdown=True, with_baselines=True), '',
       f'![Pareto front]({PLOT_FILE})', '',
       'Export one: `elastic-jax export --workdir W --pick index:N` (or `knee`, or '

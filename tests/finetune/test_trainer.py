@@ -19,6 +19,7 @@ from elastic_jax.data.glue_tasks import get_task
 from elastic_jax.data.tokenizer import ByteTokenizer
 from elastic_jax.errors import UserError
 from elastic_jax.finetune import trainer
+from elastic_jax.finetune.glue_job import GlueJob
 from elastic_jax.model.supernet import Model
 
 DIMS = space_config(dict(num_layers=1, hidden=[16], depth=[1], blocks=['transformer'],
@@ -75,7 +76,7 @@ def test_killed_run_resumes_to_the_same_dev_metric(encoder_dir, shared_data, tmp
                                 zip(straight['history'], resumed['history'])]
   assert resumed['best'] == dict(straight['best'], seconds=resumed['best']['seconds'])
   # The best checkpoint computes the best epoch's dev metric.
-  clf, task, meta = trainer.load_best(tmp_path / 'b')
+  clf, job, meta = trainer.load_best(tmp_path / 'b')
   assert meta['epoch'] == resumed['best']['epoch']
   other = dict(cfg.to_dict(), seed=1)
   with pytest.raises(UserError, match='other settings'):
@@ -100,7 +101,7 @@ def test_distillation_loss_is_soft_cross_entropy():
   label = rng.randint(0, 2, 5)
   weight = np.array([1, 1, 1, 1, 0], np.float32)
   batch = {'label': jnp.asarray(label), 'weight': jnp.asarray(weight)}
-  got = float(trainer._loss(jnp.asarray(student), batch, task, jnp.asarray(teacher), cfg))
+  got = float(GlueJob(task).loss(jnp.asarray(student), batch, jnp.asarray(teacher), cfg))
 
   def log_softmax(z):
     z = z - z.max(-1, keepdims=True)
@@ -155,7 +156,7 @@ def test_bad_input_is_one_line_exit_2(encoder_dir, shared_data, tmp_path, capsys
   glue = f'--config.finetune.glue_dir={shared_data / "glue"}'
   cache = f'--config.finetune.cache_dir={tmp_path / "cache"}'
   config = '--config=configs/finetune_glue.py:tiny'
-  assert 'unknown GLUE task' in _one_error_line(base + ['--task=colaa', config, glue], capsys)
+  assert 'unknown task' in _one_error_line(base + ['--task=colaa', config, glue], capsys)
   no_tok = tmp_path / 'no_tok'
   model, _ = export.load(encoder_dir)
   export.save(model, no_tok)

@@ -159,3 +159,19 @@ def test_bad_input(tmp_path, capsys):
   assert main(['elastic-jax', 'generate', f'--model={tmp_path / "nope"}', '--prompt=hi']) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and 'config.json' in err
+
+
+def test_decode_latency_is_the_median_prefill_and_per_token_time(monkeypatch):
+  """With a clock that ticks 1 ms per reading, every timed span is one tick: prefill 1 ms, and
+  the decode loop's one span over new - 1 steps. The prompt shrinks to fit max_len 40."""
+  (dense,) = exported(1, seed=5)
+  ticks = iter(range(10**6))
+  monkeypatch.setattr(gen.time, 'perf_counter', lambda: next(ticks) * 1e-3)
+  got = gen.decode_latency(dense, prompt_tokens=64, new_tokens=9, repeats=3)
+  assert got['prompt_tokens'] == 40 - 9 and got['new_tokens'] == 9
+  assert got['prefill_ms'] == pytest.approx(1.0)
+  assert got['per_token_ms'] == pytest.approx(1.0 / 8)
+  assert got['compile_s'] == pytest.approx(1e-3)  # compiled once, in the warm-up run
+  with pytest.raises(UserError, match='decoder'):
+    encoder = Model(ModelConfig(kind='encoder', vocab_size=VOCAB), dense.dims, rngs=nnx.Rngs(0))
+    gen.decode_latency(encoder)

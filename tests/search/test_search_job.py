@@ -148,6 +148,12 @@ def test_outputs_are_complete_and_consistent(searched):
   assert pareto['baselines']['largest']['latency_ms'] > 0
   table = result['table'].splitlines()
   assert len(table) == len(front) + 1 and 'latency ms' in table[0]
+  # A decoder: KV-cache decode latency too, for up to 2 front members and the baselines.
+  decoded = [e['decode_latency'] for e in front if e['decode_latency'] is not None]
+  assert len(decoded) == min(2, len(front))
+  assert all(d['prefill_ms'] > 0 and d['per_token_ms'] > 0 for d in decoded)
+  assert pareto['baselines']['largest']['decode_latency']['per_token_ms'] > 0
+  assert 'ms/token' in table[0]
 
 
 def test_pick_exports_the_chosen_member_exactly(searched, tmp_path):
@@ -163,6 +169,8 @@ def test_pick_exports_the_chosen_member_exactly(searched, tmp_path):
   assert out['params'] == chosen['metrics']['params'] == export_lib.param_count(dense)
   assert saved['search']['index'] == out['index'] and (tmp_path / 'picked' /
                                                        'tokenizer.json').is_file()
+  # The export report carries the member's measured decode latency (None if not measured).
+  assert saved['search']['decode_latency'] == chosen['decode_latency'] == out['decode_latency']
   from elastic_jax import data
   loss = evaluation.evaluate(dense, data.eval_batches(cfg.data))['loss']
   assert loss == pytest.approx(chosen['metrics']['loss'], rel=1e-5)

