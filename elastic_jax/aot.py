@@ -27,13 +27,16 @@ the quickstart config (tested; it was 24% above on a 2-layer GPT-2-medium-width 
 the scan body's sub-network is not the average one), so read FLOPs, times and MFU as estimates;
 memory is exact: it always comes from the real programs.
 
-Compile time grows with the unrolled layers: the 24-layer GPT-2-medium training step takes about
-five minutes of TPU compilation on a 2-core CPU (the population evaluation, forward only, less).
+The masked supernet runs its layers in a `lax.scan` (`model.scan_layers`), so compile time no
+longer grows with depth; XLA counting the scan body once, 'loops' takes FLOPs and times from a twin
+program with the layers unrolled (a second compile, whose time grows with depth: about five minutes
+for the 24-layer GPT-2-medium step on a 2-core CPU); `flops='none'` skips it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import glob
 import logging
@@ -337,6 +340,13 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
             'programs': {}}
 
   setup, args = train_program(cfg, mesh)
+  # XLA counts a loop body once: the FLOPs of a model whose layers run in a `lax.scan` are counted
+  # on its twin with the layers unrolled (the same computation; memory is the real program's).
+  unscanned = None
+  if flops == 'loops' and cfg.model.get('scan_layers', True) and space.num_layers > 1:
+    unscanned = copy.deepcopy(cfg)
+    with unscanned.unlocked():
+      unscanned.model.scan_layers = False
   if 'train_step' in programs:
     report['replicated_fraction'] = setup.sharding_report['replicated_fraction']
     micro = cfg.data.batch_size // tcfg.grad_accum
@@ -356,7 +366,12 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
     elif flops == 'loops':
       # XLA counts the micro-batch scan's body once, and in it the first sub-network plus the
       # scan body of the other K - 1 (one sub-network; all run at supernet widths): x K / 2.
-      method = ('loops', tcfg.grad_accum * k / 2)
+      # Scanned layers would be counted once too: count the twin with layers unrolled.
+      if unscanned is None:
+        method = ('loops', tcfg.grad_accum * k / 2)
+      else:
+        twin, twin_args = train_program(unscanned, mesh)
+        method = ('compile', lambda: (twin.step, *twin_args), tcfg.grad_accum * k / 2)
     else:
       method = None
     archs = arch_lib.stack([setup.sampler(jax.random.key(int(cfg.seed)), s) for s in range(8)])
@@ -393,7 +408,15 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
     flops_per_token = np.asarray(jax.vmap(lambda a: space.cost(a)['flops_per_token'])(archs))
     # XLA counts one (chunk of archs, batch) of the nested scans; the analysis compiles one
     # (arch, batch).
-    method = {'loops': ('loops', -(-population // chunk) * n_batches),
+    loops = -(-population // chunk) * n_batches
+    if unscanned is None:
+      loops_method = ('loops', loops)
+    else:  # the twin with layers unrolled, as for the training step
+      twin = train_program(unscanned, mesh)[0]
+      loops_method = ('compile', lambda: (_Lowered(evaluation._sums_population.lower(
+          twin.graphdef, params, jax.tree.map(lambda x: sds(x, rep), archs), stacked,
+          chunk)),), loops)
+    method = {'loops': loops_method,
               'unrolled': ('compile', analyse, population * n_batches)}.get(flops)
     entry = _entry('population_eval', build, method,
                    float(flops_per_token.sum()) * tokens * n_batches, **common)

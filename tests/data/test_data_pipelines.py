@@ -215,16 +215,40 @@ def test_process_arguments_are_checked(shared_data, data_cache):
     data.train_iterator(cfg, process_index=2, process_count=2)
 
 
+_WORKER_RESUME = """
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[3])
+import data_testing
+import elastic_jax.data as data
+from pathlib import Path
+cfg = data_testing.shakespeare_config(Path(sys.argv[1]), Path(sys.argv[2]))
+cfg.num_workers = 2
+it = data.train_iterator(cfg)
+for _ in range(3):
+  next(it)
+state = json.loads(json.dumps(it.get_state()))
+want = [next(it) for _ in range(3)]
+resumed = data.train_iterator(cfg)
+resumed.set_state(state)
+got = [next(resumed) for _ in range(3)]
+for g, w in zip(got, want):
+  assert g.keys() == w.keys()
+  for key in w:
+    np.testing.assert_array_equal(g[key], w[key], err_msg=key)
+assert want[0]['tokens'].shape == (6, 61)
+print('resumed exactly')
+"""
+
+
 @pytest.mark.slow  # Starting two grain worker processes takes several seconds.
 def test_worker_processes_resume_exactly(shared_data, data_cache):
-  cfg = data_testing.shakespeare_config(shared_data, data_cache)
-  cfg.num_workers = 2
-  it = data.train_iterator(cfg)
-  for _ in range(3):
-    next(it)
-  state = json.loads(json.dumps(it.get_state()))
-  want = [next(it) for _ in range(3)]
-  resumed = data.train_iterator(cfg)
-  resumed.set_state(state)
-  _assert_equal_batches([next(resumed) for _ in range(3)], want)
-  assert want[0]['tokens'].shape == (6, 61)
+  """In a process of its own: grain's worker processes and the shared-memory threads they leave
+  in their parent must not outlive this test in the suite's process."""
+  import subprocess
+  import sys
+  from pathlib import Path
+  data_testing.shakespeare(shared_data)  # skips when absent
+  run = subprocess.run([sys.executable, '-c', _WORKER_RESUME, str(shared_data), str(data_cache),
+                        str(Path(__file__).parent)], capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0 and 'resumed exactly' in run.stdout, run.stderr[-3000:]
