@@ -19,7 +19,7 @@ from elastic_jax.model.supernet import Model
 from elastic_jax.space import Space
 from elastic_jax.train import trainer
 from elastic_jax.train.dynamic import config as dynamic_config
-from elastic_jax.train.dynamic import head_pruning
+from elastic_jax.train.dynamic import growth, head_pruning
 from elastic_jax.workdir import build_space
 
 
@@ -189,6 +189,40 @@ def test_grown_space_subnetworks_equal_their_exports():
   # Uniform sampling within limits covers exactly the allowed widths of a layer.
   widths = set(np.asarray(space.sample(jax.random.key(2), 400).ffn[:, 1]).tolist())
   assert widths == {4, 8, 12, 16, 20, 24}
+
+
+def growth_space():
+  cfg = ModelConfig(kind='encoder', vocab_size=41, max_len=16, norm_placement='post')
+  return Space(cfg, space_config(dict(
+      num_layers=2, hidden=[48], heads=[4], blocks=['transformer', 'bottleneck'],
+      ffn=[12, 24, 36, 48, 60, 72], inner=[12], ffn_max=[[48, 48], [48, 48]])))
+
+
+def test_growth_ranks_grows_top_blocks_and_respects_cap_and_budget():
+  space = growth_space()
+  pca = np.asarray([[30.0, 11.0], [20.0, 12.0]])
+  ok = space.limits.heads_ok
+  kw = dict(step=12, cap=72, heads_ok=ok, budget=0, mean_params=None)
+  new, grown = growth.grow(space, [[48, 48], [48, 48]], pca, fraction=0.5, **kw)
+  assert new == [[60, 48], [60, 48]]  # the two largest raw counts: both BERT blocks
+  assert [(g['layer'], g['block'], g['from'], g['to']) for g in grown] == [
+      (0, 'transformer', 48, 60), (1, 'transformer', 48, 60)]
+  # 'share': 30/48, 11/12, 20/48, 12/12 -> the bottleneck FFNs are the most saturated.
+  new, _ = growth.grow(space, [[48, 48], [48, 48]], pca, fraction=0.5, rank='share', **kw)
+  assert new == [[48, 60], [48, 60]]
+  # At the cap nothing grows; one below it grows to the cap.
+  new, grown = growth.grow(space, [[72, 72], [72, 60]], pca, fraction=1.0, **kw)
+  assert new == [[72, 72], [72, 72]] and len(grown) == 1
+  # Budget: a stand-in mean (the sum of the limits) admits the first growth, not the second.
+  kw.update(budget=48 * 4 + 12, mean_params=lambda lim: float(np.sum(lim.ffn_max)))
+  new, grown = growth.grow(space, [[48, 48], [48, 48]], pca, fraction=0.5, **kw)
+  assert new == [[60, 48], [48, 48]] and len(grown) == 1
+  # The real estimate: growth raises the mean parameter count of sampled archs.
+  mean = growth.make_mean_params(space, 64, 0)
+  before = mean(space.make_limits([[48, 48], [48, 48]]))
+  after = mean(space.make_limits([[72, 48], [72, 48]]))
+  lo, hi = space.parameter_range()
+  assert lo < before < after < hi
 
 
 # -- training runs -------------------------------------------------------------------------------

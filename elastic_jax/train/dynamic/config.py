@@ -21,6 +21,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Share of the (layer, block type) FFNs below the cap that grow at a growth point (our choice:
   # the reference grows "the top-ranked blocks"; at least one).
   c.growth_fraction = 0.25
+  # Ranking: 'count' (the mean PCA count, the reference) or 'share' (that count over the most it
+  # can be, min(FFN input width, current width): compares BERT and bottleneck FFNs fairly).
+  c.growth_rank = 'count'
   # No growth that lifts the mean parameter count of uniformly sampled architectures above this;
   # 0 = no budget.
   c.growth_budget = 0
@@ -63,6 +66,9 @@ def check(cfg) -> None:
   if not 0.0 < float(d.get('growth_fraction', 0.25)) <= 1.0:
     raise UserError(f'config field train.dynamic.growth_fraction={d.growth_fraction!r} must lie '
                     'in (0, 1]')
+  if d.get('growth_rank', 'count') not in ('count', 'share'):
+    raise UserError(f'config field train.dynamic.growth_rank={d.growth_rank!r} is invalid; '
+                    "allowed values are ['count', 'share']")
   if int(d.get('growth_every', 0)) > 0:
     space_history.growth_widths(cfg)  # the cap below the current width, a zero step
   if enabled(d) and (cfg.train.sampling in ('stratified', 'fixed') or cfg.train.arch):

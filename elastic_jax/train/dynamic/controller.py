@@ -127,7 +127,7 @@ class Controller:
     new, grown = growth.grow(self.space, self.current['ffn_max'], pca_LxB, step=self.step_w,
                              cap=self.cap, fraction=float(self.d.growth_fraction),
                              budget=int(self.d.growth_budget), mean_params=self.mean_params,
-                             heads_ok=limits.heads_ok)
+                             heads_ok=limits.heads_ok, rank=str(self.d.growth_rank))
     log['dynamic/grown'] = len(grown)
     for layer, row in enumerate(new):
       for b in self.ffn_kinds:

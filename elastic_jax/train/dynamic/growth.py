@@ -6,7 +6,8 @@ calibration batch and each layer's FFN pre-activations get W-PCA's count
 forming the activations). One jitted call serves every measurement (the archs are data).
 
 Grow: the (layer, block type) FFNs below the cap, ranked by their PCA count averaged over the
-measurements since the last growth point (ties: the earlier layer, then block); the top
+measurements since the last growth point (or by that count's share of its maximum, `rank`;
+ties: the earlier layer, then block); the top
 `growth_fraction` of them, in rank order, each grow their largest allowed width by one step,
 skipping any growth that would lift the mean parameter count of uniformly sampled architectures
 above the budget.
@@ -73,17 +74,35 @@ def make_mean_params(space: Space, n: int, seed: int):
   return lambda limits: float(mean_params(jax.tree.map(jnp.asarray, limits)))
 
 
+def ffn_input_width(space: Space, kind: str) -> int:
+  """The width an FFN of block type `kind` reads: a bottleneck's inner width, else hidden."""
+  return max(space.cfg.inner) if kind == 'bottleneck' else max(space.cfg.hidden)
+
+
 def grow(space: Space, ffn_max: list[list[int]], pca_LxB: np.ndarray, *, step: int, cap: int,
-         fraction: float, budget: int, mean_params, heads_ok) -> tuple[list[list[int]], list]:
-  """(the new largest allowed widths, [{layer, block, from, to, pca}] of what grew)."""
+         fraction: float, budget: int, mean_params, heads_ok, rank: str = 'count'
+         ) -> tuple[list[list[int]], list]:
+  """(the new largest allowed widths, [{layer, block, from, to, pca}] of what grew).
+
+  `rank`: 'count' ranks by the mean PCA count itself (the reference); 'share' by the count over
+  the most it can be, min(FFN input width, largest allowed width), which compares block types of
+  different widths (a bottleneck FFN reads only its inner width, so its raw count stays low)."""
   blocks = space.cfg.blocks
   new = [list(row) for row in ffn_max]
   candidates = [(layer, b) for layer in range(space.num_layers) for b, kind in enumerate(blocks)
                 if kind != 'skip' and new[layer][b] < cap]
   if not candidates:
     return new, []
-  # Descending mean count; the sort is stable, so ties keep the (layer, block) order.
-  ranked = sorted(candidates, key=lambda lb: -float(pca_LxB[lb[0], lb[1]]))
+
+  def score(lb):
+    layer, b = lb
+    value = float(pca_LxB[layer, b])
+    if rank == 'share':
+      value /= max(min(ffn_input_width(space, blocks[b]), new[layer][b]), 1)
+    return value
+
+  # Descending score; the sort is stable, so ties keep the (layer, block) order.
+  ranked = sorted(candidates, key=lambda lb: -score(lb))
   top = ranked[:max(1, math.ceil(fraction * len(candidates)))]
   grown = []
   for layer, b in top:
@@ -93,6 +112,7 @@ def grow(space: Space, ffn_max: list[list[int]], pca_LxB: np.ndarray, *, step: i
     if budget and mean_params(limits) > budget:
       continue
     grown.append({'layer': layer, 'block': blocks[b], 'from': new[layer][b],
-                  'to': trial[layer][b], 'pca': float(pca_LxB[layer, b])})
+                  'to': trial[layer][b], 'pca': float(pca_LxB[layer, b]),
+                  'score': score((layer, b))})
     new = trial
   return new, grown
