@@ -4,6 +4,7 @@ shapes or the compiled step; CKA against a NumPy reference; resumption; bad inpu
 import json
 import shutil
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +21,7 @@ from elastic_jax.space import Space
 from elastic_jax.train import trainer
 from elastic_jax.train.dynamic import config as dynamic_config
 from elastic_jax.train.dynamic import growth, head_pruning
+from elastic_jax.train.sampling import Sampler
 from elastic_jax.workdir import build_space
 
 
@@ -225,7 +227,30 @@ def test_growth_ranks_grows_top_blocks_and_respects_cap_and_budget():
   assert lo < before < after < hi
 
 
+def test_sampler_follows_changing_limits_without_retracing():
+  chex.clear_trace_counter()
+  space = growth_space()
+  sampler = Sampler(space, 'sandwich', num_random=6)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def draw(step, allowed):
+    return sampler(jax.random.key(0), step, allowed)
+
+  for ffn_max in ([[48, 48], [48, 48]], [[60, 48], [48, 60]], [[72, 72], [72, 72]]):
+    allowed = sampler.allowed(space.make_limits(ffn_max))
+    archs = jax.tree.map(np.asarray, [draw(s, allowed) for s in range(30)])
+    ffn = np.stack([a.ffn for a in archs])  # [steps, K, L]
+    block = np.stack([a.block for a in archs])
+    assert ffn.shape == (30, 8, 2)
+    limit = np.asarray(ffn_max)[np.arange(2), block]
+    assert np.all(ffn <= limit)
+    assert np.all(ffn[:, 0] == limit[:, 0])  # the largest is the largest allowed
+    assert np.any(ffn[:, 2:] == limit[:, 2:])  # the random ones reach the limit
+
+
 # -- training runs -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_growth_never_retraces_nor_reshapes(data_cache, tmp_path, monkeypatch):
   traces = []
   make = trainer.make_train_step
