@@ -168,12 +168,15 @@ def test_grown_space_subnetworks_equal_their_exports():
                 heads_allowed=[[[2, 4], [2, 4]], [[2, 4], [2, 4]], [[2, 4], [1, 3]]])
   space = Space(cfg, space_config({**base, 'heads': [1, 2, 3, 4], **limits}), seq_len=11)
   model = randomize(Model(cfg, space.cfg.supernet_dims(), rngs=nnx.Rngs(3)), 4)
-  archs = space.sample(jax.random.key(0), 24)
-  a = jax.tree.map(np.asarray, archs)
+  a = jax.tree.map(np.asarray, space.sample(jax.random.key(0), 400))
   fmax = np.asarray(limits['ffn_max'])
   assert np.all(a.ffn <= fmax[np.arange(3), a.block])  # within the limits
   assert np.any(a.ffn[:, 1] == 24) and not np.any(a.ffn[:, 0] > 16)  # the grown width is used
   assert np.all(np.isin(a.heads[a.block[:, 2] == 1, 2], [1, 3]))
+  # Exported (one compile each): 10 random archs, the largest, the smallest.
+  archs = arch_lib.stack(arch_lib.unstack(space.sample(jax.random.key(5), 10))
+                         + [space.largest(), space.smallest()])
+  assert int(archs.ffn[10, 1]) == 24  # the largest uses the grown width
   batch = {'tokens': jax.random.randint(jax.random.key(1), (2, 11), 0, 41)}
   graphdef, state = nnx.split(model)
   masked = jax.jit(jax.vmap(lambda s, x: nnx.merge(graphdef, s)(batch, x), in_axes=(None, 0)))
@@ -322,3 +325,14 @@ def test_bad_input_is_one_clear_line(data_cache, tmp_path, field, value, match):
   assert '\n' not in str(e.value)
   assert not (tmp_path / 'w').exists()  # nothing half-written
   dynamic_config.check(elm_cfg(data_cache, cka_threshold=1.0))  # the closed end is allowed
+
+
+def test_head_pruning_refuses_attention_kl_and_grouped_queries(data_cache):
+  cfg = elm_cfg(data_cache, prune_every=2)
+  cfg.train.distill.attn_kl = 1.0
+  with pytest.raises(UserError, match='attn_kl.*prune_every'):
+    dynamic_config.check(cfg)
+  cfg = elm_cfg(data_cache, prune_every=2)
+  cfg.space.kv_groups = (1, 2)
+  with pytest.raises(UserError, match='multi-head attention'):
+    build_space(cfg)
