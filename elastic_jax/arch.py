@@ -126,6 +126,13 @@ def from_json(d: Mapping, space: SpaceConfig) -> Arch:
     _check(f'layers[{i}].ffn', layer['ffn'], space.ffn)
     _check(f'layers[{i}].inner', layer['inner'], space.inner or (0,))
     _check(f'layers[{i}].ffn_layers', layer['ffn_layers'], space.ffn_layers)
+    b = space.blocks.index(layer['block'])
+    if space.ffn_max and layer['ffn'] > space.ffn_max[i][b]:
+      raise UserError(f'architecture field layers[{i}].ffn={layer["ffn"]} is outside the search '
+                      f'space: layer {i} allows {layer["block"]} FFN widths up to '
+                      f'{space.ffn_max[i][b]} (space.ffn_max)')
+    if space.heads_allowed:
+      _check(f'layers[{i}].heads', layer['heads'], space.heads_allowed[i][b])
     values['block'].append(BLOCK_TYPES.index(layer['block']))
     for f in LAYER_FIELDS[1:] + tuple(OPTIONAL_LAYER_FIELDS):
       values[f].append(layer[f])

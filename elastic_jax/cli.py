@@ -96,7 +96,7 @@ def sample():
 def _supernet_and_arch(cfg):
   from elastic_jax import arch as arch_lib
   from elastic_jax.workdir import build_space, load_supernet
-  space = build_space(cfg)
+  space = build_space(cfg, _flag('workdir'))
   name = _require('arch')
   if name in ('largest', 'smallest'):
     arch = space.largest() if name == 'largest' else space.smallest()

@@ -173,6 +173,11 @@ class SpaceConfig:
   # Stacked FFN linears per layer of FlexiBERT blocks (FlexiBERT's num_feed_forward); other blocks
   # have one FFN and ignore it.
   ffn_layers: tuple[int, ...] = (1,)
+  # Per-layer limits inside the choice lists (ELM's dynamic modules, elastic_jax/train/dynamic/):
+  # per layer, per entry of `blocks`, the largest allowed FFN width and the allowed head counts.
+  # () = every choice is allowed everywhere. The arrays stay at the choice lists' maxima.
+  ffn_max: tuple[tuple[int, ...], ...] = ()
+  heads_allowed: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
   def __post_init__(self):
     _require(self.num_layers > 0, 'space.num_layers', self.num_layers, 'must be positive')
@@ -192,6 +197,7 @@ class SpaceConfig:
                list(self.kv_groups), f'no choice divides the head count {h} of space.heads')
     if any(b in FLEXIBERT_BLOCKS for b in self.blocks):
       _check_flexibert(self)
+    _check_limits(self)
 
   @property
   def flexibert(self) -> bool:
@@ -215,6 +221,25 @@ class SpaceConfig:
     return ModelDims(hidden=max(self.hidden), head_dim=max(self.head_dim),
                      bottleneck_head_dim=self.bottleneck_head_dim if 'bottleneck' in kinds else 0,
                      layers=(layer,) * self.num_layers)
+
+
+def _check_limits(space: SpaceConfig) -> None:
+  """`ffn_max` and `heads_allowed` give, per layer and per block type, a value (a subset) of the
+  choice lists."""
+  shape = f'{space.num_layers} layers x {len(space.blocks)} block types (space.blocks)'
+  if space.ffn_max:
+    ok = (len(space.ffn_max) == space.num_layers
+          and all(len(row) == len(space.blocks) for row in space.ffn_max)
+          and all(v in space.ffn for row in space.ffn_max for v in row))
+    _require(ok, 'space.ffn_max', [list(r) for r in space.ffn_max],
+             f'needs {shape} widths from space.ffn={list(space.ffn)}')
+  if space.heads_allowed:
+    ok = (len(space.heads_allowed) == space.num_layers
+          and all(len(row) == len(space.blocks) for row in space.heads_allowed)
+          and all(hs and set(hs) <= set(space.heads) for row in space.heads_allowed
+                  for hs in row))
+    _require(ok, 'space.heads_allowed', [[list(h) for h in r] for r in space.heads_allowed],
+             f'needs {shape} non-empty subsets of space.heads={list(space.heads)}')
 
 
 def _check_flexibert(space: SpaceConfig) -> None:
@@ -290,6 +315,9 @@ def space_config(cfg: Mapping) -> SpaceConfig:
       inner=inner,
       bottleneck_head_dim=bottleneck_head_dim,
       ffn_layers=ffn_layers,
+      ffn_max=tuple(tuple(int(v) for v in row) for row in cfg.get('ffn_max', ())),
+      heads_allowed=tuple(tuple(tuple(sorted(int(h) for h in hs)) for hs in row)
+                          for row in cfg.get('heads_allowed', ())),
   )
 
 

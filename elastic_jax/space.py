@@ -7,6 +7,12 @@ mutation is "resample an index". Layout: [hidden, depth, head_dim] then, per lay
 choice (FlexiBERT's stacked FFNs), one `ffn_layers` gene per layer (so the genomes of every other
 space are unchanged).
 
+Per-layer limits (`SpaceConfig.ffn_max`, `heads_allowed`; ELM's dynamic modules, which change
+them during training): a layer's FFN gene picks among the widths <= its block type's limit and its
+heads gene among the allowed head counts (the largest allowed index <= the gene, else the smallest
+allowed), so every genome still decodes to an allowed arch. The limits are data (`Limits`): the
+training step passes them in as arrays, so changing them never retraces.
+
 KV groups must divide the head count. The kv gene picks the largest allowed group count that is
 <= its choice and divides the layer's heads (or, if none is, the smallest divisor), so the gene
 stays valid whatever the heads gene does.
@@ -19,6 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from elastic_jax import arch as arch_lib
 from elastic_jax.arch import Arch
@@ -28,6 +35,22 @@ from elastic_jax.errors import UserError
 
 GLOBAL_GENES = 3
 LAYER_GENES = 5
+
+
+@struct.dataclass
+class Limits:
+  """Per-layer limits inside the choice lists, as arrays (B = len(space.blocks))."""
+
+  ffn_max: jax.Array  # int32[L, B]: the largest allowed FFN width per layer and block type
+  heads_ok: jax.Array  # bool[L, B, H]: which entries of the heads table are allowed
+
+
+def _pick(gene_N, ok_NxC):
+  """Per row: the largest allowed index <= the gene, else the smallest allowed index."""
+  idx_C = jnp.arange(ok_NxC.shape[-1])
+  below = ok_NxC & (idx_C <= gene_N[:, None])
+  largest_below = jnp.max(jnp.where(below, idx_C, -1), axis=-1)
+  return jnp.where(largest_below >= 0, largest_below, jnp.argmax(ok_NxC, axis=-1))
 
 
 class Space:
@@ -59,17 +82,49 @@ class Space:
         [len(t['hidden']), len(t['depth']), len(t['head_dim'])] + layer_sizes * self.num_layers
         + tail, np.int32)
     self.num_genes = int(self.gene_sizes.shape[0])
+    self.limited = bool(space.ffn_max or space.heads_allowed)
+    self.limits = self.make_limits(space.ffn_max, space.heads_allowed)
     if max(self.parameter_range()) >= 2**31 - 1:
       raise UserError('the largest architecture has >= 2^31 parameters, beyond int32 cost '
                       'arithmetic; shrink the space or run with JAX_ENABLE_X64=1')
 
+  # -- limits ----------------------------------------------------------------------------------
+  def make_limits(self, ffn_max=(), heads_allowed=()) -> Limits:
+    """`Limits` (NumPy) from per-layer, per-block-type values; () = no limit."""
+    num_blocks = len(self.cfg.blocks)
+    t = self.tables
+    if ffn_max:
+      fmax = np.asarray(ffn_max, np.int32).reshape(self.num_layers, num_blocks)
+    else:
+      fmax = np.full((self.num_layers, num_blocks), t['ffn'].max(), np.int32)
+    if heads_allowed:
+      ok = np.asarray([[np.isin(t['heads'], hs) for hs in row] for row in heads_allowed], bool)
+    else:
+      ok = np.ones((self.num_layers, num_blocks, len(t['heads'])), bool)
+    return Limits(ffn_max=fmax, heads_ok=ok)
+
+  def _limited_genes(self, per_LxK, limits: Limits):
+    """The FFN and heads genes of each layer moved onto allowed choices."""
+    blk_L = per_LxK[:, 0]
+    rows = jnp.arange(self.num_layers)
+    fmax_L = jnp.asarray(limits.ffn_max)[rows, blk_L]
+    ffn_ok = jnp.asarray(self.tables['ffn'])[None, :] <= fmax_L[:, None]
+    # A limit below every choice (never written by the dynamic modules) keeps the smallest.
+    ffn_ok = ffn_ok.at[:, 0].set(True)
+    heads_ok = jnp.asarray(limits.heads_ok)[rows, blk_L]
+    return (per_LxK.at[:, 3].set(_pick(per_LxK[:, 3], ffn_ok))
+            .at[:, 1].set(_pick(per_LxK[:, 1], heads_ok)))
+
   # -- genomes <-> archs ----------------------------------------------------------------------
-  def decode(self, genome_G: jax.Array) -> Arch:
-    """Genome -> Arch (jittable, vmappable)."""
+  def decode(self, genome_G: jax.Array, limits: Limits | None = None) -> Arch:
+    """Genome -> Arch (jittable, vmappable); `limits` (arrays, may be traced) replace the
+    config's."""
     t = {k: jnp.asarray(v) for k, v in self.tables.items()}
     genome_G = jnp.asarray(genome_G, jnp.int32)
     end = GLOBAL_GENES + self.num_layers * LAYER_GENES
     per_LxK = genome_G[GLOBAL_GENES:end].reshape(self.num_layers, LAYER_GENES)
+    if limits is not None or self.limited:
+      per_LxK = self._limited_genes(per_LxK, self.limits if limits is None else limits)
     if self.ffn_layer_genes:
       ffn_layers_L = t['ffn_layers'][genome_G[end:]]
     else:
@@ -108,12 +163,30 @@ class Space:
     return jnp.concatenate(parts).astype(jnp.int32)
 
   # -- sampling ----------------------------------------------------------------------------
-  def random_genomes(self, key: jax.Array, n: int) -> jax.Array:
-    """[n, G] genomes, each gene uniform over its choices."""
+  def random_genomes(self, key: jax.Array, n: int, limits: Limits | None = None) -> jax.Array:
+    """[n, G] genomes, each gene uniform over its choices (with limits: a layer's FFN and heads
+    genes uniform over the choices its block type allows)."""
     u = jax.random.uniform(key, (n, self.num_genes))
-    return jnp.floor(u * self.gene_sizes).astype(jnp.int32)
+    genomes = jnp.floor(u * self.gene_sizes).astype(jnp.int32)
+    if limits is None and not self.limited:
+      return genomes
+    limits = self.limits if limits is None else limits
+    end = GLOBAL_GENES + self.num_layers * LAYER_GENES
+    u_NxLxK = u[:, GLOBAL_GENES:end].reshape(n, self.num_layers, LAYER_GENES)
+    per_NxLxK = genomes[:, GLOBAL_GENES:end].reshape(n, self.num_layers, LAYER_GENES)
+    rows = jnp.arange(self.num_layers)
+    blk_NxL = per_NxLxK[..., 0]
+    fmax_NxL = jnp.asarray(limits.ffn_max)[rows, blk_NxL]
+    n_ffn = jnp.maximum(jnp.sum(jnp.asarray(self.tables['ffn']) <= fmax_NxL[..., None], -1), 1)
+    ffn_NxL = jnp.floor(u_NxLxK[..., 3] * n_ffn).astype(jnp.int32)  # allowed widths: a prefix
+    ok_NxLxH = jnp.asarray(limits.heads_ok)[rows, blk_NxL]
+    j_NxL = jnp.floor(u_NxLxK[..., 1] * jnp.sum(ok_NxLxH, -1)).astype(jnp.int32)
+    heads_NxL = jnp.argmax(jnp.cumsum(ok_NxLxH, -1) > j_NxL[..., None], -1).astype(jnp.int32)
+    per_NxLxK = per_NxLxK.at[..., 3].set(ffn_NxL).at[..., 1].set(heads_NxL)
+    return genomes.at[:, GLOBAL_GENES:end].set(per_NxLxK.reshape(n, -1))
 
-  def _extreme_genome(self, largest: bool, allow_skip: bool = False) -> np.ndarray:
+  def _extreme_genome(self, largest: bool, allow_skip: bool = False,
+                      limits: Limits | None = None) -> np.ndarray:
     """Every numeric gene at its largest (smallest) choice; each layer's block the type with the
     most (fewest) parameters at those settings ('skip' only if `allow_skip`)."""
     g = np.array((self.gene_sizes - 1) if largest else np.zeros_like(self.gene_sizes))
@@ -125,20 +198,20 @@ class Space:
           continue
         trial = g.copy()
         trial[gene] = i
-        p = int(self.cost(self.decode(trial))['params'])
+        p = int(self.cost(self.decode(trial, limits))['params'])
         if best is None or (p > best_params if largest else p < best_params):
           best, best_params = i, p
       g[gene] = best
     return g
 
-  def largest(self) -> Arch:
+  def largest(self, limits: Limits | None = None) -> Arch:
     """The arch with the most parameters (the sandwich rule's teacher)."""
-    return self.decode(self._extreme_genome(True))
+    return self.decode(self._extreme_genome(True, limits=limits), limits)
 
-  def smallest(self) -> Arch:
+  def smallest(self, limits: Limits | None = None) -> Arch:
     """The smallest network of the sandwich rule (whittle's): every dimension at its smallest,
     the shallowest depth, each kept layer the lightest block type that computes ('skip' aside)."""
-    return self.decode(self._extreme_genome(False))
+    return self.decode(self._extreme_genome(False, limits=limits), limits)
 
   def fewest_params(self) -> Arch:
     """The arch with the fewest parameters in the space ('skip' allowed: layers may vanish)."""
@@ -181,19 +254,25 @@ class Space:
     layers (a layer beyond `depth` has no effect and a 'skip' layer has no settings, so neither
     is counted twice)."""
     s = self.cfg
-    kv_options = sum(len([g for g in s.kv_groups if h % g == 0]) if s.kv_groups else 1
-                     for h in s.heads)
-    per_layer = 0
-    for b in s.blocks:
-      if b == 'transformer':
-        per_layer += kv_options * len(s.ffn)
-      elif b == 'bottleneck':
-        per_layer += kv_options * len(s.ffn) * len(s.inner)
-      elif b in FLEXIBERT_BLOCKS:
-        per_layer += len(s.heads) * len(s.ffn) * len(s.ffn_layers)
-      else:
-        per_layer += 1
-    return len(s.hidden) * len(s.head_dim) * sum(per_layer ** d for d in s.depth)
+    lim = jax.tree.map(np.asarray, self.limits)
+    per_layer = []
+    for layer in range(self.num_layers):
+      count = 0
+      for i, b in enumerate(s.blocks):
+        heads = self.tables['heads'][lim.heads_ok[layer, i]]
+        n_ffn = max(int(np.sum(self.tables['ffn'] <= lim.ffn_max[layer, i])), 1)
+        kv_options = sum(len([g for g in s.kv_groups if h % g == 0]) if s.kv_groups else 1
+                         for h in heads)
+        if b == 'transformer':
+          count += kv_options * n_ffn
+        elif b == 'bottleneck':
+          count += kv_options * n_ffn * len(s.inner)
+        elif b in FLEXIBERT_BLOCKS:
+          count += len(heads) * n_ffn * len(s.ffn_layers)
+        else:
+          count += 1
+      per_layer.append(count)
+    return len(s.hidden) * len(s.head_dim) * sum(math.prod(per_layer[:d]) for d in s.depth)
 
   def describe(self) -> dict:
     lo, hi = self.parameter_range()

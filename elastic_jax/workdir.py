@@ -4,6 +4,7 @@ Layout of W:
   config.json       the experiment config (ConfigDict as JSON), written by the first command
   checkpoints/      Orbax checkpoints of supernet training (see `elastic_jax/checkpoints.py`)
   checkpoints_unreadable/  checkpoints a training run could not read, moved aside for inspection
+  space_history.json  how training changed the space (ELM's dynamic modules), if it did
   search/           search outputs (pareto.json, history.jsonl, pareto.png, ...)
   export/           exported dense models
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import ml_collections
 from flax import nnx
 
-from elastic_jax import atomic
+from elastic_jax import atomic, space_history
 from elastic_jax.config import check_compatible, model_config, space_config
 from elastic_jax.errors import UserError
 from elastic_jax.model.supernet import Model
@@ -160,8 +161,11 @@ def check_seq_len(model_cfg, seq_len: int | None) -> None:
                     'data.seq_len or raise model.max_len')
 
 
-def build_space(cfg: ml_collections.ConfigDict) -> Space:
-  model, space = model_config(cfg.model), space_config(cfg.space)
+def build_space(cfg: ml_collections.ConfigDict, workdir: str | Path | None = None) -> Space:
+  """The config's space; with ELM's dynamic modules on, allocated at their extent and limited to
+  the final space of `workdir`'s history (elastic_jax/space_history.py)."""
+  model = model_config(cfg.model)
+  space = space_config(space_history.space_section(cfg, workdir))
   check_compatible(model, space)
   seq_len = cfg.get('data', {}).get('seq_len', None)
   check_seq_len(model, seq_len)
@@ -180,7 +184,7 @@ def load_supernet(cfg: ml_collections.ConfigDict, workdir: str | None,
 
   Returns the model and the training step it comes from (None for the initialisation).
   """
-  space = space or build_space(cfg)
+  space = space or build_space(cfg, workdir)
   model = init_supernet(cfg, space)
   step = None
   if workdir:

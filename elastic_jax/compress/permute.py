@@ -71,27 +71,36 @@ def identity(model: Model) -> Permutation:
                      ffn=[np.arange(l.ffn) for l in dims.layers])
 
 
+def reorder(value, names: tuple, index_of, where: str = 'a parameter') -> np.ndarray:
+  """`value` with every axis whose logical name `index_of(name)` knows (an index array, else
+  None) taken in that order (parameters, and optimizer moments shaped like them)."""
+  value = np.asarray(value)
+  for axis, name in enumerate(names):
+    index = index_of(name)
+    if index is None:
+      continue
+    if len(index) != value.shape[axis]:
+      raise UserError(f'{where} axis {name!r} has size {value.shape[axis]}, the permutation '
+                      f'{len(index)}')
+    value = np.take(value, index, axis=axis)
+  return value
+
+
 def apply(model: Model, perm: Permutation) -> Model:
   """A new model whose units are reordered by `perm` (a dense model or a supernet)."""
   values = {}
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    value = np.asarray(var[...])
-    for axis, name in enumerate(axis_names(var)):
+    def index_of(name, path=path):
       if name in HIDDEN_AXES:
-        index = perm.hidden
-      elif name in ('heads', 'kv', 'mlp'):
-        if path[0] != 'layers':
-          raise UserError(f'parameter {export_lib.param_key(path)} has a per-layer axis {name!r} '
-                          'outside the layers; it cannot be sorted')
-        layer = path[1]
-        index = {'heads': perm.heads, 'kv': perm.groups, 'mlp': perm.ffn}[name][layer]
-      else:
-        continue
-      if len(index) != value.shape[axis]:
-        raise UserError(f'parameter {export_lib.param_key(path)} axis {name!r} has size '
-                        f'{value.shape[axis]}, the permutation {len(index)}')
-      value = np.take(value, index, axis=axis)
-    values[path] = value
+        return perm.hidden
+      if name not in ('heads', 'kv', 'mlp'):
+        return None
+      if path[0] != 'layers':
+        raise UserError(f'parameter {export_lib.param_key(path)} has a per-layer axis {name!r} '
+                        'outside the layers; it cannot be sorted')
+      return {'heads': perm.heads, 'kv': perm.groups, 'mlp': perm.ffn}[name][path[1]]
+    values[path] = reorder(var[...], axis_names(var), index_of,
+                           f'parameter {export_lib.param_key(path)}')
   abstract = nnx.eval_shape(lambda: Model(model.cfg, model.dims, rngs=nnx.Rngs(0)))
   return export_lib.fill_model(abstract, values)
 

@@ -36,12 +36,14 @@ Array = jax.Array
 # Features a block can hand to distillation losses, zero-cost proxies and importance scores:
 # attention probabilities, the FFN's input, first-linear kernel (masked to the active width) and
 # pre-activation, and the attention and FFN outputs; the attention's input, per-head context
-# [B,T,N,H] (before the output projection) and the FFN's activation (the down projection's input).
+# [B,T,N,H] (before the output projection), the FFN's activation (the down projection's input) and
+# each head's output [B,T,N,width] (its context through its slice of the output projection).
 BLOCK_CAPTURES = ('attn_probs', 'ffn_in', 'ffn_kernel', 'ffn_pre', 'attn_out', 'ffn_out',
-                  'attn_in', 'attn_heads', 'ffn_act')
+                  'attn_in', 'attn_heads', 'ffn_act', 'attn_head_out')
 # The axis of each block feature that has the block's width (hidden, or a bottleneck's inner
 # width); the masked supernet zero-pads it to the layer's widest block.
-WIDTH_AXIS = {'attn_out': -1, 'ffn_out': -1, 'ffn_in': -1, 'ffn_kernel': 0, 'attn_in': -1}
+WIDTH_AXIS = {'attn_out': -1, 'ffn_out': -1, 'ffn_in': -1, 'ffn_kernel': 0, 'attn_in': -1,
+              'attn_head_out': -1}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -220,6 +220,10 @@ class Attention(nnx.Module):
       out_BTNH = out_BTNH * head_mask[:, None] * hd_mask
     if capture is not None and 'attn_heads' in capture['names']:
       capture['attn_heads'] = out_BTNH  # per-head context, before the output projection
+    if capture is not None and 'attn_head_out' in capture['names']:
+      # Each head's share of the output (before the bias): what ELM's head pruning compares.
+      o_NHD = self.o[...].astype(dtype)
+      capture['attn_head_out'] = jnp.einsum('BTNH,NHD->BTND', out_BTNH, o_NHD)
     out_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTNH, self.o[...].astype(dtype))
     if self.o_bias is not None:
       out_BTD = out_BTD + self.o_bias[...].astype(dtype)

@@ -587,7 +587,7 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
   from elastic_jax.search import report  # noqa: PLC0415
   from elastic_jax.workdir import build_space  # noqa: PLC0415
 
-  space = build_space(cfg)
+  space = build_space(cfg, workdir)
   _register_proxies(sc, cfg.get('proxy', None))
   strategy = resolve_strategy(sc)
   budgets = Budgets(space, dict(sc.budgets))

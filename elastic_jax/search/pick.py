@@ -151,7 +151,7 @@ def export_pick(cfg, workdir: str | Path, spec: str, out: str | Path | None = No
   pareto = load_pareto(workdir)
   index = choose(pareto, spec)
   entry = pareto['front'][index]
-  space = build_space(cfg)
+  space = build_space(cfg, workdir)
   arch = arch_lib.from_json(entry['arch'], space.cfg)
   out = Path(out) if out else Path(workdir) / 'export' / f'front_{index}'
   export_lib.check_out(out, overwrite)  # before the supernet is read

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from elastic_jax.train.dynamic import config as dynamic_config
+
 
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -45,6 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 200  # steps between (asynchronous) Orbax checkpoints
   c.keep_checkpoints = 3
   c.init_from = ''  # start from another run's workdir or an exported model dir
+  # ELM's dynamic modules: PCA-guided FFN width growth and CKA head pruning, which change the
+  # space during training (elastic_jax/train/dynamic/config.py); off by default.
+  c.dynamic = dynamic_config.default_config()
   return c
 
 

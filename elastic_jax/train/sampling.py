@@ -15,6 +15,10 @@ samples exactly what an uninterrupted one would.
                  the space's parameter range, so small and large models are drawn equally often,
                  unlike uniform genes, which concentrate on middle sizes)
 
+With ELM's dynamic modules (elastic_jax/train/dynamic/) the space's limits change during training:
+the step passes them in as data (`Allowed`: the limits, and the largest and smallest archs within
+them), so a changed space never retraces.
+
 The first arch of `standard`, `sandwich`, `stratified` and `random_linear` (when it is the
 largest) is the in-place distillation teacher of the others.
 """
@@ -23,11 +27,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from elastic_jax import arch as arch_lib
 from elastic_jax.arch import Arch
 from elastic_jax.errors import UserError
-from elastic_jax.space import Space
+from elastic_jax.space import Limits, Space
 
 STRATEGIES = ('standard', 'random', 'sandwich', 'random_linear', 'fixed', 'stratified')
 STRATIFIED_BINS = 8
@@ -43,6 +48,15 @@ def num_archs(strategy: str, num_random: int) -> int:
 def teacher_is_first(strategy: str) -> bool:
   """Whether archs[0] is the largest network in every step (the in-place KD teacher)."""
   return strategy in ('standard', 'sandwich', 'stratified')
+
+
+@struct.dataclass
+class Allowed:
+  """The part of the space a step may sample (arrays; see elastic_jax/space.py's `Limits`)."""
+
+  limits: Limits
+  largest: Arch
+  smallest: Arch
 
 
 class Sampler:
@@ -72,8 +86,19 @@ class Sampler:
     return {'standard': ('largest',), 'fixed': ('fixed',), 'random': ('random',),
             'random_linear': ('sampled',)}[self.strategy]
 
-  def _uniform(self, key, n) -> Arch:
-    return jax.vmap(self.space.decode)(self.space.random_genomes(key, n))
+  def allowed(self, limits: Limits) -> Allowed:
+    """`Allowed` of the space within `limits` (host side; int32 / bool arrays)."""
+    if self.strategy in ('stratified', 'fixed'):
+      raise UserError(f'train.sampling={self.strategy!r} cannot follow a space that changes in '
+                      "training (train.dynamic); use 'sandwich', 'random', 'standard' or "
+                      "'random_linear'")
+    limits = jax.tree.map(jnp.asarray, limits)
+    return Allowed(limits=limits, largest=self.space.largest(limits),
+                   smallest=self.space.smallest(limits))
+
+  def _uniform(self, key, n, limits=None) -> Arch:
+    return jax.vmap(lambda g: self.space.decode(g, limits))(
+        self.space.random_genomes(key, n, limits))
 
   def _stratified(self, key, n) -> Arch:
     from elastic_jax.search.baselines import stratified_random_search  # noqa: PLC0415
@@ -84,25 +109,30 @@ class Sampler:
         value_range=self.param_range)
     return jax.vmap(self.space.decode)(genomes)
 
-  def __call__(self, key: jax.Array, step) -> Arch:
+  def __call__(self, key: jax.Array, step, allowed: Allowed | None = None) -> Arch:
     key = jax.random.fold_in(key, step)
+    if allowed is not None:
+      largest, smallest = allowed.largest, allowed.smallest
+      uniform = lambda k, n: self._uniform(k, n, allowed.limits)
+    else:
+      largest, smallest, uniform = self.largest, self.smallest, self._uniform
     if self.strategy == 'standard':
-      return arch_lib.stack([self.largest])
+      return arch_lib.stack([largest])
     if self.strategy == 'fixed':
       return arch_lib.stack([self.fixed])
     if self.strategy == 'random':
-      return self._uniform(key, 1)
+      return uniform(key, 1)
     if self.strategy in ('sandwich', 'stratified'):
-      ends = arch_lib.stack([self.largest, self.smallest])
+      ends = arch_lib.stack([largest, smallest])
       if not self.num_random:
         return ends
-      draw = self._uniform if self.strategy == 'sandwich' else self._stratified
+      draw = uniform if self.strategy == 'sandwich' else self._stratified
       return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ends,
                           draw(key, self.num_random))
     # random_linear
     k_pick, k_arch = jax.random.split(key)
     p = jnp.minimum(jnp.asarray(step, jnp.float32) / self.ramp_steps, 1.0)
     use_random = jax.random.uniform(k_pick) < p
-    rand = self._uniform(k_arch, 1)
-    big = arch_lib.stack([self.largest])
+    rand = uniform(k_arch, 1)
+    big = arch_lib.stack([largest])
     return jax.tree.map(lambda r, b: jnp.where(use_random, r, b), rand, big)

@@ -184,7 +184,9 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
 def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransformation,
                     spec: DistillSpec, grad_accum: int,
                     external_teacher: Callable | None = None, *, micro_sharding=None):
-  """Returns step(state, batch[, teacher_params]) -> (state, metrics).
+  """Returns step(state, batch[, teacher_params[, allowed]]) -> (state, metrics).
+
+  `allowed`: the sampler's `Allowed` (arrays) when the space changes in training, else None.
 
   Metrics: `loss` (the step's objective: the sum over its K sub-networks of their losses),
   `loss_per_arch` and `ce_per_arch` (float32[K], in the sampler's order), `grad_norm`, `finite`.
@@ -193,8 +195,8 @@ def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransfor
   grad_fn = jax.value_and_grad(make_loss_fn(graphdef, proj_graphdef, spec, external_teacher),
                                has_aux=True)
 
-  def step(state: TrainState, batch, teacher_params=None):
-    archs = sampler(jax.random.wrap_key_data(state.rng), state.step)
+  def step(state: TrainState, batch, teacher_params=None, allowed=None):
+    archs = sampler(jax.random.wrap_key_data(state.rng), state.step, allowed)
     totals = token_totals(batch)  # of the global batch, before it is split
     micro = split_microbatches(batch, grad_accum, micro_sharding)
 

@@ -28,6 +28,8 @@ from elastic_jax import export as export_lib
 from elastic_jax.errors import UserError
 from elastic_jax.train import config as train_config
 from elastic_jax.train import curves, distill
+from elastic_jax.train.dynamic import config as dynamic_config
+from elastic_jax.train.dynamic.controller import Controller
 from elastic_jax.train.logger import MetricLogger
 from elastic_jax.train.sampling import Sampler, teacher_is_first
 from elastic_jax.train.step import DistillSpec, TrainState, make_optimizer, make_train_step
@@ -138,8 +140,9 @@ class StepSetup:
   state_shardings: TrainState
   batch_sharding: jax.sharding.NamedSharding
   teacher_shardings: object  # of an external teacher's params, else None
-  step: object  # jit(step)(state, batch, teacher_params) -> (state, metrics), state donated
+  step: object  # jit(step)(state, batch, teacher_params[, allowed]) -> (state, metrics), donated
   sharding_report: dict
+  dynamic: bool = False  # the step takes the sampler's `Allowed` (train.dynamic)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the training state (no arrays)."""
@@ -199,11 +202,14 @@ def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=
   step_fn = make_train_step(graphdef, proj_graphdef, sampler, tx, spec, grad_accum, external,
                             micro_sharding=parallel.microbatch_sharding(mesh))
   batch_sharding = parallel.batch_sharding(mesh)
-  step = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding, teacher_shardings),
+  dynamic = Controller.wanted(cfg)
+  in_shardings = (state_shardings, batch_sharding, teacher_shardings) + (
+      (replicated,) if dynamic else ())
+  step = jax.jit(step_fn, in_shardings=in_shardings,
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
   return StepSetup(space, mesh, sampler, strategy, graphdef, proj_graphdef, init_params, tx,
                    schedule, state_shardings, batch_sharding, teacher_shardings, step,
-                   sharding_report)
+                   sharding_report, dynamic)
 
 
 def check_batch(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
@@ -224,6 +230,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
   workdir = Path(workdir)
   tcfg = cfg.train
   train_config.check(tcfg)  # before anything is created
+  dynamic_config.check(cfg)
   data.check_lm_task(cfg.data)
   space = build_space(cfg)
   mesh = parallel.make_mesh(cfg.get('mesh', {}))
@@ -274,13 +281,27 @@ def _train(cfg, workdir: Path, space, mesh, is_main: bool, progress: bool) -> di
     teacher_params = distributed.put_global(nnx.state(teacher, nnx.Param),
                                             setup.teacher_shardings)
   train_step = setup.step
+  dynamic = allowed = None
+  if setup.dynamic:  # ELM's dynamic modules: the space's limits, resumed with the checkpoint
+    dynamic = Controller(cfg, workdir, space, setup, is_main=is_main)
+    dynamic.start(None if restored is None else int(restored[1]['step']))
+    allowed = dynamic.allowed()
 
   if setup.strategy == 'fixed':  # the one architecture trained is the one to report
     labels, eval_archs = ['arch'], [sampler.fixed]
   else:
     labels, eval_archs = _named_archs(list(tcfg.eval_archs), space)
-  # The evaluation set is the same on every process: each puts its devices' part.
-  eval_stacked = distributed.put_global(arch_lib.stack(eval_archs), replicated)
+
+  def eval_set():
+    # The evaluation set is the same on every process: each puts its devices' part. In a
+    # changing space 'largest' and 'smallest' are the current ones.
+    archs = list(eval_archs)
+    if allowed is not None:
+      current = {'largest': allowed.largest, 'smallest': allowed.smallest}
+      archs = [current.get(label, a) for label, a in zip(labels, archs)]
+    return distributed.put_global(arch_lib.stack(archs), replicated)
+
+  eval_stacked = eval_set()
   eval_data = distributed.put_global(
       evaluation.stack_batches(data.eval_batches(cfg.data)),
       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.BATCH_AXES)))
@@ -353,12 +374,24 @@ def _train(cfg, workdir: Path, space, mesh, is_main: bool, progress: bool) -> di
     host_step = start_step  # the device's step, known on the host without a sync
     while host_step < tcfg.steps:
       batch = distributed.global_batch(_model_batch(next(iterator)), setup.batch_sharding)
-      state, metrics = train_step(state, batch, teacher_params)
+      state, metrics = train_step(state, batch, teacher_params,
+                                  *(() if allowed is None else (allowed,)))
       host_step += 1
       step = host_step
       if pending is not None:
         flush(pending)
       pending = (step, metrics, time.perf_counter())
+      if dynamic is not None:
+        state, changed, dyn_log, messages = dynamic.after_step(step, state)
+        if changed:
+          allowed = dynamic.allowed()
+          eval_stacked = eval_set()
+        if dyn_log:
+          flush(pending)
+          pending = None
+          logger.log(step, dyn_log)
+        for message in messages:
+          logger.info(message)
       if tcfg.eval_every and step % tcfg.eval_every == 0 and step != tcfg.steps:
         flush(pending)
         pending = None

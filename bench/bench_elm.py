@@ -1,0 +1,199 @@
+"""ELM's ablation: what block-preserving distillation, width growth and head pruning each buy.
+
+Masked LM on the embedded Python-docs corpus, a small BERT-style space with both of ELM's block
+types per layer (BERT block, MobileBERT-style bottleneck; `configs/bert_elm.py:runlocal`, FFN
+widths starting at hidden = 48), four supernets trained on the same tokens (same steps, batch,
+sequence length, seed):
+  (1) plain:    sandwich rule, every sub-network on its own cross-entropy (no distillation)
+  (2) +distill: in-place distillation from the largest: soft cross-entropy on the logits and
+                ELM's block-preserving loss (train.distill.logits_kl = block_preserving = 1)
+  (3) +growth:  (2) with PCA-guided FFN width growth (train.dynamic.growth_every)
+  (4) +pruning: (3) with CKA head pruning (train.dynamic.prune_every)
+Each supernet is searched (NSGA-II on validation loss and parameters, the same search settings)
+and its front's hypervolume is computed against ONE reference point shared by the four (the
+worst loss of any front + 10% of the loss span, 1.1 x the most parameters of any front; params
+in millions), so the numbers compare. Then the best front member under one parameter budget
+(the middle of the initial space's parameter range) of each variant is exported and fine-tuned
+on two small GLUE tasks (RTE, MRPC) with `elastic_jax.finetune` (`configs/finetune_glue.py`;
+`--glue none` skips it, and the results say so).
+
+  python bench/bench_elm.py --quick   # minutes: 40 steps, tiny search, tiny GLUE fine-tuning
+  python bench/bench_elm.py           # the committed run (about 2 hours on a 2-core CPU)
+
+Results: bench/results/bench_elm[_quick].{json,md}; top-level keys `hv` (per variant) and `glue`
+(per variant, or the reason it was not run).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_cpu_multi_thread_eigen=false')
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from common import write_results  # noqa: E402
+
+from elastic_jax import space_history  # noqa: E402
+from elastic_jax.search.hypervolume import hypervolume_nd  # noqa: E402
+from elastic_jax.search.job import run_search  # noqa: E402
+from elastic_jax.search.pick import choose, export_pick  # noqa: E402
+from elastic_jax.search.report import load_pareto  # noqa: E402
+from elastic_jax.train.trainer import train  # noqa: E402
+from elastic_jax.workdir import build_space  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ('plain', 'distill', 'growth', 'pruning')
+GLUE_TASKS = ('rte', 'mrpc')
+
+
+def load_config(name: str, arg: str | None = None):
+  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def variant_config(name: str, args):
+  cfg = load_config('bert_elm', 'runlocal')
+  cfg.space.ffn = (12, 24, 36, 48)  # FFN up to hidden; growth may reach 1.5 x hidden = 72
+  cfg.data.batch_size = args.batch_size
+  cfg.data.seq_len = args.seq_len
+  cfg.data.eval_batches = args.eval_batches
+  cfg.data.cache_dir = str(args.cache)
+  t = cfg.train
+  t.steps = args.steps
+  t.warmup_steps = max(args.steps // 10, 1)
+  t.log_every = max(args.steps // 10, 1)
+  t.checkpoint_every = args.steps
+  t.eval_every = 0
+  t.sampling = 'sandwich'
+  t.distill.logits_kl = 0.0 if name == 'plain' else 1.0
+  t.distill.block_preserving = 0.0 if name == 'plain' else 1.0
+  if name in ('growth', 'pruning'):
+    t.dynamic.growth_every = args.growth_every
+    t.dynamic.pca_every = max(args.growth_every // 3, 1)
+  if name == 'pruning':
+    t.dynamic.prune_every = args.prune_every
+  s = cfg.search
+  s.pop_size, s.generations, s.n_children = args.pop_size, args.generations, 0
+  s.objectives = ('loss', 'params')
+  s.checkpoint_every = args.generations
+  return cfg
+
+
+def front_points(pareto) -> np.ndarray:
+  """(validation loss, params in millions) of the front members."""
+  return np.asarray([[e['metrics']['loss'], e['metrics']['params'] / 1e6]
+                     for e in pareto['front']], np.float64)
+
+
+def finetune_best(cfg, workdir: Path, budget: int, args, log) -> dict:
+  from elastic_jax.finetune import trainer as ft  # noqa: PLC0415
+  spec = f'best-under:params={budget}'
+  pareto = load_pareto(workdir)
+  index = choose(pareto, spec)
+  out = workdir / 'export' / 'best_under_budget'
+  export_pick(cfg, workdir, spec, out, overwrite=True)
+  ft_cfg = load_config('finetune_glue', args.glue).finetune
+  ft_cfg.cache_dir = str(args.cache)
+  scores = {'front_index': index, 'params': pareto['front'][index]['metrics']['params'],
+            'val_loss': pareto['front'][index]['metrics']['loss']}
+  for task in GLUE_TASKS:
+    result = ft.finetune(out, task, workdir / 'glue' / task, ft_cfg, log=log)
+    scores[task] = {k: v for k, v in result['best'].items() if k not in ('train_loss', 'seconds')}
+  return scores
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--quick', action='store_true', help='minutes, for CI (not the committed run)')
+  p.add_argument('--steps', type=int)
+  p.add_argument('--glue', choices=('quick', 'tiny', 'full', 'none'),
+                 help="configs/finetune_glue.py argument ('full' = the W-PCA recipe)")
+  p.add_argument('--workdir', help='keep the runs here (default: a temporary directory)')
+  a = p.parse_args()
+  a.steps = a.steps or (40 if a.quick else 2000)
+  a.glue = a.glue or ('tiny' if a.quick else 'quick')
+  a.batch_size = 4 if a.quick else 16
+  a.seq_len = 32 if a.quick else 64
+  a.eval_batches = 2 if a.quick else 8
+  a.growth_every = max(a.steps // 4, 1)
+  a.prune_every = max(a.steps // 2, 1)
+  a.pop_size, a.generations = (8, 3) if a.quick else (32, 30)
+  root = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix='bench_elm_'))
+  a.cache = root / 'data_cache'
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+  runs = {}
+  for name in VARIANTS:
+    cfg = variant_config(name, a)
+    workdir = root / name
+    shutil.rmtree(workdir, ignore_errors=True)
+    t0 = time.perf_counter()
+    trained = train(cfg, workdir, progress=False)
+    t_train = time.perf_counter() - t0
+    result = run_search(cfg, workdir, log=log)
+    history = space_history.load(workdir)
+    runs[name] = {'cfg': cfg, 'workdir': workdir, 'pareto': load_pareto(workdir),
+                  'train_seconds': t_train, 'search_seconds': result['seconds'],
+                  'eval': {k: v for k, v in trained.items() if k.startswith('eval/')},
+                  'events': history['events'] if history else []}
+    log(f'{name}: trained in {t_train:.0f} s, front of {len(runs[name]["pareto"]["front"])}')
+
+  points = {n: front_points(r['pareto']) for n, r in runs.items()}
+  every = np.concatenate(list(points.values()))
+  lo, hi = every[:, 0].min(), every[:, 0].max()
+  ref = np.asarray([hi + 0.1 * max(hi - lo, 1e-6), 1.1 * every[:, 1].max()])
+  hv = {n: float(hypervolume_nd(pts, ref)) for n, pts in points.items()}
+
+  initial = build_space(variant_config('plain', a))
+  p_lo, p_hi = initial.parameter_range()
+  budget = int((p_lo + p_hi) / 2)
+  if a.glue == 'none':
+    glue = {'not_run': 'skipped (--glue none): masked-LM validation loss only'}
+  else:
+    glue = {n: finetune_best(r['cfg'], r['workdir'], budget, a, log) for n, r in runs.items()}
+
+  rows = []
+  for n in VARIANTS:
+    r, g = runs[n], glue.get(n, {})
+    grown = sum(len(e.get('grown', [])) for e in r['events'])
+    pruned = sum(len(x['dropped']) for e in r['events'] for x in e.get('pruned', []))
+    glue_cell = ' / '.join(f"{100 * g[t]['score']:.1f}" for t in GLUE_TASKS if t in g) or '-'
+    rows.append((n, f'{hv[n]:.4f}', len(points[n]), f'{points[n][:, 0].min():.3f}',
+                 f"{r['eval'].get('eval/largest/loss', float('nan')):.3f}", grown, pruned,
+                 f"{g.get('params', 0) / 1e6:.3f}" if g else '-', glue_cell,
+                 f"{r['train_seconds']:.0f}"))
+  results = {
+      'hv': hv,
+      'glue': glue,
+      'hv_ref_point': ref.tolist(),
+      'glue_budget_params': budget,
+      'settings': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+      'training_tokens': a.steps * a.batch_size * a.seq_len,
+      'variants': {n: {'front': points[n].tolist(), 'train_seconds': r['train_seconds'],
+                       'search_seconds': r['search_seconds'], 'final_eval': r['eval'],
+                       'space_events': r['events']} for n, r in runs.items()},
+  }
+  notes = (f"Same {results['training_tokens']:,} training tokens per variant "
+           f"({a.steps} steps x {a.batch_size} x {a.seq_len}). HV: front (validation loss, "
+           f"params in M) against the shared reference {np.round(ref, 4).tolist()}; higher is "
+           f"better. GLUE: the best front member under {budget:,} parameters, fine-tuned with "
+           f"configs/finetune_glue.py:{a.glue} ({', '.join(GLUE_TASKS)} dev score, %).")
+  header = ('variant', 'HV', 'front', 'best val loss', 'largest val loss', 'FFNs grown',
+            'heads pruned', 'GLUE model params (M)', 'GLUE ' + '/'.join(GLUE_TASKS), 'train s')
+  path = write_results('bench_elm', results, rows, header, notes, quick=a.quick)
+  print(json.dumps({'hv': hv, 'glue': glue, 'results': str(path)}, indent=1, default=str))
+
+
+if __name__ == '__main__':
+  main()
