@@ -62,7 +62,8 @@ def default_n_children(strategy: str, pop_size: int) -> int:
 class LoopSpec(NamedTuple):
   """Everything static about a compiled search loop (hashable: the jit cache key).
 
-  `evaluate_fn(genomes_NxG, data) -> float[N, M]` (minimised), `feasible_fn(genomes) -> bool[N]`
+  `evaluate_fn(genomes_NxG, data, active_N) -> float[N, M]` (minimised; rows where active_N
+  is False are never read and may be skipped), `feasible_fn(genomes) -> bool[N]`
   and `key_fn(genomes) -> int32[N, K]` (dedupe keys) are compared by equality: give them value
   semantics (frozen dataclasses) to share programs between equal searches.
   """
@@ -86,7 +87,8 @@ def advance(state, base_key, start, n_active, data, *, spec: LoopSpec):
   """
 
   def step(state, key):
-    evaluate = lambda children_NxG: spec.evaluate_fn(children_NxG, data)
+    evaluate = state_lib.MaskedEvaluate(
+        lambda children_NxG, active_N: spec.evaluate_fn(children_NxG, data, active_N))
     return STRATEGIES[spec.strategy](state, key, evaluate, feasible_fn=spec.feasible_fn,
                                      n_children=spec.n_children, key_fn=spec.key_fn,
                                      **dict(spec.kwargs))
@@ -174,8 +176,8 @@ class _Unary:
 
   fn: Callable[[jax.Array], jax.Array]
 
-  def __call__(self, genomes_NxG, data):
-    del data
+  def __call__(self, genomes_NxG, data, active_N=None):
+    del data, active_N
     return jax.jit(self.fn)(genomes_NxG)
 
 

@@ -1,6 +1,6 @@
 """Search outputs: pareto.json, history.jsonl, pareto.png, summary.md, and the front as a table.
 
-Everything here reads the plain `pareto` dict that `job.build_pareto` returns (and pareto.json
+Everything here reads the plain `pareto` dict that `pareto.build_pareto` returns (and pareto.json
 stores), so a report can be rebuilt from the files alone.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from elastic_jax import atomic
-from elastic_jax.search.fitness import OBJECTIVES
+from elastic_jax.search.objectives import OBJECTIVES
 
 PARETO_FILE = 'pareto.json'
 HISTORY_FILE = 'history.jsonl'
@@ -272,7 +272,7 @@ def write_all(out_dir: Path, pareto: Mapping, history: Mapping[str, np.ndarray],
 
 
 def load_finished(out_dir: Path, digest: str) -> dict | None:
-  """pareto.json when it holds the results `digest` names (see `job.results_digest`), else
+  """pareto.json when it holds the results `digest` names (see `checkpoint.results_digest`), else
   None."""
   try:
     pareto = json.loads((Path(out_dir) / PARETO_FILE).read_text())

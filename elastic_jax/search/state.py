@@ -20,6 +20,14 @@ from elastic_jax.search import operators
 
 EvaluateFn = Callable[[jax.Array], jax.Array]
 
+
+class MaskedEvaluate(NamedTuple):
+  """An evaluate function that is told which children are wanted: `fn(genomes_NxG, active_N)`
+  may skip the others (their rows are never read). The compiled loop wraps fitness functions
+  in it so that rejected slots of a fixed-shape batch cost no forward pass."""
+
+  fn: Callable[[jax.Array, jax.Array], jax.Array]
+
 # Selection penalties, ordered: feasible < feasible but duplicate < infeasible < empty slot.
 # Constraint domination compares these first, so each class only fills the population when the
 # better classes cannot (Deb's rule with "degree of violation" replaced by these levels).
@@ -169,22 +177,25 @@ def evaluate_children(
 ) -> tuple[SearchState, jax.Array, jax.Array, jax.Array, jax.Array]:
   """Evaluates children; updates the archive, the evaluation count and best-so-far records.
 
-  Only valid children (new and feasible) count as evaluations and enter the archive: the other
-  slots of the fixed-shape batch are computed but their values are never used.
+  Only valid children (new and feasible) count as evaluations and enter the archive; the values
+  of the other slots of the fixed-shape batch are never used (a `MaskedEvaluate` may skip them).
 
   Returns (state, fitness float32[N, M], feasible bool[N], violation float32[N], birth
   int32[N]). A non-finite fitness row counts as infeasible: a failed evaluation must never
   displace a real one.
   """
   n = children_NxG.shape[0]
-  fitness_NxM = jnp.asarray(evaluate_fn(children_NxG), jnp.float32)
+  evaluated_N = valid_N & feasible_N
+  if isinstance(evaluate_fn, MaskedEvaluate):
+    fitness_NxM = jnp.asarray(evaluate_fn.fn(children_NxG, evaluated_N), jnp.float32)
+  else:
+    fitness_NxM = jnp.asarray(evaluate_fn(children_NxG), jnp.float32)
   m = state.fitness_PxM.shape[1]
   if fitness_NxM.shape != (n, m):
     raise UserError(
         f"evaluate_fn must map int32[{n}, G] genomes to float[{n}, {m}] fitness; "
         f"got shape {fitness_NxM.shape}"
     )
-  evaluated_N = valid_N & feasible_N
   raw_NxM = fitness_NxM
   feasible_N = feasible_N & jnp.all(jnp.isfinite(fitness_NxM), axis=1)
   valid_N = valid_N & feasible_N

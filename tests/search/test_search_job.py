@@ -17,8 +17,11 @@ import pytest
 from elastic_jax import evaluation, proxies
 from elastic_jax import export as export_lib
 from elastic_jax.errors import UserError
+from elastic_jax.search import budgets as budgets_lib
+from elastic_jax.search import config as search_cfg
+from elastic_jax.search import driver, job, objectives, pick, proxy_objective, report
 from elastic_jax.search import fitness as fitness_lib
-from elastic_jax.search import job, pick, report
+from elastic_jax.search import genomes as genomes_lib
 from elastic_jax.search.hypervolume import pareto_front_mask
 from elastic_jax.workdir import build_space
 from tests.conftest import REPO
@@ -42,7 +45,7 @@ def tiny_config(cache_dir, **search):
   generations per call), so the file compiles the search loop once."""
   cfg = _quickstart('tiny')
   cfg.data.cache_dir = str(cache_dir)
-  cfg.search = job.default_config()
+  cfg.search = search_cfg.default_config()
   cfg.search.allow_untrained = True
   cfg.search.latency = False
   cfg.search.pop_size = 8
@@ -68,7 +71,7 @@ def searched(tmp_path_factory, cache_dir):
 
 
 def test_twenty_generations_trace_the_real_loss_fitness_once(tmp_path, cache_dir):
-  job._advance.clear_cache()  # count from scratch whatever ran before
+  driver.advance.clear_cache()  # count from scratch whatever ran before
   cfg = tiny_config(cache_dir, generations=20)  # 4 compiled calls of 5 generations
   result = job.run_search(cfg, tmp_path, log=_quiet)
   assert result['fitness_traces'] == 1
@@ -133,7 +136,7 @@ def test_outputs_are_complete_and_consistent(searched):
   assert pareto_front_mask(np.stack([loss, params], 1)).all()
   space = build_space(cfg)
   genomes = jnp.asarray([e['genome'] for e in front])
-  canon = np.asarray(fitness_lib.canonical_genomes(space, genomes))
+  canon = np.asarray(genomes_lib.canonical_genomes(space, genomes))
   assert len({tuple(g) for g in canon.tolist()}) == len(front)
   # The loss is the evaluation module's loss of the same archs in the same supernet.
   from elastic_jax import data
@@ -193,11 +196,11 @@ def test_workdir_without_trained_supernet_says_to_train_first(tmp_path, cache_di
 
 def test_bad_search_config_is_reported():
   with pytest.raises(UserError, match='search.strategy'):
-    job.search_config({'search': {'strategy': 'annealing'}})
+    search_cfg.search_config({'search': {'strategy': 'annealing'}})
   with pytest.raises(UserError, match='unknown objective .*speed'):
-    fitness_lib.get_objective('speed')
+    objectives.get_objective('speed')
   with pytest.raises(UserError, match='search.colour is not a search config field'):
-    job.search_config({'search': {'colour': 1}})
+    search_cfg.search_config({'search': {'colour': 1}})
 
 
 def _pareto(points, maximize=(False, False)):
@@ -237,7 +240,7 @@ def _network_key(a, on, i):
 def test_canonical_genomes_identify_equal_networks(cache_dir):
   space = build_space(tiny_config(cache_dir))
   genomes = space.random_genomes(jax.random.key(0), 256)
-  canon = fitness_lib.canonical_genomes(space, genomes)
+  canon = genomes_lib.canonical_genomes(space, genomes)
   decoded = {}
   for name, g in (('raw', genomes), ('canon', canon)):
     archs = jax.vmap(space.decode)(g)
@@ -257,17 +260,24 @@ def test_canonical_genomes_identify_equal_networks(cache_dir):
 def test_every_strategy_runs_under_a_budget_with_cost_objectives(strategy, cache_dir):
   space = build_space(tiny_config(cache_dir))
   fit = fitness_lib.Fitness(space, ('flops', 'params'))
-  budget = fitness_lib.Budgets(space, {'params': 60_000})
-  sc = job.search_config({'search': {'strategy': strategy, 'pop_size': 8,
-                                     'objectives': ('flops', 'params')}})
-  searcher = job.Searcher(fit, strategy, pop_size=8, feasible_fn=budget,
-                          generations_per_call=4, **job.strategy_kwargs(sc, space))
+  budget = budgets_lib.Budgets(space, {'params': 60_000})
+  sc = search_cfg.search_config({'search': {'strategy': strategy, 'pop_size': 8,
+                                              'objectives': ('flops', 'params')}})
+  searcher = job.make_searcher(fit, strategy, pop_size=8, feasible_fn=budget,
+                               generations_per_call=4, archive_size=64,
+                               **search_cfg.strategy_kwargs(sc, space))
   state, history = searcher.advance(searcher.init_state(), jax.random.key(1), 0, 6)
-  assert history['n_evals'][-1] == 6 * searcher.spec.n_children
   st = jax.tree.map(np.asarray, state)
+  # Evaluations are distinct networks (some proposals may be dropped, never scored twice).
+  n = int(history['n_evals'][-1])
+  assert 0.5 * 6 * searcher.spec.n_children <= n <= 6 * searcher.spec.n_children
+  keys = {tuple(k) for k in st.archive_AxG[:n].tolist()}
+  assert len(keys) == n
+  np.testing.assert_array_equal(
+      st.archive_AxG[:n], genomes_lib.canonical_genomes(space, st.archive_AxG[:n]))
   members = st.genomes_PxG[st.occupied_P & st.feasible_P]
   assert len(members) > 0
-  assert np.all(fitness_lib.genome_costs(space, members)['params'] <= 60_000)
+  assert np.all(genomes_lib.genome_costs(space, members)['params'] <= 60_000)
   assert fit.traces == 1
 
 
@@ -292,7 +302,7 @@ def test_zero_cost_proxy_objective_matches_the_proxies_package(cache_dir):
   model, batches = init_supernet(cfg, space), data.eval_batches(cfg.data)
   cfg_proxy = proxies.default_config()
   cfg_proxy.num_batches = 2
-  fitness_lib.register_objective(fitness_lib.proxy_objective('wpca', cfg_proxy), overwrite=True)
+  objectives.register_objective(proxy_objective.proxy_objective('wpca', cfg_proxy), overwrite=True)
   fit = fitness_lib.Fitness(space, ('wpca', 'params'), model=model, batches=batches)
   assert fit.maximize == (True, False)
   genomes = space.random_genomes(jax.random.key(3), 5)
@@ -318,7 +328,7 @@ def test_other_proxy_settings_in_the_same_process_never_reuse_the_stale_program(
     cfg_proxy = proxies.default_config()
     cfg_proxy.num_batches = 2
     cfg_proxy.eta = eta
-    fitness_lib.register_objective(fitness_lib.proxy_objective('wpca', cfg_proxy),
+    objectives.register_objective(proxy_objective.proxy_objective('wpca', cfg_proxy),
                                    overwrite=True)
     fit = fitness_lib.Fitness(space, ('wpca', 'params'), model=model, batches=batches)
     got[eta] = fit.evaluate(genomes)['wpca']
@@ -330,9 +340,9 @@ def test_other_proxy_settings_in_the_same_process_never_reuse_the_stale_program(
   a, b = fns[0.99]
   assert a == b and hash(a) == hash(b)  # equal settings: one compiled search loop
   assert fns[0.3][0] != a
-  budgets = [fitness_lib.Budgets(space, {'params': 7e4}) for _ in range(2)]
+  budgets = [budgets_lib.Budgets(space, {'params': 7e4}) for _ in range(2)]
   assert budgets[0] == budgets[1] and hash(budgets[0]) == hash(budgets[1])
-  assert budgets[0] != fitness_lib.Budgets(space, {'params': 6e4})
+  assert budgets[0] != budgets_lib.Budgets(space, {'params': 6e4})
 
 
 def test_training_free_search_with_a_proxy_fitness_needs_no_training(tmp_path, cache_dir):
@@ -341,8 +351,8 @@ def test_training_free_search_with_a_proxy_fitness_needs_no_training(tmp_path, c
   cfg = tiny_config(cache_dir, fitness='wpca', allow_untrained=False, generations=3)
   cfg.proxy = proxies.default_config()
   cfg.proxy.num_batches = 2
-  sc = job.search_config(cfg)
-  assert sc.objectives == ('wpca',) and job.resolve_strategy(sc) == 'ga'
+  sc = search_cfg.search_config(cfg)
+  assert sc.objectives == ('wpca',) and search_cfg.resolve_strategy(sc) == 'ga'
   out = job.run_search(cfg, tmp_path, log=_quiet)
   assert not (tmp_path / 'checkpoints').exists()
   pareto = out['pareto']
@@ -358,9 +368,9 @@ def test_training_free_search_with_a_proxy_fitness_needs_no_training(tmp_path, c
 
 
 def test_training_free_defaults_follow_the_wpca_paper():
-  sc = job.search_config({'search': {'fitness': 'wpca'}})
-  assert (sc.pop_size, sc.generations, job.resolve_strategy(sc)) == (50, 40, 'ga')
-  sc = job.search_config({'search': {}})
+  sc = search_cfg.search_config({'search': {'fitness': 'wpca'}})
+  assert (sc.pop_size, sc.generations, search_cfg.resolve_strategy(sc)) == (50, 40, 'ga')
+  sc = search_cfg.search_config({'search': {}})
   assert (sc.pop_size, sc.generations, sc.objectives) == (32, 30, ('loss', 'params'))
   with pytest.raises(UserError, match="search.fitness is 'loss', not a zero-cost proxy"):
-    job.search_config({'search': {'fitness': 'loss'}})
+    search_cfg.search_config({'search': {'fitness': 'loss'}})
