@@ -70,14 +70,48 @@ def searched(tmp_path_factory, cache_dir):
   return cfg, workdir, result
 
 
-def test_twenty_generations_trace_the_real_loss_fitness_once(tmp_path, cache_dir):
+def _recording_loss(seen: list):
+  """The validation loss, recording on the host every genome the search asks it to compute
+  (the population forward runs for those only): an independent log of the evaluations."""
+  def fn(ctx):
+    if ctx.active is not None:  # the search's calls (the report's host re-scoring passes none)
+      jax.debug.callback(lambda g, a: seen.extend(np.asarray(g)[np.asarray(a)].tolist()),
+                         ctx.genomes, ctx.active)
+    return ctx.loss
+  return objectives.Objective('loss_seen', fn, needs_model=True, description='recorded loss')
+
+
+def _network_keys(space, genomes):
+  archs = jax.vmap(space.decode)(jnp.asarray(genomes, jnp.int32))
+  a, on = jax.tree.map(np.asarray, archs), np.asarray(archs.layer_on())
+  return [_network_key(a, on, i) for i in range(len(genomes))]
+
+
+def test_twenty_generations_evaluate_no_network_twice_and_trace_once(tmp_path, cache_dir):
+  seen = []
+  objectives.register_objective(_recording_loss(seen), overwrite=True)
   driver.advance.clear_cache()  # count from scratch whatever ran before
-  cfg = tiny_config(cache_dir, generations=20)  # 4 compiled calls of 5 generations
-  result = job.run_search(cfg, tmp_path, log=_quiet)
-  assert result['fitness_traces'] == 1
-  # 8 evaluations per generation, plus the smallest architecture seeded into the population
-  # (the largest is over the 70k parameter budget).
-  assert result['generations'] == 20 and result['n_evals'] == 20 * 8 + 1
+  cfg = tiny_config(cache_dir, generations=20, objectives=('loss_seen', 'params'))
+  result = job.run_search(cfg, tmp_path, log=_quiet)  # 4 compiled calls of 5 generations
+  jax.effects_barrier()
+  assert result['fitness_traces'] == 1 and result['generations'] == 20
+  # The smallest architecture is seeded (evaluated on the host, not by the search's forward);
+  # the largest is over the 70k parameter budget.
+  space = build_space(cfg)
+  ckpt = np.load(tmp_path / 'search' / 'state.npz')
+  n = int(ckpt['state_n_evals'])
+  assert result['n_evals'] == n == len(seen) + 1
+  # No network was computed twice (identity from the decoded arch, not the search's keys)...
+  seen_keys = _network_keys(space, np.asarray(seen))
+  assert len(set(seen_keys)) == len(seen_keys)
+  # ...and the archive holds exactly those plus the seed, once each.
+  archive_keys = _network_keys(space, ckpt['state_archive_AxG'][:n])
+  smallest = _network_keys(space, genomes_lib.extreme_genome(space, 'params', False)[None])
+  assert len(set(archive_keys)) == n and set(archive_keys) == set(seen_keys) | set(smallest)
+  # The tiny space has only ~108 networks under the budget: far fewer than the 160 proposals,
+  # so the old behaviour (scoring every proposal) would have repeated most of them.
+  assert 60 <= n <= 109
+  assert np.all(budgets_lib.Budgets(space, {'params': 70_000})(jnp.asarray(seen)))
   lines = (tmp_path / 'search' / 'history.jsonl').read_text().splitlines()
   history = [json.loads(l) for l in lines]
   assert [h['generation'] for h in history] == list(range(1, 21))
@@ -100,7 +134,7 @@ def test_resume_continues_exactly(tmp_path, cache_dir):
   a = np.load(straight / 'search' / 'state.npz')
   b = np.load(split / 'search' / 'state.npz')
   for k in ('state_genomes_PxG', 'state_fitness_PxM', 'state_birth_P', 'history_hv',
-            'history_best', 'initial_genomes'):
+            'history_best', 'initial_genomes', 'state_archive_AxG', 'state_n_evals'):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   assert (json.loads((straight / 'search' / 'pareto.json').read_text())['front']
           == json.loads((split / 'search' / 'pareto.json').read_text())['front'])
@@ -114,6 +148,35 @@ def test_resume_continues_exactly(tmp_path, cache_dir):
   # ...while a different search in the same workdir is refused, not silently mixed.
   with pytest.raises(UserError, match='different search.*pop_size'):
     job.run_search(tiny_config(cache_dir, generations=6, pop_size=10), split, log=_quiet)
+
+
+def test_front_is_rescored_on_held_out_batches_disjoint_from_selection(searched):
+  from elastic_jax import data
+  cfg, workdir, result = searched
+  selection, heldout = job.validation_batches(cfg, 2)
+  # Selection is what the search scored with (data.eval_batches); held out are the next two
+  # batches of the same split, and share no row with selection.
+  for got, want in zip(selection + heldout, data.eval_batches(
+      data.DataConfig.from_config({**cfg.data.to_dict(), 'eval_batches': 4}))):
+    np.testing.assert_array_equal(got['tokens'], want['tokens'])
+  assert len(selection) == cfg.data.eval_batches and len(heldout) == 2
+  sel_rows = {r.tobytes() for b in selection for r in b['tokens']}
+  assert not sel_rows & {r.tobytes() for b in heldout for r in b['tokens']}
+  pareto = json.loads((workdir / 'search' / 'pareto.json').read_text())
+  assert pareto['selection_batches'] == len(selection) and pareto['heldout_batches'] == 2
+  assert pareto['hypervolume_heldout'] is not None
+  space = build_space(cfg)
+  from elastic_jax.workdir import init_supernet
+  model = init_supernet(cfg, space)  # the searched (untrained, seeded) supernet
+  for entry in pareto['front'][:2] + [pareto['baselines']['smallest']]:
+    dense = export_lib.export(model, space.cfg, space.decode(np.asarray(entry['genome'])))
+    for batches, values in ((selection, entry['metrics']), (heldout, entry['heldout'])):
+      want = evaluation.evaluate(dense, batches)
+      assert values['loss'] == pytest.approx(want['loss'], rel=1e-4)
+      assert values['accuracy'] == pytest.approx(want['accuracy'], abs=1e-4)
+    assert entry['heldout']['loss'] != entry['metrics']['loss']
+  summary = (workdir / 'search' / 'summary.md').read_text()
+  assert 'held-out' in summary
 
 
 def test_outputs_are_complete_and_consistent(searched):
