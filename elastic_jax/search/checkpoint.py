@@ -37,6 +37,38 @@ class Progress:
   initial: dict[str, np.ndarray] | None  # the random initial population (the baseline)
   fingerprint: str
 
+  @classmethod
+  def start(cls, state: state_lib.SearchState, seed: int, ref: np.ndarray, n_objectives: int,
+            fp: str) -> Progress:
+    """A search at generation 0 from `state` (its population seeded, its archive too)."""
+    history = {'best': np.zeros((0, n_objectives)), 'n_evals': np.zeros(0, np.int64),
+               'hv': np.zeros(0), 'front_size': np.zeros(0, np.int64),
+               'feasible': np.zeros(0, np.int64), 'seconds': np.zeros(0)}
+    return cls(state=state, generation=0, key=jax.random.key(seed), ref=ref, history=history,
+               initial=None, fingerprint=fp)
+
+  def record(self, state: state_lib.SearchState, h: dict, seconds: float, fitness,
+             warmup_generations: int, generations: int) -> None:
+    """Appends `driver.Searcher.advance`'s history `h` of n generations that took `seconds`,
+    and keeps the population after the random warm-up generations (the report's baseline)."""
+    from elastic_jax.search import pareto  # noqa: PLC0415
+    g0, n = self.generation, len(h['n_evals'])
+    snap = min(warmup_generations, generations) - 1
+    if self.initial is None and g0 <= snap < g0 + n:
+      i = snap - g0
+      self.initial = {'genomes': h['genomes'][i], 'fitness': h['fitness'][i],
+                      'mask': h['mask'][i]}
+    ref_min = fitness.to_minimised(self.ref)
+    prev_seconds = self.history['seconds'][-1] if len(self.history['seconds']) else 0.0
+    new = {'best': fitness.to_natural(h['best']), 'n_evals': h['n_evals'].astype(np.int64),
+           'hv': pareto.hypervolumes(h['fitness'], h['mask'], ref_min),
+           'front_size': pareto.front_sizes(h['fitness'], h['mask']),
+           'feasible': h['mask'].sum(axis=1).astype(np.int64),
+           'seconds': prev_seconds + seconds * (np.arange(1, n + 1) / n)}
+    self.history = {k: np.concatenate([self.history[k], new[k]]) for k in new}
+    self.state = state
+    self.generation = g0 + n
+
   def save(self, path: Path) -> None:
     arrays = {f'state_{k}': np.asarray(v) for k, v in self.state._asdict().items()}
     arrays.update({f'history_{k}': v for k, v in self.history.items()})
@@ -68,6 +100,26 @@ class Progress:
                key=jax.random.wrap_key_data(jnp.asarray(a['key_data'])),
                ref=a['ref'], history={k: a[f'history_{k}'] for k in _HISTORY_KEYS},
                initial=initial, fingerprint=str(a['fingerprint']))
+
+
+def resume(path: Path, fp: str, generations: int, supernet_step, log) -> Progress | None:
+  """The checkpoint at `path` if it holds this search (fingerprint `fp`); None when there is
+  none or it was made with older weights of the same supernet (its values are stale); a
+  UserError when it comes from another search."""
+  if not path.is_file():
+    return None
+  progress = Progress.load(path)
+  if progress.fingerprint != fp:
+    changed = fingerprint_diff(progress.fingerprint, fp)
+    if changed != ['supernet_step']:
+      raise UserError(
+          f'{path} comes from a different search (changed: {", ".join(changed)}); set '
+          'search.resume=False to start over (it is overwritten), or use another workdir')
+    log(f'search: the supernet was trained further (now step {supernet_step}) since '
+        f'{path} was written; starting the search over')
+    return None
+  log(f'search: resuming {path} at generation {progress.generation}/{generations}')
+  return progress
 
 
 def fingerprint(cfg, sc: SearchConfig, space, supernet_step) -> str:

@@ -37,26 +37,21 @@ import jax
 import numpy as np
 
 from elastic_jax.errors import UserError
-from elastic_jax.search import driver
+from elastic_jax.search import checkpoint, driver
 from elastic_jax.search import pareto as pareto_lib
 from elastic_jax.search.budgets import Budgets
-from elastic_jax.search.checkpoint import (
-    CHECKPOINT_FILE,
-    Progress,
-    fingerprint,
-    fingerprint_diff,
-    results_digest,
-)
+from elastic_jax.search.checkpoint import CHECKPOINT_FILE, fingerprint, results_digest
 from elastic_jax.search.config import (
-    SearchConfig,
-    n_children_of,
-    resolve_strategy,
-    search_config,
-    strategy_kwargs,
+  SearchConfig,
+  n_children_of,
+  resolve_strategy,
+  search_config,
+  strategy_kwargs,
 )
 from elastic_jax.search.fitness import Fitness
 from elastic_jax.search.genomes import CanonicalKey
-from elastic_jax.search.objectives import REPORT_METRICS, get_objective, register_objective
+from elastic_jax.search.objectives import REPORT_METRICS, get_objective, training_free
+from elastic_jax.search.proxy_objective import register_proxies
 
 SEARCH_DIR = 'search'
 
@@ -99,14 +94,6 @@ def validation_batches(cfg, holdout: int, log=_log_stderr) -> tuple[list, list]:
   return selection, heldout
 
 
-def training_free(sc: SearchConfig) -> bool:
-  """Whether every objective is a zero-cost proxy or an analytic cost (nothing reads the trained
-  supernet's validation loss or accuracy)."""
-  from elastic_jax.proxies import PROXIES  # noqa: PLC0415
-  return all(name in PROXIES or not get_objective(name).needs_model
-             for name in sc.objectives)
-
-
 def load_trained_supernet(cfg, workdir, space, allow_untrained: bool = False):
   """(model, step) of the latest trained supernet in W/checkpoints, or a UserError saying to
   train first (or the initialisation with step None when `allow_untrained`). A workdir whose
@@ -144,15 +131,6 @@ def _extreme_seeds(sc: SearchConfig, space, fitness: Fitness, budgets: Budgets,
   return genomes[ok], fitness.to_minimised(natural)[ok]
 
 
-def _register_proxies(sc: SearchConfig, proxy_cfg) -> None:
-  """Zero-cost proxies named in search.objectives, with the experiment's `proxy` section."""
-  from elastic_jax.proxies import PROXIES  # noqa: PLC0415
-  from elastic_jax.search.proxy_objective import proxy_objective  # noqa: PLC0415
-  for name in sc.objectives:
-    if name in PROXIES and name != 'params':
-      register_objective(proxy_objective(name, proxy_cfg), overwrite=True)
-
-
 def run_search(cfg, workdir: str | Path, *, model=None, supernet_step: int | None = None,
                log: Callable[[str], None] = _log_stderr) -> dict:
   """Runs (or resumes, or just re-reports) the configured search; writes W/search/.
@@ -181,14 +159,14 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
   from elastic_jax.workdir import build_space  # noqa: PLC0415
 
   space = build_space(cfg)
-  _register_proxies(sc, cfg.get('proxy', None))
+  register_proxies(sc.objectives, cfg.get('proxy', None))
   strategy = resolve_strategy(sc)
   budgets = Budgets(space, dict(sc.budgets))
   share = budgets.check(seed=sc.seed)  # UserError naming the smallest achievable value
   if share < 0.02:
     log(f'warning: only {share:.1%} of random architectures meet search.budgets; the search '
         'may propose few feasible children (raise search.tries or the budgets)')
-  if model is None and training_free(sc):
+  if model is None and training_free(sc.objectives):
     from elastic_jax.workdir import init_supernet  # noqa: PLC0415
     log('search: every objective is zero-cost; scoring the seeded initialisation (no training '
         'needed)')
@@ -213,32 +191,13 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
     raise UserError(f'no hypervolume reference point for objectives {list(fitness.names)}: '
                     f'set search.ref_point (got {ref_nat.tolist()})')
 
-  progress = None
-  if sc.resume and ckpt_path.is_file():
-    progress = Progress.load(ckpt_path)
-    if progress.fingerprint != fp:
-      changed = fingerprint_diff(progress.fingerprint, fp)
-      if changed != ['supernet_step']:
-        raise UserError(
-            f'{ckpt_path} comes from a different search (changed: {", ".join(changed)}); set '
-            'search.resume=False to start over (it is overwritten), or use another workdir')
-      # Same search, newer weights: the old fitness values are stale, so start over.
-      log(f'search: the supernet was trained further (now step {supernet_step}) since '
-          f'{ckpt_path} was written; starting the search over')
-      progress = None
-    else:
-      log(f'search: resuming {ckpt_path} at generation {progress.generation}/{sc.generations}')
+  progress = (checkpoint.resume(ckpt_path, fp, sc.generations, supernet_step, log)
+              if sc.resume else None)
   if progress is None:
-    progress = Progress(
-        state=searcher.init_state(*_extreme_seeds(sc, space, fitness, budgets, extremes)),
-        generation=0, key=jax.random.key(sc.seed),
-        ref=ref_nat,
-        history={'best': np.zeros((0, len(sc.objectives))), 'n_evals': np.zeros(0, np.int64),
-                 'hv': np.zeros(0), 'front_size': np.zeros(0, np.int64),
-                 'feasible': np.zeros(0, np.int64), 'seconds': np.zeros(0)},
-        initial=None, fingerprint=fp)
+    state = searcher.init_state(*_extreme_seeds(sc, space, fitness, budgets, extremes))
+    progress = checkpoint.Progress.start(state, sc.seed, ref_nat, len(sc.objectives), fp)
     log(f'search: {strategy} on {list(sc.objectives)}, population {sc.pop_size}, '
-        f'{searcher.spec.n_children} evaluations per generation, {sc.generations} generations, '
+        f'{searcher.spec.n_children} children per generation, {sc.generations} generations, '
         f'supernet step {supernet_step}')
 
   history_path = out_dir / 'history.jsonl'
@@ -252,36 +211,20 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
         f'({progress.generation} generations); reporting it unchanged')
     paths = report.write_all(out_dir, done, progress.history, fitness.names, only_missing=True)
     return _result(done, paths, progress, fitness)
-  warm = searcher.warmup_generations
   while progress.generation < sc.generations:
-    g0 = progress.generation
-    n = min(sc.checkpoint_every, sc.generations - g0)
+    n = min(sc.checkpoint_every, sc.generations - progress.generation)
     evals_before = int(progress.state.n_evals)
     start = time.perf_counter()
-    state, h = searcher.advance(progress.state, progress.key, g0, n)
+    state, h = searcher.advance(progress.state, progress.key, progress.generation, n)
     seconds = time.perf_counter() - start
-    ref_min = fitness.to_minimised(progress.ref)
-    snap = min(warm, sc.generations) - 1
-    if progress.initial is None and g0 <= snap < g0 + n:
-      i = snap - g0
-      progress.initial = {'genomes': h['genomes'][i], 'fitness': h['fitness'][i],
-                          'mask': h['mask'][i]}
-    best = fitness.to_natural(h['best'])
-    prev_seconds = progress.history['seconds'][-1] if len(progress.history['seconds']) else 0.0
-    new = {'best': best, 'n_evals': h['n_evals'].astype(np.int64),
-           'hv': pareto_lib.hypervolumes(h['fitness'], h['mask'], ref_min),
-           'front_size': pareto_lib.front_sizes(h['fitness'], h['mask']),
-           'feasible': h['mask'].sum(axis=1).astype(np.int64),
-           'seconds': prev_seconds + seconds * (np.arange(1, n + 1) / n)}
-    progress.history = {k: np.concatenate([progress.history[k], new[k]]) for k in new}
-    progress.state = state
-    progress.generation = g0 + n
+    progress.record(state, h, seconds, fitness, searcher.warmup_generations, sc.generations)
     progress.save(ckpt_path)
     report.write_history(history_path, progress.history, fitness.names)
-    evals = int(new['n_evals'][-1])
+    hist = progress.history
+    evals = int(hist['n_evals'][-1])
     log(f'search: generation {progress.generation}/{sc.generations}, {evals} evaluations, '
-        + ', '.join(f'best {k} {v:.4g}' for k, v in zip(fitness.names, best[-1]))
-        + (f', hypervolume {new["hv"][-1]:.4g}' if len(fitness.names) > 1 else '')
+        + ', '.join(f'best {k} {v:.4g}' for k, v in zip(fitness.names, hist['best'][-1]))
+        + (f', hypervolume {hist["hv"][-1]:.4g}' if len(fitness.names) > 1 else '')
         + f', {(evals - evals_before) / seconds:.1f} distinct archs/s')
 
   heldout_fitness = None

@@ -153,6 +153,13 @@ def get_objective(name: str) -> Objective:
   return OBJECTIVES[name]
 
 
+def training_free(names: Sequence[str]) -> bool:
+  """Whether every objective is a zero-cost proxy or an analytic cost (nothing reads the trained
+  supernet's validation loss or accuracy)."""
+  from elastic_jax.proxies import PROXIES  # noqa: PLC0415
+  return all(name in PROXIES or not get_objective(name).needs_model for name in names)
+
+
 def _cost_fn(key: str) -> Callable[[Context], jax.Array]:
   return lambda ctx: ctx.cost[key].astype(jnp.float32)
 

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from elastic_jax.search.objectives import Context, Objective
+from elastic_jax.search.objectives import Context, Objective, register_objective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,3 +58,12 @@ def proxy_objective(name: str, proxy_cfg=None) -> Objective:
   return Objective(name, _ProxyFn(name, cfg), maximize=True, needs_model=True,
                    prepare=_ProxyPrepare(name, cfg),
                    description=f'zero-cost proxy {name} (elastic_jax.proxies, maximised)')
+
+
+def register_proxies(names, proxy_cfg=None) -> None:
+  """Registers the zero-cost proxies among objective `names` with the experiment's `proxy`
+  section (replacing any registered with other settings)."""
+  from elastic_jax.proxies import PROXIES  # noqa: PLC0415
+  for name in names:
+    if name in PROXIES and name != 'params':
+      register_objective(proxy_objective(name, proxy_cfg), overwrite=True)

@@ -178,7 +178,8 @@ def evaluate_children(
   """Evaluates children; updates the archive, the evaluation count and best-so-far records.
 
   Only valid children (new and feasible) count as evaluations and enter the archive; the values
-  of the other slots of the fixed-shape batch are never used (a `MaskedEvaluate` may skip them).
+  of the other slots of the fixed-shape batch are never used (a `MaskedEvaluate` may skip them,
+  and its other slots then count as infeasible).
 
   Returns (state, fitness float32[N, M], feasible bool[N], violation float32[N], birth
   int32[N]). A non-finite fitness row counts as infeasible: a failed evaluation must never
@@ -188,6 +189,8 @@ def evaluate_children(
   evaluated_N = valid_N & feasible_N
   if isinstance(evaluate_fn, MaskedEvaluate):
     fitness_NxM = jnp.asarray(evaluate_fn.fn(children_NxG, evaluated_N), jnp.float32)
+    # The other rows hold no real values: they must never rank as feasible.
+    feasible_N = evaluated_N
   else:
     fitness_NxM = jnp.asarray(evaluate_fn(children_NxG), jnp.float32)
   m = state.fitness_PxM.shape[1]
