@@ -64,7 +64,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.archive_size = 4096
   # The final front is re-scored on this many held-out validation batches: the ones after the
   # `data.eval_batches` batches the search selects on (with data.eval_batches = 0, the last ones
-  # of the split, which selection then does not use). The report gives both values. 0 = off.
+  # of the split, which selection then does not use; fewer, with a warning, when the split runs
+  # out). The report gives both values. 0 = off.
   c.holdout_batches = 2
   # Generations per compiled call; the checkpoint (W/search/state.npz) is written after each.
   c.checkpoint_every = 5

@@ -80,17 +80,16 @@ def validation_batches(cfg, holdout: int, log=_log_stderr) -> tuple[list, list]:
   n_select = data_cfg.eval_batches
   batches = data_lib.eval_batches(dataclasses.replace(
       data_cfg, eval_batches=n_select + holdout if n_select else 0))
-  n_select = n_select or len(batches) - holdout
+  n_select = n_select or max(1, len(batches) - holdout)
   selection, heldout = batches[:n_select], batches[n_select:]
-  if not selection or not heldout:
+  if not selection:
     raise UserError(
-        f'the validation split has only {len(batches)} batches of {data_cfg.batch_size} rows, '
-        f'too few for data.eval_batches={data_cfg.eval_batches} plus search.holdout_batches='
-        f'{holdout} held-out ones; lower them (search.holdout_batches=0 turns the held-out '
-        're-scoring off)')
+        f'the validation split gives no batch of {data_cfg.batch_size} rows '
+        'to search with; lower data.batch_size or use a larger validation split')
   if len(heldout) < holdout:
-    log(f'search: the validation split has room for only {len(heldout)} of '
-        f'search.holdout_batches={holdout} held-out batches')
+    log(f'warning: the validation split has room for only {len(heldout)} of '
+        f'search.holdout_batches={holdout} held-out batches after data.eval_batches='
+        f'{data_cfg.eval_batches}' + ('' if heldout else '; the front is not re-scored'))
   return selection, heldout
 
 
