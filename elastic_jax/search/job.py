@@ -3,21 +3,23 @@
   run_search(cfg, workdir) -> dict
 
 writes W/search/:
-  pareto.json     the final front (genome, arch, every objective and cost, measured latency of the
-                  exported dense model), the baselines, the settings
+  pareto.json     the final front (genome, arch, every objective and cost on the selection and
+                  the held-out validation batches, measured latency of the exported dense
+                  model), the baselines, the settings
   history.jsonl   one line per generation: evaluations, best value of each objective, hypervolume
   pareto.png      the front with random architectures and the smallest / largest archs
   summary.md      the same as a readable report
   state.npz       the search checkpoint (population, archive, generation, key, history)
 
-Generations run inside one jitted `lax.scan` of `search.checkpoint_every` generations (the last
-call masks the generations past the end with `lax.cond`, so it reuses the same program;
-see `driver.advance`): the
-fitness, a forward pass of the whole population through the supernet, is traced and compiled once
-per run, however many generations and checkpoints. The supernet's state and the validation batches
-are arguments of that jitted function, not constants. Generation g uses the key
-`fold_in(key(seed), g)`, so a run resumed from its checkpoint continues exactly as an uninterrupted
-run would have, and a finished run given more generations continues where it stopped.
+Generations run inside one jitted `lax.scan` of `search.checkpoint_every` generations
+(`driver.advance`; the last call masks the generations past the end with `lax.cond`, so it reuses
+the same program): the fitness, a forward pass of the whole population through the supernet, is
+traced and compiled once per run, however many generations and checkpoints. The supernet's state
+and the validation batches are arguments of that jitted function, not constants. Generation g
+uses the key `fold_in(key(seed), g)`, so a run resumed from its checkpoint continues exactly as an
+uninterrupted run would have, and a finished run given more generations continues where it
+stopped. Children that are the same network as an evaluated one are resampled (the archive), so
+evaluations count distinct architectures.
 
 This module only orchestrates: the settings are `search/config.py`, the compiled loop
 `search/driver.py`, the checkpoint `search/checkpoint.py`, the front `search/pareto.py`, the
