@@ -179,6 +179,14 @@ def test_front_is_rescored_on_held_out_batches_disjoint_from_selection(searched)
   assert 'held-out' in summary
 
 
+def test_a_split_too_small_for_the_held_out_batches_warns_and_keeps_selection(cache_dir):
+  cfg = tiny_config(cache_dir)
+  messages = []
+  selection, heldout = job.validation_batches(cfg, 10_000, messages.append)
+  assert len(selection) == cfg.data.eval_batches and len(heldout) < 10_000
+  assert any('room for only' in m for m in messages)
+
+
 def test_outputs_are_complete_and_consistent(searched):
   cfg, workdir, result = searched
   out = workdir / 'search'
