@@ -33,6 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from elastic_jax import latency  # noqa: E402
+
 PROMPTS = [
     'The quick brown fox jumps over the lazy dog. Write a short story about a fox that learns '
     'to read, and explain what it reads first.',
@@ -77,16 +79,6 @@ def _half_subnetwork(hf_dir: Path, tmp: Path) -> tuple[Path, dict]:
   return out, {'params': saved['params'], 'params_full': full, 'arch': arch_lib.to_json(arch)}
 
 
-def _median_time(fn, repeats: int) -> float:
-  fn()  # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def _ours(model_dir: Path, prompts: list[list[int]], new: int, repeats: int) -> dict:
   from elastic_jax import export as export_lib
   from elastic_jax import generate as gen
@@ -129,7 +121,7 @@ def _transformers(model_dir: Path, prompts: list[list[int]], new: int, repeats: 
         tokens.append(token)
       return tokens, time.perf_counter() - start
 
-    prefill_s = _median_time(prefill, repeats)
+    prefill_s = latency.median_seconds(prefill, repeats)
     decode()  # warm-up
     runs = [decode() for _ in range(repeats)]
     rows.append({'prompt_tokens': len(prompt), 'prefill_tok_s': len(prompt) / prefill_s,

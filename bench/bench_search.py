@@ -2,7 +2,7 @@
 
 1. Throughput, architectures evaluated per second *including compile*, on the same validation
    tokens:
-   - masked population (this design): a whole NSGA-II search (`elastic_jax.search.job.Searcher`),
+   - masked population (this design): a whole NSGA-II search (`elastic_jax.search.driver.Searcher`),
      every generation's population evaluated through the supernet in one compiled call, one
      compile for the whole search;
    - slice-and-recompile (whittle's way): export each architecture the search evaluated to its own
@@ -45,7 +45,9 @@ from flax import nnx
 
 from elastic_jax import data, evaluation
 from elastic_jax import export as export_lib
+from elastic_jax.search import config as search_cfg
 from elastic_jax.search import fitness as fitness_lib
+from elastic_jax.search import genomes as genomes_lib
 from elastic_jax.search import job
 from elastic_jax.search.hypervolume import hypervolume_nd
 from elastic_jax.workdir import build_space, init_supernet
@@ -89,7 +91,7 @@ def shakespeare_config(quick: bool, train_steps: int | None) -> ml_collections.C
   cfg.train.eval_every = 0
   cfg.train.checkpoint_every = cfg.train.steps
   cfg.mesh = train_config.default_mesh()
-  cfg.search = job.default_config()
+  cfg.search = search_cfg.default_config()
   return cfg
 
 
@@ -162,10 +164,11 @@ def main():
   # 1 + 2: every strategy and seed at an equal budget; the first NSGA-II run includes the compile.
   runs = {s: [] for s in STRATEGIES}
   for strategy in STRATEGIES:
-    sc = job.search_config({'search': {'strategy': strategy, 'pop_size': pop,
-                                       'n_children': pop}})
-    searcher = job.Searcher(fit, strategy, pop_size=pop, n_children=pop,
-                            generations_per_call=generations, **job.strategy_kwargs(sc, space))
+    sc = search_cfg.search_config({'search': {'strategy': strategy, 'pop_size': pop,
+                                              'n_children': pop}})
+    searcher = job.make_searcher(fit, strategy, pop_size=pop, n_children=pop,
+                                 generations_per_call=generations, archive_size=sc.archive_size,
+                                 **search_cfg.strategy_kwargs(sc, space))
     for seed in range(args.seeds):
       (state, hist), seconds = timed(lambda s=searcher, k=seed: s.advance(
           s.init_state(), jax.random.key(k), 0, generations))
@@ -187,7 +190,7 @@ def main():
   hist = first['hist']
   g_all = hist['genomes'][hist['mask']]
   f_all = hist['fitness'][hist['mask']]
-  canon = np.asarray(fitness_lib.canonical_genomes(space, jnp.asarray(g_all)))
+  canon = np.asarray(genomes_lib.canonical_genomes(space, jnp.asarray(g_all)))
   _, first_idx = np.unique(canon, axis=0, return_index=True)
   rng = np.random.default_rng(0)
   distinct = rng.permutation(np.sort(first_idx))

@@ -11,7 +11,7 @@ Arguments: `small` (default, the paper's 12-layer space), `tiny` (W-PCA-Tiny: 6 
 import ml_collections
 
 from elastic_jax import data, proxies
-from elastic_jax.search import job as search_job
+from elastic_jax.search import config as search_config
 from elastic_jax.train import config as train_config
 
 
@@ -83,8 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.proxy = proxies.default_config()
   cfg.proxy.num_batches = min(3, cfg.data.eval_batches)  # of the data.eval_batches given
 
-  # Architecture search on the trained supernet (every field: elastic_jax/search/job.py).
-  cfg.search = search_job.default_config()
+  # Architecture search on the trained supernet (every field: elastic_jax/search/config.py).
+  cfg.search = search_config.default_config()
   if local:
     cfg.search.pop_size = 8
     cfg.search.generations = 6

@@ -18,7 +18,7 @@ from pathlib import Path
 import ml_collections
 
 from elastic_jax import data, proxies
-from elastic_jax.search import job as search_job
+from elastic_jax.search import config as search_config
 from elastic_jax.train import config as train_config
 
 
@@ -92,8 +92,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Zero-cost proxies (fields: elastic_jax/proxies/config.py).
   cfg.proxy = proxies.default_config()
 
-  # Search (every field: elastic_jax/search/job.py); training-free with search.fitness=wpca.
-  cfg.search = search_job.default_config()
+  # Search (every field: elastic_jax/search/config.py); training-free with search.fitness=wpca.
+  cfg.search = search_config.default_config()
   if local:
     cfg.search.pop_size = 8
     cfg.search.generations = 4

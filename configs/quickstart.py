@@ -10,7 +10,7 @@ Inspect the space without training:
 import ml_collections
 
 from elastic_jax import data, proxies
-from elastic_jax.search import job as search_job
+from elastic_jax.search import config as search_config
 from elastic_jax.train import config as train_config
 
 
@@ -70,8 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.proxy = proxies.default_config()
   cfg.proxy.num_batches = 2 if tiny else 3  # of data.eval_batches
 
-  # Architecture search on the trained supernet (every field: elastic_jax/search/job.py).
-  cfg.search = search_job.default_config()
+  # Architecture search on the trained supernet (every field: elastic_jax/search/config.py).
+  cfg.search = search_config.default_config()
   cfg.search.pop_size = 8 if tiny else 16
   cfg.search.generations = 6 if tiny else 12
   cfg.search.latency_max = 4 if tiny else 8

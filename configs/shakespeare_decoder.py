@@ -12,7 +12,7 @@ from pathlib import Path
 import ml_collections
 
 from elastic_jax import data, proxies
-from elastic_jax.search import job as search_job
+from elastic_jax.search import config as search_config
 from elastic_jax.train import config as train_config
 
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / 'shared/data/tinyshakespeare/input.txt'
@@ -71,8 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.proxy = proxies.default_config()
   cfg.proxy.num_batches = min(3, cfg.data.eval_batches)  # of the data.eval_batches given
 
-  # Architecture search on the trained supernet (every field: elastic_jax/search/job.py).
-  cfg.search = search_job.default_config()
+  # Architecture search on the trained supernet (every field: elastic_jax/search/config.py).
+  cfg.search = search_config.default_config()
   if tiny:
     cfg.search.pop_size = 8
     cfg.search.generations = 6

@@ -254,7 +254,8 @@ def proxy():
 def run():
   """The whole job in --workdir: train -> search -> export (--pick, else search.export_pick)."""
   from elastic_jax import export as export_lib
-  from elastic_jax.search.job import run_search, search_config
+  from elastic_jax.search.config import search_config
+  from elastic_jax.search.job import run_search
   from elastic_jax.search.pick import export_pick, parse_pick
   from elastic_jax.train.trainer import train as train_job
   workdir = _require('workdir')

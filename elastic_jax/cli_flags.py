@@ -59,7 +59,7 @@ SECTION_DOCS = {
     'data': 'elastic_jax/data/config.py',
     'train': 'elastic_jax/train/config.py',
     'mesh': 'elastic_jax/train/config.py (default_mesh)',
-    'search': 'elastic_jax/search/job.py (default_config)',
+    'search': 'elastic_jax/search/config.py (default_config)',
     'proxy': 'elastic_jax/proxies/config.py',
     'distributed': 'elastic_jax/distributed.py',
     'hf': 'elastic_jax/hf/space.py (default_config: the imported space as fractions)',

@@ -46,12 +46,18 @@ def _sums_one(graphdef, state, arch, stacked):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _sums_population(graphdef, state, archs, stacked, chunk):
+def _sums_population(graphdef, state, archs, stacked, chunk, active_P=None):
+  """float32[P, 3] sums of every arch; `active_P` (bool[P], optional): archs whose sums are
+  wanted; the others give zeros, and with chunk 1 their forward is skipped (a `cond`)."""
   model = nnx.merge(graphdef, state)
   def one(arch):
     def body(total, batch):
       return total + batch_sums(model, batch, arch), None
     return jax.lax.scan(body, jnp.zeros(3), stacked)[0]
+  if active_P is not None:
+    run = one
+    one = lambda xs: jax.lax.cond(xs[1], run, lambda _: jnp.zeros(3), xs[0])
+    archs = (archs, jnp.asarray(active_P, bool))
   # chunk == 1: a scan over archs, so lax.switch / lax.cond inside the model skip removed layers
   # and FFN blocks. chunk > 1: vmaps `chunk` archs at a time (conds become selects).
   return jax.lax.map(one, archs, batch_size=chunk if chunk > 1 else None)

@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from elastic_jax import arch as arch_lib
-from elastic_jax import atomic, data, evaluation
+from elastic_jax import atomic, data, evaluation, latency
 from elastic_jax import export as export_lib
 from elastic_jax.compress import pruning
 from elastic_jax.compress.sort import compress_section, pretrained_dir, run_sort
@@ -154,26 +150,12 @@ def _save(model, space, arch_json: dict, cfg, out: Path, fmt: str = 'native') ->
   return out
 
 
-def latency_ms(model, batch: dict, repeats: int = 5) -> float:
-  """Median milliseconds of one jitted forward of `batch` through a dense model."""
-  inputs = {k: jnp.asarray(v) for k, v in evaluation.model_inputs(batch).items()}
-  graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-  jax.block_until_ready(forward(state, inputs))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(forward(state, inputs))
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
-
-
 def measure(directory: Path, batches, latency_rows: int) -> dict:
   dense, config = export_lib.load(directory)
   result = evaluation.evaluate(dense, batches)
   one = {k: v[:latency_rows] for k, v in batches[0].items()}
   return {'dir': str(directory), 'params': int(config['params']), 'loss': result['loss'],
-          'ppl': result['perplexity'], 'latency_ms': latency_ms(dense, one),
+          'ppl': result['perplexity'], 'latency_ms': latency.forward_ms(dense, one),
           'arch': config.get('source_arch')}
 
 

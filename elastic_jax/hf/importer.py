@@ -51,7 +51,7 @@ def original_hf_config(cfg: ml_collections.ConfigDict) -> dict:
 def base_config(kind: str, max_len: int) -> ml_collections.ConfigDict:
   """Data, training, search and proxy sections for fine-tuning and searching an imported model
   on the embedded corpus (override any field with --config or --config.a.b=v)."""
-  from elastic_jax.search import job as search_job
+  from elastic_jax.search import config as search_config
   from elastic_jax.train import config as train_config
 
   cfg = ml_collections.ConfigDict()
@@ -68,7 +68,7 @@ def base_config(kind: str, max_len: int) -> ml_collections.ConfigDict:
   cfg.train.warmup_steps = 20
   cfg.mesh = train_config.default_mesh()
   cfg.proxy = proxies.default_config()
-  cfg.search = search_job.default_config()
+  cfg.search = search_config.default_config()
   cfg.search.pop_size = 16  # 16 x 8 generations: minutes for a 135M model on a CPU
   cfg.search.generations = 8
   cfg.search.latency_max = 4

@@ -1,18 +1,27 @@
-"""Run a whole search as one compiled program.
+"""The compiled search loop, shared by every strategy and by both entry points.
 
-The generations run under `jax.lax.scan` inside one `jax.jit`: the loop never returns to Python,
-so the search costs one compile however many generations it has, and the fitness function (the
-expensive part, e.g. a vmapped supernet forward) is traced exactly once. The jit is keyed on the
-strategy, the functions (by identity), the sizes and the hyper-parameters, so calling
-`run_evolution` again with the same `evaluate_fn` reuses the compiled program.
+`advance` runs `spec.length` generations under `jax.lax.scan` inside one `jax.jit`: the loop never
+returns to Python, so a search costs one compile however many generations it has, and the fitness
+function (the expensive part, e.g. a population forward through the supernet) is traced exactly
+once. Generation g uses the key `fold_in(key, g)`, and generations past `n_active` are skipped
+with `lax.cond`, so a search split into several calls (checkpoints, resumes) reuses one program
+and continues exactly as one uninterrupted call would. The jit is keyed on `LoopSpec` (the
+strategy, the functions, the sizes, the hyper-parameters); arrays the fitness reads (a
+supernet's state, validation batches) are the `data` argument, never constants.
+
+`Searcher` drives `advance` a few generations per call (the search job checkpoints in between);
+`run_evolution` runs a whole search of a plain `evaluate_fn(genomes) -> fitness` in one call.
 """
 
+import dataclasses
 import functools
+import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from elastic_jax.errors import UserError
 from elastic_jax.search import evolution, nsga2, operators
@@ -24,6 +33,7 @@ STRATEGIES: dict[str, Callable[..., state_lib.SearchState]] = {
     "regularized": evolution.evolution_step,
     "ga": evolution.ga_step,
     "random": evolution.random_step,
+    "stratified": evolution.stratified_step,
 }
 
 
@@ -35,7 +45,7 @@ class SearchResult(NamedTuple):
     best_TxM: best feasible value of each objective evaluated up to and including generation t.
     hypervolume_T: 2-D hypervolume of the feasible population after generation t, or None unless
       M == 2 and a reference point was given.
-    n_evals_T: fitness evaluations spent up to and including generation t.
+    n_evals_T: distinct genomes evaluated up to and including generation t.
   """
 
   state: state_lib.SearchState
@@ -49,61 +59,129 @@ def default_n_children(strategy: str, pop_size: int) -> int:
   return max(1, pop_size // 4) if strategy == "regularized" else pop_size
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "strategy",
-        "evaluate_fn",
-        "feasible_fn",
-        "generations",
-        "pop_size",
-        "n_children",
-        "strategy_kwargs",
-    ),
-)
-def _run(
-    key,
-    gene_sizes_G,
-    ref_M,
-    *,
-    strategy,
-    evaluate_fn,
-    feasible_fn,
-    generations,
-    pop_size,
-    n_children,
-    strategy_kwargs,
-):
-  g = gene_sizes_G.shape[0]
-  # One jitted wrapper: eval_shape and the scan body then share its trace cache, so the user's
-  # Python function runs once even though its output shape is needed before the loop.
-  evaluate = jax.jit(evaluate_fn)
-  out = jax.eval_shape(evaluate, jax.ShapeDtypeStruct((n_children, g), jnp.int32))
-  if len(out.shape) != 2 or out.shape[0] != n_children:
-    raise UserError(
-        f"evaluate_fn must map int32[{n_children}, G] to float[{n_children}, M]; got {out.shape}"
-    )
-  n_objectives = out.shape[1]
-  step = functools.partial(
-      STRATEGIES[strategy],
-      evaluate_fn=evaluate,
-      feasible_fn=feasible_fn,
-      n_children=n_children,
-      **dict(strategy_kwargs),
-  )
-  with_hv = ref_M is not None and n_objectives == 2
+class LoopSpec(NamedTuple):
+  """Everything static about a compiled search loop (hashable: the jit cache key).
 
-  def generation(state, k):
-    state = step(state, k)
-    history = {"best": state.best_M, "n_evals": state.n_evals}
-    if with_hv:
-      mask_P = state.occupied_P & state.feasible_P
-      history["hv"] = hypervolume_2d(state.fitness_PxM, ref_M, mask_P)
+  `evaluate_fn(genomes_NxG, data, active_N) -> float[N, M]` (minimised; rows where active_N
+  is False are never read and may be skipped), `feasible_fn(genomes) -> bool[N]`
+  and `key_fn(genomes) -> int32[N, K]` (dedupe keys) are compared by equality: give them value
+  semantics (frozen dataclasses) to share programs between equal searches.
+  """
+
+  strategy: str
+  evaluate_fn: Callable[[jax.Array, Any], jax.Array]
+  feasible_fn: Any
+  key_fn: Any
+  pop_size: int
+  n_children: int
+  kwargs: tuple
+  length: int  # generations per compiled call
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def advance(state, base_key, start, n_active, data, *, spec: LoopSpec):
+  """`spec.length` generations from generation `start`; those at i >= n_active are skipped.
+
+  Returns (state, history) where history holds, per generation: best [M], n_evals, and the
+  population after it (genomes [P, G], fitness [P, M], mask [P] = occupied and feasible).
+  """
+
+  def step(state, key):
+    evaluate = state_lib.MaskedEvaluate(
+        lambda children_NxG, active_N: spec.evaluate_fn(children_NxG, data, active_N))
+    return STRATEGIES[spec.strategy](state, key, evaluate, feasible_fn=spec.feasible_fn,
+                                     n_children=spec.n_children, key_fn=spec.key_fn,
+                                     **dict(spec.kwargs))
+
+  def generation(state, i):
+    key = jax.random.fold_in(base_key, start + i)
+    state = jax.lax.cond(i < n_active, step, lambda s, k: s, state, key)
+    return state, {"best": state.best_M, "n_evals": state.n_evals,
+                   "genomes": state.genomes_PxG, "fitness": state.fitness_PxM,
+                   "mask": state.occupied_P & state.feasible_P}
+
+  return jax.lax.scan(generation, state, jnp.arange(spec.length))
+
+
+class Searcher:
+  """A strategy bound to a fitness and constraint, run a few generations per compiled call.
+
+  `advance(state, key, start, count, data)` runs generations [start, start + count) and returns
+  the new state and per-generation host arrays (see `advance`). Every call reuses one compiled
+  program (for a given `generations_per_call`). `archive_size` rows of the state remember the
+  evaluated genomes (see `state.SearchState`).
+  """
+
+  def __init__(self, evaluate_fn, gene_sizes, n_objectives: int, strategy: str, *,
+               pop_size: int, n_children: int | None = None, feasible_fn=None, key_fn=None,
+               generations_per_call: int = 5, archive_size: int = 0, data=None, **kwargs):
+    if strategy not in STRATEGIES:
+      raise UserError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
+    self.gene_sizes = jnp.asarray(gene_sizes, jnp.int32)
+    self.n_objectives = int(n_objectives)
+    self.archive_size = int(archive_size)
+    self.data = data
+    n_children = n_children or default_n_children(strategy, pop_size)
+    if self.archive_size and self.archive_size < n_children:
+      raise UserError(f"search.archive_size={archive_size} must be 0 or at least the children "
+                      f"per generation ({n_children})")
+    self.spec = LoopSpec(strategy, evaluate_fn, feasible_fn or None, key_fn, pop_size,
+                         n_children, tuple(sorted(kwargs.items())), generations_per_call)
+
+  @property
+  def warmup_generations(self) -> int:
+    """Generations that fill the empty population with uniform random genomes."""
+    return math.ceil(self.spec.pop_size / self.spec.n_children)
+
+  def init_state(self, seeds_SxG=None, fitness_SxM=None) -> state_lib.SearchState:
+    """An empty population, or one holding already evaluated `seeds` (minimised `fitness`) in
+    its first slots; the first generations fill the rest with random genomes. Seeds count as
+    evaluations and enter the archive."""
+    state = state_lib.init_state(self.gene_sizes, self.spec.pop_size, self.n_objectives,
+                                 self.archive_size)
+    if seeds_SxG is None or len(seeds_SxG) == 0:
+      return state
+    seeds_SxG = jnp.asarray(seeds_SxG, jnp.int32)[:self.spec.pop_size]
+    fitness_SxM = jnp.asarray(fitness_SxM, jnp.float32)[:self.spec.pop_size]
+    n = seeds_SxG.shape[0]
+    best = jnp.argmin(fitness_SxM, axis=0)
+    state = state._replace(
+        genomes_PxG=state.genomes_PxG.at[:n].set(seeds_SxG),
+        fitness_PxM=state.fitness_PxM.at[:n].set(fitness_SxM),
+        feasible_P=state.feasible_P.at[:n].set(True),
+        birth_P=state.birth_P.at[:n].set(jnp.arange(n, dtype=jnp.int32)),
+        best_M=jnp.min(fitness_SxM, axis=0), best_genomes_MxG=seeds_SxG[best])
+    keys_SxG = seeds_SxG if self.spec.key_fn is None else self.spec.key_fn(seeds_SxG)
+    return state_lib.archive_insert(state, keys_SxG, fitness_SxM, jnp.ones((n,), bool))
+
+  def advance(self, state, key, start: int, count: int, data=None):
+    data = self.data if data is None else data
+    outs = []
+    done = 0
+    while done < count:
+      n = min(self.spec.length, count - done)
+      state, out = advance(state, key, jnp.int32(start + done), jnp.int32(n), data,
+                           spec=self.spec)
+      outs.append(jax.tree.map(lambda x, n=n: np.asarray(x[:n]), out))
+      done += n
+    history = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
     return state, history
 
-  state0 = state_lib.init_state(gene_sizes_G, pop_size, n_objectives)
-  state, history = jax.lax.scan(generation, state0, jax.random.split(key, generations))
-  return SearchResult(state, history["best"], history.get("hv"), history["n_evals"])
+
+@dataclasses.dataclass(frozen=True)
+class _Unary:
+  """`evaluate_fn(genomes)` as the loop's `evaluate_fn(genomes, data)` (equal by identity).
+
+  Jitted, so that the shape probe in `run_evolution` and the loop share one trace of `fn`."""
+
+  fn: Callable[[jax.Array], jax.Array]
+
+  def __call__(self, genomes_NxG, data, active_N=None):
+    del data, active_N
+    return jax.jit(self.fn)(genomes_NxG)
+
+
+_hypervolumes_2d = jax.jit(jax.vmap(hypervolume_2d, in_axes=(0, None, 0)))
 
 
 def run_evolution(
@@ -117,17 +195,19 @@ def run_evolution(
     pop_size: int = 50,
     n_children: int | None = None,
     ref_point: jax.Array | None = None,
+    archive_size: int | None = None,
     **strategy_kwargs,
 ) -> SearchResult:
-  """Runs `generations` generations of `strategy` from an empty population.
+  """Runs `generations` generations of `strategy` from an empty population, in one call.
 
   The first ceil(pop_size / n_children) generations sample uniform random feasible genomes to
-  fill the population (they count as generations and evaluations), then the strategy takes over;
-  exactly `n_children` genomes are evaluated per generation, so runs of different strategies with
-  equal `generations * n_children` had equal budgets. `evaluate_fn(int32[B, G]) -> float[B, M]`
-  (all minimised) and `feasible_fn(int32[B, G]) -> bool[B]` must be jittable and are compared by
-  identity for the compile cache. `strategy_kwargs` (Python scalars) go to the step function, e.g.
-  mutation_prob, crossover_prob, sample_size, top_k, objective, tries.
+  fill the population, then the strategy takes over; `n_children` genomes are proposed per
+  generation, and those already evaluated are resampled, so no genome is evaluated twice (the
+  archive holds `archive_size` genomes, default every one the run can evaluate).
+  `evaluate_fn(int32[B, G]) -> float[B, M]` (all minimised) and `feasible_fn(int32[B, G]) ->
+  bool[B]` must be jittable and are compared by identity for the compile cache.
+  `strategy_kwargs` (Python scalars) go to the step function, e.g. mutation_prob,
+  crossover_prob, sample_size, top_k, objective, tries.
   """
   if strategy not in STRATEGIES:
     raise UserError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
@@ -139,16 +219,22 @@ def run_evolution(
   if not isinstance(gene_sizes, jax.core.Tracer) and bool(jnp.any(gene_sizes < 1)):
     raise UserError(f"every gene needs at least one choice; gene_sizes = {gene_sizes}")
   n_children = default_n_children(strategy, pop_size) if n_children is None else n_children
-  ref = None if ref_point is None else jnp.asarray(ref_point, jnp.float32)
-  return _run(
-      key,
-      gene_sizes,
-      ref,
-      strategy=strategy,
-      evaluate_fn=evaluate_fn,
-      feasible_fn=feasible_fn,
-      generations=generations,
-      pop_size=pop_size,
-      n_children=n_children,
-      strategy_kwargs=tuple(sorted(strategy_kwargs.items())),
-  )
+  evaluate = _Unary(evaluate_fn)
+  out = jax.eval_shape(evaluate, jax.ShapeDtypeStruct((n_children, gene_sizes.shape[0]),
+                                                      jnp.int32), None)
+  if len(out.shape) != 2 or out.shape[0] != n_children:
+    raise UserError(
+        f"evaluate_fn must map int32[{n_children}, G] to float[{n_children}, M]; got {out.shape}")
+  if archive_size is None:
+    archive_size = generations * n_children
+  searcher = Searcher(evaluate, gene_sizes, out.shape[1], strategy,
+                      pop_size=pop_size, n_children=n_children, feasible_fn=feasible_fn,
+                      generations_per_call=generations, archive_size=archive_size,
+                      **strategy_kwargs)
+  state, history = advance(searcher.init_state(), key, jnp.int32(0), jnp.int32(generations),
+                           None, spec=searcher.spec)
+  hv = None
+  if ref_point is not None and out.shape[1] == 2:
+    hv = _hypervolumes_2d(history["fitness"], jnp.asarray(ref_point, jnp.float32),
+                          history["mask"])
+  return SearchResult(state, history["best"], hv, history["n_evals"])

@@ -1,4 +1,4 @@
-"""Single-objective evolution (regularized/aging evolution, the W-PCA GA) and a random-search step.
+"""Single-objective evolution (regularized/aging evolution, the W-PCA GA) and random-search steps.
 
 All three share `SearchState` with NSGA-II, so the same driver runs them and their results are
 comparable at an equal number of evaluations. Single-objective strategies optimise column
@@ -6,11 +6,13 @@ comparable at an equal number of evaluations. Single-objective strategies optimi
 how a parameter-count column can be reported next to the searched proxy.
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
 from elastic_jax.errors import UserError
-from elastic_jax.search import nsga2, operators
+from elastic_jax.search import baselines, nsga2, operators
 from elastic_jax.search import state as state_lib
 
 
@@ -30,6 +32,7 @@ def evolution_step(
     mutation_prob: float | None = None,
     objective: int = 0,
     tries: int = 4,
+    key_fn: operators.KeyFn | None = None,
 ) -> state_lib.SearchState:
   """One batch of regularized (aging) evolution (Real et al. 2019), B children at once.
 
@@ -64,10 +67,10 @@ def evolution_step(
                             mutation_prob)
 
   children_NxG, feasible_N, valid_N = state_lib.propose_children(
-      state, key, propose, feasible_fn, n_children, tries
+      state, key, propose, feasible_fn, n_children, tries, key_fn
   )
   state, fitness_NxM, feasible_N, violation_N, birth_N = state_lib.evaluate_children(
-      state, evaluate_fn, children_NxG, feasible_N, valid_N
+      state, evaluate_fn, children_NxG, feasible_N, valid_N, key_fn
   )
   valid_N = violation_N == 0
   # Empty slots (birth -1) come first, then the oldest; valid children are packed to the front.
@@ -97,6 +100,7 @@ def ga_step(
     mutation_prob: float = 0.1,
     objective: int = 0,
     tries: int = 4,
+    key_fn: operators.KeyFn | None = None,
 ) -> state_lib.SearchState:
   """One generation of the W-PCA genetic algorithm.
 
@@ -123,10 +127,10 @@ def ga_step(
     return operators.mutate(k_m, kids_MxG, state.gene_sizes_G, mutation_prob)
 
   children_NxG, feasible_N, valid_N = state_lib.propose_children(
-      state, key, propose, feasible_fn, n_children, tries
+      state, key, propose, feasible_fn, n_children, tries, key_fn
   )
   state, fitness_NxM, feasible_N, violation_N, birth_N = state_lib.evaluate_children(
-      state, evaluate_fn, children_NxG, feasible_N, valid_N
+      state, evaluate_fn, children_NxG, feasible_N, valid_N, key_fn
   )
   fitness_KxM = jnp.concatenate([state.fitness_PxM, fitness_NxM])
   violation_K = jnp.concatenate([violation_P, violation_N])
@@ -147,6 +151,7 @@ def random_step(
     feasible_fn: operators.FeasibleFn | None = None,
     n_children: int | None = None,
     tries: int = 4,
+    key_fn: operators.KeyFn | None = None,
 ) -> state_lib.SearchState:
   """Random search as a strategy: fresh uniform feasible genomes each generation.
 
@@ -158,9 +163,42 @@ def random_step(
   n_children = p if n_children is None else n_children
   propose = lambda k, m: operators.random_genomes(k, state.gene_sizes_G, m)
   children_NxG, feasible_N, valid_N = state_lib.propose_children(
-      state, key, propose, feasible_fn, n_children, tries
+      state, key, propose, feasible_fn, n_children, tries, key_fn
   )
   state, fitness_NxM, feasible_N, violation_N, birth_N = state_lib.evaluate_children(
-      state, evaluate_fn, children_NxG, feasible_N, valid_N
+      state, evaluate_fn, children_NxG, feasible_N, valid_N, key_fn
   )
   return nsga2.merge_and_select(state, children_NxG, fitness_NxM, feasible_N, violation_N, birth_N)
+
+
+def stratified_step(
+    state: state_lib.SearchState,
+    key: jax.Array,
+    evaluate_fn: state_lib.EvaluateFn,
+    *,
+    feasible_fn: operators.FeasibleFn | None = None,
+    n_children: int | None = None,
+    stratify_fn: Callable[[jax.Array], jax.Array],
+    n_bins: int = 8,
+    value_range: tuple[float, float] | None = None,
+    tries: int = 8,
+    key_fn: operators.KeyFn | None = None,
+) -> state_lib.SearchState:
+  """Stratified random search as a strategy: each generation's children spread evenly over bins
+  of `stratify_fn` (e.g. parameter count); the population is the NSGA-II elitist archive, as in
+  `random_step`, so both random baselines are judged like the evolutionary strategies. Children
+  already evaluated (or members) are dropped, not resampled: resampling would skew the bins."""
+  p = state.genomes_PxG.shape[0]
+  n = p if n_children is None else n_children
+  children_NxG, valid_N = baselines.stratified_random_search(
+      key, state.gene_sizes_G, n, stratify_fn, n_bins, feasible_fn, tries, value_range)
+  as_key = (lambda x: x) if key_fn is None else key_fn
+  seen_KxG = jnp.concatenate([as_key(state.genomes_PxG), state.archive_AxG])
+  seen_K = jnp.concatenate([state.occupied_P, state.archived_A])
+  valid_N &= ~operators.is_duplicate(as_key(children_NxG), seen_KxG, valid_N, seen_K)
+  feasible_N = (jnp.ones((n,), bool) if feasible_fn is None
+                else jnp.asarray(feasible_fn(children_NxG), bool))
+  state, fitness_NxM, feasible_N, violation_N, birth_N = state_lib.evaluate_children(
+      state, evaluate_fn, children_NxG, feasible_N, valid_N, key_fn)
+  return nsga2.merge_and_select(state, children_NxG, fitness_NxM, feasible_N, violation_N,
+                                birth_N)

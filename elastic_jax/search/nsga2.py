@@ -156,6 +156,7 @@ def nsga2_step(
     mutation_prob: float = 0.1,
     crossover_prob: float = 0.9,
     tries: int = 4,
+    key_fn: operators.KeyFn | None = None,
 ) -> state_lib.SearchState:
   """One NSGA-II generation: tournament, uniform crossover, mutation, evaluate, survive.
 
@@ -179,9 +180,9 @@ def nsga2_step(
     return operators.mutate(k_m, kids_MxG, state.gene_sizes_G, mutation_prob)
 
   children_NxG, feasible_N, valid_N = state_lib.propose_children(
-      state, key, propose, feasible_fn, n_children, tries
+      state, key, propose, feasible_fn, n_children, tries, key_fn
   )
   state, fitness_NxM, feasible_N, violation_N, birth_N = state_lib.evaluate_children(
-      state, evaluate_fn, children_NxG, feasible_N, valid_N
+      state, evaluate_fn, children_NxG, feasible_N, valid_N, key_fn
   )
   return merge_and_select(state, children_NxG, fitness_NxM, feasible_N, violation_N, birth_N)

@@ -15,6 +15,9 @@ import jax.numpy as jnp
 
 FeasibleFn = Callable[[jax.Array], jax.Array]
 ProposeFn = Callable[[jax.Array, int], jax.Array]
+# genomes int32[N, G] -> dedupe keys int32[N, K]: equal keys = the same candidate (e.g. one
+# canonical genome per network when the encoding is redundant).
+KeyFn = Callable[[jax.Array], jax.Array]
 
 
 def _uniform_index(key: jax.Array, sizes: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -155,21 +158,49 @@ def sample_feasible(
     tries: int = 4,
     archive_AxG: jax.Array | None = None,
     archive_valid_A: jax.Array | None = None,
+    *,
+    key_fn: KeyFn | None = None,
+    rounds: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
   """Rejection sampling with fixed shapes: (genomes int32[n, G], valid bool[n]).
 
   `propose_fn(key, m)` makes m = n * tries candidates; the first n that are feasible and not
   duplicates (of each other or of the valid archive rows) are returned, in proposal order, with
-  valid = True. If fewer than n qualify, the remaining slots hold rejected candidates with
-  valid = False: the shape cannot shrink inside jit, so callers must honour the mask. Rejection
-  rather than repair because any repair rule biases the search distribution near the budget.
+  valid = True. Slots still empty get up to `rounds - 1` more rounds of n * tries fresh
+  candidates (a `cond` skips a round once every slot is filled). If fewer than n qualify, the
+  remaining slots hold rejected candidates with valid = False: the shape cannot shrink inside
+  jit, so callers must honour the mask. Rejection rather than repair because any repair rule
+  biases the search distribution near the budget. Duplicates compare `key_fn(genomes)` (the
+  archive holds keys); default the genomes themselves.
   """
-  candidates_MxG = propose_fn(key, n * tries)
-  m = candidates_MxG.shape[0]
-  if feasible_fn is None:
-    feasible_M = jnp.ones((m,), bool)
-  else:
-    feasible_M = jnp.asarray(feasible_fn(candidates_MxG), bool)
-  keep_M = feasible_M & ~is_duplicate(candidates_MxG, archive_AxG, feasible_M, archive_valid_A)
-  chosen_N = jnp.argsort(~keep_M, stable=True)[:n]
-  return candidates_MxG[chosen_N], keep_M[chosen_N]
+  as_key = (lambda x: x) if key_fn is None else key_fn
+
+  def one_round(k, chosen_NxG, valid_N):
+    candidates_MxG = propose_fn(k, n * tries)
+    m = candidates_MxG.shape[0]
+    if chosen_NxG is None:  # first round: every slot is empty and will be overwritten
+      chosen_NxG = candidates_MxG[:n]
+    if feasible_fn is None:
+      feasible_M = jnp.ones((m,), bool)
+    else:
+      feasible_M = jnp.asarray(feasible_fn(candidates_MxG), bool)
+    # Seen: the archive and the children already chosen in earlier rounds.
+    seen_KxG, seen_K = as_key(chosen_NxG), valid_N
+    if archive_AxG is not None:
+      archive_valid = (jnp.ones(archive_AxG.shape[:1], bool) if archive_valid_A is None
+                       else jnp.asarray(archive_valid_A, bool))
+      seen_KxG = jnp.concatenate([jnp.asarray(archive_AxG, jnp.int32), seen_KxG])
+      seen_K = jnp.concatenate([archive_valid, seen_K])
+    keep_M = feasible_M & ~is_duplicate(as_key(candidates_MxG), seen_KxG, feasible_M, seen_K)
+    # The i-th empty slot takes the i-th kept candidate (or, if none is left, a rejected one).
+    order_M = jnp.argsort(~keep_M, stable=True)
+    take_N = order_M[jnp.clip(jnp.cumsum(~valid_N) - 1, 0, m - 1)]
+    chosen_NxG = jnp.where(valid_N[:, None], chosen_NxG, candidates_MxG[take_N])
+    return chosen_NxG, valid_N | keep_M[take_N]
+
+  chosen_NxG, valid_N = one_round(key, None, jnp.zeros((n,), bool))
+  for r in range(1, rounds):
+    chosen_NxG, valid_N = jax.lax.cond(
+        jnp.all(valid_N), lambda c, v: (c, v),
+        lambda c, v, r=r: one_round(jax.random.fold_in(key, r), c, v), chosen_NxG, valid_N)
+  return chosen_NxG, valid_N

@@ -1,6 +1,6 @@
 """Search outputs: pareto.json, history.jsonl, pareto.png, summary.md, and the front as a table.
 
-Everything here reads the plain `pareto` dict that `job.build_pareto` returns (and pareto.json
+Everything here reads the plain `pareto` dict that `pareto.build_pareto` returns (and pareto.json
 stores), so a report can be rebuilt from the files alone.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from elastic_jax import atomic
-from elastic_jax.search.fitness import OBJECTIVES
+from elastic_jax.search.objectives import OBJECTIVES
 
 PARETO_FILE = 'pareto.json'
 HISTORY_FILE = 'history.jsonl'
@@ -92,7 +92,18 @@ def _columns(pareto: Mapping) -> list[tuple]:
       obj = OBJECTIVES.get(name)
       scale = obj.unit_scale if obj else 1.0
       cols.append((name, name + (f' ({obj.unit})' if obj and obj.unit else ''), scale, '{:.4g}'))
-  return cols
+  # The same metrics on the held-out batches (the search never saw them), beside the loss.
+  heldout = set((pareto['front'][0].get('heldout') or {}) if pareto['front'] else ())
+  at = next((i + 1 for i, c in enumerate(cols) if c[0] == 'perplexity'), len(cols))
+  extra = [(f'heldout:{k}', f'held-out {h}', sc, f) for k, h, sc, f in cols
+           if k in heldout and k in ('loss', 'perplexity')]
+  return cols[:at] + extra + cols[at:]
+
+
+def _value(entry: Mapping, key: str):
+  if key.startswith('heldout:'):
+    return (entry.get('heldout') or {}).get(key[len('heldout:'):])
+  return entry['metrics'].get(key)
 
 
 def table_rows(pareto: Mapping, with_baselines: bool = False) -> tuple[list[str], list[list[str]]]:
@@ -105,9 +116,9 @@ def table_rows(pareto: Mapping, with_baselines: bool = False) -> tuple[list[str]
             + (['prefill ms', 'ms/token'] if decode else []) + ['architecture'])
   rows = []
   for label, e in entries:
-    m = e['metrics']
-    row = [label] + [fmt.format(m[k] / scale) if m.get(k) is not None else '-'
-                     for k, _, scale, fmt in cols]
+    values = [_value(e, k) for k, _, _, _ in cols]
+    row = [label] + [fmt.format(v / scale) if v is not None else '-'
+                     for v, (_, _, scale, fmt) in zip(values, cols)]
     row.append('-' if e.get('latency_ms') is None else f"{e['latency_ms']:.3f}")
     if decode:
       d = e.get('decode_latency')
@@ -231,11 +242,17 @@ def summary_markdown(pareto: Mapping, history: Mapping[str, np.ndarray] | None =
       f"- objectives: {', '.join(n + (' (max)' if mx else '') for n, mx in zip(names, pareto['maximize']))}",  # noqa: E501
       f"- strategy: {pareto['strategy']}, population {pareto['pop_size']}, "
       f"{pareto['n_children']} evaluations per generation, {pareto['generations']} generations, "
-      f"{pareto['n_evals']} evaluations"
+      f"{pareto['n_evals']} evaluations (distinct architectures)"
       + (f' in {pareto["search_seconds"]:.1f} s ({aps:.1f} archs/s incl. compile)' if aps else ''),
       f"- budgets: {pareto['budgets'] or 'none'}; seed {pareto['seed']}; supernet step "
       f"{pareto['supernet_step']}",
       f"- validation tokens per evaluation: {pareto['eval_tokens']}",
+      *([f"- held-out: the front and baselines re-scored on {pareto['heldout_batches']} "
+         f"validation batches ({pareto['heldout_tokens']} tokens) the search never scored with "
+         "(columns 'held-out ...'; the others are the values that selected them)"
+         + (f"; hypervolume on them {pareto['hypervolume_heldout']:.6g}"
+            if len(names) > 1 and pareto.get('hypervolume_heldout') is not None else '')]
+        if pareto.get('heldout_batches') else []),
       *([f"- hypervolume of the front: **{pareto['hypervolume']:.6g}** (random first "
          f"generation: {pareto['hypervolume_random_initial']:.6g}); reference point "
          f"{dict(zip(names, pareto['ref_point']))}"] if len(names) > 1 else []),
@@ -282,7 +299,7 @@ def write_all(out_dir: Path, pareto: Mapping, history: Mapping[str, np.ndarray],
 
 
 def load_finished(out_dir: Path, digest: str) -> dict | None:
-  """pareto.json when it holds the results `digest` names (see `job.results_digest`), else
+  """pareto.json when it holds the results `digest` names (see `checkpoint.results_digest`), else
   None."""
   try:
     pareto = json.loads((Path(out_dir) / PARETO_FILE).read_text())

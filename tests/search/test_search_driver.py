@@ -124,3 +124,30 @@ def test_failed_evaluations_never_enter_the_population():
   assert st.feasible_P.all() and np.all(st.genomes_PxG[:, 0] > 0)
   assert np.all(np.isfinite(st.fitness_PxM)) and st.best_genomes_MxG[0, 0] > 0
   assert 1 <= st.best_M[0] < 15
+
+
+def test_archive_is_a_ring_buffer_of_evaluated_genomes():
+  state = state_lib.init_state(jnp.array([4, 4], jnp.int32), 2, 1, archive_size=3)
+  state = state_lib.archive_insert(state, jnp.array([[0, 0], [1, 1], [2, 2]]),
+                                   jnp.array([[0.0], [1.0], [2.0]]), jnp.array([True, False, True]))
+  assert int(state.n_evals) == 2 and np.asarray(state.archived_A).tolist() == [True, True, False]
+  np.testing.assert_array_equal(state.archive_AxG[:2], [[0, 0], [2, 2]])
+  state = state_lib.archive_insert(state, jnp.array([[3, 3], [1, 0], [0, 1]]),
+                                   jnp.array([[3.0], [4.0], [5.0]]), jnp.array([True, True, False]))
+  # Four evaluated into three rows: the fourth overwrote the oldest ([0, 0]).
+  assert int(state.n_evals) == 4 and np.asarray(state.archived_A).all()
+  np.testing.assert_array_equal(state.archive_AxG, [[1, 0], [2, 2], [3, 3]])
+  np.testing.assert_array_equal(state.archive_fitness_AxM[:, 0], [4.0, 2.0, 3.0])
+
+
+def test_a_small_space_is_never_evaluated_twice():
+  # 27 genomes; 12 generations of 6 children would be 72 evaluations without the archive.
+  sizes = jnp.array([3, 3, 3], jnp.int32)
+  result = driver.run_evolution(jax.random.key(0), "regularized", sizes, gene_sum, None, 12,
+                                pop_size=8, n_children=6, sample_size=4)
+  st = jax.tree.map(np.asarray, result.state)
+  n = int(st.n_evals)
+  evaluated = {tuple(r) for r in st.archive_AxG[:n].tolist()}
+  assert len(evaluated) == n <= 27 and n > 8
+  np.testing.assert_array_equal(st.archive_fitness_AxM[:n], gene_sum(st.archive_AxG[:n], np))
+  assert np.all(np.diff(np.asarray(result.n_evals_T)) >= 0)

@@ -17,8 +17,11 @@ import pytest
 from elastic_jax import evaluation, proxies
 from elastic_jax import export as export_lib
 from elastic_jax.errors import UserError
+from elastic_jax.search import budgets as budgets_lib
+from elastic_jax.search import config as search_cfg
+from elastic_jax.search import driver, job, objectives, pick, proxy_objective, report
 from elastic_jax.search import fitness as fitness_lib
-from elastic_jax.search import job, pick, report
+from elastic_jax.search import genomes as genomes_lib
 from elastic_jax.search.hypervolume import pareto_front_mask
 from elastic_jax.workdir import build_space
 from tests.conftest import REPO
@@ -42,7 +45,7 @@ def tiny_config(cache_dir, **search):
   generations per call), so the file compiles the search loop once."""
   cfg = _quickstart('tiny')
   cfg.data.cache_dir = str(cache_dir)
-  cfg.search = job.default_config()
+  cfg.search = search_cfg.default_config()
   cfg.search.allow_untrained = True
   cfg.search.latency = False
   cfg.search.pop_size = 8
@@ -67,14 +70,48 @@ def searched(tmp_path_factory, cache_dir):
   return cfg, workdir, result
 
 
-def test_twenty_generations_trace_the_real_loss_fitness_once(tmp_path, cache_dir):
-  job._advance.clear_cache()  # count from scratch whatever ran before
-  cfg = tiny_config(cache_dir, generations=20)  # 4 compiled calls of 5 generations
-  result = job.run_search(cfg, tmp_path, log=_quiet)
-  assert result['fitness_traces'] == 1
-  # 8 evaluations per generation, plus the smallest architecture seeded into the population
-  # (the largest is over the 70k parameter budget).
-  assert result['generations'] == 20 and result['n_evals'] == 20 * 8 + 1
+def _recording_loss(seen: list):
+  """The validation loss, recording on the host every genome the search asks it to compute
+  (the population forward runs for those only): an independent log of the evaluations."""
+  def fn(ctx):
+    if ctx.active is not None:  # the search's calls (the report's host re-scoring passes none)
+      jax.debug.callback(lambda g, a: seen.extend(np.asarray(g)[np.asarray(a)].tolist()),
+                         ctx.genomes, ctx.active)
+    return ctx.loss
+  return objectives.Objective('loss_seen', fn, needs_model=True, description='recorded loss')
+
+
+def _network_keys(space, genomes):
+  archs = jax.vmap(space.decode)(jnp.asarray(genomes, jnp.int32))
+  a, on = jax.tree.map(np.asarray, archs), np.asarray(archs.layer_on())
+  return [_network_key(a, on, i) for i in range(len(genomes))]
+
+
+def test_twenty_generations_evaluate_no_network_twice_and_trace_once(tmp_path, cache_dir):
+  seen = []
+  objectives.register_objective(_recording_loss(seen), overwrite=True)
+  driver.advance.clear_cache()  # count from scratch whatever ran before
+  cfg = tiny_config(cache_dir, generations=20, objectives=('loss_seen', 'params'))
+  result = job.run_search(cfg, tmp_path, log=_quiet)  # 4 compiled calls of 5 generations
+  jax.effects_barrier()
+  assert result['fitness_traces'] == 1 and result['generations'] == 20
+  # The smallest architecture is seeded (evaluated on the host, not by the search's forward);
+  # the largest is over the 70k parameter budget.
+  space = build_space(cfg)
+  ckpt = np.load(tmp_path / 'search' / 'state.npz')
+  n = int(ckpt['state_n_evals'])
+  assert result['n_evals'] == n == len(seen) + 1
+  # No network was computed twice (identity from the decoded arch, not the search's keys)...
+  seen_keys = _network_keys(space, np.asarray(seen))
+  assert len(set(seen_keys)) == len(seen_keys)
+  # ...and the archive holds exactly those plus the seed, once each.
+  archive_keys = _network_keys(space, ckpt['state_archive_AxG'][:n])
+  smallest = _network_keys(space, genomes_lib.extreme_genome(space, 'params', False)[None])
+  assert len(set(archive_keys)) == n and set(archive_keys) == set(seen_keys) | set(smallest)
+  # The tiny space has only ~108 networks under the budget: far fewer than the 160 proposals,
+  # so the old behaviour (scoring every proposal) would have repeated most of them.
+  assert 60 <= n <= 109
+  assert np.all(budgets_lib.Budgets(space, {'params': 70_000})(jnp.asarray(seen)))
   lines = (tmp_path / 'search' / 'history.jsonl').read_text().splitlines()
   history = [json.loads(l) for l in lines]
   assert [h['generation'] for h in history] == list(range(1, 21))
@@ -97,7 +134,7 @@ def test_resume_continues_exactly(tmp_path, cache_dir):
   a = np.load(straight / 'search' / 'state.npz')
   b = np.load(split / 'search' / 'state.npz')
   for k in ('state_genomes_PxG', 'state_fitness_PxM', 'state_birth_P', 'history_hv',
-            'history_best', 'initial_genomes'):
+            'history_best', 'initial_genomes', 'state_archive_AxG', 'state_n_evals'):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   assert (json.loads((straight / 'search' / 'pareto.json').read_text())['front']
           == json.loads((split / 'search' / 'pareto.json').read_text())['front'])
@@ -111,6 +148,43 @@ def test_resume_continues_exactly(tmp_path, cache_dir):
   # ...while a different search in the same workdir is refused, not silently mixed.
   with pytest.raises(UserError, match='different search.*pop_size'):
     job.run_search(tiny_config(cache_dir, generations=6, pop_size=10), split, log=_quiet)
+
+
+def test_front_is_rescored_on_held_out_batches_disjoint_from_selection(searched):
+  from elastic_jax import data
+  cfg, workdir, result = searched
+  selection, heldout = job.validation_batches(cfg, 2)
+  # Selection is what the search scored with (data.eval_batches); held out are the next two
+  # batches of the same split, and share no row with selection.
+  for got, want in zip(selection + heldout, data.eval_batches(
+      data.DataConfig.from_config({**cfg.data.to_dict(), 'eval_batches': 4}))):
+    np.testing.assert_array_equal(got['tokens'], want['tokens'])
+  assert len(selection) == cfg.data.eval_batches and len(heldout) == 2
+  sel_rows = {r.tobytes() for b in selection for r in b['tokens']}
+  assert not sel_rows & {r.tobytes() for b in heldout for r in b['tokens']}
+  pareto = json.loads((workdir / 'search' / 'pareto.json').read_text())
+  assert pareto['selection_batches'] == len(selection) and pareto['heldout_batches'] == 2
+  assert pareto['hypervolume_heldout'] is not None
+  space = build_space(cfg)
+  from elastic_jax.workdir import init_supernet
+  model = init_supernet(cfg, space)  # the searched (untrained, seeded) supernet
+  for entry in pareto['front'][:2] + [pareto['baselines']['smallest']]:
+    dense = export_lib.export(model, space.cfg, space.decode(np.asarray(entry['genome'])))
+    for batches, values in ((selection, entry['metrics']), (heldout, entry['heldout'])):
+      want = evaluation.evaluate(dense, batches)
+      assert values['loss'] == pytest.approx(want['loss'], rel=1e-4)
+      assert values['accuracy'] == pytest.approx(want['accuracy'], abs=1e-4)
+    assert entry['heldout']['loss'] != entry['metrics']['loss']
+  summary = (workdir / 'search' / 'summary.md').read_text()
+  assert 'held-out' in summary
+
+
+def test_a_split_too_small_for_the_held_out_batches_warns_and_keeps_selection(cache_dir):
+  cfg = tiny_config(cache_dir)
+  messages = []
+  selection, heldout = job.validation_batches(cfg, 10_000, messages.append)
+  assert len(selection) == cfg.data.eval_batches and len(heldout) < 10_000
+  assert any('room for only' in m for m in messages)
 
 
 def test_outputs_are_complete_and_consistent(searched):
@@ -133,7 +207,7 @@ def test_outputs_are_complete_and_consistent(searched):
   assert pareto_front_mask(np.stack([loss, params], 1)).all()
   space = build_space(cfg)
   genomes = jnp.asarray([e['genome'] for e in front])
-  canon = np.asarray(fitness_lib.canonical_genomes(space, genomes))
+  canon = np.asarray(genomes_lib.canonical_genomes(space, genomes))
   assert len({tuple(g) for g in canon.tolist()}) == len(front)
   # The loss is the evaluation module's loss of the same archs in the same supernet.
   from elastic_jax import data
@@ -201,11 +275,11 @@ def test_workdir_without_trained_supernet_says_to_train_first(tmp_path, cache_di
 
 def test_bad_search_config_is_reported():
   with pytest.raises(UserError, match='search.strategy'):
-    job.search_config({'search': {'strategy': 'annealing'}})
+    search_cfg.search_config({'search': {'strategy': 'annealing'}})
   with pytest.raises(UserError, match='unknown objective .*speed'):
-    fitness_lib.get_objective('speed')
+    objectives.get_objective('speed')
   with pytest.raises(UserError, match='search.colour is not a search config field'):
-    job.search_config({'search': {'colour': 1}})
+    search_cfg.search_config({'search': {'colour': 1}})
 
 
 def _pareto(points, maximize=(False, False)):
@@ -245,7 +319,7 @@ def _network_key(a, on, i):
 def test_canonical_genomes_identify_equal_networks(cache_dir):
   space = build_space(tiny_config(cache_dir))
   genomes = space.random_genomes(jax.random.key(0), 256)
-  canon = fitness_lib.canonical_genomes(space, genomes)
+  canon = genomes_lib.canonical_genomes(space, genomes)
   decoded = {}
   for name, g in (('raw', genomes), ('canon', canon)):
     archs = jax.vmap(space.decode)(g)
@@ -265,17 +339,24 @@ def test_canonical_genomes_identify_equal_networks(cache_dir):
 def test_every_strategy_runs_under_a_budget_with_cost_objectives(strategy, cache_dir):
   space = build_space(tiny_config(cache_dir))
   fit = fitness_lib.Fitness(space, ('flops', 'params'))
-  budget = fitness_lib.Budgets(space, {'params': 60_000})
-  sc = job.search_config({'search': {'strategy': strategy, 'pop_size': 8,
-                                     'objectives': ('flops', 'params')}})
-  searcher = job.Searcher(fit, strategy, pop_size=8, feasible_fn=budget,
-                          generations_per_call=4, **job.strategy_kwargs(sc, space))
+  budget = budgets_lib.Budgets(space, {'params': 60_000})
+  sc = search_cfg.search_config({'search': {'strategy': strategy, 'pop_size': 8,
+                                              'objectives': ('flops', 'params')}})
+  searcher = job.make_searcher(fit, strategy, pop_size=8, feasible_fn=budget,
+                               generations_per_call=4, archive_size=64,
+                               **search_cfg.strategy_kwargs(sc, space))
   state, history = searcher.advance(searcher.init_state(), jax.random.key(1), 0, 6)
-  assert history['n_evals'][-1] == 6 * searcher.spec.n_children
   st = jax.tree.map(np.asarray, state)
+  # Evaluations are distinct networks (some proposals may be dropped, never scored twice).
+  n = int(history['n_evals'][-1])
+  assert 0.5 * 6 * searcher.spec.n_children <= n <= 6 * searcher.spec.n_children
+  keys = {tuple(k) for k in st.archive_AxG[:n].tolist()}
+  assert len(keys) == n
+  np.testing.assert_array_equal(
+      st.archive_AxG[:n], genomes_lib.canonical_genomes(space, st.archive_AxG[:n]))
   members = st.genomes_PxG[st.occupied_P & st.feasible_P]
   assert len(members) > 0
-  assert np.all(fitness_lib.genome_costs(space, members)['params'] <= 60_000)
+  assert np.all(genomes_lib.genome_costs(space, members)['params'] <= 60_000)
   assert fit.traces == 1
 
 
@@ -300,7 +381,7 @@ def test_zero_cost_proxy_objective_matches_the_proxies_package(cache_dir):
   model, batches = init_supernet(cfg, space), data.eval_batches(cfg.data)
   cfg_proxy = proxies.default_config()
   cfg_proxy.num_batches = 2
-  fitness_lib.register_objective(fitness_lib.proxy_objective('wpca', cfg_proxy), overwrite=True)
+  objectives.register_objective(proxy_objective.proxy_objective('wpca', cfg_proxy), overwrite=True)
   fit = fitness_lib.Fitness(space, ('wpca', 'params'), model=model, batches=batches)
   assert fit.maximize == (True, False)
   genomes = space.random_genomes(jax.random.key(3), 5)
@@ -326,7 +407,7 @@ def test_other_proxy_settings_in_the_same_process_never_reuse_the_stale_program(
     cfg_proxy = proxies.default_config()
     cfg_proxy.num_batches = 2
     cfg_proxy.eta = eta
-    fitness_lib.register_objective(fitness_lib.proxy_objective('wpca', cfg_proxy),
+    objectives.register_objective(proxy_objective.proxy_objective('wpca', cfg_proxy),
                                    overwrite=True)
     fit = fitness_lib.Fitness(space, ('wpca', 'params'), model=model, batches=batches)
     got[eta] = fit.evaluate(genomes)['wpca']
@@ -338,9 +419,9 @@ def test_other_proxy_settings_in_the_same_process_never_reuse_the_stale_program(
   a, b = fns[0.99]
   assert a == b and hash(a) == hash(b)  # equal settings: one compiled search loop
   assert fns[0.3][0] != a
-  budgets = [fitness_lib.Budgets(space, {'params': 7e4}) for _ in range(2)]
+  budgets = [budgets_lib.Budgets(space, {'params': 7e4}) for _ in range(2)]
   assert budgets[0] == budgets[1] and hash(budgets[0]) == hash(budgets[1])
-  assert budgets[0] != fitness_lib.Budgets(space, {'params': 6e4})
+  assert budgets[0] != budgets_lib.Budgets(space, {'params': 6e4})
 
 
 def test_training_free_search_with_a_proxy_fitness_needs_no_training(tmp_path, cache_dir):
@@ -349,8 +430,8 @@ def test_training_free_search_with_a_proxy_fitness_needs_no_training(tmp_path, c
   cfg = tiny_config(cache_dir, fitness='wpca', allow_untrained=False, generations=3)
   cfg.proxy = proxies.default_config()
   cfg.proxy.num_batches = 2
-  sc = job.search_config(cfg)
-  assert sc.objectives == ('wpca',) and job.resolve_strategy(sc) == 'ga'
+  sc = search_cfg.search_config(cfg)
+  assert sc.objectives == ('wpca',) and search_cfg.resolve_strategy(sc) == 'ga'
   out = job.run_search(cfg, tmp_path, log=_quiet)
   assert not (tmp_path / 'checkpoints').exists()
   pareto = out['pareto']
@@ -366,9 +447,9 @@ def test_training_free_search_with_a_proxy_fitness_needs_no_training(tmp_path, c
 
 
 def test_training_free_defaults_follow_the_wpca_paper():
-  sc = job.search_config({'search': {'fitness': 'wpca'}})
-  assert (sc.pop_size, sc.generations, job.resolve_strategy(sc)) == (50, 40, 'ga')
-  sc = job.search_config({'search': {}})
+  sc = search_cfg.search_config({'search': {'fitness': 'wpca'}})
+  assert (sc.pop_size, sc.generations, search_cfg.resolve_strategy(sc)) == (50, 40, 'ga')
+  sc = search_cfg.search_config({'search': {}})
   assert (sc.pop_size, sc.generations, sc.objectives) == (32, 30, ('loss', 'params'))
   with pytest.raises(UserError, match="search.fitness is 'loss', not a zero-cost proxy"):
-    job.search_config({'search': {'fitness': 'loss'}})
+    search_cfg.search_config({'search': {'fitness': 'loss'}})

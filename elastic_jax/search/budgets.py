@@ -1,0 +1,71 @@
+"""Cost budgets of the search: which genomes are feasible (a jittable constraint)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from elastic_jax.errors import UserError
+from elastic_jax.search.genomes import COST_INFO, COST_KEYS, extreme_value, space_key
+from elastic_jax.space import Space
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class Budgets:
+  """Constraint `feasible(genomes_BxG) -> bool[B]` from analytic cost budgets (jittable).
+
+  `budgets` maps cost names (`COST_KEYS`: params, flops, kv_cache, ...) to upper bounds; a value
+  of 0 or None means no budget. A frozen dataclass equal by value (the space's key and the
+  budgets), so jitted loops are shared between runs.
+  """
+
+  space: Space = dataclasses.field(compare=False, repr=False)
+  budgets: tuple[tuple[str, float], ...]
+  space_key: tuple = dataclasses.field(repr=False)
+
+  def __init__(self, space: Space, budgets: Mapping[str, float | None]):
+    unknown = sorted(set(budgets) - set(COST_KEYS))
+    if unknown:
+      raise UserError(f'search.budgets.{unknown[0]} is not a budgetable cost; use one of '
+                      f'{", ".join(COST_KEYS)}')
+    object.__setattr__(self, 'space', space)
+    object.__setattr__(self, 'budgets',
+                       tuple(sorted((k, float(v)) for k, v in budgets.items() if v)))
+    object.__setattr__(self, 'space_key', space_key(space))
+
+  def __bool__(self):
+    return bool(self.budgets)
+
+  def __call__(self, genomes_BxG: jax.Array) -> jax.Array:
+    cost = jax.vmap(lambda g: self.space.cost(self.space.decode(g)))(genomes_BxG)
+    ok = jnp.ones(genomes_BxG.shape[:1], bool)
+    for name, bound in self.budgets:
+      ok &= cost[COST_KEYS[name]].astype(jnp.float32) <= jnp.float32(bound)
+    return ok
+
+  def check(self, sample: int = 4096, seed: int = 0) -> float:
+    """Raises UserError unless some architecture meets every budget; returns the feasible share
+    of uniform random genomes (a small share makes the search's rejection sampling slow)."""
+    for name, bound in self.budgets:
+      lowest = extreme_value(self.space, name, largest=False)
+      if lowest > bound:
+        description, scale, unit = COST_INFO[name]
+        raise UserError(
+            f'search.budgets.{name}={bound:,.6g} is below the smallest achievable value in this '
+            f'search space: {lowest:,.6g} {description} ({lowest / scale:.4g} {unit}); raise '
+            'the budget')
+    if not self.budgets:
+      return 1.0
+    genomes = self.space.random_genomes(jax.random.key(seed), sample)
+    share = float(np.mean(np.asarray(jax.jit(self.__call__)(genomes))))
+    if share == 0.0:
+      # Each budget alone is achievable; check the all-smallest architectures jointly.
+      extremes = [self.space.encode(self.space.smallest())]
+      if not bool(np.any(np.asarray(self(jnp.stack(extremes))))):
+        raise UserError(f'no architecture meets all of search.budgets {dict(self.budgets)} '
+                        'together (each alone is achievable); raise one of them')
+    return share

@@ -1,0 +1,141 @@
+"""Genome algebra for the search job: analytic costs of genomes, the space's extreme genomes, and
+canonical genomes (one per network), all for a `Space`.
+
+Hashable callables (`CanonicalKey`, `ParamsOf`) are equal by the space's key, so jitted search
+loops that take them as static arguments are shared between equal searches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from elastic_jax.config import BLOCK_TYPES, FLEXIBERT_BLOCKS
+from elastic_jax.space import GLOBAL_GENES, LAYER_GENES, Space
+
+# Analytic costs: name -> key of `cost.arch_cost`.
+COST_KEYS = {
+    'params': 'params',
+    'flops': 'flops_per_token',
+    'train_flops': 'train_flops_per_token',
+    'kv_cache': 'kv_cache_bytes_per_token',
+    'activation_memory': 'activation_bytes_per_token',
+    'param_bytes': 'param_bytes',
+}
+COST_INFO = {
+    'params': ('parameters', 1e6, 'M'),
+    'flops': ('forward FLOPs per token', 1e6, 'MFLOP/token'),
+    'train_flops': ('training FLOPs per token (3 x forward)', 1e6, 'MFLOP/token'),
+    'kv_cache': ('KV-cache bytes per token', 1e3, 'kB/token'),
+    'activation_memory': ('activation bytes per token kept for backward (estimate)', 1e3,
+                          'kB/token'),
+    'param_bytes': ('parameter bytes', 1e6, 'MB'),
+}
+
+
+_COST_FNS: dict[tuple, Callable] = {}
+
+
+def space_key(space: Space) -> tuple:
+  """What a space's functions depend on (hashable)."""
+  return (space.model, space.cfg, space.seq_len)
+
+
+def genome_costs(space: Space, genomes_BxG) -> dict[str, np.ndarray]:
+  """Host convenience: the analytic costs of genomes (one compile per space, cached)."""
+  fn = _COST_FNS.get(space_key(space))
+  if fn is None:
+    fn = jax.jit(jax.vmap(lambda g: space.cost(space.decode(g))))
+    _COST_FNS[space_key(space)] = fn
+  return {k: np.asarray(v) for k, v in fn(jnp.asarray(genomes_BxG, jnp.int32)).items()}
+
+
+def extreme_genome(space: Space, name: str, largest: bool) -> np.ndarray:
+  """The genome of the exact min (max) of an analytic cost over the space.
+
+  Every cost is a sum over layers plus global terms, and grows with every numeric choice; so the
+  extreme takes every numeric gene at its smallest (largest) choice and, layer by layer, the block
+  type with the smallest (largest) cost (greedy is exact for a sum of independent layer terms).
+  All trials of one layer are costed in one batched call.
+  """
+  key = COST_KEYS[name]
+  sizes = np.asarray(space.gene_sizes)
+  genome = (sizes - 1) if largest else np.zeros_like(sizes)
+  for layer in range(space.num_layers):
+    gene = GLOBAL_GENES + layer * LAYER_GENES
+    trials = np.repeat(genome[None], int(sizes[gene]), axis=0)
+    trials[:, gene] = np.arange(int(sizes[gene]))
+    values = genome_costs(space, trials)[key].astype(np.float64)
+    genome[gene] = int(np.argmax(values) if largest else np.argmin(values))
+  return genome.astype(np.int32)
+
+
+def extreme_value(space: Space, name: str, largest: bool) -> float:
+  """Exact min (max) of an analytic cost over the space (see `extreme_genome`)."""
+  genome = extreme_genome(space, name, largest)
+  return float(genome_costs(space, genome[None])[COST_KEYS[name]][0])
+
+
+def canonical_genomes(space: Space, genomes_BxG: jax.Array) -> jax.Array:
+  """One genome per architecture (jittable): genes that do not change the computed network are
+  zeroed, so equal architectures get equal genomes.
+
+  The encoding is redundant: a layer beyond `depth` ignores all its genes, a 'skip' layer all but
+  its block gene, a non-bottleneck layer its `inner` gene, and a kv gene maps to the divisor of
+  the layer's heads that `Space.decode` picks. Exact duplicate rejection on raw genomes misses
+  these clones; the search job compares canonical genomes instead.
+  """
+  genomes_BxG = jnp.asarray(genomes_BxG, jnp.int32)
+  archs = jax.vmap(space.decode)(genomes_BxG)
+  enc_BxG = jax.vmap(space.encode)(archs)  # re-encoding maps kv choices to the decoded divisor
+  b = enc_BxG.shape[0]
+  end = GLOBAL_GENES + space.num_layers * LAYER_GENES
+  per_BxLxK = enc_BxG[:, GLOBAL_GENES:end].reshape(b, space.num_layers, LAYER_GENES)
+  within_BxL = jnp.arange(space.num_layers)[None, :] < archs.depth[:, None]
+  on_BxL = archs.layer_on()
+  bottleneck_BxL = archs.block == BLOCK_TYPES.index('bottleneck')
+  keep_BxLxK = jnp.stack([within_BxL, on_BxL, on_BxL, on_BxL, on_BxL & bottleneck_BxL], axis=-1)
+  per_BxLxK = jnp.where(keep_BxLxK, per_BxLxK, 0)
+  parts = [enc_BxG[:, :GLOBAL_GENES], per_BxLxK.reshape(b, -1)]
+  if space.ffn_layer_genes:  # stacked-FFN genes count only in FlexiBERT layers that are on
+    flexi_BxL = jnp.isin(archs.block, jnp.asarray([BLOCK_TYPES.index(k)
+                                                   for k in FLEXIBERT_BLOCKS]))
+    parts.append(jnp.where(on_BxL & flexi_BxL, enc_BxG[:, end:], 0))
+  return jnp.concatenate(parts, axis=1)
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class CanonicalKey:
+  """`canonical_genomes` as the search loop's dedupe key (a static jit argument, equal by the
+  space's key): children that are the same network as an evaluated genome are resampled."""
+
+  space: Any = dataclasses.field(compare=False, repr=False)
+  space_key: tuple = dataclasses.field(init=False, repr=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, 'space_key', space_key(self.space))
+
+  def __call__(self, genomes_BxG):
+    return canonical_genomes(self.space, genomes_BxG)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamsOf:
+  """genomes -> float32[B] parameter counts (a static jit argument, equal by the space's key)."""
+
+  space: Any = dataclasses.field(compare=False, repr=False)
+  space_key: tuple = dataclasses.field(init=False, repr=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, 'space_key', space_key(self.space))
+
+  def __call__(self, genomes_BxG):
+    cost = jax.vmap(lambda g: self.space.cost(self.space.decode(g)))(genomes_BxG)
+    return cost['params'].astype(jnp.float32)
