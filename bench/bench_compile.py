@@ -45,7 +45,7 @@ def cpu_programs(name: str, arg: str | None) -> list[dict]:
   for scan in (True, False):
     model_cfg = dataclasses.replace(model.cfg, scan_layers=scan)
 
-    def merged(s):
+    def merged(s, model_cfg=model_cfg):
       m = nnx.merge(graphdef, s)
       m.cfg = model_cfg
       return m

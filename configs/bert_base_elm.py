@@ -54,6 +54,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.model.type_vocab_size = 2
   cfg.model.dtype = 'float32' if local else 'bfloat16'
   cfg.model.param_dtype = 'float32'
+  # Scanned layers keep every residual of the scan body unless rematerialised; 'full' keeps only
+  # each layer's input (the safe choice for 16 GiB v5e chips; see configs/gpt2_medium_supernet.py).
+  cfg.model.remat = 'none' if local else 'full'
 
   # The W-PCA space: per layer {BERT, bottleneck} x FFN width; hidden and heads fixed.
   unit = 12 if local else 192  # FFN widths are multiples of hidden / 4

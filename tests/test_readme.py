@@ -64,7 +64,7 @@ def bash_blocks(text: str) -> list[tuple[int, list[str]]]:
 
 
 BLOCKS = bash_blocks(README.read_text())
-TEST_COMMAND = '.venv/bin/python -m pytest -q -rs'
+TEST_COMMAND = '.venv/bin/python -m pytest -q -rs -n 2 --dist loadfile'
 
 
 def test_the_readme_has_the_blocks_this_test_knows():
