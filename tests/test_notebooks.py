@@ -93,7 +93,6 @@ def test_notebook_runs_top_to_bottom_in_small_mode(path, tmp_path, monkeypatch, 
   monkeypatch.setenv('ELASTIC_JAX_NOTEBOOK_WORKDIR', str(tmp_path))
   monkeypatch.setenv('ELASTIC_JAX_CACHE', str(data_cache))
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  monkeypatch.setenv('MPLBACKEND', 'Agg')
   monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
       [str(REPO), *filter(None, [os.environ.get('PYTHONPATH')])]))
   book = nbformat.read(path, as_version=4)
