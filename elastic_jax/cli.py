@@ -199,7 +199,8 @@ def _join_processes(cfg) -> bool:
   return info.is_main
 
 
-_TRAIN_SECTIONS = ('seed', 'model', 'space', 'data', 'train', 'mesh', 'distributed')
+_TRAIN_SECTIONS = ('seed', 'model', 'space', 'data', 'train', 'mesh', 'distributed',
+                   'scone')
 
 
 @command(flags=('workdir',), sections=_TRAIN_SECTIONS)
