@@ -10,6 +10,9 @@ seen at least `min_count` times, and the survivors of all scans are ranked by fr
   prefix and suffix occur at least as often as it does and are shorter, they always rank before it:
   every prefix of the frequency order (the first `n_used` f-grams, the elastic dimension) is closed
   under taking prefixes and suffixes. `lookup.py` relies on this.
+- The pruning never changes the result, only the work: an n-gram's prefix and suffix occur at
+  least as often as it does, so any n-gram counted `min_count` times has both kept. It is kept
+  because it bounds what each scan has to count (tested against unpruned brute-force counts).
 - n-grams never cross documents (each document is one framed token sequence as the model reads it).
 - Counting is exact: each window is a big-endian byte string (`np.void` of 4 n bytes), so
   `np.unique` sorts it in numeric lexicographic order with no hash collisions; a scan streams over

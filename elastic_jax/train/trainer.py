@@ -226,6 +226,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
   workdir = Path(workdir)
   tcfg = cfg.train
   train_config.check(tcfg)  # before anything is created
+  scone_config(cfg.get('scone'))  # likewise: a bad scone field fails here
   data.check_lm_task(cfg.data)
   space = build_space(cfg)
   mesh = parallel.make_mesh(cfg.get('mesh', {}))

@@ -8,6 +8,7 @@ import pytest
 from elastic_jax.errors import UserError
 from elastic_jax.scone import fgrams as fgrams_lib
 from elastic_jax.scone import lookup
+from elastic_jax.scone.config import scone_config
 
 
 def brute_fgrams(docs, max_n, min_count, num):
@@ -74,6 +75,12 @@ def test_extraction_is_independent_of_chunking():
 def test_k_below_two_is_one_clear_error():
   with pytest.raises(UserError, match='scone.max_n=1 .* >= 2'):
     fgrams_lib.extract(chunked([[1, 2]], 1), max_n=1, min_count=1, num_fgrams=3)
+  with pytest.raises(UserError, match=r'^config field scone.max_n=1 is invalid: .* >= 2') as e:
+    scone_config({'enabled': True, 'max_n': 1})
+  assert '\n' not in str(e.value)
+  with pytest.raises(UserError, match='scone.heads=3 must divide scone.width=64'):
+    scone_config({'enabled': True, 'heads': 3})
+  assert scone_config({'enabled': False, 'max_n': 1}) is None  # off: not read
 
 
 def test_fgram_file_round_trip_and_corrupt(tmp_path):
