@@ -60,3 +60,15 @@ def write_table(model, fgrams: Fgrams, workdir: str | Path, scfg: SconeConfig) -
   rows = table_lib.precompute(model, fgrams, batch=scfg.table_batch)
   return table_lib.save(Path(workdir) / TABLE_DIR, rows, fgrams,
                         table_lib.fingerprint(model, fgrams))
+
+
+def inference_table(model, scfg: SconeConfig, data_cfg, workdir: str | Path,
+                    arch=None) -> table_lib.Table:
+  """The table inference reads for `arch` (None / largest hidden: W/scone/table, checked against
+  these weights; a narrower sub-network: its own table, computed now and kept in memory)."""
+  fgrams = run_fgrams(scfg, data_cfg, workdir, write=False)
+  if arch is None or int(arch.hidden) == model.dims.hidden:
+    return table_lib.load(Path(workdir) / TABLE_DIR, table_lib.fingerprint(model, fgrams))
+  rows = table_lib.precompute(model, fgrams, arch=arch, batch=scfg.table_batch)
+  return table_lib.Table(rows, fgrams, FgramIndex(fgrams),
+                         {'fingerprint': table_lib.fingerprint(model, fgrams, arch)})
