@@ -121,7 +121,8 @@ def _print_front(result) -> None:
   print(f"plot: {result['plot']}\nsummary: {result['summary']}\nfront: {result['pareto_json']}")
 
 
-@command(flags=('workdir',), sections=('seed', 'model', 'space', 'data', 'search', 'proxy'))
+@command(flags=('workdir',),
+         sections=('seed', 'model', 'space', 'data', 'search', 'proxy', 'scone'))
 def search():
   """Searches the supernet trained in --workdir; writes W/search/ (front, history, plot)."""
   from elastic_jax.search.job import run_search

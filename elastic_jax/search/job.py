@@ -595,7 +595,7 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
     model, supernet_step = init_supernet(cfg, space), None
   elif model is None:
     model, supernet_step = load_trained_supernet(cfg, workdir, space, sc.allow_untrained)
-  batches = data_lib.eval_batches(cfg.data)
+  batches = data_lib.eval_batches(cfg.data, _scone_transform(cfg, workdir))
   fitness = Fitness(space, sc.objectives, model=model, batches=batches, chunk=sc.chunk)
   searcher = Searcher(fitness, strategy, pop_size=sc.pop_size, n_children=n_children_of(sc),
                       feasible_fn=budgets, generations_per_call=sc.checkpoint_every,
@@ -814,3 +814,16 @@ def build_pareto(sc: SearchConfig, space, fitness: Fitness, model, batches, prog
       'random': [{'genome': [int(x) for x in g], 'metrics': rows[nf + 2 + j]}
                  for j, g in enumerate(random_genomes)],
   }
+
+
+def _scone_transform(cfg, workdir):
+  """A SCONE run's f-gram lookup for the validation batches (None without SCONE): sub-networks
+  are scored with their f-gram embeddings, computed by the f-gram model on the device (the
+  training-mode forward, which the precomputed table reproduces exactly)."""
+  from elastic_jax.scone import job as scone_job  # noqa: PLC0415
+  from elastic_jax.scone.config import scone_config  # noqa: PLC0415
+
+  scfg = scone_config(cfg.get('scone'))
+  if scfg is None:
+    return None
+  return scone_job.batch_transform(scone_job.run_fgrams(scfg, cfg.data, workdir, write=False))

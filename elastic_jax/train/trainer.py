@@ -267,7 +267,8 @@ def _train(cfg, workdir: Path, space, mesh, is_main: bool, progress: bool) -> di
   scfg = scone_config(cfg.get('scone'))
   fgrams = transform = None
   if scfg is not None:  # SCONE: the run's f-grams, looked up in every batch on the host
-    fgrams = scone_job.run_fgrams(scfg, cfg.data, workdir, write=is_main)
+    fgrams = scone_job.run_fgrams(scfg, cfg.data, workdir, write=is_main,
+                                  log=lambda m: print(m, file=sys.stderr, flush=True))
     transform = scone_job.batch_transform(fgrams)
   iterator = data.train_iterator(cfg.data, process_index=shard_index, process_count=shard_count,
                                  transform=transform)

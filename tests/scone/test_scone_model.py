@@ -36,11 +36,9 @@ def corpus_and_fgrams():
 
 
 def batch(docs, fg):
-  rng = np.random.default_rng(1)
   tokens = np.stack([np.concatenate([docs[i], docs[i + 1]])[:17] for i in range(0, 6, 2)])
   positions = np.broadcast_to(np.arange(17), tokens.shape).astype(np.int32)
   segs = np.ones_like(tokens)
-  del rng
   hits = lookup.FgramIndex(fg).hits(tokens, positions, segs)
   return {'tokens': jnp.asarray(tokens), 'positions': jnp.asarray(positions),
           'fgram_hits': jnp.asarray(hits)}
