@@ -12,6 +12,7 @@ from pathlib import Path
 import ml_collections
 
 from elastic_jax import data, proxies
+from elastic_jax.scone import config as scone_config
 from elastic_jax.search import config as search_config
 from elastic_jax.train import config as train_config
 
@@ -65,6 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.train.eval_every = 500 if full else (0 if tiny else 200)
   cfg.train.checkpoint_every = 1000 if full else (10 if tiny else 200)
   cfg.mesh = train_config.default_mesh()
+  # SCONE f-gram embeddings (off; --config.scone.enabled=True; fields: elastic_jax/scone/config.py).
+  cfg.scone = scone_config.default_config()
 
   # Zero-cost proxies (W-PCA and baselines) for `elastic-jax proxy` and training-free search
   # (--config.search.objectives="('wpca', 'params')"); fields: elastic_jax/proxies/config.py.

@@ -121,7 +121,8 @@ def _print_front(result) -> None:
   print(f"plot: {result['plot']}\nsummary: {result['summary']}\nfront: {result['pareto_json']}")
 
 
-@command(flags=('workdir',), sections=('seed', 'model', 'space', 'data', 'search', 'proxy'))
+@command(flags=('workdir',),
+         sections=('seed', 'model', 'space', 'data', 'search', 'proxy', 'scone'))
 def search():
   """Searches the supernet trained in --workdir; writes W/search/ (front, history, plot)."""
   from elastic_jax.search.job import run_search
@@ -156,12 +157,14 @@ def export():
   _print_json({**saved, 'supernet_step': step})
 
 
-@command(flags=('workdir', 'arch', 'model'), sections=('seed', 'model', 'space', 'data'))
+@command(flags=('workdir', 'arch', 'model'), sections=('seed', 'model', 'space', 'data', 'scone'))
 def evaluate():
-  """Validation loss of --arch in the supernet, or of the exported model --model."""
+  """Validation loss of --arch in the supernet, or of the exported model --model (a SCONE run's
+  f-gram embeddings come from its precomputed table, looked up on the host)."""
   from elastic_jax import data, evaluation
   from elastic_jax import export as export_lib
   from elastic_jax.cost import arch_cost, dense_arch
+  from elastic_jax.scone.config import scone_config
   from elastic_jax.workdir import check_exists, check_seq_len
   if FLAGS.model:
     if FLAGS.arch or FLAGS.workdir:
@@ -181,8 +184,15 @@ def evaluate():
     data.check_lm_task(cfg.data)
     space, model, arch, _ = _supernet_and_arch(cfg)
     batches = data.eval_batches(cfg.data)
+    scfg = scone_config(cfg.get('scone'))
+    if scfg is not None:
+      from elastic_jax.scone import job as scone_job
+      table = scone_job.inference_table(model, scfg, cfg.data, FLAGS.workdir, arch)
+      batches = [table(b) for b in batches]
     result = evaluation.evaluate(model, batches, arch)
     cost = space.cost(arch)
+    if scfg is not None:
+      result['scone_table_mb'] = table.nbytes / 1e6
   result.update(params=int(cost['params']), flops_per_token=float(cost['flops_per_token']))
   _print_json(result)
 
@@ -199,7 +209,8 @@ def _join_processes(cfg) -> bool:
   return info.is_main
 
 
-_TRAIN_SECTIONS = ('seed', 'model', 'space', 'data', 'train', 'mesh', 'distributed')
+_TRAIN_SECTIONS = ('seed', 'model', 'space', 'data', 'train', 'mesh', 'distributed',
+                   'scone')
 
 
 @command(flags=('workdir',), sections=_TRAIN_SECTIONS)

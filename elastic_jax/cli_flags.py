@@ -65,6 +65,7 @@ SECTION_DOCS = {
     'hf': 'elastic_jax/hf/space.py (default_config: the imported space as fractions)',
     'finetune': 'elastic_jax/finetune/trainer.py (default_config)',
     'compress': 'elastic_jax/compress/config.py',
+    'scone': 'elastic_jax/scone/config.py (SCONE f-gram embeddings)',
 }
 
 

@@ -11,6 +11,8 @@ implementation (attention scores over all `seq_len` keys, causal or not); traini
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from elastic_jax.arch import Arch
@@ -97,3 +99,26 @@ def dense_arch(dims: ModelDims) -> Arch:
       inner=jnp.asarray([l.inner for l in layers], jnp.int32),
       ffn_layers=jnp.asarray([l.ffn_layers for l in layers], jnp.int32),
   )
+
+
+def scone_cost(cfg: ModelConfig, hidden: int, scone, num_fgrams: int) -> dict:
+  """What SCONE (elastic_jax/scone) costs besides `arch_cost`, which it leaves unchanged.
+
+  At inference the f-gram embeddings are rows of a table precomputed after training and kept in
+  host memory (or on disk): the accelerator holds and runs exactly the arch's parameters and
+  FLOPs (`arch_cost`); it receives the gathered rows as an input, like the tokens. Returns
+  `table_bytes` (float32 [num_fgrams, hidden]), `index_bytes` (the f-gram file) and
+  `lookup_bytes` (the host hash index) on the host, and `fgram_model_params`, the parameters
+  trained alongside the model and then dropped (on the accelerator during training only).
+  """
+  w = scone.width
+  fcfg = dataclasses.replace(cfg, positions='learned')
+  block = BLOCKS['transformer'].cost(fcfg, {'hidden': w, 'heads': scone.heads,
+                                            'kv_groups': scone.heads,
+                                            'head_dim': w // scone.heads, 'ffn': scone.ffn})
+  final_norm = norm_params(cfg, w) if cfg.norm_placement == 'pre' else 0
+  params = hidden * w + scone.max_n * w + scone.layers * block['params'] + final_norm + w * hidden
+  return {'table_bytes': 4 * num_fgrams * hidden,
+          'index_bytes': num_fgrams * (4 * scone.max_n + 4 + 8),  # tokens, lengths, counts
+          'lookup_bytes': num_fgrams * (8 + 4),  # in memory: sorted 64-bit hashes and their ids
+          'fgram_model_params': int(params)}

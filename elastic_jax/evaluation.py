@@ -16,7 +16,9 @@ from flax import nnx
 
 from elastic_jax.losses import token_accuracy, token_cross_entropy
 
-MODEL_INPUTS = ('tokens', 'positions', 'segment_ids', 'token_types')
+# The last four: SCONE's f-gram inputs (elastic_jax/scone), present only when it is enabled.
+MODEL_INPUTS = ('tokens', 'positions', 'segment_ids', 'token_types', 'fgram_hits', 'fgram_limit',
+                'fgram_ids', 'fgram_emb')
 
 
 def model_inputs(batch):

@@ -29,6 +29,7 @@ from elastic_jax import atomic, space_history
 from elastic_jax.config import check_compatible, model_config, space_config
 from elastic_jax.errors import UserError
 from elastic_jax.model.supernet import Model
+from elastic_jax.scone.config import scone_config
 from elastic_jax.space import Space
 
 CONFIG_FILE = 'config.json'
@@ -175,7 +176,8 @@ def build_space(cfg: ml_collections.ConfigDict, workdir: str | Path | None = Non
 def init_supernet(cfg: ml_collections.ConfigDict, space: Space | None = None) -> Model:
   """The supernet at the config's seeded initialisation."""
   space = space or build_space(cfg)
-  return Model(space.model, space.cfg.supernet_dims(), rngs=nnx.Rngs(int(cfg.get('seed', 0))))
+  return Model(space.model, space.cfg.supernet_dims(), rngs=nnx.Rngs(int(cfg.get('seed', 0))),
+               scone=scone_config(cfg.get('scone')))
 
 
 def load_supernet(cfg: ml_collections.ConfigDict, workdir: str | None,

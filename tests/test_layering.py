@@ -25,6 +25,7 @@ FORBIDDEN = {
     'proxies/': ('train', 'search'),
     'search/': ('train',),
     'data/': ('train', 'search', 'model', 'proxies'),
+    'scone/': ('train', 'search', 'proxies'),
 }
 
 

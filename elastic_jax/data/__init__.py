@@ -4,6 +4,7 @@ The rest of the project needs only these names:
   default_config()        the `data` config section
   train_iterator(cfg)     the endless, checkpointable training stream of one process
   eval_batches(cfg)       the fixed validation batches used by evaluation and search
+  train_documents(cfg)    the training split's framed documents in chunks (corpus statistics)
   merge_process_states / process_state   a run's data position from / for each process
   load_tokenizer(cfg)     the tokenizer; check_vocab(tokenizer, model_vocab_size)
   check_lm_task(cfg)      UserError unless data.task models tokens (not GLUE)
@@ -18,6 +19,7 @@ from elastic_jax.data.pipelines import (
     eval_batches,
     merge_process_states,
     process_state,
+    train_documents,
     train_iterator,
 )
 from elastic_jax.data.tokenizer import (
@@ -42,5 +44,6 @@ __all__ = [
     'load_tokenizer',
     'merge_process_states',
     'process_state',
+    'train_documents',
     'train_iterator',
 ]

@@ -27,6 +27,7 @@ no bos/eos (see documents.py). MLM framing is [cls] text [sep], as BERT-style fi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -192,8 +193,8 @@ def _stack(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
 
-def train_iterator(data_cfg: Any, *, process_index: int = 0,
-                   process_count: int = 1) -> ShardedIterator:
+def train_iterator(data_cfg: Any, *, process_index: int = 0, process_count: int = 1,
+                   transform: Callable[[dict], dict] | None = None) -> ShardedIterator:
   """The endless, resumable training stream of this process.
 
   The global batch is split into `data.num_shards` shards (0 = one per process), each an
@@ -208,6 +209,9 @@ def train_iterator(data_cfg: Any, *, process_index: int = 0,
   processes' states into the run's, `process_state` takes one process's part back out), and
   set_state(state) on a freshly made iterator (same config, same shards) continues exactly where
   that state was taken.
+
+  `transform`: an optional batch -> batch function applied last (e.g. SCONE's f-gram lookup,
+  elastic_jax/scone/lookup.py); stateless, so it leaves the iterator state unchanged.
   """
   cfg = DataConfig.from_config(data_cfg)
   if not 0 <= process_index < process_count:
@@ -231,11 +235,12 @@ def train_iterator(data_cfg: Any, *, process_index: int = 0,
   per_process = num_shards // process_count
   shards = range(process_index * per_process, (process_index + 1) * per_process)
   return ShardedIterator(num_shards, {
-      shard: _shard_stream(cfg, corpus, tokenizer, shard, num_shards) for shard in shards})
+      shard: _shard_stream(cfg, corpus, tokenizer, shard, num_shards, transform)
+      for shard in shards})
 
 
 def _shard_stream(cfg: DataConfig, corpus: sources.Corpus, tokenizer: Tokenizer, shard: int,
-                  num_shards: int) -> grain.DatasetIterator:
+                  num_shards: int, transform=None) -> grain.DatasetIterator:
   """The stream of one data shard: batch_size // num_shards rows per batch."""
   rows = cfg.batch_size // num_shards
   indices = record_indices(len(corpus.train), process_index=shard, process_count=num_shards,
@@ -249,6 +254,8 @@ def _shard_stream(cfg: DataConfig, corpus: sources.Corpus, tokenizer: Tokenizer,
     else:
       ds = ds.map_with_index(MlmMasker(tokenizer, cfg.mlm_probability, cfg.whole_word_mask,
                                        cfg.seed, stream=1 + shard))
+  if transform is not None:
+    ds = ds.map(transform)
   if cfg.num_workers > 0:
     if not flags.FLAGS.is_parsed():
       # grain's worker processes read absl flags (defaults suffice); a library caller outside an
@@ -317,13 +324,14 @@ def process_state(run_state: dict[str, Any], process_index: int,
           'shards': {str(s): run_state['shards'][str(s)] for s in keep}}
 
 
-def eval_batches(data_cfg: Any) -> list[dict[str, np.ndarray]]:
+def eval_batches(data_cfg: Any,
+                 transform: Callable[[dict], dict] | None = None) -> list[dict[str, np.ndarray]]:
   """The fixed evaluation set: `data.eval_batches` batches (0 = all) of the validation split.
 
   Read in stored order, unshuffled, with fixed MLM masks, at the global batch size: identical on
   every call and for any number of processes. Every batch has the full batch shape; the last one
   is padded if the split runs out (padding rows have segment_ids 0 and weights 0), and a split
-  smaller than `eval_batches` batches gives fewer batches.
+  smaller than `eval_batches` batches gives fewer batches. `transform`: as in `train_iterator`.
   """
   cfg = DataConfig.from_config(data_cfg)
   corpus = sources.open_corpus(cfg)
@@ -339,12 +347,29 @@ def eval_batches(data_cfg: Any) -> list[dict[str, np.ndarray]]:
     if len(batches) == cfg.eval_batches:
       break
   if cfg.task == 'causal_lm':
-    return [_causal_weights(b) for b in batches]
-  if cfg.task == 'mlm':
+    batches = [_causal_weights(b) for b in batches]
+  elif cfg.task == 'mlm':
     masker = MlmMasker(tokenizer, cfg.mlm_probability, cfg.whole_word_mask, cfg.seed,
                        stream=_EVAL_STREAM)
-    return [masker(i, b) for i, b in enumerate(batches)]
-  return batches
+    batches = [masker(i, b) for i, b in enumerate(batches)]
+  return batches if transform is None else [transform(b) for b in batches]
+
+
+def train_documents(data_cfg: Any) -> Callable[[], Iterator[list[np.ndarray]]]:
+  """The training split's documents as the model reads them (the `tokens` of each framed
+  document), in stored order, `_DOCS_PER_READ` per chunk: `chunks()` streams them anew on every
+  call, for corpus statistics such as SCONE's f-grams (elastic_jax/scone/fgrams.py)."""
+  cfg = DataConfig.from_config(data_cfg)
+  corpus = sources.open_corpus(cfg)
+  check_task(cfg, corpus)
+  tokenizer = tokenizer_for(cfg, corpus)
+  read = ReadRecords(corpus.train, LmFramer(tokenizer, corpus.reader, cfg.task == 'causal_lm'))
+  num = len(corpus.train)
+
+  def chunks():
+    for start in range(0, num, _DOCS_PER_READ):
+      yield [d['tokens'] for d in read(np.arange(start, min(start + _DOCS_PER_READ, num)))]
+  return chunks
 
 
 def _pad_batch(batch: dict[str, np.ndarray], rows: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from flax import nnx
 from elastic_jax.config import BLOCK_TYPES, SKIP, LayerDims, ModelConfig, ModelDims
 from elastic_jax.model.blocks import BLOCK_CAPTURES, BLOCKS, WIDTH_AXIS, Context
 from elastic_jax.model.layers import Norm, activation, make_param, prefix_mask
+from elastic_jax.scone.model import FgramModel, fgram_embeddings, match_lengths, windows
 
 Array = jax.Array
 
@@ -49,13 +50,25 @@ class Embedding(nnx.Module):
                   if cfg.type_vocab_size else None)
     self.norm = Norm(h, 'embed', cfg, rngs=rngs) if cfg.norm_placement == 'post' else None
 
-  def __call__(self, tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count) -> Array:
+  def token_vectors(self, tokens_BT) -> Array:
+    """The hidden-wide token embeddings of `tokens_BT` (any leading shape), before positions."""
     dtype = jnp.dtype(self.cfg.dtype)
     x = jnp.take(self.tokens[...], tokens_BT, axis=0).astype(dtype)
     if self.cfg.factorised:
-      x = jnp.einsum('BTE,ED->BTD', x, self.proj[...].astype(dtype))
+      x = jnp.einsum('...E,ED->...D', x, self.proj[...].astype(dtype))
       if self.proj_bias is not None:
         x = x + self.proj_bias[...].astype(dtype)
+    return x
+
+  def __call__(self, tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count,
+               fgram=None) -> Array:
+    """`fgram`: None, or (embeddings [B, T, hidden], on [B, T] bool): SCONE's f-gram embeddings
+    replace the token embeddings where `on` (elastic_jax/scone/model.py)."""
+    dtype = jnp.dtype(self.cfg.dtype)
+    x = self.token_vectors(tokens_BT)
+    if fgram is not None:
+      emb_BTD, on_BT = fgram
+      x = jnp.where(on_BT[..., None], emb_BTD.astype(dtype), x)
     if self.positions is not None:
       x = x + jnp.take(self.positions[...], positions_BT, axis=0).astype(dtype)
     if self.types is not None:
@@ -183,13 +196,16 @@ class Layer(nnx.Module):
 class Model(nnx.Module):
   """Elastic encoder or decoder language model (supernet or exported dense model)."""
 
-  def __init__(self, cfg: ModelConfig, dims: ModelDims, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, dims: ModelDims, *, rngs: nnx.Rngs, scone=None):
+    """`scone`: a `SconeConfig` adds SCONE's f-gram model (elastic_jax/scone), else None."""
     self.cfg = cfg
     self.dims = dims
     self.embed = Embedding(cfg, dims, rngs=rngs)
     self.layers = nnx.List([Layer(cfg, dims, l, rngs=rngs) for l in dims.layers])
     self.head = Head(cfg, dims, rngs=rngs)
     self.pooler = Pooler(cfg, dims, rngs=rngs) if cfg.pooler else None
+    # Created last, so the main model's initialisation is the same with and without it.
+    self.scone = FgramModel(cfg, dims.hidden, scone, rngs=rngs) if scone is not None else None
 
   def __call__(self, batch: Mapping[str, Array], arch=None, capture: tuple[str, ...] = ()):
     """Logits [B, T, vocab] (float32); with `capture`, also a dict of the named features.
@@ -232,6 +248,26 @@ class Model(nnx.Module):
     skip_last_ffn = not any(c in ('hidden', 'ffn_pre', 'ffn_act', 'ffn_out') for c in capture)
     return self._trunk(batch, arch, capture, skip_last_ffn)[2]
 
+  def fgram_inputs(self, batch, hidden_mask=None):
+    """(f-gram embeddings [B, T, hidden], on [B, T]) of a SCONE model, or None.
+
+    Inference: the batch carries precomputed rows `fgram_emb` [B, T, hidden] and their ids
+    `fgram_ids` [B, T] (-1 = none), looked up on the host (elastic_jax/scone/table.py).
+    Training: it carries the host lookup's `fgram_hits` [B, T, K-1] (and optionally `fgram_limit`
+    [B], the number of f-grams used) and the f-gram model computes the embeddings. Neither: None
+    (the token embeddings alone, as in a model without SCONE)."""
+    if 'fgram_emb' in batch:
+      return batch['fgram_emb'], batch['fgram_ids'] >= 0
+    if 'fgram_hits' not in batch:
+      return None
+    tokens_BT = batch['tokens']
+    b, t = tokens_BT.shape
+    lengths_BT = match_lengths(batch['fgram_hits'], batch.get('fgram_limit'))
+    tokens_NK = windows(tokens_BT, self.scone.k).reshape(b * t, self.scone.k)
+    emb = fgram_embeddings(self.scone, self.embed.token_vectors, tokens_NK,
+                           lengths_BT.reshape(-1), hidden_mask)
+    return emb.reshape(b, t, -1), lengths_BT > 0
+
   def _trunk(self, batch, arch, capture, skip_last_ffn: bool = False):
     """(final hidden states, (hidden mask, active hidden count), {name: captured feature}).
 
@@ -266,7 +302,10 @@ class Model(nnx.Module):
     ctx = Context(attn_mask_BTS, positions_BT, hidden_mask, hidden_count,
                   tuple(c for c in capture if c in BLOCK_CAPTURES))
 
-    x = self.embed(tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count)
+    embed_args = (tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count)
+    fgram = self.fgram_inputs(batch, hidden_mask) if self.scone is not None else None
+    # Without f-gram inputs the embedding is called as before SCONE existed (proxies wrap it).
+    x = self.embed(*embed_args) if fgram is None else self.embed(*embed_args, fgram)
     features = {'embed': x, 'hidden': []} | {k: [] for k in BLOCK_CAPTURES}
     last_on = None
     if arch is not None and skip_last_ffn:

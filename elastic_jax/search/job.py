@@ -71,17 +71,19 @@ def make_searcher(fitness: Fitness, strategy: str, **kwargs) -> driver.Searcher:
                          key_fn=CanonicalKey(fitness.space), data=fitness.data, **kwargs)
 
 
-def validation_batches(cfg, holdout: int, log=_log_stderr) -> tuple[list, list]:
+def validation_batches(cfg, holdout: int, log=_log_stderr,
+                       transform=None) -> tuple[list, list]:
   """(selection, held-out) validation batches: the `data.eval_batches` batches the search scores
   with, and the next `holdout` batches of the split (with data.eval_batches = 0, the whole
-  split: its last `holdout` batches are held out), which only the final report reads."""
+  split: its last `holdout` batches are held out), which only the final report reads.
+  `transform`: applied to every batch (a SCONE run's f-gram lookup)."""
   from elastic_jax import data as data_lib  # noqa: PLC0415
   if holdout == 0:
-    return data_lib.eval_batches(cfg.data), []
+    return data_lib.eval_batches(cfg.data, transform), []
   data_cfg = data_lib.DataConfig.from_config(cfg.data)
   n_select = data_cfg.eval_batches
   batches = data_lib.eval_batches(dataclasses.replace(
-      data_cfg, eval_batches=n_select + holdout if n_select else 0))
+      data_cfg, eval_batches=n_select + holdout if n_select else 0), transform)
   n_select = n_select or max(1, len(batches) - holdout)
   selection, heldout = batches[:n_select], batches[n_select:]
   if not selection:
@@ -174,7 +176,8 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
     model, supernet_step = init_supernet(cfg, space), None
   elif model is None:
     model, supernet_step = load_trained_supernet(cfg, workdir, space, sc.allow_untrained)
-  batches, heldout = validation_batches(cfg, sc.holdout_batches, log)
+  batches, heldout = validation_batches(cfg, sc.holdout_batches, log,
+                                        _scone_transform(cfg, workdir))
   fitness = Fitness(space, sc.objectives, model=model, batches=batches, chunk=sc.chunk)
   searcher = make_searcher(fitness, strategy, pop_size=sc.pop_size,
                            n_children=n_children_of(sc), feasible_fn=budgets,
@@ -247,3 +250,14 @@ def _result(pareto, paths, progress, fitness) -> dict:
           'fitness_traces': fitness.traces}
 
 
+def _scone_transform(cfg, workdir):
+  """A SCONE run's f-gram lookup for the validation batches (None without SCONE): sub-networks
+  are scored with their f-gram embeddings, computed by the f-gram model on the device (the
+  training-mode forward, which the precomputed table reproduces exactly)."""
+  from elastic_jax.scone import job as scone_job  # noqa: PLC0415
+  from elastic_jax.scone.config import scone_config  # noqa: PLC0415
+
+  scfg = scone_config(cfg.get('scone'))
+  if scfg is None:
+    return None
+  return scone_job.batch_transform(scone_job.run_fgrams(scfg, cfg.data, workdir, write=False))

@@ -26,6 +26,8 @@ from elastic_jax import checkpoints as checkpoints_lib
 from elastic_jax import data, distributed, evaluation, parallel
 from elastic_jax import export as export_lib
 from elastic_jax.errors import UserError
+from elastic_jax.scone import job as scone_job
+from elastic_jax.scone.config import scone_config
 from elastic_jax.train import config as train_config
 from elastic_jax.train import curves, distill
 from elastic_jax.train.dynamic import config as dynamic_config
@@ -231,6 +233,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
   tcfg = cfg.train
   train_config.check(tcfg)  # before anything is created
   dynamic_config.check(cfg)
+  scone_config(cfg.get('scone'))  # likewise: a bad scone field fails here
   data.check_lm_task(cfg.data)
   space = build_space(cfg)
   mesh = parallel.make_mesh(cfg.get('mesh', {}))
@@ -268,7 +271,14 @@ def _train(cfg, workdir: Path, space, mesh, is_main: bool, progress: bool) -> di
 
   shard_index, shard_count = distributed.process_batch_shard(setup.batch_sharding,
                                                              cfg.data.batch_size)
-  iterator = data.train_iterator(cfg.data, process_index=shard_index, process_count=shard_count)
+  scfg = scone_config(cfg.get('scone'))
+  fgrams = transform = None
+  if scfg is not None:  # SCONE: the run's f-grams, looked up in every batch on the host
+    fgrams = scone_job.run_fgrams(scfg, cfg.data, workdir, write=is_main,
+                                  log=lambda m: print(m, file=sys.stderr, flush=True))
+    transform = scone_job.batch_transform(fgrams)
+  iterator = data.train_iterator(cfg.data, process_index=shard_index, process_count=shard_count,
+                                 transform=transform)
   checkpoints = checkpoints_lib.Checkpoints(workdir, tcfg.keep_checkpoints)
   restored = checkpoints.restore_latest(setup.abstract_state())
   if restored is not None:
@@ -303,7 +313,7 @@ def _train(cfg, workdir: Path, space, mesh, is_main: bool, progress: bool) -> di
 
   eval_stacked = eval_set()
   eval_data = distributed.put_global(
-      evaluation.stack_batches(data.eval_batches(cfg.data)),
+      evaluation.stack_batches(data.eval_batches(cfg.data, transform)),
       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.BATCH_AXES)))
 
   def run_eval(state):
@@ -413,8 +423,15 @@ def _train(cfg, workdir: Path, space, mesh, is_main: bool, progress: bool) -> di
     finally:
       checkpoints.close()
       logger.close()
+  if scfg is not None:  # every process joins the gather; the main one writes the table
+    host_params = jax.tree.map(distributed.to_host, state.params['model'])
   if is_main:
     curves.plot_training(workdir)
+    if scfg is not None:
+      model = nnx.merge(setup.graphdef, host_params)
+      table_dir = scone_job.write_table(model, fgrams, workdir, scfg)
+      print(f'SCONE: embedding table of {len(fgrams):,} f-grams in {table_dir}', file=sys.stderr,
+            flush=True)
   return {'step': int(state.step), 'seconds': elapsed, **last_eval}
 
 

@@ -1,0 +1,98 @@
+"""The f-gram model: a small decoder of the model family that turns an f-gram into an embedding.
+
+SCONE (arXiv 2502.01637, section 3): the embedding of token t is the f-gram model's output for the
+longest f-gram ending at t, or the ordinary token embedding where none matches. Choices made here
+where the paper leaves room:
+
+- Input: the main model's own token embeddings of the f-gram's tokens (after a factorised
+  embedding's projection, masked to a sub-network's active hidden features), so the f-gram model
+  has no token table of its own; a learned projection hidden -> `width`, learned absolute
+  positions 0..n-1, `layers` transformer blocks of the main model's family (its norm, MLP, norm
+  placement; always causal, never rotary), the final norm of pre-norm models, then a projection
+  width -> hidden. Its output replaces the token embedding before positions / token types are
+  added, so the main model is unchanged around it.
+- Shapes: an f-gram of length n is right-aligned in a window of K slots (its last token in slot
+  K - 1, the output read there); padding slots attend only to themselves and are never attended
+  to, so the output depends on the n real tokens alone and never on NaN-producing empty rows.
+- Training computes it per token from the row's own tokens (the K tokens ending at t) and the
+  match length the host lookup gives; inference reads precomputed rows (table.py). Both go through
+  `substitute`, so given the same rows the two forwards are the same computation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from elastic_jax.config import LayerDims, ModelConfig, ModelDims
+from elastic_jax.model.blocks import Context, TransformerBlock
+from elastic_jax.model.layers import Norm, make_param
+
+Array = jax.Array
+
+
+def match_lengths(hits_BTN: Array, limit_B: Array | None) -> Array:
+  """int32 [B, T]: the length of the longest f-gram among the first `limit` ending at each
+  position (0 = none), from the host's per-length hits (`lookup.AddFgramHits`)."""
+  valid = hits_BTN >= 0
+  if limit_B is not None:
+    valid = valid & (hits_BTN < limit_B[:, None, None])
+  n = jnp.arange(2, hits_BTN.shape[-1] + 2, dtype=jnp.int32)
+  return jnp.max(jnp.where(valid, n, 0), axis=-1)
+
+
+def windows(tokens_BT: Array, k: int) -> Array:
+  """int32 [B, T, K]: the K tokens ending at each position (0 before the row's start)."""
+  padded = jnp.pad(tokens_BT, ((0, 0), (k - 1, 0)))
+  t = tokens_BT.shape[1]
+  return jnp.stack([padded[:, j:j + t] for j in range(k)], axis=-1)
+
+
+class FgramModel(nnx.Module):
+  """(right-aligned token embeddings [N, K, hidden], lengths [N]) -> embeddings [N, hidden]."""
+
+  def __init__(self, cfg: ModelConfig, hidden: int, scone, *, rngs: nnx.Rngs):
+    self.k = scone.max_n
+    w = scone.width
+    self.cfg = dataclasses.replace(cfg, kind='decoder', positions='learned', max_len=self.k)
+    dims = ModelDims(hidden=w, head_dim=w // scone.heads, bottleneck_head_dim=0,
+                     layers=(LayerDims(('transformer',), scone.heads, scone.heads, scone.ffn),)
+                     * scone.layers)
+    self.in_proj = make_param(rngs, (hidden, w), ('embed_in', 'embed'), cfg)
+    self.positions = make_param(rngs, (self.k, w), ('pos', 'embed'), cfg)
+    self.blocks = nnx.List([TransformerBlock(self.cfg, dims, l, rngs=rngs) for l in dims.layers])
+    self.final_norm = Norm(w, 'embed', self.cfg, rngs=rngs) if cfg.norm_placement == 'pre' \
+        else None
+    self.out_proj = make_param(rngs, (w, hidden), ('embed', 'embed_out'), cfg)
+
+  def __call__(self, x_NKD: Array, lengths_N: Array) -> Array:
+    k = x_NKD.shape[1]  # K, or fewer slots when every f-gram is that short
+    dtype = jnp.dtype(self.cfg.dtype)
+    slot = jnp.arange(k)
+    start_N = k - lengths_N  # first real slot
+    real_NK = slot[None, :] >= start_N[:, None]
+    pos_NK = jnp.maximum(slot[None, :] - start_N[:, None], 0)
+    x = jnp.einsum('NKD,DW->NKW', x_NKD.astype(dtype), self.in_proj[...].astype(dtype))
+    x = x + jnp.take(self.positions[...], pos_NK, axis=0).astype(dtype)
+    causal = slot[None, :] <= slot[:, None]
+    mask_NKS = (causal[None] & real_NK[:, None, :]) | jnp.eye(k, dtype=bool)[None]
+    ctx = Context(mask_NKS, pos_NK, None, x.shape[-1])
+    for block in self.blocks:
+      x, _ = block(x, ctx, None)
+    last = x[:, -1]
+    if self.final_norm is not None:
+      last = self.final_norm(last)
+    return jnp.einsum('NW,WD->ND', last, self.out_proj[...].astype(dtype))
+
+
+def fgram_embeddings(fgram_model: FgramModel, token_vectors, tokens_NK: Array, lengths_N: Array,
+                     hidden_mask: Array | None) -> Array:
+  """[N, hidden] embeddings of N right-aligned f-grams; `token_vectors(ids)` is the main model's
+  token embedding (hidden wide)."""
+  x = token_vectors(jnp.maximum(tokens_NK, 0))
+  if hidden_mask is not None:
+    x = x * hidden_mask
+  return fgram_model(x, lengths_N)
