@@ -400,10 +400,12 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
       return (_Lowered(evaluation._sums_population.lower(
           setup.graphdef, params, jax.tree.map(lambda x: sds(x, rep), archs), stacked, chunk)),)
 
-    def analyse():  # one (arch, batch), x population x batches
+    def analyse():  # one (arch, batch), x population x batches; scanned layers unrolled
       one = jax.jit(lambda p, a, b: evaluation.batch_sums(nnx.merge(setup.graphdef, p), b, a))
       batch = {k: sds(v, setup.batch_sharding, 1) for k, v in stacked.items()}
-      return one, params, jax.tree.map(lambda x: sds(x, rep, 1), archs), batch
+      with unrolled_scans():
+        lowered = one.lower(params, jax.tree.map(lambda x: sds(x, rep, 1), archs), batch)
+      return (_Lowered(lowered),)
 
     flops_per_token = np.asarray(jax.vmap(lambda a: space.cost(a)['flops_per_token'])(archs))
     # XLA counts one (chunk of archs, batch) of the nested scans; the analysis compiles one

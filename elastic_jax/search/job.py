@@ -176,7 +176,10 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
     model, supernet_step = init_supernet(cfg, space), None
   elif model is None:
     model, supernet_step = load_trained_supernet(cfg, workdir, space, sc.allow_untrained)
-  batches, heldout = validation_batches(cfg, sc.holdout_batches, log,
+  # A training-free search scores no data-dependent metric: nothing to re-score on held-out data
+  # (and its proxies need all their minibatches).
+  holdout = 0 if training_free(sc.objectives) else sc.holdout_batches
+  batches, heldout = validation_batches(cfg, holdout, log,
                                         _scone_transform(cfg, workdir))
   fitness = Fitness(space, sc.objectives, model=model, batches=batches, chunk=sc.chunk)
   searcher = make_searcher(fitness, strategy, pop_size=sc.pop_size,
