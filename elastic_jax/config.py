@@ -258,14 +258,18 @@ def _check_flexibert(space: SpaceConfig) -> None:
            list(space.ffn_layers), 'choices must lie in 1..8')
 
 
+def check_known_fields(section: str, values, known) -> None:
+  """One line naming the fields of config section `section` that are not in `known`."""
+  unknown = sorted(set(values) - set(known))
+  if unknown:
+    names = ', '.join(f'{section}.{name}' for name in unknown)
+    raise UserError(f'unknown config field(s) {names}; known fields: {sorted(known)}')
+
+
 def model_config(cfg: Mapping) -> ModelConfig:
   """Builds the typed model family config from the `model` section of a ConfigDict."""
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
   values = dict(cfg)
-  unknown = sorted(set(values) - fields)
-  if unknown:
-    raise UserError(f'unknown config field(s) model.{", model.".join(unknown)}; '
-                    f'known fields: {sorted(fields)}')
+  check_known_fields('model', values, {f.name for f in dataclasses.fields(ModelConfig)})
   return ModelConfig(**values)
 
 
@@ -275,11 +279,7 @@ def space_config(cfg: Mapping) -> SpaceConfig:
   `head_dim` may be empty: then it is hidden // heads of the largest model, which requires the
   largest head count to divide the largest hidden size.
   """
-  known = {f.name for f in dataclasses.fields(SpaceConfig)}
-  unknown = sorted(set(cfg) - known)
-  if unknown:
-    raise UserError(f'unknown config field(s) space.{", space.".join(unknown)}; '
-                    f'known fields: {sorted(known)}')
+  check_known_fields('space', cfg, {f.name for f in dataclasses.fields(SpaceConfig)})
   hidden = _choices('space.hidden', cfg['hidden'])
   heads = _choices('space.heads', cfg['heads'])
   head_dim = _choices('space.head_dim', cfg.get('head_dim', ()), allow_empty=True)

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 import ml_collections
 import numpy as np
 
+from elastic_jax.config import check_known_fields
 from elastic_jax.errors import UserError
 
 ENV_COORDINATOR = 'JAX_COORDINATOR_ADDRESS'
@@ -77,10 +78,7 @@ def _section(cfg) -> Mapping:
     section = cfg.get(SECTION, None) if hasattr(cfg, 'get') else None
     if section is not None:
       section = section.to_dict() if hasattr(section, 'to_dict') else dict(section)
-      unknown = sorted(set(section) - set(merged))
-      if unknown:
-        raise UserError(f'unknown config field(s) {SECTION}.{", distributed.".join(unknown)}; '
-                        f'known fields: {sorted(merged)}')
+      check_known_fields(SECTION, section, merged)
       merged.update(section)
   return merged
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import ml_collections
 
+from elastic_jax.config import check_known_fields
 from elastic_jax.errors import UserError
 
 # Every proxy, in report order. 'wpca' and 'vpca': W-PCA (ICLR 2025); the rest are the baselines
@@ -126,9 +127,5 @@ def proxy_config(cfg: Mapping[str, Any] | ProxyConfig | None = None) -> ProxyCon
   if isinstance(cfg, ProxyConfig):
     return cfg
   values = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
-  known = {f.name for f in dataclasses.fields(ProxyConfig)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise UserError(f'unknown config field(s) proxy.{", proxy.".join(unknown)}; known fields: '
-                    f'{sorted(known)}')
+  check_known_fields('proxy', values, {f.name for f in dataclasses.fields(ProxyConfig)})
   return ProxyConfig(**values)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
+from elastic_jax.config import check_known_fields
 from elastic_jax.errors import UserError
 from elastic_jax.scone.fgrams import check_max_n
 
@@ -54,9 +55,6 @@ def scone_config(cfg: Mapping | None) -> SconeConfig | None:
     return None
   values = dict(cfg)
   values.pop('enabled')
-  known = {f.name for f in dataclasses.fields(SconeConfig)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise UserError(f'unknown config field(s) scone.{", scone.".join(unknown)}; known fields: '
-                    f'{sorted(known | {"enabled"})}')
+  check_known_fields('scone', values,
+                     {f.name for f in dataclasses.fields(SconeConfig)} | {'enabled'})
   return SconeConfig(**values)
