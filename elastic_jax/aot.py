@@ -342,11 +342,12 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
   setup, args = train_program(cfg, mesh)
   # XLA counts a loop body once: the FLOPs of a model whose layers run in a `lax.scan` are counted
   # on its twin with the layers unrolled (the same computation; memory is the real program's).
-  unscanned = None
+  twin = None  # (StepSetup, args) of the unrolled twin, built once for both programs
   if flops == 'loops' and cfg.model.get('scan_layers', True) and space.num_layers > 1:
     unscanned = copy.deepcopy(cfg)
     with unscanned.unlocked():
       unscanned.model.scan_layers = False
+    twin = train_program(unscanned, mesh)
   if 'train_step' in programs:
     report['replicated_fraction'] = setup.sharding_report['replicated_fraction']
     micro = cfg.data.batch_size // tcfg.grad_accum
@@ -367,11 +368,10 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
       # XLA counts the micro-batch scan's body once, and in it the first sub-network plus the
       # scan body of the other K - 1 (one sub-network; all run at supernet widths): x K / 2.
       # Scanned layers would be counted once too: count the twin with layers unrolled.
-      if unscanned is None:
+      if twin is None:
         method = ('loops', tcfg.grad_accum * k / 2)
       else:
-        twin, twin_args = train_program(unscanned, mesh)
-        method = ('compile', lambda: (twin.step, *twin_args), tcfg.grad_accum * k / 2)
+        method = ('compile', lambda: (twin[0].step, *twin[1]), tcfg.grad_accum * k / 2)
     else:
       method = None
     archs = arch_lib.stack([setup.sampler(jax.random.key(int(cfg.seed)), s) for s in range(8)])
@@ -411,12 +411,11 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
     # XLA counts one (chunk of archs, batch) of the nested scans; the analysis compiles one
     # (arch, batch).
     loops = -(-population // chunk) * n_batches
-    if unscanned is None:
+    if twin is None:
       loops_method = ('loops', loops)
     else:  # the twin with layers unrolled, as for the training step
-      twin = train_program(unscanned, mesh)[0]
       loops_method = ('compile', lambda: (_Lowered(evaluation._sums_population.lower(
-          twin.graphdef, params, jax.tree.map(lambda x: sds(x, rep), archs), stacked,
+          twin[0].graphdef, params, jax.tree.map(lambda x: sds(x, rep), archs), stacked,
           chunk)),), loops)
     method = {'loops': loops_method,
               'unrolled': ('compile', analyse, population * n_batches)}.get(flops)

@@ -302,10 +302,8 @@ class Model(nnx.Module):
     ctx = Context(attn_mask_BTS, positions_BT, hidden_mask, hidden_count,
                   tuple(c for c in capture if c in BLOCK_CAPTURES))
 
-    embed_args = (tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count)
     fgram = self.fgram_inputs(batch, hidden_mask) if self.scone is not None else None
-    # Without f-gram inputs the embedding is called as before SCONE existed (proxies wrap it).
-    x = self.embed(*embed_args) if fgram is None else self.embed(*embed_args, fgram)
+    x = self.embed(tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count, fgram)
     features = {'embed': x, 'hidden': []} | {k: [] for k in BLOCK_CAPTURES}
     last_on = None
     if arch is not None and skip_last_ffn:

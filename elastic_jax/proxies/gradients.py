@@ -98,15 +98,17 @@ def loss_gradient_proxies(state, grads, names: tuple[str, ...]) -> dict[str, jax
 
 class _EmbeddingOverride:
   """Stands in for `model.embed`: returns `fn(embedding output, hidden_mask)`; keeps `.tokens`
-  (the head reads the tied output table from it)."""
+  (the head reads the tied output table from it) and `token_vectors` (SCONE's f-gram model reads
+  the token embeddings through it)."""
 
   def __init__(self, embed, fn):
     self.tokens = embed.tokens
+    self.token_vectors = embed.token_vectors
     self._embed = embed
     self._fn = fn
 
-  def __call__(self, tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count):
-    x = self._embed(tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count)
+  def __call__(self, tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count, fgram=None):
+    x = self._embed(tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count, fgram)
     return self._fn(x, hidden_mask)
 
 
