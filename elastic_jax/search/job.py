@@ -39,20 +39,15 @@ import jax
 import numpy as np
 
 from elastic_jax.errors import UserError
-from elastic_jax.search import checkpoint, driver
+from elastic_jax.search import checkpoint, placement
 from elastic_jax.search import pareto as pareto_lib
+from elastic_jax.search import program as search_program
 from elastic_jax.search.budgets import Budgets
 from elastic_jax.search.checkpoint import CHECKPOINT_FILE, fingerprint, results_digest
-from elastic_jax.search.config import (
-  SearchConfig,
-  n_children_of,
-  resolve_strategy,
-  search_config,
-  strategy_kwargs,
-)
+from elastic_jax.search.config import SearchConfig, resolve_strategy, search_config
 from elastic_jax.search.fitness import Fitness
-from elastic_jax.search.genomes import CanonicalKey
 from elastic_jax.search.objectives import REPORT_METRICS, get_objective, training_free
+from elastic_jax.search.program import make_searcher  # noqa: F401  (its former home)
 from elastic_jax.search.proxy_objective import register_proxies
 
 SEARCH_DIR = 'search'
@@ -60,15 +55,6 @@ SEARCH_DIR = 'search'
 
 def _log_stderr(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
-
-
-def make_searcher(fitness: Fitness, strategy: str, **kwargs) -> driver.Searcher:
-  """The compiled loop for `fitness` (its objectives, evaluated on `fitness.data`); children
-  are deduplicated by network (`genomes.canonical_genomes`), not by raw genome. `kwargs`: those
-  of `driver.Searcher` (pop_size, n_children, feasible_fn, generations_per_call, archive_size)
-  and the strategy's."""
-  return driver.Searcher(fitness.fn, fitness.space.gene_sizes, len(fitness.names), strategy,
-                         key_fn=CanonicalKey(fitness.space), data=fitness.data, **kwargs)
 
 
 def validation_batches(cfg, holdout: int, log=_log_stderr,
@@ -158,6 +144,7 @@ def run_search(cfg, workdir: str | Path, *, model=None, supernet_step: int | Non
 
 
 def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> dict:
+  is_main = jax.process_index() == 0
   from elastic_jax.search import report  # noqa: PLC0415
   from elastic_jax.workdir import build_space  # noqa: PLC0415
 
@@ -181,11 +168,16 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
   holdout = 0 if training_free(sc.objectives) else sc.holdout_batches
   batches, heldout = validation_batches(cfg, holdout, log,
                                         _scone_transform(cfg, workdir))
-  fitness = Fitness(space, sc.objectives, model=model, batches=batches, chunk=sc.chunk)
-  searcher = make_searcher(fitness, strategy, pop_size=sc.pop_size,
-                           n_children=n_children_of(sc), feasible_fn=budgets,
-                           generations_per_call=sc.checkpoint_every,
-                           archive_size=sc.archive_size, **strategy_kwargs(sc, space))
+  # The trainer's mesh and shardings; every process takes part in each evaluation.
+  mesh = placement.search_mesh(cfg)
+  program = search_program.build(sc, space, mesh, model=model, batches=batches)
+  fitness, searcher = program.fitness, program.searcher
+  if program.plan is not None:
+    plan = program.plan
+    log(f'search: population forward on mesh {dict(mesh.shape)} over {jax.process_count()} '
+        f'process(es), {plan.chunk} arch(s) at a time, {plan.micro_batches} micro-batch(es) per '
+        f'validation batch, {plan.logits_bytes / placement.MIB:.1f} MiB of logits per device '
+        f'(search.max_logits_mib={sc.max_logits_mib:g})')
   out_dir = Path(workdir) / SEARCH_DIR
   ckpt_path = out_dir / CHECKPOINT_FILE
   fp = fingerprint(cfg, sc, space, supernet_step)
@@ -216,7 +208,8 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
     # latency again would rewrite pareto.json with other numbers).
     log(f'search: {out_dir / report.PARETO_FILE} already holds this search '
         f'({progress.generation} generations); reporting it unchanged')
-    paths = report.write_all(out_dir, done, progress.history, fitness.names, only_missing=True)
+    paths = (report.write_all(out_dir, done, progress.history, fitness.names, only_missing=True)
+             if is_main else report.output_paths(out_dir))
     return _result(done, paths, progress, fitness)
   while progress.generation < sc.generations:
     n = min(sc.checkpoint_every, sc.generations - progress.generation)
@@ -225,8 +218,9 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
     state, h = searcher.advance(progress.state, progress.key, progress.generation, n)
     seconds = time.perf_counter() - start
     progress.record(state, h, seconds, fitness, searcher.warmup_generations, sc.generations)
-    progress.save(ckpt_path)
-    report.write_history(history_path, progress.history, fitness.names)
+    if is_main:  # one search state on every process; process 0 writes it
+      progress.save(ckpt_path)
+      report.write_history(history_path, progress.history, fitness.names)
     hist = progress.history
     evals = int(hist['n_evals'][-1])
     log(f'search: generation {progress.generation}/{sc.generations}, {evals} evaluations, '
@@ -237,11 +231,15 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
   heldout_fitness = None
   if heldout:
     names = tuple(n for n in report_names if get_objective(n).needs_model)
-    heldout_fitness = Fitness(space, names, model=model, batches=heldout, chunk=sc.chunk)
-  pareto = pareto_lib.build_pareto(sc, space, fitness, model, batches, progress, supernet_step,
+    heldout_fitness = search_program.fitness_on_mesh(sc, space, mesh, names, model=model,
+                                                     batches=heldout).fitness
+  # Latency is measured (on this host's device) by the process that writes the report.
+  pareto = pareto_lib.build_pareto(sc if is_main else dataclasses.replace(sc, latency=False),
+                                   space, fitness, model, batches, progress, supernet_step,
                                    strategy, extremes, log, heldout=heldout_fitness)
   pareto['results_digest'] = results_digest(fp, sc, progress.generation)
-  paths = report.write_all(out_dir, pareto, progress.history, fitness.names)
+  paths = (report.write_all(out_dir, pareto, progress.history, fitness.names) if is_main
+           else report.output_paths(out_dir))
   return _result(pareto, paths, progress, fitness)
 
 
