@@ -301,11 +301,9 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
   (`fits: False`), not raised.
   """
   import jax
-  import numpy as np
-  from flax import nnx
 
   from elastic_jax import arch as arch_lib
-  from elastic_jax import evaluation, parallel
+  from elastic_jax import parallel
   from elastic_jax.train.trainer import check_batch
   from elastic_jax.workdir import build_space
 
@@ -381,51 +379,92 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
     report['programs']['train_step'] = entry
 
   if 'population_eval' in programs:
-    # The trainer's evaluation (and the search's fitness): archs x fixed batches in one program.
-    search = cfg.get('search', {})
-    population = int(search.get('pop_size', 50))
-    chunk = max(1, min(int(search.get('chunk', 1)), population))
-    n_batches = int(cfg.data.eval_batches) or 1
-    params = args[0].params['model']
-    rep = parallel.replicated(mesh)
-    archs = space.sample(jax.random.key(0), population)
-    sds = lambda x, sh, drop=0: jax.ShapeDtypeStruct(x.shape[drop:], x.dtype, sharding=sh)
-    eval_sharding = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(None, parallel.BATCH_AXES))
-    shape = (n_batches, cfg.data.batch_size, cfg.data.seq_len)
-    stacked = {k: jax.ShapeDtypeStruct(shape, d, sharding=eval_sharding)
-               for k, d in batch_keys(cfg).items()}
-
-    def build():
-      return (_Lowered(evaluation._sums_population.lower(
-          setup.graphdef, params, jax.tree.map(lambda x: sds(x, rep), archs), stacked, chunk)),)
-
-    def analyse():  # one (arch, batch), x population x batches; scanned layers unrolled
-      one = jax.jit(lambda p, a, b: evaluation.batch_sums(nnx.merge(setup.graphdef, p), b, a))
-      batch = {k: sds(v, setup.batch_sharding, 1) for k, v in stacked.items()}
-      with unrolled_scans():
-        lowered = one.lower(params, jax.tree.map(lambda x: sds(x, rep, 1), archs), batch)
-      return (_Lowered(lowered),)
-
-    flops_per_token = np.asarray(jax.vmap(lambda a: space.cost(a)['flops_per_token'])(archs))
-    # XLA counts one (chunk of archs, batch) of the nested scans; the analysis compiles one
-    # (arch, batch).
-    loops = -(-population // chunk) * n_batches
-    if unscanned is None:
-      loops_method = ('loops', loops)
-    else:  # the twin with layers unrolled, as for the training step
-      twin = train_program(unscanned, mesh)[0]
-      loops_method = ('compile', lambda: (_Lowered(evaluation._sums_population.lower(
-          twin.graphdef, params, jax.tree.map(lambda x: sds(x, rep), archs), stacked,
-          chunk)),), loops)
-    method = {'loops': loops_method,
-              'unrolled': ('compile', analyse, population * n_batches)}.get(flops)
-    entry = _entry('population_eval', build, method,
-                   float(flops_per_token.sum()) * tokens * n_batches, **common)
-    entry.update(population=population, chunk=chunk, eval_batches=n_batches)
+    entry = _population_entry(cfg, space, mesh, unscanned, flops, tokens, common)
     report['programs']['population_eval'] = entry
   report['fits'] = all(p['fits'] for p in report['programs'].values())
   return report
+
+
+def _search_program(cfg, mesh):
+  """The search's program for `cfg` on `mesh`, built by the function the search calls
+  (`search.program.build`) from shapes only: (program, abstract fitness data's graphdef)."""
+  from flax import nnx
+
+  from elastic_jax.search import program as search_program
+  from elastic_jax.search.config import search_config
+  from elastic_jax.search.objectives import get_objective
+  from elastic_jax.workdir import build_space, init_supernet
+
+  sc = search_config(cfg)
+  prepared = [n for n in sc.objectives if get_objective(n).prepare]
+  if prepared:
+    raise UserError(f'compile builds the validation-loss search; search.objectives {prepared} '
+                    'need data prepared on the host (zero-cost proxies): compile a config whose '
+                    "objectives are 'loss'-type or analytic")
+  space = build_space(cfg)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: init_supernet(cfg, space)))
+  data = search_program.stacked_shapes(state, batch_keys(cfg), int(cfg.data.eval_batches) or 1,
+                                       int(cfg.data.batch_size), int(cfg.data.seq_len))
+  return sc, space, search_program.build(sc, space, mesh, graphdef=graphdef, data=data)
+
+
+def _population_entry(cfg, space, mesh, unscanned, flops: str, tokens: int, common) -> dict:
+  """The search's population evaluation: what `search` runs per `search.checkpoint_every`
+  generations (`driver.advance`, its fitness on the config's mesh), compiled for memory; FLOPs,
+  time and MFU are those of one generation's evaluation of its n_children archs."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from elastic_jax import evaluation
+  from elastic_jax.search import program as search_program
+  from elastic_jax.search.config import n_children_of
+
+  sc, _, prog = _search_program(cfg, mesh)
+  plan, fitness = prog.plan, prog.fitness
+  n_children = n_children_of(sc)
+  n_batches = int(cfg.data.eval_batches) or 1
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  genomes = jax.ShapeDtypeStruct((n_children, space.num_genes), np.int32, sharding=rep)
+
+  def build():
+    return (_Lowered(search_program.lowered_advance(prog)),)
+
+  def fitness_lowered(p):  # one generation's fitness, every child evaluated
+    return _Lowered(jax.jit(p.fitness.fn).lower(genomes, p.fitness.data))
+
+  def analyse():  # one (arch, micro-batch), x children x batches x micro-batches; unrolled
+    data = fitness.data
+    rows = cfg.data.batch_size // plan.micro_batches
+    batch = {k: jax.ShapeDtypeStruct((rows, *v.shape[2:]), v.dtype,
+                                     sharding=jax.sharding.NamedSharding(
+                                         mesh, jax.sharding.PartitionSpec(*v.sharding.spec[1:])))
+             for k, v in data['batches'].items()}
+    arch = jax.eval_shape(space.decode, jax.ShapeDtypeStruct((space.num_genes,), np.int32))
+    arch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), arch)
+    one = jax.jit(lambda s, a, b: evaluation.batch_sums(nnx.merge(fitness.fn.graphdef, s), b, a))
+    with unrolled_scans():
+      lowered = one.lower(data['state'], arch, batch)
+    return (_Lowered(lowered),)
+
+  # XLA counts one (chunk of archs, batch, micro-batch) of the nested loops.
+  loops = -(-n_children // plan.chunk) * n_batches * plan.micro_batches
+  if unscanned is None:
+    loops_method = ('compile', lambda: (fitness_lowered(prog),), loops)
+  else:  # the twin with layers unrolled, as for the training step
+    loops_method = ('compile', lambda: (fitness_lowered(_search_program(unscanned, mesh)[2]),),
+                    loops)
+  method = {'loops': loops_method,
+            'unrolled': ('compile', analyse,
+                         n_children * n_batches * plan.micro_batches)}.get(flops)
+  archs = space.sample(jax.random.key(0), n_children)
+  flops_per_token = np.asarray(jax.vmap(lambda a: space.cost(a)['flops_per_token'])(archs))
+  entry = _entry('population_eval', build, method,
+                 float(flops_per_token.sum()) * tokens * n_batches, **common)
+  entry.update(population=n_children, chunk=plan.chunk, micro_batches=plan.micro_batches,
+               eval_batches=n_batches, generations_per_call=sc.checkpoint_every,
+               logits_bytes_per_device=plan.logits_bytes, max_logits_bytes=plan.bound_bytes)
+  return entry
 
 
 def check_fits(report: dict) -> None:
