@@ -3,8 +3,10 @@
   elastic-jax compile --config=configs/gpt2_medium_supernet.py --topology=v5e:4x4
 
 With the `libtpu` wheel installed (`pip install -e '.[tpu]'`), `get_topology_desc` describes the
-devices of a TPU slice without owning one. The training step and the population-evaluation step are
-built exactly as the trainer and the search build them (same shardings, same donation), lowered
+devices of a TPU slice without owning one. The training step is built exactly as the trainer builds
+it (same shardings, same donation); the population evaluation is the search's own compiled loop
+(`driver.advance`, built by `search.program.build`, the function `search` calls, on the config's
+mesh with the search's shardings, chunking and micro-batches), lowered
 with abstract arguments (`jax.ShapeDtypeStruct`s carrying `NamedSharding`s over the slice's mesh)
 and compiled by the TPU compiler. The report gives, per program and per device:
 - memory (XLA's buffer assignment): arguments, outputs, aliased (donated) bytes, temporaries,
@@ -17,12 +19,14 @@ and compiled by the TPU compiler. The report gives, per program and per device:
 
 XLA's cost analysis counts the body of a loop once. The trainer runs its micro-batches in a
 `lax.scan` and, inside it, the first sub-network and then the other K - 1 in another scan; the
-population evaluation scans over archs and, inside, over batches. By default (`flops='loops'`) the
-real programs' counts are multiplied accordingly: train x grad_accum x K / 2 (one micro-batch with
-the first sub-network and one more, every sub-network running at the supernet's widths), eval x
-archs x batches. `flops='unrolled'` compiles analysis programs instead (one micro-batch with the
-sub-network scan unrolled; one (arch, batch)): XLA's exact count, but the unrolled step of a large
-model needs tens of GB of host memory to compile. 'loops' agrees with 'unrolled' within 10% on
+search's fitness maps over chunks of archs and, inside, scans over batches and micro-batches. By
+default (`flops='loops'`) the counts are multiplied accordingly: train x grad_accum x K / 2 (one
+micro-batch with the first sub-network and one more, every sub-network running at the supernet's
+widths); eval: one generation's fitness (a separate compile of the fitness alone, every child
+evaluated) x chunks x batches x micro-batches. Memory is the search loop's, FLOPs and times one
+generation's. `flops='unrolled'` compiles analysis programs instead (one micro-batch with the
+sub-network scan unrolled; one (arch, micro-batch)): XLA's exact count, but the unrolled step of a
+large model needs tens of GB of host memory to compile. 'loops' agrees with 'unrolled' within 10% on
 the quickstart config (tested; it was 24% above on a 2-layer GPT-2-medium-width supernet, where
 the scan body's sub-network is not the average one), so read FLOPs, times and MFU as estimates;
 memory is exact: it always comes from the real programs.
