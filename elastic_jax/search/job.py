@@ -21,9 +21,14 @@ uninterrupted run would have, and a finished run given more generations continue
 stopped. Children that are the same network as an evaluated one are resampled (the archive), so
 evaluations count distinct architectures.
 
+The population forward runs on the config's `mesh`, with the trainer's shardings
+(`search/placement.py`). In a multi-process run every process calls `run_search` with the same
+config: all take part in every evaluation and hold the same search state; only process 0 writes
+W/search/ (and measures latency).
+
 This module only orchestrates: the settings are `search/config.py`, the compiled loop
-`search/driver.py`, the checkpoint `search/checkpoint.py`, the front `search/pareto.py`, the
-files `search/report.py`.
+`search/driver.py` (built on the mesh by `search/program.py`), the checkpoint
+`search/checkpoint.py`, the front `search/pareto.py`, the files `search/report.py`.
 """
 
 from __future__ import annotations
@@ -144,9 +149,10 @@ def run_search(cfg, workdir: str | Path, *, model=None, supernet_step: int | Non
 
 
 def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> dict:
-  is_main = jax.process_index() == 0
   from elastic_jax.search import report  # noqa: PLC0415
   from elastic_jax.workdir import build_space  # noqa: PLC0415
+
+  is_main = jax.process_index() == 0
 
   space = build_space(cfg, workdir)
   register_proxies(sc.objectives, cfg.get('proxy', None))
