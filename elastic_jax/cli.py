@@ -274,7 +274,7 @@ def run():
   """The whole job in --workdir: train -> search -> export (--pick, else search.export_pick)."""
   from elastic_jax import export as export_lib
   from elastic_jax.search.config import search_config
-  from elastic_jax.search.job import run_search
+  from elastic_jax.search.job import check_layout, run_search
   from elastic_jax.search.pick import export_pick, parse_pick
   from elastic_jax.train.trainer import train as train_job
   workdir = _require('workdir')
@@ -284,6 +284,7 @@ def run():
   if FLAGS.out:
     export_lib.check_out(FLAGS.out, FLAGS.overwrite)
   is_main = _join_processes(cfg)
+  check_layout(cfg)  # the search's mesh and memory plan, before training
   seconds = {}
   t = time.perf_counter()
   trained = train_job(cfg, workdir)

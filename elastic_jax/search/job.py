@@ -141,11 +141,23 @@ def run_search(cfg, workdir: str | Path, *, model=None, supernet_step: int | Non
   workdir_lib.build_space(cfg)  # a bad config fails before the workdir is touched
   from elastic_jax import data as data_lib  # noqa: PLC0415
   data_lib.check_lm_task(cfg.data)
+  check_layout(cfg, sc)
   is_main = jax.process_index() == 0
   with workdir_lib.cleanup_on_failure(workdir) if is_main else contextlib.nullcontext():
     if is_main and not (Path(workdir) / workdir_lib.CONFIG_FILE).is_file():
       workdir_lib.save_config(workdir, cfg)  # later commands find the config in W
     return _run_search(cfg, workdir, sc, model, supernet_step, log)
+
+
+def check_layout(cfg, sc: SearchConfig | None = None) -> None:
+  """The population forward's plan on the config's mesh (`placement.eval_plan`), before
+  anything is loaded, trained or written: a mesh whose batch axes do not divide the validation
+  batch, or a logits bound below one sequence's logits, is one UserError line."""
+  sc = sc or search_config(cfg)
+  if any(get_objective(n).needs_model for n in sc.objectives):
+    placement.eval_plan(sc.chunk, sc.max_logits_mib, int(cfg.data.batch_size),
+                        int(cfg.data.seq_len), int(cfg.model.vocab_size),
+                        placement.search_mesh(cfg))
 
 
 def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> dict:

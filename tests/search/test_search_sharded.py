@@ -120,6 +120,34 @@ def test_population_losses_on_8_devices_fsdp4_tensor2_equal_one_device(tmp_path)
       '(mesh.data=1 x mesh.fsdp=4); make data.batch_size a multiple of 4 or change mesh.data / '
       'mesh.fsdp')
 
+  # The command says it in one line, before it loads or writes anything.
+  r = subprocess.run([sys.executable, '-m', 'elastic_jax.cli', 'search',
+                      f'--config={REPO}/configs/quickstart.py:tiny', '--config.mesh.data=1',
+                      '--config.mesh.fsdp=4', '--config.mesh.tensor=2',
+                      '--config.data.batch_size=6', f'--workdir={tmp_path / "w"}'],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and not r.stdout
+  lines = [l for l in r.stderr.splitlines() if l.startswith('elastic-jax')]
+  assert lines == ['elastic-jax search: error: the validation batch has 6 rows (data.batch_size) '
+                   'but the mesh splits batches 4 ways (mesh.data=1 x mesh.fsdp=4); make '
+                   'data.batch_size a multiple of 4 or change mesh.data / mesh.fsdp'], r.stderr
+  assert not (tmp_path / 'w').exists()
+
+
+def test_a_logits_bound_below_one_sequence_stops_search_and_run_before_any_work(tmp_path,
+                                                                               capsys):
+  from elastic_jax import cli
+  for command in ('search', 'run'):
+    code = cli.main(['elastic-jax', command, f'--config={REPO}/configs/quickstart.py:tiny',
+                     '--config.search.max_logits_mib=0.01', f'--workdir={tmp_path / "w"}'])
+    out, err = capsys.readouterr()
+    assert code == 2 and not out
+    lines = [l for l in err.splitlines() if l.startswith('elastic-jax')]
+    assert lines == [f'elastic-jax {command}: error: search.max_logits_mib=0.01 is below the '
+                     'float32 logits of one sequence (32 tokens x 1024 vocabulary = 0.12 MiB); '
+                     'raise search.max_logits_mib to at least 1'], err
+    assert not (tmp_path / 'w').exists()  # nothing trained, nothing written
+
 
 def _mesh(data, fsdp, tensor):
   return types.SimpleNamespace(shape={'data': data, 'fsdp': fsdp, 'tensor': tensor})
