@@ -3,8 +3,10 @@
   elastic-jax compile --config=configs/gpt2_medium_supernet.py --topology=v5e:4x4
 
 With the `libtpu` wheel installed (`pip install -e '.[tpu]'`), `get_topology_desc` describes the
-devices of a TPU slice without owning one. The training step and the population-evaluation step are
-built exactly as the trainer and the search build them (same shardings, same donation), lowered
+devices of a TPU slice without owning one. The training step is built exactly as the trainer builds
+it (same shardings, same donation); the population evaluation is the search's own compiled loop
+(`driver.advance`, built by `search.program.build`, the function `search` calls, on the config's
+mesh with the search's shardings, chunking and micro-batches), lowered
 with abstract arguments (`jax.ShapeDtypeStruct`s carrying `NamedSharding`s over the slice's mesh)
 and compiled by the TPU compiler. The report gives, per program and per device:
 - memory (XLA's buffer assignment): arguments, outputs, aliased (donated) bytes, temporaries,
@@ -17,12 +19,14 @@ and compiled by the TPU compiler. The report gives, per program and per device:
 
 XLA's cost analysis counts the body of a loop once. The trainer runs its micro-batches in a
 `lax.scan` and, inside it, the first sub-network and then the other K - 1 in another scan; the
-population evaluation scans over archs and, inside, over batches. By default (`flops='loops'`) the
-real programs' counts are multiplied accordingly: train x grad_accum x K / 2 (one micro-batch with
-the first sub-network and one more, every sub-network running at the supernet's widths), eval x
-archs x batches. `flops='unrolled'` compiles analysis programs instead (one micro-batch with the
-sub-network scan unrolled; one (arch, batch)): XLA's exact count, but the unrolled step of a large
-model needs tens of GB of host memory to compile. 'loops' agrees with 'unrolled' within 10% on
+search's fitness maps over chunks of archs and, inside, scans over batches and micro-batches. By
+default (`flops='loops'`) the counts are multiplied accordingly: train x grad_accum x K / 2 (one
+micro-batch with the first sub-network and one more, every sub-network running at the supernet's
+widths); eval: one generation's fitness (a separate compile of the fitness alone, every child
+evaluated) x chunks x batches x micro-batches. Memory is the search loop's, FLOPs and times one
+generation's. `flops='unrolled'` compiles analysis programs instead (one micro-batch with the
+sub-network scan unrolled; one (arch, micro-batch)): XLA's exact count, but the unrolled step of a
+large model needs tens of GB of host memory to compile. 'loops' agrees with 'unrolled' within 10% on
 the quickstart config (tested; it was 24% above on a 2-layer GPT-2-medium-width supernet, where
 the scan body's sub-network is not the average one), so read FLOPs, times and MFU as estimates;
 memory is exact: it always comes from the real programs.
@@ -301,11 +305,9 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
   (`fits: False`), not raised.
   """
   import jax
-  import numpy as np
-  from flax import nnx
 
   from elastic_jax import arch as arch_lib
-  from elastic_jax import evaluation, parallel
+  from elastic_jax import parallel
   from elastic_jax.train.trainer import check_batch
   from elastic_jax.workdir import build_space
 
@@ -342,12 +344,11 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
   setup, args = train_program(cfg, mesh)
   # XLA counts a loop body once: the FLOPs of a model whose layers run in a `lax.scan` are counted
   # on its twin with the layers unrolled (the same computation; memory is the real program's).
-  twin = None  # (StepSetup, args) of the unrolled twin, built once for both programs
+  unscanned = None
   if flops == 'loops' and cfg.model.get('scan_layers', True) and space.num_layers > 1:
     unscanned = copy.deepcopy(cfg)
     with unscanned.unlocked():
       unscanned.model.scan_layers = False
-    twin = train_program(unscanned, mesh)
   if 'train_step' in programs:
     report['replicated_fraction'] = setup.sharding_report['replicated_fraction']
     micro = cfg.data.batch_size // tcfg.grad_accum
@@ -368,10 +369,11 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
       # XLA counts the micro-batch scan's body once, and in it the first sub-network plus the
       # scan body of the other K - 1 (one sub-network; all run at supernet widths): x K / 2.
       # Scanned layers would be counted once too: count the twin with layers unrolled.
-      if twin is None:
+      if unscanned is None:
         method = ('loops', tcfg.grad_accum * k / 2)
       else:
-        method = ('compile', lambda: (twin[0].step, *twin[1]), tcfg.grad_accum * k / 2)
+        twin, twin_args = train_program(unscanned, mesh)
+        method = ('compile', lambda: (twin.step, *twin_args), tcfg.grad_accum * k / 2)
     else:
       method = None
     archs = arch_lib.stack([setup.sampler(jax.random.key(int(cfg.seed)), s) for s in range(8)])
@@ -381,50 +383,92 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
     report['programs']['train_step'] = entry
 
   if 'population_eval' in programs:
-    # The trainer's evaluation (and the search's fitness): archs x fixed batches in one program.
-    search = cfg.get('search', {})
-    population = int(search.get('pop_size', 50))
-    chunk = max(1, min(int(search.get('chunk', 1)), population))
-    n_batches = int(cfg.data.eval_batches) or 1
-    params = args[0].params['model']
-    rep = parallel.replicated(mesh)
-    archs = space.sample(jax.random.key(0), population)
-    sds = lambda x, sh, drop=0: jax.ShapeDtypeStruct(x.shape[drop:], x.dtype, sharding=sh)
-    eval_sharding = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(None, parallel.BATCH_AXES))
-    shape = (n_batches, cfg.data.batch_size, cfg.data.seq_len)
-    stacked = {k: jax.ShapeDtypeStruct(shape, d, sharding=eval_sharding)
-               for k, d in batch_keys(cfg).items()}
-
-    def build():
-      return (_Lowered(evaluation._sums_population.lower(
-          setup.graphdef, params, jax.tree.map(lambda x: sds(x, rep), archs), stacked, chunk)),)
-
-    def analyse():  # one (arch, batch), x population x batches; scanned layers unrolled
-      one = jax.jit(lambda p, a, b: evaluation.batch_sums(nnx.merge(setup.graphdef, p), b, a))
-      batch = {k: sds(v, setup.batch_sharding, 1) for k, v in stacked.items()}
-      with unrolled_scans():
-        lowered = one.lower(params, jax.tree.map(lambda x: sds(x, rep, 1), archs), batch)
-      return (_Lowered(lowered),)
-
-    flops_per_token = np.asarray(jax.vmap(lambda a: space.cost(a)['flops_per_token'])(archs))
-    # XLA counts one (chunk of archs, batch) of the nested scans; the analysis compiles one
-    # (arch, batch).
-    loops = -(-population // chunk) * n_batches
-    if twin is None:
-      loops_method = ('loops', loops)
-    else:  # the twin with layers unrolled, as for the training step
-      loops_method = ('compile', lambda: (_Lowered(evaluation._sums_population.lower(
-          twin[0].graphdef, params, jax.tree.map(lambda x: sds(x, rep), archs), stacked,
-          chunk)),), loops)
-    method = {'loops': loops_method,
-              'unrolled': ('compile', analyse, population * n_batches)}.get(flops)
-    entry = _entry('population_eval', build, method,
-                   float(flops_per_token.sum()) * tokens * n_batches, **common)
-    entry.update(population=population, chunk=chunk, eval_batches=n_batches)
+    entry = _population_entry(cfg, space, mesh, unscanned, flops, tokens, common)
     report['programs']['population_eval'] = entry
   report['fits'] = all(p['fits'] for p in report['programs'].values())
   return report
+
+
+def _search_program(cfg, mesh):
+  """The search's program for `cfg` on `mesh`, built by the function the search calls
+  (`search.program.build`) from shapes only: (program, abstract fitness data's graphdef)."""
+  from flax import nnx
+
+  from elastic_jax.search import program as search_program
+  from elastic_jax.search.config import search_config
+  from elastic_jax.search.objectives import get_objective
+  from elastic_jax.workdir import build_space, init_supernet
+
+  sc = search_config(cfg)
+  prepared = [n for n in sc.objectives if get_objective(n).prepare]
+  if prepared:
+    raise UserError(f'compile builds the validation-loss search; search.objectives {prepared} '
+                    'need data prepared on the host (zero-cost proxies): compile a config whose '
+                    "objectives are 'loss'-type or analytic")
+  space = build_space(cfg)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: init_supernet(cfg, space)))
+  data = search_program.stacked_shapes(state, batch_keys(cfg), int(cfg.data.eval_batches) or 1,
+                                       int(cfg.data.batch_size), int(cfg.data.seq_len))
+  return sc, space, search_program.build(sc, space, mesh, graphdef=graphdef, data=data)
+
+
+def _population_entry(cfg, space, mesh, unscanned, flops: str, tokens: int, common) -> dict:
+  """The search's population evaluation: what `search` runs per `search.checkpoint_every`
+  generations (`driver.advance`, its fitness on the config's mesh), compiled for memory; FLOPs,
+  time and MFU are those of one generation's evaluation of its n_children archs."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from elastic_jax import evaluation
+  from elastic_jax.search import program as search_program
+  from elastic_jax.search.config import n_children_of
+
+  sc, _, prog = _search_program(cfg, mesh)
+  plan, fitness = prog.plan, prog.fitness
+  n_children = n_children_of(sc)
+  n_batches = int(cfg.data.eval_batches) or 1
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  genomes = jax.ShapeDtypeStruct((n_children, space.num_genes), np.int32, sharding=rep)
+
+  def build():
+    return (_Lowered(search_program.lowered_advance(prog)),)
+
+  def fitness_lowered(p):  # one generation's fitness, every child evaluated
+    return _Lowered(jax.jit(p.fitness.fn).lower(genomes, p.fitness.data))
+
+  def analyse():  # one (arch, micro-batch), x children x batches x micro-batches; unrolled
+    data = fitness.data
+    rows = cfg.data.batch_size // plan.micro_batches
+    batch = {k: jax.ShapeDtypeStruct((rows, *v.shape[2:]), v.dtype,
+                                     sharding=jax.sharding.NamedSharding(
+                                         mesh, jax.sharding.PartitionSpec(*v.sharding.spec[1:])))
+             for k, v in data['batches'].items()}
+    arch = jax.eval_shape(space.decode, jax.ShapeDtypeStruct((space.num_genes,), np.int32))
+    arch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), arch)
+    one = jax.jit(lambda s, a, b: evaluation.batch_sums(nnx.merge(fitness.fn.graphdef, s), b, a))
+    with unrolled_scans():
+      lowered = one.lower(data['state'], arch, batch)
+    return (_Lowered(lowered),)
+
+  # XLA counts one (chunk of archs, batch, micro-batch) of the nested loops.
+  loops = -(-n_children // plan.chunk) * n_batches * plan.micro_batches
+  if unscanned is None:
+    loops_method = ('compile', lambda: (fitness_lowered(prog),), loops)
+  else:  # the twin with layers unrolled, as for the training step
+    loops_method = ('compile', lambda: (fitness_lowered(_search_program(unscanned, mesh)[2]),),
+                    loops)
+  method = {'loops': loops_method,
+            'unrolled': ('compile', analyse,
+                         n_children * n_batches * plan.micro_batches)}.get(flops)
+  archs = space.sample(jax.random.key(0), n_children)
+  flops_per_token = np.asarray(jax.vmap(lambda a: space.cost(a)['flops_per_token'])(archs))
+  entry = _entry('population_eval', build, method,
+                 float(flops_per_token.sum()) * tokens * n_batches, **common)
+  entry.update(population=n_children, chunk=plan.chunk, micro_batches=plan.micro_batches,
+               eval_batches=n_batches, generations_per_call=sc.checkpoint_every,
+               logits_bytes_per_device=plan.logits_bytes, max_logits_bytes=plan.bound_bytes)
+  return entry
 
 
 def check_fits(report: dict) -> None:

@@ -122,11 +122,19 @@ def _print_front(result) -> None:
 
 
 @command(flags=('workdir',),
-         sections=('seed', 'model', 'space', 'data', 'search', 'proxy', 'scone'))
+         sections=('seed', 'model', 'space', 'data', 'search', 'proxy', 'scone', 'mesh',
+                   'distributed'))
 def search():
   """Searches the supernet trained in --workdir; writes W/search/ (front, history, plot)."""
   from elastic_jax.search.job import run_search
-  _print_front(run_search(_config(), _require('workdir')))
+  workdir = _require('workdir')
+  cfg = _config()
+  # Every process takes part in each population evaluation (the config's mesh spans them all);
+  # process 0 writes the files and prints.
+  is_main = _join_processes(cfg)
+  result = run_search(cfg, workdir, **({} if is_main else {'log': lambda _: None}))
+  if is_main:
+    _print_front(result)
 
 
 @command(flags=('workdir', 'arch', 'pick', 'out', 'overwrite', 'format'),
@@ -225,7 +233,7 @@ def train():
     _print_json(result)
 
 
-@command(flags=('topology',), sections=_TRAIN_SECTIONS)
+@command(flags=('topology',), sections=_TRAIN_SECTIONS + ('search',))
 def compile_():
   """Compiles training and population evaluation for a TPU --topology: memory, FLOPs, MFU."""
   from elastic_jax import aot
@@ -266,7 +274,7 @@ def run():
   """The whole job in --workdir: train -> search -> export (--pick, else search.export_pick)."""
   from elastic_jax import export as export_lib
   from elastic_jax.search.config import search_config
-  from elastic_jax.search.job import run_search
+  from elastic_jax.search.job import check_layout, run_search
   from elastic_jax.search.pick import export_pick, parse_pick
   from elastic_jax.train.trainer import train as train_job
   workdir = _require('workdir')
@@ -276,13 +284,14 @@ def run():
   if FLAGS.out:
     export_lib.check_out(FLAGS.out, FLAGS.overwrite)
   is_main = _join_processes(cfg)
+  check_layout(cfg)  # the search's mesh and memory plan, before training
   seconds = {}
   t = time.perf_counter()
   trained = train_job(cfg, workdir)
   seconds['train'] = time.perf_counter() - t
   if not is_main:
-    # Every process searches (the same computation on its own devices; the files it writes are
-    # identical and replaced atomically), so all finish together; process 0 exports and prints.
+    # Every process takes part in the search's evaluations (one search state, the mesh spans
+    # every process); process 0 writes its files, exports and prints.
     run_search(cfg, workdir, log=lambda _: None)
     return
   print(f"trained to step {trained['step']} in {seconds['train']:.0f} s", file=sys.stderr)

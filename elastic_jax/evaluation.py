@@ -47,14 +47,34 @@ def _sums_one(graphdef, state, arch, stacked):
   return total
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _sums_population(graphdef, state, archs, stacked, chunk, active_P=None):
+@functools.partial(jax.jit, static_argnums=(0, 4), static_argnames=('micro_batches',))
+def _sums_population(graphdef, state, archs, stacked, chunk, active_P=None, *,
+                     micro_batches: int = 1):
   """float32[P, 3] sums of every arch; `active_P` (bool[P], optional): archs whose sums are
-  wanted; the others give zeros, and with chunk 1 their forward is skipped (a `cond`)."""
+  wanted; the others give zeros, and with chunk 1 their forward is skipped (a `cond`).
+
+  `micro_batches` = m > 1 runs each validation batch of R rows as m strided micro-batches of
+  R / m rows (rows m*i + j form micro-batch j), one after another: the same sums with 1/m of the
+  logits alive at once. Strided, so that on a mesh whose batch axes split the R rows in
+  contiguous blocks every device keeps its own rows (no data moves between devices).
+  """
   model = nnx.merge(graphdef, state)
+
+  def batch_total(arch, batch):
+    if micro_batches == 1:
+      return batch_sums(model, batch, arch)
+    rows = batch['tokens'].shape[0]
+    split = {k: v.reshape(rows // micro_batches, micro_batches, *v.shape[1:])
+             for k, v in batch.items()}
+    def micro(total, j):
+      part = {k: jax.lax.dynamic_index_in_dim(v, j, axis=1, keepdims=False)
+              for k, v in split.items()}
+      return total + batch_sums(model, part, arch), None
+    return jax.lax.scan(micro, jnp.zeros(3), jnp.arange(micro_batches))[0]
+
   def one(arch):
     def body(total, batch):
-      return total + batch_sums(model, batch, arch), None
+      return total + batch_total(arch, batch), None
     return jax.lax.scan(body, jnp.zeros(3), stacked)[0]
   if active_P is not None:
     run = one

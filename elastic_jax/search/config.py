@@ -55,7 +55,14 @@ def default_config() -> ml_collections.ConfigDict:
   # Architectures run together in the population forward: 1 runs them one at a time inside the
   # compiled call (removed layers and FFN blocks are skipped: best on CPU); k > 1 vmaps k at a
   # time (every layer runs at full size, masked; better accelerator utilisation, more memory).
+  # 0 = as many as `max_logits_mib` allows. Whatever is asked, the archs run together are capped
+  # so that their float32 logits fit in `max_logits_mib` (see search/placement.py).
   c.chunk = 1
+  # Upper bound, in MiB per device, on the float32 logits [archs, rows, seq_len, vocab] of one
+  # step of the population forward. Fewer archs run together when they would exceed it, and a
+  # validation batch whose logits alone exceed it runs as strided micro-batches of fewer rows
+  # (same losses). Below one sequence's logits (seq_len x vocab x 4 bytes) is an error.
+  c.max_logits_mib = 1024.0
   # Evaluated genomes remembered across generations (in the compiled state and the checkpoint):
   # a child that is the same network as one of them is resampled, so no architecture is scored
   # twice. A ring buffer: past this many evaluations the oldest are forgotten (and may be scored
@@ -119,6 +126,7 @@ class SearchConfig:
   n_children: int
   budgets: tuple[tuple[str, float], ...]
   chunk: int
+  max_logits_mib: float
   checkpoint_every: int
   resume: bool
   ref_point: tuple[float, ...]
@@ -173,7 +181,8 @@ def search_config(cfg: ml_collections.ConfigDict | Mapping) -> SearchConfig:
       pop_size=int(merged['pop_size']) or (50 if paper else 32),
       n_children=int(merged['n_children']),
       budgets=tuple(sorted((k, float(v)) for k, v in budgets.items() if v)),
-      chunk=int(merged['chunk']), checkpoint_every=int(merged['checkpoint_every']),
+      chunk=int(merged['chunk']), max_logits_mib=float(merged['max_logits_mib']),
+      checkpoint_every=int(merged['checkpoint_every']),
       resume=bool(merged['resume']), ref_point=tuple(float(v) for v in merged['ref_point']),
       mutation_prob=float(merged['mutation_prob']),
       crossover_prob=float(merged['crossover_prob']), sample_size=int(merged['sample_size']),
@@ -186,7 +195,7 @@ def search_config(cfg: ml_collections.ConfigDict | Mapping) -> SearchConfig:
       allow_untrained=bool(merged['allow_untrained']), export_pick=str(merged['export_pick']))
   if sc.strategy not in STRATEGY_NAMES:
     raise UserError(f'search.strategy is {sc.strategy!r}; use one of {", ".join(STRATEGY_NAMES)}')
-  for name, low in (('generations', 1), ('pop_size', 2), ('n_children', 0), ('chunk', 1),
+  for name, low in (('generations', 1), ('pop_size', 2), ('n_children', 0), ('chunk', 0),
                     ('checkpoint_every', 1), ('tries', 1), ('stratify_bins', 1),
                     ('latency_max', 0), ('latency_repeats', 1), ('decode_latency_max', 0),
                     ('sample_size', 0),
@@ -196,6 +205,9 @@ def search_config(cfg: ml_collections.ConfigDict | Mapping) -> SearchConfig:
   if sc.n_children > sc.pop_size and resolve_strategy(sc) in ('regularized', 'ga'):
     raise UserError(f'search.n_children={sc.n_children} must be <= search.pop_size='
                     f'{sc.pop_size} for strategy {resolve_strategy(sc)!r}')
+  if not sc.max_logits_mib > 0:
+    raise UserError(f'search.max_logits_mib must be > 0 (MiB of float32 logits per device), '
+                    f'got {sc.max_logits_mib:g}')
   if not 0.0 <= sc.mutation_prob <= 1.0 or not 0.0 <= sc.crossover_prob <= 1.0:
     raise UserError('search.mutation_prob and search.crossover_prob must be in [0, 1]')
   if 0 < sc.archive_size < n_children_of(sc):

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elastic_jax import distributed
 from elastic_jax.errors import UserError
 from elastic_jax.search import evolution, nsga2, operators
 from elastic_jax.search import state as state_lib
@@ -162,10 +163,12 @@ class Searcher:
       n = min(self.spec.length, count - done)
       state, out = advance(state, key, jnp.int32(start + done), jnp.int32(n), data,
                            spec=self.spec)
-      outs.append(jax.tree.map(lambda x, n=n: np.asarray(x[:n]), out))
+      outs.append(jax.tree.map(lambda x, n=n: distributed.to_host(x)[:n], out))
       done += n
     history = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-    return state, history
+    # The state back on the host: small, and the same on every process of a multi-process run
+    # (the next call takes it as replicated input, whatever layout XLA chose for the output).
+    return jax.tree.map(lambda x: jnp.asarray(distributed.to_host(x)), state), history
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from elastic_jax import evaluation
+from elastic_jax import distributed, evaluation
 from elastic_jax.errors import UserError
 from elastic_jax.search.genomes import extreme_genome, space_key
 from elastic_jax.search.objectives import Context, Objective, get_objective
@@ -44,6 +44,7 @@ class FitnessFn:
   names: tuple[str, ...]
   graphdef: Any
   chunk: int
+  micro_batches: int = 1
   objectives: tuple[Objective, ...] = dataclasses.field(init=False)
   space_key: tuple = dataclasses.field(init=False, repr=False)
   _traces: list = dataclasses.field(init=False, compare=False, repr=False)
@@ -63,7 +64,7 @@ class FitnessFn:
     """Natural-unit values {name: float32[B]} of any objectives (jittable); with `active_B`,
     values of the inactive genomes are not wanted (the population forward skips them)."""
     ctx = Context(self.space, jnp.asarray(genomes_BxG, jnp.int32), self.graphdef, data,
-                  self.chunk, active_B)
+                  self.chunk, active_B, self.micro_batches)
     return {o.name: jnp.asarray(o.fn(ctx), jnp.float32) for o in objectives}
 
   def __call__(self, genomes_BxG: jax.Array, data: Mapping | None,
@@ -92,7 +93,11 @@ class Fitness:
   """
 
   def __init__(self, space: Space, objectives: Sequence[str], model: nnx.Module | None = None,
-               batches: Sequence[Mapping] | Mapping | None = None, chunk: int = 1):
+               batches: Sequence[Mapping] | Mapping | None = None, chunk: int = 1, *,
+               micro_batches: int = 1, mesh=None, graphdef=None, data: Mapping | None = None):
+    """`mesh`: lay the supernet and batches out on it (`search/placement.py`; None: this
+    process's default device). `graphdef` and `data` instead of `model` and `batches`: data
+    already built (e.g. shapes only, for `elastic-jax compile`)."""
     if not objectives:
       raise UserError('search.objectives is empty; name at least one, e.g. ("loss", "params")')
     if len(set(objectives)) != len(objectives):
@@ -102,7 +107,7 @@ class Fitness:
     self.space = space
     if int(chunk) < 1:
       raise UserError(f'search.chunk must be >= 1, got {chunk}')
-    graphdef, self.data = None, None
+    self.data = data
     if model is not None:
       graphdef, state = nnx.split(model)
       if batches is None:
@@ -112,10 +117,13 @@ class Fitness:
       extra = {o.name: o.prepare(space, model, batches) for o in self.objectives if o.prepare}
       if extra:
         self.data['extra'] = extra
+      if mesh is not None:
+        from elastic_jax.search import placement  # noqa: PLC0415
+        self.data = placement.place(self.data, mesh)
     missing = [o.name for o in self.objectives if o.needs_model and self.data is None]
     if missing:
       raise UserError(f'objective(s) {missing} need the supernet: pass model= and batches=')
-    self.fn = FitnessFn(space, self.names, graphdef, int(chunk))
+    self.fn = FitnessFn(space, self.names, graphdef, int(chunk), int(micro_batches))
 
   @property
   def maximize(self) -> tuple[bool, ...]:
@@ -151,7 +159,8 @@ class Fitness:
     objectives = tuple(get_objective(n) for n in names)
     outs = [_metrics_jit(jnp.asarray(genomes[i:i + EVAL_BLOCK]), self.data, fn=self.fn,
                          objectives=objectives) for i in range(0, padded, EVAL_BLOCK)]
-    return {n: np.concatenate([np.asarray(o[n]) for o in outs])[:b] for n in names}
+    # On a mesh spanning processes every process runs this call; each reads the whole result.
+    return {n: np.concatenate([distributed.to_host(o[n]) for o in outs])[:b] for n in names}
 
   def reference_point(self, overrides: Sequence[float] = (),
                       extremes: Mapping[str, np.ndarray] | None = None) -> np.ndarray:

@@ -21,9 +21,14 @@ uninterrupted run would have, and a finished run given more generations continue
 stopped. Children that are the same network as an evaluated one are resampled (the archive), so
 evaluations count distinct architectures.
 
+The population forward runs on the config's `mesh`, with the trainer's shardings
+(`search/placement.py`). In a multi-process run every process calls `run_search` with the same
+config: all take part in every evaluation and hold the same search state; only process 0 writes
+W/search/ (and measures latency).
+
 This module only orchestrates: the settings are `search/config.py`, the compiled loop
-`search/driver.py`, the checkpoint `search/checkpoint.py`, the front `search/pareto.py`, the
-files `search/report.py`.
+`search/driver.py` (built on the mesh by `search/program.py`), the checkpoint
+`search/checkpoint.py`, the front `search/pareto.py`, the files `search/report.py`.
 """
 
 from __future__ import annotations
@@ -39,20 +44,15 @@ import jax
 import numpy as np
 
 from elastic_jax.errors import UserError
-from elastic_jax.search import checkpoint, driver
+from elastic_jax.search import checkpoint, placement
 from elastic_jax.search import pareto as pareto_lib
+from elastic_jax.search import program as search_program
 from elastic_jax.search.budgets import Budgets
 from elastic_jax.search.checkpoint import CHECKPOINT_FILE, fingerprint, results_digest
-from elastic_jax.search.config import (
-  SearchConfig,
-  n_children_of,
-  resolve_strategy,
-  search_config,
-  strategy_kwargs,
-)
+from elastic_jax.search.config import SearchConfig, resolve_strategy, search_config
 from elastic_jax.search.fitness import Fitness
-from elastic_jax.search.genomes import CanonicalKey
 from elastic_jax.search.objectives import REPORT_METRICS, get_objective, training_free
+from elastic_jax.search.program import make_searcher  # noqa: F401  (its former home)
 from elastic_jax.search.proxy_objective import register_proxies
 
 SEARCH_DIR = 'search'
@@ -60,15 +60,6 @@ SEARCH_DIR = 'search'
 
 def _log_stderr(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
-
-
-def make_searcher(fitness: Fitness, strategy: str, **kwargs) -> driver.Searcher:
-  """The compiled loop for `fitness` (its objectives, evaluated on `fitness.data`); children
-  are deduplicated by network (`genomes.canonical_genomes`), not by raw genome. `kwargs`: those
-  of `driver.Searcher` (pop_size, n_children, feasible_fn, generations_per_call, archive_size)
-  and the strategy's."""
-  return driver.Searcher(fitness.fn, fitness.space.gene_sizes, len(fitness.names), strategy,
-                         key_fn=CanonicalKey(fitness.space), data=fitness.data, **kwargs)
 
 
 def validation_batches(cfg, holdout: int, log=_log_stderr,
@@ -150,6 +141,7 @@ def run_search(cfg, workdir: str | Path, *, model=None, supernet_step: int | Non
   workdir_lib.build_space(cfg)  # a bad config fails before the workdir is touched
   from elastic_jax import data as data_lib  # noqa: PLC0415
   data_lib.check_lm_task(cfg.data)
+  check_layout(cfg, sc)
   is_main = jax.process_index() == 0
   with workdir_lib.cleanup_on_failure(workdir) if is_main else contextlib.nullcontext():
     if is_main and not (Path(workdir) / workdir_lib.CONFIG_FILE).is_file():
@@ -157,9 +149,22 @@ def run_search(cfg, workdir: str | Path, *, model=None, supernet_step: int | Non
     return _run_search(cfg, workdir, sc, model, supernet_step, log)
 
 
+def check_layout(cfg, sc: SearchConfig | None = None) -> None:
+  """The population forward's plan on the config's mesh (`placement.eval_plan`), before
+  anything is loaded, trained or written: a mesh whose batch axes do not divide the validation
+  batch, or a logits bound below one sequence's logits, is one UserError line."""
+  sc = sc or search_config(cfg)
+  if any(get_objective(n).needs_model for n in sc.objectives):
+    placement.eval_plan(sc.chunk, sc.max_logits_mib, int(cfg.data.batch_size),
+                        int(cfg.data.seq_len), int(cfg.model.vocab_size),
+                        placement.search_mesh(cfg))
+
+
 def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> dict:
   from elastic_jax.search import report  # noqa: PLC0415
   from elastic_jax.workdir import build_space  # noqa: PLC0415
+
+  is_main = jax.process_index() == 0
 
   space = build_space(cfg, workdir)
   register_proxies(sc.objectives, cfg.get('proxy', None))
@@ -181,11 +186,16 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
   holdout = 0 if training_free(sc.objectives) else sc.holdout_batches
   batches, heldout = validation_batches(cfg, holdout, log,
                                         _scone_transform(cfg, workdir))
-  fitness = Fitness(space, sc.objectives, model=model, batches=batches, chunk=sc.chunk)
-  searcher = make_searcher(fitness, strategy, pop_size=sc.pop_size,
-                           n_children=n_children_of(sc), feasible_fn=budgets,
-                           generations_per_call=sc.checkpoint_every,
-                           archive_size=sc.archive_size, **strategy_kwargs(sc, space))
+  # The trainer's mesh and shardings; every process takes part in each evaluation.
+  mesh = placement.search_mesh(cfg)
+  program = search_program.build(sc, space, mesh, model=model, batches=batches)
+  fitness, searcher = program.fitness, program.searcher
+  if program.plan is not None:
+    plan = program.plan
+    log(f'search: population forward on mesh {dict(mesh.shape)} over {jax.process_count()} '
+        f'process(es), {plan.chunk} arch(s) at a time, {plan.micro_batches} micro-batch(es) per '
+        f'validation batch, {plan.logits_bytes / placement.MIB:.1f} MiB of logits per device '
+        f'(search.max_logits_mib={sc.max_logits_mib:g})')
   out_dir = Path(workdir) / SEARCH_DIR
   ckpt_path = out_dir / CHECKPOINT_FILE
   fp = fingerprint(cfg, sc, space, supernet_step)
@@ -216,7 +226,8 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
     # latency again would rewrite pareto.json with other numbers).
     log(f'search: {out_dir / report.PARETO_FILE} already holds this search '
         f'({progress.generation} generations); reporting it unchanged')
-    paths = report.write_all(out_dir, done, progress.history, fitness.names, only_missing=True)
+    paths = (report.write_all(out_dir, done, progress.history, fitness.names, only_missing=True)
+             if is_main else report.output_paths(out_dir))
     return _result(done, paths, progress, fitness)
   while progress.generation < sc.generations:
     n = min(sc.checkpoint_every, sc.generations - progress.generation)
@@ -225,8 +236,9 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
     state, h = searcher.advance(progress.state, progress.key, progress.generation, n)
     seconds = time.perf_counter() - start
     progress.record(state, h, seconds, fitness, searcher.warmup_generations, sc.generations)
-    progress.save(ckpt_path)
-    report.write_history(history_path, progress.history, fitness.names)
+    if is_main:  # one search state on every process; process 0 writes it
+      progress.save(ckpt_path)
+      report.write_history(history_path, progress.history, fitness.names)
     hist = progress.history
     evals = int(hist['n_evals'][-1])
     log(f'search: generation {progress.generation}/{sc.generations}, {evals} evaluations, '
@@ -237,11 +249,15 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
   heldout_fitness = None
   if heldout:
     names = tuple(n for n in report_names if get_objective(n).needs_model)
-    heldout_fitness = Fitness(space, names, model=model, batches=heldout, chunk=sc.chunk)
-  pareto = pareto_lib.build_pareto(sc, space, fitness, model, batches, progress, supernet_step,
+    heldout_fitness = search_program.fitness_on_mesh(sc, space, mesh, names, model=model,
+                                                     batches=heldout).fitness
+  # Latency is measured (on this host's device) by the process that writes the report.
+  pareto = pareto_lib.build_pareto(sc if is_main else dataclasses.replace(sc, latency=False),
+                                   space, fitness, model, batches, progress, supernet_step,
                                    strategy, extremes, log, heldout=heldout_fitness)
   pareto['results_digest'] = results_digest(fp, sc, progress.generation)
-  paths = report.write_all(out_dir, pareto, progress.history, fitness.names)
+  paths = (report.write_all(out_dir, pareto, progress.history, fitness.names) if is_main
+           else report.output_paths(out_dir))
   return _result(pareto, paths, progress, fitness)
 
 

@@ -38,13 +38,14 @@ class Context:
   """
 
   def __init__(self, space: Space, genomes_BxG: jax.Array, graphdef, data: Mapping | None,
-               chunk: int, active_B: jax.Array | None = None):
+               chunk: int, active_B: jax.Array | None = None, micro_batches: int = 1):
     self.space = space
     self.genomes = genomes_BxG
     self.active = active_B  # bool[B] or None: genomes whose values are read (others may be 0)
     self.graphdef = graphdef
     self.data = data
     self.chunk = chunk
+    self.micro_batches = micro_batches  # each validation batch as this many micro-batches
 
   @functools.cached_property
   def archs(self):
@@ -93,7 +94,7 @@ class Context:
     population = self.genomes.shape[0]
     return evaluation._sums_population(self.graphdef, self.data['state'], self.archs,
                                        self.data['batches'], max(1, min(self.chunk, population)),
-                                       self.active)
+                                       self.active, micro_batches=self.micro_batches)
 
   @property
   def loss(self) -> jax.Array:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elastic_jax import latency
+from elastic_jax import distributed, latency
 from elastic_jax.errors import UserError
 from elastic_jax.search.config import SearchConfig, n_children_of
 from elastic_jax.search.fitness import Fitness
@@ -105,6 +105,21 @@ def build_pareto(sc: SearchConfig, space, fitness: Fitness, model, batches, prog
             for n in names}
   rows = [{k: float(v[i]) for k, v in values.items()} for i in range(len(everything))]
   nf = len(front)
+  ref_min = fitness.to_minimised(progress.ref)
+  held, hv_heldout, heldout_info = [None] * (nf + 2), None, {}
+  if heldout is not None:
+    log(f'search: re-scoring the front on {heldout.data["batches"]["tokens"].shape[0]} held-out '
+        'validation batches')
+    scores = heldout.evaluate(everything[:nf + 2])
+    held = [{n: float(scores[n][i]) for n in heldout.names} for i in range(nf + 2)]
+    heldout_fit = np.asarray([[held[i].get(n, rows[i][n]) for n in fitness.names]
+                              for i in range(nf)]).reshape(-1, len(fitness.names))
+    hv_heldout = float(hypervolume_nd(fitness.to_minimised(heldout_fit), ref_min)) if nf else 0.0
+    weights = distributed.to_host(heldout.data['batches']['weights'])
+    heldout_info = {'heldout_batches': int(weights.shape[0]),
+                    'heldout_tokens': int(weights.sum())}
+
+  # Every process scores (collectives on a multi-process mesh) before process 0 alone times.
   latency, decode = [None] * (nf + 2), [None] * (nf + 2)
   if sc.latency and sc.latency_max > 0:
     chosen = _spread(nf, sc.latency_max) + [nf, nf + 1]
@@ -119,20 +134,6 @@ def build_pareto(sc: SearchConfig, space, fitness: Fitness, model, batches, prog
     for i, v in zip(chosen, measure_decode_latency(model, space, everything[chosen],
                                                    sc.latency_repeats)):
       decode[i] = v
-
-  ref_min = fitness.to_minimised(progress.ref)
-  held, hv_heldout, heldout_info = [None] * (nf + 2), None, {}
-  if heldout is not None:
-    log(f'search: re-scoring the front on {heldout.data["batches"]["tokens"].shape[0]} held-out '
-        'validation batches')
-    scores = heldout.evaluate(everything[:nf + 2])
-    held = [{n: float(scores[n][i]) for n in heldout.names} for i in range(nf + 2)]
-    heldout_fit = np.asarray([[held[i].get(n, rows[i][n]) for n in fitness.names]
-                              for i in range(nf)]).reshape(-1, len(fitness.names))
-    hv_heldout = float(hypervolume_nd(fitness.to_minimised(heldout_fit), ref_min)) if nf else 0.0
-    weights = np.asarray(heldout.data['batches']['weights'])
-    heldout_info = {'heldout_batches': int(weights.shape[0]),
-                    'heldout_tokens': int(weights.sum())}
 
   def entry(i, genome):
     return {'genome': [int(x) for x in genome],

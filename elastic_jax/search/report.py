@@ -294,6 +294,12 @@ def write_all(out_dir: Path, pareto: Mapping, history: Mapping[str, np.ndarray],
   for name, write in writers.items():
     if not (only_missing and (out_dir / name).is_file()):
       write(out_dir / name)
+  return output_paths(out_dir)
+
+
+def output_paths(out_dir: Path) -> dict[str, str]:
+  """Where `write_all` writes (what the processes that write nothing report)."""
+  out_dir = Path(out_dir)
   return {'pareto_json': str(out_dir / PARETO_FILE), 'history': str(out_dir / HISTORY_FILE),
           'plot': str(out_dir / PLOT_FILE), 'summary': str(out_dir / SUMMARY_FILE)}
 

@@ -91,3 +91,29 @@ def test_large_configs_build(name, arg):
   # Every micro-batch spans all chips of the slice it was sized for (16 or 8).
   assert cfg.data.batch_size % (cfg.train.grad_accum * (8 if arg == 'v5p-8' else 16 if arg is
                                                          None else 1)) == 0
+
+
+def test_compile_builds_the_program_the_search_runs():
+  """`elastic-jax compile`'s population evaluation is the search's own loop: the same jit key
+  (strategy, fitness, sizes, chunking), with shapes-only data laid out as the search lays out
+  the real supernet and validation batches."""
+  import jax
+  import numpy as np
+
+  from elastic_jax.search import placement
+  from elastic_jax.search import program as search_program
+  from elastic_jax.workdir import init_supernet
+
+  cfg = load_config('quickstart', 'tiny')
+  mesh = placement.search_mesh(cfg)
+  sc, space, compiled = aot._search_program(cfg, mesh)
+  rows, seq = cfg.data.batch_size, cfg.data.seq_len
+  batches = [{k: np.zeros((rows, seq), d) for k, d in aot.batch_keys(cfg).items()}
+             for _ in range(cfg.data.eval_batches)]
+  searched = search_program.build(sc, space, mesh, model=init_supernet(cfg, space),
+                                  batches=batches)
+  assert compiled.searcher.spec == searched.searcher.spec
+  assert compiled.plan == searched.plan
+  shapes = lambda data: [(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(data)]
+  assert shapes(compiled.fitness.data) == shapes(searched.fitness.data)
+  search_program.lowered_advance(compiled)  # lowers from shapes alone

@@ -187,3 +187,63 @@ def test_num_shards_makes_global_batches_independent_of_the_process_count(built_
     np.testing.assert_array_equal(expected[key], got[key])
   with pytest.raises(UserError, match='cannot split'):
     data.process_state(run_state, 0, 3)
+
+
+RUN_ARGS = ['--config=configs/quickstart.py:tiny', '--config.train.steps=4',
+            '--config.train.checkpoint_every=4', '--config.data.num_shards=2',
+            "--config.train.eval_archs=('largest',)", '--config.search.generations=4',
+            '--config.search.latency=False']  # measured latency would differ between runs
+
+
+def _files(workdir) -> dict[str, bytes]:
+  return {str(p.relative_to(workdir)): p.read_bytes()
+          for sub in ('search', 'export') for p in sorted((workdir / sub).rglob('*'))
+          if p.is_file()}
+
+
+@pytest.mark.slow
+def test_two_process_run_searches_like_one_process_and_writes_the_same_files(built_data,
+                                                                            tmp_path):
+  """`run` over 2 processes x 1 device (one search state, every process in each sharded
+  population forward, process 0 writing) == 1 process x 2 devices: the same front, history,
+  checkpoint and exported model; only the timings differ."""
+  cache = f'--config.data.cache_dir={built_data}'
+  two, one = tmp_path / 'two', tmp_path / 'one'
+  r = subprocess.run(['bash', 'launch/local_multiprocess.sh', '--processes=2', '--devices=1',
+                      f'--logdir={tmp_path / "logs"}', f'--python={sys.executable}', '--',
+                      'run', *RUN_ARGS, cache, f'--workdir={two}'],
+                     cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  err = (tmp_path / 'logs' / 'process_0.err').read_text()
+  assert ("search: population forward on mesh {'data': 2, 'fsdp': 1, 'tensor': 1} over 2 "
+          'process(es)') in err, err[-2000:]
+  assert 'exported front member' in r.stdout
+  assert 'exported front member' not in (tmp_path / 'logs' / 'process_1.out').read_text()
+
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  r = subprocess.run([sys.executable, '-m', 'elastic_jax.cli', 'run', *RUN_ARGS, cache,
+                      f'--workdir={one}'], cwd=REPO, env=env, capture_output=True, text=True,
+                     timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+
+  a, b = _files(two), _files(one)
+  assert sorted(a) == sorted(b)
+  assert {'search/pareto.json', 'search/history.jsonl', 'search/state.npz',
+          'search/pareto.png', 'search/summary.md'} <= set(a)
+  assert any(k.startswith('export/front_') and k.endswith('model.safetensors') for k in a)
+  timing = ('search_seconds', 'archs_per_second')
+  pa, pb = (json.loads(x['search/pareto.json']) for x in (a, b))
+  assert {k: v for k, v in pa.items() if k not in timing} == \
+      {k: v for k, v in pb.items() if k not in timing}
+  assert len(pa['front']) >= 3 and pa['n_evals'] > pa['pop_size']
+  rows = lambda x: [{k: v for k, v in json.loads(l).items() if k != 'seconds'}
+                    for l in x['search/history.jsonl'].splitlines()]
+  assert rows(a) == rows(b) and len(rows(a)) == 4
+  for name in a:
+    if name.startswith('export/'):
+      assert a[name] == b[name], name  # the exported model and its files, byte for byte
+  with np.load(two / 'search' / 'state.npz') as za, np.load(one / 'search' / 'state.npz') as zb:
+    for k in za.files:
+      if k != 'history_seconds':
+        np.testing.assert_array_equal(za[k], zb[k], err_msg=k)
