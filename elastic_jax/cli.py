@@ -191,8 +191,9 @@ def evaluate():
       batches = [table(b) for b in batches]
     result = evaluation.evaluate(model, batches, arch)
     cost = space.cost(arch)
-    if scfg is not None:
-      result['scone_table_mb'] = table.nbytes / 1e6
+    if scfg is not None:  # the sub-network's own rows: its f-gram count x its hidden width
+      rows = min(table.n_used or len(table.fgrams), len(table.fgrams))
+      result['scone_table_mb'] = 4e-6 * rows * int(arch.hidden)
   result.update(params=int(cost['params']), flops_per_token=float(cost['flops_per_token']))
   _print_json(result)
 

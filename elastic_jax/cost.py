@@ -53,7 +53,9 @@ def arch_cost(cfg: ModelConfig, arch: Arch, *, bottleneck_head_dim: int, seq_len
 
   Returns int32 `params` and float32 `flops_per_token`, `train_flops_per_token`,
   `kv_cache_bytes_per_token`, `activation_bytes_per_token` (stored for backward, estimate),
-  `param_bytes`.
+  `param_bytes`, and `table_mb`: SCONE's precomputed f-gram table of the arch in host memory
+  (float32 [arch.fgrams, arch.hidden], in MB; 0 without SCONE). The f-gram count and the f-gram
+  model's size change nothing else: the accelerator receives gathered rows as an input.
   """
   h = arch.hidden
   on = arch.layer_on()
@@ -83,6 +85,7 @@ def arch_cost(cfg: ModelConfig, arch: Arch, *, bottleneck_head_dim: int, seq_len
       'activation_bytes_per_token': act_bytes * (jnp.sum(totals['act_entries']) + attn_probs
                                                  + 2.0 * h),
       'param_bytes': jnp.dtype(cfg.param_dtype).itemsize * params.astype(jnp.float32),
+      'table_mb': 4e-6 * arch.fgrams.astype(jnp.float32) * h.astype(jnp.float32),
   }
 
 
@@ -98,6 +101,7 @@ def dense_arch(dims: ModelDims) -> Arch:
       ffn=jnp.asarray([l.ffn for l in layers], jnp.int32),
       inner=jnp.asarray([l.inner for l in layers], jnp.int32),
       ffn_layers=jnp.asarray([l.ffn_layers for l in layers], jnp.int32),
+      fgrams=jnp.int32(0), fgram_layers=jnp.int32(0), fgram_ffn=jnp.int32(0),
   )
 
 

@@ -29,7 +29,7 @@ from elastic_jax import atomic, space_history
 from elastic_jax.config import check_compatible, model_config, space_config
 from elastic_jax.errors import UserError
 from elastic_jax.model.supernet import Model
-from elastic_jax.scone.config import scone_config
+from elastic_jax.scone.config import scone_config, with_scone_choices
 from elastic_jax.space import Space
 
 CONFIG_FILE = 'config.json'
@@ -167,6 +167,7 @@ def build_space(cfg: ml_collections.ConfigDict, workdir: str | Path | None = Non
   the final space of `workdir`'s history (elastic_jax/space_history.py)."""
   model = model_config(cfg.model)
   space = space_config(space_history.space_section(cfg, workdir))
+  space = with_scone_choices(space, scone_config(cfg.get('scone')))
   check_compatible(model, space)
   seq_len = cfg.get('data', {}).get('seq_len', None)
   check_seq_len(model, seq_len)
