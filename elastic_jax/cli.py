@@ -151,9 +151,11 @@ def export():
   out = Path(_require('out'))
   space, model, arch, step = _supernet_and_arch(cfg)
   dense = export_lib.export(model, space.cfg, arch)
+  from elastic_jax.scone.job import export_table_of_run
   saved = save_export(
       dense, out, cfg.data, arch=arch, fmt=FLAGS.format, hf_base=original_hf_config(cfg),
-      extra={'data': cfg.data.to_dict(), 'supernet_step': step}, overwrite=FLAGS.overwrite)
+      extra={'data': cfg.data.to_dict(), 'supernet_step': step}, overwrite=FLAGS.overwrite,
+      scone_table=export_table_of_run(cfg, model, FLAGS.workdir, arch))
   _print_json({**saved, 'supernet_step': step})
 
 
@@ -175,7 +177,13 @@ def evaluate():
     check_seq_len(dense.cfg, data_cfg.seq_len)
     data.check_lm_task(data_cfg)
     batches = data.eval_batches(data_cfg)
+    from elastic_jax.scone.table import load_for_export
+    table = load_for_export(FLAGS.model, dense, saved)
+    if table is not None:  # a SCONE sub-network: its f-gram rows, looked up on the host
+      batches = [table(b) for b in batches]
     result = evaluation.evaluate(dense, batches)
+    if table is not None:
+      result['scone_table_mb'] = table.nbytes / 1e6
     cost = arch_cost(dense.cfg, dense_arch(dense.dims),
                      bottleneck_head_dim=dense.dims.bottleneck_head_dim, seq_len=data_cfg.seq_len)
   else:
@@ -327,8 +335,11 @@ def generate():
   tokenizer = tokenizer_from_file(tokenizer_path)
   prompt = tokenizer.encode(_require('prompt'))
   sampling = gen.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-  result = gen.Generator(model).generate([prompt], FLAGS.max_new_tokens, sampling=sampling,
-                                         seed=FLAGS.seed, eos_id=tokenizer.eos_id)
+  from elastic_jax.scone.table import load_for_export
+  table = load_for_export(FLAGS.model, model)  # a SCONE sub-network's f-gram table, or None
+  result = gen.Generator(model, table).generate([prompt], FLAGS.max_new_tokens,
+                                                sampling=sampling, seed=FLAGS.seed,
+                                                eos_id=tokenizer.eos_id)
   print(FLAGS.prompt + tokenizer.decode(result.tokens[0]))
   print(json.dumps(result.summary()), file=sys.stderr)
 

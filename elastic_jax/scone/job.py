@@ -77,3 +77,22 @@ def inference_table(model, scfg: SconeConfig, data_cfg, workdir: str | Path,
     table = table_lib.Table(rows, fgrams, FgramIndex(fgrams),
                             {'fingerprint': table_lib.fingerprint(model, fgrams, arch)})
   return dataclasses.replace(table, n_used=n_used)
+
+
+def export_table(model, scfg: SconeConfig, data_cfg, workdir: str | Path,
+                 arch) -> table_lib.Table:
+  """The table an exported sub-network carries: its own rows (its hidden width and f-gram model
+  size) of its first `arch.fgrams` f-grams."""
+  return inference_table(model, scfg, data_cfg, workdir, arch).truncated(int(arch.hidden))
+
+
+def export_table_of_run(cfg, model, workdir: str | Path | None, arch) -> table_lib.Table | None:
+  """`export_table` for a run whose config enables SCONE, else None."""
+  from elastic_jax.scone.config import scone_config  # noqa: PLC0415
+  scfg = scone_config(cfg.get('scone'))
+  if scfg is None:
+    return None
+  if not workdir:
+    raise UserError('exporting a SCONE sub-network needs the --workdir of its run (its f-grams '
+                    'and table)')
+  return export_table(model, scfg, cfg.data, workdir, arch)

@@ -57,6 +57,28 @@ def table_size(model, arch=None) -> tuple[int, int, int]:
           int(full[1] if ffn is None else ffn))
 
 
+def _hash_arrays(h, arrays) -> None:
+  for a in arrays:
+    a = np.asarray(jax.device_get(a[...] if isinstance(a, nnx.Variable) else a), np.float32)
+    h.update(str(a.shape).encode())
+    h.update(a.tobytes())
+
+
+def _embedding_arrays(model) -> list:
+  embed = model.embed
+  return [getattr(embed, n) for n in ('tokens', 'proj', 'proj_bias')
+          if getattr(embed, n, None) is not None]
+
+
+def export_fingerprint(dense, fgrams: Fgrams) -> str:
+  """Ties an exported sub-network's table to its f-grams and its own token embedding (an export
+  holds no f-gram model: the table is what is left of it)."""
+  h = hashlib.sha256(b'export:' + fgrams.digest().encode())
+  h.update(str(dense.dims.hidden).encode())
+  _hash_arrays(h, _embedding_arrays(dense))
+  return h.hexdigest()
+
+
 def fingerprint(model, fgrams: Fgrams, arch=None) -> str:
   """Ties a table to the weights and f-grams of one run (and one hidden width and f-gram model
   size; the largest sub-network's when `arch` is None)."""
@@ -65,13 +87,7 @@ def fingerprint(model, fgrams: Fgrams, arch=None) -> str:
   h.update(str(hidden).encode())
   if (layers, ffn) != table_size(model)[1:]:  # the largest's fingerprint is as before
     h.update(f'fgram_layers={layers},fgram_ffn={ffn}'.encode())
-  embed = model.embed
-  arrays = [getattr(embed, n) for n in ('tokens', 'proj', 'proj_bias') if getattr(embed, n, None)
-            is not None] + jax.tree.leaves(nnx.state(model.scone, nnx.Param))
-  for a in arrays:
-    a = np.asarray(jax.device_get(a[...] if isinstance(a, nnx.Variable) else a), np.float32)
-    h.update(str(a.shape).encode())
-    h.update(a.tobytes())
+  _hash_arrays(h, _embedding_arrays(model) + jax.tree.leaves(nnx.state(model.scone, nnx.Param)))
   return h.hexdigest()
 
 
@@ -172,11 +188,11 @@ class Table:
 
 
 def load(directory: str | Path, run_fingerprint: str | None = None, *,
-         verify: bool = True) -> Table:
+         verify: bool = True, fix: str | None = None) -> Table:
   """Opens a table directory; UserError (one line) if it is missing, unfinished, corrupt
   (`verify` re-hashes table.npy) or from another run (fingerprint differs)."""
   d = Path(directory)
-  fix = 'precompute it again for this run (elastic_jax.scone.table.precompute + save)'
+  fix = fix or 'precompute it again for this run (elastic_jax.scone.table.precompute + save)'
   if not (d / META).is_file():
     raise UserError(f'no SCONE table in {d} (table.json missing: absent or unfinished); {fix}')
   try:
@@ -201,3 +217,39 @@ def load(directory: str | Path, run_fingerprint: str | None = None, *,
     raise UserError(f'the SCONE table {d} is corrupt (index has {len(fgrams)} f-grams, the '
                     f'table {expected[0]} rows); {fix}')
   return Table(rows, fgrams, FgramIndex(fgrams), meta)
+
+
+EXPORT_DIR = 'scone_table'  # an exported SCONE sub-network's table, beside its weights
+
+
+def save_for_export(export_dir: str | Path, table: Table, dense) -> Path:
+  """Writes a sub-network's own (truncated) table into its export directory (which
+  `export.save` writes under a temporary name and renames whole)."""
+  if table.rows_SD.shape[1] != dense.dims.hidden:
+    raise ValueError(f'table rows of width {table.rows_SD.shape[1]} for a model of hidden '
+                     f'{dense.dims.hidden}; truncate it to the sub-network first')
+  return save(Path(export_dir) / EXPORT_DIR, table.rows_SD, table.fgrams,
+              export_fingerprint(dense, table.fgrams))
+
+
+def load_for_export(export_dir: str | Path, dense, config: dict | None = None) -> Table | None:
+  """The table of an exported SCONE sub-network (None when the export is not one; `config`: its
+  config.json, read when None), checked against the exported weights; UserError (one line) when
+  it is missing, corrupt or another's."""
+  if config is None:
+    try:
+      config = json.loads((Path(export_dir) / 'config.json').read_text())
+    except (OSError, ValueError):
+      return None  # not a native export (export.load_any has read it already)
+  if not isinstance(config, dict) or not config.get('scone'):
+    return None
+  d = Path(export_dir) / EXPORT_DIR
+  if not (d / INDEX).is_file():
+    raise UserError(f'{export_dir} is a SCONE sub-network but its table {d} is missing or '
+                    'unfinished; export it again (`elastic-jax export`)')
+  fgrams = Fgrams.load(d / INDEX)
+  table = load(d, export_fingerprint(dense, fgrams), fix='export the sub-network again')
+  if table.rows_SD.shape[1] != dense.dims.hidden:
+    raise UserError(f'the SCONE table {d} has rows of width {table.rows_SD.shape[1]}, the model '
+                    f'hidden {dense.dims.hidden}; export it again')
+  return table
