@@ -142,7 +142,8 @@ def save(directory: str | Path, table_SD: np.ndarray, fgrams: Fgrams, run_finger
   fgrams.save(d / INDEX)
   meta = {'fingerprint': run_fingerprint, 'rows': int(table_SD.shape[0]),
           'hidden': int(table_SD.shape[1]), 'dtype': 'float32', 'max_n': fgrams.max_n,
-          'sha256': _sha256(d / TABLE), 'bytes': int((d / TABLE).stat().st_size)}
+          'sha256': _sha256(d / TABLE), 'bytes': int((d / TABLE).stat().st_size),
+          'fgrams_sha256': fgrams.digest()}
   tmp = d / (META + '.tmp')
   tmp.write_text(json.dumps(meta, indent=1))
   os.replace(tmp, d / META)
@@ -187,6 +188,13 @@ class Table:
                  dict(self.meta))
 
 
+def _load_index(d: Path, fix: str) -> Fgrams:
+  try:
+    return Fgrams.load(d / INDEX)
+  except UserError:
+    raise UserError(f'the SCONE table index {d / INDEX} is missing or corrupt; {fix}') from None
+
+
 def load(directory: str | Path, run_fingerprint: str | None = None, *,
          verify: bool = True, fix: str | None = None) -> Table:
   """Opens a table directory; UserError (one line) if it is missing, unfinished, corrupt
@@ -212,7 +220,10 @@ def load(directory: str | Path, run_fingerprint: str | None = None, *,
       raise ValueError(f'shape {rows.shape} {rows.dtype}, table.json says {tuple(expected)}')
   except (OSError, ValueError) as e:
     raise UserError(f'the SCONE table {d / TABLE} is corrupt ({e}); {fix}') from None
-  fgrams = Fgrams.load(d / INDEX)
+  fgrams = _load_index(d, fix)
+  if meta.get('fgrams_sha256', fgrams.digest()) != fgrams.digest():
+    raise UserError(f'the SCONE table {d} is corrupt ({INDEX} holds other f-grams than the '
+                    f'table was computed for); {fix}')
   if len(fgrams) != expected[0]:
     raise UserError(f'the SCONE table {d} is corrupt (index has {len(fgrams)} f-grams, the '
                     f'table {expected[0]} rows); {fix}')
@@ -247,7 +258,7 @@ def load_for_export(export_dir: str | Path, dense, config: dict | None = None) -
   if not (d / INDEX).is_file():
     raise UserError(f'{export_dir} is a SCONE sub-network but its table {d} is missing or '
                     'unfinished; export it again (`elastic-jax export`)')
-  fgrams = Fgrams.load(d / INDEX)
+  fgrams = _load_index(d, 'export the sub-network again')
   table = load(d, export_fingerprint(dense, fgrams), fix='export the sub-network again')
   if table.rows_SD.shape[1] != dense.dims.hidden:
     raise UserError(f'the SCONE table {d} has rows of width {table.rows_SD.shape[1]}, the model '

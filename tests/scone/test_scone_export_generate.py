@@ -15,6 +15,7 @@ from elastic_jax.errors import UserError
 from elastic_jax.scone import lookup
 from elastic_jax.scone import table as table_lib
 from elastic_jax.workdir import save_export
+from tests.conftest import REPO
 from tests.scone.test_scone_elastic import arch, corpus_and_fgrams, model, space
 
 
@@ -89,3 +90,52 @@ def test_exported_table_from_another_export_or_corrupt_is_one_line_exit_2(tmp_pa
   shutil.rmtree(tmp_path / 'other' / table_lib.EXPORT_DIR)
   with pytest.raises(UserError, match='SCONE sub-network but its table .* missing'):
     table_lib.load_for_export(tmp_path / 'other', *export_lib.load(tmp_path / 'other'))
+
+
+def test_bad_scone_input_at_the_command_line_is_one_line_exit_2(tmp_path, capsys, tiny_cfg):
+  from elastic_jax.scone import job
+  from elastic_jax.scone.config import scone_config
+  from elastic_jax.workdir import init_supernet, save_config
+  quick = f'--config={REPO}/configs/quickstart.py:tiny'
+  code = cli.main(['elastic-jax', 'info', quick, '--config.scone.enabled=True',
+                   '--config.scone.max_n=1'])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and 'scone.max_n=1 is invalid' in err[0]
+  # A workdir whose table was computed from other weights, then a corrupt one.
+  cfg = tiny_cfg
+  cfg.scone.enabled = True
+  cfg.scone.update(max_n=3, min_count=3, num_fgrams=50, width=8, heads=2, ffn=11)
+  w = tmp_path / 'w'
+  save_config(w, cfg)
+  fg = job.run_fgrams(scone_config(cfg.scone), cfg.data, w)
+  tables = w / job.TABLE_DIR
+  cfg.seed = 1
+  other = init_supernet(cfg)
+  table_lib.save(tables, table_lib.precompute(other, fg), fg, table_lib.fingerprint(other, fg))
+  evaluate = ['elastic-jax', 'evaluate', f'--workdir={w}', '--arch=largest']
+  code = cli.main(evaluate)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and 'built from another run' in err[-1] and 'Traceback' not in str(err)
+  cfg.seed = 0
+  own = init_supernet(cfg)  # the workdir's supernet (no checkpoint: the seeded initialisation)
+  table_lib.save(tables, table_lib.precompute(own, fg), fg, table_lib.fingerprint(own, fg))
+  rows = tables / table_lib.TABLE
+  rows.write_bytes(rows.read_bytes()[:-5])
+  code = cli.main(evaluate)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and 'table.npy is corrupt' in err[-1] and 'Traceback' not in str(err)
+
+
+def test_a_table_index_swapped_or_corrupt_is_one_clear_error(tmp_path):
+  _, fg = corpus_and_fgrams()
+  rows = np.random.default_rng(0).normal(size=(len(fg), 5)).astype(np.float32)
+  d = table_lib.save(tmp_path / 't', rows, fg, 'fp')
+  np.testing.assert_array_equal(table_lib.load(d, 'fp').rows_SD, rows)
+  swapped = fg.__class__(fg.tokens_SK[::-1].copy(), fg.lengths_S[::-1].copy(), fg.counts_S, 3)
+  swapped.save(d / table_lib.INDEX)  # same row count, other f-grams
+  with pytest.raises(UserError, match='holds other f-grams than the table was computed for'):
+    table_lib.load(d, 'fp')
+  (d / table_lib.INDEX).write_bytes(b'garbage')
+  with pytest.raises(UserError, match=r'index .*index\.npz is missing or corrupt') as e:
+    table_lib.load(d, 'fp')
+  assert '\n' not in str(e.value)
