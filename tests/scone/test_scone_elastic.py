@@ -147,3 +147,24 @@ def test_bad_scone_dimensions_are_one_clear_line():
   # A SCONE run whose space lists none searches the scone section's maxima alone.
   only = with_scone_choices(plain, SCONE)
   assert (only.fgrams, only.fgram_layers, only.fgram_ffn) == ((60,), (3,), (9,))
+
+
+@pytest.mark.parametrize('layers,ffn', [(1, 4), (3, 9)])
+def test_fgram_model_size_costs_training_flops_and_parameters_only(layers, ffn):
+  """The smaller f-gram model's parameters are the dense smaller model's real ones; its FLOPs
+  are XLA's count of the compiled forward less its elementwise work (XLA counts every op)."""
+  from elastic_jax import cost
+  small = dataclasses.replace(SCONE, layers=layers, ffn=ffn)
+  c = cost.scone_cost(CFG, 13, SCONE, 10, layers=layers, ffn=ffn)
+  m = FgramModel(CFG, 13, small, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(m)
+  assert c['fgram_model_params'] == sum(x.size for x in jax.tree.leaves(
+      nnx.state(m, nnx.Param)))
+  n = 64
+  forward = jax.jit(lambda state, x, lengths: nnx.merge(graphdef, state)(x, lengths))
+  xla = forward.lower(state, jnp.zeros((n, K, 13)), jnp.full((n,), K, jnp.int32)).compile()
+  analysis = xla.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, list) else analysis
+  ratio = c['fgram_train_flops_per_token'] / 3 / (analysis['flops'] / n)
+  assert 0.75 < ratio <= 1.0, ratio
+  assert c['table_bytes'] == cost.scone_cost(CFG, 13, SCONE, 10)['table_bytes']
