@@ -130,7 +130,7 @@ def search():
 
 
 @command(flags=('workdir', 'arch', 'pick', 'out', 'overwrite', 'format'),
-         sections=('seed', 'model', 'space', 'data'))
+         sections=('seed', 'model', 'space', 'data', 'scone'))
 def export():
   """Exports --arch (supernet of --workdir or --config), or --pick from the searched front;
   --format=hf writes a directory transformers loads."""
