@@ -1,4 +1,5 @@
-"""A search over a SCONE space through the command line: the front trades host table MB for loss."""
+"""A search over a SCONE space through the command line: the front trades host table MB for loss;
+the picked member exports with its own table and evaluates from it."""
 
 import json
 
@@ -43,3 +44,15 @@ def test_search_over_fgram_counts_trades_table_mb_for_loss(capsys, data_cache, t
   # two hidden widths alone give (after 40 steps of training the front's trade may come from the
   # hidden width alone; whether more f-grams pay is bench_scone's question).
   assert len({round(r['metrics']['table_mb'], 6) for r in pareto['random']}) > 2
+  # The picked member exports with its truncated table and evaluates from it on the host.
+  out = tmp_path / 'picked'
+  code = cli.main(['elastic-jax', 'export', f'--workdir={w}', '--pick=index:0', f'--out={out}'])
+  saved = json.loads(capsys.readouterr().out)
+  member = front[0]['arch']
+  assert code == 0 and saved['scone']['fgrams'] <= member['fgrams']
+  assert saved['scone']['table_mb'] == pytest.approx(4e-6 * saved['scone']['fgrams']
+                                                     * member['hidden'])
+  assert cli.main(['elastic-jax', 'evaluate', f'--model={out}']) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result['scone_table_mb'] == pytest.approx(saved['scone']['table_mb'])
+  assert result['loss'] == pytest.approx(front[0]['metrics']['loss'], rel=1e-4)
