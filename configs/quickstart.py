@@ -45,6 +45,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.space.kv_groups = (1, 2)  # grouped-query attention: KV groups per layer
   cfg.space.head_dim = (8,) if tiny else (16, 32)  # head size (global)
   cfg.space.ffn = (32, 64) if tiny else (128, 256, 384)  # FFN width per layer
+  # SCONE's dimensions (with scone.enabled; () = the scone section's maximum alone): f-gram counts
+  # used (prefixes of the frequency order), the f-gram model's depth and FFN width.
+  cfg.space.fgrams = ()
+  cfg.space.fgram_layers = ()
+  cfg.space.fgram_ffn = ()
 
   # Data: the embedded default corpus with a BPE tokenizer trained on it (cached).
   cfg.data = data.default_config()

@@ -47,6 +47,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.space.kv_groups = (1, 2) if not full else (1, 2, 3)
   cfg.space.head_dim = (64,) if full else ((8,) if tiny else (32,))
   cfg.space.ffn = (256, 512, 768, 1024) if full else ((32, 64) if tiny else (128, 256, 384))
+  # SCONE's dimensions (with scone.enabled; () = the scone section's maximum alone): f-gram counts
+  # used (prefixes of the frequency order), the f-gram model's depth and FFN width.
+  cfg.space.fgrams = ()
+  cfg.space.fgram_layers = ()
+  cfg.space.fgram_ffn = ()
 
   cfg.data = data.default_config()
   cfg.data.source = 'text_files'

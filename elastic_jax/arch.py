@@ -10,6 +10,10 @@ Fields (L = space.num_layers; every layer has values even when it is off, so sha
   ffn        int32[L]  active FFN width
   inner      int32[L]  bottleneck inner width (0 when the space has no bottleneck block)
   ffn_layers int32[L]  stacked FFN linears of a FlexiBERT block (1 elsewhere)
+  fgrams     int32[]   SCONE: f-grams used, a prefix of the frequency order (0: no SCONE
+                       dimension in the space, i.e. all of them)
+  fgram_layers int32[] SCONE: f-gram model blocks kept, a prefix (0: all)
+  fgram_ffn  int32[]   SCONE: the f-gram model's active FFN width, a prefix (0: all)
 
 A layer is on when it lies within `depth` and its block is not 'skip'. Because an arch only ever
 enters a jitted function as arrays of these fixed shapes, changing it never retraces.
@@ -18,7 +22,9 @@ JSON form (what `sample` prints and `export --arch` reads):
   {"hidden": 256, "depth": 4, "head_dim": 32,
    "layers": [{"block": "transformer", "heads": 4, "kv_groups": 4, "ffn": 512, "inner": 0}, ...]}
 A layer may also carry "ffn_layers" (FlexiBERT blocks); absent means 1, and it is written only
-when it is not 1, so archs of spaces without stacked FFNs keep their JSON form.
+when it is not 1, so archs of spaces without stacked FFNs keep their JSON form. Likewise
+"fgrams", "fgram_layers", "fgram_ffn" appear only in archs of a SCONE space (where they are
+required).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from elastic_jax.errors import UserError
 LAYER_FIELDS = ('block', 'heads', 'kv_groups', 'ffn', 'inner')
 OPTIONAL_LAYER_FIELDS = {'ffn_layers': 1}
 GLOBAL_FIELDS = ('hidden', 'depth', 'head_dim')
+SCONE_FIELDS = ('fgrams', 'fgram_layers', 'fgram_ffn')
 
 
 @struct.dataclass
@@ -51,6 +58,9 @@ class Arch:
   ffn: jax.Array
   inner: jax.Array
   ffn_layers: jax.Array
+  fgrams: jax.Array
+  fgram_layers: jax.Array
+  fgram_ffn: jax.Array
 
   def layer_on(self) -> jax.Array:
     """bool[L]: which layers compute something."""
@@ -77,8 +87,11 @@ def to_json(arch: Arch) -> dict:
     if int(a.ffn_layers[i]) != 1:
       layer['ffn_layers'] = int(a.ffn_layers[i])
     layers.append(layer)
-  return {'hidden': int(a.hidden), 'depth': int(a.depth), 'head_dim': int(a.head_dim),
-          'layers': layers}
+  out = {'hidden': int(a.hidden), 'depth': int(a.depth), 'head_dim': int(a.head_dim),
+         'layers': layers}
+  if int(a.fgrams):
+    out.update({f: int(getattr(a, f)) for f in SCONE_FIELDS})
+  return out
 
 
 def _check(field: str, value, allowed: Sequence) -> None:
@@ -95,12 +108,22 @@ def from_json(d: Mapping, space: SpaceConfig) -> Arch:
   if missing:
     raise UserError(f'architecture is missing field(s) {missing}; expected {GLOBAL_FIELDS} and '
                     "'layers' (see `elastic-jax sample` for the format)")
-  for f in GLOBAL_FIELDS:
+  scone = SCONE_FIELDS if space.scone else ()
+  missing = [f for f in scone if f not in d]
+  extra = [f for f in SCONE_FIELDS if f in d and not scone]
+  if missing or extra:
+    raise UserError(f'architecture field(s) {missing or extra} '
+                    + ('missing: a SCONE space (scone.enabled) needs them'
+                       if missing else 'belong to a SCONE space; this one has none (scone.enabled '
+                       'is off)'))
+  for f in GLOBAL_FIELDS + scone:
     if not isinstance(d[f], int):
       raise UserError(f'architecture field {f}={d[f]!r} must be an integer')
   _check('hidden', d['hidden'], space.hidden)
   _check('depth', d['depth'], space.depth)
   _check('head_dim', d['head_dim'], space.head_dim)
+  for f in scone:
+    _check(f, d[f], getattr(space, f))
   layers = d['layers']
   if not isinstance(layers, list) or len(layers) != space.num_layers:
     got = len(layers) if isinstance(layers, list) else type(layers).__name__
@@ -138,7 +161,8 @@ def from_json(d: Mapping, space: SpaceConfig) -> Arch:
       values[f].append(layer[f])
   return Arch(hidden=jnp.int32(d['hidden']), depth=jnp.int32(d['depth']),
               head_dim=jnp.int32(d['head_dim']),
-              **{f: jnp.asarray(v, jnp.int32) for f, v in values.items()})
+              **{f: jnp.asarray(v, jnp.int32) for f, v in values.items()},
+              **{f: jnp.int32(d[f] if scone else 0) for f in SCONE_FIELDS})
 
 
 def load(path: str | Path, space: SpaceConfig) -> Arch:

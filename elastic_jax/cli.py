@@ -138,7 +138,7 @@ def search():
 
 
 @command(flags=('workdir', 'arch', 'pick', 'out', 'overwrite', 'format'),
-         sections=('seed', 'model', 'space', 'data'))
+         sections=('seed', 'model', 'space', 'data', 'scone'))
 def export():
   """Exports --arch (supernet of --workdir or --config), or --pick from the searched front;
   --format=hf writes a directory transformers loads."""
@@ -159,9 +159,11 @@ def export():
   out = Path(_require('out'))
   space, model, arch, step = _supernet_and_arch(cfg)
   dense = export_lib.export(model, space.cfg, arch)
+  from elastic_jax.scone.job import export_table_of_run
   saved = save_export(
       dense, out, cfg.data, arch=arch, fmt=FLAGS.format, hf_base=original_hf_config(cfg),
-      extra={'data': cfg.data.to_dict(), 'supernet_step': step}, overwrite=FLAGS.overwrite)
+      extra={'data': cfg.data.to_dict(), 'supernet_step': step}, overwrite=FLAGS.overwrite,
+      scone_table=export_table_of_run(cfg, model, FLAGS.workdir, arch))
   _print_json({**saved, 'supernet_step': step})
 
 
@@ -183,7 +185,13 @@ def evaluate():
     check_seq_len(dense.cfg, data_cfg.seq_len)
     data.check_lm_task(data_cfg)
     batches = data.eval_batches(data_cfg)
+    from elastic_jax.scone.table import load_for_export
+    table = load_for_export(FLAGS.model, dense, saved)
+    if table is not None:  # a SCONE sub-network: its f-gram rows, looked up on the host
+      batches = [table(b) for b in batches]
     result = evaluation.evaluate(dense, batches)
+    if table is not None:
+      result['scone_table_mb'] = table.nbytes / 1e6
     cost = arch_cost(dense.cfg, dense_arch(dense.dims),
                      bottleneck_head_dim=dense.dims.bottleneck_head_dim, seq_len=data_cfg.seq_len)
   else:
@@ -199,8 +207,9 @@ def evaluate():
       batches = [table(b) for b in batches]
     result = evaluation.evaluate(model, batches, arch)
     cost = space.cost(arch)
-    if scfg is not None:
-      result['scone_table_mb'] = table.nbytes / 1e6
+    if scfg is not None:  # the sub-network's own rows: its f-gram count x its hidden width
+      rows = min(table.n_used or len(table.fgrams), len(table.fgrams))
+      result['scone_table_mb'] = 4e-6 * rows * int(arch.hidden)
   result.update(params=int(cost['params']), flops_per_token=float(cost['flops_per_token']))
   _print_json(result)
 
@@ -335,8 +344,11 @@ def generate():
   tokenizer = tokenizer_from_file(tokenizer_path)
   prompt = tokenizer.encode(_require('prompt'))
   sampling = gen.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-  result = gen.Generator(model).generate([prompt], FLAGS.max_new_tokens, sampling=sampling,
-                                         seed=FLAGS.seed, eos_id=tokenizer.eos_id)
+  from elastic_jax.scone.table import load_for_export
+  table = load_for_export(FLAGS.model, model)  # a SCONE sub-network's f-gram table, or None
+  result = gen.Generator(model, table).generate([prompt], FLAGS.max_new_tokens,
+                                                sampling=sampling, seed=FLAGS.seed,
+                                                eos_id=tokenizer.eos_id)
   print(FLAGS.prompt + tokenizer.decode(result.tokens[0]))
   print(json.dumps(result.summary()), file=sys.stderr)
 

@@ -178,6 +178,14 @@ class SpaceConfig:
   # () = every choice is allowed everywhere. The arrays stay at the choice lists' maxima.
   ffn_max: tuple[tuple[int, ...], ...] = ()
   heads_allowed: tuple[tuple[tuple[int, ...], ...], ...] = ()
+  # SCONE's elastic dimensions (elastic_jax/scone), () without SCONE: the number of f-grams used
+  # (a prefix of the frequency order) and the f-gram model's depth and FFN width (prefixes of
+  # the `scone` section's maxima). A SCONE run's space always has them (one choice each unless
+  # the config lists more; `scone.config.with_scone_choices` fills and checks them). In an arch,
+  # 0 stands for "the whole": all f-grams, the full f-gram model.
+  fgrams: tuple[int, ...] = ()
+  fgram_layers: tuple[int, ...] = ()
+  fgram_ffn: tuple[int, ...] = ()
 
   def __post_init__(self):
     _require(self.num_layers > 0, 'space.num_layers', self.num_layers, 'must be positive')
@@ -198,6 +206,11 @@ class SpaceConfig:
     if any(b in FLEXIBERT_BLOCKS for b in self.blocks):
       _check_flexibert(self)
     _check_limits(self)
+
+  @property
+  def scone(self) -> bool:
+    """Whether the space has SCONE's f-gram dimensions."""
+    return bool(self.fgrams)
 
   @property
   def flexibert(self) -> bool:
@@ -318,6 +331,8 @@ def space_config(cfg: Mapping) -> SpaceConfig:
       ffn_max=tuple(tuple(int(v) for v in row) for row in cfg.get('ffn_max', ())),
       heads_allowed=tuple(tuple(tuple(sorted(int(h) for h in hs)) for hs in row)
                           for row in cfg.get('heads_allowed', ())),
+      **{f: _choices(f'space.{f}', cfg.get(f, ()), allow_empty=True)
+         for f in ('fgrams', 'fgram_layers', 'fgram_ffn')},
   )
 
 

@@ -53,7 +53,9 @@ def arch_cost(cfg: ModelConfig, arch: Arch, *, bottleneck_head_dim: int, seq_len
 
   Returns int32 `params` and float32 `flops_per_token`, `train_flops_per_token`,
   `kv_cache_bytes_per_token`, `activation_bytes_per_token` (stored for backward, estimate),
-  `param_bytes`.
+  `param_bytes`, and `table_mb`: SCONE's precomputed f-gram table of the arch in host memory
+  (float32 [arch.fgrams, arch.hidden], in MB; 0 without SCONE). The f-gram count and the f-gram
+  model's size change nothing else: the accelerator receives gathered rows as an input.
   """
   h = arch.hidden
   on = arch.layer_on()
@@ -83,6 +85,7 @@ def arch_cost(cfg: ModelConfig, arch: Arch, *, bottleneck_head_dim: int, seq_len
       'activation_bytes_per_token': act_bytes * (jnp.sum(totals['act_entries']) + attn_probs
                                                  + 2.0 * h),
       'param_bytes': jnp.dtype(cfg.param_dtype).itemsize * params.astype(jnp.float32),
+      'table_mb': 4e-6 * arch.fgrams.astype(jnp.float32) * h.astype(jnp.float32),
   }
 
 
@@ -98,27 +101,38 @@ def dense_arch(dims: ModelDims) -> Arch:
       ffn=jnp.asarray([l.ffn for l in layers], jnp.int32),
       inner=jnp.asarray([l.inner for l in layers], jnp.int32),
       ffn_layers=jnp.asarray([l.ffn_layers for l in layers], jnp.int32),
+      fgrams=jnp.int32(0), fgram_layers=jnp.int32(0), fgram_ffn=jnp.int32(0),
   )
 
 
-def scone_cost(cfg: ModelConfig, hidden: int, scone, num_fgrams: int) -> dict:
+def scone_cost(cfg: ModelConfig, hidden: int, scone, num_fgrams: int, *, layers=None,
+               ffn=None) -> dict:
   """What SCONE (elastic_jax/scone) costs besides `arch_cost`, which it leaves unchanged.
 
   At inference the f-gram embeddings are rows of a table precomputed after training and kept in
   host memory (or on disk): the accelerator holds and runs exactly the arch's parameters and
   FLOPs (`arch_cost`); it receives the gathered rows as an input, like the tokens. Returns
   `table_bytes` (float32 [num_fgrams, hidden]), `index_bytes` (the f-gram file) and
-  `lookup_bytes` (the host hash index) on the host, and `fgram_model_params`, the parameters
-  trained alongside the model and then dropped (on the accelerator during training only).
+  `lookup_bytes` (the host hash index) on the host, and, for an f-gram model of `layers` blocks
+  and FFN width `ffn` (default the `scone` section's), `fgram_model_params`, the parameters
+  trained alongside the model and then dropped (on the accelerator during training only), and
+  `fgram_train_flops_per_token`: the training FLOPs (3 x forward) it adds per token, run on the
+  window of K tokens ending at every position (matmuls and attention, as `arch_cost` counts).
   """
-  w = scone.width
+  w, k = scone.width, scone.max_n
+  layers = scone.layers if layers is None else layers
+  ffn = scone.ffn if ffn is None else ffn
   fcfg = dataclasses.replace(cfg, positions='learned')
   block = BLOCKS['transformer'].cost(fcfg, {'hidden': w, 'heads': scone.heads,
                                             'kv_groups': scone.heads,
-                                            'head_dim': w // scone.heads, 'ffn': scone.ffn})
+                                            'head_dim': w // scone.heads, 'ffn': ffn})
   final_norm = norm_params(cfg, w) if cfg.norm_placement == 'pre' else 0
-  params = hidden * w + scone.max_n * w + scone.layers * block['params'] + final_norm + w * hidden
+  params = hidden * w + k * w + layers * block['params'] + final_norm + w * hidden
+  # Per window: its K slots through the input projection and the blocks (attention scores and
+  # values over K keys: 2 K w per slot), the last slot through the output projection.
+  macs = k * hidden * w + layers * k * (block['matmul_macs'] + 2 * k * w) + w * hidden
   return {'table_bytes': 4 * num_fgrams * hidden,
-          'index_bytes': num_fgrams * (4 * scone.max_n + 4 + 8),  # tokens, lengths, counts
+          'index_bytes': num_fgrams * (4 * k + 4 + 8),  # tokens, lengths, counts
           'lookup_bytes': num_fgrams * (8 + 4),  # in memory: sorted 64-bit hashes and their ids
-          'fgram_model_params': int(params)}
+          'fgram_model_params': int(params),
+          'fgram_train_flops_per_token': 3.0 * 2.0 * macs}

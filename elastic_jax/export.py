@@ -163,7 +163,7 @@ def check_out(out: str | Path, overwrite: bool = False) -> bool:
 
 def save(model: Model, out: str | Path, *, arch: Arch | None = None,
          extra: Mapping | None = None, files: Mapping[str, str | Path] | None = None,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, write_more=None) -> Path:
   """Saves a dense model as `config.json` + `model.safetensors` (atomically).
 
   `out` must not exist, or be an empty directory, or (with `overwrite`) an earlier export
@@ -171,7 +171,8 @@ def save(model: Model, out: str | Path, *, arch: Arch | None = None,
 
   `extra` goes into config.json (e.g. the data config for evaluation); `files` are copied in
   (e.g. the tokenizer). With `arch` (the supernet's sub-network it came from), `arch.json` holds
-  it too.
+  it too. `write_more(tmp_dir)` writes more files into the directory before it is renamed into
+  place (a SCONE sub-network's table).
   """
   from safetensors.numpy import save_file
 
@@ -193,6 +194,8 @@ def save(model: Model, out: str | Path, *, arch: Arch | None = None,
       (tmp / ARCH_FILE).write_text(arch_lib.dumps(arch) + '\n')
     for name, src in (files or {}).items():
       shutil.copyfile(src, tmp / name)
+    if write_more is not None:
+      write_more(tmp)
 
   return write_export_dir(out, write, overwrite=overwrite)
 

@@ -6,6 +6,10 @@ layer, preallocated, and one compiled decode step (per bucket) appends one token
 Padding slots are masked out of attention and positions count from each row's first real token,
 so a padded row computes what the unpadded prompt would. Models: native exports
 (`elastic-jax export`) and Hugging Face directories (through `elastic_jax.hf.convert`).
+
+A SCONE sub-network (elastic_jax/scone) decodes with its f-gram table on the host: before each
+compiled call the host looks up the longest f-gram ending at each new position (in the row's
+own tokens, never the padding) and sends only the gathered rows [B, T, hidden] and their ids.
 """
 
 from __future__ import annotations
@@ -80,8 +84,10 @@ def _attentions(model: Model) -> list[Attention]:
   return [m for _, m in model.iter_modules() if isinstance(m, Attention)]
 
 
-def _prefill(graphdef, slots: int, sampling: Sampling, params, cache, tokens_BP, pad_B, key):
-  """Runs the left-padded prompts through the model, filling cache slots [0, P)."""
+def _prefill(graphdef, slots: int, sampling: Sampling, params, cache, tokens_BP, pad_B, key,
+             fgram=None):
+  """Runs the left-padded prompts through the model, filling cache slots [0, P). `fgram`: a
+  SCONE model's gathered table rows {'fgram_ids' [B, P], 'fgram_emb' [B, P, hidden]}, or None."""
   model = nnx.merge(graphdef, params, cache)
   p = tokens_BP.shape[1]
   positions_BP = jnp.maximum(jnp.arange(p)[None] - pad_B[:, None], 0)
@@ -89,19 +95,33 @@ def _prefill(graphdef, slots: int, sampling: Sampling, params, cache, tokens_BP,
   # Query t sees slots s with pad <= s <= t (its own real prefix; later slots are empty).
   mask_BPS = (s_S[None, None] >= pad_B[:, None, None]) & (s_S[None, None] <= jnp.arange(p)[:, None])
   logits_BV = model.last_logits({'tokens': tokens_BP, 'positions': positions_BP,
-                                 'attn_mask': mask_BPS})
+                                 'attn_mask': mask_BPS, **(fgram or {})})
   return sample(logits_BV, key, sampling), nnx.state(model, nnx.Cache)
 
 
 def _decode_step(graphdef, slots: int, sampling: Sampling, params, cache, token_B, slot, pad_B,
-                 key):
-  """Appends `token_B` at cache slot `slot` and draws the next token."""
+                 key, fgram=None):
+  """Appends `token_B` at cache slot `slot` and draws the next token (`fgram`: its table rows,
+  {'fgram_ids' [B, 1], 'fgram_emb' [B, 1, hidden]}, or None)."""
   model = nnx.merge(graphdef, params, cache)
   s_S = jnp.arange(slots)
   mask_B1S = ((s_S[None] >= pad_B[:, None]) & (s_S[None] <= slot))[:, None]
   logits_BV = model.last_logits({'tokens': token_B[:, None], 'positions': (slot - pad_B)[:, None],
-                                 'attn_mask': mask_B1S})
+                                 'attn_mask': mask_B1S, **(fgram or {})})
   return sample(logits_BV, key, sampling), nnx.state(model, nnx.Cache)
+
+
+def _fgram_rows(table, tokens_BS: np.ndarray, pad_B: np.ndarray, lo: int, hi: int) -> dict:
+  """The table rows of slots [lo, hi) of the left-padded rows `tokens_BS` (filled up to hi):
+  the host lookup sees the K - 1 slots before `lo` too, and positions from each row's first
+  real token, so no match reaches into the padding."""
+  start = max(0, lo - (table.fgrams.max_n - 1))
+  slots = np.arange(start, hi)
+  positions = slots[None] - pad_B[:, None]
+  batch = table({'tokens': tokens_BS[:, start:hi], 'positions': np.maximum(positions, 0),
+                 'segment_ids': (positions >= 0).astype(np.int32)})
+  return {'fgram_ids': jnp.asarray(batch['fgram_ids'][:, lo - start:]),
+          'fgram_emb': jnp.asarray(batch['fgram_emb'][:, lo - start:])}
 
 
 @dataclasses.dataclass
@@ -135,13 +155,18 @@ class Generation:
 
 class Generator:
   """Compiled KV-cache decoding of one dense decoder; compiles once per (batch, bucket, new
-  tokens, sampling) and reuses the programs."""
+  tokens, sampling) and reuses the programs. `table`: an exported SCONE sub-network's f-gram
+  table (`scone.table.load_for_export`), looked up on the host."""
 
-  def __init__(self, model: Model):
+  def __init__(self, model: Model, table=None):
     if model.cfg.kind != 'decoder':
       raise UserError('generation needs a decoder (causal) model; this one is an encoder '
                       '(fine-tune it with `elastic-jax finetune` instead)')
+    if table is not None and table.rows_SD.shape[1] != model.dims.hidden:
+      raise UserError(f'the SCONE table has rows of width {table.rows_SD.shape[1]}, the model '
+                      f'hidden {model.dims.hidden}: it belongs to another sub-network')
     self.model = model
+    self.table = table
     self.params = nnx.state(model, nnx.Param)
     self._programs: dict[tuple, tuple] = {}
     self.compiles = 0
@@ -163,10 +188,13 @@ class Generator:
     rng = jax.random.key(0)
     pad = jnp.zeros((b,), jnp.int32)
     static = (graphdef, p + new, sampling)
+    fgram = lambda t: None if self.table is None else {
+        'fgram_ids': jnp.zeros((b, t), jnp.int32),
+        'fgram_emb': jnp.zeros((b, t, self.model.dims.hidden), jnp.float32)}
     prefill = jax.jit(_prefill, static_argnums=(0, 1, 2), donate_argnums=(4,)).lower(
-        *static, self.params, cache, jnp.zeros((b, p), jnp.int32), pad, rng).compile()
+        *static, self.params, cache, jnp.zeros((b, p), jnp.int32), pad, rng, fgram(p)).compile()
     step = jax.jit(_decode_step, static_argnums=(0, 1, 2), donate_argnums=(4,)).lower(
-        *static, self.params, cache, pad, jnp.int32(p), pad, rng).compile()
+        *static, self.params, cache, pad, jnp.int32(p), pad, rng, fgram(1)).compile()
     self._programs[key] = (prefill, step, cache)
     self.compiles += 1
     return self._programs[key], time.perf_counter() - start
@@ -194,12 +222,18 @@ class Generator:
     tokens_BP = np.zeros((b, p), np.int32)
     for i, prompt in enumerate(prompts):
       tokens_BP[i, p - len(prompt):] = prompt
-    pad_B = jnp.asarray([p - len(q) for q in prompts], jnp.int32)
+    pad_np = np.asarray([p - len(q) for q in prompts], np.int32)
+    pad_B = jnp.asarray(pad_np)
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
     cache = jax.tree.map(jnp.zeros_like, cache_zeros)  # donated below: a fresh copy each call
+    # A SCONE model's host lookup reads every token so far: the prompt, then each new token.
+    seq_BS = np.concatenate([tokens_BP, np.zeros((b, max_new_tokens), np.int32)], axis=1)
+    rows = lambda lo, hi: None if self.table is None else _fgram_rows(self.table, seq_BS,
+                                                                      pad_np, lo, hi)
 
     start = time.perf_counter()
-    token_B, cache = prefill(self.params, cache, jnp.asarray(tokens_BP), pad_B, keys[0])
+    token_B, cache = prefill(self.params, cache, jnp.asarray(tokens_BP), pad_B, keys[0],
+                             rows(0, p))
     out = [np.asarray(token_B)]
     prefill_s = time.perf_counter() - start
     done_B = np.zeros(b, bool) if eos_id is None else out[0] == eos_id
@@ -207,7 +241,10 @@ class Generator:
     for i in range(1, max_new_tokens):
       if done_B.all():
         break
-      token_B, cache = step(self.params, cache, token_B, jnp.int32(p + i - 1), pad_B, keys[i])
+      slot = p + i - 1
+      seq_BS[:, slot] = out[-1]
+      token_B, cache = step(self.params, cache, token_B, jnp.int32(slot), pad_B, keys[i],
+                            rows(slot, slot + 1))
       out.append(np.asarray(token_B))
       if eos_id is not None:
         done_B |= out[-1] == eos_id

@@ -4,7 +4,8 @@ A genome is int32[G] of *choice indices*: gene g takes values in [0, gene_sizes[
 a gather from the config's choice lists, so every genome is a valid architecture by construction;
 mutation is "resample an index". Layout: [hidden, depth, head_dim] then, per layer,
 [block, heads, kv_groups, ffn, inner], then, only in spaces with more than one `ffn_layers`
-choice (FlexiBERT's stacked FFNs), one `ffn_layers` gene per layer (so the genomes of every other
+choice (FlexiBERT's stacked FFNs), one `ffn_layers` gene per layer, then, only in SCONE spaces
+(`SpaceConfig.scone`), the genes [fgrams, fgram_layers, fgram_ffn] (so the genomes of every other
 space are unchanged).
 
 Per-layer limits (`SpaceConfig.ffn_max`, `heads_allowed`; ELM's dynamic modules, which change
@@ -35,6 +36,7 @@ from elastic_jax.errors import UserError
 
 GLOBAL_GENES = 3
 LAYER_GENES = 5
+SCONE_GENES = ('fgrams', 'fgram_layers', 'fgram_ffn')
 
 
 @struct.dataclass
@@ -71,6 +73,7 @@ class Space:
         'ffn': np.asarray(space.ffn, np.int32),
         'inner': np.asarray(space.inner or (0,), np.int32),
         'ffn_layers': np.asarray(space.ffn_layers, np.int32),
+        **{f: np.asarray(getattr(space, f) or (0,), np.int32) for f in SCONE_GENES},
     }
     t = self.tables
     layer_sizes = [len(t['block']), len(t['heads']), len(t['kv_groups']), len(t['ffn']),
@@ -78,6 +81,8 @@ class Space:
     # Trailing per-layer genes of the stacked-FFN depth, only where it is a choice.
     self.ffn_layer_genes = len(space.ffn_layers) > 1
     tail = [len(t['ffn_layers'])] * self.num_layers if self.ffn_layer_genes else []
+    self.scone_genes = space.scone
+    tail += [len(t[f]) for f in SCONE_GENES] if self.scone_genes else []
     self.gene_sizes = np.asarray(
         [len(t['hidden']), len(t['depth']), len(t['head_dim'])] + layer_sizes * self.num_layers
         + tail, np.int32)
@@ -126,7 +131,7 @@ class Space:
     if limits is not None or self.limited:
       per_LxK = self._limited_genes(per_LxK, self.limits if limits is None else limits)
     if self.ffn_layer_genes:
-      ffn_layers_L = t['ffn_layers'][genome_G[end:]]
+      ffn_layers_L = t['ffn_layers'][genome_G[end:end + self.num_layers]]
     else:
       ffn_layers_L = jnp.full((self.num_layers,), t['ffn_layers'][0], jnp.int32)
     heads_L = t['heads'][per_LxK[:, 1]]
@@ -144,7 +149,14 @@ class Space:
         hidden=t['hidden'][genome_G[0]], depth=t['depth'][genome_G[1]],
         head_dim=t['head_dim'][genome_G[2]], block=t['block'][per_LxK[:, 0]], heads=heads_L,
         kv_groups=kv_L.astype(jnp.int32), ffn=t['ffn'][per_LxK[:, 3]],
-        inner=t['inner'][per_LxK[:, 4]], ffn_layers=ffn_layers_L)
+        inner=t['inner'][per_LxK[:, 4]], ffn_layers=ffn_layers_L, **self._decode_scone(genome_G))
+
+  def _decode_scone(self, genome_G):
+    t = {f: jnp.asarray(self.tables[f]) for f in SCONE_GENES}
+    if not self.scone_genes:
+      return {f: t[f][0] for f in SCONE_GENES}
+    return {f: t[f][genome_G[self.num_genes - len(SCONE_GENES) + i]]
+            for i, f in enumerate(SCONE_GENES)}
 
   def encode(self, arch: Arch) -> jax.Array:
     """Arch -> genome (jittable). The arch must lie in the space (see `arch.from_json`)."""
@@ -160,6 +172,8 @@ class Space:
     parts = [head, per_LxK.reshape(-1)]
     if self.ffn_layer_genes:
       parts.append(index(t['ffn_layers'], arch.ffn_layers))
+    if self.scone_genes:
+      parts.append(jnp.stack([index(t[f], getattr(arch, f)) for f in SCONE_GENES]))
     return jnp.concatenate(parts).astype(jnp.int32)
 
   # -- sampling ----------------------------------------------------------------------------
@@ -272,7 +286,9 @@ class Space:
         else:
           count += 1
       per_layer.append(count)
-    return len(s.hidden) * len(s.head_dim) * sum(math.prod(per_layer[:d]) for d in s.depth)
+    scone = math.prod(len(self.tables[f]) for f in SCONE_GENES)
+    return (len(s.hidden) * len(s.head_dim) * scone
+            * sum(math.prod(per_layer[:d]) for d in s.depth))
 
   def describe(self) -> dict:
     lo, hi = self.parameter_range()

@@ -29,7 +29,7 @@ from elastic_jax import atomic, space_history
 from elastic_jax.config import check_compatible, model_config, space_config
 from elastic_jax.errors import UserError
 from elastic_jax.model.supernet import Model
-from elastic_jax.scone.config import scone_config
+from elastic_jax.scone.config import scone_config, with_scone_choices
 from elastic_jax.space import Space
 
 CONFIG_FILE = 'config.json'
@@ -167,6 +167,7 @@ def build_space(cfg: ml_collections.ConfigDict, workdir: str | Path | None = Non
   the final space of `workdir`'s history (elastic_jax/space_history.py)."""
   model = model_config(cfg.model)
   space = space_config(space_history.space_section(cfg, workdir))
+  space = with_scone_choices(space, scone_config(cfg.get('scone')))
   check_compatible(model, space)
   seq_len = cfg.get('data', {}).get('seq_len', None)
   check_seq_len(model, seq_len)
@@ -239,15 +240,20 @@ FORMATS = ('native', 'hf')
 
 def save_export(model: Model, out: str | Path, data_cfg, *, arch=None,
                 extra: Mapping | None = None, fmt: str = 'native', hf_base: Mapping | None = None,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, scone_table=None) -> dict:
   """Saves a run's exported model with the tokenizer of `data_cfg`, as `fmt`: 'native'
   (elastic_jax.export's format) or 'hf' (a directory `transformers` loads; `hf_base`: the
-  imported original's config.json). Returns what was written."""
+  imported original's config.json); `scone_table`: a SCONE sub-network's own table
+  (`scone.job.export_table`), written into the export (native only). Returns what was
+  written."""
   from elastic_jax import arch as arch_lib  # noqa: PLC0415
   from elastic_jax import data  # noqa: PLC0415
   from elastic_jax import export as export_lib  # noqa: PLC0415
   if fmt not in FORMATS:
     raise UserError(f'--format={fmt!r} is invalid; choose one of {list(FORMATS)}')
+  if fmt == 'hf' and scone_table is not None:
+    raise UserError('a SCONE sub-network exports with its f-gram table, which a Hugging Face '
+                    'directory cannot hold: use --format=native')
   with tempfile.TemporaryDirectory() as tmp:
     files = {'tokenizer.json': data.load_tokenizer(data_cfg).save(Path(tmp) / 'tokenizer.json')}
     source = Path(str(data_cfg.get('tokenizer', '')))
@@ -266,5 +272,14 @@ def save_export(model: Model, out: str | Path, data_cfg, *, arch=None,
       return {'out': str(out), 'format': 'hf', 'params': report['params_real'],
               'params_stored': report['params_stored'], 'hf_model_type': report['model_type'],
               'note': report['note']}
-    export_lib.save(model, out, arch=arch, extra=extra, files=files, overwrite=overwrite)
-    return {'out': str(out), 'format': 'native', 'params': export_lib.param_count(model)}
+    write_more, result = None, {}
+    if scone_table is not None:
+      from elastic_jax.scone import table as table_lib  # noqa: PLC0415
+      scone = {'table': table_lib.EXPORT_DIR, 'fgrams': len(scone_table.fgrams),
+               'max_n': scone_table.fgrams.max_n, 'table_mb': scone_table.nbytes / 1e6}
+      extra, result = {**(extra or {}), 'scone': scone}, {'scone': scone}
+      write_more = lambda tmp: table_lib.save_for_export(tmp, scone_table, model)
+    export_lib.save(model, out, arch=arch, extra=extra, files=files, overwrite=overwrite,
+                    write_more=write_more)
+    return {'out': str(out), 'format': 'native', 'params': export_lib.param_count(model),
+            **result}

@@ -18,7 +18,13 @@ from flax import nnx
 from elastic_jax.config import BLOCK_TYPES, SKIP, LayerDims, ModelConfig, ModelDims
 from elastic_jax.model.blocks import BLOCK_CAPTURES, BLOCKS, WIDTH_AXIS, Context
 from elastic_jax.model.layers import Norm, activation, make_param, prefix_mask
-from elastic_jax.scone.model import FgramModel, fgram_embeddings, match_lengths, windows
+from elastic_jax.scone.model import (
+    FgramModel,
+    fgram_embeddings,
+    fgram_limit,
+    match_lengths,
+    windows,
+)
 
 Array = jax.Array
 
@@ -248,24 +254,25 @@ class Model(nnx.Module):
     skip_last_ffn = not any(c in ('hidden', 'ffn_pre', 'ffn_act', 'ffn_out') for c in capture)
     return self._trunk(batch, arch, capture, skip_last_ffn)[2]
 
-  def fgram_inputs(self, batch, hidden_mask=None):
+  def fgram_inputs(self, batch, hidden_mask=None, arch=None):
     """(f-gram embeddings [B, T, hidden], on [B, T]) of a SCONE model, or None.
 
     Inference: the batch carries precomputed rows `fgram_emb` [B, T, hidden] and their ids
     `fgram_ids` [B, T] (-1 = none), looked up on the host (elastic_jax/scone/table.py).
     Training: it carries the host lookup's `fgram_hits` [B, T, K-1] (and optionally `fgram_limit`
-    [B], the number of f-grams used) and the f-gram model computes the embeddings. Neither: None
-    (the token embeddings alone, as in a model without SCONE)."""
+    [B], the number of f-grams used) and the f-gram model computes the embeddings, with the arch's
+    f-gram count and f-gram model size. Neither: None (the token embeddings alone, as in a model
+    without SCONE). An exported model has no f-gram model and reads only the inference inputs."""
     if 'fgram_emb' in batch:
       return batch['fgram_emb'], batch['fgram_ids'] >= 0
-    if 'fgram_hits' not in batch:
+    if 'fgram_hits' not in batch or self.scone is None:
       return None
     tokens_BT = batch['tokens']
     b, t = tokens_BT.shape
-    lengths_BT = match_lengths(batch['fgram_hits'], batch.get('fgram_limit'))
+    lengths_BT = match_lengths(batch['fgram_hits'], fgram_limit(arch, batch.get('fgram_limit'), b))
     tokens_NK = windows(tokens_BT, self.scone.k).reshape(b * t, self.scone.k)
     emb = fgram_embeddings(self.scone, self.embed.token_vectors, tokens_NK,
-                           lengths_BT.reshape(-1), hidden_mask)
+                           lengths_BT.reshape(-1), hidden_mask, arch)
     return emb.reshape(b, t, -1), lengths_BT > 0
 
   def _trunk(self, batch, arch, capture, skip_last_ffn: bool = False):
@@ -302,7 +309,7 @@ class Model(nnx.Module):
     ctx = Context(attn_mask_BTS, positions_BT, hidden_mask, hidden_count,
                   tuple(c for c in capture if c in BLOCK_CAPTURES))
 
-    fgram = self.fgram_inputs(batch, hidden_mask) if self.scone is not None else None
+    fgram = self.fgram_inputs(batch, hidden_mask, arch)
     x = self.embed(tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count, fgram)
     features = {'embed': x, 'hidden': []} | {k: [] for k in BLOCK_CAPTURES}
     last_on = None

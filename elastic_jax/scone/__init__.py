@@ -11,7 +11,10 @@ precomputed into a host-memory table for inference, so the accelerator-resident 
 
 The supernet (`elastic_jax.model.supernet.Model(..., scone=SconeConfig)`) substitutes the f-gram
 embeddings for the token embeddings when a batch carries `fgram_hits` (training) or `fgram_emb`
-and `fgram_ids` (inference from the table); without them it is the baseline model. Each module's
+and `fgram_ids` (inference from the table); without them it is the baseline model. The f-gram
+count and the f-gram model's depth and FFN width are arch fields (`fgrams`, `fgram_layers`,
+`fgram_ffn`; the space's `fgrams`, `fgram_layers`, `fgram_ffn` choices). An exported sub-network
+carries its own truncated table (`table.save_for_export`). Each module's
 docstring records the choices it makes where the paper leaves room; the README section "SCONE"
 sums them up.
 """

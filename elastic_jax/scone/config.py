@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from elastic_jax.config import check_known_fields
+from elastic_jax.config import SpaceConfig, check_known_fields
 from elastic_jax.errors import UserError
 from elastic_jax.scone.fgrams import check_max_n
 
@@ -58,3 +58,28 @@ def scone_config(cfg: Mapping | None) -> SconeConfig | None:
   check_known_fields('scone', values,
                      {f.name for f in dataclasses.fields(SconeConfig)} | {'enabled'})
   return SconeConfig(**values)
+
+
+# Elastic dimensions of the space (`space.<name>`) and the `scone` field holding each one's maximum.
+SPACE_FIELDS = {'fgrams': 'num_fgrams', 'fgram_layers': 'layers', 'fgram_ffn': 'ffn'}
+
+
+def with_scone_choices(space: SpaceConfig, scfg: SconeConfig | None) -> SpaceConfig:
+  """The space with SCONE's dimensions: each `space.<dim>` the config lists (choices, each at most
+  the `scone` section's maximum the supernet is built with), else that maximum alone. Without
+  SCONE the space must list none."""
+  if scfg is None:
+    listed = [f'space.{f}' for f in SPACE_FIELDS if getattr(space, f)]
+    if listed:
+      raise UserError(f'config field(s) {", ".join(listed)} are SCONE dimensions: set '
+                      'scone.enabled=True, or leave them empty')
+    return space
+  values = {}
+  for f, maximum in SPACE_FIELDS.items():
+    top = getattr(scfg, maximum)
+    choices = getattr(space, f) or (top,)
+    if max(choices) > top:
+      raise UserError(f'config field space.{f}={list(choices)} is invalid: choices must be <= '
+                      f'scone.{maximum}={top}, the largest the supernet is built with')
+    values[f] = choices
+  return dataclasses.replace(space, **values)

@@ -9,6 +9,7 @@ Files in the workdir W:
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from elastic_jax import data
@@ -64,11 +65,34 @@ def write_table(model, fgrams: Fgrams, workdir: str | Path, scfg: SconeConfig) -
 
 def inference_table(model, scfg: SconeConfig, data_cfg, workdir: str | Path,
                     arch=None) -> table_lib.Table:
-  """The table inference reads for `arch` (None / largest hidden: W/scone/table, checked against
-  these weights; a narrower sub-network: its own table, computed now and kept in memory)."""
+  """The table inference reads for `arch` (its f-gram count as `n_used`): W/scone/table, checked
+  against these weights, when the arch's hidden width and f-gram model size are the largest
+  (or `arch` is None); else the sub-network's own rows, computed now and kept in memory."""
   fgrams = run_fgrams(scfg, data_cfg, workdir, write=False)
-  if arch is None or int(arch.hidden) == model.dims.hidden:
-    return table_lib.load(Path(workdir) / TABLE_DIR, table_lib.fingerprint(model, fgrams))
-  rows = table_lib.precompute(model, fgrams, arch=arch, batch=scfg.table_batch)
-  return table_lib.Table(rows, fgrams, FgramIndex(fgrams),
-                         {'fingerprint': table_lib.fingerprint(model, fgrams, arch)})
+  n_used = int(arch.fgrams) or None if arch is not None else None
+  if table_lib.table_size(model, arch) == table_lib.table_size(model):
+    table = table_lib.load(Path(workdir) / TABLE_DIR, table_lib.fingerprint(model, fgrams))
+  else:
+    rows = table_lib.precompute(model, fgrams, arch=arch, batch=scfg.table_batch)
+    table = table_lib.Table(rows, fgrams, FgramIndex(fgrams),
+                            {'fingerprint': table_lib.fingerprint(model, fgrams, arch)})
+  return dataclasses.replace(table, n_used=n_used)
+
+
+def export_table(model, scfg: SconeConfig, data_cfg, workdir: str | Path,
+                 arch) -> table_lib.Table:
+  """The table an exported sub-network carries: its own rows (its hidden width and f-gram model
+  size) of its first `arch.fgrams` f-grams."""
+  return inference_table(model, scfg, data_cfg, workdir, arch).truncated(int(arch.hidden))
+
+
+def export_table_of_run(cfg, model, workdir: str | Path | None, arch) -> table_lib.Table | None:
+  """`export_table` for a run whose config enables SCONE, else None."""
+  from elastic_jax.scone.config import scone_config  # noqa: PLC0415
+  scfg = scone_config(cfg.get('scone'))
+  if scfg is None:
+    return None
+  if not workdir:
+    raise UserError('exporting a SCONE sub-network needs the --workdir of its run (its f-grams '
+                    'and table)')
+  return export_table(model, scfg, cfg.data, workdir, arch)

@@ -14,6 +14,9 @@ where the paper leaves room:
 - Shapes: an f-gram of length n is right-aligned in a window of K slots (its last token in slot
   K - 1, the output read there); padding slots attend only to themselves and are never attended
   to, so the output depends on the n real tokens alone and never on NaN-producing empty rows.
+- Elastic size (the arch's `fgram_layers`, `fgram_ffn`): blocks beyond the active depth are
+  exact identities and FFN columns beyond the active width are masked, as in the main model, so
+  a sub-network's f-gram model computes what the dense smaller one does (sliced weights).
 - Training computes it per token from the row's own tokens (the K tokens ending at t) and the
   match length the host lookup gives; inference reads precomputed rows (table.py). Both go through
   `substitute`, so given the same rows the two forwards are the same computation.
@@ -52,11 +55,13 @@ def windows(tokens_BT: Array, k: int) -> Array:
 
 
 class FgramModel(nnx.Module):
-  """(right-aligned token embeddings [N, K, hidden], lengths [N]) -> embeddings [N, hidden]."""
+  """(right-aligned token embeddings [N, K, hidden], lengths [N]) -> embeddings [N, hidden];
+  optionally only the first `layers` blocks and `ffn` FFN columns (traced int32 scalars)."""
 
   def __init__(self, cfg: ModelConfig, hidden: int, scone, *, rngs: nnx.Rngs):
     self.k = scone.max_n
     w = scone.width
+    self.heads, self.head_dim = scone.heads, w // scone.heads
     self.cfg = dataclasses.replace(cfg, kind='decoder', positions='learned', max_len=self.k)
     dims = ModelDims(hidden=w, head_dim=w // scone.heads, bottleneck_head_dim=0,
                      layers=(LayerDims(('transformer',), scone.heads, scone.heads, scone.ffn),)
@@ -68,7 +73,7 @@ class FgramModel(nnx.Module):
         else None
     self.out_proj = make_param(rngs, (w, hidden), ('embed', 'embed_out'), cfg)
 
-  def __call__(self, x_NKD: Array, lengths_N: Array) -> Array:
+  def __call__(self, x_NKD: Array, lengths_N: Array, layers=None, ffn=None) -> Array:
     k = x_NKD.shape[1]  # K, or fewer slots when every f-gram is that short
     dtype = jnp.dtype(self.cfg.dtype)
     slot = jnp.arange(k)
@@ -80,19 +85,42 @@ class FgramModel(nnx.Module):
     causal = slot[None, :] <= slot[:, None]
     mask_NKS = (causal[None] & real_NK[:, None, :]) | jnp.eye(k, dtype=bool)[None]
     ctx = Context(mask_NKS, pos_NK, None, x.shape[-1])
-    for block in self.blocks:
-      x, _ = block(x, ctx, None)
+    active = None if ffn is None else {'heads': self.heads, 'kv_groups': self.heads,
+                                       'head_dim': self.head_dim, 'ffn': ffn}
+    for i, block in enumerate(self.blocks):
+      y, _ = block(x, ctx, active)
+      x = y if layers is None else jnp.where(i < layers, y, x)  # an off block is the identity
     last = x[:, -1]
     if self.final_norm is not None:
       last = self.final_norm(last)
     return jnp.einsum('NW,WD->ND', last, self.out_proj[...].astype(dtype))
 
 
+def elastic_size(fgram_model: FgramModel, arch) -> tuple:
+  """(layers, ffn) of an arch's f-gram model (traced), (None, None) for the whole model; an
+  arch field 0 (a space without SCONE dimensions) means the whole."""
+  if arch is None:
+    return None, None
+  full = lambda v, top: jnp.where(v > 0, v, top)
+  return (full(arch.fgram_layers, len(fgram_model.blocks)),
+          full(arch.fgram_ffn, fgram_model.blocks[0].mlp.ffn if fgram_model.blocks else 1))
+
+
+def fgram_limit(arch, limit_B: Array | None, b: int) -> Array | None:
+  """int32 [B]: the number of f-grams used: the arch's `fgrams` (0: all) and a batch's own
+  `fgram_limit`, whichever is smaller; None when neither limits."""
+  if arch is None or arch.fgrams is None:
+    return limit_B
+  big = jnp.iinfo(jnp.int32).max
+  arch_B = jnp.broadcast_to(jnp.where(arch.fgrams > 0, arch.fgrams, big), (b,))
+  return arch_B if limit_B is None else jnp.minimum(arch_B, limit_B)
+
+
 def fgram_embeddings(fgram_model: FgramModel, token_vectors, tokens_NK: Array, lengths_N: Array,
-                     hidden_mask: Array | None) -> Array:
+                     hidden_mask: Array | None, arch=None) -> Array:
   """[N, hidden] embeddings of N right-aligned f-grams; `token_vectors(ids)` is the main model's
-  token embedding (hidden wide)."""
+  token embedding (hidden wide); `arch` (or None) sets the f-gram model's elastic size."""
   x = token_vectors(jnp.maximum(tokens_NK, 0))
   if hidden_mask is not None:
     x = x * hidden_mask
-  return fgram_model(x, lengths_N)
+  return fgram_model(x, lengths_N, *elastic_size(fgram_model, arch))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elastic_jax.config import BLOCK_TYPES, FLEXIBERT_BLOCKS
-from elastic_jax.space import GLOBAL_GENES, LAYER_GENES, Space
+from elastic_jax.space import GLOBAL_GENES, LAYER_GENES, SCONE_GENES, Space
 
 # Analytic costs: name -> key of `cost.arch_cost`.
 COST_KEYS = {
@@ -26,6 +26,7 @@ COST_KEYS = {
     'kv_cache': 'kv_cache_bytes_per_token',
     'activation_memory': 'activation_bytes_per_token',
     'param_bytes': 'param_bytes',
+    'table_mb': 'table_mb',
 }
 COST_INFO = {
     'params': ('parameters', 1e6, 'M'),
@@ -35,6 +36,7 @@ COST_INFO = {
     'activation_memory': ('activation bytes per token kept for backward (estimate)', 1e3,
                           'kB/token'),
     'param_bytes': ('parameter bytes', 1e6, 'MB'),
+    'table_mb': ('SCONE f-gram table in host memory (f-grams x hidden x 4 bytes)', 1.0, 'MB'),
 }
 
 
@@ -105,7 +107,9 @@ def canonical_genomes(space: Space, genomes_BxG: jax.Array) -> jax.Array:
   if space.ffn_layer_genes:  # stacked-FFN genes count only in FlexiBERT layers that are on
     flexi_BxL = jnp.isin(archs.block, jnp.asarray([BLOCK_TYPES.index(k)
                                                    for k in FLEXIBERT_BLOCKS]))
-    parts.append(jnp.where(on_BxL & flexi_BxL, enc_BxG[:, end:], 0))
+    parts.append(jnp.where(on_BxL & flexi_BxL, enc_BxG[:, end:end + space.num_layers], 0))
+  if space.scone_genes:  # SCONE's genes always change the network
+    parts.append(enc_BxG[:, space.num_genes - len(SCONE_GENES):])
   return jnp.concatenate(parts, axis=1)
 
 

@@ -164,9 +164,11 @@ def export_pick(cfg, workdir: str | Path, spec: str, out: str | Path | None = No
                  'searched_at_supernet_step': pareto.get('supernet_step')}
   data_cfg = cfg.data.to_dict() if hasattr(cfg.data, 'to_dict') else dict(cfg.data)
   from elastic_jax.hf.importer import original_hf_config  # noqa: PLC0415
+  from elastic_jax.scone.job import export_table_of_run  # noqa: PLC0415
   saved = save_export(
       dense, out, cfg.data, arch=arch, fmt=fmt, hf_base=original_hf_config(cfg),
-      overwrite=overwrite, extra={'data': data_cfg, 'supernet_step': step, 'search': search_info})
+      overwrite=overwrite, extra={'data': data_cfg, 'supernet_step': step, 'search': search_info},
+      scone_table=export_table_of_run(cfg, model, workdir, arch))
   result = {**saved, 'index': index, 'pick': spec, 'supernet_step': step,
             'objectives': entry['objectives'], 'latency_ms': entry.get('latency_ms'),
             'decode_latency': entry.get('decode_latency')}
