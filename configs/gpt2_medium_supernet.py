@@ -90,6 +90,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.train.learning_rate = 3e-3 if local else 3e-4
   cfg.train.warmup_steps = 5 if local else 2000
   cfg.train.grad_accum = accum
+  # Cross-entropy and in-place distillation's logits KL over 128 positions of every row at a
+  # time: a chip then holds [rows, 128, 50304] float32 logits per sub-network, not
+  # [rows, seq_len, 50304] for each of the 4 (recomputed in the backward pass); the largest
+  # sub-network's log-probabilities are computed once per chunk for the three students.
+  cfg.train.logits_chunk = 0 if local else 128
   cfg.train.b2 = 0.95
   cfg.train.weight_decay = 0.1
   cfg.train.log_every = 5 if local else 100
