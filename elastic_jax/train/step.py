@@ -141,10 +141,12 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
   batch's `totals` (`token_totals`). Differentiate it with respect to `params` only: the teacher
   (the first arch in-place, or `teacher_params`) enters through stop-gradient targets.
 
-  The sub-networks' trunks run first (the first, then the other K - 1 in a `lax.scan`), keeping
-  only their pre-logit states; their cross-entropy and logits KL are then computed together,
-  `logits_chunk` positions at a time (0: all at once), with the teacher's log-probabilities
-  computed once per chunk for every student (`losses.vocab_losses`; `unroll_chunks`: see there).
+  The first sub-network runs, then the other K - 1 in a `lax.scan`; the teacher's
+  log-probabilities are computed once and read by every student. `logits_chunk` = 0: each
+  sub-network's logits are formed in its own iteration. `logits_chunk` > 0: the iterations keep
+  only the pre-logit states, and every sub-network's cross-entropy and logits KL are computed
+  afterwards, `logits_chunk` positions at a time (`losses.vocab_losses`, which also says what
+  `unroll_chunks` does).
   """
   capture = spec.captures
   w = spec.weights
@@ -167,21 +169,44 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
     else:
       feature0 = jnp.zeros((), jnp.float32)
 
+    kl_teacher = None
+    if distilled and w['logits_kl']:
+      kl_teacher = 'first' if in_place else (teacher['pre_logits'], teacher['project'])
+    if not logits_chunk:
+      # Unchunked: each sub-network's logits inside the scan below, the teacher's
+      # log-probabilities computed once, before it.
+      logits0 = model.project(x0)
+      log_p_t = None
+      if kl_teacher is not None:
+        t_logits = logits0 if in_place else kl_teacher[1](kl_teacher[0])
+        log_p_t = jax.lax.stop_gradient(losses.teacher_log_probs(t_logits, spec.temperature))
+
+      def vocab(logits):
+        ce = losses.token_cross_entropy(logits, batch['targets'], batch['weights'])[0]
+        kl = (jnp.zeros((), jnp.float32) if log_p_t is None else
+              losses.kl_to_teacher(logits, log_p_t, batch['weights'], spec.temperature))
+        return ce, kl
+
+      ce0, kl0 = vocab(logits0)
+      kl0 = jnp.zeros((), jnp.float32) if in_place else kl0
+
     def body(_, arch):
       x, feats = model.pre_logits(inputs, arch, capture)
       feature = (feature_loss(feats, batch, arch, teacher, spec, projections, totals)
                  if distilled else jnp.zeros((), jnp.float32))
-      return None, (x, feature)
+      return None, (vocab(model.project(x)) if not logits_chunk else x, feature)
 
     rest = jax.tree.map(lambda x: x[1:], archs)
-    _, (x_rest, features_rest) = jax.lax.scan(body, None, rest)
-    x_K = jnp.concatenate([x0[None], x_rest])
-    kl_teacher = None
-    if distilled and w['logits_kl']:
-      kl_teacher = 'first' if in_place else (teacher['pre_logits'], teacher['project'])
-    ce_K, kl_K = losses.vocab_losses(x_K, model.project, batch['targets'], batch['weights'],
-                                     teacher=kl_teacher, temperature=spec.temperature,
-                                     chunk=logits_chunk, unroll=unroll_chunks)
+    _, (out_rest, features_rest) = jax.lax.scan(body, None, rest)
+    if not logits_chunk:
+      ce_K = jnp.concatenate([ce0[None], out_rest[0]])
+      kl_K = jnp.concatenate([kl0[None], out_rest[1]])
+    else:
+      # Chunked: the trunks' pre-logit states, then every sub-network's losses chunk by chunk.
+      ce_K, kl_K = losses.vocab_losses(jnp.concatenate([x0[None], out_rest]), model.project,
+                                       batch['targets'], batch['weights'], teacher=kl_teacher,
+                                       temperature=spec.temperature, chunk=logits_chunk,
+                                       unroll=unroll_chunks)
     ces = ce_K / totals['weights']
     if not distilled:
       per_arch = ces
