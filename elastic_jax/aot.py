@@ -34,7 +34,8 @@ memory is exact: it always comes from the real programs.
 The masked supernet runs its layers in a `lax.scan` (`model.scan_layers`), so compile time no
 longer grows with depth; XLA counting the scan body once, 'loops' takes FLOPs and times from a twin
 program with the layers unrolled (a second compile, whose time grows with depth: about five minutes
-for the 24-layer GPT-2-medium step on a 2-core CPU); `flops='none'` skips it.
+for the 24-layer GPT-2-medium step on a 2-core CPU); `flops='none'` skips it. The chunks of the
+vocabulary losses (`train.logits_chunk`) run in a `lax.scan` too; the twin traces it unrolled.
 """
 
 from __future__ import annotations
@@ -136,15 +137,17 @@ def batch_keys(cfg) -> dict:
           'segment_ids': jnp.int32, 'positions': jnp.int32}
 
 
-def train_program(cfg, mesh, *, grad_accum: int | None = None, batch_size: int | None = None):
-  """(the trainer's StepSetup over `mesh`, its abstract (state, batch, teacher) arguments)."""
+def train_program(cfg, mesh, *, grad_accum: int | None = None, batch_size: int | None = None,
+                  unroll_chunks: bool = False):
+  """(the trainer's StepSetup over `mesh`, its abstract (state, batch, teacher) arguments).
+  `unroll_chunks`: the loop over train.logits_chunk's chunks traced unrolled (FLOP counting)."""
   import jax
 
   from elastic_jax.train.trainer import build_step
   if cfg.train.distill.teacher:
     raise UserError('compile builds the in-place distillation step; clear '
                     'train.distill.teacher (an external teacher) to compile this config')
-  setup = build_step(cfg, mesh, grad_accum=grad_accum)
+  setup = build_step(cfg, mesh, grad_accum=grad_accum, unroll_chunks=unroll_chunks)
   shape = (int(cfg.data.batch_size if batch_size is None else batch_size), cfg.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, d, sharding=setup.batch_sharding)
            for k, d in batch_keys(cfg).items()}
@@ -368,11 +371,13 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
     elif flops == 'loops':
       # XLA counts the micro-batch scan's body once, and in it the first sub-network plus the
       # scan body of the other K - 1 (one sub-network; all run at supernet widths): x K / 2.
-      # Scanned layers would be counted once too: count the twin with layers unrolled.
-      if unscanned is None:
+      # Scanned layers and the vocabulary losses' chunks (train.logits_chunk; per chunk the
+      # first sub-network, then a scan over the other K - 1) would be counted once too: count
+      # the twin with both unrolled.
+      if unscanned is None and not int(tcfg.get('logits_chunk', 0)):
         method = ('loops', tcfg.grad_accum * k / 2)
       else:
-        twin, twin_args = train_program(unscanned, mesh)
+        twin, twin_args = train_program(unscanned or cfg, mesh, unroll_chunks=True)
         method = ('compile', lambda: (twin.step, *twin_args), tcfg.grad_accum * k / 2)
     else:
       method = None

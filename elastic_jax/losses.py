@@ -31,13 +31,96 @@ def token_accuracy(logits_BTV: jax.Array, targets_BT: jax.Array,
   return jnp.sum(correct * weights_BT.astype(jnp.float32))
 
 
+def teacher_log_probs(teacher_BTV, temperature: float) -> jax.Array:
+  """The teacher's log-probabilities at temperature T (float32), the target of `kl_to_teacher`."""
+  return jax.nn.log_softmax(teacher_BTV.astype(jnp.float32) / temperature, axis=-1)
+
+
+def kl_to_teacher(student_BTV, log_p_t_BTV, weights_BT, temperature: float):
+  """Sum over weighted tokens of KL(teacher || student) at temperature T, times T^2 (Hinton),
+  from the teacher's log-probabilities (`teacher_log_probs`): computed once, they serve every
+  student."""
+  t = temperature
+  log_p_s = jax.nn.log_softmax(student_BTV.astype(jnp.float32) / t, axis=-1)
+  kl_BT = jnp.sum(jnp.exp(log_p_t_BTV) * (log_p_t_BTV - log_p_s), axis=-1)
+  return jnp.sum(kl_BT * weights_BT) * t * t
+
+
 def logits_kl(student_BTV, teacher_BTV, weights_BT, temperature: float):
   """Sum over weighted tokens of KL(teacher || student) at temperature T, times T^2 (Hinton)."""
-  t = temperature
-  log_p_t = jax.nn.log_softmax(teacher_BTV.astype(jnp.float32) / t, axis=-1)
-  log_p_s = jax.nn.log_softmax(student_BTV.astype(jnp.float32) / t, axis=-1)
-  kl_BT = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
-  return jnp.sum(kl_BT * weights_BT) * t * t
+  return kl_to_teacher(student_BTV, teacher_log_probs(teacher_BTV, temperature), weights_BT,
+                       temperature)
+
+
+def vocab_losses(x_KBTE, project, targets_BT, weights_BT, *, teacher=None,
+                 temperature: float = 1.0, chunk: int = 0, unroll: bool = False):
+  """Cross-entropy and logits-KL sums of K students from their pre-logit states, never holding
+  more than one chunk of positions' logits.
+
+  `x_KBTE`: the K students' inputs of the vocabulary projection; `project` maps [..., E] to
+  float32 logits [..., V] (the model's `project`). `teacher`: None (no KL), 'first' (student 0
+  teaches the others: in-place distillation; its own KL is 0) or (x_BTE, project) of an external
+  teacher. Per chunk of `chunk` positions (of every row, so a chunk spans the whole batch axis and
+  its devices), the teacher's log-probabilities are computed once and read by every student, and
+  the students run one at a time (a `lax.scan`, as the step's sub-networks do). `chunk` = 0 (or
+  >= T): one chunk, the whole [B, T, V] logits. The chunks run in a `lax.scan` under
+  `jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of keeping them;
+  `unroll` traces that scan unrolled (for XLA's cost analysis, which counts a loop body once).
+
+  Returns (ce_K, kl_K): the weighted sums over tokens of each student's cross-entropy and of
+  T^2 x KL(teacher || student) (zeros without a teacher), as `token_cross_entropy` and
+  `logits_kl` give them.
+  """
+  if chunk < 0:
+    raise ValueError(f'chunk={chunk} must be >= 0 (0: no chunking)')
+  t_len = x_KBTE.shape[2]
+  external = isinstance(teacher, tuple)
+  t_x_BTE = teacher[0] if external else jnp.zeros(x_KBTE.shape[1:3] + (0,), x_KBTE.dtype)
+  weights_BT = weights_BT.astype(jnp.float32)
+
+  def chunk_sums(x_KBCE, t_x_BCE, targets_BC, weights_BC):
+    ce = lambda z: token_cross_entropy(z, targets_BC, weights_BC)[0]
+    z0 = project(x_KBCE[0])
+    if teacher is None:
+      log_p_t = None
+    elif external:
+      log_p_t = jax.lax.stop_gradient(teacher_log_probs(teacher[1](t_x_BCE), temperature))
+    else:
+      log_p_t = jax.lax.stop_gradient(teacher_log_probs(z0, temperature))
+    kl = ((lambda z: jnp.zeros((), jnp.float32)) if log_p_t is None else
+          (lambda z: kl_to_teacher(z, log_p_t, weights_BC, temperature)))
+    kl0 = kl(z0) if external else jnp.zeros((), jnp.float32)
+
+    def student(_, x_BCE):
+      z = project(x_BCE)
+      return None, (ce(z), kl(z))
+
+    _, (ce_rest, kl_rest) = jax.lax.scan(student, None, x_KBCE[1:])
+    return (jnp.concatenate([ce(z0)[None], ce_rest]), jnp.concatenate([kl0[None], kl_rest]))
+
+  if not chunk or chunk >= t_len:
+    return chunk_sums(x_KBTE, t_x_BTE, targets_BT, weights_BT)
+  n = -(-t_len // chunk)
+  pad = n * chunk - t_len  # padded positions carry weight 0
+
+  def split(a, axis):  # [..., T, ...] -> [n, ..., chunk, ...] along `axis` (the positions)
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, pad)
+    a = jnp.pad(a, widths)
+    a = a.reshape(a.shape[:axis] + (n, chunk) + a.shape[axis + 1:])
+    return jnp.moveaxis(a, axis, 0)
+
+  xs = (split(x_KBTE, 2), split(t_x_BTE, 1), split(targets_BT, 1), split(weights_BT, 1))
+  body = jax.checkpoint(lambda inputs: chunk_sums(*inputs), prevent_cse=False)
+
+  def step(carry, inputs):
+    ce, kl = body(inputs)
+    return (carry[0] + ce, carry[1] + kl), None
+
+  k = x_KBTE.shape[0]
+  zeros = jnp.zeros((k,), jnp.float32)
+  (ce_K, kl_K), _ = jax.lax.scan(step, (zeros, zeros), xs, unroll=unroll)
+  return ce_K, kl_K
 
 
 def channel_normalise(x_BTC, valid_BT, eps: float = 1e-6):

@@ -114,7 +114,9 @@ class Head(nnx.Module):
       x_BTD = self.final_norm(x_BTD, hidden_mask, hidden_count)
     return x_BTD
 
-  def __call__(self, x_BTD, token_table_VE, hidden_mask, hidden_count) -> Array:
+  def pre_logits(self, x_BTD, hidden_mask, hidden_count) -> Array:
+    """The vocabulary projection's input [B, T, E]: the final norm, then the MLM transform or the
+    factorised unembedding, if any (E: the hidden or the factorised width)."""
     cfg = self.cfg
     x_BTD = self.normed(x_BTD, hidden_mask, hidden_count)
     if self.transform is not None:
@@ -127,12 +129,19 @@ class Head(nnx.Module):
       x_BTD = self.transform_norm(x_BTD, mask, count)
     elif self.unembed is not None:
       x_BTD = jnp.einsum('BTD,DE->BTE', x_BTD, self.unembed[...].astype(x_BTD.dtype))
-    table = token_table_VE.T if self.out is None else self.out[...]
-    logits_BTV = jnp.einsum('BTE,EV->BTV', x_BTD, table.astype(x_BTD.dtype))
-    logits_BTV = logits_BTV.astype(jnp.float32)
+    return x_BTD
+
+  def project(self, x_E, token_table_VE) -> Array:
+    """Logits [..., V] (float32) of pre-logit states `x_E` of any leading shape (the token
+    embedding `token_table_VE` is the projection when tied)."""
+    table_EV = token_table_VE.T if self.out is None else self.out[...]
+    logits = jnp.einsum('...E,EV->...V', x_E, table_EV.astype(x_E.dtype)).astype(jnp.float32)
     if self.out_bias is not None:
-      logits_BTV = logits_BTV + self.out_bias[...].astype(jnp.float32)
-    return logits_BTV
+      logits = logits + self.out_bias[...].astype(jnp.float32)
+    return logits
+
+  def __call__(self, x_BTD, token_table_VE, hidden_mask, hidden_count) -> Array:
+    return self.project(self.pre_logits(x_BTD, hidden_mask, hidden_count), token_table_VE)
 
 
 class Pooler(nnx.Module):
@@ -227,6 +236,18 @@ class Model(nnx.Module):
     if not capture:
       return logits
     return logits, features
+
+  def pre_logits(self, batch: Mapping[str, Array], arch=None, capture: tuple[str, ...] = ()):
+    """What the vocabulary projection reads, [B, T, E] (`__call__`'s logits are
+    `project(pre_logits(...))`), and the captured features (a dict, empty without `capture`).
+
+    For losses that project a few positions at a time rather than hold [B, T, vocab] logits."""
+    x, (hidden_mask, hidden_count), features = self._trunk(batch, arch, capture)
+    return self.head.pre_logits(x, hidden_mask, hidden_count), features
+
+  def project(self, x_E: Array) -> Array:
+    """Logits [..., vocab] (float32) of pre-logit states [..., E] (see `pre_logits`)."""
+    return self.head.project(x_E, self.embed.tokens[...])
 
   def last_logits(self, batch: Mapping[str, Array]) -> Array:
     """Logits [B, vocab] (float32) of each row's last position only: decoding needs no others,

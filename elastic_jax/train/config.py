@@ -20,6 +20,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.b2 = 0.98
   c.grad_clip = 1.0  # global gradient-norm clipping; 0 = off
   c.grad_accum = 1  # micro-batches per step (the batch is split, gradients summed)
+  # Cross-entropy and logits KL over chunks of this many positions (of every row): at most
+  # [rows, logits_chunk, vocab] logits live at once, recomputed in the backward pass, and the
+  # teacher's log-probabilities are computed once per chunk for every sub-network. 0 = off (the
+  # whole [rows, seq_len, vocab] at once; fastest where it fits, e.g. small vocabularies).
+  c.logits_chunk = 0
   # Which sub-networks each step trains (elastic_jax/train/sampling.py):
   # 'standard' | 'random' | 'sandwich' (largest + smallest + num_random) | 'random_linear' |
   # 'fixed' (only `arch`, e.g. one found by training-free search) | 'stratified' (largest +
@@ -69,7 +74,7 @@ def check(tcfg) -> None:
 
   for name, low in (('steps', 1), ('log_every', 1), ('checkpoint_every', 1),
                     ('keep_checkpoints', 1), ('grad_accum', 1), ('eval_every', 0),
-                    ('warmup_steps', 0), ('num_random', 0)):
+                    ('warmup_steps', 0), ('num_random', 0), ('logits_chunk', 0)):
     value = tcfg.get(name, low)
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
       raise UserError(f'config field train.{name}={value!r} must be an integer >= {low}')

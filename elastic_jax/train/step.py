@@ -67,26 +67,19 @@ def token_totals(batch) -> dict:
           'valid': jnp.maximum(jnp.sum(valid_tokens(batch)), 1.0)}
 
 
-def student_loss(logits, feats, batch, arch, teacher, spec: DistillSpec, projections,
+def feature_loss(feats, batch, arch, teacher, spec: DistillSpec, projections,
                  totals: dict | None = None):
-  """(loss, cross-entropy) of one student on `batch` against the teacher's outputs (or its own CE
-  when there is none), as this batch's share of the global batch's means: token sums divided
-  by `totals` (`token_totals` of the global batch; default: of `batch` itself)."""
+  """One student's weighted feature-distillation terms (hidden MSE, attention KL, ELM's
+  block-preserving loss) against the teacher's features, as this batch's share of the global
+  batch's means (`totals`: `token_totals` of the global batch; default: of `batch` itself).
+  The vocabulary terms (cross-entropy, logits KL) are `losses.vocab_losses`'."""
   totals = token_totals(batch) if totals is None else totals
-  ce_sum, _ = losses.token_cross_entropy(logits, batch['targets'], batch['weights'])
-  ce = ce_sum / totals['weights']
-  if teacher is None:
-    return ce, ce
   w = spec.weights
-  loss = w['ce'] * ce
-  if w['logits_kl']:
-    kl = losses.logits_kl(logits, teacher['logits'], batch['weights'], spec.temperature)
-    loss = loss + w['logits_kl'] * kl / totals['weights']
   valid = valid_tokens(batch)
   # The feature losses are means over this batch's valid tokens: weighted by its share of the
   # global batch's valid tokens, they add up to the global mean.
   share = jnp.sum(valid) / totals['valid']
-  feature_loss = 0.0
+  loss = jnp.zeros((), jnp.float32)
   on = arch.layer_on().astype(jnp.float32)
   layers = arch.block.shape[-1]
   per_layer = lambda terms: jnp.sum(on * jnp.stack(terms)) / jnp.maximum(jnp.sum(on), 1.0)
@@ -94,12 +87,12 @@ def student_loss(logits, feats, batch, arch, teacher, spec: DistillSpec, project
     terms = [losses.hidden_mse(projections('hidden', i, feats['hidden'][i]),
                                 teacher['hidden'][spec.layer_map[i]], valid)
              for i in range(layers)]
-    feature_loss = feature_loss + w['hidden_mse'] * per_layer(terms)
+    loss = loss + w['hidden_mse'] * per_layer(terms)
   if w['attn_kl']:
     terms = [losses.attention_kl(feats['attn_probs'][i], teacher['attn_probs'][spec.layer_map[i]],
                                   arch.heads[i], spec.teacher_heads[spec.layer_map[i]], valid)
              for i in range(layers)]
-    feature_loss = feature_loss + w['attn_kl'] * per_layer(terms)
+    loss = loss + w['attn_kl'] * per_layer(terms)
   if w['block_preserving']:
     bp = lambda name, i, j: losses.block_preserving(projections(name, i, feats[name][i]),
                                                      teacher[name][j], valid)
@@ -107,13 +100,16 @@ def student_loss(logits, feats, batch, arch, teacher, spec: DistillSpec, project
                                      valid)
     terms = [bp('attn_out', i, spec.layer_map[i]) + bp('ffn_out', i, spec.layer_map[i])
              for i in range(layers)]
-    feature_loss = feature_loss + w['block_preserving'] * (embed + per_layer(terms))
-  return loss + share * feature_loss, ce
+    loss = loss + w['block_preserving'] * (embed + per_layer(terms))
+  return share * loss
 
 
-def teacher_outputs(logits, feats) -> dict:
-  """Stop-gradient teacher targets, features stacked per layer (padded to one width)."""
-  out = {'logits': jax.lax.stop_gradient(logits)}
+def teacher_targets(x_BTE, feats, project=None) -> dict:
+  """Stop-gradient teacher targets: the features stacked per layer (padded to one width) and, for
+  an external teacher, its pre-logit states `pre_logits` with its vocabulary projection `project`
+  (the logits are formed chunk by chunk beside the students', `losses.vocab_losses`; give a
+  `project` whose parameters are stop-gradient too)."""
+  out = {'pre_logits': jax.lax.stop_gradient(x_BTE), 'project': project}
   for name, value in feats.items():
     if isinstance(value, list):
       width = max(v.shape[-1] for v in value)
@@ -138,44 +134,88 @@ def split_microbatches(batch, grad_accum: int, sharding=None):
 
 
 def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
-                 external_teacher: Callable | None = None):
+                 external_teacher: Callable | None = None, *, logits_chunk: int = 0,
+                 unroll_chunks: bool = False):
   """loss(params, batch, archs, teacher_params, totals) -> (total, (loss_per_arch, ce_per_arch)):
   the summed loss of the K sub-networks `archs` on one micro-batch, normalised by the global
   batch's `totals` (`token_totals`). Differentiate it with respect to `params` only: the teacher
-  (the first arch in-place, or `teacher_params`) enters through stop-gradient targets."""
+  (the first arch in-place, or `teacher_params`) enters through stop-gradient targets.
+
+  The first sub-network runs, then the other K - 1 in a `lax.scan`; the teacher's
+  log-probabilities are computed once and read by every student. `logits_chunk` = 0: each
+  sub-network's logits are formed in its own iteration. `logits_chunk` > 0: the iterations keep
+  only the pre-logit states, and every sub-network's cross-entropy and logits KL are computed
+  afterwards, `logits_chunk` positions at a time (`losses.vocab_losses`, which also says what
+  `unroll_chunks` does).
+  """
   capture = spec.captures
+  w = spec.weights
 
   def loss_fn(params, batch, archs, teacher_params, totals):
     model = nnx.merge(graphdef, params['model'])
     projections = nnx.merge(proj_graphdef, params['proj'])
     inputs = model_inputs(batch)
-
-    def run(arch):
-      out = model(inputs, arch, capture)
-      return out if capture else (out, {})
-
-    if external_teacher is not None:
-      teacher = external_teacher(teacher_params, inputs, capture)
-    else:
-      teacher = None
+    teacher = (None if external_teacher is None
+               else external_teacher(teacher_params, inputs, capture))
     first = jax.tree.map(lambda x: x[0], archs)
-    logits0, feats0 = run(first)
-    if spec.in_place and external_teacher is None:
+    x0, feats0 = model.pre_logits(inputs, first, capture)
+    in_place = spec.in_place and teacher is None
+    if in_place:
       # The largest net learns from the data; it then teaches the others (stop-gradient).
-      loss0, ce0 = student_loss(logits0, feats0, batch, first, None, spec, projections, totals)
-      teacher = teacher_outputs(logits0, feats0)
+      teacher = teacher_targets(x0, feats0)
+    distilled = teacher is not None
+    if distilled and not in_place:
+      feature0 = feature_loss(feats0, batch, first, teacher, spec, projections, totals)
     else:
-      loss0, ce0 = student_loss(logits0, feats0, batch, first, teacher, spec, projections,
-                                totals)
-    rest = jax.tree.map(lambda x: x[1:], archs)
+      feature0 = jnp.zeros((), jnp.float32)
+
+    kl_teacher = None
+    if distilled and w['logits_kl']:
+      kl_teacher = 'first' if in_place else (teacher['pre_logits'], teacher['project'])
+    if not logits_chunk:
+      # Unchunked: each sub-network's logits inside the scan below, the teacher's
+      # log-probabilities computed once, before it.
+      logits0 = model.project(x0)
+      log_p_t = None
+      if kl_teacher is not None:
+        t_logits = logits0 if in_place else kl_teacher[1](kl_teacher[0])
+        log_p_t = jax.lax.stop_gradient(losses.teacher_log_probs(t_logits, spec.temperature))
+
+      def vocab(logits):
+        ce = losses.token_cross_entropy(logits, batch['targets'], batch['weights'])[0]
+        kl = (jnp.zeros((), jnp.float32) if log_p_t is None else
+              losses.kl_to_teacher(logits, log_p_t, batch['weights'], spec.temperature))
+        return ce, kl
+
+      ce0, kl0 = vocab(logits0)
+      kl0 = jnp.zeros((), jnp.float32) if in_place else kl0
 
     def body(_, arch):
-      logits, feats = run(arch)
-      return None, student_loss(logits, feats, batch, arch, teacher, spec, projections, totals)
+      x, feats = model.pre_logits(inputs, arch, capture)
+      feature = (feature_loss(feats, batch, arch, teacher, spec, projections, totals)
+                 if distilled else jnp.zeros((), jnp.float32))
+      return None, (vocab(model.project(x)) if not logits_chunk else x, feature)
 
-    _, (losses_rest, ces_rest) = jax.lax.scan(body, None, rest)
-    per_arch = jnp.concatenate([loss0[None], losses_rest])
-    ces = jnp.concatenate([ce0[None], ces_rest])
+    rest = jax.tree.map(lambda x: x[1:], archs)
+    _, (out_rest, features_rest) = jax.lax.scan(body, None, rest)
+    if not logits_chunk:
+      ce_K = jnp.concatenate([ce0[None], out_rest[0]])
+      kl_K = jnp.concatenate([kl0[None], out_rest[1]])
+    else:
+      # Chunked: the trunks' pre-logit states, then every sub-network's losses chunk by chunk.
+      ce_K, kl_K = losses.vocab_losses(jnp.concatenate([x0[None], out_rest]), model.project,
+                                       batch['targets'], batch['weights'], teacher=kl_teacher,
+                                       temperature=spec.temperature, chunk=logits_chunk,
+                                       unroll=unroll_chunks)
+    ces = ce_K / totals['weights']
+    if not distilled:
+      per_arch = ces
+    else:
+      student = w['ce'] * ces + w['logits_kl'] * kl_K / totals['weights'] + jnp.concatenate(
+          [feature0[None], features_rest])
+      # In-place, the first (the teacher) learns from the data alone.
+      is_student = jnp.arange(ces.shape[0]) > 0 if in_place else jnp.ones(ces.shape, bool)
+      per_arch = jnp.where(is_student, student, ces)
     return jnp.sum(per_arch), (per_arch, ces)
 
   return loss_fn
@@ -183,17 +223,20 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
 
 def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransformation,
                     spec: DistillSpec, grad_accum: int,
-                    external_teacher: Callable | None = None, *, micro_sharding=None):
+                    external_teacher: Callable | None = None, *, micro_sharding=None,
+                    logits_chunk: int = 0, unroll_chunks: bool = False):
   """Returns step(state, batch[, teacher_params[, allowed]]) -> (state, metrics).
 
   `allowed`: the sampler's `Allowed` (arrays) when the space changes in training, else None.
 
   Metrics: `loss` (the step's objective: the sum over its K sub-networks of their losses),
   `loss_per_arch` and `ce_per_arch` (float32[K], in the sampler's order), `grad_norm`, `finite`.
-  `micro_sharding`: the sharding of the stacked micro-batches (see `split_microbatches`).
+  `micro_sharding`: the sharding of the stacked micro-batches (see `split_microbatches`);
+  `logits_chunk`, `unroll_chunks`: see `make_loss_fn`.
   """
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, proj_graphdef, spec, external_teacher),
-                               has_aux=True)
+  loss_fn = make_loss_fn(graphdef, proj_graphdef, spec, external_teacher,
+                         logits_chunk=logits_chunk, unroll_chunks=unroll_chunks)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, batch, teacher_params=None, allowed=None):
     archs = sampler(jax.random.wrap_key_data(state.rng), state.step, allowed)

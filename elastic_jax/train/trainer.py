@@ -115,13 +115,13 @@ def _distill_spec(cfg, space, teacher) -> tuple[DistillSpec, dict]:
 
 
 def _external_teacher_fn(teacher_graphdef):
-  from elastic_jax.train.step import teacher_outputs
+  from elastic_jax.train.step import teacher_targets
 
   def run(params, inputs, capture):
-    model = nnx.merge(teacher_graphdef, params)
-    out = model(inputs, None, capture)
-    logits, feats = out if capture else (out, {})
-    return teacher_outputs(logits, feats)
+    # Stop-gradient parameters: the projection the students' KL calls later carries none either.
+    model = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(params))
+    x, feats = model.pre_logits(inputs, None, capture)
+    return teacher_targets(x, feats, model.project)
   return run
 
 
@@ -160,11 +160,12 @@ class StepSetup:
 
 
 def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=None, *,
-               grad_accum: int | None = None) -> StepSetup:
+               grad_accum: int | None = None, unroll_chunks: bool = False) -> StepSetup:
   """The jitted training step of `cfg` over `mesh` (sharding-first, nothing allocated).
 
   `teacher`: an external dense teacher model (train.distill.teacher), else None. `grad_accum`
-  overrides train.grad_accum (aot's FLOP analysis compiles one micro-batch).
+  overrides train.grad_accum (aot's FLOP analysis compiles one micro-batch); `unroll_chunks`
+  traces the loop over train.logits_chunk's chunks unrolled (aot's FLOP-counting twin).
   """
   tcfg = cfg.train
   grad_accum = int(tcfg.grad_accum if grad_accum is None else grad_accum)
@@ -202,7 +203,9 @@ def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=
     teacher_shardings = parallel.param_shardings(t_params, mesh)
     external = _external_teacher_fn(t_graphdef)
   step_fn = make_train_step(graphdef, proj_graphdef, sampler, tx, spec, grad_accum, external,
-                            micro_sharding=parallel.microbatch_sharding(mesh))
+                            micro_sharding=parallel.microbatch_sharding(mesh),
+                            logits_chunk=int(tcfg.get('logits_chunk', 0)),
+                            unroll_chunks=unroll_chunks)
   batch_sharding = parallel.batch_sharding(mesh)
   dynamic = Controller.wanted(cfg)
   in_shardings = (state_shardings, batch_sharding, teacher_shardings) + (

@@ -182,6 +182,11 @@ def test_bad_input_gives_clear_errors(tiny_cfg, tmp_path):
   cfg.train.sampling = 'everything'
   with pytest.raises(UserError, match='train.sampling'):
     train(cfg, tmp_path / 'd', progress=False)
+  cfg = tiny_cfg.copy_and_resolve_references()
+  cfg.train.logits_chunk = -8
+  with pytest.raises(UserError, match=r'train.logits_chunk=-8 must be an integer >= 0'):
+    train(cfg, tmp_path / 'e', progress=False)
+  assert not (tmp_path / 'e').exists()
 
 
 @pytest.mark.slow

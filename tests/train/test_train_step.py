@@ -301,3 +301,85 @@ def test_logits_kl_is_teacher_to_student_with_temperature_squared():
            'T = 1': (kl(softmax(teacher), softmax(student)) * w).sum()}
   for name, value in wrong.items():
     assert abs(value - expected) > 0.05 * expected, name
+
+
+# -- vocabulary losses in chunks of positions (train.logits_chunk) -------------------------------
+
+CHUNK = 4  # T = 11 positions: chunks of 4, 4 and 3 (one padded position)
+
+
+def sgd_capture(lr: float = 0.1) -> optax.GradientTransformation:
+  """Plain SGD whose state is the last gradient: one step gives the updated params and the
+  gradient it followed."""
+  return optax.GradientTransformation(
+      init=lambda params: jax.tree.map(jnp.zeros_like, params),
+      update=lambda grads, state, params=None: (jax.tree.map(lambda g: -lr * g, grads), grads))
+
+
+def sgd_step(setup, spec, logits_chunk, num_random=1, external=None, teacher_params=None):
+  """(new state, metrics, archs) of one sandwich step with SGD (compiled here, not cached)."""
+  sampler = Sampler(setup['space'], 'sandwich', num_random=num_random)
+  step = jax.jit(make_train_step(setup['graphdef'], setup['proj_graphdef'], sampler,
+                                 sgd_capture(), spec, 1, external, logits_chunk=logits_chunk))
+  params = setup['params']
+  rng = jax.random.key_data(jax.random.key(5))
+  state = TrainState(step=jnp.int32(0), params=params, opt_state=sgd_capture().init(params),
+                     rng=rng)
+  new, metrics = step(state, setup['batch'], teacher_params)
+  return new, metrics, sampler(jax.random.wrap_key_data(rng), jnp.int32(0))
+
+
+def test_chunked_vocabulary_losses_change_neither_the_losses_nor_the_step(setup):
+  spec = spec_of(setup, in_place=True)
+  off, m_off, archs = sgd_step(setup, spec, 0)
+  on, m_on, _ = sgd_step(setup, spec, CHUNK)
+  for name in ('loss_per_arch', 'ce_per_arch'):
+    np.testing.assert_allclose(np.asarray(m_on[name]), np.asarray(m_off[name]), rtol=1e-5)
+  assert_trees_close(on.opt_state, off.opt_state)  # the gradients
+  assert_trees_close(on.params, off.params)
+  # Both are the independent reference: each sub-network's loss written out on whole logits.
+  want, per_arch = per_arch_reference(setup, archs, setup['batch'])
+  assert_trees_close(on.opt_state, want)
+  np.testing.assert_allclose(np.asarray(m_on['loss_per_arch']), per_arch, rtol=1e-5)
+  # The updated parameters moved (the comparison above could fail).
+  assert max_tree_diff(on.params, setup['params']) > 1e-4
+
+
+@pytest.mark.slow  # two more compiles of the step (~30 s on 2 cores)
+def test_chunked_step_with_an_external_teacher_matches_the_reference(setup):
+  teacher, t_graphdef, t_params = external_teacher(setup)
+  spec = spec_of(setup, in_place=False,
+                 teacher_heads=tuple(l.heads for l in teacher.dims.layers))
+  run_teacher = _external_teacher_fn(t_graphdef)
+  on, m_on, archs = sgd_step(setup, spec, CHUNK, external=run_teacher, teacher_params=t_params)
+  teacher_logits = jnp.asarray(np.asarray(teacher({'tokens': setup['batch']['tokens']})))
+  want, per_arch = per_arch_reference(setup, archs, setup['batch'], teacher_logits,
+                                      in_place=False)
+  assert_trees_close(on.opt_state, want)
+  np.testing.assert_allclose(np.asarray(m_on['loss_per_arch']), per_arch, rtol=1e-5)
+
+
+@pytest.mark.slow  # two more compiles of the step (~30 s on 2 cores)
+def test_the_teachers_log_probabilities_are_computed_once_per_step_for_every_student(
+    setup, monkeypatch):
+  """Counted as they run (a callback inside `losses.teacher_log_probs`): with 3 and with 4
+  sub-networks per step, the same number of times, once per chunk in the forward pass (the
+  backward pass, which recomputes chunks, adds a number that does not depend on K either)."""
+  count = [0]
+  original = loss_lib.teacher_log_probs
+
+  def counted(logits, temperature):
+    jax.debug.callback(lambda: count.__setitem__(0, count[0] + 1))
+    return original(logits, temperature)
+
+  monkeypatch.setattr(loss_lib, 'teacher_log_probs', counted)
+  spec = spec_of(setup, in_place=True)
+  counts = []
+  for num_random in (1, 2):
+    count[0] = 0
+    _, metrics, _ = sgd_step(setup, spec, CHUNK, num_random=num_random)
+    jax.block_until_ready(metrics)
+    assert metrics['loss_per_arch'].shape == (2 + num_random,)
+    counts.append(count[0])
+  assert counts[0] == counts[1]
+  assert 3 <= counts[0] < 2 * 3  # 3 chunks: once each, plus part of the backward's recompute
