@@ -60,7 +60,8 @@ def test_sorted_prefixes_lose_less_than_unsorted(tiny_cfg):
   for hidden, heads, groups, ffn in ((32, 2, 1, 32), (24, 4, 2, 64), (32, 4, 2, 32)):
     arch = Arch(hidden=i32(hidden), depth=i32(2), head_dim=i32(8), block=i32([0, 0]),
                 heads=i32([heads] * 2), kv_groups=i32([groups] * 2), ffn=i32([ffn] * 2),
-                inner=i32([0, 0]), ffn_layers=i32([1, 1]))
+                inner=i32([0, 0]), ffn_layers=i32([1, 1]), fgrams=i32(0),
+                fgram_layers=i32(0), fgram_ffn=i32(0))  # no SCONE: 0 = the whole
     before = evaluation.evaluate(model, held_out, arch)['loss'] - full
     after = evaluation.evaluate(sorted_model, held_out, arch)['loss'] - full
     assert after < before, (hidden, heads, groups, ffn, before, after)
