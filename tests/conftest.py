@@ -22,6 +22,22 @@ def randomize(model: nnx.Module, seed: int, scale: float = 0.3) -> nnx.Module:
 
 
 @pytest.fixture
+def teacher_log_probs_calls(monkeypatch) -> list:
+  """[n]: how many times `losses.teacher_log_probs` has *run* (a callback inside it, so a
+  function traced once but executed per chunk or per sub-network counts every execution)."""
+  from elastic_jax import losses
+  count = [0]
+  original = losses.teacher_log_probs
+
+  def counted(logits, temperature):
+    jax.debug.callback(lambda: count.__setitem__(0, count[0] + 1))
+    return original(logits, temperature)
+
+  monkeypatch.setattr(losses, 'teacher_log_probs', counted)
+  return count
+
+
+@pytest.fixture
 def shared_data() -> Path:
   if not SHARED_DATA.is_dir():
     pytest.skip(f'shared data folder {SHARED_DATA} is absent (set ELASTIC_JAX_SHARED_DATA)')

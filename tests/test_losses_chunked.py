@@ -138,25 +138,13 @@ def test_gradients_equal_the_unchunked_ones(data, chunk, teacher):
     assert float(jnp.max(jnp.abs(g_kl_only[1]))) > 0.0
 
 
-def _count_teacher_log_probs(monkeypatch):
-  count = [0]
-  original = losses.teacher_log_probs
-
-  def counted(logits, temperature):
-    jax.debug.callback(lambda: count.__setitem__(0, count[0] + 1))
-    return original(logits, temperature)
-
-  monkeypatch.setattr(losses, 'teacher_log_probs', counted)
-  return count
-
-
 @pytest.mark.parametrize('teacher', ['first', 'external'])
-def test_teacher_log_probs_are_computed_once_per_chunk_for_all_students(data, monkeypatch,
-                                                                         teacher):
+def test_teacher_log_probs_are_computed_once_per_chunk_for_all_students(
+    data, teacher_log_probs_calls, teacher):
   """Counted when they run (a callback inside): once per chunk whatever the number of students
   (the forward pass; the backward pass, which recomputes chunks, adds a number that does not
   depend on the students either)."""
-  count = _count_teacher_log_probs(monkeypatch)
+  count = teacher_log_probs_calls
 
   def counts(k, chunk):
     x = jnp.asarray(data['x'][:k])

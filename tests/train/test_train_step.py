@@ -361,18 +361,11 @@ def test_chunked_step_with_an_external_teacher_matches_the_reference(setup):
 
 @pytest.mark.slow  # two more compiles of the step (~30 s on 2 cores)
 def test_the_teachers_log_probabilities_are_computed_once_per_step_for_every_student(
-    setup, monkeypatch):
+    setup, teacher_log_probs_calls):
   """Counted as they run (a callback inside `losses.teacher_log_probs`): with 3 and with 4
   sub-networks per step, the same number of times, once per chunk in the forward pass (the
   backward pass, which recomputes chunks, adds a number that does not depend on K either)."""
-  count = [0]
-  original = loss_lib.teacher_log_probs
-
-  def counted(logits, temperature):
-    jax.debug.callback(lambda: count.__setitem__(0, count[0] + 1))
-    return original(logits, temperature)
-
-  monkeypatch.setattr(loss_lib, 'teacher_log_probs', counted)
+  count = teacher_log_probs_calls
   spec = spec_of(setup, in_place=True)
   counts = []
   for num_random in (1, 2):
