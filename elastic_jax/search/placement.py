@@ -22,7 +22,6 @@ import dataclasses
 import math
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from elastic_jax import distributed, parallel
 from elastic_jax.errors import UserError
@@ -78,17 +77,13 @@ def eval_plan(chunk: int, max_logits_mib: float, rows: int, seq_len: int, vocab:
                   logits_bytes=max(1, chunk) * rows_dev * per_row, bound_bytes=bound)
 
 
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """Stacked validation batches [n, rows, ...]: rows over the batch axes."""
-  return NamedSharding(mesh, PartitionSpec(None, parallel.BATCH_AXES))
-
-
 def data_shardings(data: dict, mesh: jax.sharding.Mesh) -> dict:
   """Shardings of the fitness data {'state', 'batches'[, 'extra']} (one per array; the state's
   stand for its NNX variables)."""
   replicated = parallel.replicated(mesh)
   out = {'state': parallel.param_shardings(data['state'], mesh),
-         'batches': {k: batch_sharding(mesh) for k in data['batches']}}
+         # Stacked validation batches [n, rows, ...] lie like training's stacked micro-batches.
+         'batches': {k: parallel.microbatch_sharding(mesh) for k in data['batches']}}
   if 'extra' in data:
     out['extra'] = jax.tree.map(lambda _: replicated, data['extra'])
   return out

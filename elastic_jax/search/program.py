@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
+from elastic_jax import parallel
 from elastic_jax.search import driver, placement
 from elastic_jax.search.budgets import Budgets
 from elastic_jax.search.config import (
@@ -88,7 +89,7 @@ def lowered_advance(program: Program):
   fresh search state, its key and generation counters replicated on the mesh. What the search
   runs per `search.checkpoint_every` generations, and what `elastic-jax compile` compiles."""
   searcher = program.searcher
-  rep = jax.sharding.NamedSharding(program.mesh, jax.sharding.PartitionSpec())
+  rep = parallel.replicated(program.mesh)
   sds = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=rep)
   state = jax.tree.map(sds, searcher.init_state())
   key = sds(jax.random.key(0))
