@@ -114,4 +114,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Population evaluation (search) compiled by `elastic-jax compile`: archs per search generation.
   cfg.search = ml_collections.ConfigDict()
   cfg.search.pop_size = 8 if local else 50
+  # Narrowing the supernet per hidden choice (search.hidden_buckets, on by default: about 2x on
+  # a CPU) slices FSDP-sharded arrays, which moves them between chips every arch; not measured on
+  # a pod, so off here.
+  cfg.search.hidden_buckets = False
   return cfg

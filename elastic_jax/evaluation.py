@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from elastic_jax import export
 from elastic_jax.losses import token_accuracy, token_cross_entropy
 
 # The last four: SCONE's f-gram inputs (elastic_jax/scone), present only when it is enabled.
@@ -47,11 +48,17 @@ def _sums_one(graphdef, state, arch, stacked):
   return total
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4), static_argnames=('micro_batches',))
+@functools.partial(jax.jit, static_argnums=(0, 4),
+                   static_argnames=('micro_batches', 'hidden_buckets'))
 def _sums_population(graphdef, state, archs, stacked, chunk, active_P=None, *,
-                     micro_batches: int = 1):
+                     micro_batches: int = 1, hidden_buckets: tuple[int, ...] = ()):
   """float32[P, 3] sums of every arch; `active_P` (bool[P], optional): archs whose sums are
   wanted; the others give zeros, and with chunk 1 their forward is skipped (a `cond`).
+
+  `hidden_buckets` (ascending widths, chunk 1 only): each arch runs on the supernet narrowed to
+  the smallest bucket >= its hidden size (`export.narrow`, a `lax.switch` branch per bucket), so
+  its matmuls, norms and logits are that narrow instead of the supernet's full width. Exact: the
+  hidden mask is a prefix. Costs one compiled branch per bucket.
 
   `micro_batches` = m > 1 runs each validation batch of R rows as m strided micro-batches of
   R / m rows (rows m*i + j form micro-batch j), one after another: the same sums with 1/m of the
@@ -60,7 +67,7 @@ def _sums_population(graphdef, state, archs, stacked, chunk, active_P=None, *,
   """
   model = nnx.merge(graphdef, state)
 
-  def batch_total(arch, batch):
+  def batch_total(model, arch, batch):
     if micro_batches == 1:
       return batch_sums(model, batch, arch)
     rows = batch['tokens'].shape[0]
@@ -72,10 +79,20 @@ def _sums_population(graphdef, state, archs, stacked, chunk, active_P=None, *,
       return total + batch_sums(model, part, arch), None
     return jax.lax.scan(micro, jnp.zeros(3), jnp.arange(micro_batches))[0]
 
-  def one(arch):
+  def on(model, arch):
     def body(total, batch):
-      return total + batch_total(arch, batch), None
+      return total + batch_total(model, arch, batch), None
     return jax.lax.scan(body, jnp.zeros(3), stacked)[0]
+
+  if hidden_buckets and chunk <= 1:
+    widths = tuple(sorted({min(int(h), model.dims.hidden) for h in hidden_buckets}
+                          | {model.dims.hidden}))
+    branches = [functools.partial(lambda w, arch: on(export.narrow(model, w), arch), w)
+                for w in widths]
+    one = lambda arch: jax.lax.switch(
+        jnp.searchsorted(jnp.asarray(widths), arch.hidden), branches, arch)
+  else:
+    one = functools.partial(on, model)
   if active_P is not None:
     run = one
     one = lambda xs: jax.lax.cond(xs[1], run, lambda _: jnp.zeros(3), xs[0])
@@ -99,10 +116,13 @@ def evaluate(model: nnx.Module, batches: Sequence[dict], arch=None) -> dict:
 
 
 def evaluate_population(model: nnx.Module, batches: Sequence[dict] | dict, archs,
-                        chunk: int = 8) -> dict:
-  """Per-arch validation loss of a batched Arch [P, ...], one compiled call."""
+                        chunk: int = 8, hidden_buckets: Sequence[int] = ()) -> dict:
+  """Per-arch validation loss of a batched Arch [P, ...], one compiled call. `hidden_buckets`
+  (with chunk 1): run each arch at the smallest of these widths that holds its hidden size, e.g.
+  the space's hidden choices (`_sums_population`)."""
   graphdef, state = nnx.split(model)
   stacked = batches if isinstance(batches, dict) else stack_batches(batches)
   population = archs.hidden.shape[0]
-  sums = np.asarray(_sums_population(graphdef, state, archs, stacked, min(chunk, population)))
+  sums = np.asarray(_sums_population(graphdef, state, archs, stacked, min(chunk, population),
+                                     hidden_buckets=tuple(int(h) for h in hidden_buckets)))
   return _summarise(sums)

@@ -79,9 +79,9 @@ def fill_model(abstract: Model, values: Mapping[tuple, jax.Array | np.ndarray]) 
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def export(supernet: Model, space: SpaceConfig, arch: Arch) -> Model:
-  """The dense model computing exactly what `supernet(batch, arch)` computes."""
-  dims, source = dense_dims(space, arch)
+def _sliced(supernet: Model, dims: ModelDims, source: list[int]) -> Model:
+  """A model of `dims` whose every array is the leading block of the supernet's (its layer i
+  from the supernet's layer `source[i]`). Traceable: the supernet's arrays may be jit tracers."""
   abstract = abstract_model(supernet.cfg, dims)
   super_params = flat_params(supernet)
   values = {}
@@ -94,6 +94,24 @@ def export(supernet: Model, space: SpaceConfig, arch: Arch) -> Model:
       raise ValueError(f'cannot slice {src} of shape {full.shape} to {var.shape}')
     values[path] = full[tuple(slice(0, n) for n in var.shape)]
   return fill_model(abstract, values)
+
+
+def export(supernet: Model, space: SpaceConfig, arch: Arch) -> Model:
+  """The dense model computing exactly what `supernet(batch, arch)` computes."""
+  dims, source = dense_dims(space, arch)
+  return _sliced(supernet, dims, source)
+
+
+def narrow(supernet: Model, hidden: int) -> Model:
+  """The supernet with its hidden width cut to the leading `hidden` channels, every layer, block
+  type, head and FFN unit kept. Still a supernet: for any arch with `arch.hidden <= hidden` it
+  computes exactly what `supernet(batch, arch)` does (hidden masks are prefixes), with matmuls,
+  norms and logits that much narrower. Traceable, so a compiled population forward can branch
+  to it (`evaluation.evaluate_population`'s `hidden_buckets`)."""
+  if not 0 < hidden <= supernet.dims.hidden:
+    raise ValueError(f'cannot narrow a hidden width of {supernet.dims.hidden} to {hidden}')
+  dims = dataclasses.replace(supernet.dims, hidden=int(hidden))
+  return _sliced(supernet, dims, list(range(len(dims.layers))))
 
 
 def import_dense(supernet: Model, space: SpaceConfig, arch: Arch, dense: Model) -> None:

@@ -45,6 +45,7 @@ class FitnessFn:
   graphdef: Any
   chunk: int
   micro_batches: int = 1
+  hidden_buckets: tuple[int, ...] = ()
   objectives: tuple[Objective, ...] = dataclasses.field(init=False)
   space_key: tuple = dataclasses.field(init=False, repr=False)
   _traces: list = dataclasses.field(init=False, compare=False, repr=False)
@@ -64,7 +65,7 @@ class FitnessFn:
     """Natural-unit values {name: float32[B]} of any objectives (jittable); with `active_B`,
     values of the inactive genomes are not wanted (the population forward skips them)."""
     ctx = Context(self.space, jnp.asarray(genomes_BxG, jnp.int32), self.graphdef, data,
-                  self.chunk, active_B, self.micro_batches)
+                  self.chunk, active_B, self.micro_batches, self.hidden_buckets)
     return {o.name: jnp.asarray(o.fn(ctx), jnp.float32) for o in objectives}
 
   def __call__(self, genomes_BxG: jax.Array, data: Mapping | None,
@@ -94,10 +95,13 @@ class Fitness:
 
   def __init__(self, space: Space, objectives: Sequence[str], model: nnx.Module | None = None,
                batches: Sequence[Mapping] | Mapping | None = None, chunk: int = 1, *,
-               micro_batches: int = 1, mesh=None, graphdef=None, data: Mapping | None = None):
+               micro_batches: int = 1, mesh=None, graphdef=None, data: Mapping | None = None,
+               hidden_buckets: bool = False):
     """`mesh`: lay the supernet and batches out on it (`search/placement.py`; None: this
     process's default device). `graphdef` and `data` instead of `model` and `batches`: data
-    already built (e.g. shapes only, for `elastic-jax compile`)."""
+    already built (e.g. shapes only, for `elastic-jax compile`). `hidden_buckets` (with chunk
+    1): each arch's forward runs on the supernet narrowed to its hidden choice
+    (`evaluation._sums_population`)."""
     if not objectives:
       raise UserError('search.objectives is empty; name at least one, e.g. ("loss", "params")')
     if len(set(objectives)) != len(objectives):
@@ -123,7 +127,9 @@ class Fitness:
     missing = [o.name for o in self.objectives if o.needs_model and self.data is None]
     if missing:
       raise UserError(f'objective(s) {missing} need the supernet: pass model= and batches=')
-    self.fn = FitnessFn(space, self.names, graphdef, int(chunk), int(micro_batches))
+    buckets = tuple(sorted(set(space.cfg.hidden))) if hidden_buckets and int(chunk) == 1 else ()
+    self.fn = FitnessFn(space, self.names, graphdef, int(chunk), int(micro_batches),
+                        buckets if len(buckets) > 1 else ())
 
   @property
   def maximize(self) -> tuple[bool, ...]:

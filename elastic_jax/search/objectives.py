@@ -38,7 +38,8 @@ class Context:
   """
 
   def __init__(self, space: Space, genomes_BxG: jax.Array, graphdef, data: Mapping | None,
-               chunk: int, active_B: jax.Array | None = None, micro_batches: int = 1):
+               chunk: int, active_B: jax.Array | None = None, micro_batches: int = 1,
+               hidden_buckets: tuple[int, ...] = ()):
     self.space = space
     self.genomes = genomes_BxG
     self.active = active_B  # bool[B] or None: genomes whose values are read (others may be 0)
@@ -46,6 +47,7 @@ class Context:
     self.data = data
     self.chunk = chunk
     self.micro_batches = micro_batches  # each validation batch as this many micro-batches
+    self.hidden_buckets = hidden_buckets  # widths the population forward narrows the supernet to
 
   @functools.cached_property
   def archs(self):
@@ -94,7 +96,8 @@ class Context:
     population = self.genomes.shape[0]
     return evaluation._sums_population(self.graphdef, self.data['state'], self.archs,
                                        self.data['batches'], max(1, min(self.chunk, population)),
-                                       self.active, micro_batches=self.micro_batches)
+                                       self.active, micro_batches=self.micro_batches,
+                                       hidden_buckets=self.hidden_buckets)
 
   @property
   def loss(self) -> jax.Array:

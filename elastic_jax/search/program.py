@@ -65,10 +65,12 @@ def fitness_on_mesh(sc: SearchConfig, space, mesh, names: Sequence[str], *, mode
                              space.model.vocab_size, mesh)
   if model is not None:
     fitness = Fitness(space, names, model=model, batches=batches, chunk=plan.chunk,
-                      micro_batches=plan.micro_batches, mesh=mesh)
+                      micro_batches=plan.micro_batches, mesh=mesh,
+                      hidden_buckets=sc.hidden_buckets)
   else:
     fitness = Fitness(space, names, chunk=plan.chunk, micro_batches=plan.micro_batches,
-                      graphdef=graphdef, data=placement.abstract_data(data, mesh))
+                      graphdef=graphdef, data=placement.abstract_data(data, mesh),
+                      hidden_buckets=sc.hidden_buckets)
   return Program(fitness, plan, mesh)
 
 
