@@ -36,12 +36,14 @@ SPACE = dict(num_layers=6, hidden=[128, 192, 256, 320, 384], depth=[2, 3, 4, 5, 
              blocks=['transformer'], heads=[2, 4, 6], head_dim=[64], ffn=[384, 768, 1152, 1536])
 
 
-def executed_flops(space: Space, archs) -> np.ndarray:
+def executed_flops(space: Space, archs, narrowed: bool = False) -> np.ndarray:
   """FLOPs/token the masked path executes per arch, archs run one at a time: lax.switch skips
   removed layers and lax.cond skips FFN blocks past the active width (the FFN choices are the
-  block bounds), so a kept layer runs at the supernet's hidden size and heads, its own FFN."""
+  block bounds), so a kept layer runs at the supernet's hidden size and heads, its own FFN.
+  `narrowed` (search.hidden_buckets): at the arch's own hidden size."""
   full = space.largest()
-  widest = archs.replace(hidden=jnp.full_like(archs.hidden, full.hidden),
+  hidden = archs.hidden if narrowed else jnp.full_like(archs.hidden, full.hidden)
+  widest = archs.replace(hidden=hidden,
                          head_dim=jnp.full_like(archs.head_dim, full.head_dim),
                          heads=jnp.broadcast_to(full.heads, archs.heads.shape),
                          kv_groups=jnp.broadcast_to(full.kv_groups, archs.kv_groups.shape))
