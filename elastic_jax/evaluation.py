@@ -116,13 +116,23 @@ def evaluate(model: nnx.Module, batches: Sequence[dict], arch=None) -> dict:
 
 
 def evaluate_population(model: nnx.Module, batches: Sequence[dict] | dict, archs,
-                        chunk: int = 8, hidden_buckets: Sequence[int] = ()) -> dict:
-  """Per-arch validation loss of a batched Arch [P, ...], one compiled call. `hidden_buckets`
-  (with chunk 1): run each arch at the smallest of these widths that holds its hidden size, e.g.
-  the space's hidden choices (`_sums_population`)."""
+                        chunk: int = 1, hidden_buckets: Sequence[int] | str = 'auto') -> dict:
+  """Per-arch validation loss of a batched Arch [P, ...], one compiled call.
+
+  `chunk` 1 (the default) runs the archs one at a time inside the call, skipping removed layers
+  and FFN blocks: the fastest on a CPU (bench/bench_peers.py). `chunk` k > 1 vmaps k archs at a
+  time, every layer at full size (fuller accelerators, k times the activations).
+  `hidden_buckets` (with chunk 1): run each arch on the supernet narrowed to the smallest of these
+  widths that holds its hidden size (`_sums_population`); 'auto' = the archs' own distinct hidden
+  sizes (one compiled branch each); () = the supernet's full width. Same losses either way."""
   graphdef, state = nnx.split(model)
   stacked = batches if isinstance(batches, dict) else stack_batches(batches)
   population = archs.hidden.shape[0]
+  if isinstance(hidden_buckets, str):
+    if hidden_buckets != 'auto':
+      raise ValueError(f"hidden_buckets must be 'auto' or a list of widths, got {hidden_buckets!r}")
+    widths = sorted(set(np.asarray(archs.hidden).reshape(-1).tolist()))
+    hidden_buckets = () if chunk > 1 or widths == [model.dims.hidden] else widths
   sums = np.asarray(_sums_population(graphdef, state, archs, stacked, min(chunk, population),
                                      hidden_buckets=tuple(int(h) for h in hidden_buckets)))
   return _summarise(sums)

@@ -40,13 +40,15 @@ def test_narrowed_population_equals_full_width_and_dense_exports(config, arg):
   space, model, batches, _, archs = _setup(config, arg, 16)
   choices = sorted(set(space.cfg.hidden))
   assert len(choices) >= 2 and len(set(np.asarray(archs.hidden).tolist())) >= 2
-  full = evaluation.evaluate_population(model, batches, archs, chunk=1)['loss']
+  full = evaluation.evaluate_population(model, batches, archs, hidden_buckets=())['loss']
   at_choices = evaluation.evaluate_population(model, batches, archs, chunk=1,
                                               hidden_buckets=choices)['loss']
   # A bucket between the two smallest choices: the smallest archs run there, still masked.
   between = evaluation.evaluate_population(model, batches, archs, chunk=1,
                                            hidden_buckets=((choices[0] + choices[1]) // 2,))
+  auto = evaluation.evaluate_population(model, batches, archs)['loss']  # default: chunk 1, 'auto'
   np.testing.assert_allclose(at_choices, full, rtol=1e-5)
+  np.testing.assert_allclose(auto, full, rtol=1e-5)
   np.testing.assert_allclose(between['loss'], full, rtol=1e-5)
   for i, arch in enumerate(arch_lib.unstack(archs)[:6]):
     dense = evaluation.evaluate(export.export(model, space.cfg, arch), batches)['loss']
