@@ -32,6 +32,13 @@ from whittle.metrics.parameters import compute_parameters
 from whittle.models.gpt import GPT
 
 
+def select(model: GPT, a: dict) -> None:
+  """The sub-network `a` (per-layer heads and FFN widths, MHA: query groups = heads)."""
+  model.set_sub_network(sub_network_n_embd=a['n_embd'], sub_network_n_layers=a['n_layers'],
+                        sub_network_num_heads=a['heads'], sub_network_query_groups=a['heads'],
+                        sub_network_intermediate_size=a['ffn'])
+
+
 def evaluate(model: GPT, archs: list[dict], inputs: torch.Tensor, targets: torch.Tensor,
              batch: int) -> tuple[list[float], float]:
   """Mean next-token loss of each arch and the seconds the loop took."""
@@ -39,9 +46,7 @@ def evaluate(model: GPT, archs: list[dict], inputs: torch.Tensor, targets: torch
   start = time.perf_counter()
   with torch.inference_mode():
     for a in archs:
-      model.set_sub_network(sub_network_n_embd=a['n_embd'], sub_network_n_layers=a['n_layers'],
-                            sub_network_num_heads=a['heads'], sub_network_query_groups=a['heads'],
-                            sub_network_intermediate_size=a['ffn'])
+      select(model, a)
       total, count = 0.0, 0
       for i in range(0, inputs.shape[0], batch):
         logits = model(inputs[i:i + batch])
@@ -70,9 +75,7 @@ def main():
 
   params = []
   for a in archs:
-    model.set_sub_network(sub_network_n_embd=a['n_embd'], sub_network_n_layers=a['n_layers'],
-                          sub_network_num_heads=a['heads'], sub_network_query_groups=a['heads'],
-                          sub_network_intermediate_size=a['ffn'])
+    select(model, a)
     params.append(int(compute_parameters(model)))
   model.reset_super_network()
 
