@@ -1,7 +1,10 @@
-"""SCONE on tinyshakespeare: validation perplexity of a baseline vs the same model with f-gram
-embeddings, at the same accelerator-resident parameters, over the paper's two scaling axes.
+"""SCONE: validation perplexity of a baseline vs the same model with f-gram embeddings, at the
+same accelerator-resident parameters, over the paper's two scaling axes, on two corpora:
+- `tinyshakespeare` (`configs/shakespeare_decoder.py`, byte tokens, 262-token vocabulary);
+- `python_docs`, the embedded default corpus (`configs/quickstart.py`, a 1024-token BPE
+  vocabulary trained on it), where f-grams are n-grams of sub-word tokens.
 
-Every run trains the largest sub-network of `configs/shakespeare_decoder.py` (`small`; `tiny`
+Every run trains the largest sub-network of the corpus's config (`small` / the default; `tiny`
 with --quick) alone (`train.sampling='standard'`) for the same steps and batches:
 - baseline: SCONE off;
 - SCONE: for each number of f-grams S in the grid and each of two f-gram model sizes, the same
@@ -14,7 +17,10 @@ the perplexity is also measured with only the first n_used f-grams (the elastic 
 trained model, `ppl_by_n_used`). `lookup_us_per_token`: host time of the lookup (hash, verify,
 longest match, gather of the rows) per token over the validation batches.
 
-  python bench/bench_scone.py [--quick]
+Top-level keys hold one value per corpus. `falls_with_fgrams` / `falls_with_model`: whether the
+perplexity falls strictly along each axis (every step of the grid), per corpus.
+
+  python bench/bench_scone.py [--quick] [--corpora tinyshakespeare,python_docs]
 """
 
 from __future__ import annotations
@@ -37,17 +43,20 @@ from elastic_jax.train.trainer import train
 from elastic_jax.workdir import build_space, load_supernet
 
 REPO = Path(__file__).resolve().parents[1]
+CORPORA = {'tinyshakespeare': 'shakespeare_decoder.py', 'python_docs': 'quickstart.py'}
 
 
-def shakespeare_config(arg):
-  spec = importlib.util.spec_from_file_location('sd', REPO / 'configs' / 'shakespeare_decoder.py')
+def corpus_config(corpus: str, quick: bool):
+  spec = importlib.util.spec_from_file_location('c', REPO / 'configs' / CORPORA[corpus])
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  if quick:
+    return module.get_config('tiny')
+  return module.get_config('small' if corpus == 'tinyshakespeare' else '')
 
 
-def base_config(quick: bool):
-  cfg = shakespeare_config('tiny' if quick else 'small')
+def base_config(corpus: str, quick: bool):
+  cfg = corpus_config(corpus, quick)
   cfg.train.sampling = 'standard'
   cfg.train.eval_archs = ('largest',)
   cfg.train.steps = 60 if quick else 800
@@ -76,75 +85,113 @@ def lookup_cost(cfg, table) -> float:
   return 1e6 * seconds / sum(b['tokens'].size for b in batches)
 
 
+def falls(values) -> bool:
+  return all(b < a for a, b in zip(values, values[1:]))
+
+
+def run_corpus(corpus: str, quick: bool, root: Path, counts, sizes) -> dict:
+  cfg = base_config(corpus, quick)
+  space = build_space(cfg)
+  resident = int(space.cost(space.largest())['params'])
+  t = time.perf_counter()
+  train(cfg, root / 'baseline', progress=False)
+  ppl_baseline = validation(cfg, root / 'baseline')
+  print(f'{corpus} baseline: ppl {ppl_baseline:.3f} ({time.perf_counter() - t:.0f} s)',
+        flush=True)
+  # The top-S f-grams are a prefix of the top-S' for S < S' (a fixed order): extract once.
+  c = base_config(corpus, quick)
+  c.scone.enabled = True
+  c.scone.num_fgrams = max(counts)
+  t = time.perf_counter()
+  all_fgrams = job.run_fgrams(scone_config(c.scone), c.data, root / 'extract')
+  extract_seconds = time.perf_counter() - t
+  print(f'{len(all_fgrams):,} f-grams extracted in {extract_seconds:.1f} s', flush=True)
+  grid, lookup_us, by_n_used = [], None, {}
+  for si, size in enumerate(sizes):
+    for s in counts:
+      c = base_config(corpus, quick)
+      c.scone.enabled = True
+      c.scone.update(num_fgrams=s, **size)
+      w = root / f'scone_{si}_{s}'
+      Fgrams(all_fgrams.tokens_SK[:s], all_fgrams.lengths_S[:s], all_fgrams.counts_S[:s],
+             all_fgrams.min_count).save(w / job.FGRAMS)
+      t = time.perf_counter()
+      train(c, w, progress=False)
+      seconds = time.perf_counter() - t
+      model, _ = load_supernet(c, str(w))
+      fgrams = job.run_fgrams(scone_config(c.scone), c.data, w)
+      table = table_lib.load(w / job.TABLE_DIR, table_lib.fingerprint(model, fgrams))
+      ppl = validation(c, w, table)
+      extra = cost.scone_cost(space.model, space.cfg.supernet_dims().hidden,
+                              scone_config(c.scone), len(fgrams))
+      row = {'corpus': corpus, 'fgram_model': si, **size, 'num_fgrams': len(fgrams), 'ppl': ppl,
+             'table_mb': table.nbytes / 1e6, 'resident_params': resident,
+             'resident_params_scone': int(build_space(c).cost(build_space(c).largest())['params']),
+             'fgram_model_params': extra['fgram_model_params'], 'train_seconds': seconds}
+      grid.append(row)
+      print(row, flush=True)
+      if si == len(sizes) - 1 and s == counts[-1]:
+        lookup_us = lookup_cost(c, table)
+        for n_used in sorted({len(fgrams) // 16, len(fgrams) // 4, len(fgrams)}):
+          by_n_used[str(n_used)] = validation(c, w, table, n_used)
+  best = min(grid, key=lambda r: r['ppl'])
+  by_size = [[r['ppl'] for r in grid if r['fgram_model'] == si] for si in range(len(sizes))]
+  by_count = list(zip(*by_size))
+  return {'ppl_baseline': ppl_baseline, 'ppl_scone': best['ppl'], 'lookup_us_per_token': lookup_us,
+          'table_mb': best['table_mb'], 'resident_params': resident, 'grid': grid,
+          'ppl_by_n_used': by_n_used, 'extracted_fgrams': len(all_fgrams),
+          'extract_seconds': extract_seconds,
+          'falls_with_fgrams': all(falls(p) for p in by_size),
+          'falls_with_model': all(falls(p) for p in by_count), 'steps': cfg.train.steps}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help='tiny model, few steps (minutes)')
+  parser.add_argument('--corpora', default=','.join(CORPORA),
+                      help=f'comma-separated, of {", ".join(CORPORA)}')
   args = parser.parse_args()
   quick = args.quick
+  corpora = [c for c in args.corpora.split(',') if c]
+  unknown = sorted(set(corpora) - set(CORPORA))
+  if unknown or not corpora:
+    parser.error(f'--corpora: unknown {unknown}; choose from {", ".join(CORPORA)}')
   counts = (200, 1000) if quick else (1000, 4000, 16000)
   sizes = ({'layers': 1, 'width': 16, 'heads': 2, 'ffn': 32},
            {'layers': 2, 'width': 48, 'heads': 2, 'ffn': 96}) if quick else \
           ({'layers': 1, 'width': 64, 'heads': 2, 'ffn': 128},
            {'layers': 2, 'width': 128, 'heads': 4, 'ffn': 256})
-  root = Path(tempfile.mkdtemp(prefix='bench_scone_'))
-  try:
-    cfg = base_config(quick)
-    space = build_space(cfg)
-    resident = int(space.cost(space.largest())['params'])
-    t = time.perf_counter()
-    train(cfg, root / 'baseline', progress=False)
-    ppl_baseline = validation(cfg, root / 'baseline')
-    print(f'baseline: ppl {ppl_baseline:.3f} ({time.perf_counter() - t:.0f} s)', flush=True)
-    # The top-S f-grams are a prefix of the top-S' for S < S' (a fixed order): extract once.
-    c = base_config(quick)
-    c.scone.enabled = True
-    c.scone.num_fgrams = max(counts)
-    t = time.perf_counter()
-    all_fgrams = job.run_fgrams(scone_config(c.scone), c.data, root / 'extract')
-    print(f'{len(all_fgrams):,} f-grams extracted in {time.perf_counter() - t:.1f} s', flush=True)
-    grid, lookup_us, by_n_used = [], None, {}
-    for si, size in enumerate(sizes):
-      for s in counts:
-        c = base_config(quick)
-        c.scone.enabled = True
-        c.scone.update(num_fgrams=s, **size)
-        w = root / f'scone_{si}_{s}'
-        Fgrams(all_fgrams.tokens_SK[:s], all_fgrams.lengths_S[:s], all_fgrams.counts_S[:s],
-               all_fgrams.min_count).save(w / job.FGRAMS)
-        t = time.perf_counter()
-        train(c, w, progress=False)
-        seconds = time.perf_counter() - t
-        model, _ = load_supernet(c, str(w))
-        fgrams = job.run_fgrams(scone_config(c.scone), c.data, w)
-        table = table_lib.load(w / job.TABLE_DIR, table_lib.fingerprint(model, fgrams))
-        ppl = validation(c, w, table)
-        extra = cost.scone_cost(space.model, space.cfg.supernet_dims().hidden,
-                                scone_config(c.scone), len(fgrams))
-        row = {'fgram_model': si, **size, 'num_fgrams': len(fgrams), 'ppl': ppl,
-               'table_mb': table.nbytes / 1e6, 'resident_params': resident,
-               'fgram_model_params': extra['fgram_model_params'], 'train_seconds': seconds}
-        grid.append(row)
-        print(row, flush=True)
-        if si == len(sizes) - 1 and s == counts[-1]:
-          lookup_us = lookup_cost(c, table)
-          for n_used in sorted({len(fgrams) // 16, len(fgrams) // 4, len(fgrams)}):
-            by_n_used[str(n_used)] = validation(c, w, table, n_used)
-  finally:
-    shutil.rmtree(root, ignore_errors=True)
-  best = min(grid, key=lambda r: r['ppl'])
-  results = {'ppl_baseline': ppl_baseline, 'ppl_scone': best['ppl'],
-             'lookup_us_per_token': lookup_us, 'table_mb': best['table_mb'],
-             'resident_params': resident, 'grid': grid, 'ppl_by_n_used': by_n_used,
-             'steps': cfg.train.steps}
-  rows = [('baseline', '-', '-', f'{ppl_baseline:.3f}', '0', f'{resident:,}')]
-  rows += [(f"{r['layers']}x{r['width']}", f"{r['fgram_model_params']:,}", r['num_fgrams'],
-            f"{r['ppl']:.3f}", f"{r['table_mb']:.2f}", f"{r['resident_params']:,}")
-           for r in grid]
-  notes = (f"tinyshakespeare, {cfg.train.steps} steps per run; lookup {lookup_us:.2f} us/token "
-           f"on the host; perplexity by n_used (largest run): {by_n_used}")
+  per = {}
+  for corpus in corpora:
+    root = Path(tempfile.mkdtemp(prefix=f'bench_scone_{corpus}_'))
+    try:
+      per[corpus] = run_corpus(corpus, quick, root, counts, sizes)
+    finally:
+      shutil.rmtree(root, ignore_errors=True)
+  keys = ('ppl_baseline', 'ppl_scone', 'lookup_us_per_token', 'table_mb', 'falls_with_fgrams',
+          'falls_with_model', 'resident_params', 'extracted_fgrams', 'extract_seconds',
+          'ppl_by_n_used')
+  results = {k: {c: r[k] for c, r in per.items()} for k in keys}
+  results['grid'] = [row for r in per.values() for row in r['grid']]
+  results['steps'] = next(iter(per.values()))['steps']
+  rows = []
+  for corpus, r in per.items():
+    rows.append((corpus, 'baseline', '-', '-', f"{r['ppl_baseline']:.3f}", '0',
+                 f"{r['resident_params']:,}"))
+    rows += [(corpus, f"{g['layers']}x{g['width']}", f"{g['fgram_model_params']:,}",
+              g['num_fgrams'], f"{g['ppl']:.3f}", f"{g['table_mb']:.2f}",
+              f"{g['resident_params_scone']:,}") for g in r['grid']]
+  notes = [f"{results['steps']} training steps per run (same batches with and without SCONE)."]
+  for corpus, r in per.items():
+    notes.append(
+        f"- {corpus}: best SCONE {r['ppl_scone']:.3f} vs baseline {r['ppl_baseline']:.3f}; "
+        f"falls with the f-gram count: {r['falls_with_fgrams']}, with the f-gram model: "
+        f"{r['falls_with_model']}; lookup {r['lookup_us_per_token']:.2f} us/token on the host; "
+        f"{r['extracted_fgrams']:,} f-grams extracted in {r['extract_seconds']:.1f} s; "
+        f"perplexity by n_used (largest run, one model): {r['ppl_by_n_used']}")
   path = write_results('bench_scone', results, rows,
-                       ('f-gram model', 'its params (training only)', 'f-grams', 'val ppl',
-                        'table MB', 'resident params'), notes, quick=quick)
+                       ('corpus', 'f-gram model', 'its params (training only)', 'f-grams',
+                        'val ppl', 'table MB', 'resident params'), '\n'.join(notes), quick=quick)
   print(path)
 
 
