@@ -48,6 +48,15 @@ def _sums_one(graphdef, state, arch, stacked):
   return total
 
 
+def bucket_widths(hidden_sizes, full: int, chunk: int = 1) -> tuple[int, ...]:
+  """The widths a population forward narrows the supernet to (`_sums_population`'s
+  `hidden_buckets`): the distinct hidden sizes given, each at most the supernet's `full` width,
+  and `full` itself; () where narrowing cannot apply (chunk > 1: vmapped archs share one width)
+  or buys nothing (the full width alone)."""
+  widths = tuple(sorted({min(int(h), full) for h in hidden_sizes} | {int(full)}))
+  return () if chunk > 1 or len(widths) == 1 else widths
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4),
                    static_argnames=('micro_batches', 'hidden_buckets'))
 def _sums_population(graphdef, state, archs, stacked, chunk, active_P=None, *,
@@ -84,9 +93,8 @@ def _sums_population(graphdef, state, archs, stacked, chunk, active_P=None, *,
       return total + batch_total(model, arch, batch), None
     return jax.lax.scan(body, jnp.zeros(3), stacked)[0]
 
-  if hidden_buckets and chunk <= 1:
-    widths = tuple(sorted({min(int(h), model.dims.hidden) for h in hidden_buckets}
-                          | {model.dims.hidden}))
+  widths = bucket_widths(hidden_buckets, model.dims.hidden, chunk)
+  if widths:
     branches = [functools.partial(lambda w, arch: on(export.narrow(model, w), arch), w)
                 for w in widths]
     one = lambda arch: jax.lax.switch(
@@ -131,8 +139,8 @@ def evaluate_population(model: nnx.Module, batches: Sequence[dict] | dict, archs
   if isinstance(hidden_buckets, str):
     if hidden_buckets != 'auto':
       raise ValueError(f"hidden_buckets must be 'auto' or a list of widths, got {hidden_buckets!r}")
-    widths = sorted(set(np.asarray(archs.hidden).reshape(-1).tolist()))
-    hidden_buckets = () if chunk > 1 or widths == [model.dims.hidden] else widths
+    hidden_buckets = np.asarray(archs.hidden).reshape(-1).tolist()
+  widths = bucket_widths(hidden_buckets, model.dims.hidden, chunk)
   sums = np.asarray(_sums_population(graphdef, state, archs, stacked, min(chunk, population),
-                                     hidden_buckets=tuple(int(h) for h in hidden_buckets)))
+                                     hidden_buckets=widths))
   return _summarise(sums)

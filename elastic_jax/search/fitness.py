@@ -127,9 +127,9 @@ class Fitness:
     missing = [o.name for o in self.objectives if o.needs_model and self.data is None]
     if missing:
       raise UserError(f'objective(s) {missing} need the supernet: pass model= and batches=')
-    buckets = tuple(sorted(set(space.cfg.hidden))) if hidden_buckets and int(chunk) == 1 else ()
-    self.fn = FitnessFn(space, self.names, graphdef, int(chunk), int(micro_batches),
-                        buckets if len(buckets) > 1 else ())
+    buckets = evaluation.bucket_widths(space.cfg.hidden, space.cfg.supernet_dims().hidden,
+                                       int(chunk)) if hidden_buckets else ()
+    self.fn = FitnessFn(space, self.names, graphdef, int(chunk), int(micro_batches), buckets)
 
   @property
   def maximize(self) -> tuple[bool, ...]:
