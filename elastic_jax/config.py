@@ -119,6 +119,8 @@ class LayerDims:
   inner: int = 0  # bottleneck inner width; 0 when the layer has no bottleneck block
   # FFN column blocks a masked model may skip (the space's FFN choices); () in dense models.
   ffn_segments: tuple[int, ...] = ()
+  # Query-head blocks a masked model may skip (the space's head-count choices); () in dense models.
+  head_segments: tuple[int, ...] = ()
   ffn_layers: int = 1  # stacked FFN linears of FlexiBERT blocks (the supernet: the most allowed)
 
 
@@ -137,7 +139,8 @@ class ModelDims:
   @classmethod
   def from_json(cls, d: Mapping) -> ModelDims:
     layers = tuple(LayerDims(**{**l, 'blocks': tuple(l['blocks']),
-                                'ffn_segments': tuple(l.get('ffn_segments', ()))})
+                                'ffn_segments': tuple(l.get('ffn_segments', ())),
+                                'head_segments': tuple(l.get('head_segments', ()))})
                    for l in d['layers'])
     return cls(hidden=d['hidden'], head_dim=d['head_dim'],
                bottleneck_head_dim=d['bottleneck_head_dim'], layers=layers)
@@ -230,7 +233,8 @@ class SpaceConfig:
     layer = LayerDims(blocks=kinds, heads=max(self.heads), kv_groups=self.max_kv_groups,
                       ffn=max(self.ffn),
                       inner=max(self.inner) if 'bottleneck' in kinds else 0,
-                      ffn_segments=self.ffn, ffn_layers=max(self.ffn_layers))
+                      ffn_segments=self.ffn, head_segments=self.heads,
+                      ffn_layers=max(self.ffn_layers))
     return ModelDims(hidden=max(self.hidden), head_dim=max(self.head_dim),
                      bottleneck_head_dim=self.bottleneck_head_dim if 'bottleneck' in kinds else 0,
                      layers=(layer,) * self.num_layers)

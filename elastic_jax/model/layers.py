@@ -150,12 +150,19 @@ class Attention(nnx.Module):
   Elastic: active query heads (a prefix), active KV groups (a prefix), active head size (a prefix of
   every head). Active query head h reads KV group h // (heads / kv_groups), the usual GQA mapping
   of a dense model with that many heads and groups.
+
+  `segments` (the space's head-count choices) split the query heads into blocks [n_i, n_{i+1});
+  in the masked model a block beyond the active head count is skipped by `lax.cond` (its query
+  projection, scores, context and output projection), as the MLP skips FFN column blocks. Dense
+  models have one block.
   """
 
   def __init__(self, width: int, width_axis: str, heads: int, kv_groups: int, head_dim: int,
-               cfg: ModelConfig, *, rngs: nnx.Rngs):
+               cfg: ModelConfig, *, rngs: nnx.Rngs, segments: Sequence[int] = ()):
     self.cfg = cfg
     self.heads, self.kv_groups, self.head_dim = heads, kv_groups, head_dim
+    bounds = sorted({int(c) for c in segments if 0 < c < heads} | {heads})
+    self.head_bounds = tuple(zip([0] + bounds[:-1], bounds))
     w, n, g, h = width, heads, kv_groups, head_dim
     self.q = make_param(rngs, (w, n, h), (width_axis, 'heads', 'head_dim'), cfg)
     self.k = make_param(rngs, (w, g, h), (width_axis, 'kv', 'head_dim'), cfg)
@@ -171,18 +178,50 @@ class Attention(nnx.Module):
     # A `KVCache` while decoding (set by elastic_jax.generate on dense models), else None.
     self.kv_cache = nnx.data(None)
 
+  def _heads(self, x_BTD, k_BTGH, v_BTGH, lo: int, hi: int, kv_index, attn_mask_BTS,
+             positions_BT, head_dim, head_mask, hd_mask, names):
+    """Query heads [lo, hi): (output [B,T,D] before the bias, captures of these heads)."""
+    cfg, dtype = self.cfg, x_BTD.dtype
+    q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, self.q[...][:, lo:hi].astype(dtype))
+    if self.q_bias is not None:
+      q_BTNH = q_BTNH + self.q_bias[...][lo:hi].astype(dtype)
+    if cfg.positions == 'rotary':
+      q_BTNH = rotary(q_BTNH, positions_BT, head_dim, cfg.rope_theta, hd_mask)
+    elif hd_mask is not None:
+      q_BTNH = q_BTNH * hd_mask
+    k_BTNH = jnp.take(k_BTGH, kv_index[lo:hi], axis=2)
+    v_BTNH = jnp.take(v_BTGH, kv_index[lo:hi], axis=2)
+    scale = jax.lax.rsqrt(jnp.asarray(head_dim, jnp.float32)).astype(dtype)
+    logits_BNTS = jnp.einsum('BTNH,BSNH->BNTS', q_BTNH * scale, k_BTNH)
+    logits_BNTS = logits_BNTS.astype(jnp.float32)
+    logits_BNTS = jnp.where(attn_mask_BTS[:, None], logits_BNTS, jnp.finfo(jnp.float32).min)
+    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1)
+    captured = {}
+    if 'attn_probs' in names:
+      captured['attn_probs'] = probs_BNTS if head_mask is None else \
+          probs_BNTS * head_mask[lo:hi, None, None]
+    out_BTNH = jnp.einsum('BNTS,BSNH->BTNH', probs_BNTS.astype(dtype), v_BTNH)
+    if head_mask is not None:
+      out_BTNH = out_BTNH * head_mask[lo:hi, None] * hd_mask
+    if 'attn_heads' in names:
+      captured['attn_heads'] = out_BTNH  # per-head context, before the output projection
+    o_NHD = self.o[...][lo:hi].astype(dtype)
+    if 'attn_head_out' in names:
+      # Each head's share of the output (before the bias): what ELM's head pruning compares.
+      captured['attn_head_out'] = jnp.einsum('BTNH,NHD->BTND', out_BTNH, o_NHD)
+    return jnp.einsum('BTNH,NHD->BTD', out_BTNH, o_NHD), captured
+
   def __call__(self, x_BTD: Array, attn_mask_BTS: Array, positions_BT: Array,
                active: dict | None = None, capture: dict | None = None) -> Array:
     """`active`: {'heads', 'kv_groups', 'head_dim'} traced sizes, or None for the dense layer."""
     cfg = self.cfg
     dtype = x_BTD.dtype
-    if capture is not None and 'attn_in' in capture['names']:
+    names = () if capture is None else capture['names']
+    if 'attn_in' in names:
       capture['attn_in'] = x_BTD
-    q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, self.q[...].astype(dtype))
     k_BTGH = jnp.einsum('BTD,DGH->BTGH', x_BTD, self.k[...].astype(dtype))
     v_BTGH = jnp.einsum('BTD,DGH->BTGH', x_BTD, self.v[...].astype(dtype))
-    if self.q_bias is not None:
-      q_BTNH = q_BTNH + self.q_bias[...].astype(dtype)
+    if self.k_bias is not None:
       k_BTGH = k_BTGH + self.k_bias[...].astype(dtype)
       v_BTGH = v_BTGH + self.v_bias[...].astype(dtype)
 
@@ -193,38 +232,34 @@ class Attention(nnx.Module):
       heads, groups, head_dim = active['heads'], active['kv_groups'], active['head_dim']
       head_mask = prefix_mask(self.heads, heads, dtype)
       hd_mask = prefix_mask(self.head_dim, head_dim, dtype)
-    # Rotary acts per head, so rotating the KV groups before the GQA gather below is exact (and
-    # is what a KV cache stores).
+    # Rotary acts per head, so rotating the KV groups before the GQA gather is exact (and is what
+    # a KV cache stores).
     if cfg.positions == 'rotary':
-      q_BTNH = rotary(q_BTNH, positions_BT, head_dim, cfg.rope_theta, hd_mask)
       k_BTGH = rotary(k_BTGH, positions_BT, head_dim, cfg.rope_theta, hd_mask)
-    elif hd_mask is not None:
-      q_BTNH = q_BTNH * hd_mask
     if self.kv_cache is not None:  # keys S are the cache's slots; attn_mask_BTS covers them
       k_BTGH, v_BTGH = self.kv_cache.update(k_BTGH, v_BTGH)
     # Query head n reads group n // (heads / groups); inactive heads read group 0 (masked later).
     per_group = jnp.maximum(jnp.asarray(heads) // jnp.asarray(groups), 1)
     kv_index = jnp.minimum(jnp.arange(self.heads) // per_group, self.kv_groups - 1)
-    k_BTNH = jnp.take(k_BTGH, kv_index, axis=2)
-    v_BTNH = jnp.take(v_BTGH, kv_index, axis=2)
-    scale = jax.lax.rsqrt(jnp.asarray(head_dim, jnp.float32)).astype(dtype)
-    logits_BNTS = jnp.einsum('BTNH,BSNH->BNTS', q_BTNH * scale, k_BTNH)
-    logits_BNTS = logits_BNTS.astype(jnp.float32)
-    logits_BNTS = jnp.where(attn_mask_BTS[:, None], logits_BNTS, jnp.finfo(jnp.float32).min)
-    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1)
-    if capture is not None and 'attn_probs' in capture['names']:
-      capture['attn_probs'] = probs_BNTS if head_mask is None else probs_BNTS * head_mask[:, None,
-                                                                                           None]
-    out_BTNH = jnp.einsum('BNTS,BSNH->BTNH', probs_BNTS.astype(dtype), v_BTNH)
-    if head_mask is not None:
-      out_BTNH = out_BTNH * head_mask[:, None] * hd_mask
-    if capture is not None and 'attn_heads' in capture['names']:
-      capture['attn_heads'] = out_BTNH  # per-head context, before the output projection
-    if capture is not None and 'attn_head_out' in capture['names']:
-      # Each head's share of the output (before the bias): what ELM's head pruning compares.
-      o_NHD = self.o[...].astype(dtype)
-      capture['attn_head_out'] = jnp.einsum('BTNH,NHD->BTND', out_BTNH, o_NHD)
-    out_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTNH, self.o[...].astype(dtype))
+    want = tuple(n for n in ('attn_probs', 'attn_heads', 'attn_head_out') if n in names)
+    run = lambda x, lo, hi: self._heads(x, k_BTGH, v_BTGH, lo, hi, kv_index, attn_mask_BTS,
+                                        positions_BT, head_dim, head_mask, hd_mask, want)
+    out_BTD, parts = None, []
+    for lo, hi in self.head_bounds:
+      if active is None or lo == 0:
+        seg, captured = run(x_BTD, lo, hi)
+      else:
+        shapes = jax.eval_shape(lambda x, lo=lo, hi=hi: run(x, lo, hi), x_BTD)
+        seg, captured = jax.lax.cond(
+            lo < heads, lambda x, lo=lo, hi=hi: run(x, lo, hi),
+            lambda x, shapes=shapes: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+            x_BTD)
+      out_BTD = seg if out_BTD is None else out_BTD + seg
+      parts.append(captured)
+    for name, axis in (('attn_probs', 1), ('attn_heads', 2), ('attn_head_out', 2)):
+      if name in want:
+        capture[name] = jnp.concatenate([p[name] for p in parts], axis=axis) \
+            if len(parts) > 1 else parts[0][name]
     if self.o_bias is not None:
       out_BTD = out_BTD + self.o_bias[...].astype(dtype)
     return out_BTD

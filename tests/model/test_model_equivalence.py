@@ -124,6 +124,29 @@ def test_sliced_weights_are_the_only_ones_used():
   np.testing.assert_array_equal(before, model(batch, arch))
 
 
+def test_head_and_ffn_blocks_beyond_the_active_sizes_are_never_computed():
+  """Query-head blocks and FFN column blocks past an arch's choice are skipped (`lax.cond`), not
+  masked: NaN weights there (NaN * 0 is NaN) leave the sub-network's output bit for bit."""
+  cfg, space, model = build('gpt2', seed=3)
+  batch = random_batch(cfg, seed=7)
+  arch = space.smallest()  # 2 of [2, 3, 6] heads, FFN 10 of [10, 22, 34] in every layer
+  arch = arch.replace(block=arch.block.at[0].set(0))  # a transformer block in layer 0
+  before = model(batch, arch)
+  nan = jnp.float32(jnp.nan)
+  for layer in model.layers:
+    block = layer.blocks['transformer']
+    attn, mlp = block.attn, block.mlp
+    assert attn.head_bounds == ((0, 2), (2, 3), (3, 6))
+    attn.q[...] = attn.q[...].at[:, 2:].set(nan)
+    attn.q_bias[...] = attn.q_bias[...].at[2:].set(nan)
+    attn.o[...] = attn.o[...].at[2:].set(nan)
+    mlp.up[...] = mlp.up[...].at[:, 10:].set(nan)
+    mlp.down[...] = mlp.down[...].at[10:].set(nan)
+  np.testing.assert_array_equal(before, model(batch, arch))
+  wider = arch.replace(heads=arch.heads.at[0].set(3))
+  assert np.isnan(np.asarray(model(batch, wider))).any()
+
+
 def test_every_block_type_and_knob_is_covered():
   """Guards the property test's coverage: each family knob value appears in some family."""
   values = {k: {fam.get(k) for fam in FAMILIES.values()} for k in

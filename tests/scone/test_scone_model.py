@@ -22,8 +22,14 @@ DIMS = ModelDims(hidden=13, head_dim=5, bottleneck_head_dim=0,
 SCONE = SconeConfig(max_n=K, min_count=3, num_fgrams=60, layers=2, width=10, heads=2, ffn=7)
 
 
-def model(seed=0, scone=SCONE):
-  return Model(CFG, DIMS, rngs=nnx.Rngs(seed), scone=scone)
+def model(seed=0, scone=SCONE, trained=True):
+  """`trained`: out_proj random (it starts at zero, where the f-gram model adds nothing and every
+  comparison of its outputs would hold whatever its blocks computed)."""
+  m = Model(CFG, DIMS, rngs=nnx.Rngs(seed), scone=scone)
+  if scone is not None and trained:
+    out = m.scone.out_proj
+    out[...] = 0.3 * jax.random.normal(jax.random.key(seed + 7), out[...].shape)
+  return m
 
 
 def corpus_and_fgrams():
@@ -63,6 +69,9 @@ def test_without_fgram_inputs_the_model_is_the_baseline():
   none = {**plain, 'fgram_hits': jnp.full_like(b['fgram_hits'], -1)}
   assert np.array_equal(base(plain), with_scone(none))
   assert not np.allclose(base(plain), with_scone(b), atol=1e-4)  # the f-grams do change it
+  # An untrained f-gram model adds nothing to the last token's embedding (out_proj starts at
+  # zero): with f-grams matched, it is still the baseline.
+  assert np.array_equal(base(plain), model(trained=False)(b))
 
 
 @pytest.mark.parametrize('n_used', [None, 9])
