@@ -20,7 +20,11 @@ longest match, gather of the rows) per token over the validation batches.
 Top-level keys hold one value per corpus. `falls_with_fgrams` / `falls_with_model`: whether the
 perplexity falls strictly along each axis (every step of the grid), per corpus.
 
-  python bench/bench_scone.py [--quick] [--corpora tinyshakespeare,python_docs]
+  python bench/bench_scone.py [--quick] [--corpora tinyshakespeare,python_docs] [--workdir W]
+
+With --workdir W every run trains in W/<corpus>/ and is kept; a run already trained there resumes
+at its last checkpoint (a finished one only re-evaluates: `train_seconds` null, `resumed` true).
+Without it, a temporary directory is used and removed.
 """
 
 from __future__ import annotations
@@ -115,9 +119,10 @@ def run_corpus(corpus: str, quick: bool, root: Path, counts, sizes) -> dict:
       w = root / f'scone_{si}_{s}'
       Fgrams(all_fgrams.tokens_SK[:s], all_fgrams.lengths_S[:s], all_fgrams.counts_S[:s],
              all_fgrams.min_count).save(w / job.FGRAMS)
+      resumed = (w / 'checkpoints').is_dir()
       t = time.perf_counter()
       train(c, w, progress=False)
-      seconds = time.perf_counter() - t
+      seconds = None if resumed else time.perf_counter() - t
       model, _ = load_supernet(c, str(w))
       fgrams = job.run_fgrams(scone_config(c.scone), c.data, w)
       table = table_lib.load(w / job.TABLE_DIR, table_lib.fingerprint(model, fgrams))
@@ -127,7 +132,8 @@ def run_corpus(corpus: str, quick: bool, root: Path, counts, sizes) -> dict:
       row = {'corpus': corpus, 'fgram_model': si, **size, 'num_fgrams': len(fgrams), 'ppl': ppl,
              'table_mb': table.nbytes / 1e6, 'resident_params': resident,
              'resident_params_scone': int(build_space(c).cost(build_space(c).largest())['params']),
-             'fgram_model_params': extra['fgram_model_params'], 'train_seconds': seconds}
+             'fgram_model_params': extra['fgram_model_params'], 'train_seconds': seconds,
+             'resumed': resumed}
       grid.append(row)
       print(row, flush=True)
       if si == len(sizes) - 1 and s == counts[-1]:
@@ -148,6 +154,8 @@ def run_corpus(corpus: str, quick: bool, root: Path, counts, sizes) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help='tiny model, few steps (minutes)')
+  parser.add_argument('--workdir', default=None,
+                      help='keep every run in WORKDIR/<corpus>/ and resume runs found there')
   parser.add_argument('--corpora', default=','.join(CORPORA),
                       help=f'comma-separated, of {", ".join(CORPORA)}')
   args = parser.parse_args()
@@ -163,6 +171,11 @@ def main():
            {'layers': 2, 'width': 128, 'heads': 4, 'ffn': 256})
   per = {}
   for corpus in corpora:
+    if args.workdir:
+      root = Path(args.workdir) / corpus
+      root.mkdir(parents=True, exist_ok=True)
+      per[corpus] = run_corpus(corpus, quick, root, counts, sizes)
+      continue
     root = Path(tempfile.mkdtemp(prefix=f'bench_scone_{corpus}_'))
     try:
       per[corpus] = run_corpus(corpus, quick, root, counts, sizes)
