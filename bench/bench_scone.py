@@ -127,11 +127,12 @@ def run_corpus(corpus: str, quick: bool, root: Path, counts, sizes) -> dict:
       fgrams = job.run_fgrams(scone_config(c.scone), c.data, w)
       table = table_lib.load(w / job.TABLE_DIR, table_lib.fingerprint(model, fgrams))
       ppl = validation(c, w, table)
+      scone_space = build_space(c)
       extra = cost.scone_cost(space.model, space.cfg.supernet_dims().hidden,
                               scone_config(c.scone), len(fgrams))
       row = {'corpus': corpus, 'fgram_model': si, **size, 'num_fgrams': len(fgrams), 'ppl': ppl,
              'table_mb': table.nbytes / 1e6, 'resident_params': resident,
-             'resident_params_scone': int(build_space(c).cost(build_space(c).largest())['params']),
+             'resident_params_scone': int(scone_space.cost(scone_space.largest())['params']),
              'fgram_model_params': extra['fgram_model_params'], 'train_seconds': seconds,
              'resumed': resumed}
       grid.append(row)
