@@ -1,11 +1,24 @@
 """Shared test helpers: small random models, the shared data folder."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import jax
-import pytest
-from flax import nnx
+# One persistent XLA compilation cache for the whole test run, shared by the xdist workers and by
+# every subprocess the tests start (they inherit the environment): a program that several tests, or
+# a run and its resumed run, compile the same way is compiled once. Set before JAX is imported, so
+# JAX reads it; the process that made the folder (the xdist controller, or the only process)
+# removes it at exit. A cache the caller set is used and kept.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='elastic-jax-tests-xla-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get('ELASTIC_JAX_SHARED_DATA', REPO.parent / 'shared' / 'data'))
