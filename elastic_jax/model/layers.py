@@ -71,6 +71,22 @@ def prefix_mask(n_max: int, n_active, dtype) -> Array:
   return (jnp.arange(n_max) < n_active).astype(dtype)
 
 
+def segment_bounds(size: int, choices: Sequence[int]) -> tuple[tuple[int, int], ...]:
+  """The blocks [lo, hi) of `size` units cut at the space's choices below it (one block when
+  there are none): a sub-network's active units are always whole blocks plus a masked tail."""
+  bounds = sorted({int(c) for c in choices if 0 < c < size} | {size})
+  return tuple(zip([0] + bounds[:-1], bounds))
+
+
+def run_or_zeros(run, fn, x):
+  """fn(x) where the traced bool `run` holds, else zeros shaped like fn's outputs, by `lax.cond`:
+  one sub-network at a time, a block past its active size is never computed (under vmap, cond
+  computes both sides and selects)."""
+  shapes = jax.eval_shape(fn, x)
+  zeros = lambda _: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return jax.lax.cond(run, fn, zeros, x)
+
+
 class Norm(nnx.Module):
   """LayerNorm, RMSNorm or NoNorm over the last axis, statistics over the active features only."""
 
@@ -161,8 +177,7 @@ class Attention(nnx.Module):
                cfg: ModelConfig, *, rngs: nnx.Rngs, segments: Sequence[int] = ()):
     self.cfg = cfg
     self.heads, self.kv_groups, self.head_dim = heads, kv_groups, head_dim
-    bounds = sorted({int(c) for c in segments if 0 < c < heads} | {heads})
-    self.head_bounds = tuple(zip([0] + bounds[:-1], bounds))
+    self.head_bounds = segment_bounds(heads, segments)
     w, n, g, h = width, heads, kv_groups, head_dim
     self.q = make_param(rngs, (w, n, h), (width_axis, 'heads', 'head_dim'), cfg)
     self.k = make_param(rngs, (w, g, h), (width_axis, 'kv', 'head_dim'), cfg)
@@ -249,11 +264,7 @@ class Attention(nnx.Module):
       if active is None or lo == 0:
         seg, captured = run(x_BTD, lo, hi)
       else:
-        shapes = jax.eval_shape(lambda x, lo=lo, hi=hi: run(x, lo, hi), x_BTD)
-        seg, captured = jax.lax.cond(
-            lo < heads, lambda x, lo=lo, hi=hi: run(x, lo, hi),
-            lambda x, shapes=shapes: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-            x_BTD)
+        seg, captured = run_or_zeros(lo < heads, lambda x, lo=lo, hi=hi: run(x, lo, hi), x_BTD)
       out_BTD = seg if out_BTD is None else out_BTD + seg
       parts.append(captured)
     for name, axis in (('attn_probs', 1), ('attn_heads', 2), ('attn_head_out', 2)):
@@ -278,8 +289,7 @@ class MLP(nnx.Module):
                segments: Sequence[int] = ()):
     self.kind = cfg.mlp
     self.ffn = ffn
-    bounds = sorted({int(c) for c in segments if 0 < c < ffn} | {ffn})
-    self.bounds = tuple(zip([0] + bounds[:-1], bounds))
+    self.bounds = segment_bounds(ffn, segments)
     self.up = make_param(rngs, (width, ffn), (width_axis, 'mlp'), cfg)
     self.gate = make_param(rngs, (width, ffn), (width_axis, 'mlp'), cfg) if cfg.mlp == 'swiglu' \
         else None
@@ -320,13 +330,9 @@ class MLP(nnx.Module):
       if ffn_active is None or (lo == 0 and skip is None):
         pre, act, seg = self._segment(x_BTD, lo, hi, ffn_active)
       else:
-        shapes = jax.eval_shape(lambda x, lo=lo, hi=hi: self._segment(x, lo, hi, ffn_active),
-                                x_BTD)
         run = lo < ffn_active if skip is None else (lo < ffn_active) & ~skip
-        pre, act, seg = jax.lax.cond(
-            run, lambda x, lo=lo, hi=hi: self._segment(x, lo, hi, ffn_active),
-            lambda x, shapes=shapes: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-            x_BTD)
+        pre, act, seg = run_or_zeros(
+            run, lambda x, lo=lo, hi=hi: self._segment(x, lo, hi, ffn_active), x_BTD)
       pres.append(pre)
       acts.append(act)
       out = seg if out is None else out + seg
