@@ -109,11 +109,16 @@ def opt_state_shardings(tx, abstract_params, param_shardings, mesh: Mesh):
                                is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def check_batch(batch_size: int, mesh: Mesh) -> None:
+def check_batch(rows: int, mesh: Mesh, what: str = 'the training batch') -> int:
+  """The number of ways the mesh splits a batch (mesh.data x mesh.fsdp); a UserError naming
+  `what` when that does not divide its `rows` (data.batch_size)."""
   ways = mesh.shape['data'] * mesh.shape['fsdp']
-  if batch_size % ways:
-    raise UserError(f'config data.batch_size={batch_size} is not divisible by the batch axes '
-                    f'mesh.data*mesh.fsdp={ways}; choose a multiple of {ways}')
+  if rows % ways:
+    raise UserError(
+        f'{what} has {rows} rows (data.batch_size) but the mesh splits batches {ways} ways '
+        f'(mesh.data={mesh.shape["data"]} x mesh.fsdp={mesh.shape["fsdp"]}); make '
+        f'data.batch_size a multiple of {ways} or change mesh.data / mesh.fsdp')
+  return ways
 
 
 def check_sufficiently_sharded(state: nnx.State, shardings, mesh: Mesh,

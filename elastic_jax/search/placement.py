@@ -54,12 +54,7 @@ def eval_plan(chunk: int, max_logits_mib: float, rows: int, seq_len: int, vocab:
   `chunk`: the archs wanted per vmapped step (search.chunk; 0 = as many as the bound allows).
   Raises UserError when the mesh's batch axes do not divide the rows, or when the bound is below
   one sequence's logits."""
-  ways = mesh.shape['data'] * mesh.shape['fsdp']
-  if rows % ways:
-    raise UserError(
-        f'the validation batch has {rows} rows (data.batch_size) but the mesh splits batches '
-        f'{ways} ways (mesh.data={mesh.shape["data"]} x mesh.fsdp={mesh.shape["fsdp"]}); make '
-        f'data.batch_size a multiple of {ways} or change mesh.data / mesh.fsdp')
+  ways = parallel.check_batch(rows, mesh, 'the validation batch')
   per_row = seq_len * vocab * 4
   bound = int(max_logits_mib * MIB)
   if per_row > bound:

@@ -227,7 +227,9 @@ def test_batch_not_divisible_by_the_data_axes(tiny_cfg, tmp_path):
   from elastic_jax import parallel
   mesh = parallel.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
   parallel.check_batch(4, mesh)
-  with pytest.raises(UserError, match='data.batch_size=6 is not divisible'):
+  with pytest.raises(UserError, match=r'^the training batch has 6 rows \(data.batch_size\) but the '
+                     r'mesh splits batches 4 ways \(mesh.data=2 x mesh.fsdp=2\); make '
+                     r'data.batch_size a multiple of 4 or change mesh.data / mesh.fsdp$'):
     parallel.check_batch(6, type('M', (), {'shape': {'data': 2, 'fsdp': 2, 'tensor': 1}})())
 
 
