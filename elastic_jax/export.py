@@ -34,7 +34,7 @@ from elastic_jax.config import (
     ModelDims,
     SpaceConfig,
 )
-from elastic_jax.errors import UserError
+from elastic_jax.errors import UserError, read_json
 from elastic_jax.model.supernet import Model
 
 FORMAT = 'elastic_jax.dense/1'
@@ -221,13 +221,8 @@ def save(model: Model, out: str | Path, *, arch: Arch | None = None,
 def read_config(directory: str | Path) -> dict:
   directory = Path(directory)
   path = directory / CONFIG_FILE
-  if not path.is_file():
-    raise UserError(f'{directory} is not an exported model: {CONFIG_FILE} is missing; create one '
-                    'with `elastic-jax export`')
-  try:
-    config = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise UserError(f'{path} is not valid JSON ({e}); re-export the model') from None
+  config = read_json(path, f'{directory} is not an exported model: {CONFIG_FILE} is missing; '
+                     'create one with `elastic-jax export`', 're-export the model')
   if not isinstance(config, dict):
     raise UserError(f'{path} does not describe an exported model; re-export it')
   if config.get('format') != FORMAT and ('space' in config or (directory / 'checkpoints').is_dir()):
@@ -296,14 +291,8 @@ def load_any(directory: str | Path) -> tuple[Model, Path | None]:
   """A dense model from a native export or a Hugging Face directory (through
   `elastic_jax.hf.convert`), and its tokenizer.json (None if there is none)."""
   directory = Path(directory)
-  path = directory / CONFIG_FILE
-  if not path.is_file():
-    raise UserError(f'--model {directory}: no {CONFIG_FILE}; pass a directory written by '
-                    '`elastic-jax export` or a Hugging Face model directory')
-  try:
-    config = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise UserError(f'{path} is not valid JSON ({e})') from None
+  config = read_json(directory / CONFIG_FILE, f'--model {directory}: no {CONFIG_FILE}; pass a '
+                     'directory written by `elastic-jax export` or a Hugging Face model directory')
   if isinstance(config, dict) and 'model_type' in config and 'format' not in config:
     from elastic_jax.hf import convert  # noqa: PLC0415
     model = convert.load_dense(directory).model

@@ -11,14 +11,13 @@ record's depth are filled with copies of its last layer (they are off: depth is 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
 from elastic_jax import arch as arch_lib
 from elastic_jax.arch import Arch
 from elastic_jax.config import SpaceConfig
-from elastic_jax.errors import UserError
+from elastic_jax.errors import UserError, read_json
 
 BENCHMARK_FILE = 'BERT_benchmark.json'
 TASKS = ('cola', 'mnli', 'mrpc', 'qnli', 'qqp', 'rte', 'sst', 'sts')
@@ -75,13 +74,8 @@ def to_arch(record: Mapping, space: SpaceConfig) -> Arch:
 def load(directory: str | Path) -> list[dict]:
   """The benchmark's records, from `directory/BERT_benchmark.json`."""
   path = Path(directory) / BENCHMARK_FILE
-  if not path.is_file():
-    raise UserError(f'{path} does not exist; point at the NAS-Bench-BERT data folder '
-                    '(aaronserianni/training-free-nas, data/)')
-  try:
-    records = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise UserError(f'{path} is not valid JSON ({e})') from None
+  records = read_json(path, f'{path} does not exist; point at the NAS-Bench-BERT data folder '
+                      '(aaronserianni/training-free-nas, data/)')
   if not isinstance(records, list):
     raise UserError(f'{path} must hold a list of records, got {type(records).__name__}')
   return records

@@ -27,7 +27,7 @@ from flax import nnx
 
 from elastic_jax import atomic, space_history
 from elastic_jax.config import check_compatible, model_config, space_config
-from elastic_jax.errors import UserError
+from elastic_jax.errors import UserError, read_json
 from elastic_jax.model.supernet import Model
 from elastic_jax.scone.config import scone_config, with_scone_choices
 from elastic_jax.space import Space
@@ -40,13 +40,9 @@ def save_config(workdir: str | Path, cfg: ml_collections.ConfigDict) -> None:
 
 
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
-  path = Path(workdir) / CONFIG_FILE
-  if not path.is_file():
-    raise UserError(f'workdir {workdir} has no {CONFIG_FILE}; pass --config=configs/X.py')
-  try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-  except json.JSONDecodeError as e:
-    raise UserError(f'{path} is not valid JSON ({e}); pass --config=configs/X.py') from None
+  return ml_collections.ConfigDict(read_json(
+      Path(workdir) / CONFIG_FILE, f'workdir {workdir} has no {CONFIG_FILE}; pass '
+      '--config=configs/X.py', 'pass --config=configs/X.py'))
 
 
 def resolve_config(workdir: str | None, cfg: ml_collections.ConfigDict | None):

@@ -315,11 +315,7 @@ def load_finished(out_dir: Path, digest: str) -> dict | None:
 
 
 def load_pareto(workdir) -> dict:
-  from elastic_jax.errors import UserError  # noqa: PLC0415
+  from elastic_jax.errors import read_json  # noqa: PLC0415
   path = Path(workdir) / 'search' / PARETO_FILE
-  if not path.is_file():
-    raise UserError(f'{path} does not exist: run `elastic-jax search --workdir={workdir}` first')
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise UserError(f'{path} is not valid JSON ({e}); rerun `elastic-jax search`') from None
+  return read_json(path, f'{path} does not exist: run `elastic-jax search --workdir={workdir}` '
+                   'first', 'rerun `elastic-jax search`')
