@@ -35,7 +35,7 @@ _POSITIONS = ('learned', 'rotary', 'none')
 _NORMS = ('layernorm', 'rmsnorm', 'nonorm')
 _PLACEMENTS = ('pre', 'post')
 _MLPS = ('gelu', 'gelu_tanh', 'relu', 'swiglu')
-_DTYPES = ('float32', 'bfloat16', 'float16')
+_DTYPES = ('float32', 'bfloat16', 'float16', 'float64')
 _REMATS = ('none', 'dots_saveable', 'full')
 
 
@@ -88,6 +88,11 @@ class ModelConfig:
     _one_of('model.mlp', self.mlp, _MLPS)
     _one_of('model.dtype', self.dtype, _DTYPES)
     _one_of('model.param_dtype', self.param_dtype, _DTYPES)
+    if 'float64' in (self.dtype, self.param_dtype):
+      import jax  # noqa: PLC0415 (only float64 configs need it)
+      field = 'model.dtype' if self.dtype == 'float64' else 'model.param_dtype'
+      _require(jax.config.jax_enable_x64, field, 'float64',
+               'float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 (or use float32)')
     _require(self.vocab_size > 0, 'model.vocab_size', self.vocab_size, 'must be positive')
     _require(self.max_len > 0, 'model.max_len', self.max_len, 'must be positive')
     _require(self.embed_dim >= 0, 'model.embed_dim', self.embed_dim, 'must be >= 0 (0 = none)')

@@ -27,6 +27,12 @@ def dtype_of(name: str):
   return jnp.dtype(name)
 
 
+def wide(dtype) -> jnp.dtype:
+  """The dtype of norms, rotary angles, softmax and logits: float32, or the compute dtype where it
+  is wider (float64, for verification runs)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def make_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], cfg: ModelConfig,
                init: str = 'normal') -> nnx.Param:
   """A parameter with logical axis names; 'normal' (std cfg.init_std), 'zeros' or 'ones'."""
@@ -99,20 +105,20 @@ class Norm(nnx.Module):
 
   def __call__(self, x: Array, mask: Array | None = None, count=None) -> Array:
     """`mask` [D] selects the active features, `count` is their number (mask.sum())."""
-    dtype = x.dtype
-    x = x.astype(jnp.float32)
+    dtype, acc = x.dtype, wide(x.dtype)
+    x = x.astype(acc)
     if self.kind != 'nonorm':
       if mask is None:
         mean_of = lambda v: jnp.mean(v, -1, keepdims=True)
       else:
-        n = jnp.asarray(count, jnp.float32)
+        n = jnp.asarray(count, acc)
         mean_of = lambda v: jnp.sum(v * mask, -1, keepdims=True) / n
       if self.kind == 'layernorm':
         x = x - mean_of(x)
       x = x * jax.lax.rsqrt(mean_of(x * x) + self.eps)
-    x = x * self.scale[...].astype(jnp.float32)
+    x = x * self.scale[...].astype(acc)
     if self.bias is not None:
-      x = x + self.bias[...].astype(jnp.float32)
+      x = x + self.bias[...].astype(acc)
     if mask is not None:
       x = x * mask
     return x.astype(dtype)
@@ -127,13 +133,13 @@ def rotary(x_BTNH: Array, positions_BT: Array, head_dim_active, theta: float,
   masked head rotates exactly as the exported one. (Importers of rotate-half checkpoints such as
   Hugging Face Llama permute the q/k projections to this layout.)
   """
-  h_max = x_BTNH.shape[-1]
-  pair = jnp.arange(h_max // 2, dtype=jnp.float32)
-  inv_freq = theta ** (-2.0 * pair / jnp.asarray(head_dim_active, jnp.float32))
-  angle_BTP = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  h_max, acc = x_BTNH.shape[-1], wide(x_BTNH.dtype)
+  pair = jnp.arange(h_max // 2, dtype=acc)
+  inv_freq = theta ** (-2.0 * pair / jnp.asarray(head_dim_active, acc))
+  angle_BTP = positions_BT[..., None].astype(acc) * inv_freq
   cos = jnp.cos(angle_BTP)[:, :, None, :]
   sin = jnp.sin(angle_BTP)[:, :, None, :]
-  x = x_BTNH.astype(jnp.float32)
+  x = x_BTNH.astype(acc)
   x_even, x_odd = x[..., 0::2], x[..., 1::2]
   out = jnp.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], axis=-1)
   out = out.reshape(x.shape)
@@ -206,10 +212,11 @@ class Attention(nnx.Module):
       q_BTNH = q_BTNH * hd_mask
     k_BTNH = jnp.take(k_BTGH, kv_index[lo:hi], axis=2)
     v_BTNH = jnp.take(v_BTGH, kv_index[lo:hi], axis=2)
-    scale = jax.lax.rsqrt(jnp.asarray(head_dim, jnp.float32)).astype(dtype)
+    acc = wide(dtype)
+    scale = jax.lax.rsqrt(jnp.asarray(head_dim, acc)).astype(dtype)
     logits_BNTS = jnp.einsum('BTNH,BSNH->BNTS', q_BTNH * scale, k_BTNH)
-    logits_BNTS = logits_BNTS.astype(jnp.float32)
-    logits_BNTS = jnp.where(attn_mask_BTS[:, None], logits_BNTS, jnp.finfo(jnp.float32).min)
+    logits_BNTS = logits_BNTS.astype(acc)
+    logits_BNTS = jnp.where(attn_mask_BTS[:, None], logits_BNTS, jnp.finfo(acc).min)
     probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1)
     captured = {}
     if 'attn_probs' in names:

@@ -17,7 +17,7 @@ from flax import nnx
 
 from elastic_jax.config import BLOCK_TYPES, SKIP, LayerDims, ModelConfig, ModelDims
 from elastic_jax.model.blocks import BLOCK_CAPTURES, BLOCKS, WIDTH_AXIS, Context
-from elastic_jax.model.layers import Norm, activation, make_param, prefix_mask
+from elastic_jax.model.layers import Norm, activation, make_param, prefix_mask, wide
 from elastic_jax.scone.model import (
     FgramModel,
     fgram_embeddings,
@@ -132,12 +132,13 @@ class Head(nnx.Module):
     return x_BTD
 
   def project(self, x_E, token_table_VE) -> Array:
-    """Logits [..., V] (float32) of pre-logit states `x_E` of any leading shape (the token
-    embedding `token_table_VE` is the projection when tied)."""
+    """Logits [..., V] (float32; float64 in a float64 model) of pre-logit states `x_E` of any
+    leading shape (the token embedding `token_table_VE` is the projection when tied)."""
     table_EV = token_table_VE.T if self.out is None else self.out[...]
-    logits = jnp.einsum('...E,EV->...V', x_E, table_EV.astype(x_E.dtype)).astype(jnp.float32)
+    acc = wide(x_E.dtype)
+    logits = jnp.einsum('...E,EV->...V', x_E, table_EV.astype(x_E.dtype)).astype(acc)
     if self.out_bias is not None:
-      logits = logits + self.out_bias[...].astype(jnp.float32)
+      logits = logits + self.out_bias[...].astype(acc)
     return logits
 
   def __call__(self, x_BTD, token_table_VE, hidden_mask, hidden_count) -> Array:

@@ -133,3 +133,7 @@ def test_bad_space_configs():
     space_config(dict(num_layers=2, hidden=[32], heads=[4], kv_groups=[3], ffn=[8]))
   with pytest.raises(UserError, match='model.norm'):
     ModelConfig(norm='batchnorm')
+  with pytest.raises(UserError, match=r'model.param_dtype=.float64.*JAX_ENABLE_X64=1'):
+    ModelConfig(param_dtype='float64')  # 64-bit JAX is off in the tests
+  with jax.enable_x64(True):
+    assert ModelConfig(dtype='float64', param_dtype='float64').dtype == 'float64'
