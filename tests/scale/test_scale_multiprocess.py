@@ -14,7 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, load_config
+from conftest import REPO, load_config, xla_flags_with_devices
 from flax import nnx
 
 from elastic_jax import distributed
@@ -80,7 +80,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(built
               if l.startswith('{')]
 
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+         'XLA_FLAGS': xla_flags_with_devices(8)}
   r = subprocess.run([sys.executable, '-m', 'elastic_jax.cli', 'train', *TRAIN_ARGS, cache,
                       f'--workdir={one}'], cwd=REPO, env=env, capture_output=True, text=True,
                      timeout=900)
@@ -221,7 +221,7 @@ def test_two_process_run_searches_like_one_process_and_writes_the_same_files(bui
   assert 'exported front member' not in (tmp_path / 'logs' / 'process_1.out').read_text()
 
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+         'XLA_FLAGS': xla_flags_with_devices(2)}
   r = subprocess.run([sys.executable, '-m', 'elastic_jax.cli', 'run', *RUN_ARGS, cache,
                       f'--workdir={one}'], cwd=REPO, env=env, capture_output=True, text=True,
                      timeout=900)

@@ -20,7 +20,7 @@ import pytest
 from elastic_jax import evaluation
 from elastic_jax.errors import UserError
 from elastic_jax.search import placement
-from tests.conftest import REPO
+from tests.conftest import REPO, xla_flags_with_devices
 
 # Run both in this process (1 device) and in a subprocess with 8 fake devices: the quickstart
 # tiny supernet (randomised), 2 synthetic validation batches of 8 x 13 tokens, 11 archs.
@@ -88,7 +88,7 @@ def test_population_losses_on_8_devices_fsdp4_tensor2_equal_one_device(tmp_path)
   script = tmp_path / 'sharded_script.py'
   script.write_text(SCRIPT)
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(REPO),
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+         'XLA_FLAGS': xla_flags_with_devices(8)}
   r = subprocess.run([sys.executable, str(script), json.dumps({'data': 1, 'fsdp': 4,
                                                                'tensor': 2}),
                       json.dumps(PLANS)], cwd=REPO, env=env, capture_output=True, text=True,

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, xla_flags_with_devices
 from flax import nnx
 
 from elastic_jax import losses as loss_lib
@@ -85,7 +85,7 @@ def test_eight_devices_fsdp4_tensor2_equal_one_device(data_cache, tmp_path):
   mesh = ['--config.mesh.data=1', '--config.mesh.fsdp=4', '--config.mesh.tensor=2',
           '--config.train.steps=3']
   sharded = run_cli(tiny_args(data_cache, tmp_path / 'sharded', *mesh),
-                    env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+                    env={'XLA_FLAGS': xla_flags_with_devices(8)})
   assert sharded.returncode == 0, sharded.stderr[-2000:]
   single = run_cli(tiny_args(data_cache, tmp_path / 'single', '--config.train.steps=3'))
   assert single.returncode == 0, single.stderr[-2000:]
