@@ -126,8 +126,7 @@ def scone_cost(cfg: ModelConfig, hidden: int, scone, num_fgrams: int, *, layers=
   block = BLOCKS['transformer'].cost(fcfg, {'hidden': w, 'heads': scone.heads,
                                             'kv_groups': scone.heads,
                                             'head_dim': w // scone.heads, 'ffn': ffn})
-  final_norm = norm_params(cfg, w) if cfg.norm_placement == 'pre' else 0
-  params = hidden * w + k * w + layers * block['params'] + final_norm + w * hidden
+  params = hidden * w + k * w + layers * block['params'] + w * hidden
   # Per window: its K slots through the input projection and the blocks (attention scores and
   # values over K keys: 2 K w per slot), the last slot through the output projection.
   macs = k * hidden * w + layers * k * (block['matmul_macs'] + 2 * k * w) + w * hidden
