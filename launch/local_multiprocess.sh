@@ -5,7 +5,8 @@
 #       [--python=python3] [--dry-run] -- COMMAND [elastic-jax flags...]
 #
 # Each process i runs `python -m elastic_jax.cli COMMAND ...` with JAX_PLATFORMS=cpu, N fake CPU
-# devices (XLA_FLAGS=--xla_force_host_platform_device_count), and JAX_COORDINATOR_ADDRESS=
+# devices (--xla_force_host_platform_device_count=N appended to the caller's XLA_FLAGS, replacing a
+# device count there; other flags are kept), and JAX_COORDINATOR_ADDRESS=
 # 127.0.0.1:PORT, JAX_NUM_PROCESSES=N, JAX_PROCESS_ID=i, which `elastic_jax.distributed.initialize`
 # reads. Output of process i goes to DIR/process_i.out and .err; process 0's stdout is printed at
 # the end. If a process fails, the others are stopped and its stderr tail is shown; the exit code
@@ -53,10 +54,14 @@ if [[ -z "$port" ]]; then
   fi
 fi
 logdir="${logdir:-${TMPDIR:-/tmp}/elastic_jax_mp_$$}"
+# The caller's XLA flags (an optimisation level, dumps...) with this run's device count.
+xla_flags="$(sed -E 's/(^| )--xla_force_host_platform_device_count=[^ ]*//g; s/^ +//' \
+  <<< "${XLA_FLAGS:-}")"
+xla_flags="${xla_flags:+$xla_flags }--xla_force_host_platform_device_count=$devices"
 
 commands=()
 for ((i = 0; i < processes; i++)); do
-  commands+=("JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=$devices \
+  commands+=("JAX_PLATFORMS=cpu XLA_FLAGS=$(printf '%q' "$xla_flags") \
 JAX_COORDINATOR_ADDRESS=127.0.0.1:$port JAX_NUM_PROCESSES=$processes JAX_PROCESS_ID=$i \
 $python -m elastic_jax.cli $(printf '%q ' "$@")")
 done
@@ -72,7 +77,7 @@ fi
 mkdir -p "$logdir"
 pids=()
 for ((i = 0; i < processes; i++)); do
-  env JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$devices" \
+  env JAX_PLATFORMS=cpu XLA_FLAGS="$xla_flags" \
     JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$processes" JAX_PROCESS_ID="$i" \
     "$python" -m elastic_jax.cli "$@" > "$logdir/process_$i.out" 2> "$logdir/process_$i.err" &
   pids+=($!)

@@ -1,5 +1,6 @@
 """launch/*.sh --dry-run print the complete gcloud / sky / local commands they would run."""
 
+import os
 import shlex
 import subprocess
 
@@ -10,11 +11,11 @@ TRAIN = ['train', '--config=configs/gpt2_medium_supernet.py', '--workdir=/mnt/sh
          "--config.train.eval_archs=('largest',)"]
 
 
-def dry_run(script, *args):
+def dry_run(script, *args, env=None):
   r = subprocess.run(['bash', f'launch/{script}', *args, '--dry-run'] if '--' not in args else
                      ['bash', f'launch/{script}', *args[:args.index('--')], '--dry-run',
                       *args[args.index('--'):]],
-                     cwd=REPO, capture_output=True, text=True, timeout=60)
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
   assert r.returncode == 0, r.stderr
   return [shlex.split(l) for l in r.stdout.strip().splitlines()]
 
@@ -75,11 +76,15 @@ def test_sky_launch_fills_the_task_file_and_passes_the_command():
 
 
 def test_local_multiprocess_dry_run_starts_one_process_per_id():
+  # The caller's XLA flags are kept, its device count replaced by the run's.
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8 '
+                                    '--xla_backend_optimization_level=0'}
   cmds = dry_run('local_multiprocess.sh', '--processes=3', '--devices=2', '--port=1234',
-                 '--logdir=/tmp/l', '--python=py', '--', *TRAIN)
+                 '--logdir=/tmp/l', '--python=py', '--', *TRAIN, env=env)
   assert cmds[-1] == ['wait']
+  flags = '--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=2'
   for i, cmd in enumerate(cmds[:-1]):
-    assert cmd[:6] == ['JAX_PLATFORMS=cpu', 'XLA_FLAGS=--xla_force_host_platform_device_count=2',
+    assert cmd[:6] == ['JAX_PLATFORMS=cpu', f'XLA_FLAGS={flags}',
                        'JAX_COORDINATOR_ADDRESS=127.0.0.1:1234', 'JAX_NUM_PROCESSES=3',
                        f'JAX_PROCESS_ID={i}', 'py']
     assert cmd[6:9] == ['-m', 'elastic_jax.cli', 'train'] and cmd[9:12] == TRAIN[1:]

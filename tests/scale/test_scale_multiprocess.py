@@ -220,10 +220,9 @@ def test_two_process_run_searches_like_one_process_and_writes_the_same_files(bui
   assert 'exported front member' in r.stdout
   assert 'exported front member' not in (tmp_path / 'logs' / 'process_1.out').read_text()
 
-  # Exactly the flags the launcher gives its processes (it replaces XLA_FLAGS, so not the test
-  # run's -O0): the two runs must compile alike for their floats to be equal.
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  # The flags the launcher gives its processes (the test run's, with its device count): the two
+  # runs must compile alike for their floats to be equal.
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': xla_flags_with_devices(2)}
   r = subprocess.run([sys.executable, '-m', 'elastic_jax.cli', 'run', *RUN_ARGS, cache,
                       f'--workdir={one}'], cwd=REPO, env=env, capture_output=True, text=True,
                      timeout=900)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import randomize
 from flax import nnx
 
 from elastic_jax import arch as arch_lib
@@ -18,7 +19,6 @@ from elastic_jax.scone import table as table_lib
 from elastic_jax.scone.config import SconeConfig, with_scone_choices
 from elastic_jax.scone.model import FgramModel
 from elastic_jax.space import Space
-from tests.conftest import randomize
 
 K = 4
 CFG = ModelConfig(vocab_size=11, max_len=31, positions='learned', norm='rmsnorm', mlp='swiglu',

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO
 
 from elastic_jax import cli, data
 from elastic_jax import export as export_lib
@@ -15,7 +16,6 @@ from elastic_jax.errors import UserError
 from elastic_jax.scone import lookup
 from elastic_jax.scone import table as table_lib
 from elastic_jax.workdir import save_export
-from tests.conftest import REPO
 from tests.scone.test_scone_elastic import arch, corpus_and_fgrams, model, space
 
 

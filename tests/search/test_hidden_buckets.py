@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_config, randomize
 
 from elastic_jax import arch as arch_lib
 from elastic_jax import evaluation, export
 from elastic_jax.search import config as search_cfg
 from elastic_jax.search.fitness import Fitness
 from elastic_jax.workdir import build_space, init_supernet
-from tests.conftest import load_config, randomize
 
 
 def _setup(config: str, arg: str, n_archs: int):

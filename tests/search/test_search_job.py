@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO
 
 from elastic_jax import evaluation, proxies
 from elastic_jax import export as export_lib
@@ -24,7 +25,6 @@ from elastic_jax.search import fitness as fitness_lib
 from elastic_jax.search import genomes as genomes_lib
 from elastic_jax.search.hypervolume import pareto_front_mask
 from elastic_jax.workdir import build_space
-from tests.conftest import REPO
 
 
 def _quickstart(arg):

@@ -16,11 +16,11 @@ import types
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, xla_flags_with_devices
 
 from elastic_jax import evaluation
 from elastic_jax.errors import UserError
 from elastic_jax.search import placement
-from tests.conftest import REPO, xla_flags_with_devices
 
 # Run both in this process (1 device) and in a subprocess with 8 fake devices: the quickstart
 # tiny supernet (randomised), 2 synthetic validation batches of 8 x 13 tokens, 11 archs.
@@ -30,7 +30,7 @@ import jax, jax.numpy as jnp, numpy as np
 from elastic_jax.errors import UserError
 from elastic_jax.search import config as search_cfg, program
 from elastic_jax.workdir import build_space, init_supernet
-from tests.conftest import load_config, randomize
+from conftest import load_config, randomize
 
 def setup(rows=8):
   cfg = load_config('quickstart', 'tiny')
@@ -186,6 +186,6 @@ def test_a_plan_that_cannot_fit_is_one_line(args, message):
 
 
 def test_single_device_search_mesh_is_the_config_mesh():
-  from tests.conftest import load_config
+  from conftest import load_config
   mesh = placement.search_mesh(load_config('quickstart', 'tiny'))
   assert dict(mesh.shape) == {'data': jax.device_count(), 'fsdp': 1, 'tensor': 1}
