@@ -21,19 +21,23 @@ Top-level keys hold one value per corpus. `falls_with_fgrams` / `falls_with_mode
 perplexity falls strictly along each axis (every step of the grid), per corpus.
 
   python bench/bench_scone.py [--quick] [--corpora tinyshakespeare,python_docs] [--workdir W]
+      [--jobs 2]
 
-With --workdir W every run trains in W/<corpus>/ and is kept; a run already trained there resumes
-at its last checkpoint (a finished one only re-evaluates: `train_seconds` null, `resumed` true).
-Without it, a temporary directory is used and removed.
+The runs of a corpus are independent: they train in `--jobs` worker processes at once (2 by
+default, one per core here). With --workdir W every run trains in W/<corpus>/ and is kept; a run
+already trained there resumes at its last checkpoint (a finished one only re-evaluates:
+`train_seconds` null, `resumed` true). Without it, a temporary directory is used and removed.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import multiprocessing
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from common import write_results
@@ -93,54 +97,83 @@ def falls(values) -> bool:
   return all(b < a for a, b in zip(values, values[1:]))
 
 
-def run_corpus(corpus: str, quick: bool, root: Path, counts, sizes) -> dict:
+def run_config(corpus: str, quick: bool, size: dict | None = None, num_fgrams: int = 0):
+  """The bench config of one run: the baseline (size None) or SCONE with an f-gram model size and
+  number of f-grams."""
+  cfg = base_config(corpus, quick)
+  if size is not None:
+    cfg.scone.enabled = True
+    cfg.scone.update(num_fgrams=num_fgrams, **size)
+  return cfg
+
+
+def train_run(corpus: str, quick: bool, workdir: Path, size: dict | None = None,
+              num_fgrams: int = 0) -> dict:
+  """Trains one run (or resumes it) and measures its validation perplexity, the way inference
+  runs for SCONE (host lookup of the precomputed table). Runs in a worker process."""
+  cfg = run_config(corpus, quick, size, num_fgrams)
+  resumed = (workdir / 'checkpoints').is_dir()
+  t = time.perf_counter()
+  train(cfg, workdir, progress=False)
+  seconds = None if resumed else time.perf_counter() - t
+  table = load_table(cfg, workdir) if size is not None else None
+  ppl = validation(cfg, workdir, table)
+  return {'ppl': ppl, 'train_seconds': seconds, 'resumed': resumed,
+          'table_mb': None if table is None else table.nbytes / 1e6}
+
+
+def load_table(cfg, workdir: Path):
+  model, _ = load_supernet(cfg, str(workdir))
+  fgrams = job.run_fgrams(scone_config(cfg.scone), cfg.data, workdir)
+  return table_lib.load(workdir / job.TABLE_DIR, table_lib.fingerprint(model, fgrams))
+
+
+def run_corpus(corpus: str, quick: bool, root: Path, counts, sizes, jobs: int) -> dict:
   cfg = base_config(corpus, quick)
   space = build_space(cfg)
   resident = int(space.cost(space.largest())['params'])
-  t = time.perf_counter()
-  train(cfg, root / 'baseline', progress=False)
-  ppl_baseline = validation(cfg, root / 'baseline')
-  print(f'{corpus} baseline: ppl {ppl_baseline:.3f} ({time.perf_counter() - t:.0f} s)',
-        flush=True)
   # The top-S f-grams are a prefix of the top-S' for S < S' (a fixed order): extract once.
-  c = base_config(corpus, quick)
-  c.scone.enabled = True
-  c.scone.num_fgrams = max(counts)
   t = time.perf_counter()
-  all_fgrams = job.run_fgrams(scone_config(c.scone), c.data, root / 'extract')
+  all_fgrams = job.run_fgrams(scone_config(run_config(corpus, quick, sizes[0], max(counts)).scone),
+                              cfg.data, root / 'extract')
   extract_seconds = time.perf_counter() - t
   print(f'{len(all_fgrams):,} f-grams extracted in {extract_seconds:.1f} s', flush=True)
+  runs = {'baseline': (None, 0)}
+  for si, size in enumerate(sizes):
+    for s in counts:
+      w = f'scone_{si}_{s}'
+      runs[w] = (size, s)
+      Fgrams(all_fgrams.tokens_SK[:s], all_fgrams.lengths_S[:s], all_fgrams.counts_S[:s],
+             all_fgrams.min_count).save(root / w / job.FGRAMS)
+  # Independent runs in worker processes (spawned: JAX does not survive a fork), the largest
+  # first; 2 CPU processes of 1 run each train faster than 2 cores on one small model.
+  done = {}
+  order = sorted(runs, key=lambda w: -1 if runs[w][0] is None else -2 - sizes.index(runs[w][0]))
+  with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) as pool:
+    futures = {pool.submit(train_run, corpus, quick, root / w, *runs[w]): w for w in order}
+    for future in as_completed(futures):
+      w = futures[future]
+      done[w] = future.result()
+      print(f'{corpus} {w}: {done[w]}', flush=True)
+  ppl_baseline = done.pop('baseline')['ppl']
   grid, lookup_us, by_n_used = [], None, {}
   for si, size in enumerate(sizes):
     for s in counts:
-      c = base_config(corpus, quick)
-      c.scone.enabled = True
-      c.scone.update(num_fgrams=s, **size)
-      w = root / f'scone_{si}_{s}'
-      Fgrams(all_fgrams.tokens_SK[:s], all_fgrams.lengths_S[:s], all_fgrams.counts_S[:s],
-             all_fgrams.min_count).save(w / job.FGRAMS)
-      resumed = (w / 'checkpoints').is_dir()
-      t = time.perf_counter()
-      train(c, w, progress=False)
-      seconds = None if resumed else time.perf_counter() - t
-      model, _ = load_supernet(c, str(w))
-      fgrams = job.run_fgrams(scone_config(c.scone), c.data, w)
-      table = table_lib.load(w / job.TABLE_DIR, table_lib.fingerprint(model, fgrams))
-      ppl = validation(c, w, table)
+      w = f'scone_{si}_{s}'
+      c = run_config(corpus, quick, size, s)
       scone_space = build_space(c)
       extra = cost.scone_cost(space.model, space.cfg.supernet_dims().hidden,
-                              scone_config(c.scone), len(fgrams))
-      row = {'corpus': corpus, 'fgram_model': si, **size, 'num_fgrams': len(fgrams), 'ppl': ppl,
-             'table_mb': table.nbytes / 1e6, 'resident_params': resident,
+                              scone_config(c.scone), s)
+      row = {'corpus': corpus, 'fgram_model': si, **size, 'num_fgrams': s, **done[w],
+             'resident_params': resident,
              'resident_params_scone': int(scone_space.cost(scone_space.largest())['params']),
-             'fgram_model_params': extra['fgram_model_params'], 'train_seconds': seconds,
-             'resumed': resumed}
+             'fgram_model_params': extra['fgram_model_params']}
       grid.append(row)
-      print(row, flush=True)
       if si == len(sizes) - 1 and s == counts[-1]:
+        table = load_table(c, root / w)
         lookup_us = lookup_cost(c, table)
-        for n_used in sorted({len(fgrams) // 16, len(fgrams) // 4, len(fgrams)}):
-          by_n_used[str(n_used)] = validation(c, w, table, n_used)
+        for n_used in sorted({s // 16, s // 4, s}):
+          by_n_used[str(n_used)] = validation(c, root / w, table, n_used)
   best = min(grid, key=lambda r: r['ppl'])
   by_size = [[r['ppl'] for r in grid if r['fgram_model'] == si] for si in range(len(sizes))]
   by_count = list(zip(*by_size))
@@ -157,29 +190,34 @@ def main():
   parser.add_argument('--quick', action='store_true', help='tiny model, few steps (minutes)')
   parser.add_argument('--workdir', default=None,
                       help='keep every run in WORKDIR/<corpus>/ and resume runs found there')
+  parser.add_argument('--jobs', type=int, default=2,
+                      help='runs trained at once, each in its own process (default 2: one per core '
+                      'of the 2-core machine the results come from)')
   parser.add_argument('--corpora', default=','.join(CORPORA),
                       help=f'comma-separated, of {", ".join(CORPORA)}')
   args = parser.parse_args()
   quick = args.quick
   corpora = [c for c in args.corpora.split(',') if c]
+  if args.jobs < 1:
+    parser.error(f'--jobs={args.jobs}: give at least 1')
   unknown = sorted(set(corpora) - set(CORPORA))
   if unknown or not corpora:
     parser.error(f'--corpora: unknown {unknown}; choose from {", ".join(CORPORA)}')
   counts = (200, 1000) if quick else (1000, 4000, 16000)
   sizes = ({'layers': 1, 'width': 16, 'heads': 2, 'ffn': 32},
            {'layers': 2, 'width': 48, 'heads': 2, 'ffn': 96}) if quick else \
-          ({'layers': 1, 'width': 64, 'heads': 2, 'ffn': 128},
-           {'layers': 2, 'width': 128, 'heads': 4, 'ffn': 256})
+          ({'layers': 1, 'width': 32, 'heads': 2, 'ffn': 64},
+           {'layers': 1, 'width': 64, 'heads': 2, 'ffn': 128})
   per = {}
   for corpus in corpora:
     if args.workdir:
       root = Path(args.workdir) / corpus
       root.mkdir(parents=True, exist_ok=True)
-      per[corpus] = run_corpus(corpus, quick, root, counts, sizes)
+      per[corpus] = run_corpus(corpus, quick, root, counts, sizes, args.jobs)
       continue
     root = Path(tempfile.mkdtemp(prefix=f'bench_scone_{corpus}_'))
     try:
-      per[corpus] = run_corpus(corpus, quick, root, counts, sizes)
+      per[corpus] = run_corpus(corpus, quick, root, counts, sizes, args.jobs)
     finally:
       shutil.rmtree(root, ignore_errors=True)
   keys = ('ppl_baseline', 'ppl_scone', 'lookup_us_per_token', 'table_mb', 'falls_with_fgrams',

@@ -9,7 +9,7 @@ where the paper leaves room:
   has no token table of its own; a learned projection hidden -> `width`, learned absolute
   positions 0..n-1, `layers` transformer blocks of the main model's family (its norm, MLP, norm
   placement; always causal, never rotary), then a projection width -> hidden of the last slot's
-  state, added to the last token's own embedding (no final norm: below). Its output replaces the
+  state, added to the last token's own embedding (scaled: below). Its output replaces the
   token embedding before positions / token types are added, so the main model is unchanged
   around it.
 - The residual path: the paper's f-gram model is a transformer as wide as the main model, so the
@@ -19,13 +19,26 @@ where the paper leaves room:
   f-gram model gives exactly the token embedding, i.e. the baseline, and training learns what
   the n-gram adds. (Without it, SCONE at 800 steps on tinyshakespeare was worse than the baseline
   and worsened with more f-grams: every matched position lost its token's own embedding.)
-- No final norm: the last slot's state goes to `out_proj` as it is. A final norm (pre-norm
-  families end with one) pins that state at about unit scale per feature: the table rows had a
-  median norm of 6.8, ~5x a token embedding's (about 1.4), and SCONE was worse than the
-  baseline (validation perplexity 4.572 against 4.549: tinyshakespeare, the bench's small
-  decoder, a 1 x 64 f-gram model, 4,000 f-grams, 800 steps). Without it the rows keep the token
-  embeddings' scale (median 1.29) and the perplexity is 4.493; shrinking the added vector
-  tenfold instead gives 4.550.
+- The added vector is out_proj(h / rms(h)) * 16 / width, h the last slot's state (normalised
+  without a gain, in float32). Under Adam every entry of `out_proj` moves by about the learning
+  rate per step whatever its gradient's scale, so the added vector's pace grows with the f-gram
+  model's width (the fan-in of `out_proj`) and with the scale of h (which grows with depth when
+  nothing normalises it): a wider or deeper f-gram model jolted the main model's inputs and
+  slowed its training from the first steps. The normalisation removes the scale of h, the
+  1 / width multiplier (muP's output multiplier) the width, and 16 sets the pace that suited a
+  1 x 64 model. A final norm of the family instead (unit scale per feature, no multiplier) made
+  the rows ~5x a token embedding's norm and lost to the baseline.
+- The f-gram model reads the token embeddings but does not train them (stop-gradient into its
+  input; the residual path above still does): its gradient into the shared, tied table made the
+  main model learn more slowly, more so the wider the f-gram model.
+- Measured, validation perplexity (tinyshakespeare, the bench's small decoder, 4,000 f-grams,
+  800 steps, one run each; the baseline gave 4.549 and 4.571 in two runs, so about +-0.02 is
+  noise). h as it is, x 1: 1 x 64 4.478 and 4.493, 2 x 64 4.819, 1 x 128 5.622 (rows ~18x a
+  token embedding's norm), 2 x 128 4.965; x 1 / width: 1 x 64 4.596, 1 x 128 4.558; final norm:
+  1 x 64 4.572, 2 x 128 4.745; h / rms(h) x 16 / width: 1 x 32 4.555, 1 x 64 4.512, 2 x 64 4.628,
+  1 x 128 4.689; the same with the stop-gradient (this module): 1 x 64 4.511, 1 x 128 4.616.
+  At this length of training a wider or deeper f-gram model than 1 x 64 still loses; a bigger
+  one may pay only with more steps (the paper trains far longer).
 - Shapes: an f-gram of length n is right-aligned in a window of K slots (its last token in slot
   K - 1, the output read there); padding slots attend only to themselves and are never attended
   to, so the output depends on the n real tokens alone and never on NaN-producing empty rows.
@@ -47,9 +60,15 @@ from flax import nnx
 
 from elastic_jax.config import LayerDims, ModelConfig, ModelDims
 from elastic_jax.model.blocks import Context, TransformerBlock
-from elastic_jax.model.layers import make_param
+from elastic_jax.model.layers import make_param, wide
 
 Array = jax.Array
+
+# The added vector is out_proj(h / rms(h)) * OUTPUT_SCALE / width (module docstring); FORMULA names
+# this output for table fingerprints, so a table of another formula is refused.
+OUTPUT_SCALE = 16.0
+NORM_EPS = 1e-6
+FORMULA = f'fgram-output: out_proj(h / rms(h)) * {OUTPUT_SCALE:g} / width; token embeddings read'
 
 
 def match_lengths(hits_BTN: Array, limit_B: Array | None) -> Array:
@@ -93,7 +112,9 @@ class FgramModel(nnx.Module):
     start_N = k - lengths_N  # first real slot
     real_NK = slot[None, :] >= start_N[:, None]
     pos_NK = jnp.maximum(slot[None, :] - start_N[:, None], 0)
-    x = jnp.einsum('NKD,DW->NKW', x_NKD.astype(dtype), self.in_proj[...].astype(dtype))
+    # The token embeddings are read, not trained, through the f-gram model (module docstring).
+    x = jnp.einsum('NKD,DW->NKW', jax.lax.stop_gradient(x_NKD).astype(dtype),
+                   self.in_proj[...].astype(dtype))
     x = x + jnp.take(self.positions[...], pos_NK, axis=0).astype(dtype)
     causal = slot[None, :] <= slot[:, None]
     mask_NKS = (causal[None] & real_NK[:, None, :]) | jnp.eye(k, dtype=bool)[None]
@@ -103,8 +124,10 @@ class FgramModel(nnx.Module):
     for i, block in enumerate(self.blocks):
       y, _ = block(x, ctx, active)
       x = y if layers is None else jnp.where(i < layers, y, x)  # an off block is the identity
-    return x_NKD[:, -1].astype(dtype) + jnp.einsum('NW,WD->ND', x[:, -1],
-                                                  self.out_proj[...].astype(dtype))
+    h = x[:, -1].astype(wide(dtype))  # the last slot's state, normalised (no gain)
+    h = (h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + NORM_EPS)).astype(dtype)
+    delta = jnp.einsum('NW,WD->ND', h, self.out_proj[...].astype(dtype))
+    return x_NKD[:, -1].astype(dtype) + (OUTPUT_SCALE / x.shape[-1]) * delta
 
 
 def elastic_size(fgram_model: FgramModel, arch) -> tuple:

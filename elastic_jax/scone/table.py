@@ -37,7 +37,7 @@ from elastic_jax.errors import UserError
 from elastic_jax.model.layers import prefix_mask
 from elastic_jax.scone.fgrams import Fgrams
 from elastic_jax.scone.lookup import FgramIndex, longest
-from elastic_jax.scone.model import elastic_size, fgram_embeddings
+from elastic_jax.scone.model import FORMULA, elastic_size, fgram_embeddings
 
 TABLE, INDEX, META = 'table.npy', 'index.npz', 'table.json'
 
@@ -81,8 +81,10 @@ def export_fingerprint(dense, fgrams: Fgrams) -> str:
 
 def fingerprint(model, fgrams: Fgrams, arch=None) -> str:
   """Ties a table to the weights and f-grams of one run (and one hidden width and f-gram model
-  size; the largest sub-network's when `arch` is None)."""
+  size; the largest sub-network's when `arch` is None), and to the f-gram model's output formula
+  (a table computed by another version of it is refused)."""
   h = hashlib.sha256(fgrams.digest().encode())
+  h.update(FORMULA.encode())
   hidden, layers, ffn = table_size(model, arch)
   h.update(str(hidden).encode())
   if (layers, ffn) != table_size(model)[1:]:  # the largest's fingerprint is as before
