@@ -87,7 +87,8 @@ def _module():
 def test_population_losses_on_8_devices_fsdp4_tensor2_equal_one_device(tmp_path):
   script = tmp_path / 'sharded_script.py'
   script.write_text(SCRIPT)
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(REPO),
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',  # the script imports conftest as the tests do
+         'PYTHONPATH': os.pathsep.join([str(REPO / 'tests'), str(REPO)]),
          'XLA_FLAGS': xla_flags_with_devices(8)}
   r = subprocess.run([sys.executable, str(script), json.dumps({'data': 1, 'fsdp': 4,
                                                                'tensor': 2}),
