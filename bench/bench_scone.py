@@ -138,42 +138,38 @@ def run_corpus(corpus: str, quick: bool, root: Path, counts, sizes, jobs: int) -
                               cfg.data, root / 'extract')
   extract_seconds = time.perf_counter() - t
   print(f'{len(all_fgrams):,} f-grams extracted in {extract_seconds:.1f} s', flush=True)
-  runs = {'baseline': (None, 0)}
-  for si, size in enumerate(sizes):
-    for s in counts:
-      w = f'scone_{si}_{s}'
-      runs[w] = (size, s)
-      Fgrams(all_fgrams.tokens_SK[:s], all_fgrams.lengths_S[:s], all_fgrams.counts_S[:s],
-             all_fgrams.min_count).save(root / w / job.FGRAMS)
+  # (workdir name, size index, f-gram model size, f-gram count); the baseline has no size.
+  runs = [('baseline', -1, None, 0)] + [(f'scone_{si}_{s}', si, size, s)
+                                        for si, size in enumerate(sizes) for s in counts]
+  for w, _, _, s in runs[1:]:
+    Fgrams(all_fgrams.tokens_SK[:s], all_fgrams.lengths_S[:s], all_fgrams.counts_S[:s],
+           all_fgrams.min_count).save(root / w / job.FGRAMS)
   # Independent runs in worker processes (spawned: JAX does not survive a fork), the largest
-  # first; 2 CPU processes of 1 run each train faster than 2 cores on one small model.
+  # f-gram model first; 2 CPU processes of 1 run each train faster than 2 cores on one model.
   done = {}
-  order = sorted(runs, key=lambda w: -1 if runs[w][0] is None else -2 - sizes.index(runs[w][0]))
   with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) as pool:
-    futures = {pool.submit(train_run, corpus, quick, root / w, *runs[w]): w for w in order}
+    futures = {pool.submit(train_run, corpus, quick, root / w, size, s): w
+               for w, _, size, s in sorted(runs, key=lambda r: -r[1])}
     for future in as_completed(futures):
       w = futures[future]
       done[w] = future.result()
       print(f'{corpus} {w}: {done[w]}', flush=True)
-  ppl_baseline = done.pop('baseline')['ppl']
+  ppl_baseline = done['baseline']['ppl']
   grid, lookup_us, by_n_used = [], None, {}
-  for si, size in enumerate(sizes):
-    for s in counts:
-      w = f'scone_{si}_{s}'
-      c = run_config(corpus, quick, size, s)
-      scone_space = build_space(c)
-      extra = cost.scone_cost(space.model, space.cfg.supernet_dims().hidden,
-                              scone_config(c.scone), s)
-      row = {'corpus': corpus, 'fgram_model': si, **size, 'num_fgrams': s, **done[w],
-             'resident_params': resident,
-             'resident_params_scone': int(scone_space.cost(scone_space.largest())['params']),
-             'fgram_model_params': extra['fgram_model_params']}
-      grid.append(row)
-      if si == len(sizes) - 1 and s == counts[-1]:
-        table = load_table(c, root / w)
-        lookup_us = lookup_cost(c, table)
-        for n_used in sorted({s // 16, s // 4, s}):
-          by_n_used[str(n_used)] = validation(c, root / w, table, n_used)
+  for w, si, size, s in runs[1:]:
+    c = run_config(corpus, quick, size, s)
+    scone_space = build_space(c)
+    extra = cost.scone_cost(space.model, space.cfg.supernet_dims().hidden,
+                            scone_config(c.scone), s)
+    grid.append({'corpus': corpus, 'fgram_model': si, **size, 'num_fgrams': s, **done[w],
+                 'resident_params': resident,
+                 'resident_params_scone': int(scone_space.cost(scone_space.largest())['params']),
+                 'fgram_model_params': extra['fgram_model_params']})
+    if (w, si, size, s) == runs[-1]:  # the largest f-gram model with the most f-grams
+      table = load_table(c, root / w)
+      lookup_us = lookup_cost(c, table)
+      for n_used in sorted({s // 16, s // 4, s}):
+        by_n_used[str(n_used)] = validation(c, root / w, table, n_used)
   best = min(grid, key=lambda r: r['ppl'])
   by_size = [[r['ppl'] for r in grid if r['fgram_model'] == si] for si in range(len(sizes))]
   by_count = list(zip(*by_size))
