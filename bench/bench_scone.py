@@ -6,7 +6,8 @@ same accelerator-resident parameters, over the paper's two scaling axes, on two 
 
 Every run trains the largest sub-network of the corpus's config (`small` / the default; `tiny`
 with --quick) alone (`train.sampling='standard'`) for the same steps and batches:
-- baseline: SCONE off;
+- baseline: SCONE off; and once more from another initialisation seed (same batches), whose
+  distance from the first (`ppl_baseline_seed_gap`) shows how far one run moves by chance;
 - SCONE: for each number of f-grams S in the grid and each of two f-gram model sizes, the same
   model trained jointly with its f-gram model; after training the table is precomputed and the
   validation perplexity is measured the way inference runs: f-gram ids looked up on the host,
@@ -97,10 +98,12 @@ def falls(values) -> bool:
   return all(b < a for a, b in zip(values, values[1:]))
 
 
-def run_config(corpus: str, quick: bool, size: dict | None = None, num_fgrams: int = 0):
+def run_config(corpus: str, quick: bool, size: dict | None = None, num_fgrams: int = 0,
+               seed: int = 0):
   """The bench config of one run: the baseline (size None) or SCONE with an f-gram model size and
-  number of f-grams."""
+  number of f-grams; `seed` seeds the initialisation only (the batches stay the same)."""
   cfg = base_config(corpus, quick)
+  cfg.seed = seed
   if size is not None:
     cfg.scone.enabled = True
     cfg.scone.update(num_fgrams=num_fgrams, **size)
@@ -108,10 +111,10 @@ def run_config(corpus: str, quick: bool, size: dict | None = None, num_fgrams: i
 
 
 def train_run(corpus: str, quick: bool, workdir: Path, size: dict | None = None,
-              num_fgrams: int = 0) -> dict:
+              num_fgrams: int = 0, seed: int = 0) -> dict:
   """Trains one run (or resumes it) and measures its validation perplexity, the way inference
   runs for SCONE (host lookup of the precomputed table). Runs in a worker process."""
-  cfg = run_config(corpus, quick, size, num_fgrams)
+  cfg = run_config(corpus, quick, size, num_fgrams, seed)
   resumed = (workdir / 'checkpoints').is_dir()
   t = time.perf_counter()
   train(cfg, workdir, progress=False)
@@ -138,25 +141,27 @@ def run_corpus(corpus: str, quick: bool, root: Path, counts, sizes, jobs: int) -
                               cfg.data, root / 'extract')
   extract_seconds = time.perf_counter() - t
   print(f'{len(all_fgrams):,} f-grams extracted in {extract_seconds:.1f} s', flush=True)
-  # (workdir name, size index, f-gram model size, f-gram count); the baseline has no size.
-  runs = [('baseline', -1, None, 0)] + [(f'scone_{si}_{s}', si, size, s)
-                                        for si, size in enumerate(sizes) for s in counts]
-  for w, _, _, s in runs[1:]:
+  # (workdir name, size index, f-gram model size, f-gram count, init seed); the baselines have no
+  # size and are the first two.
+  runs = [('baseline', -1, None, 0, 0), ('baseline_seed1', -1, None, 0, 1)] + [
+      (f'scone_{si}_{s}', si, size, s, 0) for si, size in enumerate(sizes) for s in counts]
+  for w, _, _, s, _ in runs[2:]:
     Fgrams(all_fgrams.tokens_SK[:s], all_fgrams.lengths_S[:s], all_fgrams.counts_S[:s],
            all_fgrams.min_count).save(root / w / job.FGRAMS)
   # Independent runs in worker processes (spawned: JAX does not survive a fork), the largest
   # f-gram model first; 2 CPU processes of 1 run each train faster than 2 cores on one model.
   done = {}
   with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) as pool:
-    futures = {pool.submit(train_run, corpus, quick, root / w, size, s): w
-               for w, _, size, s in sorted(runs, key=lambda r: -r[1])}
+    futures = {pool.submit(train_run, corpus, quick, root / w, size, s, seed): w
+               for w, _, size, s, seed in sorted(runs, key=lambda r: -r[1])}
     for future in as_completed(futures):
       w = futures[future]
       done[w] = future.result()
       print(f'{corpus} {w}: {done[w]}', flush=True)
   ppl_baseline = done['baseline']['ppl']
+  ppl_seed1 = done['baseline_seed1']['ppl']
   grid, lookup_us, by_n_used = [], None, {}
-  for w, si, size, s in runs[1:]:
+  for w, si, size, s, _ in runs[2:]:
     c = run_config(corpus, quick, size, s)
     scone_space = build_space(c)
     extra = cost.scone_cost(space.model, space.cfg.supernet_dims().hidden,
@@ -165,7 +170,7 @@ def run_corpus(corpus: str, quick: bool, root: Path, counts, sizes, jobs: int) -
                  'resident_params': resident,
                  'resident_params_scone': int(scone_space.cost(scone_space.largest())['params']),
                  'fgram_model_params': extra['fgram_model_params']})
-    if (w, si, size, s) == runs[-1]:  # the largest f-gram model with the most f-grams
+    if w == runs[-1][0]:  # the largest f-gram model with the most f-grams
       table = load_table(c, root / w)
       lookup_us = lookup_cost(c, table)
       for n_used in sorted({s // 16, s // 4, s}):
@@ -173,8 +178,10 @@ def run_corpus(corpus: str, quick: bool, root: Path, counts, sizes, jobs: int) -
   best = min(grid, key=lambda r: r['ppl'])
   by_size = [[r['ppl'] for r in grid if r['fgram_model'] == si] for si in range(len(sizes))]
   by_count = list(zip(*by_size))
-  return {'ppl_baseline': ppl_baseline, 'ppl_scone': best['ppl'], 'lookup_us_per_token': lookup_us,
-          'table_mb': best['table_mb'], 'resident_params': resident, 'grid': grid,
+  return {'ppl_baseline': ppl_baseline, 'ppl_baseline_seed1': ppl_seed1,
+          'ppl_baseline_seed_gap': abs(ppl_seed1 - ppl_baseline), 'ppl_scone': best['ppl'],
+          'lookup_us_per_token': lookup_us, 'table_mb': best['table_mb'],
+          'resident_params': resident, 'grid': grid,
           'ppl_by_n_used': by_n_used, 'extracted_fgrams': len(all_fgrams),
           'extract_seconds': extract_seconds,
           'falls_with_fgrams': all(falls(p) for p in by_size),
@@ -216,9 +223,9 @@ def main():
       per[corpus] = run_corpus(corpus, quick, root, counts, sizes, args.jobs)
     finally:
       shutil.rmtree(root, ignore_errors=True)
-  keys = ('ppl_baseline', 'ppl_scone', 'lookup_us_per_token', 'table_mb', 'falls_with_fgrams',
-          'falls_with_model', 'resident_params', 'extracted_fgrams', 'extract_seconds',
-          'ppl_by_n_used')
+  keys = ('ppl_baseline', 'ppl_baseline_seed1', 'ppl_baseline_seed_gap', 'ppl_scone',
+          'lookup_us_per_token', 'table_mb', 'falls_with_fgrams', 'falls_with_model',
+          'resident_params', 'extracted_fgrams', 'extract_seconds', 'ppl_by_n_used')
   results = {k: {c: r[k] for c, r in per.items()} for k in keys}
   results['grid'] = [row for r in per.values() for row in r['grid']]
   results['steps'] = next(iter(per.values()))['steps']
@@ -226,13 +233,16 @@ def main():
   for corpus, r in per.items():
     rows.append((corpus, 'baseline', '-', '-', f"{r['ppl_baseline']:.3f}", '0',
                  f"{r['resident_params']:,}"))
+    rows.append((corpus, 'baseline, init seed 1', '-', '-', f"{r['ppl_baseline_seed1']:.3f}", '0',
+                 f"{r['resident_params']:,}"))
     rows += [(corpus, f"{g['layers']}x{g['width']}", f"{g['fgram_model_params']:,}",
               g['num_fgrams'], f"{g['ppl']:.3f}", f"{g['table_mb']:.2f}",
               f"{g['resident_params_scone']:,}") for g in r['grid']]
   notes = [f"{results['steps']} training steps per run (same batches with and without SCONE)."]
   for corpus, r in per.items():
     notes.append(
-        f"- {corpus}: best SCONE {r['ppl_scone']:.3f} vs baseline {r['ppl_baseline']:.3f}; "
+        f"- {corpus}: best SCONE {r['ppl_scone']:.3f} vs baseline {r['ppl_baseline']:.3f} "
+        f"(another init seed moves it by {r['ppl_baseline_seed_gap']:.3f}); "
         f"falls with the f-gram count: {r['falls_with_fgrams']}, with the f-gram model: "
         f"{r['falls_with_model']}; lookup {r['lookup_us_per_token']:.2f} us/token on the host; "
         f"{r['extracted_fgrams']:,} f-grams extracted in {r['extract_seconds']:.1f} s; "
