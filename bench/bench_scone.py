@@ -40,6 +40,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import NamedTuple
 
 from common import write_results
 
@@ -98,6 +99,16 @@ def falls(values) -> bool:
   return all(b < a for a, b in zip(values, values[1:]))
 
 
+class Run(NamedTuple):
+  """One training run of the grid: its workdir name, the f-gram model size's index (-1 and size
+  None for a baseline), the f-gram count and the initialisation seed."""
+  name: str
+  size_index: int
+  size: dict | None
+  num_fgrams: int
+  seed: int = 0
+
+
 def run_config(corpus: str, quick: bool, size: dict | None = None, num_fgrams: int = 0,
                seed: int = 0):
   """The bench config of one run: the baseline (size None) or SCONE with an f-gram model size and
@@ -141,19 +152,20 @@ def run_corpus(corpus: str, quick: bool, root: Path, counts, sizes, jobs: int) -
                               cfg.data, root / 'extract')
   extract_seconds = time.perf_counter() - t
   print(f'{len(all_fgrams):,} f-grams extracted in {extract_seconds:.1f} s', flush=True)
-  # (workdir name, size index, f-gram model size, f-gram count, init seed); the baselines have no
-  # size and are the first two.
-  runs = [('baseline', -1, None, 0, 0), ('baseline_seed1', -1, None, 0, 1)] + [
-      (f'scone_{si}_{s}', si, size, s, 0) for si, size in enumerate(sizes) for s in counts]
-  for w, _, _, s, _ in runs[2:]:
+  scone_runs = [Run(f'scone_{si}_{s}', si, size, s) for si, size in enumerate(sizes)
+                for s in counts]
+  runs = [Run('baseline', -1, None, 0), Run('baseline_seed1', -1, None, 0, seed=1), *scone_runs]
+  for r in scone_runs:
+    s = r.num_fgrams
     Fgrams(all_fgrams.tokens_SK[:s], all_fgrams.lengths_S[:s], all_fgrams.counts_S[:s],
-           all_fgrams.min_count).save(root / w / job.FGRAMS)
+           all_fgrams.min_count).save(root / r.name / job.FGRAMS)
   # Independent runs in worker processes (spawned: JAX does not survive a fork), the largest
   # f-gram model first; 2 CPU processes of 1 run each train faster than 2 cores on one model.
   done = {}
   with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) as pool:
-    futures = {pool.submit(train_run, corpus, quick, root / w, size, s, seed): w
-               for w, _, size, s, seed in sorted(runs, key=lambda r: -r[1])}
+    futures = {pool.submit(train_run, corpus, quick, root / r.name, r.size, r.num_fgrams,
+                           r.seed): r.name
+               for r in sorted(runs, key=lambda r: -r.size_index)}
     for future in as_completed(futures):
       w = futures[future]
       done[w] = future.result()
@@ -161,7 +173,7 @@ def run_corpus(corpus: str, quick: bool, root: Path, counts, sizes, jobs: int) -
   ppl_baseline = done['baseline']['ppl']
   ppl_seed1 = done['baseline_seed1']['ppl']
   grid, lookup_us, by_n_used = [], None, {}
-  for w, si, size, s, _ in runs[2:]:
+  for w, si, size, s, _ in scone_runs:
     c = run_config(corpus, quick, size, s)
     scone_space = build_space(c)
     extra = cost.scone_cost(space.model, space.cfg.supernet_dims().hidden,
@@ -170,7 +182,7 @@ def run_corpus(corpus: str, quick: bool, root: Path, counts, sizes, jobs: int) -
                  'resident_params': resident,
                  'resident_params_scone': int(scone_space.cost(scone_space.largest())['params']),
                  'fgram_model_params': extra['fgram_model_params']})
-    if w == runs[-1][0]:  # the largest f-gram model with the most f-grams
+    if w == scone_runs[-1].name:  # the largest f-gram model with the most f-grams
       table = load_table(c, root / w)
       lookup_us = lookup_cost(c, table)
       for n_used in sorted({s // 16, s // 4, s}):
