@@ -43,7 +43,7 @@ CASES = [  # (config file, argument, topology), cheapest compiles first
 GIB = 1024 ** 3
 HEADER = ('config', 'topology', 'program', 'max params', 'mesh d x f x t', 'batch x seq (accum)',
           'args GiB', 'temps GiB', 'total / HBM GiB', 'fits', 'XLA TFLOP / device', 'est. ms',
-          'MFU est.', 'compile s')
+          'MFU est.', 'masked / dense', 'compile s')
 NOTES = """
 Compiled on a CPU-only machine by the TPU compiler (libtpu) for the named slice with the config's
 own mesh (`elastic-jax compile`, elastic_jax/aot.py); the training step is the trainer's own
@@ -88,12 +88,14 @@ def row(case: str, report: dict, name: str) -> tuple:
           f"{p['xla_flops_per_device'] / 1e12:.1f}" if p.get('xla_flops_per_device') else '-',
           f'{est * 1e3:.0f}' if est else '-',
           f"{p['mfu_estimate']:.0%}" if p.get('mfu_estimate') else '-',
+          f"{report['masked_over_dense']:.2f}x" if name == 'train_step' and report.get(
+              'masked_over_dense') else '-',
           f"{p['compile_seconds']:.0f}" if p.get('compile_seconds') else '-')
 
 
 def headline(report: dict) -> dict:
   """Memory per chip and MFU of each program of one case (the JSON's top-level figures)."""
-  out = {'fits': report['fits']}
+  out = {'fits': report['fits'], 'masked_over_dense': report.get('masked_over_dense')}
   for name, p in report['programs'].items():
     out[name] = {'memory_per_chip_gib': p['memory_bytes']['total'] / GIB,
                  'hbm_gib': p['hbm_bytes_per_device'] / GIB, 'fits': p['fits'],

@@ -17,6 +17,12 @@ and compiled by the TPU compiler. The report gives, per program and per device:
   time). The masked supernet runs every sub-network at the supernet's widths, so this is lower than
   the hardware FLOP utilisation (`xla_flops_utilisation`).
 
+The third program, `dense_step`, is the reference: the plain cross-entropy training step of the
+largest sub-network's dense export (`train.step.make_dense_step`: same batch, micro-batches,
+optimizer, shardings and donation; no masks, sandwich or distillation), what a non-elastic
+trainer would run. `masked_over_dense` is the masked step's estimated time per model FLOP over
+the reference's (1 = no cost for elasticity).
+
 XLA's cost analysis counts the body of a loop once. The trainer runs its micro-batches in a
 `lax.scan` and, inside it, the first sub-network and then the other K - 1 in another scan; the
 search's fitness maps over chunks of archs and, inside, scans over batches and micro-batches. By
@@ -87,7 +93,7 @@ CHIPS = {
     'v6e': Chip('TPU v6e', 32 * GIB, 918e12, 1640e9, 2),
 }
 _TOPOLOGY = re.compile(r'^(?P<chip>[a-z0-9]+):(?P<shape>\d+(?:x\d+)*)$')
-PROGRAMS = ('train_step', 'population_eval')
+PROGRAMS = ('train_step', 'population_eval', 'dense_step')
 FLOP_METHODS = ('loops', 'unrolled', 'none')
 
 
@@ -152,6 +158,42 @@ def train_program(cfg, mesh, *, grad_accum: int | None = None, batch_size: int |
   batch = {k: jax.ShapeDtypeStruct(shape, d, sharding=setup.batch_sharding)
            for k, d in batch_keys(cfg).items()}
   return setup, (setup.abstract_state(), batch, None)
+
+
+def dense_program(cfg, mesh):
+  """(the jitted plain training step of the largest sub-network's dense export over `mesh`, its
+  abstract (state, batch) arguments, the dense model's analytic training FLOPs per token).
+
+  The reference a non-elastic trainer would run: the same batch, micro-batches, optimizer,
+  parameter shardings (by the same logical names) and donation as the masked step; no masks, no
+  sandwich, no distillation, the exported model's layers as the exported model runs them."""
+  import jax
+  from flax import nnx
+
+  from elastic_jax import export, parallel
+  from elastic_jax.train.step import TrainState, abstract_state, make_dense_step, make_optimizer
+  from elastic_jax.workdir import build_space
+
+  space = build_space(cfg)
+  largest = space.largest()
+  dims, _ = export.dense_dims(space.cfg, largest)
+  graphdef, params = nnx.split(export.abstract_model(space.model, dims), nnx.Param)
+  params = nnx.State({'model': params})
+  tx, _ = make_optimizer(cfg.train)
+  shardings = parallel.param_shardings(params, mesh)
+  replicated = parallel.replicated(mesh)
+  state_shardings = TrainState(step=replicated, params=shardings, rng=replicated,
+                               opt_state=parallel.opt_state_shardings(tx, params, shardings, mesh))
+  state = abstract_state(params, tx, state_shardings)
+  batch_sharding = parallel.batch_sharding(mesh)
+  step = jax.jit(make_dense_step(graphdef, tx, int(cfg.train.grad_accum),
+                                 micro_sharding=parallel.microbatch_sharding(mesh)),
+                 in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+  shape = (int(cfg.data.batch_size), cfg.data.seq_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, d, sharding=batch_sharding)
+           for k, d in batch_keys(cfg).items()}
+  return step, (state, batch), float(space.cost(largest)['train_flops_per_token'])
 
 
 @contextlib.contextmanager
@@ -390,8 +432,29 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
   if 'population_eval' in programs:
     entry = _population_entry(cfg, space, mesh, unscanned, flops, tokens, common)
     report['programs']['population_eval'] = entry
+  if 'dense_step' in programs:
+    step, dense_args, dense_flops = dense_program(cfg, mesh)
+
+    def unrolled():  # one micro-batch per scan iteration, every iteration counted
+      with unrolled_scans():
+        return (_Lowered(dense_program(cfg, mesh)[0].lower(*dense_args)),)
+
+    method = {'loops': ('loops', tcfg.grad_accum), 'unrolled': ('compile', unrolled, 1)}.get(flops)
+    report['programs']['dense_step'] = _entry('dense_step', lambda: (step, *dense_args), method,
+                                              dense_flops * tokens, **common)
+  report['masked_over_dense'] = _masked_over_dense(report['programs'])
   report['fits'] = all(p['fits'] for p in report['programs'].values())
   return report
+
+
+def _masked_over_dense(programs: dict) -> float | None:
+  """The masked training step's estimated time per model FLOP over the dense reference's (the
+  dense step's MFU estimate over the masked step's): 1 = as efficient as a non-elastic trainer
+  on the largest sub-network; None without both estimates."""
+  masked, dense = programs.get('train_step', {}), programs.get('dense_step', {})
+  if not (masked.get('mfu_estimate') and dense.get('mfu_estimate')):
+    return None
+  return dense['mfu_estimate'] / masked['mfu_estimate']
 
 
 def _search_program(cfg, mesh):

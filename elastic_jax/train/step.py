@@ -35,6 +35,18 @@ class TrainState:
   rng: jax.Array  # raw key data (uint32), checkpointable
 
 
+def abstract_state(params, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+  """Shapes, dtypes and shardings of the training state of `params` (shapes; no arrays): each
+  leaf a `jax.ShapeDtypeStruct` carrying its sharding from `shardings` (whose leaves stand for
+  whole NNX variables: one array each, in the same order)."""
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                      opt_state=jax.eval_shape(tx.init, params),
+                      rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))
+  leaves, treedef = jax.tree.flatten(shapes)
+  return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                            for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True)])
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillSpec:
   """Static description of the distillation of one run."""
@@ -243,25 +255,63 @@ def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransfor
     totals = token_totals(batch)  # of the global batch, before it is split
     micro = split_microbatches(batch, grad_accum, micro_sharding)
 
-    def accumulate(carry, mb):
-      grads_sum, loss_sum, per_arch_sum, ce_sum = carry
+    def one(mb):
       (loss, (per_arch, ces)), grads = grad_fn(state.params, mb, archs, teacher_params, totals)
-      grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-      return (grads_sum, loss_sum + loss, per_arch_sum + per_arch, ce_sum + ces), None
+      return grads, loss, per_arch, ces
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     k = jnp.zeros(sampler.k)
     # Each micro-batch's terms are already divided by the global token counts: sums, not means.
-    (grads, loss, per_arch, ces), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), k, k),
-                                                   micro)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
-    # A checkpoint must never hold non-finite parameters: check the updated ones, not just the loss.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
-    metrics = {'loss': loss, 'grad_norm': grad_norm, 'loss_per_arch': per_arch,
-               'ce_per_arch': ces, 'finite': finite}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    grads, loss, per_arch, ces = sum_over_microbatches(one, (zeros, jnp.zeros(()), k, k), micro)
+    state, metrics = apply_gradients(state, grads, loss, tx)
+    return state, {**metrics, 'loss_per_arch': per_arch, 'ce_per_arch': ces}
+
+  return step
+
+
+def sum_over_microbatches(fn, init, micro):
+  """The sum of the pytree `fn(mb)` over the stacked micro-batches `micro` (one `lax.scan`; the
+  carry starts at `init`, the same structure)."""
+  def body(carry, mb):
+    return jax.tree.map(jnp.add, carry, fn(mb)), None
+  return jax.lax.scan(body, init, micro)[0]
+
+
+def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransformation):
+  """(the state after one optimizer update with `grads`, {loss, grad_norm, finite})."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.global_norm(grads)
+  # A checkpoint must never hold non-finite parameters: check the updated ones, not just the loss.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
+  return (state.replace(step=state.step + 1, params=params, opt_state=opt_state),
+          {'loss': loss, 'grad_norm': grad_norm, 'finite': finite})
+
+
+def make_dense_step(graphdef, tx: optax.GradientTransformation, grad_accum: int, *,
+                    micro_sharding=None):
+  """step(state, batch) -> (state, metrics) of a dense model (`state.params['model']`, called
+  with arch=None): the plain cross-entropy step a non-elastic trainer runs, with the same
+  micro-batches, normalisation and update as `make_train_step`. `elastic-jax compile` compiles it
+  for the largest sub-network's export as the reference the masked step is measured against."""
+  def loss_fn(params, mb, totals):
+    model = nnx.merge(graphdef, params['model'])
+    logits = model(model_inputs(mb))
+    return losses.token_cross_entropy(logits, mb['targets'], mb['weights'])[0] / totals['weights']
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def step(state: TrainState, batch):
+    totals = token_totals(batch)
+    micro = split_microbatches(batch, grad_accum, micro_sharding)
+
+    def one(mb):
+      loss, grads = grad_fn(state.params, mb, totals)
+      return grads, loss
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, loss = sum_over_microbatches(one, (zeros, jnp.zeros(())), micro)
+    return apply_gradients(state, grads, loss, tx)
 
   return step
 

@@ -34,7 +34,13 @@ from elastic_jax.train.dynamic import config as dynamic_config
 from elastic_jax.train.dynamic.controller import Controller
 from elastic_jax.train.logger import MetricLogger
 from elastic_jax.train.sampling import Sampler, teacher_is_first
-from elastic_jax.train.step import DistillSpec, TrainState, make_optimizer, make_train_step
+from elastic_jax.train.step import (
+    DistillSpec,
+    TrainState,
+    abstract_state,
+    make_optimizer,
+    make_train_step,
+)
 from elastic_jax.workdir import (
   apply_init_from,
   build_space,
@@ -148,15 +154,7 @@ class StepSetup:
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the training state (no arrays)."""
-    params = jax.eval_shape(self.init_params)
-    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                        opt_state=jax.eval_shape(self.tx.init, params),
-                        rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))
-    # The shardings' leaves stand for whole NNX variables: one array each, in the same order.
-    leaves, treedef = jax.tree.flatten(shapes)
-    shardings = jax.tree.leaves(self.state_shardings)
-    return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-                              for x, s in zip(leaves, shardings, strict=True)])
+    return abstract_state(jax.eval_shape(self.init_params), self.tx, self.state_shardings)
 
 
 def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=None, *,
