@@ -187,7 +187,8 @@ def dense_program(cfg, mesh):
   state = abstract_state(params, tx, state_shardings)
   batch_sharding = parallel.batch_sharding(mesh)
   step = jax.jit(make_dense_step(graphdef, tx, int(cfg.train.grad_accum),
-                                 micro_sharding=parallel.microbatch_sharding(mesh)),
+                                 micro_sharding=parallel.microbatch_sharding(mesh),
+                                 gather=parallel.gather_fn(cfg, shardings['model'], mesh)),
                  in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
   shape = (int(cfg.data.batch_size), cfg.data.seq_len)

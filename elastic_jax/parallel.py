@@ -109,6 +109,39 @@ def opt_state_shardings(tx, abstract_params, param_shardings, mesh: Mesh):
                                is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def gathered_shardings(shardings):
+  """Where FSDP-sharded arrays are used: each NamedSharding of `shardings` with the 'fsdp' axis
+  dropped from its spec (gathered), any 'tensor' split kept."""
+  def one(s: NamedSharding) -> NamedSharding:
+    spec = [None if a == 'fsdp' else a for a in s.spec]
+    return NamedSharding(s.mesh, PartitionSpec(*spec))
+  return jax.tree.map(one, shardings)
+
+
+def constrain(tree, shardings):
+  """`tree` with each array constrained to its sharding in `shardings` (the same leaves in the
+  same order; the shardings' leaves may stand for whole NNX variables)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef.unflatten([jax.lax.with_sharding_constraint(x, s) for x, s in
+                            zip(leaves, jax.tree.leaves(shardings), strict=True)])
+
+
+def gather_fn(cfg, shardings, mesh: Mesh):
+  """What the training step applies to the model's parameters before use (its `gather`): with
+  `train.gather_params` on a mesh with mesh.fsdp > 1, a constraint to `gathered_shardings`, else
+  None.
+
+  Why: left to choose, XLA's SPMD partitioner computes a weight gradient whose output is
+  FSDP-sharded by all-gathering the activations (for the tied embedding, the whole batch's
+  [B, T, vocab] logits gradient) instead of reduce-scattering the weight gradient. Gathering the
+  parameters once per micro-batch makes every matmul local, and the gradients are reduce-scattered
+  back (bench/results/aot.md measures it)."""
+  if mesh.shape['fsdp'] == 1 or not cfg.train.get('gather_params', True):
+    return None
+  gathered = gathered_shardings(shardings)
+  return lambda params: constrain(params, gathered)
+
+
 def check_batch(rows: int, mesh: Mesh, what: str = 'the training batch') -> int:
   """The number of ways the mesh splits a batch (mesh.data x mesh.fsdp); a UserError naming
   `what` when that does not divide its `rows` (data.batch_size)."""

@@ -20,6 +20,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.b2 = 0.98
   c.grad_clip = 1.0  # global gradient-norm clipping; 0 = off
   c.grad_accum = 1  # micro-batches per step (the batch is split, gradients summed)
+  # With mesh.fsdp > 1: gather the FSDP-sharded parameters once per micro-batch (all K
+  # sub-networks read the gathered copy; gradients reduce-scattered back) instead of leaving
+  # the layout of every matmul to XLA (elastic_jax/parallel.py, `gather_fn`).
+  c.gather_params = True
   # Cross-entropy and logits KL over chunks of this many positions (of every row): at most
   # [rows, logits_chunk, vocab] logits live at once, recomputed in the backward pass, and the
   # teacher's log-probabilities are computed once per chunk for every sub-network. 0 = off (the

@@ -147,7 +147,7 @@ def split_microbatches(batch, grad_accum: int, sharding=None):
 
 def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
                  external_teacher: Callable | None = None, *, logits_chunk: int = 0,
-                 unroll_chunks: bool = False):
+                 unroll_chunks: bool = False, gather: Callable | None = None):
   """loss(params, batch, archs, teacher_params, totals) -> (total, (loss_per_arch, ce_per_arch)):
   the summed loss of the K sub-networks `archs` on one micro-batch, normalised by the global
   batch's `totals` (`token_totals`). Differentiate it with respect to `params` only: the teacher
@@ -159,12 +159,16 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
   only the pre-logit states, and every sub-network's cross-entropy and logits KL are computed
   afterwards, `logits_chunk` positions at a time (`losses.vocab_losses`, which also says what
   `unroll_chunks` does).
+
+  `gather`: applied to the model's parameters before use (`parallel.gather_fn`: FSDP-sharded
+  parameters gathered once per micro-batch for all K sub-networks, their gradients
+  reduce-scattered back), or None.
   """
   capture = spec.captures
   w = spec.weights
 
   def loss_fn(params, batch, archs, teacher_params, totals):
-    model = nnx.merge(graphdef, params['model'])
+    model = nnx.merge(graphdef, params['model'] if gather is None else gather(params['model']))
     projections = nnx.merge(proj_graphdef, params['proj'])
     inputs = model_inputs(batch)
     teacher = (None if external_teacher is None
@@ -236,7 +240,8 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
 def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransformation,
                     spec: DistillSpec, grad_accum: int,
                     external_teacher: Callable | None = None, *, micro_sharding=None,
-                    logits_chunk: int = 0, unroll_chunks: bool = False):
+                    logits_chunk: int = 0, unroll_chunks: bool = False,
+                    gather: Callable | None = None):
   """Returns step(state, batch[, teacher_params[, allowed]]) -> (state, metrics).
 
   `allowed`: the sampler's `Allowed` (arrays) when the space changes in training, else None.
@@ -244,10 +249,10 @@ def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransfor
   Metrics: `loss` (the step's objective: the sum over its K sub-networks of their losses),
   `loss_per_arch` and `ce_per_arch` (float32[K], in the sampler's order), `grad_norm`, `finite`.
   `micro_sharding`: the sharding of the stacked micro-batches (see `split_microbatches`);
-  `logits_chunk`, `unroll_chunks`: see `make_loss_fn`.
+  `logits_chunk`, `unroll_chunks`, `gather`: see `make_loss_fn`.
   """
   loss_fn = make_loss_fn(graphdef, proj_graphdef, spec, external_teacher,
-                         logits_chunk=logits_chunk, unroll_chunks=unroll_chunks)
+                         logits_chunk=logits_chunk, unroll_chunks=unroll_chunks, gather=gather)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, batch, teacher_params=None, allowed=None):
@@ -289,13 +294,14 @@ def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransforma
 
 
 def make_dense_step(graphdef, tx: optax.GradientTransformation, grad_accum: int, *,
-                    micro_sharding=None):
+                    micro_sharding=None, gather: Callable | None = None):
   """step(state, batch) -> (state, metrics) of a dense model (`state.params['model']`, called
   with arch=None): the plain cross-entropy step a non-elastic trainer runs, with the same
   micro-batches, normalisation and update as `make_train_step`. `elastic-jax compile` compiles it
-  for the largest sub-network's export as the reference the masked step is measured against."""
+  for the largest sub-network's export as the reference the masked step is measured against.
+  `gather`: see `make_loss_fn`."""
   def loss_fn(params, mb, totals):
-    model = nnx.merge(graphdef, params['model'])
+    model = nnx.merge(graphdef, params['model'] if gather is None else gather(params['model']))
     logits = model(model_inputs(mb))
     return losses.token_cross_entropy(logits, mb['targets'], mb['weights'])[0] / totals['weights']
 

@@ -82,17 +82,21 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tiny_cfg, data_cache, tmp_p
 
 @pytest.mark.slow
 def test_eight_devices_fsdp4_tensor2_equal_one_device(data_cache, tmp_path):
-  mesh = ['--config.mesh.data=1', '--config.mesh.fsdp=4', '--config.mesh.tensor=2',
-          '--config.train.steps=3']
-  sharded = run_cli(tiny_args(data_cache, tmp_path / 'sharded', *mesh),
-                    env={'XLA_FLAGS': xla_flags_with_devices(8)})
-  assert sharded.returncode == 0, sharded.stderr[-2000:]
+  """Sharded training computes what one device does, with the FSDP-sharded parameters gathered
+  once per micro-batch (train.gather_params, the default) and with the layout left to XLA."""
   single = run_cli(tiny_args(data_cache, tmp_path / 'single', '--config.train.steps=3'))
   assert single.returncode == 0, single.stderr[-2000:]
-  a, b = losses(tmp_path / 'sharded'), losses(tmp_path / 'single')
-  assert sorted(a) == [1, 2, 3]
-  for step in a:
-    assert a[step] == pytest.approx(b[step], rel=1e-5)
+  b = losses(tmp_path / 'single')
+  for gather in (True, False):
+    mesh = ['--config.mesh.data=1', '--config.mesh.fsdp=4', '--config.mesh.tensor=2',
+            '--config.train.steps=3', f'--config.train.gather_params={gather}']
+    sharded = run_cli(tiny_args(data_cache, tmp_path / f'sharded_{gather}', *mesh),
+                      env={'XLA_FLAGS': xla_flags_with_devices(8)})
+    assert sharded.returncode == 0, sharded.stderr[-2000:]
+    a = losses(tmp_path / f'sharded_{gather}')
+    assert sorted(a) == [1, 2, 3]
+    for step in a:
+      assert a[step] == pytest.approx(b[step], rel=1e-5), (gather, step)
 
 
 def test_block_preserving_loss_matches_hand_computation():
