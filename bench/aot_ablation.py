@@ -1,0 +1,126 @@
+"""Where the masked training step's time goes on a TPU slice: an ablation compiled on this CPU.
+
+The GPT-2-medium supernet's step on v5e:4x4 (its own mesh, batch, micro-batches, dtypes), on a
+twin with fewer layers (default 2, layers unrolled, so XLA counts each once and no FLOP-counting
+twin is compiled), with one mechanism changed at a time, next to the dense reference step (the
+largest sub-network's export trained by a plain cross-entropy step; `aot.dense_program`). Each
+row: XLA's FLOPs and HBM bytes per device per step (loop bodies times their trip counts, as
+`elastic-jax compile` counts them), the roofline time, the MFU estimate and the masked step's time
+per model FLOP over the dense reference's of the same variant. Writes
+bench/results/aot_ablation.json (top-level keys: the variants' labels -> their figures) and .md.
+
+  pip install -e '.[tpu]'
+  python bench/aot_ablation.py [--quick] [--layers 2]
+
+--quick: the configured step and the gather off only (4 compiles instead of 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+from aot_report import load_config  # noqa: E402
+from common import write_results  # noqa: E402
+
+from elastic_jax import aot  # noqa: E402
+
+CASE = ('gpt2_medium_supernet', 'v5e-16', 'v5e:4x4')
+# (label, config overrides, programs): one mechanism changed at a time.
+VARIANTS = (
+    ('as configured', {}, ('train_step', 'dense_step')),
+    ('parameters left to XLA (train.gather_params=False)', {'train.gather_params': False},
+     ('train_step', 'dense_step')),
+    ('K = 2 sub-networks (train.num_random=0)', {'train.num_random': 0}, ('train_step',)),
+    ('no logits distillation (train.distill.logits_kl=0)', {'train.distill.logits_kl': 0.0},
+     ('train_step',)),
+    ('float32 compute (model.dtype=float32)', {'model.dtype': 'float32'},
+     ('train_step', 'dense_step')),
+)
+GB, GIB = 1e9, 1024 ** 3
+HEADER = ('variant', 'program', 'XLA TFLOP / device', 'HBM GB / device', 'est. ms', 'MFU est.',
+          'masked / dense', 'GiB / device', 'compile s')
+NOTES = """
+The GPT-2-medium supernet's training step (configs/gpt2_medium_supernet.py, v5e-16: batch 128 x
+512 in 8 micro-batches, pure FSDP over 16 chips, bf16 compute, sandwich K = 4 with in-place
+logits distillation) compiled by libtpu for v5e:4x4 on a CPU, on a twin with {layers} layers
+(unrolled: XLA counts each once) and one mechanism changed per row. train_step is the masked
+sandwich step the trainer runs; dense_step the reference, the largest sub-network's dense export
+trained by a plain cross-entropy step with the same batch, micro-batches, optimizer and shardings.
+FLOPs and bytes: XLA's cost analysis per device per step, loop bodies times their trip counts
+(x 8 micro-batches; the masked step's sub-network scan x K / 2). est. ms: the roofline
+max(FLOPs / peak, bytes / HBM bandwidth) (197 TFLOP/s, 819 GB/s per v5e chip); every row is
+byte-bound there. MFU est.: the sub-networks' analytic model FLOPs (cost.py) over peak x est.
+masked / dense: the masked step's estimated time per model FLOP over the dense reference's of the
+same row (a row without its own dense step uses the first row's). With so few layers the
+vocabulary (50,304 x 1,024, tied) weighs far more than in the 24-layer model: read the rows
+against each other, and bench/results/aot.md for the full model.
+"""
+
+
+def _set(cfg, dotted: str, value) -> None:
+  *path, key = dotted.split('.')
+  node = cfg
+  for part in path:
+    node = node[part]
+  node[key] = value
+
+
+def compile_variant(layers: int, overrides: dict, programs: tuple) -> dict:
+  name, arg, topology = CASE
+  cfg = load_config(name, arg)
+  with cfg.unlocked():
+    cfg.space.num_layers = layers
+    cfg.space.depth = tuple(range(1, layers + 1))
+    cfg.model.scan_layers = False
+    for key, value in overrides.items():
+      _set(cfg, key, value)
+  t = time.perf_counter()
+  report = aot.compile_report(cfg, topology, programs=programs)
+  report['wall_seconds'] = time.perf_counter() - t
+  print(aot.format_report(report), flush=True)
+  return report
+
+
+def figures(p: dict) -> dict:
+  return {'xla_tflop_per_device': p['xla_flops_per_device'] / 1e12,
+          'hbm_gb_per_device': p['xla_bytes_accessed_per_device'] / GB,
+          'estimated_ms': p['estimated_seconds'] * 1e3, 'mfu_estimate': p['mfu_estimate'],
+          'memory_gib_per_device': p['memory_bytes']['total'] / GIB,
+          'compile_seconds': p['compile_seconds']}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true', help='the first two variants only')
+  parser.add_argument('--layers', type=int, default=2, help='layers of the twin')
+  args = parser.parse_args()
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
+  variants = VARIANTS[:2] if args.quick else VARIANTS
+  results, rows, reference = {}, [], None
+  for label, overrides, programs in variants:
+    report = compile_variant(args.layers, overrides, programs)
+    ps = report['programs']
+    dense = ps.get('dense_step') or reference
+    reference = reference or dense
+    entry = {name: figures(p) for name, p in ps.items()}
+    entry['masked_over_dense'] = dense['mfu_estimate'] / ps['train_step']['mfu_estimate']
+    entry['overrides'] = overrides
+    results[label] = entry
+    for name in ps:
+      f = entry[name]
+      rows.append((label, name, f"{f['xla_tflop_per_device']:.2f}",
+                   f"{f['hbm_gb_per_device']:.1f}", f"{f['estimated_ms']:.0f}",
+                   f"{f['mfu_estimate']:.1%}",
+                   f"{entry['masked_over_dense']:.2f}x" if name == 'train_step' else '-',
+                   f"{f['memory_gib_per_device']:.2f}", f"{f['compile_seconds']:.0f}"))
+    write_results('aot_ablation', {**results, 'layers': args.layers, 'case': list(CASE)}, rows,
+                  HEADER, NOTES.format(layers=args.layers), quick=args.quick)
+
+
+if __name__ == '__main__':
+  main()
