@@ -10,7 +10,8 @@ memory per chip and MFU of each program; the full reports under 'reports') and a
   python bench/aot_report.py [--quick] [--only gpt2_medium_supernet] [--resume]
 
 --quick compiles the training step only and counts no FLOPs (memory only). Results are written
-after every case; --resume keeps the cases already in the JSON file and compiles the others.
+after every case (each case records the commit it was compiled at); --resume keeps the cases
+already in the JSON file and compiles the others.
 --only selects cases by a substring of their key, config:arg@topology. A GPT-2-medium case holds
 about 15 GB of host memory while it compiles; on a small machine run one case per process:
   for c in bert_base_elm:v5e bert_base_elm:v5p gpt2_medium_supernet:v5e \
@@ -29,7 +30,7 @@ from pathlib import Path
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, provenance, write_results  # noqa: E402
 
 from elastic_jax import aot  # noqa: E402
 
@@ -46,24 +47,29 @@ HEADER = ('config', 'topology', 'program', 'max params', 'mesh d x f x t', 'batc
           'MFU est.', 'masked / dense', 'compile s')
 NOTES = """
 Compiled on a CPU-only machine by the TPU compiler (libtpu) for the named slice with the config's
-own mesh (`elastic-jax compile`, elastic_jax/aot.py); the training step is the trainer's own
-(`trainer.build_step`: same shardings, donation, strided micro-batches). Memory: XLA's buffer
+own mesh (`elastic-jax compile`, elastic_jax/aot.py). Programs: train_step, the trainer's own
+masked sandwich step (`trainer.build_step`: same shardings, donation, strided micro-batches,
+scanned and rematerialised layers, FSDP-sharded parameters gathered once per micro-batch);
+dense_step, the reference: the largest sub-network's dense export trained by a plain
+cross-entropy step with the same batch, micro-batches, optimizer and shardings (what a
+non-elastic trainer would run); population_eval, the search's own loop. Memory: XLA's buffer
 assignment per device (arguments = sharded params + Adam state + batch; the donated state is
-aliased to the outputs; total = arguments + outputs - aliased + temporaries + code). XLA TFLOP and
-est. ms: XLA's cost analysis of the compiled program, whose loop bodies XLA counts once, times the
-loop trip counts (the step: x grad_accum x K / 2 with K = 4 sandwich sub-networks per step; the
-evaluation: x population x batches); est. ms is XLA's `optimal_seconds` roofline scaled the same
-way (no collective latency, no host work). For every program here it equals XLA's count of HBM
-bytes accessed over the chip's HBM bandwidth (e.g. 2.2 TB per device per GPT-2-medium step on
-v5e: 2.65 s, 20x the time of its FLOPs at peak): XLA estimates these programs to be memory-bound,
-hence the low MFU estimates (where the bytes go was not analysed here; a profile on a TPU is the
-check). MFU est.: the sampled sub-networks' analytic model FLOPs
-(cost.py: 3 x forward FLOPs per token for training; sandwich = largest + smallest + 2 random,
-averaged over 8 steps) over (chips x bf16 peak x est. time); the masked supernet computes every
-sub-network at the supernet's widths, so the hardware's FLOP utilisation is higher than the MFU.
-The loop-scaled FLOP counts agree with unrolled analysis compiles within 10% on the quickstart
-config (tested); read them, est. ms and MFU as estimates. Memory is exact for the compiled
-program. compile s: lowering + compiling on a 2-core CPU that other jobs shared.
+aliased to the outputs; total = arguments + outputs - aliased + temporaries + code). XLA TFLOP:
+XLA's cost analysis of the compiled program, whose loop bodies XLA counts once, times the loop
+trip counts (train: x grad_accum x K / 2 with K = 4 sandwich sub-networks, counted on a twin
+with the layers unrolled; dense: x grad_accum; evaluation: x population x batches). est. ms: the
+roofline max(XLA FLOPs / peak, XLA bytes accessed / HBM bandwidth), scaled the same way (no
+collective latency, no host work); every program here is byte-bound in it. XLA's count of bytes
+is a model, not a profile (a dynamic-update-slice into a loop's stacked outputs counts the whole
+buffer, for instance), so est. ms and MFU are estimates; a profile on a TPU is the check.
+MFU est.: the analytic model FLOPs (cost.py: 3 x forward FLOPs per token for training; for the
+masked step the sampled sub-networks', sandwich = largest + smallest + 2 random, averaged over 8
+steps; for the dense step the largest sub-network's) over (chips x bf16 peak x est. time); the
+masked supernet computes every sub-network at the supernet's widths, so the hardware's FLOP
+utilisation is higher than its MFU. masked / dense: the masked step's estimated time per model
+FLOP over the dense reference's (1 = elasticity costs nothing). Where the bytes go, one
+mechanism at a time: bench/results/aot_ablation.md. compile s: lowering + compiling on a 2-core
+CPU that other jobs shared. The commit each case was compiled at: aot.json, reports.<case>.commit.
 """
 
 
@@ -113,7 +119,12 @@ def main():
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
   programs = ('train_step',) if args.quick else aot.PROGRAMS
   path = RESULTS / ('aot_quick.json' if args.quick else 'aot.json')
-  reports = json.loads(path.read_text())['reports'] if args.resume and path.is_file() else {}
+  reports = {}
+  if args.resume and path.is_file():
+    previous = json.loads(path.read_text())
+    reports = previous['reports']
+    for report in reports.values():  # each case keeps the commit it was compiled at
+      report.setdefault('commit', previous['commit'])
   for name, arg, topology in CASES:
     key = f'{name}:{arg}@{topology}'
     if args.only not in key or key in reports:
@@ -122,6 +133,7 @@ def main():
     report = aot.compile_report(load_config(name, arg), topology, programs=programs,
                                 flops='none' if args.quick else 'loops')
     report['wall_seconds'] = time.perf_counter() - t
+    report['commit'] = provenance()['commit']
     print(aot.format_report(report), flush=True)
     reports[key] = report
     write(reports, args.quick)

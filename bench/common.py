@@ -35,7 +35,9 @@ def machine() -> dict:
 
 def provenance() -> dict:
   """The commit the bench ran on, whether the work tree differed from it (`dirty`; untracked
-  files count), and the command line. None where git cannot tell (not a clone)."""
+  files count, bench/results/ does not: a bench that writes its results after every case would
+  otherwise mark its own later cases dirty), and the command line. None where git cannot tell
+  (not a clone)."""
   def git(*args) -> str | None:
     try:
       out = subprocess.run(['git', *args], cwd=REPO, capture_output=True, text=True, timeout=30)
@@ -44,7 +46,7 @@ def provenance() -> dict:
     return out.stdout.strip() if out.returncode == 0 else None
 
   commit = git('rev-parse', 'HEAD')
-  status = git('status', '--porcelain') if commit else None
+  status = git('status', '--porcelain', '--', '.', ':!bench/results') if commit else None
   return {'commit': commit, 'dirty': None if status is None else bool(status),
           'command': shlex.join(['python', *sys.argv])}
 

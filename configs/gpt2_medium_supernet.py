@@ -58,7 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The layers run in a lax.scan, whose backward keeps every residual the scan body needs unless
   # told otherwise: on v5e:4x4 the step needs 35.2 GiB per chip without remat, 11.8 GiB with
   # 'dots_saveable' (matmul outputs kept, the rest recomputed) and 3.6 GiB with 'full'
-  # (elastic-jax compile on a CPU). 'dots_saveable' fits 16 GiB and recomputes the least.
+  # (elastic-jax compile on a CPU, before the parameters were gathered per micro-batch; with the
+  # gather, 'dots_saveable' needs 10.5 GiB: bench/results/aot.md). 'dots_saveable' fits 16 GiB
+  # and recomputes the least.
   cfg.model.remat = 'none' if local else 'dots_saveable'
 
   # The elastic space: depth prefix, hidden, heads, FFN width per layer.

@@ -40,8 +40,8 @@ def test_write_results_records_commit_dirty_flag_and_command(tmp_path, monkeypat
   head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True)
   if head.returncode != 0:
     pytest.skip('not a git clone (no commit to record)')
-  status = subprocess.run(['git', 'status', '--porcelain'], cwd=REPO, capture_output=True,
-                          text=True).stdout
+  status = subprocess.run(['git', 'status', '--porcelain', '--', '.', ':!bench/results'],
+                          cwd=REPO, capture_output=True, text=True).stdout
   assert results['commit'] == head.stdout.strip()
   assert results['dirty'] is bool(status.strip())
   assert results['command'] == "python bench/bench_x.py --quick '--name=a b'"
