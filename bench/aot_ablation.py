@@ -62,14 +62,6 @@ against each other, and bench/results/aot.md for the full model.
 """
 
 
-def _set(cfg, dotted: str, value) -> None:
-  *path, key = dotted.split('.')
-  node = cfg
-  for part in path:
-    node = node[part]
-  node[key] = value
-
-
 def compile_variant(layers: int, overrides: dict, programs: tuple) -> dict:
   name, arg, topology = CASE
   cfg = load_config(name, arg)
@@ -77,8 +69,7 @@ def compile_variant(layers: int, overrides: dict, programs: tuple) -> dict:
     cfg.space.num_layers = layers
     cfg.space.depth = tuple(range(1, layers + 1))
     cfg.model.scan_layers = False
-    for key, value in overrides.items():
-      _set(cfg, key, value)
+    cfg.update_from_flattened_dict(overrides)
   t = time.perf_counter()
   report = aot.compile_report(cfg, topology, programs=programs)
   report['wall_seconds'] = time.perf_counter() - t
