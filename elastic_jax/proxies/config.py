@@ -51,9 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
   # are concatenated into one batch first, so one PCA sees all their tokens and the kernel
   # proxies see all their sequences.
   c.pool_batches = False
-  # Which proxies `elastic-jax proxy` computes and prints; [] = all of
-  # elastic_jax.proxies.PROXIES. Unknown names are an error.
-  c.names = []
+  # Which proxies `elastic-jax proxy` computes and prints, e.g. --config.proxy.names="('wpca',)";
+  # () = all of elastic_jax.proxies.PROXIES. Unknown names are an error.
+  c.names = ()
   # Padding tokens (segment_ids == 0): 'exclude' leaves them out of every statistic (PCA rows,
   # confidences, activation codes, jacobians; they carry no loss weight anyway); 'include' treats
   # them as ordinary tokens. The paper does not say; it scores padded GLUE batches.
@@ -66,6 +66,13 @@ def default_config() -> ml_collections.ConfigDict:
   # FFN columns beyond the active width are skipped (fastest on CPU); > 1 vmaps that many (every
   # layer runs; better on accelerators).
   c.chunk = 1
+  # Sequences per backward pass of the gradient proxies (SNIP, grad-norm, the synaptic proxies,
+  # jacobian covariance, SynFlow): a minibatch is differentiated this many sequences at a time and
+  # the gradients summed, which gives the same scores (the losses are sums over sequences) with
+  # activation memory for this many sequences instead of the whole minibatch. 0 = the whole
+  # minibatch in one pass (fastest on accelerators with memory to spare). Rounded down to a
+  # divisor of the minibatch size.
+  c.backward_batch = 8
   # jacob_cov: the constant k of -sum(log(lambda + k) + 1 / (lambda + k)) (Mellor et al.).
   c.jacob_k = 1e-5
   return c
@@ -82,6 +89,7 @@ class ProxyConfig:
   padding: str = 'exclude'
   bottleneck_ffn: str = 'include'
   chunk: int = 1
+  backward_batch: int = 8
   jacob_k: float = 1e-5
 
   def __post_init__(self):
@@ -101,6 +109,9 @@ class ProxyConfig:
                       f'allowed values are {list(_BOTTLENECK)}')
     if int(self.chunk) < 1:
       raise UserError(f'config field proxy.chunk={self.chunk!r} is invalid: must be >= 1')
+    if int(self.backward_batch) < 0:
+      raise UserError(f'config field proxy.backward_batch={self.backward_batch!r} is invalid: '
+                      'must be >= 0 (0 = the whole minibatch in one backward pass)')
     if not float(self.jacob_k) > 0.0:
       raise UserError(f'config field proxy.jacob_k={self.jacob_k!r} is invalid: must be > 0')
 

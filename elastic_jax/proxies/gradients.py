@@ -118,7 +118,7 @@ def _with_embedding(model, fn):
   return model
 
 
-def synflow(graphdef, state, arch, inputs, valid_BT) -> jax.Array:
+def synflow(graphdef, state, arch, inputs, valid_BT, passes: int = 1) -> jax.Array:
   """SynFlow (Tanaka et al. 2020) adapted to a language model.
 
   SynFlow scores sum(theta * dR/dtheta) on the *linearised* network: every parameter replaced by
@@ -136,11 +136,13 @@ def synflow(graphdef, state, arch, inputs, valid_BT) -> jax.Array:
   - R sums the logits of the valid tokens. Every term is >= 0 (a positive network increasing in
     every |theta|); values grow quickly with depth and width (float32 overflows to inf only far
     beyond this project's model sizes).
-  The score sums |W| * dR/d|W| over the kernels.
+  The score sums |W| * dR/d|W| over the kernels. R is a sum over sequences, so its gradient is
+  accumulated over `passes` slices of the minibatch (see `sequence_passes`).
   """
   abs_state = jax.tree.map(jnp.abs, state)
 
-  def output_sum(s):
+  def output_sum(s, chunk):
+    inputs, valid_BT = chunk
     model = nnx.merge(graphdef, s)
     for _, module in nnx.iter_modules(model):
       if isinstance(module, Norm):
@@ -153,7 +155,9 @@ def synflow(graphdef, state, arch, inputs, valid_BT) -> jax.Array:
     logits = _with_embedding(model, ones)(inputs, arch)
     return jnp.sum(logits * valid_BT[..., None])
 
-  grads = jax.grad(output_sum)(abs_state)
+  grads, _ = _summed_over_passes(
+      lambda chunk: (jax.grad(output_sum)(abs_state, chunk), None),
+      (inputs, valid_BT), passes, abs_state)
   total = jnp.float32(0.0)
   for (path, w), (_, g) in zip(_flat(abs_state), _flat(grads)):
     if kernel_kind(path, w.ndim) is not None:
@@ -182,12 +186,15 @@ def jacob_cov(j_BTD: jax.Array, valid_BT: jax.Array, hidden_D: jax.Array, k: flo
 
 
 def backward_proxies(graphdef, state, arch, inputs, batch, names: tuple[str, ...],
-                     jacob_k: float) -> dict[str, jax.Array]:
+                     jacob_k: float, passes: int = 1) -> dict[str, jax.Array]:
   """The loss-gradient proxies and jacob_cov from one forward pass and one backward pass.
 
   Both differentiate the same logits: the loss gradient w.r.t. the parameters (cotangent dL/dlogits)
   and the jacobian w.r.t. the embedding output (cotangent 1 on valid tokens). When both are asked
-  for, the two cotangents go through one vmapped VJP (one compiled backward pass).
+  for, one forward pass serves both backward passes. The minibatch
+  is differentiated in `passes` slices of sequences (see `sequence_passes`): the loss is a sum
+  over sequences divided by the whole minibatch's weight, so the summed gradients are the
+  minibatch's, and each sequence's jacobian comes from its own slice.
   """
   loss_names = tuple(n for n in names if n != 'jacob_cov')
   want_jacobian = 'jacob_cov' in names
@@ -195,28 +202,66 @@ def backward_proxies(graphdef, state, arch, inputs, batch, names: tuple[str, ...
   model0 = nnx.merge(graphdef, state)
   b, t = valid_BT.shape
   hidden_D = _hidden_mask(model0, arch)
-  delta0 = jnp.zeros((b, t, model0.dims.hidden), jnp.float32)
+  delta0 = jnp.zeros((b // passes, t, model0.dims.hidden), jnp.float32)
+  weight = jnp.maximum(jnp.sum(batch['weights']), 1.0) if loss_names else None
 
-  def logits_of(s, delta_BTD):
+  def logits_of(s, delta_BTD, inputs):
     model = _with_embedding(nnx.merge(graphdef, s), lambda x, mask: x + delta_BTD.astype(x.dtype))
     return model(inputs, arch)
 
-  def mean_loss(logits_BTV):
-    total, weight = token_cross_entropy(logits_BTV, batch['targets'], batch['weights'])
-    return total / jnp.maximum(weight, 1.0)
+  def one_pass(chunk):
+    """(loss gradient or None, jacobian [b / passes, T, D] or None) of one slice."""
+    inputs, valid_BT, targets_BT, weights_BT = chunk
 
+    def loss(logits_BTV):
+      return token_cross_entropy(logits_BTV, targets_BT, weights_BT)[0] / weight
+
+    if loss_names and want_jacobian:
+      # One forward pass, two backward passes from its residuals. Not `jax.vmap(vjp)` over the
+      # two cotangents: on XLA:CPU (jax 0.10) that gave the jacobian of 16 or more sequences
+      # wrong by 8-30% (it then depended on the other cotangent; float64 and 8 sequences were
+      # right; tests/proxies/test_proxies_masked_dense.py checks a 16-sequence minibatch).
+      logits, vjp = jax.vjp(lambda s, d: logits_of(s, d, inputs), state, delta0)
+      grads = vjp(jax.grad(loss)(logits))[0]
+      return grads, vjp(jnp.broadcast_to(valid_BT[..., None], logits.shape))[1]
+    if loss_names:
+      return jax.grad(lambda s: loss(logits_of(s, delta0, inputs)))(state), None
+    return None, jax.grad(
+        lambda d: jnp.sum(logits_of(state, d, inputs) * valid_BT[..., None]))(delta0)
+
+  chunk = (inputs, valid_BT, batch.get('targets', valid_BT), batch.get('weights', valid_BT))
+  grads, j_BTD = _summed_over_passes(one_pass, chunk, passes, state if loss_names else None)
   out = {}
-  if loss_names and want_jacobian:
-    logits, vjp = jax.vjp(logits_of, state, delta0)
-    cotangents = jnp.stack([jax.grad(mean_loss)(logits),
-                            jnp.broadcast_to(valid_BT[..., None], logits.shape)])
-    grads_2, j_2BTD = jax.vmap(vjp)(cotangents)
-    out.update(loss_gradient_proxies(state, jax.tree.map(lambda g: g[0], grads_2), loss_names))
-    out['jacob_cov'] = jacob_cov(j_2BTD[1], valid_BT, hidden_D, jacob_k)
-  elif loss_names:
-    grads = jax.grad(lambda s: mean_loss(logits_of(s, delta0)))(state)
+  if loss_names:
     out.update(loss_gradient_proxies(state, grads, loss_names))
-  elif want_jacobian:
-    j_BTD = jax.grad(lambda d: jnp.sum(logits_of(state, d) * valid_BT[..., None]))(delta0)
+  if want_jacobian:
     out['jacob_cov'] = jacob_cov(j_BTD, valid_BT, hidden_D, jacob_k)
   return out
+
+
+def sequence_passes(batch_size: int, per_pass: int) -> int:
+  """How many slices a minibatch of `batch_size` sequences is differentiated in, at most
+  `per_pass` sequences each (the largest divisor of `batch_size` not above it); 0 = one."""
+  if per_pass <= 0 or per_pass >= batch_size:
+    return 1
+  size = max(d for d in range(1, per_pass + 1) if batch_size % d == 0)
+  return batch_size // size
+
+
+def _summed_over_passes(fn, chunk, passes: int, like):
+  """Runs `fn(slice) -> (tree, stacked)` on `passes` equal slices of `chunk`'s leading (sequence)
+  axis in a scan: returns (the float32 sum of the trees shaped like `like`, or None when `like`
+  is None; the `stacked` outputs concatenated back over sequences, or None)."""
+  sliced = jax.tree.map(lambda x: x.reshape((passes, x.shape[0] // passes) + x.shape[1:]), chunk)
+  zero = None if like is None else jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), like)
+
+  def body(total, part):
+    tree, stacked = fn(part)
+    if total is not None:
+      total = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), total, tree)
+    return total, stacked
+
+  total, stacked = jax.lax.scan(body, zero, sliced)
+  if stacked is not None:
+    stacked = stacked.reshape((-1,) + stacked.shape[2:])
+  return total, stacked

@@ -147,11 +147,12 @@ def _batch_measures(graphdef, state, arch, batch, cfg: ProxyConfig, measures: tu
     if 'softmax_confidence' in forward:
       values['softmax_confidence'] = features.softmax_confidence(logits, valid_BT)
   backward = tuple(m for m in measures if m in _LOSS_GRADIENT or m == 'jacob_cov')
+  passes = gradients.sequence_passes(valid_BT.shape[0], cfg.backward_batch)
   if backward:
     values.update(gradients.backward_proxies(graphdef, state, arch, inputs, batch, backward,
-                                             cfg.jacob_k))
+                                             cfg.jacob_k, passes))
   if 'synflow' in measures:
-    values['synflow'] = gradients.synflow(graphdef, state, arch, inputs, valid_BT)
+    values['synflow'] = gradients.synflow(graphdef, state, arch, inputs, valid_BT, passes)
   return jnp.stack([jnp.asarray(values[m], jnp.float32) for m in measures])
 
 

@@ -47,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.distill.hidden_mse = 0.0  # MSE of layer outputs (learned projections if widths differ)
   c.distill.attn_kl = 0.0  # KL of head-averaged attention distributions (TinyBERT)
   c.distill.block_preserving = 0.0  # ELM: channel-normalised MSE on embed/attn/FFN outputs
-  c.distill.layer_map = []  # teacher layer per supernet layer; [] = uniform (TinyBERT)
+  c.distill.layer_map = ()  # teacher layer per supernet layer; () = uniform (TinyBERT)
   # Bookkeeping.
   c.log_every = 20  # steps between metric lines (JSONL, TensorBoard, progress bar)
   c.eval_every = 200  # steps between validation of the named sub-networks; 0 = only at the end

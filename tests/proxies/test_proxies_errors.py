@@ -53,6 +53,7 @@ def test_bad_config_fields():
   one_line_error(lambda: proxies.proxy_config({'bottleneck_ffn': 'no'}), 'proxy.bottleneck_ffn')
   one_line_error(lambda: proxies.proxy_config({'num_batches': 0}), 'proxy.num_batches')
   one_line_error(lambda: proxies.proxy_config({'chunk': 0}), 'proxy.chunk')
+  one_line_error(lambda: proxies.proxy_config({'backward_batch': -1}), 'proxy.backward_batch')
   # The default config section builds and validates.
   cfg = proxies.proxy_config(proxies.default_config())
   assert cfg.eta == 0.99 and cfg.selected == proxies.PROXIES
