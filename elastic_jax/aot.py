@@ -171,7 +171,12 @@ def dense_program(cfg, mesh):
   from flax import nnx
 
   from elastic_jax import export, parallel
-  from elastic_jax.train.step import TrainState, abstract_state, make_dense_step, make_optimizer
+  from elastic_jax.train.step import (
+      abstract_state,
+      make_dense_step,
+      make_optimizer,
+      state_shardings,
+  )
   from elastic_jax.workdir import build_space
 
   space = build_space(cfg)
@@ -181,16 +186,14 @@ def dense_program(cfg, mesh):
   params = nnx.State({'model': params})
   tx, _ = make_optimizer(cfg.train)
   shardings = parallel.param_shardings(params, mesh)
-  replicated = parallel.replicated(mesh)
-  state_shardings = TrainState(step=replicated, params=shardings, rng=replicated,
-                               opt_state=parallel.opt_state_shardings(tx, params, shardings, mesh))
-  state = abstract_state(params, tx, state_shardings)
+  state_sharding = state_shardings(tx, params, shardings, mesh)
+  state = abstract_state(params, tx, state_sharding)
   batch_sharding = parallel.batch_sharding(mesh)
   step = jax.jit(make_dense_step(graphdef, tx, int(cfg.train.grad_accum),
                                  micro_sharding=parallel.microbatch_sharding(mesh),
                                  gather=parallel.gather_fn(cfg, shardings['model'], mesh)),
-                 in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+                 in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
   shape = (int(cfg.data.batch_size), cfg.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, d, sharding=batch_sharding)
            for k, d in batch_keys(cfg).items()}

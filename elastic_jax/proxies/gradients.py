@@ -134,8 +134,8 @@ def synflow(graphdef, state, arch, inputs, valid_BT, passes: int = 1) -> jax.Arr
     depth, and softmax gradients of equal huge logits are pure rounding). Query and key kernels
     therefore contribute 0;
   - R sums the logits of the valid tokens. Every term is >= 0 (a positive network increasing in
-    every |theta|); values grow quickly with depth and width (float32 overflows to inf only far
-    beyond this project's model sizes).
+    every |theta|); values grow geometrically with depth and width, and float32 overflows to inf
+    on deep wide spaces (about 3e29 on the 6-layer ELM space, inf on its 12-layer one).
   The score sums |W| * dR/d|W| over the kernels. R is a sum over sequences, so its gradient is
   accumulated over `passes` slices of the minibatch (see `sequence_passes`).
   """
@@ -187,14 +187,14 @@ def jacob_cov(j_BTD: jax.Array, valid_BT: jax.Array, hidden_D: jax.Array, k: flo
 
 def backward_proxies(graphdef, state, arch, inputs, batch, names: tuple[str, ...],
                      jacob_k: float, passes: int = 1) -> dict[str, jax.Array]:
-  """The loss-gradient proxies and jacob_cov from one forward pass and one backward pass.
+  """The loss-gradient proxies and jacob_cov: one forward pass, one backward pass per quantity.
 
   Both differentiate the same logits: the loss gradient w.r.t. the parameters (cotangent dL/dlogits)
   and the jacobian w.r.t. the embedding output (cotangent 1 on valid tokens). When both are asked
-  for, one forward pass serves both backward passes. The minibatch
-  is differentiated in `passes` slices of sequences (see `sequence_passes`): the loss is a sum
-  over sequences divided by the whole minibatch's weight, so the summed gradients are the
-  minibatch's, and each sequence's jacobian comes from its own slice.
+  for, one forward pass serves both backward passes. The minibatch is differentiated in `passes`
+  slices of sequences (see `sequence_passes`): the loss is a sum over sequences divided by the
+  whole minibatch's weight, so the summed gradients are the minibatch's, and each sequence's
+  jacobian comes from its own slice.
   """
   loss_names = tuple(n for n in names if n != 'jacob_cov')
   want_jacobian = 'jacob_cov' in names
@@ -220,7 +220,7 @@ def backward_proxies(graphdef, state, arch, inputs, batch, names: tuple[str, ...
       # One forward pass, two backward passes from its residuals. Not `jax.vmap(vjp)` over the
       # two cotangents: on XLA:CPU (jax 0.10) that gave the jacobian of 16 or more sequences
       # wrong by 8-30% (it then depended on the other cotangent; float64 and 8 sequences were
-      # right; tests/proxies/test_proxies_masked_dense.py checks a 16-sequence minibatch).
+      # right; tests/proxies/test_proxies_masked_dense.py checks a 16 x 128 minibatch).
       logits, vjp = jax.vjp(lambda s, d: logits_of(s, d, inputs), state, delta0)
       grads = vjp(jax.grad(loss)(logits))[0]
       return grads, vjp(jnp.broadcast_to(valid_BT[..., None], logits.shape))[1]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from elastic_jax import losses
+from elastic_jax import losses, parallel
 from elastic_jax.evaluation import model_inputs
 from elastic_jax.train import distill
 
@@ -45,6 +45,15 @@ def abstract_state(params, tx: optax.GradientTransformation, shardings: TrainSta
   leaves, treedef = jax.tree.flatten(shapes)
   return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
                             for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True)])
+
+
+def state_shardings(tx: optax.GradientTransformation, params, param_shardings,
+                    mesh: jax.sharding.Mesh) -> TrainState:
+  """Shardings of the training state of `params` (shapes): the parameters as `param_shardings`,
+  each optimizer moment like its parameter, the step, counts and rng replicated."""
+  replicated = parallel.replicated(mesh)
+  return TrainState(step=replicated, params=param_shardings, rng=replicated,
+                    opt_state=parallel.opt_state_shardings(tx, params, param_shardings, mesh))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,6 +41,7 @@ from elastic_jax.train.step import (
     make_optimizer,
     make_train_step,
 )
+from elastic_jax.train.step import state_shardings as state_shardings_of
 from elastic_jax.workdir import (
   apply_init_from,
   build_space,
@@ -191,9 +192,7 @@ def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=
                          'proj': jax.tree.map(lambda _: replicated, abstract_all['proj'],
                                               is_leaf=lambda x: isinstance(x, nnx.Variable))})
   tx, schedule = make_optimizer(tcfg)
-  state_shardings = TrainState(
-      step=replicated, params=shardings, rng=replicated,
-      opt_state=parallel.opt_state_shardings(tx, abstract_all, shardings, mesh))
+  state_shardings = state_shardings_of(tx, abstract_all, shardings, mesh)
 
   external = teacher_shardings = None
   if teacher is not None:
