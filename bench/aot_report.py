@@ -69,7 +69,8 @@ masked supernet computes every sub-network at the supernet's widths, so the hard
 utilisation is higher than its MFU. masked / dense: the masked step's estimated time per model
 FLOP over the dense reference's (1 = elasticity costs nothing). Where the bytes go, one
 mechanism at a time: bench/results/aot_ablation.md. compile s: lowering + compiling on a 2-core
-CPU that other jobs shared. The commit each case was compiled at: aot.json, reports.<case>.commit.
+CPU that other jobs may have shared. The commit each case was compiled at: aot.json,
+reports.<case>.commit.
 """
 
 
