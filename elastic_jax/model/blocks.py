@@ -5,7 +5,10 @@ A block maps the hidden stream [B, T, hidden] to itself. Each block class has:
 - `__call__(x, ctx, active)`: `active` is None for a dense model, else traced active sizes;
 - `cost(cfg, s)`: parameters, matmul FLOPs per token, attention width, stored activations per token
   and KV-cache entries per token, from the active sizes `s` alone (ints or traced int32 scalars),
-  so the cost model is jittable and equals the exported model's real parameter count.
+  so the cost model is jittable and equals the exported model's real parameter count;
+- `averages_tokens`: True when the block mixes tokens only by attention (convex combinations of
+  value vectors), so that equal input tokens give equal output tokens whatever the mask and
+  positions (SynFlow then runs on one token, see `equal_tokens_stay_equal`).
 
 A new operation (FlexiBERT's convolution block, stacked FFNs, ...) is a new class registered here;
 nothing else changes. The 'skip' type has no class: it is the identity.
@@ -40,6 +43,8 @@ Array = jax.Array
 # each head's output [B,T,N,width] (its context through its slice of the output projection).
 BLOCK_CAPTURES = ('attn_probs', 'ffn_in', 'ffn_kernel', 'ffn_pre', 'attn_out', 'ffn_out',
                   'attn_in', 'attn_heads', 'ffn_act', 'attn_head_out')
+# Captures that are (masked) weights, not activations: they have no batch axis.
+PARAMETER_CAPTURES = ('ffn_kernel',)
 # The axis of each block feature that has the block's width (hidden, or a bottleneck's inner
 # width); the masked supernet zero-pads it to the layer's widest block.
 WIDTH_AXIS = {'attn_out': -1, 'ffn_out': -1, 'ffn_in': -1, 'ffn_kernel': 0, 'attn_in': -1,
@@ -91,6 +96,8 @@ class _Captures:
 
 class TransformerBlock(nnx.Module):
   """BERT / GPT-2 / Llama block: attention then FFN, both on the hidden stream."""
+
+  averages_tokens = True
 
   def __init__(self, cfg: ModelConfig, dims: ModelDims, layer: LayerDims, *, rngs: nnx.Rngs):
     self.pre_norm = cfg.norm_placement == 'pre'
@@ -148,6 +155,8 @@ class BottleneckBlock(nnx.Module):
   Pre-norm:  z = in(norm_in(x)); z += attn(norm_a(z)); z += ffn(norm_f(z)); x += out(z).
   Post-norm: z = in(x); z = norm_a(z + attn(z)); z = norm_f(z + ffn(z)); x = norm_out(x + out(z)).
   """
+
+  averages_tokens = True
 
   def __init__(self, cfg: ModelConfig, dims: ModelDims, layer: LayerDims, *, rngs: nnx.Rngs):
     self.pre_norm = cfg.norm_placement == 'pre'
@@ -232,3 +241,13 @@ BLOCKS: dict[str, type[nnx.Module]] = {
 }
 # FlexiBERT's operations (elastic_jax/model/flexibert.py), one registry entry per BLOCK_TYPES name.
 BLOCKS.update(FLEXIBERT_BLOCK_CLASSES)
+
+
+def equal_tokens_stay_equal(model: nnx.Module) -> bool:
+  """Whether every block of `model` mixes tokens only by attention: then a sequence whose tokens
+  all enter the first block as the same vector leaves the last one with every token equal to the
+  output of that vector alone, as a one-token sequence (softmax weights sum to 1 over values that
+  are all equal), whatever the attention mask, positions or rotary angles. False when any block
+  convolves or transforms along the sequence (FlexiBERT's DSC and LT operations)."""
+  kinds = tuple(BLOCKS.values())
+  return all(m.averages_tokens for _, m in nnx.iter_modules(model) if isinstance(m, kinds))

@@ -174,6 +174,7 @@ class FlexiBlock(nnx.Module):
   """A post-norm ELECTRA layer around one FlexiBERT operation (subclasses define `mix`)."""
 
   residual_norm = True  # SA and DSC: LayerNorm(x + op(x)); LT feeds op(x) straight to the FFN
+  averages_tokens = False  # LT and DSC mix along the sequence (see blocks.equal_tokens_stay_equal)
 
   def __init__(self, cfg: ModelConfig, dims: ModelDims, layer: LayerDims, *, rngs: nnx.Rngs):
     self.hidden = dims.hidden
@@ -301,6 +302,7 @@ class SelfAttention(Attention):
 
 class _SABlock(FlexiBlock):
   weighted = False
+  averages_tokens = True
 
   def build(self, cfg, width, heads, rngs):
     self.attn = SelfAttention(width, heads, cfg, rngs=rngs, weighted=self.weighted)

@@ -114,8 +114,14 @@ def head_confidence(attn_probs: list[jax.Array], valid_BT: jax.Array) -> jax.Arr
 
 def softmax_confidence(logits_BTV: jax.Array, valid_BT: jax.Array) -> jax.Array:
   """Mean over valid tokens of the largest output (vocabulary) probability."""
+  return softmax_confidence_sum(logits_BTV, valid_BT) / jnp.maximum(jnp.sum(valid_BT), 1.0)
+
+
+def softmax_confidence_sum(logits_BTV: jax.Array, valid_BT: jax.Array) -> jax.Array:
+  """The sum over valid tokens of the largest output probability (`softmax_confidence`'s
+  numerator; sums of slices of a minibatch add up to the minibatch's)."""
   p_max_BT = jnp.max(jax.nn.softmax(logits_BTV.astype(jnp.float32), axis=-1), axis=-1)
-  return jnp.sum(p_max_BT * valid_BT) / jnp.maximum(jnp.sum(valid_BT), 1.0)
+  return jnp.sum(p_max_BT * valid_BT)
 
 
 def activation_distance(ffn_pre: list[jax.Array], valid_BT: jax.Array, layers) -> jax.Array:

@@ -22,7 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from elastic_jax.losses import token_cross_entropy
+from elastic_jax.model.blocks import PARAMETER_CAPTURES, equal_tokens_stay_equal
 from elastic_jax.model.layers import Attention, Norm, prefix_mask
+from elastic_jax.proxies import features
 
 _TABLES = ('tokens', 'positions', 'types')
 # 'wq': weighted multiplicative attention's query map; 'mid': stacked FFN linears (FlexiBERT).
@@ -136,8 +138,13 @@ def synflow(graphdef, state, arch, inputs, valid_BT, passes: int = 1) -> jax.Arr
   - R sums the logits of the valid tokens. Every term is >= 0 (a positive network increasing in
     every |theta|); values grow geometrically with depth and width, and float32 overflows to inf
     on deep wide spaces (about 3e29 on the 6-layer ELM space, inf on its 12-layer one).
-  The score sums |W| * dR/d|W| over the kernels. R is a sum over sequences, so its gradient is
-  accumulated over `passes` slices of the minibatch (see `sequence_passes`).
+  The score sums |W| * dR/d|W| over the kernels. With every token equal to the same all-ones
+  vector, a model whose blocks mix tokens only by attention (`blocks.equal_tokens_stay_equal`)
+  computes the same logits at every token, so R is the number of valid tokens times R of a
+  one-token sequence, and so is the score: it is computed on one token (the minibatch's tokens,
+  positions and padding cannot change it). Models that convolve or transform along the sequence
+  (FlexiBERT's DSC and LT blocks) run the whole minibatch, its gradient accumulated over `passes`
+  slices (see `sequence_passes`).
   """
   abs_state = jax.tree.map(jnp.abs, state)
 
@@ -155,14 +162,22 @@ def synflow(graphdef, state, arch, inputs, valid_BT, passes: int = 1) -> jax.Arr
     logits = _with_embedding(model, ones)(inputs, arch)
     return jnp.sum(logits * valid_BT[..., None])
 
-  grads, _ = _summed_over_passes(
-      lambda chunk: (jax.grad(output_sum)(abs_state, chunk), None),
-      (inputs, valid_BT), passes, abs_state)
+  if equal_tokens_stay_equal(nnx.merge(graphdef, state)):
+    # One valid token (segment 1, position 0) stands for each of the minibatch's valid tokens.
+    token = {k: jnp.full((1, 1), 1 if k == 'segment_ids' else 0, v.dtype)
+             for k, v in inputs.items()}
+    grads = jax.grad(output_sum)(abs_state, (token, jnp.ones((1, 1), valid_BT.dtype)))
+    tokens = jnp.sum(valid_BT.astype(jnp.float32))
+  else:
+    grads, _ = _summed_over_passes(
+        lambda chunk: (jax.grad(output_sum)(abs_state, chunk), None),
+        (inputs, valid_BT), passes, abs_state)
+    tokens = jnp.float32(1.0)
   total = jnp.float32(0.0)
   for (path, w), (_, g) in zip(_flat(abs_state), _flat(grads)):
     if kernel_kind(path, w.ndim) is not None:
       total += jnp.sum(w.astype(jnp.float32) * g.astype(jnp.float32))
-  return total
+  return tokens * total
 
 
 def jacob_cov(j_BTD: jax.Array, valid_BT: jax.Array, hidden_D: jax.Array, k: float) -> jax.Array:
@@ -186,7 +201,8 @@ def jacob_cov(j_BTD: jax.Array, valid_BT: jax.Array, hidden_D: jax.Array, k: flo
 
 
 def backward_proxies(graphdef, state, arch, inputs, batch, names: tuple[str, ...],
-                     jacob_k: float, passes: int = 1) -> dict[str, jax.Array]:
+                     jacob_k: float, passes: int = 1, capture: tuple[str, ...] = (),
+                     confidence: bool = False) -> tuple[dict[str, jax.Array], dict]:
   """The loss-gradient proxies and jacob_cov: one forward pass, one backward pass per quantity.
 
   Both differentiate the same logits: the loss gradient w.r.t. the parameters (cotangent dL/dlogits)
@@ -195,8 +211,13 @@ def backward_proxies(graphdef, state, arch, inputs, batch, names: tuple[str, ...
   slices of sequences (see `sequence_passes`): the loss is a sum over sequences divided by the
   whole minibatch's weight, so the summed gradients are the minibatch's, and each sequence's
   jacobian comes from its own slice.
+
+  The same forward pass serves the forward-only proxies: `capture` names block features to return
+  for the whole minibatch (concatenated over the passes), and `confidence` adds
+  'softmax_confidence' to the scores (its sums accumulated over the passes, so the [B, T, vocab]
+  logits are never held for more than one pass). Returns (scores, captured features).
   """
-  loss_names = tuple(n for n in names if n != 'jacob_cov')
+  loss_names = tuple(n for n in names if n not in ('jacob_cov', 'softmax_confidence'))
   want_jacobian = 'jacob_cov' in names
   valid_BT = batch['valid']
   model0 = nnx.merge(graphdef, state)
@@ -205,38 +226,48 @@ def backward_proxies(graphdef, state, arch, inputs, batch, names: tuple[str, ...
   delta0 = jnp.zeros((b // passes, t, model0.dims.hidden), jnp.float32)
   weight = jnp.maximum(jnp.sum(batch['weights']), 1.0) if loss_names else None
 
-  def logits_of(s, delta_BTD, inputs):
+  def forward(s, delta_BTD, inputs):
+    """(logits, captured features) with `delta_BTD` added to the embedding output."""
     model = _with_embedding(nnx.merge(graphdef, s), lambda x, mask: x + delta_BTD.astype(x.dtype))
-    return model(inputs, arch)
+    return model(inputs, arch, capture=capture) if capture else (model(inputs, arch), {})
 
   def one_pass(chunk):
-    """(loss gradient or None, jacobian [b / passes, T, D] or None) of one slice."""
+    """((loss gradient or None, confidence sum or None), (jacobian [b / passes, T, D] or None,
+    captured features)) of one slice."""
     inputs, valid_BT, targets_BT, weights_BT = chunk
 
     def loss(logits_BTV):
       return token_cross_entropy(logits_BTV, targets_BT, weights_BT)[0] / weight
 
-    if loss_names and want_jacobian:
-      # One forward pass, two backward passes from its residuals. Not `jax.vmap(vjp)` over the
-      # two cotangents: on XLA:CPU (jax 0.10) that gave the jacobian of 16 or more sequences
-      # wrong by 8-30% (it then depended on the other cotangent; float64 and 8 sequences were
-      # right; tests/proxies/test_proxies_masked_dense.py checks a 16 x 128 minibatch).
-      logits, vjp = jax.vjp(lambda s, d: logits_of(s, d, inputs), state, delta0)
-      grads = vjp(jax.grad(loss)(logits))[0]
-      return grads, vjp(jnp.broadcast_to(valid_BT[..., None], logits.shape))[1]
+    # One forward pass, a backward pass per cotangent from its residuals. Not `jax.vmap(vjp)`
+    # over the two cotangents: on XLA:CPU (jax 0.10) that gave the jacobian of 16 or more
+    # sequences wrong by 8-30% (it then depended on the other cotangent; float64 and 8 sequences
+    # were right; tests/proxies/test_proxies_masked_dense.py checks a 16 x 128 minibatch).
     if loss_names:
-      return jax.grad(lambda s: loss(logits_of(s, delta0, inputs)))(state), None
-    return None, jax.grad(
-        lambda d: jnp.sum(logits_of(state, d, inputs) * valid_BT[..., None]))(delta0)
+      logits, vjp, feats = jax.vjp(lambda s, d: forward(s, d, inputs), state, delta0,
+                                   has_aux=True)
+    else:  # no parameter gradient: differentiate the embedding output only
+      logits, vjp, feats = jax.vjp(lambda d: forward(state, d, inputs), delta0, has_aux=True)
+    grads = vjp(jax.grad(loss)(logits))[0] if loss_names else None
+    j_BTD = vjp(jnp.broadcast_to(valid_BT[..., None], logits.shape))[-1] if want_jacobian \
+        else None
+    conf = features.softmax_confidence_sum(logits, valid_BT) if confidence else None
+    return (grads, conf), (j_BTD, feats)
 
   chunk = (inputs, valid_BT, batch.get('targets', valid_BT), batch.get('weights', valid_BT))
-  grads, j_BTD = _summed_over_passes(one_pass, chunk, passes, state if loss_names else None)
+  like = (state if loss_names else None, jnp.zeros(()) if confidence else None)
+  (grads, conf), (j_BTD, feats) = _summed_over_passes(one_pass, chunk, passes, like)
   out = {}
   if loss_names:
     out.update(loss_gradient_proxies(state, grads, loss_names))
   if want_jacobian:
     out['jacob_cov'] = jacob_cov(j_BTD, valid_BT, hidden_D, jacob_k)
-  return out
+  if confidence:
+    out['softmax_confidence'] = conf / jnp.maximum(jnp.sum(valid_BT), 1.0)
+  # Activations back to [B, ...]; a captured kernel is the same in every pass.
+  feats = {k: [x[0] if k in PARAMETER_CAPTURES else x.reshape((-1,) + x.shape[2:]) for x in v]
+           for k, v in feats.items()}
+  return out, feats
 
 
 def sequence_passes(batch_size: int, per_pass: int) -> int:
@@ -250,18 +281,13 @@ def sequence_passes(batch_size: int, per_pass: int) -> int:
 
 def _summed_over_passes(fn, chunk, passes: int, like):
   """Runs `fn(slice) -> (tree, stacked)` on `passes` equal slices of `chunk`'s leading (sequence)
-  axis in a scan: returns (the float32 sum of the trees shaped like `like`, or None when `like`
-  is None; the `stacked` outputs concatenated back over sequences, or None)."""
+  axis in a scan: returns (the float32 sum of the trees, shaped like `like`, whose None leaves
+  stay None; the `stacked` outputs, each with a leading [passes] axis)."""
   sliced = jax.tree.map(lambda x: x.reshape((passes, x.shape[0] // passes) + x.shape[1:]), chunk)
-  zero = None if like is None else jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), like)
+  zero = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), like)
 
   def body(total, part):
     tree, stacked = fn(part)
-    if total is not None:
-      total = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), total, tree)
-    return total, stacked
+    return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), total, tree), stacked
 
-  total, stacked = jax.lax.scan(body, zero, sliced)
-  if stacked is not None:
-    stacked = stacked.reshape((-1,) + stacked.shape[2:])
-  return total, stacked
+  return jax.lax.scan(body, zero, sliced)

@@ -116,26 +116,40 @@ def prepare_batches(batches: Sequence[Mapping] | Mapping, cfg: ProxyConfig, caus
 
 def _batch_measures(graphdef, state, arch, batch, cfg: ProxyConfig, measures: tuple[str, ...],
                     widths: tuple | None = None) -> jax.Array:
-  """float32[len(measures)]: every measure of one network (masked arch or dense) on one batch."""
+  """float32[len(measures)]: every measure of one network (masked arch or dense) on one batch.
+
+  When a proxy back-propagates, the forward-only proxies read the features of its forward pass
+  instead of running one of their own."""
   inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
   valid_BT = batch['valid']
   values = {}
   forward = [m for m in measures if m in _FORWARD]
-  if forward:
+  backward = tuple(m for m in measures if m in _LOSS_GRADIENT or m == 'jacob_cov')
+  capture = []
+  if 'vpca' in forward:
+    capture += ['ffn_in', 'ffn_kernel']
+  if 'activation_distance' in forward:
+    capture.append('ffn_pre')
+  if 'head_confidence' in forward:
+    capture.append('attn_probs')
+  capture = tuple(capture)
+  passes = gradients.sequence_passes(valid_BT.shape[0], cfg.backward_batch)
+  feats = {}
+  if backward:
+    scores, feats = gradients.backward_proxies(
+        graphdef, state, arch, inputs, batch, backward, cfg.jacob_k, passes, capture,
+        confidence='softmax_confidence' in forward)
+    values.update(scores)
+  elif forward:
     model = nnx.merge(graphdef, state)
-    capture = []
-    if 'vpca' in forward:
-      capture += ['ffn_in', 'ffn_kernel']
-    if 'activation_distance' in forward:
-      capture.append('ffn_pre')
-    if 'head_confidence' in forward:
-      capture.append('attn_probs')
     if 'softmax_confidence' in forward:
-      logits, feats = model(inputs, arch, capture=tuple(capture)) if capture \
+      logits, feats = model(inputs, arch, capture=capture) if capture \
           else (model(inputs, arch), {})
+      values['softmax_confidence'] = features.softmax_confidence(logits, valid_BT)
     else:  # only inner features: skip the vocabulary projection
-      logits, feats = None, model.features(inputs, arch, capture=tuple(capture))
-    layers = features.ffn_layers(model, arch)
+      feats = model.features(inputs, arch, capture=capture)
+  if forward:
+    layers = features.ffn_layers(nnx.merge(graphdef, state), arch)
     if 'vpca' in forward:
       values['vpca'] = features.vpca(feats['ffn_in'], feats['ffn_kernel'], valid_BT, layers,
                                      cfg.eta, cfg.bottleneck_ffn, widths)
@@ -144,13 +158,6 @@ def _batch_measures(graphdef, state, arch, batch, cfg: ProxyConfig, measures: tu
                                                                    layers)
     if 'head_confidence' in forward:
       values['head_confidence'] = features.head_confidence(feats['attn_probs'], valid_BT)
-    if 'softmax_confidence' in forward:
-      values['softmax_confidence'] = features.softmax_confidence(logits, valid_BT)
-  backward = tuple(m for m in measures if m in _LOSS_GRADIENT or m == 'jacob_cov')
-  passes = gradients.sequence_passes(valid_BT.shape[0], cfg.backward_batch)
-  if backward:
-    values.update(gradients.backward_proxies(graphdef, state, arch, inputs, batch, backward,
-                                             cfg.jacob_k, passes))
   if 'synflow' in measures:
     values['synflow'] = gradients.synflow(graphdef, state, arch, inputs, valid_BT, passes)
   return jnp.stack([jnp.asarray(values[m], jnp.float32) for m in measures])

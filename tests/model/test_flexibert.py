@@ -180,6 +180,22 @@ def test_parameter_count_matches_the_reference_electra_count(shared_data):
     assert total == reported[record['id']], record['id']
 
 
+@pytest.mark.parametrize('block', FLEXIBERT_BLOCKS)
+def test_each_operation_declares_whether_equal_tokens_stay_equal(block):
+  """`averages_tokens` (SynFlow runs on one token when every block has it) is True exactly for
+  the operations under which a sequence of equal input vectors stays a sequence of equal vectors:
+  the attention ones; the DFT / DCT and the zero-padded convolutions make the positions differ."""
+  from elastic_jax.model.blocks import equal_tokens_stay_equal
+  from elastic_jax.proxies.gradients import _with_embedding
+
+  cfg, space, model = build(space=dict(SPACE, blocks=[block], depth=[3]))
+  inputs = {'tokens': jnp.zeros((1, 11), jnp.int32)}
+  equal = _with_embedding(model, lambda x, mask: jnp.ones_like(x) * mask)
+  logits = equal(inputs, space.largest())[0]
+  same = float(jnp.max(jnp.abs(logits - logits[:1]))) <= 1e-5 * float(jnp.max(jnp.abs(logits)))
+  assert equal_tokens_stay_equal(model) == same == block.startswith('sa_'), block
+
+
 def test_flexibert_space_errors_are_one_clear_line():
   with pytest.raises(UserError, match='space.blocks.*sa_xyz'):
     space_config(dict(SPACE, blocks=['sa_xyz'], ffn_layers=[1]))

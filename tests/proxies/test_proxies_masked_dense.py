@@ -141,22 +141,56 @@ def test_forward_proxies_masked_equal_dense(family):
 
 def test_gradient_proxies_masked_equal_dense():
   """SNIP, grad-norm, synaptic saliency / diversity, SynFlow and jacobian covariance: gradients of
-  the masked supernet w.r.t. the supernet's weights are exactly the sub-network's. An encoder
-  with given MLM-style targets; two FFN widths and no 'skip' keep compilation short."""
+  the masked supernet w.r.t. the supernet's weights are exactly the sub-network's. Every proxy at
+  once, so the forward-only proxies read the backward passes' forward pass: they equal their own
+  forward pass's. An encoder with given MLM-style targets; two FFN widths and no 'skip' keep
+  compilation short."""
   cfg, space, model = build('bert_post', seed=3, ffn=(10, 22), blocks=('transformer', 'bottleneck'))
   data = batches(cfg, seed=1)
   arch = arch_lib.unstack(chosen_archs(space))[0].replace(  # bottleneck, transformer
       block=jnp.asarray([1, 0], jnp.int32), ffn=jnp.asarray([22, 10], jnp.int32))
-  names = proxies.GRADIENT_PROXIES
+  names = proxies.PROXIES
   # The masked scores differentiate each minibatch of 5 sequences one sequence at a time (5
-  # backward passes, gradients summed); the dense model's in one pass.
+  # backward passes, gradients summed, features concatenated); the dense model's in one pass.
   assert proxies.gradients.sequence_passes(5, 2) == 5
   masked = proxies.score_archs(model, space, arch, data, {'backward_batch': 2}, names=names)
-  dense = proxies.score_dense(export.export(model, space.cfg, arch), data,
-                              {'backward_batch': 0}, names=names)
-  assert_scores_close(masked, dense, 0, 1e-4, 'gradient proxies')
-  for name in names:
+  dense_model = export.export(model, space.cfg, arch)
+  dense = proxies.score_dense(dense_model, data, {'backward_batch': 0}, names=names)
+  assert_scores_close(masked, dense, 0, 1e-4, 'every proxy')
+  for name in proxies.GRADIENT_PROXIES:
     assert np.isfinite(masked[name][0]) and masked[name][0] != 0.0, name
+  own_forward = proxies.score_dense(dense_model, data, names=FORWARD)
+  for name in FORWARD:
+    np.testing.assert_allclose(dense[name], own_forward[name], rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize('family', sorted(FAMILIES))
+def test_synflow_of_one_token_equals_synflow_of_every_token(family, monkeypatch):
+  """SynFlow of a model whose blocks mix tokens only by attention runs on one token, times the
+  valid tokens: equal to the definition, R summed over every valid token of a minibatch with
+  packed documents and padding (bidirectional, causal, rotary with grouped queries; transformer,
+  bottleneck and skipped layers, a shallow depth)."""
+  from elastic_jax.model.blocks import equal_tokens_stay_equal
+  from elastic_jax.proxies import gradients
+
+  cfg, space, model = build(family, seed=2)
+  assert equal_tokens_stay_equal(model)
+  batch = jax.tree.map(jnp.asarray, batches(cfg, n=1)[0])
+  inputs = {k: batch[k] for k in ('tokens', 'positions', 'segment_ids', 'token_types')
+            if k in batch}
+  valid = batch['weights']
+  graphdef, state = nnx.split(model)
+  archs = jax.tree.map(lambda x: x[:3], chosen_archs(space))
+
+  def score(archs):  # a new function each call: jit must trace it again
+    return jax.jit(lambda archs: jax.lax.map(
+        lambda a: gradients.synflow(graphdef, state, a, inputs, valid, passes=5), archs))(archs)
+
+  one_token = score(archs)
+  monkeypatch.setattr(gradients, 'equal_tokens_stay_equal', lambda model: False)
+  every_token = score(archs)
+  assert np.all(np.asarray(one_token) > 0)
+  np.testing.assert_allclose(one_token, every_token, rtol=1e-5)
 
 
 @pytest.mark.parametrize('batch_size, per_pass, passes', [
