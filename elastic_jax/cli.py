@@ -53,6 +53,27 @@ def _config(*, continuing: bool = False):
   return workdir_lib.resolve_config(workdir, loaded)
 
 
+# The persistent XLA compilation cache's size limit (JAX evicts the least recently used programs).
+XLA_CACHE_BYTES = 4 << 30
+
+
+def _use_compilation_cache() -> None:
+  """Compiled programs persist between commands: a command that compiles what an earlier one
+  compiled (evaluate, proxy or search again on the same space and shapes) loads it instead of
+  compiling it. In $ELASTIC_JAX_CACHE/xla (default ~/.cache/elastic_jax/xla), at most
+  XLA_CACHE_BYTES; JAX_COMPILATION_CACHE_DIR names another place (a gs:// path on TPU pods), or
+  turns it off when set empty."""
+  import os
+
+  if 'JAX_COMPILATION_CACHE_DIR' in os.environ:
+    return  # JAX read it at import
+  import jax
+
+  from elastic_jax.data.config import default_cache_root
+  jax.config.update('jax_compilation_cache_dir', str(default_cache_root() / 'xla'))
+  jax.config.update('jax_compilation_cache_max_size', XLA_CACHE_BYTES)
+
+
 def _print_json(obj) -> None:
   print(json.dumps(obj))
 
@@ -445,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     if wants_help:
       print(command_help(cmd, _loaded_config()))
       return 0
+    _use_compilation_cache()
     cmd.fn()
   except UserError as e:
     if wants_help:  # help without the config's values

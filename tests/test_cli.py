@@ -126,3 +126,27 @@ def test_bad_data_input_is_one_line_exit_2(capsys, cache, override, message):
   code, _, err = run(capsys, 'data', QUICK, cache, *extra, override)
   assert code == 2, err
   assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_compiled_programs_persist_between_commands(data_cache, tmp_path):
+  """Without JAX_COMPILATION_CACHE_DIR a command keeps its compiled programs in
+  $ELASTIC_JAX_CACHE/xla, and the same command run again compiles nothing new (every program is
+  a cache hit, so no entry is added)."""
+  import os
+  import subprocess
+  import sys
+
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  env.update(ELASTIC_JAX_CACHE=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  command = [sys.executable, '-m', 'elastic_jax.cli', 'evaluate', QUICK, '--arch=largest',
+             f'--config.data.cache_dir={data_cache}']
+  entries = lambda: sorted(p.name for p in (tmp_path / 'xla').iterdir()
+                           if not p.name.endswith('-atime'))
+  first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+  assert first.returncode == 0, first.stderr
+  compiled = entries()
+  assert compiled, 'nothing was cached'
+  again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr
+  assert json.loads(again.stdout) == json.loads(first.stdout)
+  assert entries() == compiled

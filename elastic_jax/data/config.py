@@ -25,6 +25,11 @@ TFDS_PREFIX = 'tfds:'
 CACHE_ENV_VAR = 'ELASTIC_JAX_CACHE'
 
 
+def default_cache_root() -> Path:
+  """$ELASTIC_JAX_CACHE, else ~/.cache/elastic_jax: datasets, tokenizers, compiled programs."""
+  return Path(os.environ.get(CACHE_ENV_VAR) or '~/.cache/elastic_jax').expanduser()
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Returns the `data` section of an experiment config, every field commented."""
   c = ml_collections.ConfigDict()
@@ -162,8 +167,7 @@ class DataConfig:
 
   def cache_root(self) -> Path:
     """The cache directory: data.cache_dir, else $ELASTIC_JAX_CACHE, else ~/.cache/elastic_jax."""
-    root = self.cache_dir or os.environ.get(CACHE_ENV_VAR) or '~/.cache/elastic_jax'
-    return Path(root).expanduser()
+    return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_root()
 
   def _validate(self) -> None:
     if self.source not in SOURCES and not (self.is_tfds and self.tfds_name):
