@@ -98,9 +98,11 @@ def vpca(ffn_in: list[jax.Array], ffn_kernel: list[jax.Array], valid_BT: jax.Arr
   return jnp.sum(k_L)
 
 
-def head_confidence(attn_probs: list[jax.Array], valid_BT: jax.Array) -> jax.Array:
-  """Mean over active heads (all layers) and valid query tokens of the largest attention
-  probability (Voita et al. 2019). A head is active where its probabilities sum to 1; the masked
+def head_confidence_sums(attn_probs: list[jax.Array], valid_BT: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+  """Head confidence (Voita et al. 2019: the mean over active heads of all layers and valid query
+  tokens of the largest attention probability) as (sum, count): sums over slices of a minibatch
+  add up to the minibatch's. A head is active where its probabilities sum to 1; the masked
   supernet's inactive heads and off layers capture zero rows."""
   num, den = jnp.float32(0.0), jnp.float32(0.0)
   for p_BNTS in attn_probs:
@@ -109,37 +111,54 @@ def head_confidence(attn_probs: list[jax.Array], valid_BT: jax.Array) -> jax.Arr
     w_BNT = active_BNT * valid_BT[:, None, :]
     num = num + jnp.sum(jnp.max(p_BNTS, axis=-1) * w_BNT)
     den = den + jnp.sum(w_BNT)
-  return num / jnp.maximum(den, 1.0)
+  return num, den
 
 
-def softmax_confidence(logits_BTV: jax.Array, valid_BT: jax.Array) -> jax.Array:
-  """Mean over valid tokens of the largest output (vocabulary) probability."""
-  return softmax_confidence_sum(logits_BTV, valid_BT) / jnp.maximum(jnp.sum(valid_BT), 1.0)
-
-
-def softmax_confidence_sum(logits_BTV: jax.Array, valid_BT: jax.Array) -> jax.Array:
-  """The sum over valid tokens of the largest output probability (`softmax_confidence`'s
-  numerator; sums of slices of a minibatch add up to the minibatch's)."""
+def softmax_confidence_sums(logits_BTV: jax.Array, valid_BT: jax.Array
+                            ) -> tuple[jax.Array, jax.Array]:
+  """Softmax confidence (the mean over valid tokens of the largest output probability) as
+  (sum, count), like `head_confidence_sums`."""
   p_max_BT = jnp.max(jax.nn.softmax(logits_BTV.astype(jnp.float32), axis=-1), axis=-1)
-  return jnp.sum(p_max_BT * valid_BT)
+  return jnp.sum(p_max_BT * valid_BT), jnp.sum(valid_BT)
 
 
-def activation_distance(ffn_pre: list[jax.Array], valid_BT: jax.Array, layers) -> jax.Array:
+def slice_statistics(names, logits_BTV: jax.Array | None, feats: dict, valid_BT: jax.Array
+                     ) -> tuple[dict, dict]:
+  """What one slice of a minibatch leaves for the forward-only proxies `names`: ({proxy: (sum,
+  count)} to add up over the slices (`mean_of_sums`), the captured features the whole minibatch's
+  statistics need). Attention probabilities are reduced here and the FFN pre-activations kept
+  only as their signs (`activation_distance`'s unit codes), so neither outlives its slice."""
+  sums, kept = {}, dict(feats)
+  if 'softmax_confidence' in names:
+    sums['softmax_confidence'] = softmax_confidence_sums(logits_BTV, valid_BT)
+  if 'head_confidence' in names:
+    sums['head_confidence'] = head_confidence_sums(kept.pop('attn_probs'), valid_BT)
+  if 'ffn_pre' in kept:
+    kept['ffn_on'] = [h > 0 for h in kept.pop('ffn_pre')]
+  return sums, kept
+
+
+def mean_of_sums(sums: dict) -> dict:
+  """{proxy: sum / count} of `slice_statistics`' (summed) sums."""
+  return {k: num / jnp.maximum(den, 1.0) for k, (num, den) in sums.items()}
+
+
+def activation_distance(ffn_on: list[jax.Array], valid_BT: jax.Array, layers) -> jax.Array:
   """NASWOT (Mellor et al. 2021) log|K| with one binary code per *sequence*.
 
-  A unit is on where its pre-activation is > 0 (ReLU and GELU outputs are positive exactly there;
-  for SwiGLU it is the gate's sign). Sequence b's code lists every (valid token, active FFN unit)
-  of every layer; K[a, b] = number of those positions where a and b agree (= N_A - Hamming
-  distance), computed as C C^T + (1 - C)(1 - C)^T over the masked codes, so masked units and
-  padding count in neither. Identical codes give a singular K and -inf. Per-sequence codes, not
-  per-token: in a causal model two sequences that start with the same token give identical
-  first-token codes and a singular K.
+  `ffn_on` (bool [B, T, F] per layer): a unit is on where its pre-activation is > 0 (ReLU and
+  GELU outputs are positive exactly there; for SwiGLU it is the gate's sign). Sequence b's code
+  lists every (valid token, active FFN unit) of every layer; K[a, b] = number of those positions
+  where a and b agree (= N_A - Hamming distance), computed as C C^T + (1 - C)(1 - C)^T over the
+  masked codes, so masked units and padding count in neither. Identical codes give a singular K
+  and -inf. Per-sequence codes, not per-token: in a causal model two sequences that start with
+  the same token give identical first-token codes and a singular K.
   """
   b = valid_BT.shape[0]
   k_BxB = jnp.zeros((b, b), jnp.float32)
-  for h_BTF, layer in zip(ffn_pre, layers):
+  for on_BTF, layer in zip(ffn_on, layers):
     m_BTF = valid_BT[:, :, None] * layer['units'][None, None, :]
-    on_BTF = (h_BTF > 0).astype(jnp.float32)
+    on_BTF = on_BTF.astype(jnp.float32)
     p_BX = (m_BTF * on_BTF).reshape(b, -1)
     q_BX = (m_BTF * (1.0 - on_BTF)).reshape(b, -1)
     k_BxB = k_BxB + p_BX @ p_BX.T + q_BX @ q_BX.T

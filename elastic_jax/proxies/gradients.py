@@ -202,7 +202,7 @@ def jacob_cov(j_BTD: jax.Array, valid_BT: jax.Array, hidden_D: jax.Array, k: flo
 
 def backward_proxies(graphdef, state, arch, inputs, batch, names: tuple[str, ...],
                      jacob_k: float, passes: int = 1, capture: tuple[str, ...] = (),
-                     confidence: bool = False) -> tuple[dict[str, jax.Array], dict]:
+                     forward: tuple[str, ...] = ()) -> tuple[dict[str, jax.Array], dict]:
   """The loss-gradient proxies and jacob_cov: one forward pass, one backward pass per quantity.
 
   Both differentiate the same logits: the loss gradient w.r.t. the parameters (cotangent dL/dlogits)
@@ -212,12 +212,13 @@ def backward_proxies(graphdef, state, arch, inputs, batch, names: tuple[str, ...
   whole minibatch's weight, so the summed gradients are the minibatch's, and each sequence's
   jacobian comes from its own slice.
 
-  The same forward pass serves the forward-only proxies: `capture` names block features to return
-  for the whole minibatch (concatenated over the passes), and `confidence` adds
-  'softmax_confidence' to the scores (its sums accumulated over the passes, so the [B, T, vocab]
-  logits are never held for more than one pass). Returns (scores, captured features).
+  The same forward pass serves the forward-only proxies `forward`: each slice's block features
+  `capture` and logits go through `features.slice_statistics`, whose sums (softmax and head
+  confidence) are added up over the slices and become scores, and whose kept features are returned
+  for the whole minibatch (concatenated over the slices); so neither the [B, T, vocab] logits nor
+  the attention probabilities are held for more than one slice. Returns (scores, kept features).
   """
-  loss_names = tuple(n for n in names if n not in ('jacob_cov', 'softmax_confidence'))
+  loss_names = tuple(n for n in names if n != 'jacob_cov')
   want_jacobian = 'jacob_cov' in names
   valid_BT = batch['valid']
   model0 = nnx.merge(graphdef, state)
@@ -226,14 +227,14 @@ def backward_proxies(graphdef, state, arch, inputs, batch, names: tuple[str, ...
   delta0 = jnp.zeros((b // passes, t, model0.dims.hidden), jnp.float32)
   weight = jnp.maximum(jnp.sum(batch['weights']), 1.0) if loss_names else None
 
-  def forward(s, delta_BTD, inputs):
+  def run(s, delta_BTD, inputs):
     """(logits, captured features) with `delta_BTD` added to the embedding output."""
     model = _with_embedding(nnx.merge(graphdef, s), lambda x, mask: x + delta_BTD.astype(x.dtype))
     return model(inputs, arch, capture=capture) if capture else (model(inputs, arch), {})
 
   def one_pass(chunk):
-    """((loss gradient or None, confidence sum or None), (jacobian [b / passes, T, D] or None,
-    captured features)) of one slice."""
+    """(loss gradient or None, (jacobian [b / passes, T, D] or None, statistics' sums, kept
+    features)) of one slice."""
     inputs, valid_BT, targets_BT, weights_BT = chunk
 
     def loss(logits_BTV):
@@ -244,30 +245,28 @@ def backward_proxies(graphdef, state, arch, inputs, batch, names: tuple[str, ...
     # sequences wrong by 8-30% (it then depended on the other cotangent; float64 and 8 sequences
     # were right; tests/proxies/test_proxies_masked_dense.py checks a 16 x 128 minibatch).
     if loss_names:
-      logits, vjp, feats = jax.vjp(lambda s, d: forward(s, d, inputs), state, delta0,
-                                   has_aux=True)
+      logits, vjp, feats = jax.vjp(lambda s, d: run(s, d, inputs), state, delta0, has_aux=True)
     else:  # no parameter gradient: differentiate the embedding output only
-      logits, vjp, feats = jax.vjp(lambda d: forward(state, d, inputs), delta0, has_aux=True)
+      logits, vjp, feats = jax.vjp(lambda d: run(state, d, inputs), delta0, has_aux=True)
     grads = vjp(jax.grad(loss)(logits))[0] if loss_names else None
     j_BTD = vjp(jnp.broadcast_to(valid_BT[..., None], logits.shape))[-1] if want_jacobian \
         else None
-    conf = features.softmax_confidence_sum(logits, valid_BT) if confidence else None
-    return (grads, conf), (j_BTD, feats)
+    sums, kept = features.slice_statistics(forward, logits, feats, valid_BT)
+    return grads, (j_BTD, sums, kept)
 
   chunk = (inputs, valid_BT, batch.get('targets', valid_BT), batch.get('weights', valid_BT))
-  like = (state if loss_names else None, jnp.zeros(()) if confidence else None)
-  (grads, conf), (j_BTD, feats) = _summed_over_passes(one_pass, chunk, passes, like)
-  out = {}
+  grads, (j_BTD, sums, kept) = _summed_over_passes(
+      one_pass, chunk, passes, state if loss_names else None)
+  # Per-slice outputs back to the whole minibatch: sums added up, sequences concatenated (a
+  # captured kernel is the same in every slice).
+  whole = lambda x: x.reshape((-1,) + x.shape[2:])
+  out = features.mean_of_sums(jax.tree.map(lambda x: jnp.sum(x, axis=0), sums))
   if loss_names:
     out.update(loss_gradient_proxies(state, grads, loss_names))
   if want_jacobian:
-    out['jacob_cov'] = jacob_cov(j_BTD, valid_BT, hidden_D, jacob_k)
-  if confidence:
-    out['softmax_confidence'] = conf / jnp.maximum(jnp.sum(valid_BT), 1.0)
-  # Activations back to [B, ...]; a captured kernel is the same in every pass.
-  feats = {k: [x[0] if k in PARAMETER_CAPTURES else x.reshape((-1,) + x.shape[2:]) for x in v]
-           for k, v in feats.items()}
-  return out, feats
+    out['jacob_cov'] = jacob_cov(whole(j_BTD), valid_BT, hidden_D, jacob_k)
+  kept = {k: [x[0] if k in PARAMETER_CAPTURES else whole(x) for x in v] for k, v in kept.items()}
+  return out, kept
 
 
 def sequence_passes(batch_size: int, per_pass: int) -> int:

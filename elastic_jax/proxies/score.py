@@ -122,8 +122,8 @@ def _batch_measures(graphdef, state, arch, batch, cfg: ProxyConfig, measures: tu
   instead of running one of their own."""
   inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
   valid_BT = batch['valid']
-  values = {}
-  forward = [m for m in measures if m in _FORWARD]
+  model = nnx.merge(graphdef, state)
+  forward = tuple(m for m in measures if m in _FORWARD)
   backward = tuple(m for m in measures if m in _LOSS_GRADIENT or m == 'jacob_cov')
   capture = []
   if 'vpca' in forward:
@@ -134,30 +134,25 @@ def _batch_measures(graphdef, state, arch, batch, cfg: ProxyConfig, measures: tu
     capture.append('attn_probs')
   capture = tuple(capture)
   passes = gradients.sequence_passes(valid_BT.shape[0], cfg.backward_batch)
-  feats = {}
   if backward:
-    scores, feats = gradients.backward_proxies(
-        graphdef, state, arch, inputs, batch, backward, cfg.jacob_k, passes, capture,
-        confidence='softmax_confidence' in forward)
-    values.update(scores)
-  elif forward:
-    model = nnx.merge(graphdef, state)
+    values, feats = gradients.backward_proxies(
+        graphdef, state, arch, inputs, batch, backward, cfg.jacob_k, passes, capture, forward)
+  else:
     if 'softmax_confidence' in forward:
       logits, feats = model(inputs, arch, capture=capture) if capture \
           else (model(inputs, arch), {})
-      values['softmax_confidence'] = features.softmax_confidence(logits, valid_BT)
-    else:  # only inner features: skip the vocabulary projection
-      feats = model.features(inputs, arch, capture=capture)
+    else:  # only inner features (or none): skip the vocabulary projection
+      logits, feats = None, model.features(inputs, arch, capture=capture) if capture else {}
+    sums, feats = features.slice_statistics(forward, logits, feats, valid_BT)
+    values = features.mean_of_sums(sums)
   if forward:
-    layers = features.ffn_layers(nnx.merge(graphdef, state), arch)
+    layers = features.ffn_layers(model, arch)
     if 'vpca' in forward:
       values['vpca'] = features.vpca(feats['ffn_in'], feats['ffn_kernel'], valid_BT, layers,
                                      cfg.eta, cfg.bottleneck_ffn, widths)
     if 'activation_distance' in forward:
-      values['activation_distance'] = features.activation_distance(feats['ffn_pre'], valid_BT,
+      values['activation_distance'] = features.activation_distance(feats['ffn_on'], valid_BT,
                                                                    layers)
-    if 'head_confidence' in forward:
-      values['head_confidence'] = features.head_confidence(feats['attn_probs'], valid_BT)
   if 'synflow' in measures:
     values['synflow'] = gradients.synflow(graphdef, state, arch, inputs, valid_BT, passes)
   return jnp.stack([jnp.asarray(values[m], jnp.float32) for m in measures])

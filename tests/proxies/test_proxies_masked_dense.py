@@ -139,6 +139,39 @@ def test_forward_proxies_masked_equal_dense(family):
   assert records[3]['scores']['wpca'] == 0.0 and set(records[0]['scores']) == set(FORWARD)
 
 
+@pytest.mark.parametrize('family', ['bert_post', 'llama_gqa'])
+def test_forward_proxies_equal_their_definitions(family):
+  """Head confidence, softmax confidence and activation distance of a dense model equal their
+  definitions computed in NumPy from the model's own attention probabilities, logits and FFN
+  pre-activations, both on their own forward pass and when they read the sliced forward pass
+  of the gradient proxies (5 slices of one sequence: sums added up, unit codes concatenated)."""
+  cfg, space, model = build(family, seed=4)
+  dense_model = export.export(model, space.cfg, arch_lib.unstack(chosen_archs(space))[0])
+  data = batches(cfg, n=1, seed=5)
+  names = ('head_confidence', 'softmax_confidence', 'activation_distance')
+  inputs = {k: jnp.asarray(v) for k, v in data[0].items() if k not in ('targets', 'weights')}
+  logits, feats = dense_model(inputs, capture=('attn_probs', 'ffn_pre'))
+  valid = data[0]['segment_ids'] != 0  # proxy.padding = 'exclude'
+  p = np.exp(np.asarray(logits, np.float64) - np.max(np.asarray(logits, np.float64), -1,
+                                                      keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  softmax_confidence = p.max(-1)[valid].mean()
+  heads = np.concatenate([np.asarray(a).max(-1).transpose(0, 2, 1)[valid]  # [valid tokens, N]
+                          for a in feats['attn_probs']], axis=1)
+  codes = [np.asarray(h) > 0 for h in feats['ffn_pre']]  # [B, T, F] per layer
+  b = valid.shape[0]
+  agree = np.array([[sum(np.sum((c[i] == c[j]) & (valid[i] & valid[j])[:, None]) for c in codes)
+                     for j in range(b)] for i in range(b)], np.float64)
+  expected = {'head_confidence': heads.mean(), 'softmax_confidence': softmax_confidence,
+              'activation_distance': np.linalg.slogdet(agree)[1]}
+  own = proxies.score_dense(dense_model, data, {'num_batches': 1}, names=names)
+  sliced = proxies.score_dense(dense_model, data, {'num_batches': 1, 'backward_batch': 1},
+                               names=(*names, 'snip'))
+  for name, value in expected.items():
+    np.testing.assert_allclose(own[name], value, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(sliced[name], value, rtol=1e-5, err_msg=f'{name} (sliced)')
+
+
 def test_gradient_proxies_masked_equal_dense():
   """SNIP, grad-norm, synaptic saliency / diversity, SynFlow and jacobian covariance: gradients of
   the masked supernet w.r.t. the supernet's weights are exactly the sub-network's. Every proxy at
