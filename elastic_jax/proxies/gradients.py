@@ -65,6 +65,20 @@ def _nuclear(m: jax.Array) -> jax.Array:
   return jnp.sum(jnp.linalg.svd(m.astype(jnp.float32), compute_uv=False))
 
 
+def _diversity(w_m: jax.Array, g_m: jax.Array) -> jax.Array:
+  """nuc(W on the rows and columns where dL/dW is non-zero) * nuc(dL/dW); 0 without computing
+  either SVD when the whole gradient is zero (a block type the arch does not choose, a layer it
+  removes: outside `vmap` only the taken branch of `lax.cond` runs)."""
+  rows = jnp.any(g_m != 0, axis=1)
+  cols = jnp.any(g_m != 0, axis=0)
+
+  def both(w_m, g_m):
+    mask = rows.astype(jnp.float32)[:, None] * cols.astype(jnp.float32)[None, :]
+    return _nuclear(w_m * mask) * _nuclear(g_m)
+
+  return jax.lax.cond(jnp.any(rows), both, lambda w_m, g_m: jnp.float32(0.0), w_m, g_m)
+
+
 def loss_gradient_proxies(state, grads, names: tuple[str, ...]) -> dict[str, jax.Array]:
   """SNIP, grad-norm, synaptic saliency and synaptic diversity from the loss gradient `grads`.
 
@@ -91,10 +105,7 @@ def loss_gradient_proxies(state, grads, names: tuple[str, ...]) -> dict[str, jax
     if 'synaptic_saliency' in out and kind == 'ffn':
       out['synaptic_saliency'] += saliency
     if 'synaptic_diversity' in out and kind == 'attn':
-      w_m, g_m = _matrix(path, w), _matrix(path, g)
-      rows = jnp.any(g_m != 0, axis=1).astype(jnp.float32)
-      cols = jnp.any(g_m != 0, axis=0).astype(jnp.float32)
-      out['synaptic_diversity'] += _nuclear(w_m * rows[:, None] * cols[None, :]) * _nuclear(g_m)
+      out['synaptic_diversity'] += _diversity(_matrix(path, w), _matrix(path, g))
   return out
 
 
