@@ -55,6 +55,7 @@ def _config(*, continuing: bool = False):
 
 # The persistent XLA compilation cache's size limit (JAX evicts the least recently used programs).
 XLA_CACHE_BYTES = 4 << 30
+RELEASE_AFTER_COMPILE_S = 2.0  # see _release_memory_after_long_compiles
 
 
 def _use_compilation_cache() -> None:
@@ -72,6 +73,32 @@ def _use_compilation_cache() -> None:
   from elastic_jax.data.config import default_cache_root
   jax.config.update('jax_compilation_cache_dir', str(default_cache_root() / 'xla'))
   jax.config.update('jax_compilation_cache_max_size', XLA_CACHE_BYTES)
+
+
+def _release_memory_after_long_compiles() -> None:
+  """After every compilation of more than RELEASE_AFTER_COMPILE_S seconds, return the heap
+  memory the compiler freed to the operating system (glibc's `malloc_trim`; elsewhere nothing).
+  LLVM frees what it used to compile a large program, but glibc keeps the freed pages in the
+  process (on the 12-layer ELM space's proxy program: 1.2 GB of 2.4 GB resident after compiling),
+  so the program's run would add its buffers on top of them."""
+  import ctypes
+  import ctypes.util
+
+  import jax
+
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    trim = libc.malloc_trim
+  except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+    return
+  trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+
+  def after(event: str, seconds: float, **_) -> None:
+    if event == '/jax/core/compile/backend_compile_duration' and \
+        seconds > RELEASE_AFTER_COMPILE_S:
+      trim(0)
+
+  jax.monitoring.register_event_duration_secs_listener(after)
 
 
 def _print_json(obj) -> None:
@@ -467,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
       print(command_help(cmd, _loaded_config()))
       return 0
     _use_compilation_cache()
+    _release_memory_after_long_compiles()
     cmd.fn()
   except UserError as e:
     if wants_help:  # help without the config's values

@@ -1,6 +1,8 @@
 """The `elastic-jax` command contract: info, sample, export, evaluate, and one-line errors."""
 
 import json
+import os
+import sys
 
 import pytest
 from conftest import REPO, load_config
@@ -132,9 +134,7 @@ def test_compiled_programs_persist_between_commands(data_cache, tmp_path):
   """Without JAX_COMPILATION_CACHE_DIR a command keeps its compiled programs in
   $ELASTIC_JAX_CACHE/xla, and the same command run again compiles nothing new (every program is
   a cache hit, so no entry is added)."""
-  import os
   import subprocess
-  import sys
 
   env = {k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
   env.update(ELASTIC_JAX_CACHE=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
@@ -150,3 +150,43 @@ def test_compiled_programs_persist_between_commands(data_cache, tmp_path):
   assert again.returncode == 0, again.stderr
   assert json.loads(again.stdout) == json.loads(first.stdout)
   assert entries() == compiled
+
+
+_FREED_AND_COMPILE = '''
+import ctypes, sys
+import jax, jax.numpy as jnp
+from elastic_jax import cli
+cli.RELEASE_AFTER_COMPILE_S = -1.0  # every compilation counts as long
+if sys.argv[1] == 'release':
+  cli._release_memory_after_long_compiles()
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096
+blocks = [libc.malloc(4000) for _ in range(100_000)]  # 400 MB of small blocks in the heap
+for i in range(100_000):
+  ctypes.memset(blocks[i], 1, 4000)
+keep = libc.malloc(4000)  # a live block above them: free() alone cannot shrink the heap
+for b in blocks:
+  libc.free(b)
+before = rss()
+jax.jit(lambda x: x * 3 + 1)(jnp.arange(5.0)).block_until_ready()
+print(before - rss())
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='malloc_trim is glibc (Linux)')
+def test_memory_freed_before_a_long_compile_returns_to_the_system():
+  """glibc keeps freed heap pages in the process; after a compilation longer than
+  RELEASE_AFTER_COMPILE_S the CLI hands them back (the 400 MB freed here), and without its
+  listener they stay."""
+  import subprocess
+
+  freed = {}
+  for mode in ('release', 'keep'):
+    out = subprocess.run([sys.executable, '-c', _FREED_AND_COMPILE, mode], capture_output=True,
+                         text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    assert out.returncode == 0, out.stderr
+    freed[mode] = int(out.stdout.split()[-1])
+  assert freed['release'] > 300e6, freed
+  assert freed['keep'] < 100e6, freed
