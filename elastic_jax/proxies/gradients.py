@@ -149,13 +149,15 @@ def synflow(graphdef, state, arch, inputs, valid_BT, passes: int = 1) -> jax.Arr
   - R sums the logits of the valid tokens. Every term is >= 0 (a positive network increasing in
     every |theta|); values grow geometrically with depth and width, and float32 overflows to inf
     on deep wide spaces (about 3e29 on the 6-layer ELM space, inf on its 12-layer one).
-  The score sums |W| * dR/d|W| over the kernels. With every token equal to the same all-ones
+  The score sums |W| * dR/d|W| over the kernels: the derivative of R along the kernels, one
+  forward-mode JVP (no backward pass, no per-parameter gradient). With every token equal to the
+  same all-ones
   vector, a model whose blocks mix tokens only by attention (`blocks.equal_tokens_stay_equal`)
   computes the same logits at every token, so R is the number of valid tokens times R of a
   one-token sequence, and so is the score: it is computed on one token (the minibatch's tokens,
   positions and padding cannot change it). Models that convolve or transform along the sequence
-  (FlexiBERT's DSC and LT blocks) run the whole minibatch, its gradient accumulated over `passes`
-  slices (see `sequence_passes`).
+  (FlexiBERT's DSC and LT blocks) run the whole minibatch, in `passes` slices (see
+  `sequence_passes`) whose derivatives add up.
   """
   abs_state = jax.tree.map(jnp.abs, state)
 
@@ -173,22 +175,24 @@ def synflow(graphdef, state, arch, inputs, valid_BT, passes: int = 1) -> jax.Arr
     logits = _with_embedding(model, ones)(inputs, arch)
     return jnp.sum(logits * valid_BT[..., None])
 
+  # sum over kernels of |W| * dR/d|W| is R's derivative along the kernels themselves: one
+  # forward-mode pass (a JVP whose tangent is |W| on kernels and 0 elsewhere), no gradient.
+  tangent = nnx.from_flat_state([
+      (path, var.replace(var[...] if kernel_kind(path, var[...].ndim) is not None
+                         else jnp.zeros_like(var[...])))
+      for path, var in nnx.to_flat_state(abs_state)])
+  along_kernels = lambda chunk: jax.jvp(lambda s: output_sum(s, chunk), (abs_state,),
+                                        (tangent,))[1]
+
   if equal_tokens_stay_equal(nnx.merge(graphdef, state)):
     # One valid token (segment 1, position 0) stands for each of the minibatch's valid tokens.
     token = {k: jnp.full((1, 1), 1 if k == 'segment_ids' else 0, v.dtype)
              for k, v in inputs.items()}
-    grads = jax.grad(output_sum)(abs_state, (token, jnp.ones((1, 1), valid_BT.dtype)))
-    tokens = jnp.sum(valid_BT.astype(jnp.float32))
-  else:
-    grads, _ = _summed_over_passes(
-        lambda chunk: (jax.grad(output_sum)(abs_state, chunk), None),
-        (inputs, valid_BT), passes, abs_state)
-    tokens = jnp.float32(1.0)
-  total = jnp.float32(0.0)
-  for (path, w), (_, g) in zip(_flat(abs_state), _flat(grads)):
-    if kernel_kind(path, w.ndim) is not None:
-      total += jnp.sum(w.astype(jnp.float32) * g.astype(jnp.float32))
-  return tokens * total
+    return jnp.sum(valid_BT.astype(jnp.float32)) * along_kernels(
+        (token, jnp.ones((1, 1), valid_BT.dtype)))
+  _, per_pass = _summed_over_passes(lambda chunk: (None, along_kernels(chunk)),
+                                    (inputs, valid_BT), passes, None)
+  return jnp.sum(per_pass.astype(jnp.float32))
 
 
 def jacob_cov(j_BTD: jax.Array, valid_BT: jax.Array, hidden_D: jax.Array, k: float) -> jax.Array:

@@ -204,6 +204,7 @@ def test_synflow_of_one_token_equals_synflow_of_every_token(family, monkeypatch)
   packed documents and padding (bidirectional, causal, rotary with grouped queries; transformer,
   bottleneck and skipped layers, a shallow depth)."""
   from elastic_jax.model.blocks import equal_tokens_stay_equal
+  from elastic_jax.model.layers import Attention, Norm
   from elastic_jax.proxies import gradients
 
   cfg, space, model = build(family, seed=2)
@@ -224,6 +225,30 @@ def test_synflow_of_one_token_equals_synflow_of_every_token(family, monkeypatch)
   every_token = score(archs)
   assert np.all(np.asarray(one_token) > 0)
   np.testing.assert_allclose(one_token, every_token, rtol=1e-5)
+  # The definition by reverse mode: R of the linearised network on every token, its gradient
+  # w.r.t. every |theta|, sum over kernels of |W| * dR/d|W| (SynFlow computes a JVP instead).
+  abs_state = jax.tree.map(jnp.abs, state)
+
+  def linearised_output_sum(s, arch):
+    model = nnx.merge(graphdef, s)
+    for _, module in nnx.iter_modules(model):
+      if isinstance(module, Norm):
+        module.kind = 'nonorm'
+      elif isinstance(module, Attention):
+        module.q[...], module.k[...] = jnp.zeros_like(module.q[...]), jnp.zeros_like(module.k[...])
+        for bias in (module.q_bias, module.k_bias):
+          if bias is not None:
+            bias[...] = jnp.zeros_like(bias[...])
+    model = gradients._with_embedding(model, lambda x, mask: jnp.ones_like(x) * mask)
+    return jnp.sum(model(inputs, arch) * valid[..., None])
+
+  for i, arch in enumerate(arch_lib.unstack(archs)):
+    grads = jax.jit(jax.grad(linearised_output_sum))(abs_state, arch)
+    definition = sum(
+        np.sum(np.asarray(w[...], np.float64) * np.asarray(g[...], np.float64))
+        for (path, w), (_, g) in zip(nnx.to_flat_state(abs_state), nnx.to_flat_state(grads))
+        if gradients.kernel_kind(path, w[...].ndim) is not None)
+    np.testing.assert_allclose(one_token[i], definition, rtol=1e-5)
 
 
 @pytest.mark.parametrize('batch_size, per_pass, passes', [
