@@ -80,19 +80,24 @@ def vpca(ffn_in: list[jax.Array], ffn_kernel: list[jax.Array], valid_BT: jax.Arr
   cheaper than forming the pre-activations' covariance). Off layers count 0.
 
   With `widths` (the space's (FFN input width choices, FFN width choices); masked supernet, archs
-  one at a time) each PCA runs at its layer's active widths (`_count_by_width`).
+  one at a time) each PCA runs at its layer's active widths (`_count_by_width`); layers of the
+  same shapes run in one `lax.map`, so the program holds each width's PCA once, not per layer.
   """
   if not ffn_in:
     return jnp.float32(0.0)
   w_N = valid_BT.reshape(-1)
-  counts = []
-  for x_BTD, kernel_DxF, layer in zip(ffn_in, ffn_kernel, layers):
-    x_NxD = x_BTD.reshape(-1, x_BTD.shape[-1])
-    if widths is None:  # a dense model, or vmapped archs (masked columns are exact zeros)
-      counts.append(pca_count_linear(x_NxD, kernel_DxF, eta, w_N))
-    else:
-      counts.append(_count_by_width(x_NxD, w_N, kernel_DxF, eta, layer, widths))
-  k_L = jnp.stack(counts).astype(jnp.float32)
+  xs = [x_BTD.reshape(-1, x_BTD.shape[-1]) for x_BTD in ffn_in]
+  if widths is None:  # a dense model, or vmapped archs (masked columns are exact zeros)
+    counts = [pca_count_linear(x, k, eta, w_N) for x, k in zip(xs, ffn_kernel)]
+  elif len({(x.shape, k.shape) for x, k in zip(xs, ffn_kernel)}) == 1:
+    fields = {f: jnp.stack([jnp.asarray(layer[f]) for layer in layers])
+              for f in ('on', 'ffn_in', 'ffn')}
+    counts = jax.lax.map(lambda a: _count_by_width(a[0], w_N, a[1], eta, a[2], widths),
+                         (jnp.stack(xs), jnp.stack(ffn_kernel), fields))
+  else:
+    counts = [_count_by_width(x, w_N, k, eta, layer, widths)
+              for x, k, layer in zip(xs, ffn_kernel, layers)]
+  k_L = jnp.asarray(counts).astype(jnp.float32)
   if bottleneck_ffn == 'exclude':
     k_L = k_L * (1.0 - jnp.stack([layer['bottleneck'] for layer in layers]))
   return jnp.sum(k_L)
