@@ -18,6 +18,7 @@ FORBIDDEN = {
     'space.py': ('train', 'search', 'data', 'proxies', 'model.supernet', 'model.layers'),
     'cost.py': ('train', 'search', 'data', 'proxies', 'model.supernet', 'model.layers'),
     'losses.py': ('train', 'search', 'data', 'proxies', 'model'),
+    'accumulate.py': ('train', 'search', 'data', 'proxies', 'model'),
     'checkpoints.py': ('train', 'search', 'data', 'proxies', 'model'),
     'evaluation.py': ('train', 'search', 'data', 'proxies'),
     'export.py': ('train', 'search', 'data', 'proxies'),

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from elastic_jax.accumulate import scan_sum
 from elastic_jax.losses import token_cross_entropy
 from elastic_jax.model.blocks import PARAMETER_CAPTURES, equal_tokens_stay_equal
 from elastic_jax.model.layers import Attention, Norm, prefix_mask
@@ -295,13 +296,8 @@ def sequence_passes(batch_size: int, per_pass: int) -> int:
 
 def _summed_over_passes(fn, chunk, passes: int, like):
   """Runs `fn(slice) -> (tree, stacked)` on `passes` equal slices of `chunk`'s leading (sequence)
-  axis in a scan: returns (the float32 sum of the trees, shaped like `like`, whose None leaves
-  stay None; the `stacked` outputs, each with a leading [passes] axis)."""
+  axis: returns (the float32 sum of the trees, shaped like `like`, whose None leaves stay None;
+  the `stacked` outputs, each with a leading [passes] axis)."""
   sliced = jax.tree.map(lambda x: x.reshape((passes, x.shape[0] // passes) + x.shape[1:]), chunk)
   zero = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), like)
-
-  def body(total, part):
-    tree, stacked = fn(part)
-    return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), total, tree), stacked
-
-  return jax.lax.scan(body, zero, sliced)
+  return scan_sum(fn, zero, sliced)

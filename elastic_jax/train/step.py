@@ -23,6 +23,7 @@ import optax
 from flax import nnx, struct
 
 from elastic_jax import losses, parallel
+from elastic_jax.accumulate import scan_sum
 from elastic_jax.evaluation import model_inputs
 from elastic_jax.train import distill
 
@@ -286,9 +287,7 @@ def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransfor
 def sum_over_microbatches(fn, init, micro):
   """The sum of the pytree `fn(mb)` over the stacked micro-batches `micro` (one `lax.scan`; the
   carry starts at `init`, the same structure)."""
-  def body(carry, mb):
-    return jax.tree.map(jnp.add, carry, fn(mb)), None
-  return jax.lax.scan(body, init, micro)[0]
+  return scan_sum(lambda mb: (fn(mb), None), init, micro)[0]
 
 
 def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransformation):
