@@ -152,8 +152,8 @@ def synflow(graphdef, state, arch, inputs, valid_BT, passes: int = 1) -> jax.Arr
     on deep wide spaces (about 3e29 on the 6-layer ELM space, inf on its 12-layer one).
   The score sums |W| * dR/d|W| over the kernels: the derivative of R along the kernels, one
   forward-mode JVP (no backward pass, no per-parameter gradient). With every token equal to the
-  same all-ones
-  vector, a model whose blocks mix tokens only by attention (`blocks.equal_tokens_stay_equal`)
+  same all-ones vector, a model whose blocks mix tokens only by attention
+  (`blocks.equal_tokens_stay_equal`)
   computes the same logits at every token, so R is the number of valid tokens times R of a
   one-token sequence, and so is the score: it is computed on one token (the minibatch's tokens,
   positions and padding cannot change it). Models that convolve or transform along the sequence
