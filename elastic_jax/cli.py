@@ -12,6 +12,7 @@ anywhere below; it is printed as one line and the exit code is 2.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import sys
 import time
@@ -75,6 +76,7 @@ def _use_compilation_cache() -> None:
   jax.config.update('jax_compilation_cache_max_size', XLA_CACHE_BYTES)
 
 
+@functools.cache  # once per process: `main` may run many commands in one (tests, notebooks)
 def _release_memory_after_long_compiles() -> None:
   """After every compilation of more than RELEASE_AFTER_COMPILE_S seconds, return the heap
   memory the compiler freed to the operating system (glibc's `malloc_trim`; elsewhere nothing).
