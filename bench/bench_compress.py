@@ -11,7 +11,7 @@ perplexity is on its validation split (held out). Latency: median of 5 jitted fo
 of `seq_len` tokens through each exported dense model on this machine.
 
   python bench/bench_compress.py --quick     # minutes: seq 64, batch 4, 4 fine-tuning steps
-  python bench/bench_compress.py             # about 2 h on a 2-core CPU (sizes in --help)
+  python bench/bench_compress.py             # about 75 min on a 2-core CPU (sizes in --help)
 
 The workdir (--workdir) keeps every stage, so an interrupted run resumes.
 """
@@ -32,14 +32,14 @@ import common  # noqa: E402
 
 # (seq_len, batch, fine-tuning steps, calibration batches, eval batches, search pop, generations,
 #  random sub-networks per step)
-SIZES = {'quick': (64, 4, 4, 4, 1, 8, 1, 1), 'full': (128, 8, 120, 8, 8, 16, 6, 2)}
+SIZES = {'quick': (64, 4, 4, 4, 1, 8, 1, 1), 'full': (128, 4, 60, 8, 4, 16, 4, 1)}
 
 
 def config(size: str) -> ml_collections.ConfigDict:
   seq_len, batch, steps, calib, evals, pop, gens, num_random = SIZES[size]
   return ml_collections.ConfigDict({
       'data': {'seq_len': seq_len, 'batch_size': batch, 'eval_batches': evals},
-      'train': {'steps': steps, 'warmup_steps': max(1, steps // 10), 'learning_rate': 5e-5,
+      'train': {'steps': steps, 'warmup_steps': max(1, steps // 10), 'learning_rate': 1e-4,
                 'log_every': max(1, steps // 10), 'eval_every': 0, 'checkpoint_every': steps,
                 'num_random': num_random},
       'search': {'pop_size': pop, 'generations': gens, 'latency_max': 0},
