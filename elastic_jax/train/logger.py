@@ -35,12 +35,15 @@ class MetricLogger:
         print(message, file=sys.stderr, flush=True)
 
   def log(self, step: int, metrics: dict, tokens: int | None = None,
-          show: dict | None = None) -> None:
+          show: dict | None = None, at: float | None = None) -> None:
     """Appends `metrics` to the JSONL and TensorBoard files; the bar shows `show` (named values)
-    and the speed, or the validation metrics."""
+    and the speed, or the validation metrics. `at` (a perf_counter time; default now) is when
+    `step` was dispatched: the speed is measured between dispatches. Where a step runs inside
+    the dispatching call (CPU), the times its metrics are read lag by a step, and the last step
+    would look instantaneous."""
     if not self.enabled:
       return
-    now = time.perf_counter()
+    now = time.perf_counter() if at is None else at
     metrics = dict(metrics)
     if tokens is not None:
       t0, s0 = self.last

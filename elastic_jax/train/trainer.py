@@ -378,7 +378,7 @@ def _train(cfg, workdir: Path, space, mesh, is_main: bool, progress: bool) -> di
       shown = {f'{sampler.labels[0]} ce': float(ces[0])}
       if sampler.k > 1:
         shown[f'loss (sum of {sampler.k})'] = loss
-      logger.log(step, line, tokens=tokens_per_step, show=shown)
+      logger.log(step, line, tokens=tokens_per_step, show=shown, at=t_dispatch)
 
   try:
     t_start = time.perf_counter()
