@@ -23,6 +23,12 @@ from elastic_jax.proxies.pca import pca_count_linear
 _BOTTLENECK = BLOCK_TYPES.index('bottleneck')
 
 
+def logits_and_features(model, inputs, arch, capture: tuple[str, ...]) -> tuple[jax.Array, dict]:
+  """(logits, the captured features): the model returns its logits alone when nothing is
+  captured, and the features are then {}."""
+  return model(inputs, arch, capture=capture) if capture else (model(inputs, arch), {})
+
+
 def ffn_layers(model, arch) -> list[dict]:
   """Per layer: `units` float[F] (active FFN units), `bottleneck` float[] (1 if the layer's block
   is a bottleneck), `on` bool[], `ffn` (active width) and `ffn_in` (active width of the FFN's

@@ -246,7 +246,7 @@ def backward_proxies(graphdef, state, arch, inputs, batch, names: tuple[str, ...
   def run(s, delta_BTD, inputs):
     """(logits, captured features) with `delta_BTD` added to the embedding output."""
     model = _with_embedding(nnx.merge(graphdef, s), lambda x, mask: x + delta_BTD.astype(x.dtype))
-    return model(inputs, arch, capture=capture) if capture else (model(inputs, arch), {})
+    return features.logits_and_features(model, inputs, arch, capture)
 
   def one_pass(chunk):
     """(loss gradient or None, (jacobian [b / passes, T, D] or None, statistics' sums, kept

@@ -139,8 +139,7 @@ def _batch_measures(graphdef, state, arch, batch, cfg: ProxyConfig, measures: tu
         graphdef, state, arch, inputs, batch, backward, cfg.jacob_k, passes, capture, forward)
   else:
     if 'softmax_confidence' in forward:
-      logits, feats = model(inputs, arch, capture=capture) if capture \
-          else (model(inputs, arch), {})
+      logits, feats = features.logits_and_features(model, inputs, arch, capture)
     else:  # only inner features (or none): skip the vocabulary projection
       logits, feats = None, model.features(inputs, arch, capture=capture) if capture else {}
     sums, feats = features.slice_statistics(forward, logits, feats, valid_BT)
