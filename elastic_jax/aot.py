@@ -244,13 +244,33 @@ class DoesNotFit(Exception):
     self.need, self.have, self.message = need, have, message
 
 
+@contextlib.contextmanager
+def _kept_out_of_the_persistent_cache():
+  """Programs compiled for a topology's description would go to the persistent compilation
+  cache like any other (the CLI turns it on), where they can never be loaded (that needs a
+  client of the real chips: JAX warns and compiles again) and only evict useful entries. JAX
+  checks the cache's minimum compile time at every write; above any compile time, nothing is
+  written."""
+  import jax
+
+  key = 'jax_persistent_cache_min_compile_time_secs'
+  before = getattr(jax.config, key)
+  jax.config.update(key, float('inf'))
+  try:
+    yield
+  finally:
+    jax.config.update(key, before)
+
+
 def _compile(jitted, *args):
-  """(compiled, seconds); raises DoesNotFit when the TPU compiler runs out of HBM."""
+  """(compiled, seconds) of a program for a topology's devices; raises DoesNotFit when the TPU
+  compiler runs out of HBM."""
   t = time.perf_counter()
   try:
     lowered = jitted.lower(*args)
     t_lowered = time.perf_counter()
-    compiled = lowered.compile()
+    with _kept_out_of_the_persistent_cache():
+      compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001  (XlaRuntimeError / JaxRuntimeError by jax version)
     text = str(e)
     m = _OOM.search(text.replace('\n', ' '))

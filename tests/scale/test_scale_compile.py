@@ -1,6 +1,9 @@
 """`elastic-jax compile`: lower and compile for a TPU slice on this CPU (needs the tpu extra)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from conftest import REPO, load_config
@@ -161,3 +164,32 @@ def test_chunked_vocabulary_losses_are_counted_in_every_chunk():
   # unrolled count here, where the vocabulary losses are a large share of a tiny model's FLOPs.
   assert flops(loops) == pytest.approx(flops(exact), rel=0.15)
   assert flops(loops) > flops(plain)
+
+
+def test_topology_programs_stay_out_of_the_persistent_cache(tmp_path):
+  """A program compiled for a topology's description can never be loaded from the persistent
+  compilation cache (JAX would warn and compile again): it is not written there, while the CPU's
+  programs still are (with every compile time cached)."""
+  pytest.importorskip('libtpu')
+  script = '''
+import jax, jax.numpy as jnp
+from elastic_jax import aot
+device = aot.tpu_devices('v5e:2x2')[0]
+x = jax.ShapeDtypeStruct((64, 64), jnp.float32,
+                         sharding=jax.sharding.SingleDeviceSharding(device))
+def tpu_program(a):
+  return a @ a
+def cpu_program(a):
+  return a @ a + 1
+aot._compile(jax.jit(tpu_program), x)
+jax.jit(cpu_program)(jnp.ones((64, 64))).block_until_ready()
+'''
+  cache = tmp_path / 'xla'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_COMPILATION_CACHE_DIR': str(cache),
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  r = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,
+                     cwd=REPO, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  entries = [p.name for p in cache.iterdir() if p.name.endswith('-cache')]
+  assert any(n.startswith('jit_cpu_program') for n in entries), entries
+  assert not any(n.startswith('jit_tpu_program') for n in entries), entries
