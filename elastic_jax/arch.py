@@ -165,8 +165,9 @@ def from_json(d: Mapping, space: SpaceConfig) -> Arch:
               **{f: jnp.int32(d[f] if scone else 0) for f in SCONE_FIELDS})
 
 
-def load(path: str | Path, space: SpaceConfig) -> Arch:
-  """Reads one arch from a JSON file (or the first line of a JSON-lines file)."""
+def _read_json_archs(path: str | Path) -> list:
+  """The JSON archs of a file: one object, a list of them, or JSON lines (one per line, as
+  `elastic-jax sample` prints them)."""
   path = Path(path)
   if not path.is_file():
     raise UserError(f'architecture file {path} does not exist; write one with '
@@ -175,12 +176,31 @@ def load(path: str | Path, space: SpaceConfig) -> Arch:
   try:
     try:
       d = json.loads(text)
+      archs = d if isinstance(d, list) else [d]
     except json.JSONDecodeError:
-      d = json.loads(text.splitlines()[0])  # JSON lines: the first arch
-  except (json.JSONDecodeError, IndexError) as e:
+      archs = [json.loads(line) for line in text.splitlines() if line.strip()]
+  except json.JSONDecodeError as e:
     raise UserError(f'architecture file {path} is not valid JSON ({e}); expected the format '
                     'printed by `elastic-jax sample`') from None
-  return from_json(d, space)
+  if not archs:
+    raise UserError(f'architecture file {path} holds no architecture')
+  return archs
+
+
+def load(path: str | Path, space: SpaceConfig) -> Arch:
+  """Reads one arch from a JSON file (or the first line of a JSON-lines file)."""
+  return from_json(_read_json_archs(path)[0], space)
+
+
+def load_all(path: str | Path, space: SpaceConfig) -> list[Arch]:
+  """Every arch of a JSON file (one object or a list) or JSON-lines file, validated."""
+  out = []
+  for i, d in enumerate(_read_json_archs(path)):
+    try:
+      out.append(from_json(d, space))
+    except UserError as e:
+      raise UserError(f'{path}, architecture {i + 1}: {e}') from None
+  return out
 
 
 def dumps(arch: Arch) -> str:

@@ -18,6 +18,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Budgets of the exported models: 'params=0.3,0.5,0.7' (fractions of the original, or
   # absolute counts > 1 such as 50M).
   c.budgets = 'params=0.3,0.5,0.7'
+  # Start the search from the pruning rule's models at the budgets and between them (and
+  # between the largest budget and the original), besides the smallest and largest: NSGA-II
+  # then improves on shapes known to be good instead of on random per-layer choices alone.
+  c.seed_search = True
   c.baselines = True  # structural-pruning baselines (a) pruned, (b) pruned + fine-tuned
   c.latency_batch = 1  # rows of the batch whose forward latency is measured
   return c

@@ -167,6 +167,22 @@ def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> 
   return float(hypervolume_nd(np.asarray(points, np.float64), np.asarray(ref, np.float64)))
 
 
+def _write_seeds(cfg, space, workdir: Path, budget_list, original_params: int) -> Path:
+  """W/compress/seed_archs.jsonl: the pruned models the search starts from (see
+  compress.seed_search), the budgets' first, then those between them, within half the
+  population (the rest starts random)."""
+  from elastic_jax.compress.sort import load_scores  # noqa: PLC0415
+  from elastic_jax.search.config import search_config  # noqa: PLC0415
+  counts = sorted(count for _, count in budget_list)
+  between = [(a + b) / 2 for a, b in zip(counts, counts[1:] + [original_params], strict=True)]
+  limit = max(1, search_config(cfg).pop_size // 2)
+  archs = pruning.seed_archs(space, load_scores(workdir)[1]['layer_order'], counts + between,
+                             limit)
+  path = workdir / COMPRESS_DIR / 'seed_archs.jsonl'
+  atomic.write_text(path, ''.join(json.dumps(a) + '\n' for a in archs))
+  return path
+
+
 def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
                  budgets: str | None = None, user_cfg: ml_collections.ConfigDict | None = None,
                  gguf: str | Path | None = None,
@@ -202,10 +218,15 @@ def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
   stages.finish('sort', True)
 
   ft_cfg = _finetune_config(cfg, workdir, c)
+  if c.seed_search and not ft_cfg.get('search', {}).get('seed_archs', ''):
+    if 'search' not in ft_cfg:
+      ft_cfg.search = ml_collections.ConfigDict()
+    ft_cfg.search.seed_archs = str(_write_seeds(ft_cfg, space, workdir, budget_list,
+                                                original_params))
+  save_config(workdir, ft_cfg)  # what the later stages (and commands on W) run with
   if 'finetune' not in stages.done:
     log(f'compress: stage finetune ({ft_cfg.train.steps} steps, sampling '
         f'{ft_cfg.train.sampling}, teacher {c.teacher})')
-    save_config(workdir, ft_cfg)
     trained = train_job(ft_cfg, workdir)
     stages.finish('finetune', {k: trained[k] for k in ('step', 'seconds')})
 

@@ -69,3 +69,19 @@ def prune_arch(space: Space, layer_order: list[int], max_params: float) -> tuple
   best = np.lexsort((ffn, layers, params))[::-1]
   best = [i for i in best if ok[i]][0]
   return archs[best], int(params[best])
+
+
+def seed_archs(space: Space, layer_order: list[int], targets, limit: int) -> list[dict]:
+  """The pruned models at `targets` (parameter counts, in order; those no uniform model meets
+  are passed over), each shape once, at most `limit`: starting points for the search."""
+  out = []
+  for target in targets:
+    try:
+      arch_json = prune_arch(space, layer_order, target)[0]
+    except UserError:
+      continue
+    if arch_json not in out:
+      out.append(arch_json)
+    if len(out) == limit:
+      break
+  return out

@@ -128,8 +128,11 @@ def fingerprint(cfg, sc: SearchConfig, space, supernet_step) -> str:
   data_cfg = as_dict(cfg.get('data', {}))
   uses_proxy = any(get_objective(n).prepare for n in sc.objectives)
   proxy_cfg = as_dict(cfg.get('proxy', {})) if uses_proxy else {}
+  # The seed architectures by content (absent without seeds: older checkpoints stay resumable).
+  seeds = ({'seed_archs': hashlib.sha256(Path(sc.seed_archs).read_bytes()).hexdigest()}
+           if sc.seed_archs and Path(sc.seed_archs).is_file() else {})
   return json.dumps({
-      'objectives': list(sc.objectives), 'strategy': resolve_strategy(sc),
+      **seeds, 'objectives': list(sc.objectives), 'strategy': resolve_strategy(sc),
       'pop_size': sc.pop_size, 'n_children': n_children_of(sc), 'budgets': dict(sc.budgets),
       'archive_size': sc.archive_size,
       'ref_point': list(sc.ref_point), 'seed_extremes': sc.seed_extremes, 'strategy_kwargs': {

@@ -98,6 +98,10 @@ def default_config() -> ml_collections.ConfigDict:
   # Start the population with the smallest and largest architectures (those within the budgets):
   # the two ends of the front, which random proposals rarely hit. They count as evaluations.
   c.seed_extremes = True
+  # Also start it with these architectures: a file of JSON archs (JSON lines as `elastic-jax
+  # sample` prints them, or a JSON list), e.g. known-good shapes such as `compress`'s pruned
+  # models; those within the budgets count as evaluations. '' = none.
+  c.seed_archs = ''
   # Seed of the search; -1 = the config's top-level seed.
   c.seed = -1
   # Measure the latency of each exported dense front member on this device (jit once per model,
@@ -141,6 +145,7 @@ class SearchConfig:
   top_k: int
   tries: int
   seed_extremes: bool
+  seed_archs: str
   stratify_bins: int
   archive_size: int
   holdout_batches: int
@@ -193,7 +198,7 @@ def search_config(cfg: ml_collections.ConfigDict | Mapping) -> SearchConfig:
       mutation_prob=float(merged['mutation_prob']),
       crossover_prob=float(merged['crossover_prob']), sample_size=int(merged['sample_size']),
       top_k=int(merged['top_k']), tries=int(merged['tries']),
-      seed_extremes=bool(merged['seed_extremes']),
+      seed_extremes=bool(merged['seed_extremes']), seed_archs=str(merged['seed_archs'] or ''),
       stratify_bins=int(merged['stratify_bins']), archive_size=int(merged['archive_size']),
       holdout_batches=int(merged['holdout_batches']), seed=seed, latency=bool(merged['latency']),
       latency_max=int(merged['latency_max']), latency_repeats=int(merged['latency_repeats']),

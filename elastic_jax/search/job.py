@@ -41,10 +41,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from elastic_jax import arch as arch_lib
 from elastic_jax.errors import UserError
 from elastic_jax.search import checkpoint, placement
+from elastic_jax.search import genomes as genomes_lib
 from elastic_jax.search import pareto as pareto_lib
 from elastic_jax.search import program as search_program
 from elastic_jax.search.budgets import Budgets
@@ -113,16 +116,39 @@ def load_trained_supernet(cfg, workdir, space, allow_untrained: bool = False):
   return model, step
 
 
-def _extreme_seeds(sc: SearchConfig, space, fitness: Fitness, budgets: Budgets,
-                   extremes: dict[str, np.ndarray]):
-  """(genomes, minimised fitness) of the smallest / largest architectures within the budgets,
-  or (None, None) when search.seed_extremes is off."""
-  if not sc.seed_extremes:
+def _seeds(sc: SearchConfig, space, fitness: Fitness, budgets: Budgets,
+           extremes: dict[str, np.ndarray]):
+  """(genomes, minimised fitness) the population starts with: the smallest / largest
+  architectures (search.seed_extremes) and those of search.seed_archs, the ones within the
+  budgets, each network once; (None, None) when there are none."""
+  genomes, natural = [], []
+  if sc.seed_extremes:
+    genomes.append(pareto_lib.extreme_genomes(space))
+    natural.append(np.stack([extremes[n] for n in fitness.names], axis=1))
+  if sc.seed_archs:
+    given = seed_genomes(sc.seed_archs, space)
+    values = fitness.evaluate(given)
+    genomes.append(given)
+    natural.append(np.stack([values[n] for n in fitness.names], axis=1))
+  if not genomes:
     return None, None
-  genomes = pareto_lib.extreme_genomes(space)
-  ok = np.asarray(budgets(genomes)) if budgets else np.ones(2, bool)
-  natural = np.stack([extremes[n] for n in fitness.names], axis=1)
-  return genomes[ok], fitness.to_minimised(natural)[ok]
+  genomes, natural = np.concatenate(genomes), np.concatenate(natural)
+  ok = np.asarray(budgets(genomes)) if budgets else np.ones(len(genomes), bool)
+  keys = np.asarray(genomes_lib.canonical_genomes(space, jnp.asarray(genomes)))
+  first = np.zeros(len(genomes), bool)
+  first[np.unique(keys, axis=0, return_index=True)[1]] = True
+  keep = ok & first
+  if keep.sum() > sc.pop_size:
+    raise UserError(f'search.seed_archs: {int(keep.sum())} distinct seed architectures within '
+                    f'the budgets (with the extremes) do not fit in search.pop_size='
+                    f'{sc.pop_size}; raise pop_size or seed fewer')
+  return genomes[keep], fitness.to_minimised(natural)[keep]
+
+
+def seed_genomes(path: str, space) -> np.ndarray:
+  """The genomes of the architectures in the file `path` (search.seed_archs)."""
+  archs = arch_lib.load_all(path, space.cfg)
+  return np.stack([np.asarray(space.encode(a)) for a in archs])
 
 
 def run_search(cfg, workdir: str | Path, *, model=None, supernet_step: int | None = None,
@@ -138,7 +164,9 @@ def run_search(cfg, workdir: str | Path, *, model=None, supernet_step: int | Non
   from elastic_jax import workdir as workdir_lib  # noqa: PLC0415
 
   sc = search_config(cfg)
-  workdir_lib.build_space(cfg)  # a bad config fails before the workdir is touched
+  space = workdir_lib.build_space(cfg)  # a bad config fails before the workdir is touched
+  if sc.seed_archs:
+    seed_genomes(sc.seed_archs, space)  # as does a missing or bad seed file
   from elastic_jax import data as data_lib  # noqa: PLC0415
   data_lib.check_lm_task(cfg.data)
   check_layout(cfg, sc)
@@ -211,7 +239,7 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
   progress = (checkpoint.resume(ckpt_path, fp, sc.generations, supernet_step, log)
               if sc.resume else None)
   if progress is None:
-    state = searcher.init_state(*_extreme_seeds(sc, space, fitness, budgets, extremes))
+    state = searcher.init_state(*_seeds(sc, space, fitness, budgets, extremes))
     progress = checkpoint.Progress.start(state, sc.seed, ref_nat, len(sc.objectives), fp)
     log(f'search: {strategy} on {list(sc.objectives)}, population {sc.pop_size}, '
         f'{searcher.spec.n_children} children per generation, {sc.generations} generations, '

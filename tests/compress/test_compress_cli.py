@@ -139,6 +139,27 @@ def test_compress_end_to_end_and_resume(tmp_path, monkeypatch):
   assert H.max_scaled_diff(convert.logits_reference(w / 'compress' / 'models' / 'search_0.5_hf',
                                                     b), np.asarray(native(H.ours(b))),
                            mask) <= 1e-4
+  # The search started from the pruned model at the budget (compress.seed_search), so its pick
+  # under the budget scores no worse than that model on the selection batches (the evaluation
+  # module's loss of the pruned shape in the fine-tuned supernet).
+  from elastic_jax import arch as arch_lib
+  from elastic_jax import data, evaluation
+  from elastic_jax.compress import pruning
+  from elastic_jax.compress.sort import load_scores
+  from elastic_jax.workdir import build_space, load_config, load_supernet
+  wcfg = load_config(w)
+  space = build_space(wcfg)
+  pruned = pruning.prune_arch(space, load_scores(w)[1]['layer_order'],
+                              entry['budget_params'])[0]
+  seeds = (w / 'compress' / 'seed_archs.jsonl').read_text().splitlines()
+  assert json.loads(seeds[0]) == pruned and wcfg.search.seed_archs.endswith('seed_archs.jsonl')
+  model = load_supernet(wcfg, str(w), space)[0]
+  ref = evaluation.evaluate_population(model, data.eval_batches(wcfg.data),
+                                       arch_lib.stack([arch_lib.from_json(pruned, space.cfg)]))
+  front = json.loads((w / 'search' / 'pareto.json').read_text())['front']
+  best = min(e['metrics']['loss'] for e in front
+             if e['metrics']['params'] <= entry['budget_params'])
+  assert best <= float(ref['loss'][0]) + 1e-5
   stages = json.loads((w / 'compress' / 'stages.json').read_text())
   assert set(stages) == set(compress_job.STAGES)
   again = compress_job.run_compress(llama, w, budgets='params=0.5', log=lambda m: None)

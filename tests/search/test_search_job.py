@@ -150,6 +150,49 @@ def test_resume_continues_exactly(tmp_path, cache_dir):
     job.run_search(tiny_config(cache_dir, generations=6, pop_size=10), split, log=_quiet)
 
 
+def test_seed_archs_start_the_population_evaluated_once_each(tmp_path, cache_dir):
+  """search.seed_archs: the file's architectures within the budget join the seeded smallest one
+  in the first population, scored as the evaluation module scores them; one over the budget and
+  a repeat are left out; the seeds are part of the search's identity (resume)."""
+  from elastic_jax import arch as arch_lib
+  from elastic_jax import data
+  from elastic_jax.workdir import init_supernet
+  cfg = tiny_config(cache_dir, generations=1)
+  space = build_space(cfg)
+  genomes = np.asarray(space.random_genomes(jax.random.key(3), 64))
+  within = np.asarray(budgets_lib.Budgets(space, {'params': 70_000})(jnp.asarray(genomes)))
+  chosen = [genomes[i] for i in np.flatnonzero(within)[:3]] + [genomes[np.argmin(within)]]
+  lines = [arch_lib.dumps(space.decode(jnp.asarray(g))) for g in chosen]
+  seeds = tmp_path / 'seeds.jsonl'
+  seeds.write_text('\n'.join(lines + lines[:1]) + '\n')  # a repeat, and one over budget last
+  cfg.search.seed_archs = str(seeds)
+  result = job.run_search(cfg, tmp_path / 'w', log=_quiet)
+  ckpt = np.load(tmp_path / 'w' / 'search' / 'state.npz')
+  keys = [tuple(k) for k in np.asarray(genomes_lib.canonical_genomes(
+      space, jnp.asarray([genomes_lib.extreme_genome(space, 'params', False)] + chosen[:3])))]
+  assert [tuple(k) for k in ckpt['state_archive_AxG'][:4]] == keys
+  ref = evaluation.evaluate_population(init_supernet(cfg, space), data.eval_batches(cfg.data),
+                                       jax.vmap(space.decode)(jnp.asarray(chosen[:3])), chunk=1)
+  np.testing.assert_allclose(ckpt['state_archive_fitness_AxM'][1:4, 0], ref['loss'], rtol=1e-5)
+  assert result['n_evals'] == int(ckpt['state_n_evals']) >= 4
+  # Other seeds make another search: its checkpoint is not resumed as this one.
+  seeds.write_text(lines[0] + '\n')
+  with pytest.raises(UserError, match='different search'):
+    job.run_search(cfg, tmp_path / 'w', log=_quiet)
+
+
+def test_bad_seed_archs_are_one_clear_error(tmp_path, cache_dir):
+  cfg = tiny_config(cache_dir, seed_archs=str(tmp_path / 'absent.jsonl'))
+  with pytest.raises(UserError, match='absent.jsonl does not exist'):
+    job.run_search(cfg, tmp_path / 'w', log=_quiet)
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text(json.dumps({'hidden': 12345, 'depth': 1, 'head_dim': 8, 'layers': []}) + '\n')
+  cfg.search.seed_archs = str(bad)
+  with pytest.raises(UserError, match='bad.jsonl, architecture 1: .*hidden=12345'):
+    job.run_search(cfg, tmp_path / 'w', log=_quiet)
+  assert not (tmp_path / 'w').exists()
+
+
 def test_front_is_rescored_on_held_out_batches_disjoint_from_selection(searched):
   from elastic_jax import data
   cfg, workdir, result = searched
