@@ -64,6 +64,8 @@ def main():
   hf_dir = workdir.parent / f'{workdir.name}_hf'
   if not (hf_dir / 'config.json').is_file():
     gguf_to_safetensors(gguf, hf_dir)
+  stages_file = workdir / 'compress' / 'stages.json'
+  resumed = list(json.loads(stages_file.read_text())) if stages_file.is_file() else []
   start = time.perf_counter()
   summary = run_compress(hf_dir, workdir, budgets=args.budgets, user_cfg=config(size))
   seconds = time.perf_counter() - start
@@ -95,10 +97,17 @@ def main():
                 'calibration_batches': calib, 'eval_batches': evals, 'search_pop': pop,
                 'search_generations': gens, 'num_random': num_random},
       'seconds': seconds, 'workdir': str(workdir),
+      # Stages an earlier call finished (their time is not in `seconds`), and the supernet
+      # fine-tuning's own time, wherever it ran.
+      'stages_resumed': resumed,
+      'finetune_seconds': json.loads(stages_file.read_text())['finetune']['seconds'],
       'model': 'SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to float32)',
   }
-  notes = (f"SmolLM2-135M-Instruct compressed by `elastic-jax compress` ({seconds / 60:.1f} min "
-           f"in total; stages resumable). Fine-tuning: {steps} steps of {batch} x {seq_len} tokens "
+  timing = (f"{seconds / 60:.1f} min in total" if not resumed else
+            f"{seconds / 60:.1f} min for the stages after {resumed[-1]}, resumed from an earlier "
+            f"call; supernet fine-tuning {results['finetune_seconds'] / 60:.1f} min")
+  notes = (f"SmolLM2-135M-Instruct compressed by `elastic-jax compress` ({timing}). "
+           f"Fine-tuning: {steps} steps of {batch} x {seq_len} tokens "
            f"({summary['finetune_tokens']:,} tokens) for the supernet and for each baseline (b). "
            f"Perplexity on {summary['eval_data']}. Hypervolume of (perplexity, params) below "
            f"{[round(v, 3) for v in summary['hv_ref']]}: search {summary['hv_search']:.4g}, "
