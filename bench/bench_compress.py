@@ -11,7 +11,7 @@ perplexity is on its validation split (held out). Latency: median of 5 jitted fo
 of `seq_len` tokens through each exported dense model on this machine.
 
   python bench/bench_compress.py --quick     # minutes: seq 64, batch 4, 4 fine-tuning steps
-  python bench/bench_compress.py             # about 75 min on a 2-core CPU (sizes in --help)
+  python bench/bench_compress.py             # about 55 min on a 2-core CPU (sizes in --help)
 
 The workdir (--workdir) keeps every stage, so an interrupted run resumes.
 """
@@ -59,13 +59,12 @@ def main():
   gguf = Path(spec.submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf'
   workdir = Path(args.workdir or f'/tmp/bench_compress{"_quick" if args.quick else ""}')
 
-  from elastic_jax.compress.job import run_compress
+  from elastic_jax.compress.job import Stages, run_compress
   from elastic_jax.hf.importer import gguf_to_safetensors
   hf_dir = workdir.parent / f'{workdir.name}_hf'
   if not (hf_dir / 'config.json').is_file():
     gguf_to_safetensors(gguf, hf_dir)
-  stages_file = workdir / 'compress' / 'stages.json'
-  resumed = list(json.loads(stages_file.read_text())) if stages_file.is_file() else []
+  resumed = list(Stages(workdir).done)
   start = time.perf_counter()
   summary = run_compress(hf_dir, workdir, budgets=args.budgets, user_cfg=config(size))
   seconds = time.perf_counter() - start
@@ -100,7 +99,7 @@ def main():
       # Stages an earlier call finished (their time is not in `seconds`), and the supernet
       # fine-tuning's own time, wherever it ran.
       'stages_resumed': resumed,
-      'finetune_seconds': json.loads(stages_file.read_text())['finetune']['seconds'],
+      'finetune_seconds': Stages(workdir).done['finetune']['seconds'],
       'model': 'SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to float32)',
   }
   timing = (f"{seconds / 60:.1f} min in total" if not resumed else

@@ -54,30 +54,41 @@ def candidates(space: Space, layer_order: list[int]) -> list[dict]:
   return out
 
 
-def prune_arch(space: Space, layer_order: list[int], max_params: float) -> tuple[dict, int]:
-  """(JSON arch, parameters) of the pruned model at `max_params`."""
+def _table(space: Space, layer_order: list[int]):
+  """(candidate archs, their parameters, indices best first: most parameters, then more layers,
+  then wider FFN)."""
   archs = candidates(space, layer_order)
   stacked = arch_lib.stack([arch_lib.from_json(a, space.cfg) for a in archs])
   params = np.asarray(jax.vmap(lambda a: space.cost(a)['params'])(stacked))
   layers = np.asarray([sum(l['block'] != 'skip' for l in a['layers'][:a['depth']])
                        for a in archs])
   ffn = np.asarray([a['layers'][0]['ffn'] for a in archs])
+  return archs, params, np.lexsort((ffn, layers, params))[::-1]
+
+
+def _pick(table, max_params: float) -> tuple[dict, int]:
+  archs, params, order = table
   ok = params <= max_params
   if not ok.any():
     raise UserError(f'no pruned model has <= {max_params:,.0f} parameters: the smallest uniform '
                     f'one has {int(params.min()):,}; raise the budget')
-  best = np.lexsort((ffn, layers, params))[::-1]
-  best = [i for i in best if ok[i]][0]
+  best = next(i for i in order if ok[i])
   return archs[best], int(params[best])
+
+
+def prune_arch(space: Space, layer_order: list[int], max_params: float) -> tuple[dict, int]:
+  """(JSON arch, parameters) of the pruned model at `max_params`."""
+  return _pick(_table(space, layer_order), max_params)
 
 
 def seed_archs(space: Space, layer_order: list[int], targets, limit: int) -> list[dict]:
   """The pruned models at `targets` (parameter counts, in order; those no uniform model meets
   are passed over), each shape once, at most `limit`: starting points for the search."""
+  table = _table(space, layer_order)
   out = []
   for target in targets:
     try:
-      arch_json = prune_arch(space, layer_order, target)[0]
+      arch_json = _pick(table, target)[0]
     except UserError:
       continue
     if arch_json not in out:
