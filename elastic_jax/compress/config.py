@@ -14,7 +14,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.layer_importance = 'cosine'  # 'cosine' (1 - cos(in, out)) | 'loss' (increase when removed)
   # Supernet fine-tuning from the original (the train section sets steps, learning rate, ...).
   c.teacher = 'original'  # 'original' (external teacher: logits KL) | 'in_place' (largest)
-  c.sampling = 'stratified'  # train.sampling for the supernet: 'stratified' | 'sandwich' | ...
+  # train.sampling for the supernet: 'anchored' (every step trains the pruned models at the
+  # budgets, the shapes the search starts from, plus train.num_random sub-networks spread over
+  # the sizes between them; needs teacher='original') | 'stratified' (whittle's: largest,
+  # smallest and sizes over the whole space) | 'sandwich' | ...
+  c.sampling = 'anchored'
   # Budgets of the exported models: 'params=0.3,0.5,0.7' (fractions of the original, or
   # absolute counts > 1 such as 50M).
   c.budgets = 'params=0.3,0.5,0.7'

@@ -4,7 +4,8 @@ Compression of a pre-trained model by search, resumable at every stage:
   1 import     the checkpoint becomes W (elastic_jax/hf/importer.py)
   2 sort       importance sorting of the original (elastic_jax/compress/sort.py)
   3 finetune   supernet fine-tuning from the sorted original (the train job; compress.sampling,
-               the original as external teacher or in-place distillation)
+               by default every step trains the pruned models at the budgets and sizes between
+               them; the original as external teacher or in-place distillation)
   4 search     loss vs params (the search job; search.objectives may add latency / FLOPs)
   5 export     the best searched model under each budget, native and `hf` format
   6 baselines  pruning baselines at the searched models' sizes (elastic_jax/compress/pruning.py):
@@ -103,6 +104,9 @@ def _import(model_dir, workdir: Path, user_cfg, gguf, log) -> None:
 def _finetune_config(cfg, workdir: Path, c) -> ml_collections.ConfigDict:
   cfg = copy.deepcopy(cfg)
   cfg.train.sampling = str(c.sampling)
+  if c.sampling == 'anchored' and c.teacher != 'original':
+    raise UserError("compress.sampling='anchored' trains no largest network to distil from in "
+                    "place; set compress.teacher='original' or compress.sampling='stratified'")
   if c.teacher == 'original':
     cfg.train.distill.teacher = str(pretrained_dir(cfg, workdir))
     cfg.train.distill.logits_kl = cfg.train.distill.get('logits_kl', 1.0) or 1.0
@@ -167,20 +171,25 @@ def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> 
   return float(hypervolume_nd(np.asarray(points, np.float64), np.asarray(ref, np.float64)))
 
 
+def _write_pruned(space, workdir: Path, name: str, targets, limit: int) -> Path:
+  """W/compress/NAME.jsonl: the pruning rule's models at `targets` (parameter counts), each
+  shape once, at most `limit`."""
+  from elastic_jax.compress.sort import load_scores  # noqa: PLC0415
+  archs = pruning.seed_archs(space, load_scores(workdir)[1]['layer_order'], targets, limit)
+  path = workdir / COMPRESS_DIR / f'{name}.jsonl'
+  atomic.write_text(path, ''.join(json.dumps(a) + '\n' for a in archs))
+  return path
+
+
 def _write_seeds(cfg, space, workdir: Path, budget_list, original_params: int) -> Path:
   """W/compress/seed_archs.jsonl: the pruned models the search starts from (see
   compress.seed_search), the budgets' first, then those between them, within half the
   population (the rest starts random)."""
-  from elastic_jax.compress.sort import load_scores  # noqa: PLC0415
   from elastic_jax.search.config import search_config  # noqa: PLC0415
   counts = sorted(count for _, count in budget_list)
   between = [(a + b) / 2 for a, b in zip(counts, counts[1:] + [original_params], strict=True)]
-  limit = max(1, search_config(cfg).pop_size // 2)
-  archs = pruning.seed_archs(space, load_scores(workdir)[1]['layer_order'], counts + between,
-                             limit)
-  path = workdir / COMPRESS_DIR / 'seed_archs.jsonl'
-  atomic.write_text(path, ''.join(json.dumps(a) + '\n' for a in archs))
-  return path
+  return _write_pruned(space, workdir, 'seed_archs', counts + between,
+                       max(1, search_config(cfg).pop_size // 2))
 
 
 def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
@@ -218,6 +227,10 @@ def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
   stages.finish('sort', True)
 
   ft_cfg = _finetune_config(cfg, workdir, c)
+  if ft_cfg.train.sampling == 'anchored' and not ft_cfg.train.get('anchor_archs', ''):
+    counts = sorted(count for _, count in budget_list)
+    ft_cfg.train.anchor_archs = str(_write_pruned(space, workdir, 'anchor_archs', counts,
+                                                  len(counts)))
   if c.seed_search and not ft_cfg.get('search', {}).get('seed_archs', ''):
     if 'search' not in ft_cfg:
       ft_cfg.search = ml_collections.ConfigDict()

@@ -32,9 +32,11 @@ def default_config() -> ml_collections.ConfigDict:
   # Which sub-networks each step trains (elastic_jax/train/sampling.py):
   # 'standard' | 'random' | 'sandwich' (largest + smallest + num_random) | 'random_linear' |
   # 'fixed' (only `arch`, e.g. one found by training-free search) | 'stratified' (largest +
-  # smallest + num_random spread over parameter counts, whittle's).
+  # smallest + num_random spread over parameter counts, whittle's) | 'anchored' (every arch of
+  # `anchor_archs` + num_random spread over the parameter counts they span; compress's).
   c.sampling = 'sandwich'
   c.num_random = 2  # sandwich: uniformly sampled sub-networks per step
+  c.anchor_archs = ''  # ARCHS.jsonl: the archs 'anchored' trains every step
   c.ramp_steps = 1000  # random_linear: steps over which P(sub-network) grows 0 -> 1
   c.arch = ''  # ARCH.json: train only this architecture (sets sampling='fixed')
   # Distillation (elastic_jax/train/distill.py). The teacher is the largest sub-network

@@ -14,13 +14,18 @@ samples exactly what an uninterrupted one would.
                  parameter-stratified sampling: the N come from random bins of equal width over
                  the space's parameter range, so small and large models are drawn equally often,
                  unlike uniform genes, which concentrate on middle sizes)
+- anchored:      [the A given archs, N archs spread over the parameter range they span]
+                 (K = A + N; a compression run's sampler: the anchors are the pruned models at
+                 its budgets, so every step trains the shapes the exported models start from and
+                 N neighbours of their sizes, not sub-networks far below or above any budget)
 
 With ELM's dynamic modules (elastic_jax/train/dynamic/) the space's limits change during training:
 the step passes them in as data (`Allowed`: the limits, and the largest and smallest archs within
 them), so a changed space never retraces.
 
 The first arch of `standard`, `sandwich`, `stratified` and `random_linear` (when it is the
-largest) is the in-place distillation teacher of the others.
+largest) is the in-place distillation teacher of the others; `anchored` trains no largest
+network, so it distils from an external teacher (train.distill.teacher) or not at all.
 """
 
 from __future__ import annotations
@@ -34,14 +39,17 @@ from elastic_jax.arch import Arch
 from elastic_jax.errors import UserError
 from elastic_jax.space import Limits, Space
 
-STRATEGIES = ('standard', 'random', 'sandwich', 'random_linear', 'fixed', 'stratified')
+STRATEGIES = ('standard', 'random', 'sandwich', 'random_linear', 'fixed', 'stratified',
+              'anchored')
 STRATIFIED_BINS = 8
 
 
-def num_archs(strategy: str, num_random: int) -> int:
+def num_archs(strategy: str, num_random: int, num_anchors: int = 0) -> int:
   if strategy not in STRATEGIES:
     raise UserError(f'config field train.sampling={strategy!r} is invalid; allowed values are '
                     f'{list(STRATEGIES)}')
+  if strategy == 'anchored':
+    return num_anchors + num_random
   return 2 + num_random if strategy in ('sandwich', 'stratified') else 1
 
 
@@ -63,10 +71,16 @@ class Sampler:
   """Draws the K archs of a step: `sampler(key, step) -> Arch[K]` (jittable)."""
 
   def __init__(self, space: Space, strategy: str, num_random: int = 2, ramp_steps: int = 1000,
-               fixed: Arch | None = None):
+               fixed: Arch | None = None, anchors: list[Arch] | None = None):
     self.space = space
     self.strategy = strategy
-    self.k = num_archs(strategy, num_random)
+    if strategy == 'anchored' and not anchors:
+      raise UserError("train.sampling='anchored' needs architectures to train every step: set "
+                      '--config.train.anchor_archs=ARCHS.jsonl (JSON lines as `elastic-jax '
+                      'sample` prints them)')
+    self.anchors = arch_lib.stack(anchors) if strategy == 'anchored' else None
+    self.num_anchors = len(anchors) if strategy == 'anchored' else 0
+    self.k = num_archs(strategy, num_random, self.num_anchors)
     self.num_random = num_random
     self.ramp_steps = max(int(ramp_steps), 1)
     self.largest = space.largest()
@@ -75,20 +89,27 @@ class Sampler:
       raise UserError("train.sampling='fixed' needs an architecture: set --config.train.arch="
                       'ARCH.json')
     self.fixed = fixed
-    self.param_range = (tuple(float(p) for p in space.parameter_range())
-                        if strategy == 'stratified' else None)
+    self.param_range = None
+    if strategy == 'stratified':
+      self.param_range = tuple(float(p) for p in space.parameter_range())
+    elif strategy == 'anchored':
+      params = [float(space.cost(a)['params']) for a in anchors]
+      self.param_range = (min(params), max(params))
 
   @property
   def labels(self) -> tuple[str, ...]:
     """A name for each of the K positions (how the training metrics name per-arch losses)."""
     if self.strategy in ('sandwich', 'stratified'):
       return ('largest', 'smallest') + tuple(f'random{i}' for i in range(self.num_random))
+    if self.strategy == 'anchored':
+      return (tuple(f'anchor{i}' for i in range(self.num_anchors))
+              + tuple(f'random{i}' for i in range(self.num_random)))
     return {'standard': ('largest',), 'fixed': ('fixed',), 'random': ('random',),
             'random_linear': ('sampled',)}[self.strategy]
 
   def allowed(self, limits: Limits) -> Allowed:
     """`Allowed` of the space within `limits` (host side; int32 / bool arrays)."""
-    if self.strategy in ('stratified', 'fixed'):
+    if self.strategy in ('stratified', 'fixed', 'anchored'):
       raise UserError(f'train.sampling={self.strategy!r} cannot follow a space that changes in '
                       "training (train.dynamic); use 'sandwich', 'random', 'standard' or "
                       "'random_linear'")
@@ -101,12 +122,19 @@ class Sampler:
         self.space.random_genomes(key, n, limits))
 
   def _stratified(self, key, n) -> Arch:
+    """n archs from equal-width parameter bins over `param_range`; candidates outside the range
+    are drawn only when too few fall inside it (rare: 8 n uniform candidates are proposed)."""
     from elastic_jax.search.baselines import stratified_random_search  # noqa: PLC0415
     params = lambda genomes: jax.vmap(lambda g: self.space.cost(self.space.decode(g))['params'])(
         genomes)
+    lo, hi = self.param_range
+
+    def inside(genomes):
+      p = params(genomes)
+      return (p >= lo) & (p <= hi)
     genomes, _ = stratified_random_search(
         key, jnp.asarray(self.space.gene_sizes), n, params, STRATIFIED_BINS,
-        value_range=self.param_range)
+        feasible_fn=inside, value_range=self.param_range)
     return jax.vmap(self.space.decode)(genomes)
 
   def __call__(self, key: jax.Array, step, allowed: Allowed | None = None) -> Arch:
@@ -122,8 +150,9 @@ class Sampler:
       return arch_lib.stack([self.fixed])
     if self.strategy == 'random':
       return uniform(key, 1)
-    if self.strategy in ('sandwich', 'stratified'):
-      ends = arch_lib.stack([largest, smallest])
+    if self.strategy in ('sandwich', 'stratified', 'anchored'):
+      ends = (self.anchors if self.strategy == 'anchored'
+              else arch_lib.stack([largest, smallest]))
       if not self.num_random:
         return ends
       draw = uniform if self.strategy == 'sandwich' else self._stratified

@@ -171,7 +171,10 @@ def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=
   space = build_space(cfg)
   fixed = arch_lib.load(tcfg.arch, space.cfg) if tcfg.arch else None
   strategy = 'fixed' if fixed is not None else tcfg.sampling
-  sampler = Sampler(space, strategy, tcfg.num_random, tcfg.ramp_steps, fixed)
+  anchor_file = tcfg.get('anchor_archs', '')
+  anchors = (arch_lib.load_all(anchor_file, space.cfg)
+             if strategy == 'anchored' and anchor_file else None)
+  sampler = Sampler(space, strategy, tcfg.num_random, tcfg.ramp_steps, fixed, anchors)
 
   abstract = nnx.eval_shape(lambda: init_supernet(cfg, space))
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)

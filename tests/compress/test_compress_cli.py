@@ -153,6 +153,14 @@ def test_compress_end_to_end_and_resume(tmp_path, monkeypatch):
                               entry['budget_params'])[0]
   seeds = (w / 'compress' / 'seed_archs.jsonl').read_text().splitlines()
   assert json.loads(seeds[0]) == pruned and wcfg.search.seed_archs.endswith('seed_archs.jsonl')
+  # Fine-tuning (compress.sampling='anchored') trained that pruned model at every step, beside
+  # train.num_random sub-networks (default 2).
+  assert wcfg.train.sampling == 'anchored'
+  anchors = (w / 'compress' / 'anchor_archs.jsonl').read_text().splitlines()
+  assert [json.loads(a) for a in anchors] == [pruned]
+  logged = [json.loads(l) for l in (w / 'metrics.jsonl').read_text().splitlines()]
+  logged = [d for d in logged if 'loss' in d]
+  assert logged and all({'train/anchor0/ce', 'train/random1/ce'} <= set(d) for d in logged)
   model = load_supernet(wcfg, str(w), space)[0]
   ref = evaluation.evaluate_population(model, data.eval_batches(wcfg.data),
                                        arch_lib.stack([arch_lib.from_json(pruned, space.cfg)]))

@@ -74,7 +74,7 @@ def check(cfg) -> None:
   if int(d.get('prune_every', 0)) > 0 and float(cfg.train.distill.get('attn_kl', 0.0)):
     raise UserError('train.distill.attn_kl averages the teacher over a fixed head count, which '
                     'head pruning (train.dynamic.prune_every) changes; set one of them to 0')
-  if enabled(d) and (cfg.train.sampling in ('stratified', 'fixed') or cfg.train.arch):
+  if enabled(d) and (cfg.train.sampling in ('stratified', 'fixed', 'anchored') or cfg.train.arch):
     raise UserError(f'train.sampling={cfg.train.sampling!r} (or train.arch) cannot follow a '
                     "space that changes in training (train.dynamic); use 'sandwich', 'random', "
                     "'standard' or 'random_linear'")
