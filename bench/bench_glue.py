@@ -3,14 +3,15 @@ Hugging Face import), of its sub-network at about 50% of the parameters, and of 
 architecture trained from scratch:
 
   full     the original model, fine-tuned (`elastic-jax finetune` on the Hugging Face directory);
-  subnet   importance-sorted prefixes: the model imported as a supernet, its units sorted by
-           importance (`elastic-jax sort`: activation scores on the embedded Python-docs corpus,
-           layers by cosine), then the structural-pruning rule of elastic_jax/compress/pruning.py
-           (the uniform sub-network with the most parameters <= 50% of the original) exported
-           dense and fine-tuned. No search and no supernet fine-tuning with hidden-state
-           distillation: the compression job builds those for decoders; this bench uses the
-           sorted prefixes, as the issue allows;
-  scratch  the same architecture, randomly initialised, fine-tuned with the same budget.
+  subnet   the model compressed by search (`elastic-jax compress --budgets params=0.5`, the
+           compression issue's pipeline): imported as a supernet, importance-sorted, the supernet
+           fine-tuned from the original with hidden-state distillation (MSE of every layer's
+           output against the original's, learned projections where widths differ) plus masked-LM
+           cross-entropy (the checkpoint has no trained MLM head, so the head learns alongside)
+           on the embedded Python-docs corpus, sampling the pruned model at the budget and two
+           sub-networks of 80-100% of its size per step; then the search of masked-LM loss vs params
+           and the best model under the budget exported dense and fine-tuned;
+  scratch  the searched architecture, randomly initialised, fine-tuned with the same budget.
 
 Every model is fine-tuned on each task with the same settings (configs/finetune_glue.py's
 recipe at the sizes below: learning rate, warmup, batch, epochs, examples); the score per task is
@@ -18,8 +19,8 @@ its GLUE score (CoLA Matthews, MRPC F1 / accuracy mean, STS-B Pearson / Spearman
 otherwise), on the dev split (the first `dev` examples in quick mode).
 
   python bench/bench_glue.py --quick   # minutes: 3 tasks, 96 training examples, 1 epoch
-  python bench/bench_glue.py           # glue-small, 1000 training examples x 3 epochs per task
-                                       # (not yet run; estimated 1-2 h on a quiet 2-core CPU)
+  python bench/bench_glue.py           # glue-small, 1000 training examples x 3 epochs per task,
+                                       # after 400 supernet fine-tuning steps of 8 x 128 tokens
 
 The workdir (--workdir) keeps every stage; an interrupted run resumes.
 """
@@ -41,10 +42,12 @@ import common  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 GLUE = REPO.parent / 'shared' / 'data' / 'glue'
 GLUE_SMALL = ('cola', 'sst2', 'mrpc', 'rte', 'stsb', 'wnli')
-SIZES = {  # tasks, seq_len, epochs, train examples, dev examples (0 = all), batch, learning rate
+SIZES = {  # tasks, seq_len, epochs, train examples, dev examples (0 = all), batch, learning rate;
+           # supernet fine-tuning steps of 8 x `seq_len` tokens, search population x generations
     'quick': dict(tasks=('rte', 'mrpc', 'stsb'), seq_len=64, epochs=1, train=96, dev=64,
-                  batch=16, lr=1e-4),
-    'full': dict(tasks=GLUE_SMALL, seq_len=128, epochs=3, train=1000, dev=0, batch=32, lr=1e-4),
+                  batch=16, lr=1e-4, supernet_steps=8, pop=8, gens=1),
+    'full': dict(tasks=GLUE_SMALL, seq_len=128, epochs=3, train=1000, dev=0, batch=32, lr=1e-4,
+                 supernet_steps=400, pop=16, gens=4),
 }
 BUDGET = 0.5  # the sub-network's parameters, as a fraction of the original's
 
@@ -59,40 +62,47 @@ def finetune_config(size: dict, cache: Path) -> ml_collections.ConfigDict:
   return cfg
 
 
-def make_subnets(minilm: Path, workdir: Path, log) -> dict:
-  """Imports MiniLM as a supernet, sorts it, and exports the 50% pruned prefix (subnet/) and the
-  same architecture randomly initialised (scratch/); returns what was made."""
+def compress_config(size: dict) -> ml_collections.ConfigDict:
+  """`elastic-jax compress`'s settings for MiniLM: hidden-state distillation from the original
+  (its checkpoint has no MLM head, so logits KL against it would teach a random projection) plus
+  the masked-LM loss that trains the head the search's objective reads."""
+  steps = size['supernet_steps']
+  return ml_collections.ConfigDict({
+      'hf': {'layer_subsets': True},
+      'data': {'seq_len': size['seq_len'], 'batch_size': 8, 'eval_batches': 4},
+      'train': {'steps': steps, 'warmup_steps': max(1, steps // 10), 'learning_rate': 1e-4,
+                'log_every': max(1, steps // 10), 'eval_every': 0, 'checkpoint_every': steps,
+                'num_random': 2,
+                'distill': {'ce': 1.0, 'logits_kl': 0.0, 'hidden_mse': 1.0}},
+      'search': {'pop_size': size['pop'], 'generations': size['gens'], 'latency_max': 0},
+      'compress': {'calibration_batches': 4, 'baselines': False}})
+
+
+def make_subnets(minilm: Path, workdir: Path, size: dict, log) -> dict:
+  """Compresses MiniLM to BUDGET of its parameters by search (subnet: W/compress's export) and
+  exports the searched architecture randomly initialised (scratch/); returns what was made."""
   from elastic_jax import arch as arch_lib
   from elastic_jax import export as export_lib
-  from elastic_jax.compress.job import original_model
-  from elastic_jax.compress.pruning import prune_arch
-  from elastic_jax.compress.sort import run_sort
-  from elastic_jax.hf.importer import import_workdir
+  from elastic_jax.compress.job import run_compress
+  from elastic_jax.compress.sort import load_scores
   from elastic_jax.workdir import build_space, init_supernet, load_config, save_export
 
   made = workdir / 'subnets.json'
   if made.is_file():
     return json.loads(made.read_text())
   supernet = workdir / 'supernet'
-  if not (supernet / 'config.json').is_file():
-    user = ml_collections.ConfigDict({'hf': {'layer_subsets': True},
-                                      'data': {'seq_len': 64, 'batch_size': 8},
-                                      'compress': {'calibration_batches': 4}})
-    import shutil
-    shutil.rmtree(supernet, ignore_errors=True)  # a half-made import from a killed run
-    import_workdir(minilm, supernet, user_cfg=user, log=log)
+  summary = run_compress(minilm, supernet, budgets=f'params={BUDGET}',
+                         user_cfg=compress_config(size), log=log)
+  searched = summary['budgets'][f'{BUDGET:g}']['search']
   cfg = load_config(supernet)
-  report = run_sort(cfg, supernet, log=log)
   space = build_space(cfg)
-  _, saved = export_lib.load(cfg.train.init_from)
-  arch_json, params = prune_arch(space, report['layer_order'], BUDGET * saved['params'])
-  arch = arch_lib.from_json(arch_json, space.cfg)
-  for name, model in (('subnet', original_model(cfg, space)),
-                      ('scratch', init_supernet(cfg, space))):
-    dense = export_lib.export(model, space.cfg, arch)
-    save_export(dense, workdir / name, cfg.data, arch=arch, overwrite=True)
-  result = {'original_params': int(saved['params']), 'subnet_params': params, 'arch': arch_json,
-            'layer_order': report['layer_order']}
+  arch = arch_lib.from_json(searched['arch'], space.cfg)
+  dense = export_lib.export(init_supernet(cfg, space), space.cfg, arch)
+  save_export(dense, workdir / 'scratch', cfg.data, arch=arch, overwrite=True)
+  result = {'original_params': int(summary['original']['params']),
+            'subnet_params': int(searched['params']), 'arch': searched['arch'],
+            'subnet_dir': searched['dir'], 'supernet_steps': int(cfg.train.steps),
+            'layer_order': load_scores(supernet)[1]['layer_order']}
   made.write_text(json.dumps(result, indent=2) + '\n')
   return result
 
@@ -115,8 +125,8 @@ def main():
 
   from elastic_jax.finetune import trainer
   start = time.perf_counter()
-  subnets = make_subnets(Path(gt.MODEL_DIR), workdir, log)
-  models = {'full': Path(gt.MODEL_DIR), 'subnet': workdir / 'subnet',
+  subnets = make_subnets(Path(gt.MODEL_DIR), workdir, size, log)
+  models = {'full': Path(gt.MODEL_DIR), 'subnet': Path(subnets['subnet_dir']),
             'scratch': workdir / 'scratch'}
   cfg = finetune_config(size, workdir / 'cache')
   results, details, seconds = {}, {}, {}
@@ -142,11 +152,13 @@ def main():
                f"{subnets['subnet_params']:,}"))
   notes = (f"all-MiniLM-L6-v2 on GLUE dev ({'quick: ' if args.quick else ''}{size}); scores x 100 "
            '(CoLA Matthews, MRPC F1/accuracy mean, STS-B Pearson/Spearman mean, accuracy '
-           'otherwise). subnet = importance-sorted prefixes (sort + the uniform pruning rule at '
-           f'{BUDGET:.0%} of the parameters; no search, no supernet fine-tuning); scratch = the '
+           f'otherwise). subnet = searched at {BUDGET:.0%} of the parameters by `elastic-jax '
+           f"compress` ({subnets['supernet_steps']} supernet fine-tuning steps with hidden-state "
+           'distillation from the original, search of masked-LM loss vs params); scratch = the '
            f'same architecture randomly initialised, same fine-tuning budget. Targets: {targets}.')
   out = {'full': full, 'subnet': sub, 'scratch': scratch, 'targets': targets,
-         'subnet_method': 'importance-sorted prefixes (compress sort + pruning rule), no search',
+         'subnet_method': 'elastic-jax compress: sort, supernet fine-tuning with hidden-state '
+                          'distillation from the original, search, export under the budget',
          'params': {'full': subnets['original_params'], 'subnet': subnets['subnet_params']},
          'subnet_arch': subnets['arch'], 'layer_order': subnets['layer_order'],
          'settings': size, 'details': details, 'seconds': seconds,

@@ -108,8 +108,9 @@ def _finetune_config(cfg, workdir: Path, c) -> ml_collections.ConfigDict:
     raise UserError("compress.sampling='anchored' trains no largest network to distil from in "
                     "place; set compress.teacher='original' or compress.sampling='stratified'")
   if c.teacher == 'original':
+    # The losses are train.distill's (logits KL by default; hidden-state MSE and the others as
+    # configured, e.g. for an encoder whose checkpoint has no trained LM head).
     cfg.train.distill.teacher = str(pretrained_dir(cfg, workdir))
-    cfg.train.distill.logits_kl = cfg.train.distill.get('logits_kl', 1.0) or 1.0
   elif c.teacher != 'in_place':
     raise UserError(f"config field compress.teacher={c.teacher!r} is invalid; allowed values are "
                     "['original', 'in_place']")

@@ -14,10 +14,12 @@ samples exactly what an uninterrupted one would.
                  parameter-stratified sampling: the N come from random bins of equal width over
                  the space's parameter range, so small and large models are drawn equally often,
                  unlike uniform genes, which concentrate on middle sizes)
-- anchored:      [the A given archs, N archs spread over the parameter range they span]
+- anchored:      [the A given archs, N archs spread over the parameter counts they span]
                  (K = A + N; a compression run's sampler: the anchors are the pruned models at
                  its budgets, so every step trains the shapes the exported models start from and
-                 N neighbours of their sizes, not sub-networks far below or above any budget)
+                 N sub-networks of sizes between them, not sub-networks far from every budget;
+                 a single anchor's span reaches down to ANCHOR_REACH of its size, where the
+                 search's best-under-budget models lie)
 
 With ELM's dynamic modules (elastic_jax/train/dynamic/) the space's limits change during training:
 the step passes them in as data (`Allowed`: the limits, and the largest and smallest archs within
@@ -42,6 +44,7 @@ from elastic_jax.space import Limits, Space
 STRATEGIES = ('standard', 'random', 'sandwich', 'random_linear', 'fixed', 'stratified',
               'anchored')
 STRATIFIED_BINS = 8
+ANCHOR_REACH = 0.8  # anchored, one anchor: the random archs' sizes from this fraction of its
 
 
 def num_archs(strategy: str, num_random: int, num_anchors: int = 0) -> int:
@@ -94,7 +97,9 @@ class Sampler:
       self.param_range = tuple(float(p) for p in space.parameter_range())
     elif strategy == 'anchored':
       params = [float(space.cost(a)['params']) for a in anchors]
-      self.param_range = (min(params), max(params))
+      floor = float(space.parameter_range()[0])
+      low = min(params) if len(params) > 1 else max(ANCHOR_REACH * params[0], floor)
+      self.param_range = (low, max(params))
 
   @property
   def labels(self) -> tuple[str, ...]:

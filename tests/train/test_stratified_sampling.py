@@ -90,3 +90,16 @@ def test_anchored_needs_anchors_and_a_fixed_space(tiny_cfg, tmp_path):
   with pytest.raises(UserError, match='missing.jsonl does not exist'):
     train(cfg, tmp_path / 'w', progress=False)
   assert not (tmp_path / 'w').exists()
+
+
+def test_one_anchor_spans_sizes_just_below_it(tiny_cfg):
+  from elastic_jax.train.sampling import ANCHOR_REACH
+  space = build_space(tiny_cfg)
+  anchor = space.largest()
+  size = float(_params(space, arch_lib.stack([anchor]))[0])
+  sampler = Sampler(space, 'anchored', num_random=2, anchors=[anchor])
+  draws = jax.jit(jax.vmap(lambda step: sampler(jax.random.key(1), step)))(np.arange(30))
+  params = _params(space, jax.tree.map(lambda x: np.asarray(x)[:, 1:].reshape((-1,) + x.shape[2:]),
+                                       draws))
+  assert params.min() >= ANCHOR_REACH * size and params.max() <= size
+  assert len(set(params.tolist())) > 5
