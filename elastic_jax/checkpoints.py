@@ -37,13 +37,13 @@ def has_checkpoints(workdir: str | Path) -> bool:
 
 
 def describe(error: BaseException) -> str:
-  """An exception in words for a one-line message: its type and first line, at most 200 chars,
-  without TensorStore's `See full TensorStore details: <bound method ...>` tail (a repr, not a
+  """An exception in words for a one-line message: its type and first line, at most 240 chars
+  (a longer one ends in '...', so a cut path reads as cut), without TensorStore's `See full TensorStore details: <bound method ...>` tail (a repr, not a
   reason)."""
   lines = [l.strip() for l in str(error).splitlines() if l.strip()]
   first = re.sub(r'\.?\s*See full TensorStore details:.*', '', lines[0]) if lines else ''
   text = f'{type(error).__name__}: {first}' if first else type(error).__name__
-  return text[:200]
+  return text if len(text) <= 240 else text[:237] + '...'
 
 
 def _manager(directory: Path, keep: int = 3, async_save: bool = True,

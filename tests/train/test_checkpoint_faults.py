@@ -57,6 +57,8 @@ def test_a_failing_save_names_the_step_and_the_cause(tmp_path):
 def test_describe_gives_words():
   assert checkpoints.describe(ValueError('bad shape\nmore')) == 'ValueError: bad shape'
   assert checkpoints.describe(KeyError()) == 'KeyError'
+  long = checkpoints.describe(OSError('cannot open /' + 'd/' * 200 + 'x'))
+  assert len(long) == 240 and long.startswith('OSError: cannot open /d/d/') and long.endswith('...')
 
 
 @pytest.mark.slow
