@@ -38,8 +38,8 @@ def has_checkpoints(workdir: str | Path) -> bool:
 
 def describe(error: BaseException) -> str:
   """An exception in words for a one-line message: its type and first line, at most 240 chars
-  (a longer one ends in '...', so a cut path reads as cut), without TensorStore's `See full TensorStore details: <bound method ...>` tail (a repr, not a
-  reason)."""
+  (a longer one ends in '...', so a cut path reads as cut), without TensorStore's `See full
+  TensorStore details: <bound method ...>` tail (a repr, not a reason)."""
   lines = [l.strip() for l in str(error).splitlines() if l.strip()]
   first = re.sub(r'\.?\s*See full TensorStore details:.*', '', lines[0]) if lines else ''
   text = f'{type(error).__name__}: {first}' if first else type(error).__name__

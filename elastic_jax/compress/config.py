@@ -19,6 +19,13 @@ def default_config() -> ml_collections.ConfigDict:
   # the sizes between them; needs teacher='original') | 'stratified' (whittle's: largest,
   # smallest and sizes over the whole space) | 'sandwich' | ...
   c.sampling = 'anchored'
+  # The anchors: 'loss' = per budget, the uniform model (one per width, as many of the most
+  # important layers as fit, anchor_low..1 x the budget, at most anchor_candidates) with the
+  # lowest loss of the sorted original on the calibration batches, all scored in one population
+  # call; 'pruning' = the pruning rule's model (most parameters), the baselines' shape.
+  c.anchors = 'loss'
+  c.anchor_low = 0.85
+  c.anchor_candidates = 32
   # Budgets of the exported models: 'params=0.3,0.5,0.7' (fractions of the original, or
   # absolute counts > 1 such as 50M).
   c.budgets = 'params=0.3,0.5,0.7'

@@ -96,3 +96,22 @@ def seed_archs(space: Space, layer_order: list[int], targets, limit: int) -> lis
     if len(out) == limit:
       break
   return out
+
+
+def shapes_near(space: Space, layer_order: list[int], target: float, low: float,
+                limit: int) -> list[dict]:
+  """Uniform models with `low` * target to target parameters, one per width (hidden, heads, KV
+  groups, FFN), each with as many of the most important layers as fit: the shapes among which
+  measured loss, not size alone, picks (compress.anchors='loss'). At most `limit`, the largest
+  first; the pruning rule's own pick is always among them."""
+  archs, params, order = _table(space, layer_order)
+  best_per_width = {}
+  for i in order:  # most parameters first: the first of a width that fits is its deepest
+    if not low * target <= params[i] <= target:
+      continue
+    a = archs[i]
+    width = (a['hidden'],) + tuple(a['layers'][0][f] for f in ('heads', 'kv_groups', 'ffn'))
+    best_per_width.setdefault(width, i)
+  chosen = sorted(best_per_width.values(), key=lambda i: -params[i])[:limit]
+  return [archs[i] for i in chosen] or [_pick((archs, params, order), target)[0]]
+
