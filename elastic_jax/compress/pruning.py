@@ -46,8 +46,8 @@ def candidates(space: Space, layer_order: list[int]) -> list[dict]:
       if heads % kv:
         continue
       layers = []
-      for i in range(cfg.num_layers):
-        block = 'transformer' if i in keep else 'skip'
+      for i in range(cfg.num_layers):  # a space without 'skip' ends at `depth` instead
+        block = 'transformer' if i in keep or 'skip' not in cfg.blocks else 'skip'
         layers.append({'block': block, 'heads': heads, 'kv_groups': kv, 'ffn': ffn, 'inner': 0})
       out.append({'hidden': hidden, 'depth': depth, 'head_dim': max(cfg.head_dim),
                   'layers': layers})
