@@ -13,7 +13,7 @@ perplexity is on its validation split (held out). Latency: median of 5 jitted fo
 of `seq_len` tokens through each exported dense model on this machine.
 
   python bench/bench_compress.py --quick     # minutes: seq 64, batch 4, 4 fine-tuning steps
-  python bench/bench_compress.py             # about 55 min on a 2-core CPU (sizes in --help)
+  python bench/bench_compress.py             # about 60 min on a 2-core CPU (sizes in --help)
 
 The workdir (--workdir) keeps every stage, so an interrupted run resumes.
 """
