@@ -14,8 +14,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.layer_importance = 'cosine'  # 'cosine' (1 - cos(in, out)) | 'loss' (increase when removed)
   # Supernet fine-tuning from the original (the train section sets steps, learning rate, ...).
   c.teacher = 'original'  # 'original' (external teacher: logits KL) | 'in_place' (largest)
-  # train.sampling for the supernet: 'anchored' (every step trains the pruned models at the
-  # budgets, the shapes the search starts from, plus train.num_random sub-networks spread over
+  # train.sampling for the supernet: 'anchored' (every step trains one anchor per budget, see
+  # `anchors`, the shapes the search starts from, plus train.num_random sub-networks spread over
   # the sizes between them; needs teacher='original') | 'stratified' (whittle's: largest,
   # smallest and sizes over the whole space) | 'sandwich' | ...
   c.sampling = 'anchored'

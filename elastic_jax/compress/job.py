@@ -4,8 +4,9 @@ Compression of a pre-trained model by search, resumable at every stage:
   1 import     the checkpoint becomes W (elastic_jax/hf/importer.py)
   2 sort       importance sorting of the original (elastic_jax/compress/sort.py)
   3 finetune   supernet fine-tuning from the sorted original (the train job; compress.sampling,
-               by default every step trains the pruned models at the budgets and sizes between
-               them; the original as external teacher or in-place distillation)
+               by default every step trains one anchor per budget, the uniform model with the
+               lowest loss near it (`choose_anchors`); the original as external teacher or
+               in-place distillation)
   4 search     loss vs params (the search job; search.objectives may add latency / FLOPs)
   5 export     the best searched model under each budget, native and `hf` format
   6 baselines  pruning baselines at the searched models' sizes (elastic_jax/compress/pruning.py):

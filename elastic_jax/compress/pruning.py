@@ -114,4 +114,3 @@ def shapes_near(space: Space, layer_order: list[int], target: float, low: float,
     best_per_width.setdefault(width, i)
   chosen = sorted(best_per_width.values(), key=lambda i: -params[i])[:limit]
   return [archs[i] for i in chosen] or [_pick((archs, params, order), target)[0]]
-

@@ -15,9 +15,10 @@ samples exactly what an uninterrupted one would.
                  the space's parameter range, so small and large models are drawn equally often,
                  unlike uniform genes, which concentrate on middle sizes)
 - anchored:      [the A given archs, N archs spread over the parameter counts they span]
-                 (K = A + N; a compression run's sampler: the anchors are the pruned models at
-                 its budgets, so every step trains the shapes the exported models start from and
-                 N sub-networks of sizes between them, not sub-networks far from every budget;
+                 (K = A + N; a compression run's sampler: the anchors are one model per budget
+                 (compress.anchors), so every step trains the shapes the exported models start
+                 from and N sub-networks of sizes between them, not sub-networks far from every
+                 budget;
                  a single anchor's span reaches down to ANCHOR_REACH of its size, where the
                  search's best-under-budget models lie)
 
