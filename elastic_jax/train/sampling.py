@@ -18,9 +18,8 @@ samples exactly what an uninterrupted one would.
                  (K = A + N; a compression run's sampler: the anchors are one model per budget
                  (compress.anchors), so every step trains the shapes the exported models start
                  from and N sub-networks of sizes between them, not sub-networks far from every
-                 budget;
-                 a single anchor's span reaches down to ANCHOR_REACH of its size, where the
-                 search's best-under-budget models lie)
+                 budget; a single anchor's span reaches down to ANCHOR_REACH of its size, where
+                 the search's best-under-budget models lie)
 
 With ELM's dynamic modules (elastic_jax/train/dynamic/) the space's limits change during training:
 the step passes them in as data (`Allowed`: the limits, and the largest and smallest archs within
