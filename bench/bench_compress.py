@@ -48,6 +48,22 @@ def config(size: str) -> ml_collections.ConfigDict:
       'compress': {'calibration_batches': calib, 'min_calibration_tokens': 1024}})
 
 
+def anchor_summary(workdir: Path) -> dict:
+  """Per budget, the anchor compress chose and the pruning rule's own shape there (the first,
+  largest candidate), with their losses under the sorted original's weights on the calibration
+  batches (W/compress/anchors.json; {} when the anchors were not chosen by loss)."""
+  path = workdir / 'compress' / 'anchors.json'
+  if not path.is_file():
+    return {}
+  out = {}
+  for entry in json.loads(path.read_text()):
+    rule, chosen = entry['candidates'][0], entry['chosen']
+    out[str(entry['budget_params'])] = {
+        'candidates': len(entry['candidates']), 'chosen_params': chosen['params'],
+        'chosen_loss': chosen['loss'], 'rule_params': rule['params'], 'rule_loss': rule['loss']}
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help=f"sizes {SIZES['quick']}")
@@ -103,6 +119,7 @@ def main():
       'stages_resumed': resumed,
       'finetune_seconds': Stages(workdir).done['finetune']['seconds'],
       'model': 'SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to float32)',
+      'anchors': anchor_summary(workdir),
   }
   timing = (f"{seconds / 60:.1f} min in total" if not resumed else
             f"{seconds / 60:.1f} min for the stages after {resumed[-1]}, resumed from an earlier "
