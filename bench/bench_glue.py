@@ -9,8 +9,9 @@ architecture trained from scratch:
            output against the original's, learned projections where widths differ) plus masked-LM
            cross-entropy (the checkpoint has no trained MLM head, so the head learns alongside)
            on the embedded Python-docs corpus, sampling the budget's anchor (the uniform model
-           with the lowest loss near it) and two sub-networks of 80-100% of its size per step; then the search of masked-LM loss vs params
-           and the best model under the budget exported dense and fine-tuned;
+           with the lowest loss near it) and two sub-networks of 80-100% of its size per step;
+           then the search of masked-LM loss vs params and the best model under the budget
+           exported dense and fine-tuned;
   scratch  the searched architecture, randomly initialised, fine-tuned with the same budget.
 
 Every model is fine-tuned on each task with the same settings (configs/finetune_glue.py's
