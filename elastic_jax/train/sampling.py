@@ -137,9 +137,11 @@ class Sampler:
     def inside(genomes):
       p = params(genomes)
       return (p >= lo) & (p <= hi)
+    # `stratified`'s range is the whole space's, which every candidate is inside: no filter.
     genomes, _ = stratified_random_search(
         key, jnp.asarray(self.space.gene_sizes), n, params, STRATIFIED_BINS,
-        feasible_fn=inside, value_range=self.param_range)
+        feasible_fn=inside if self.strategy == 'anchored' else None,
+        value_range=self.param_range)
     return jax.vmap(self.space.decode)(genomes)
 
   def __call__(self, key: jax.Array, step, allowed: Allowed | None = None) -> Arch:
