@@ -34,15 +34,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import multiprocessing
 import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import NamedTuple
 
-from common import write_results
+from common import in_workers, write_results
 
 from elastic_jax import cost, data, evaluation
 from elastic_jax.scone import job
@@ -161,15 +159,10 @@ def run_corpus(corpus: str, quick: bool, root: Path, counts, sizes, jobs: int) -
            all_fgrams.min_count).save(root / r.name / job.FGRAMS)
   # Independent runs in worker processes (spawned: JAX does not survive a fork), the largest
   # f-gram model first; 2 CPU processes of 1 run each train faster than 2 cores on one model.
-  done = {}
-  with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context('spawn')) as pool:
-    futures = {pool.submit(train_run, corpus, quick, root / r.name, r.size, r.num_fgrams,
-                           r.seed): r.name
-               for r in sorted(runs, key=lambda r: -r.size_index)}
-    for future in as_completed(futures):
-      w = futures[future]
-      done[w] = future.result()
-      print(f'{corpus} {w}: {done[w]}', flush=True)
+  done = in_workers(
+      train_run, {r.name: (corpus, quick, root / r.name, r.size, r.num_fgrams, r.seed)
+                  for r in sorted(runs, key=lambda r: -r.size_index)},
+      jobs, log=lambda msg: print(f'{corpus} {msg}', flush=True))
   ppl_baseline = done['baseline']['ppl']
   ppl_seed1 = done['baseline_seed1']['ppl']
   grid, lookup_us, by_n_used = [], None, {}
