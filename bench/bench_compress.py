@@ -6,7 +6,9 @@ lowest; no random sub-networks at these sizes) -> search of loss
 vs params -> export under 30/50/70% of the original's parameters), beside pruning baselines at
 the same parameter counts: (a) the importance-sorted original pruned (uniform width, least
 important layers dropped), (b) the same pruned model fine-tuned with the same steps, batch and
-teacher as the supernet.
+teacher as the supernet; and (a'), (b') the same for the pruning rule's own model at each budget
+(at the searched model's count the rule finds the searched shape itself when that is uniform, so
+(b) then differs from the search only in being fine-tuned alone).
 
 Data: the embedded Python-docs corpus; fine-tuning and calibration read its train split, every
 perplexity is on its validation split (held out). Latency: median of 5 jitted forwards of one row
@@ -77,6 +79,7 @@ def main():
   gguf = Path(spec.submodule_search_locations[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf'
   workdir = Path(args.workdir or f'/tmp/bench_compress{"_quick" if args.quick else ""}')
 
+  from elastic_jax.compress import report
   from elastic_jax.compress.job import Stages, run_compress
   from elastic_jax.hf.importer import gguf_to_safetensors
   hf_dir = workdir.parent / f'{workdir.name}_hf'
@@ -97,9 +100,14 @@ def main():
         'ppl_pruned_finetuned': e['pruned_finetuned']['ppl'],
         'params_pruned': e['pruned']['params'], 'latency_ms': e['search']['latency_ms'],
         'latency_ms_pruned': e['pruned']['latency_ms'],
-        'search_beats_pruned_finetuned': e['search']['ppl'] < e['pruned_finetuned']['ppl']}
-    for key, name in (('search', 'searched'), ('pruned', 'pruned (a)'),
-                      ('pruned_finetuned', 'pruned + fine-tuned (b)')):
+        'search_beats_pruned_finetuned': e['search']['ppl'] < e['pruned_finetuned']['ppl'],
+        # (a') / (b'): the rule's own model at the budget (its shape not taken from the search)
+        'params_budget_pruned': e['budget_pruned']['params'],
+        'ppl_budget_pruned': e['budget_pruned']['ppl'],
+        'ppl_budget_pruned_finetuned': e['budget_pruned_finetuned']['ppl'],
+        'search_beats_budget_pruned_finetuned':
+            e['search']['ppl'] < e['budget_pruned_finetuned']['ppl']}
+    for key, name in report.ROWS:
       m = e[key]
       table.append((name, label, f"{m['params']:,}", f"{m['ppl']:.3f}",
                     f"{m['latency_ms']:.1f}"))
@@ -107,6 +115,7 @@ def main():
   results = {
       'ppl_original': summary['original']['ppl'], 'hv_search': summary['hv_search'],
       'hv_pruning': summary['hv_pruning'], 'hv_pruned_only': summary['hv_pruned_only'],
+      'hv_budget_pruning': summary['hv_budget_pruning'],
       'hv_ref': summary['hv_ref'], 'budgets': budgets,
       'params_original': summary['original']['params'],
       'eval_data': summary['eval_data'], 'finetune_tokens': summary['finetune_tokens'],
@@ -130,7 +139,10 @@ def main():
            f"Perplexity on {summary['eval_data']}. Hypervolume of (perplexity, params) below "
            f"{[round(v, 3) for v in summary['hv_ref']]}: search {summary['hv_search']:.4g}, "
            f"pruning (b) {summary['hv_pruning']:.4g}, pruning (a) "
-           f"{summary['hv_pruned_only']:.4g}.")
+           f"{summary['hv_pruned_only']:.4g}, pruning at the budget (b') "
+           f"{summary['hv_budget_pruning']:.4g}. (a), (b): the pruning rule at the searched "
+           "model's parameter count (the searched shape itself where the search picked a uniform "
+           "model); (a'), (b'): the rule's own model at the budget.")
   path = common.write_results('bench_compress', results, table,
                               ('model', 'budget', 'params', 'perplexity', 'latency ms'), notes,
                               quick=args.quick)

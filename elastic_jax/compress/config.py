@@ -34,5 +34,11 @@ def default_config() -> ml_collections.ConfigDict:
   # then improves on shapes known to be good instead of on random per-layer choices alone.
   c.seed_search = True
   c.baselines = True  # structural-pruning baselines (a) pruned, (b) pruned + fine-tuned
+  # The baselines (a) and (b) take the searched model's parameter count, so where the search
+  # picked a uniform model the pruning rule picks that same shape and (b) differs from the
+  # searched model only in being fine-tuned alone. Also prune (and fine-tune) the rule's own
+  # model at each budget, its shape chosen by the budget alone: pruning without the search's
+  # information (rows (a') and (b'); no extra work where the two shapes agree).
+  c.budget_baselines = True
   c.latency_batch = 1  # rows of the batch whose forward latency is measured
   return c

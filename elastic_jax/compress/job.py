@@ -10,7 +10,9 @@ Compression of a pre-trained model by search, resumable at every stage:
   4 search     loss vs params (the search job; search.objectives may add latency / FLOPs)
   5 export     the best searched model under each budget, native and `hf` format
   6 baselines  pruning baselines at the searched models' sizes (elastic_jax/compress/pruning.py):
-               (a) pruned only, (b) pruned then fine-tuned with the same steps, batch and teacher
+               (a) pruned only, (b) pruned then fine-tuned with the same steps, batch and
+               teacher; (a') and (b') the same for the rule's own model at each budget
+               (compress.budget_baselines)
   7 report     every model's perplexity on the held-out validation split and forward latency:
                W/compress/summary.json, summary.md and front.png (the searched front with the
                baselines and the original marked)
@@ -311,16 +313,30 @@ def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
     from elastic_jax.compress.sort import load_scores  # noqa: PLC0415
     layer_order = load_scores(workdir)[1]['layer_order']
     original = None
+    budget_of = dict(budget_list)
     for label, native in searched.items():
       target = export_lib.read_config(native)['params']
       arch_json, _ = pruning.prune_arch(space, layer_order, target)
-      pruned, tuned = models / f'pruned_{label}', models / f'pruned_finetuned_{label}'
-      if not (pruned / export_lib.CONFIG_FILE).is_file():
-        original = original if original is not None else original_model(ft_cfg, space)
-        _save(original, space, arch_json, ft_cfg, pruned)
-      if not (tuned / export_lib.CONFIG_FILE).is_file():
-        _baseline_finetune(ft_cfg, workdir, arch_json, tuned, log)
-      baselines[label] = {'pruned': pruned, 'pruned_finetuned': tuned}
+      entry = {}
+      # (a)/(b) at the searched model's count; with c.budget_baselines also the rule's own model
+      # at the budget, whose shape is chosen by the budget alone (the same model when they agree).
+      shapes = [('', arch_json)]
+      if c.budget_baselines:
+        shapes.append(('budget_', pruning.prune_arch(space, layer_order, budget_of[label])[0]))
+      for prefix, shape in shapes:
+        if prefix and shape == arch_json:
+          entry[f'{prefix}pruned'] = entry['pruned']
+          entry[f'{prefix}pruned_finetuned'] = entry['pruned_finetuned']
+          continue
+        pruned = models / f'{prefix}pruned_{label}'
+        tuned = models / f'{prefix}pruned_finetuned_{label}'
+        if not (pruned / export_lib.CONFIG_FILE).is_file():
+          original = original if original is not None else original_model(ft_cfg, space)
+          _save(original, space, shape, ft_cfg, pruned)
+        if not (tuned / export_lib.CONFIG_FILE).is_file():
+          _baseline_finetune(ft_cfg, workdir, shape, tuned, log)
+        entry[f'{prefix}pruned'], entry[f'{prefix}pruned_finetuned'] = pruned, tuned
+      baselines[label] = entry
     stages.finish('baselines', {k: {n: str(p) for n, p in v.items()} for k, v in
                                 baselines.items()})
 
@@ -335,10 +351,13 @@ def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
              'finetune_tokens': int(ft_cfg.train.steps) * int(ft_cfg.data.batch_size)
                                 * int(ft_cfg.data.seq_len),
              'original': measure(pretrained_dir(cfg, workdir), batches, rows), 'budgets': {}}
+  measured = {}  # a model two baselines share is measured once
   for label, count in budget_list:
     entry = {'budget_params': count, 'search': measure(searched[label], batches, rows)}
     for name, path in baselines.get(label, {}).items():
-      entry[name] = measure(path, batches, rows)
+      if path not in measured:
+        measured[path] = measure(path, batches, rows)
+      entry[name] = measured[path]
     summary['budgets'][label] = entry
   ref = (max([summary['original']['ppl']] + [m['ppl'] for e in summary['budgets'].values()
                                                for k, m in e.items() if k != 'budget_params'])
@@ -349,6 +368,8 @@ def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
   summary['hv_search'] = hypervolume(pts('search'), ref)
   summary['hv_pruning'] = hypervolume(pts('pruned_finetuned') or pts('pruned'), ref)
   summary['hv_pruned_only'] = hypervolume(pts('pruned'), ref)
+  if pts('budget_pruned_finetuned'):
+    summary['hv_budget_pruning'] = hypervolume(pts('budget_pruned_finetuned'), ref)
   from elastic_jax.compress import report  # noqa: PLC0415
   report.write(out_dir, summary, pareto)
   stages.finish('report', True)

@@ -10,8 +10,11 @@ import numpy as np
 
 from elastic_jax import atomic
 
+# (a), (b): the pruning rule at the searched model's parameter count; (a'), (b'): at the budget.
 ROWS = (('search', 'searched'), ('pruned', 'pruned (a)'),
-        ('pruned_finetuned', 'pruned + fine-tuned (b)'))
+        ('pruned_finetuned', 'pruned + fine-tuned (b)'),
+        ('budget_pruned', "pruned at the budget (a')"),
+        ('budget_pruned_finetuned', "pruned at the budget + fine-tuned (b')"))
 
 
 def markdown(summary: Mapping) -> str:
@@ -32,7 +35,10 @@ def markdown(summary: Mapping) -> str:
                      f"{m['latency_ms']:.2f} |")
   lines += ['', f"Hypervolume of (perplexity, params) below {summary['hv_ref']}: search "
             f"{summary['hv_search']:.6g}, pruning (b) {summary['hv_pruning']:.6g}, pruning (a) "
-            f"{summary['hv_pruned_only']:.6g}.", '', '![front](front.png)', '']
+            f"{summary['hv_pruned_only']:.6g}"
+            + (f", pruning at the budget (b') {summary['hv_budget_pruning']:.6g}"
+               if 'hv_budget_pruning' in summary else '') + '.', '',
+            '![front](front.png)', '']
   return '\n'.join(lines)
 
 
@@ -47,7 +53,8 @@ def plot(path: Path, summary: Mapping, pareto: Mapping) -> None:
     x = np.asarray([e['metrics']['params'] for e in front]) / 1e6
     y = np.exp([e['metrics']['loss'] for e in front])
     ax.plot(x, y, '-o', c='0.6', ms=3, lw=1, label='searched front (supernet weights)')
-  for (key, name), marker, color in zip(ROWS, ('o', 'v', '^'), ('C0', 'C3', 'C2')):
+  for (key, name), marker, color in zip(ROWS, ('o', 'v', '^', 'x', 's'),
+                                        ('C0', 'C3', 'C2', 'C1', 'C4'), strict=True):
     pts = [e[key] for e in summary['budgets'].values() if key in e]
     if pts:
       ax.scatter([p['params'] / 1e6 for p in pts], [p['ppl'] for p in pts], marker=marker, s=50,

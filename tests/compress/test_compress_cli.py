@@ -153,6 +153,14 @@ def test_compress_end_to_end_and_resume(tmp_path, monkeypatch):
                               entry['budget_params'])[0]
   seeds = (w / 'compress' / 'seed_archs.jsonl').read_text().splitlines()
   assert pruned in [json.loads(a) for a in seeds]
+  # (a') / (b'): the rule's own model at the budget (not at the searched model's count), pruned
+  # from the sorted original and fine-tuned alone like (b); its own files unless it is (a)'s shape.
+  canonical = arch_lib.to_json(arch_lib.from_json(pruned, space.cfg))
+  assert entry['budget_pruned']['arch'] == canonical == entry['budget_pruned_finetuned']['arch']
+  assert entry['budget_pruned']['params'] <= entry['budget_params']
+  same = entry['budget_pruned']['arch'] == entry['pruned']['arch']
+  assert (entry['budget_pruned']['dir'] == entry['pruned']['dir']) == same
+  assert summary['hv_budget_pruning'] >= 0
   assert wcfg.search.seed_archs.endswith('seed_archs.jsonl')
   # Fine-tuning (compress.sampling='anchored') trained one anchor at every step, beside
   # train.num_random sub-networks (default 2): among the uniform models of 85-100% of the
