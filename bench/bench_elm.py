@@ -1,10 +1,10 @@
 """ELM's ablation: what block-preserving distillation, width growth and head pruning each buy.
 
 Masked LM on the embedded Python-docs corpus, a small BERT-style space with both of ELM's block
-types per layer (BERT block, MobileBERT-style bottleneck; `configs/bert_elm.py:runlocal` at hidden 128, 4
-layers, FFN widths starting at hidden; sizes in SIZES), four supernets trained on the same
-tokens (same steps, batch, sequence length, masking, seed), two at a time in worker processes
-(--jobs):
+types per layer (BERT block, MobileBERT-style bottleneck; `configs/bert_elm.py:runlocal` at
+hidden 128, 4 layers, FFN widths starting at hidden; sizes in SIZES), four supernets trained on
+the same tokens (same steps, batch, sequence length, masking, seed), two at a time in worker
+processes (--jobs):
   (1) plain:    sandwich rule, every sub-network on its own cross-entropy (no distillation)
   (2) +distill: in-place distillation from the largest: soft cross-entropy on the logits and
                 ELM's block-preserving loss (train.distill.logits_kl = block_preserving = 1)
