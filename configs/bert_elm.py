@@ -66,13 +66,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.data.batch_size = 8 if local else 32
   cfg.data.eval_batches = 2 if local else 8
 
-  # Supernet training: sandwich rule, in-place KD with ELM's block-preserving loss; set
-  # train.distill.teacher to an exported BERT-style model for external-teacher KD.
+  # Supernet training: sandwich rule, in-place KD on the logits. ELM's block-preserving loss
+  # (train.distill.block_preserving = 1) needs a trained teacher: set train.distill.teacher to an
+  # exported BERT-style model. In place, where the students share the teacher's weights, it held
+  # every sub-network at the unigram loss (bench/bench_elm.py).
   cfg.train = train_config.default_config()
   cfg.train.steps = 40 if local else 100_000
   cfg.train.learning_rate = 1e-3 if local else 5e-4
   cfg.train.warmup_steps = 5 if local else 2000
-  cfg.train.distill.block_preserving = 1.0
   cfg.train.log_every = 5 if local else 100
   cfg.train.eval_every = 0 if local else 2000
   cfg.train.checkpoint_every = 20 if local else 2000

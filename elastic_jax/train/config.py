@@ -50,6 +50,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.distill.attn_kl = 0.0  # KL of head-averaged attention distributions (TinyBERT)
   c.distill.block_preserving = 0.0  # ELM: channel-normalised MSE on embed/attn/FFN outputs
   c.distill.layer_map = ()  # teacher layer per supernet layer; () = uniform (TinyBERT)
+  # Every distillation term is off before `start_step`, then ramps in linearly over `ramp_steps`
+  # (the students' cross-entropy is always on): an in-place teacher first learns from the data.
+  c.distill.start_step = 0
+  c.distill.ramp_steps = 0
   # Bookkeeping.
   c.log_every = 20  # steps between metric lines (JSONL, TensorBoard, progress bar)
   c.eval_every = 200  # steps between validation of the named sub-networks; 0 = only at the end

@@ -66,6 +66,15 @@ class DistillSpec:
   in_place: bool  # archs[0] (the largest) teaches the others
   layer_map: tuple[int, ...]
   teacher_heads: tuple[int, ...]  # active heads of each teacher layer (attention KL)
+  start_step: int = 0  # distillation terms off before this step ...
+  ramp_steps: int = 0  # ... then ramped in linearly over these
+
+  def scale(self, step) -> jax.Array | None:
+    """The distillation terms' weight at `step` (a traced int), or None where it is always 1."""
+    if not (self.start_step or self.ramp_steps):
+      return None
+    done = (step - self.start_step + 1).astype(jnp.float32) / max(self.ramp_steps, 1)
+    return jnp.clip(done, 0.0, 1.0)
 
   @property
   def captures(self) -> tuple[str, ...]:
@@ -160,7 +169,8 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
                  unroll_chunks: bool = False, gather: Callable | None = None):
   """loss(params, batch, archs, teacher_params, totals) -> (total, (loss_per_arch, ce_per_arch)):
   the summed loss of the K sub-networks `archs` on one micro-batch, normalised by the global
-  batch's `totals` (`token_totals`). Differentiate it with respect to `params` only: the teacher
+  batch's `totals` (`token_totals`; its optional 'distill' entry scales every distillation term:
+  `DistillSpec.scale`). Differentiate it with respect to `params` only: the teacher
   (the first arch in-place, or `teacher_params`) enters through stop-gradient targets.
 
   The first sub-network runs, then the other K - 1 in a `lax.scan`; the teacher's
@@ -237,8 +247,9 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
     if not distilled:
       per_arch = ces
     else:
-      student = w['ce'] * ces + w['logits_kl'] * kl_K / totals['weights'] + jnp.concatenate(
+      taught = w['logits_kl'] * kl_K / totals['weights'] + jnp.concatenate(
           [feature0[None], features_rest])
+      student = w['ce'] * ces + totals.get('distill', 1.0) * taught
       # In-place, the first (the teacher) learns from the data alone.
       is_student = jnp.arange(ces.shape[0]) > 0 if in_place else jnp.ones(ces.shape, bool)
       per_arch = jnp.where(is_student, student, ces)
@@ -268,6 +279,9 @@ def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransfor
   def step(state: TrainState, batch, teacher_params=None, allowed=None):
     archs = sampler(jax.random.wrap_key_data(state.rng), state.step, allowed)
     totals = token_totals(batch)  # of the global batch, before it is split
+    scale = spec.scale(state.step)
+    if scale is not None:
+      totals['distill'] = scale
     micro = split_microbatches(batch, grad_accum, micro_sharding)
 
     def one(mb):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import sys
 import time
 from pathlib import Path
@@ -115,9 +116,19 @@ def _distill_spec(cfg, space, teacher) -> tuple[DistillSpec, dict]:
     features['embed'] = (1, dims.hidden, t_width['hidden'])
     features['attn_out'] = (num_layers, s_block_width, t_block_width)
     features['ffn_out'] = (num_layers, s_block_width, t_block_width)
-  spec = DistillSpec(weights=weights, temperature=float(d.temperature),
-                     in_place=teacher is None and teacher_is_first(cfg.train.sampling),
-                     layer_map=layer_map, teacher_heads=teacher_heads)
+  for field in ('start_step', 'ramp_steps'):
+    if not (isinstance(d[field], int) and d[field] >= 0):
+      raise UserError(f'config field train.distill.{field}={d[field]!r} must be an integer >= 0')
+  in_place = teacher is None and teacher_is_first(cfg.train.sampling)
+  if in_place and weights['block_preserving']:
+    logging.warning(
+        'train.distill.block_preserving=%g with the in-place teacher: in bench/bench_elm.py it '
+        'held every sub-network at the unigram loss (the students share the teacher\'s '
+        'weights); set train.distill.teacher to a trained model for it',
+        weights['block_preserving'])
+  spec = DistillSpec(weights=weights, temperature=float(d.temperature), in_place=in_place,
+                     layer_map=layer_map, teacher_heads=teacher_heads,
+                     start_step=d.start_step, ramp_steps=d.ramp_steps)
   return spec, features
 
 

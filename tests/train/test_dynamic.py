@@ -41,6 +41,7 @@ def elm_cfg(data_cache, **dynamic):
   cfg.train.log_every = 1
   cfg.train.dynamic.growth_every = 2
   cfg.train.dynamic.calib_batches = 1
+  cfg.train.distill.block_preserving = 1.0  # its features and projections resume too
   for k, v in dynamic.items():
     cfg.train.dynamic[k] = v
   return cfg

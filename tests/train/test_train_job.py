@@ -191,6 +191,26 @@ def test_bad_input_gives_clear_errors(tiny_cfg, tmp_path):
   with pytest.raises(UserError, match=r'train.logits_chunk=-8 must be an integer >= 0'):
     train(cfg, tmp_path / 'e', progress=False)
   assert not (tmp_path / 'e').exists()
+  cfg = tiny_cfg.copy_and_resolve_references()
+  cfg.train.distill.start_step = -1
+  with pytest.raises(UserError, match=r'train.distill.start_step=-1 must be an integer >= 0'):
+    train(cfg, tmp_path / 'f', progress=False)
+  assert not (tmp_path / 'f').exists()
+
+
+def test_in_place_block_preserving_distillation_warns(tiny_cfg, caplog):
+  from elastic_jax.train.trainer import _distill_spec
+  from elastic_jax.workdir import build_space
+  cfg = tiny_cfg.copy_and_resolve_references()
+  space = build_space(cfg)
+  with caplog.at_level('WARNING'):
+    _distill_spec(cfg, space, None)
+  assert 'block_preserving' not in caplog.text
+  cfg.train.distill.block_preserving = 1.0
+  with caplog.at_level('WARNING'):
+    spec, _ = _distill_spec(cfg, space, None)
+  assert spec.in_place
+  assert 'train.distill.block_preserving=1 with the in-place teacher' in caplog.text
 
 
 @pytest.mark.slow

@@ -61,17 +61,19 @@ def setup():
           'proj_graphdef': proj_graphdef, 'params': params, 'batch': batch}
 
 
-def spec_of(setup, *, ce=W_CE, kl=W_KL, in_place=True, teacher_heads=None):
+def spec_of(setup, *, ce=W_CE, kl=W_KL, in_place=True, teacher_heads=None, start_step=0,
+            ramp_steps=0):
   space = setup['space']
   weights = {'ce': ce, 'logits_kl': kl, 'hidden_mse': 0.0, 'attn_kl': 0.0,
              'block_preserving': 0.0}
   heads = teacher_heads or tuple(int(h) for h in space.largest().heads)
   return DistillSpec(weights=weights, temperature=TEMPERATURE, in_place=in_place,
-                     layer_map=tuple(range(space.num_layers)), teacher_heads=heads)
+                     layer_map=tuple(range(space.num_layers)), teacher_heads=heads,
+                     start_step=start_step, ramp_steps=ramp_steps)
 
 
 def step_grads(setup, spec, grad_accum=1, batch=None, external=None, teacher_params=None,
-               num_random=1):
+               num_random=1, step=0):
   """(gradient, metrics, archs) of one sandwich step (one compile per setting, shared)."""
   sampler = Sampler(setup['space'], 'sandwich', num_random=num_random)
   key = (repr(spec), grad_accum, num_random, external is not None)
@@ -81,10 +83,10 @@ def step_grads(setup, spec, grad_accum=1, batch=None, external=None, teacher_par
                                             grad_capture(), spec, grad_accum, external))
   params = setup['params']
   rng = jax.random.key_data(jax.random.key(5))
-  state = TrainState(step=jnp.int32(0), params=params, opt_state=grad_capture().init(params),
-                     rng=rng)
+  state = TrainState(step=jnp.int32(step), params=params,
+                     opt_state=grad_capture().init(params), rng=rng)
   new, metrics = compiled[key](state, setup['batch'] if batch is None else batch, teacher_params)
-  archs = sampler(jax.random.wrap_key_data(rng), jnp.int32(0))
+  archs = sampler(jax.random.wrap_key_data(rng), jnp.int32(step))
   return new.opt_state, metrics, archs
 
 
@@ -117,7 +119,8 @@ def per_arch_reference(setup, archs, batch, teacher_logits=None, *, in_place=Tru
   student), the teacher's logits a constant (computed beforehand, outside the differentiated
   function) unless `teacher_gets_gradient`. `teacher_logits` given: every arch is a student of
   that external teacher. No distillation: every arch learns from the data alone."""
-  key = ((in_place, ce, kl, teacher_gets_gradient, str(archs.hidden))
+  arch_key = str([np.asarray(x).tolist() for x in jax.tree.leaves(archs)])
+  key = ((in_place, ce, kl, teacher_gets_gradient, arch_key)
          if teacher_logits is None and batch is setup['batch'] else None)
   cache = setup.setdefault('references', {})
   if key is not None and key in cache:
@@ -194,6 +197,17 @@ def test_sandwich_gradient_is_the_sum_of_per_arch_gradients_without_distillation
   np.testing.assert_allclose(np.asarray(metrics['loss_per_arch']), per_arch, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(metrics['ce_per_arch']), per_arch, rtol=1e-5)
   assert float(metrics['loss']) == pytest.approx(per_arch.sum(), rel=1e-5)
+
+
+def test_distillation_starts_at_start_step_and_ramps_in_linearly(setup):
+  # Start at step 4, ramp over 2 steps: the students' logits KL has weight 0 at steps 0 and 3,
+  # half at step 4 (the first of the ramp), all of it from step 5 on; CE keeps its weight.
+  spec = spec_of(setup, in_place=True, start_step=4, ramp_steps=2)
+  for step, kl in ((0, 0.0), (3, 0.0), (4, W_KL / 2), (5, W_KL), (40, W_KL)):
+    grads, metrics, archs = step_grads(setup, spec, step=step)
+    want, per_arch = per_arch_reference(setup, archs, setup['batch'], kl=kl)
+    assert_trees_close(grads, want)
+    np.testing.assert_allclose(np.asarray(metrics['loss_per_arch']), per_arch, rtol=1e-5)
 
 
 def test_sandwich_gradient_with_in_place_distillation_and_no_gradient_to_the_teacher(setup):
