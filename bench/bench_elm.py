@@ -6,10 +6,17 @@ hidden 128, 4 layers, FFN widths starting at hidden; sizes in SIZES), four super
 the same tokens (same steps, batch, sequence length, masking, seed), two at a time in worker
 processes (--jobs):
   (1) plain:    sandwich rule, every sub-network on its own cross-entropy (no distillation)
-  (2) +distill: in-place distillation from the largest: soft cross-entropy on the logits and
-                ELM's block-preserving loss (train.distill.logits_kl = block_preserving = 1)
+  (2) +distill: distillation from the teacher: soft cross-entropy on the logits and ELM's
+                block-preserving loss (train.distill.logits_kl = block_preserving = 1)
   (3) +growth:  (2) with PCA-guided FFN width growth (train.dynamic.growth_every)
   (4) +pruning: (3) with CKA head pruning (train.dynamic.prune_every)
+The teacher (--teacher): `trained` (default), the initial space's largest architecture trained
+alone on the same tokens without distillation and exported dense (made once, by the first
+variant that needs it, in WORKDIR/teacher), every sub-network its student, as ELM distils from a
+trained model; or `in-place`, the supernet's largest sub-network teaching the others. In place,
+the block-preserving loss held every sub-network at the unigram loss (the run at c04861d): the
+students share the teacher's weights, and all blocks' features agree most cheaply when they carry
+nothing.
 Each supernet is searched (NSGA-II on validation loss and parameters, the same search settings)
 and its front's hypervolume is computed against ONE reference point shared by the four (the
 worst loss of any front + 10% of the loss span, 1.1 x the most parameters of any front; params
@@ -19,7 +26,7 @@ on two small GLUE tasks (RTE, MRPC) with `elastic_jax.finetune` (`configs/finetu
 `--glue none` skips it, and the results say so).
 
   python bench/bench_elm.py --quick   # minutes: 40 steps at hidden 48, tiny search and GLUE
-  python bench/bench_elm.py           # the committed run (about an hour on a 2-core CPU)
+  python bench/bench_elm.py           # the committed run (about 90 minutes on a 2-core CPU)
 
 Results: bench/results/bench_elm[_quick].{json,md}; top-level keys `hv` (per variant) and `glue`
 (per variant, or the reason it was not run).
@@ -32,6 +39,7 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_cpu_multi_thread_eigen=false')
 
 import argparse  # noqa: E402
+import fcntl  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
@@ -43,13 +51,15 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from common import in_workers, write_results  # noqa: E402
 
-from elastic_jax import data, space_history  # noqa: E402
+from elastic_jax import arch as arch_lib  # noqa: E402
+from elastic_jax import checkpoints, data, space_history  # noqa: E402
+from elastic_jax import export as export_lib  # noqa: E402
 from elastic_jax.search.hypervolume import hypervolume_nd  # noqa: E402
 from elastic_jax.search.job import run_search  # noqa: E402
 from elastic_jax.search.pick import choose, export_pick  # noqa: E402
 from elastic_jax.search.report import load_pareto  # noqa: E402
 from elastic_jax.train.trainer import train  # noqa: E402
-from elastic_jax.workdir import build_space  # noqa: E402
+from elastic_jax.workdir import build_space, init_supernet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ('plain', 'distill', 'growth', 'pruning')
@@ -100,8 +110,10 @@ def variant_config(name: str, args):
   t.checkpoint_every = args.steps
   t.eval_every = 0
   t.sampling = 'sandwich'
-  t.distill.logits_kl = 0.0 if name == 'plain' else 1.0
-  t.distill.block_preserving = 0.0 if name == 'plain' else 1.0
+  t.distill.logits_kl = 0.0 if name in ('plain', 'teacher') else 1.0
+  t.distill.block_preserving = 0.0 if name in ('plain', 'teacher') else 1.0
+  if name not in ('plain', 'teacher') and args.teacher == 'trained':
+    t.distill.teacher = str(teacher_dir(args))
   if name in ('growth', 'pruning'):
     t.dynamic.growth_every = args.growth_every
     t.dynamic.pca_every = max(args.growth_every // 3, 1)
@@ -114,6 +126,48 @@ def variant_config(name: str, args):
   return cfg
 
 
+def teacher_dir(args) -> Path:
+  return args.root / 'teacher' / 'export'
+
+
+def make_teacher(args) -> dict:
+  """The dense teacher of variants 2-4 (--teacher trained): the initial space's largest
+  architecture trained alone on the variants' tokens, without distillation, and exported. Made
+  once: the first worker that needs it trains it while the others wait on a lock."""
+  out, workdir = teacher_dir(args), args.root / 'teacher'
+  workdir.mkdir(parents=True, exist_ok=True)
+  with open(args.root / 'teacher.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    result_file = workdir / 'teacher_result.json'
+    if export_lib.is_export(out) and result_file.is_file():
+      return json.loads(result_file.read_text())
+    cfg = variant_config('teacher', args)
+    space = build_space(cfg)
+    arch_file = workdir / 'arch.json'
+    arch_file.write_text(arch_lib.dumps(space.largest()))
+    cfg.train.arch = str(arch_file)
+    cfg.train.eval_archs = (str(arch_file),)
+    t0 = time.perf_counter()
+    trained = train(cfg, workdir / 'run', progress=False)
+    supernet = init_supernet(cfg, space)
+    checkpoints.restore_params_if_any(workdir / 'run', supernet)
+    dense = export_lib.export(supernet, space.cfg, space.largest())
+    export_lib.save(dense, out, arch=space.largest(), overwrite=True)
+    result = {'train_seconds': time.perf_counter() - t0,
+              'params': export_lib.param_count(dense),
+              'eval': {k: v for k, v in trained.items() if k.startswith('eval/')}}
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def teacher_note(teacher) -> str:
+  if teacher == 'in-place':
+    return "Teacher of variants 2-4: in place (the supernet's largest sub-network)."
+  loss = teacher['eval'].get('eval/arch/loss', float('nan'))
+  return (f"Teacher of variants 2-4: the largest architecture ({teacher['params']:,} parameters) "
+          f'trained alone on the same tokens, validation loss {loss:.3f}.')
+
+
 def front_points(pareto) -> np.ndarray:
   """(validation loss, params in millions) of the front members."""
   return np.asarray([[e['metrics']['loss'], e['metrics']['params'] / 1e6]
@@ -123,6 +177,8 @@ def front_points(pareto) -> np.ndarray:
 def train_variant(name: str, args) -> dict:
   """Trains and searches one variant in args.root / name (a worker process's job)."""
   cfg, workdir = variant_config(name, args), args.root / name
+  if cfg.train.distill.teacher:
+    make_teacher(args)
   shutil.rmtree(workdir, ignore_errors=True)
   t0 = time.perf_counter()
   trained = train(cfg, workdir, progress=False)
@@ -161,6 +217,9 @@ def main() -> None:
   p.add_argument('--glue', choices=('quick', 'tiny', 'full', 'none'),
                  help="configs/finetune_glue.py argument ('full' = the W-PCA recipe)")
   p.add_argument('--workdir', help='keep the runs here (default: a temporary directory)')
+  p.add_argument('--teacher', choices=('trained', 'in-place'), default='trained',
+                 help="variants 2-4 distil from a dense model trained first ('trained') or from "
+                      "the supernet's largest sub-network ('in-place')")
   p.add_argument('--jobs', type=int, default=2,
                  help='variants trained (and fine-tuned) at once in worker processes')
   a = p.parse_args()
@@ -210,6 +269,7 @@ def main() -> None:
       'glue_budget_params': budget,
       'settings': {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
       'training_tokens': a.steps * a.batch_size * a.seq_len,
+      'teacher': make_teacher(a) if a.teacher == 'trained' else 'in-place',
       'variants': {n: {'front': points[n].tolist(), 'train_seconds': r['train_seconds'],
                        'search_seconds': r['search_seconds'], 'final_eval': r['eval'],
                        'space_events': r['events']} for n, r in runs.items()},
@@ -218,7 +278,8 @@ def main() -> None:
            f"({a.steps} steps x {a.batch_size} x {a.seq_len}). HV: front (validation loss, "
            f"params in M) against the shared reference {np.round(ref, 4).tolist()}; higher is "
            f"better. GLUE: the best front member under {budget:,} parameters, fine-tuned with "
-           f"configs/finetune_glue.py:{a.glue} ({', '.join(GLUE_TASKS)} dev score, %).")
+           f"configs/finetune_glue.py:{a.glue} ({', '.join(GLUE_TASKS)} dev score, %). "
+           + teacher_note(results['teacher']))
   header = ('variant', 'HV', 'front', 'best val loss', 'largest val loss', 'FFNs grown',
             'heads pruned', 'GLUE model params (M)', 'GLUE ' + '/'.join(GLUE_TASKS), 'train s')
   path = write_results('bench_elm', results, rows, header, notes, quick=a.quick)
