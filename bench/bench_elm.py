@@ -52,14 +52,14 @@ import numpy as np  # noqa: E402
 from common import in_workers, write_results  # noqa: E402
 
 from elastic_jax import arch as arch_lib  # noqa: E402
-from elastic_jax import checkpoints, data, space_history  # noqa: E402
+from elastic_jax import data, space_history  # noqa: E402
 from elastic_jax import export as export_lib  # noqa: E402
 from elastic_jax.search.hypervolume import hypervolume_nd  # noqa: E402
 from elastic_jax.search.job import run_search  # noqa: E402
 from elastic_jax.search.pick import choose, export_pick  # noqa: E402
 from elastic_jax.search.report import load_pareto  # noqa: E402
 from elastic_jax.train.trainer import train  # noqa: E402
-from elastic_jax.workdir import build_space, init_supernet  # noqa: E402
+from elastic_jax.workdir import build_space, load_supernet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ('plain', 'distill', 'growth', 'pruning')
@@ -149,8 +149,7 @@ def make_teacher(args) -> dict:
     cfg.train.eval_archs = (str(arch_file),)
     t0 = time.perf_counter()
     trained = train(cfg, workdir / 'run', progress=False)
-    supernet = init_supernet(cfg, space)
-    checkpoints.restore_params_if_any(workdir / 'run', supernet)
+    supernet, _ = load_supernet(cfg, str(workdir / 'run'), space)
     dense = export_lib.export(supernet, space.cfg, space.largest())
     export_lib.save(dense, out, arch=space.largest(), overwrite=True)
     result = {'train_seconds': time.perf_counter() - t0,

@@ -37,12 +37,13 @@ from elastic_jax.compress import pruning
 from elastic_jax.compress.sort import compress_section, pretrained_dir, run_sort
 from elastic_jax.errors import UserError
 from elastic_jax.workdir import (
-    apply_init_from,
-    build_space,
-    init_supernet,
-    load_config,
-    save_config,
-    save_export,
+  apply_init_from,
+  build_space,
+  init_supernet,
+  load_config,
+  load_supernet,
+  save_config,
+  save_export,
 )
 
 COMPRESS_DIR = 'compress'
@@ -144,9 +145,7 @@ def _baseline_finetune(cfg, workdir: Path, arch_json: dict, out: Path, log) -> P
   log(f'compress: baselines: fine-tuning the pruned model {out.name} ({bcfg.train.steps} steps)')
   train_job(bcfg, run_dir, progress=False)
   space = build_space(bcfg)
-  model = init_supernet(bcfg, space)
-  from elastic_jax.checkpoints import restore_params_if_any  # noqa: PLC0415
-  restore_params_if_any(run_dir, model)
+  model, _ = load_supernet(bcfg, str(run_dir), space)
   return _save(model, space, arch_json, bcfg, out)
 
 
@@ -191,15 +190,17 @@ def choose_anchors(cfg, space, workdir: Path, budget_list, log) -> list[dict]:
   order = load_scores(workdir)[1]['layer_order']
   counts = sorted(count for _, count in budget_list)
   if c.anchors == 'pruning':
-    return [pruning.prune_arch(space, order, count)[0] for count in counts]
+    rule = pruning.PruningRule(space, order)
+    return [rule.pick(count)[0] for count in counts]
   if c.anchors != 'loss':
     raise UserError(f"config field compress.anchors={c.anchors!r} is invalid; allowed values "
                     "are ['loss', 'pruning']")
   if not 0 < float(c.anchor_low) <= 1 or int(c.anchor_candidates) < 1:
     raise UserError('config fields compress.anchor_low (in (0, 1]) and compress.anchor_candidates '
                     f'(>= 1) are invalid: {c.anchor_low!r}, {c.anchor_candidates!r}')
-  per_budget = [pruning.shapes_near(space, order, count, float(c.anchor_low),
-                                    int(c.anchor_candidates)) for count in counts]
+  rule = pruning.PruningRule(space, order)
+  per_budget = [rule.shapes_near(count, float(c.anchor_low), int(c.anchor_candidates))
+                for count in counts]
   flat = [a for shapes in per_budget for a in shapes]
   log(f'compress: choosing anchors: {len(flat)} uniform models near the budgets scored on '
       f'{c.calibration_batches} calibration batches')
@@ -231,8 +232,8 @@ def _write_seeds(cfg, space, workdir: Path, budget_list, original_params: int,
   between = [(a + b) / 2 for a, b in zip(counts, counts[1:] + [original_params], strict=True)]
   limit = max(1, search_config(cfg).pop_size // 2)
   archs = list(first)
-  for a in pruning.seed_archs(space, load_scores(workdir)[1]['layer_order'], counts + between,
-                              limit):
+  rule = pruning.PruningRule(space, load_scores(workdir)[1]['layer_order'])
+  for a in rule.seeds(counts + between, limit):
     archs += [] if a in archs else [a]
   return _write_archs(workdir, 'seed_archs', archs[:limit])
 
@@ -311,18 +312,18 @@ def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
   baselines = {}
   if c.baselines:
     from elastic_jax.compress.sort import load_scores  # noqa: PLC0415
-    layer_order = load_scores(workdir)[1]['layer_order']
+    rule = pruning.PruningRule(space, load_scores(workdir)[1]['layer_order'])
     original = None
     budget_of = dict(budget_list)
     for label, native in searched.items():
       target = export_lib.read_config(native)['params']
-      arch_json, _ = pruning.prune_arch(space, layer_order, target)
+      arch_json, _ = rule.pick(target)
       entry = {}
       # (a)/(b) at the searched model's count; with c.budget_baselines also the rule's own model
       # at the budget, whose shape is chosen by the budget alone (the same model when they agree).
       shapes = [('', arch_json)]
       if c.budget_baselines:
-        shapes.append(('budget_', pruning.prune_arch(space, layer_order, budget_of[label])[0]))
+        shapes.append(('budget_', rule.pick(budget_of[label])[0]))
       for prefix, shape in shapes:
         if prefix and shape == arch_json:
           entry[f'{prefix}pruned'] = entry['pruned']

@@ -54,63 +54,55 @@ def candidates(space: Space, layer_order: list[int]) -> list[dict]:
   return out
 
 
-def _table(space: Space, layer_order: list[int]):
-  """(candidate archs, their parameters, indices best first: most parameters, then more layers,
-  then wider FFN)."""
-  archs = candidates(space, layer_order)
-  stacked = arch_lib.stack([arch_lib.from_json(a, space.cfg) for a in archs])
-  params = np.asarray(jax.vmap(lambda a: space.cost(a)['params'])(stacked))
-  layers = np.asarray([sum(l['block'] != 'skip' for l in a['layers'][:a['depth']])
-                       for a in archs])
-  ffn = np.asarray([a['layers'][0]['ffn'] for a in archs])
-  return archs, params, np.lexsort((ffn, layers, params))[::-1]
+class PruningRule:
+  """The rule over one space and layer ranking: every uniform candidate and its parameter count,
+  computed once, then picked from at any number of targets."""
 
+  def __init__(self, space: Space, layer_order: list[int]):
+    self.archs = candidates(space, layer_order)
+    stacked = arch_lib.stack([arch_lib.from_json(a, space.cfg) for a in self.archs])
+    self.params = np.asarray(jax.vmap(lambda a: space.cost(a)['params'])(stacked))
+    layers = np.asarray([sum(l['block'] != 'skip' for l in a['layers'][:a['depth']])
+                         for a in self.archs])
+    ffn = np.asarray([a['layers'][0]['ffn'] for a in self.archs])
+    # best first: most parameters, then more layers, then wider FFN
+    self.order = np.lexsort((ffn, layers, self.params))[::-1]
 
-def _pick(table, max_params: float) -> tuple[dict, int]:
-  archs, params, order = table
-  ok = params <= max_params
-  if not ok.any():
-    raise UserError(f'no pruned model has <= {max_params:,.0f} parameters: the smallest uniform '
-                    f'one has {int(params.min()):,}; raise the budget')
-  best = next(i for i in order if ok[i])
-  return archs[best], int(params[best])
+  def pick(self, max_params: float) -> tuple[dict, int]:
+    """(JSON arch, parameters) of the pruned model at `max_params`."""
+    ok = self.params <= max_params
+    if not ok.any():
+      raise UserError(f'no pruned model has <= {max_params:,.0f} parameters: the smallest uniform '
+                      f'one has {int(self.params.min()):,}; raise the budget')
+    best = next(i for i in self.order if ok[i])
+    return self.archs[best], int(self.params[best])
 
+  def seeds(self, targets, limit: int) -> list[dict]:
+    """The pruned models at `targets` (parameter counts, in order; those no uniform model meets
+    are passed over), each shape once, at most `limit`: starting points for the search."""
+    out = []
+    for target in targets:
+      try:
+        arch_json = self.pick(target)[0]
+      except UserError:
+        continue
+      if arch_json not in out:
+        out.append(arch_json)
+      if len(out) == limit:
+        break
+    return out
 
-def prune_arch(space: Space, layer_order: list[int], max_params: float) -> tuple[dict, int]:
-  """(JSON arch, parameters) of the pruned model at `max_params`."""
-  return _pick(_table(space, layer_order), max_params)
-
-
-def seed_archs(space: Space, layer_order: list[int], targets, limit: int) -> list[dict]:
-  """The pruned models at `targets` (parameter counts, in order; those no uniform model meets
-  are passed over), each shape once, at most `limit`: starting points for the search."""
-  table = _table(space, layer_order)
-  out = []
-  for target in targets:
-    try:
-      arch_json = _pick(table, target)[0]
-    except UserError:
-      continue
-    if arch_json not in out:
-      out.append(arch_json)
-    if len(out) == limit:
-      break
-  return out
-
-
-def shapes_near(space: Space, layer_order: list[int], target: float, low: float,
-                limit: int) -> list[dict]:
-  """Uniform models with `low` * target to target parameters, one per width (hidden, heads, KV
-  groups, FFN), each with as many of the most important layers as fit: the shapes among which
-  measured loss, not size alone, picks (compress.anchors='loss'). At most `limit`, the largest
-  first; the pruning rule's own pick is always among them."""
-  archs, params, order = _table(space, layer_order)
-  best_per_width = {}
-  for i in order:  # most parameters first: the first of a width that fits is its deepest
-    if not low * target <= params[i] <= target:
-      continue
-    a = archs[i]
-    width = (a['hidden'],) + tuple(a['layers'][0][f] for f in ('heads', 'kv_groups', 'ffn'))
-    best_per_width.setdefault(width, i)
-  chosen = sorted(best_per_width.values(), key=lambda i: -params[i])[:limit]
-  return [archs[i] for i in chosen] or [_pick((archs, params, order), target)[0]]
+  def shapes_near(self, target: float, low: float, limit: int) -> list[dict]:
+    """Uniform models with `low` * target to target parameters, one per width (hidden, heads, KV
+    groups, FFN), each with as many of the most important layers as fit: the shapes among which
+    measured loss, not size alone, picks (compress.anchors='loss'). At most `limit`, the largest
+    first; the pruning rule's own pick is always among them."""
+    best_per_width = {}
+    for i in self.order:  # most parameters first: the first of a width that fits is its deepest
+      if not low * target <= self.params[i] <= target:
+        continue
+      a = self.archs[i]
+      width = (a['hidden'],) + tuple(a['layers'][0][f] for f in ('heads', 'kv_groups', 'ffn'))
+      best_per_width.setdefault(width, i)
+    chosen = sorted(best_per_width.values(), key=lambda i: -self.params[i])[:limit]
+    return [self.archs[i] for i in chosen] or [self.pick(target)[0]]

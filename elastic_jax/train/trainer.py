@@ -48,6 +48,7 @@ from elastic_jax.workdir import (
   build_space,
   cleanup_on_failure,
   init_supernet,
+  load_supernet,
   save_config,
 )
 
@@ -76,9 +77,8 @@ def _load_teacher(path: str, cfg, space):
   if (p / export_lib.CONFIG_FILE).is_file():
     return export_lib.load(p)[0]
   if checkpoints_lib.has_checkpoints(p):
-    teacher_cfg = cfg
-    supernet = init_supernet(teacher_cfg, space)
-    if checkpoints_lib.restore_params_if_any(p, supernet) is None:
+    supernet, step = load_supernet(cfg, str(p), space)
+    if step is None:
       raise UserError(f'teacher workdir {p} has no readable checkpoint; train it first')
     return export_lib.export(supernet, space.cfg, space.largest())
   raise UserError(f'config field train.distill.teacher={path!r}: no exported model '

@@ -149,8 +149,8 @@ def test_compress_end_to_end_and_resume(tmp_path, monkeypatch):
   from elastic_jax.workdir import build_space, load_config, load_supernet
   wcfg = load_config(w)
   space = build_space(wcfg)
-  pruned = pruning.prune_arch(space, load_scores(w)[1]['layer_order'],
-                              entry['budget_params'])[0]
+  pruned = pruning.PruningRule(space, load_scores(w)[1]['layer_order']).pick(
+      entry['budget_params'])[0]
   seeds = (w / 'compress' / 'seed_archs.jsonl').read_text().splitlines()
   assert pruned in [json.loads(a) for a in seeds]
   # (a') / (b'): the rule's own model at the budget (not at the searched model's count), pruned

@@ -18,6 +18,7 @@ def _width(a):
 def test_shapes_near_are_the_deepest_fitting_model_of_each_width(tiny_cfg):
   space = build_space(tiny_cfg)
   order = list(range(space.cfg.num_layers))[::-1]
+  rule = pruning.PruningRule(space, order)
   archs = pruning.candidates(space, order)
   params = np.asarray(jax.vmap(lambda a: space.cost(a)['params'])(
       arch_lib.stack([arch_lib.from_json(a, space.cfg) for a in archs])))
@@ -26,12 +27,12 @@ def test_shapes_near_are_the_deepest_fitting_model_of_each_width(tiny_cfg):
   for a, p in zip(archs, params):
     if low * target <= p <= target:
       expected[_width(a)] = max(expected.get(_width(a), 0), int(p))
-  got = pruning.shapes_near(space, order, target, low, 1000)
+  got = rule.shapes_near(target, low, 1000)
   got_params = [int(space.cost(arch_lib.from_json(a, space.cfg))['params']) for a in got]
   assert {_width(a): p for a, p in zip(got, got_params)} == expected
   assert len(got) == len(expected) and got_params == sorted(got_params, reverse=True)
   # The pruning rule's pick is the first; a limit keeps the largest.
-  assert got[0] == pruning.prune_arch(space, order, target)[0]
-  assert pruning.shapes_near(space, order, target, low, 3) == got[:3]
+  assert got[0] == rule.pick(target)[0]
+  assert rule.shapes_near(target, low, 3) == got[:3]
   # Nothing in range: the rule's pick alone.
-  assert pruning.shapes_near(space, order, target, 1.0, 5) in ([got[0]], [])
+  assert rule.shapes_near(target, 1.0, 5) in ([got[0]], [])
