@@ -189,16 +189,15 @@ def choose_anchors(cfg, space, workdir: Path, budget_list, log) -> list[dict]:
   c = compress_section(cfg)
   order = load_scores(workdir)[1]['layer_order']
   counts = sorted(count for _, count in budget_list)
-  if c.anchors == 'pruning':
-    rule = pruning.PruningRule(space, order)
-    return [rule.pick(count)[0] for count in counts]
-  if c.anchors != 'loss':
+  if c.anchors not in ('loss', 'pruning'):
     raise UserError(f"config field compress.anchors={c.anchors!r} is invalid; allowed values "
                     "are ['loss', 'pruning']")
-  if not 0 < float(c.anchor_low) <= 1 or int(c.anchor_candidates) < 1:
+  if c.anchors == 'loss' and not (0 < float(c.anchor_low) <= 1 and int(c.anchor_candidates) >= 1):
     raise UserError('config fields compress.anchor_low (in (0, 1]) and compress.anchor_candidates '
                     f'(>= 1) are invalid: {c.anchor_low!r}, {c.anchor_candidates!r}')
   rule = pruning.PruningRule(space, order)
+  if c.anchors == 'pruning':
+    return [rule.pick(count)[0] for count in counts]
   per_budget = [rule.shapes_near(count, float(c.anchor_low), int(c.anchor_candidates))
                 for count in counts]
   flat = [a for shapes in per_budget for a in shapes]
