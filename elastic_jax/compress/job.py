@@ -175,6 +175,27 @@ def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> 
   return float(hypervolume_nd(np.asarray(points, np.float64), np.asarray(ref, np.float64)))
 
 
+# The models given the same fine-tuning tokens; their worst perplexity sets the reference point.
+FINETUNED = ('search', 'pruned_finetuned', 'budget_pruned_finetuned')
+
+
+def hypervolumes(budgets: dict, original_params: int) -> dict:
+  """{hv_ref, hv_search, hv_pruning, hv_pruned_only[, hv_budget_pruning]} of the report's models
+  (`budgets`: label -> {model name -> {'ppl', 'params'}}). The reference point is 1.1 x the worst
+  perplexity of the models fine-tuned with the same tokens, and the original's parameter count:
+  a pruned-only model far above it (perplexity in the millions) adds nothing, instead of moving
+  the reference so far that every front's hypervolume agrees to six digits."""
+  pts = lambda name: [(e[name]['ppl'], e[name]['params']) for e in budgets.values()
+                      if name in e]
+  ref = (max(p for name in FINETUNED for p, _ in pts(name)) * 1.1, float(original_params))
+  out = {'hv_ref': list(ref), 'hv_search': hypervolume(pts('search'), ref),
+         'hv_pruning': hypervolume(pts('pruned_finetuned') or pts('pruned'), ref),
+         'hv_pruned_only': hypervolume(pts('pruned'), ref)}
+  if pts('budget_pruned_finetuned'):
+    out['hv_budget_pruning'] = hypervolume(pts('budget_pruned_finetuned'), ref)
+  return out
+
+
 def _write_archs(workdir: Path, name: str, archs: list[dict]) -> Path:
   path = workdir / COMPRESS_DIR / f'{name}.jsonl'
   atomic.write_text(path, ''.join(json.dumps(a) + '\n' for a in archs))
@@ -359,17 +380,7 @@ def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
         measured[path] = measure(path, batches, rows)
       entry[name] = measured[path]
     summary['budgets'][label] = entry
-  ref = (max([summary['original']['ppl']] + [m['ppl'] for e in summary['budgets'].values()
-                                               for k, m in e.items() if k != 'budget_params'])
-         * 1.1, original_params * 1.0)
-  pts = lambda name: [(e[name]['ppl'], e[name]['params']) for e in summary['budgets'].values()
-                      if name in e]
-  summary['hv_ref'] = list(ref)
-  summary['hv_search'] = hypervolume(pts('search'), ref)
-  summary['hv_pruning'] = hypervolume(pts('pruned_finetuned') or pts('pruned'), ref)
-  summary['hv_pruned_only'] = hypervolume(pts('pruned'), ref)
-  if pts('budget_pruned_finetuned'):
-    summary['hv_budget_pruning'] = hypervolume(pts('budget_pruned_finetuned'), ref)
+  summary.update(hypervolumes(summary['budgets'], original_params))
   from elastic_jax.compress import report  # noqa: PLC0415
   report.write(out_dir, summary, pareto)
   stages.finish('report', True)
