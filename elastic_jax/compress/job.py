@@ -26,7 +26,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -202,13 +201,19 @@ def _write_archs(workdir: Path, name: str, archs: list[dict]) -> Path:
   return path
 
 
-def choose_anchors(cfg, space, workdir: Path, budget_list, log) -> list[dict]:
+def pruning_rule(space, workdir: Path) -> pruning.PruningRule:
+  """The pruning rule over `space` with the sort stage's layer ranking."""
+  from elastic_jax.compress.sort import load_scores  # noqa: PLC0415
+  return pruning.PruningRule(space, load_scores(workdir)[1]['layer_order'])
+
+
+def choose_anchors(cfg, space, rule: pruning.PruningRule, workdir: Path, budget_list,
+                   log) -> list[dict]:
   """The archs compress's anchored fine-tuning trains every step, one per budget (smallest
   budget first; each shape once), by compress.anchors; 'loss' also writes every candidate's loss to
   W/compress/anchors.json."""
-  from elastic_jax.compress.sort import calibration_batches, load_scores  # noqa: PLC0415
+  from elastic_jax.compress.sort import calibration_batches  # noqa: PLC0415
   c = compress_section(cfg)
-  order = load_scores(workdir)[1]['layer_order']
   counts = sorted(count for _, count in budget_list)
   if c.anchors not in ('loss', 'pruning'):
     raise UserError(f"config field compress.anchors={c.anchors!r} is invalid; allowed values "
@@ -216,23 +221,21 @@ def choose_anchors(cfg, space, workdir: Path, budget_list, log) -> list[dict]:
   if c.anchors == 'loss' and not (0 < float(c.anchor_low) <= 1 and int(c.anchor_candidates) >= 1):
     raise UserError('config fields compress.anchor_low (in (0, 1]) and compress.anchor_candidates '
                     f'(>= 1) are invalid: {c.anchor_low!r}, {c.anchor_candidates!r}')
-  rule = pruning.PruningRule(space, order)
   if c.anchors == 'pruning':
     return [rule.pick(count)[0] for count in counts]
   per_budget = [rule.shapes_near(count, float(c.anchor_low), int(c.anchor_candidates))
                 for count in counts]
-  flat = [a for shapes in per_budget for a in shapes]
+  flat = [a for shapes in per_budget for a, _ in shapes]
   log(f'compress: choosing anchors: {len(flat)} uniform models near the budgets scored on '
       f'{c.calibration_batches} calibration batches')
   stacked = arch_lib.stack([arch_lib.from_json(a, space.cfg) for a in flat])
   losses = evaluation.evaluate_population(original_model(cfg, space),
                                           calibration_batches(cfg, int(c.calibration_batches)),
                                           stacked)['loss']
-  params = np.asarray(jax.vmap(lambda a: space.cost(a)['params'])(stacked))
   anchors, report, at = [], [], 0
   for count, shapes in zip(counts, per_budget, strict=True):
-    scored = [{'arch': a, 'params': int(params[at + i]), 'loss': float(losses[at + i])}
-              for i, a in enumerate(shapes)]
+    scored = [{'arch': a, 'params': params, 'loss': float(losses[at + i])}
+              for i, (a, params) in enumerate(shapes)]
     at += len(shapes)
     best = min(scored, key=lambda e: e['loss'])
     anchors += [] if best['arch'] in anchors else [best['arch']]  # close budgets may share one
@@ -241,18 +244,16 @@ def choose_anchors(cfg, space, workdir: Path, budget_list, log) -> list[dict]:
   return anchors
 
 
-def _write_seeds(cfg, space, workdir: Path, budget_list, original_params: int,
-                 first: list[dict]) -> Path:
+def _write_seeds(cfg, rule: pruning.PruningRule, workdir: Path, budget_list,
+                 original_params: int, first: list[dict]) -> Path:
   """W/compress/seed_archs.jsonl: the models the search starts from (see compress.seed_search):
   `first` (the anchors), then the pruning rule's models at the budgets and between them, each
   shape once, within half the population (the rest starts random)."""
-  from elastic_jax.compress.sort import load_scores  # noqa: PLC0415
   from elastic_jax.search.config import search_config  # noqa: PLC0415
   counts = sorted(count for _, count in budget_list)
   between = [(a + b) / 2 for a, b in zip(counts, counts[1:] + [original_params], strict=True)]
   limit = max(1, search_config(cfg).pop_size // 2)
   archs = list(first)
-  rule = pruning.PruningRule(space, load_scores(workdir)[1]['layer_order'])
   for a in rule.seeds(counts + between, limit):
     archs += [] if a in archs else [a]
   return _write_archs(workdir, 'seed_archs', archs[:limit])
@@ -293,16 +294,17 @@ def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
   stages.finish('sort', True)
 
   ft_cfg = _finetune_config(cfg, workdir, c)
+  rule = pruning_rule(space, workdir)  # every uniform candidate, counted once per run
   if ft_cfg.train.sampling == 'anchored' and not ft_cfg.train.get('anchor_archs', ''):
     ft_cfg.train.anchor_archs = str(_write_archs(
-        workdir, 'anchor_archs', choose_anchors(ft_cfg, space, workdir, budget_list, log)))
+        workdir, 'anchor_archs', choose_anchors(ft_cfg, space, rule, workdir, budget_list, log)))
   if c.seed_search and not ft_cfg.get('search', {}).get('seed_archs', ''):
     if 'search' not in ft_cfg:
       ft_cfg.search = ml_collections.ConfigDict()
     anchors = ([arch_lib.to_json(a) for a in arch_lib.load_all(ft_cfg.train.anchor_archs,
                                                                space.cfg)]
                if ft_cfg.train.sampling == 'anchored' else [])
-    ft_cfg.search.seed_archs = str(_write_seeds(ft_cfg, space, workdir, budget_list,
+    ft_cfg.search.seed_archs = str(_write_seeds(ft_cfg, rule, workdir, budget_list,
                                                 original_params, anchors))
   save_config(workdir, ft_cfg)  # what the later stages (and commands on W) run with
   if 'finetune' not in stages.done:
@@ -331,8 +333,6 @@ def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
 
   baselines = {}
   if c.baselines:
-    from elastic_jax.compress.sort import load_scores  # noqa: PLC0415
-    rule = pruning.PruningRule(space, load_scores(workdir)[1]['layer_order'])
     original = None
     budget_of = dict(budget_list)
     for label, native in searched.items():

@@ -92,11 +92,11 @@ class PruningRule:
         break
     return out
 
-  def shapes_near(self, target: float, low: float, limit: int) -> list[dict]:
-    """Uniform models with `low` * target to target parameters, one per width (hidden, heads, KV
-    groups, FFN), each with as many of the most important layers as fit: the shapes among which
-    measured loss, not size alone, picks (compress.anchors='loss'). At most `limit`, the largest
-    first; the pruning rule's own pick is always among them."""
+  def shapes_near(self, target: float, low: float, limit: int) -> list[tuple[dict, int]]:
+    """(JSON arch, parameters) of the uniform models with `low` * target to target parameters,
+    one per width (hidden, heads, KV groups, FFN), each with as many of the most important layers
+    as fit: the shapes among which measured loss, not size alone, picks (compress.anchors='loss').
+    At most `limit`, the largest first; the pruning rule's own pick is always among them."""
     best_per_width = {}
     for i in self.order:  # most parameters first: the first of a width that fits is its deepest
       if not low * target <= self.params[i] <= target:
@@ -105,4 +105,4 @@ class PruningRule:
       width = (a['hidden'],) + tuple(a['layers'][0][f] for f in ('heads', 'kv_groups', 'ffn'))
       best_per_width.setdefault(width, i)
     chosen = sorted(best_per_width.values(), key=lambda i: -self.params[i])[:limit]
-    return [self.archs[i] for i in chosen] or [self.pick(target)[0]]
+    return [(self.archs[i], int(self.params[i])) for i in chosen] or [self.pick(target)]

@@ -27,15 +27,17 @@ def test_shapes_near_are_the_deepest_fitting_model_of_each_width(tiny_cfg):
   for a, p in zip(archs, params):
     if low * target <= p <= target:
       expected[_width(a)] = max(expected.get(_width(a), 0), int(p))
-  got = rule.shapes_near(target, low, 1000)
+  near = rule.shapes_near(target, low, 1000)
+  got = [a for a, _ in near]
   got_params = [int(space.cost(arch_lib.from_json(a, space.cfg))['params']) for a in got]
+  assert [p for _, p in near] == got_params
   assert {_width(a): p for a, p in zip(got, got_params)} == expected
   assert len(got) == len(expected) and got_params == sorted(got_params, reverse=True)
   # The pruning rule's pick is the first; a limit keeps the largest.
-  assert got[0] == rule.pick(target)[0]
-  assert rule.shapes_near(target, low, 3) == got[:3]
+  assert near[0] == rule.pick(target)
+  assert rule.shapes_near(target, low, 3) == near[:3]
   # Nothing in range: the rule's pick alone.
-  assert rule.shapes_near(target, 1.0, 5) in ([got[0]], [])
+  assert rule.shapes_near(target, 1.0, 5) in ([near[0]], [])
 
 
 def test_report_hypervolumes_use_the_finetuned_models_reference():
