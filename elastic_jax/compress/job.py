@@ -22,6 +22,7 @@ W/compress/stages.json records finished stages; the train and search jobs resume
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -294,17 +295,18 @@ def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
   stages.finish('sort', True)
 
   ft_cfg = _finetune_config(cfg, workdir, c)
-  rule = pruning_rule(space, workdir)  # every uniform candidate, counted once per run
+  # Every uniform candidate counted once per run, and only by a stage that needs the rule.
+  rule = functools.cache(lambda: pruning_rule(space, workdir))
   if ft_cfg.train.sampling == 'anchored' and not ft_cfg.train.get('anchor_archs', ''):
     ft_cfg.train.anchor_archs = str(_write_archs(
-        workdir, 'anchor_archs', choose_anchors(ft_cfg, space, rule, workdir, budget_list, log)))
+        workdir, 'anchor_archs', choose_anchors(ft_cfg, space, rule(), workdir, budget_list, log)))
   if c.seed_search and not ft_cfg.get('search', {}).get('seed_archs', ''):
     if 'search' not in ft_cfg:
       ft_cfg.search = ml_collections.ConfigDict()
     anchors = ([arch_lib.to_json(a) for a in arch_lib.load_all(ft_cfg.train.anchor_archs,
                                                                space.cfg)]
                if ft_cfg.train.sampling == 'anchored' else [])
-    ft_cfg.search.seed_archs = str(_write_seeds(ft_cfg, rule, workdir, budget_list,
+    ft_cfg.search.seed_archs = str(_write_seeds(ft_cfg, rule(), workdir, budget_list,
                                                 original_params, anchors))
   save_config(workdir, ft_cfg)  # what the later stages (and commands on W) run with
   if 'finetune' not in stages.done:
@@ -337,13 +339,13 @@ def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
     budget_of = dict(budget_list)
     for label, native in searched.items():
       target = export_lib.read_config(native)['params']
-      arch_json, _ = rule.pick(target)
+      arch_json, _ = rule().pick(target)
       entry = {}
       # (a)/(b) at the searched model's count; with c.budget_baselines also the rule's own model
       # at the budget, whose shape is chosen by the budget alone (the same model when they agree).
       shapes = [('', arch_json)]
       if c.budget_baselines:
-        shapes.append(('budget_', rule.pick(budget_of[label])[0]))
+        shapes.append(('budget_', rule().pick(budget_of[label])[0]))
       for prefix, shape in shapes:
         if prefix and shape == arch_json:
           entry[f'{prefix}pruned'] = entry['pruned']
