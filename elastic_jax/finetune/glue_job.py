@@ -18,6 +18,7 @@ class GlueJob:
   """One GLUE task: a classifier (or regressor, STS-B) over the pooled features."""
 
   label_keys = ('label',)
+  per_token = False  # one output row per example: evaluation may cut batches to their length
 
   def __init__(self, task: GlueTask):
     self.task = task

@@ -17,6 +17,7 @@ class SquadJob:
   """Extractive QA: start / end logits over the encoder's hidden states (encoders only)."""
 
   label_keys = ('start', 'end')
+  per_token = True  # outputs per position: evaluated at the full window length
 
   def __init__(self, name: str):
     self.name = name

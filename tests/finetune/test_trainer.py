@@ -83,6 +83,34 @@ def test_killed_run_resumes_to_the_same_dev_metric(encoder_dir, shared_data, tmp
     trainer.finetune(encoder_dir, 'rte', tmp_path / 'b', type(cfg)(other))
 
 
+@pytest.mark.parametrize('model', ['encoder_dir', 'decoder_dir'])
+def test_length_cut_batches_compute_what_full_length_batches_do(model, request, shared_data,
+                                                                tmp_path):
+  """`pad_to_multiple` cuts each batch to its longest row (rounded up); the outputs, in the rows'
+  own order, and the training losses equal those of seq_len-long batches."""
+  model_dir = request.getfixturevalue(model)
+  cut = _cfg(shared_data / 'glue', tmp_path / 'cache', seq_len=64, pad_to_multiple=8, epochs=1)
+  full = _cfg(shared_data / 'glue', tmp_path / 'cache', seq_len=64, pad_to_multiple=0, epochs=1)
+  job = trainer.job_for('cola')
+  clf, tokenizer = trainer._head(model_dir, job, 0)
+  train, dev = job.load(cut, tokenizer, clf.backbone.cfg.kind, 64)
+  lengths = (train['segment_ids'] > 0).sum(axis=1)
+  order = np.random.default_rng(0).permutation(len(lengths))
+  shapes = [b['tokens'].shape for b in
+            trainer._batches(train, order, 8, (*trainer._ARRAYS, 'label'), 8)]
+  want = [(8, min(64, -(-int(lengths[order[i:i + 8]].max()) // 8) * 8))
+          for i in range(0, len(order), 8)]
+  assert shapes == want and min(w for _, w in want) < 64
+  graphdef, params = nnx.split(clf, nnx.Param)
+  np.testing.assert_allclose(trainer.outputs(graphdef, params, dev, 16, pad_to_multiple=8),
+                             trainer.outputs(graphdef, params, dev, 16), rtol=1e-5, atol=1e-6)
+  got = trainer.finetune(model_dir, 'cola', tmp_path / 'cut', cut, log=lambda m: None)
+  ref = trainer.finetune(model_dir, 'cola', tmp_path / 'full', full, log=lambda m: None)
+  assert got['history'][0]['train_loss'] == pytest.approx(ref['history'][0]['train_loss'],
+                                                          rel=1e-5)
+  assert got['best']['score'] == pytest.approx(ref['best']['score'], abs=1e-6)
+
+
 def test_decoder_regression_and_learning(decoder_dir, shared_data, tmp_path):
   """STS-B regression on a decoder (last-token pooling): the label loss falls."""
   cfg = _cfg(shared_data / 'glue', tmp_path / 'cache', epochs=4, learning_rate=3e-3)
