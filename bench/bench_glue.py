@@ -14,10 +14,14 @@ architecture trained from scratch:
            exported dense and fine-tuned;
   scratch  the searched architecture, randomly initialised, fine-tuned with the same budget.
 
-Every model is fine-tuned on each task with the same settings (configs/finetune_glue.py's
-recipe at the sizes below: learning rate, warmup, batch, epochs, examples); the score per task is
-its GLUE score (CoLA Matthews, MRPC F1 / accuracy mean, STS-B Pearson / Spearman mean, accuracy
-otherwise), on the dev split (the first `dev` examples in quick mode).
+The sub-network and the scratch model are each fine-tuned twice: on the labels alone
+(`*_labels_only`), and by W-PCA's task recipe, prediction-layer distillation from the full
+model's fine-tuned checkpoint of the same task (`finetune.teacher`: soft cross-entropy, MSE for
+STS-B; `subnet`, `scratch`, the headline pair). Every model is fine-tuned on each task with the
+same settings (configs/finetune_glue.py's recipe at the sizes below: learning rate, warmup,
+batch, epochs, examples); the score per task is its GLUE score (CoLA Matthews, MRPC F1 /
+accuracy mean, STS-B Pearson / Spearman mean, accuracy otherwise), on the dev split (the first
+`dev` examples in quick mode).
 
   python bench/bench_glue.py --quick   # minutes: 3 tasks, 96 training examples, 1 epoch
   python bench/bench_glue.py           # glue-small, 1000 training examples x 3 epochs per task,
@@ -127,44 +131,64 @@ def main():
   from elastic_jax.finetune import trainer
   start = time.perf_counter()
   subnets = make_subnets(Path(gt.MODEL_DIR), workdir, size, log)
-  models = {'full': Path(gt.MODEL_DIR), 'subnet': Path(subnets['subnet_dir']),
-            'scratch': workdir / 'scratch'}
-  cfg = finetune_config(size, workdir / 'cache')
+  runs = workdir / 'finetune'
+  # (name, model, distilled from the full model's fine-tuned checkpoint of the task); the
+  # labels-only runs keep their earlier workdir names (`subnet`, `scratch`), so a workdir from
+  # before distillation resumes
+  models = (('full', Path(gt.MODEL_DIR), '', 'full'),
+            ('subnet_labels_only', Path(subnets['subnet_dir']), '', 'subnet'),
+            ('scratch_labels_only', workdir / 'scratch', '', 'scratch'),
+            ('subnet', Path(subnets['subnet_dir']), 'full', 'subnet_kd'),
+            ('scratch', workdir / 'scratch', 'full', 'scratch_kd'))
+  base_cfg = finetune_config(size, workdir / 'cache')
   results, details, seconds = {}, {}, {}
-  for name, model_dir in models.items():
+  for name, model_dir, teacher, run_name in models:
     results[name], details[name] = {}, {}
     t0 = time.perf_counter()
     for task in size['tasks']:
       log(f'== {name}: {task}')
-      best = trainer.finetune(model_dir, task, workdir / 'finetune' / name / task, cfg,
-                              log=log)['best']
+      cfg = ml_collections.ConfigDict(base_cfg.to_dict())
+      cfg.teacher = str(runs / teacher / task) if teacher else ''
+      best = trainer.finetune(model_dir, task, runs / run_name / task, cfg, log=log)['best']
       results[name][task] = best['score']
       details[name][task] = {k: v for k, v in best.items() if k not in ('train_loss', 'seconds')}
     results[name]['avg'] = float(np.mean([results[name][t] for t in size['tasks']]))
     seconds[name] = round(time.perf_counter() - t0, 1)
 
-  full, sub, scratch = results['full'], results['subnet'], results['scratch']
-  targets = {'subnet_beats_scratch_on_every_task': all(sub[t] > scratch[t]
+  def targets_of(sub: dict, scratch: dict) -> dict:
+    return {'subnet_beats_scratch_on_every_task': all(sub[t] > scratch[t]
                                                       for t in size['tasks']),
-             'subnet_keeps_90pct_of_full_avg': sub['avg'] >= 0.9 * full['avg']}
-  rows = [(t, f'{100 * full[t]:.1f}', f'{100 * sub[t]:.1f}', f'{100 * scratch[t]:.1f}')
-          for t in (*size['tasks'], 'avg')]
-  rows.append(('params', f"{subnets['original_params']:,}", f"{subnets['subnet_params']:,}",
-               f"{subnets['subnet_params']:,}"))
+            'subnet_keeps_90pct_of_full_avg': sub['avg'] >= 0.9 * results['full']['avg'],
+            'subnet_fraction_of_full_avg': round(sub['avg'] / results['full']['avg'], 4)}
+
+  targets = targets_of(results['subnet'], results['scratch'])
+  targets_labels_only = targets_of(results['subnet_labels_only'],
+                                   results['scratch_labels_only'])
+  columns = ('full', 'subnet', 'scratch', 'subnet_labels_only', 'scratch_labels_only')
+  rows = [(t, *(f'{100 * results[c][t]:.1f}' for c in columns)) for t in (*size['tasks'], 'avg')]
+  rows.append(('params', f"{subnets['original_params']:,}",
+               *[f"{subnets['subnet_params']:,}"] * (len(columns) - 1)))
   notes = (f"all-MiniLM-L6-v2 on GLUE dev ({'quick: ' if args.quick else ''}{size}); scores x 100 "
            '(CoLA Matthews, MRPC F1/accuracy mean, STS-B Pearson/Spearman mean, accuracy '
            f'otherwise). subnet = searched at {BUDGET:.0%} of the parameters by `elastic-jax '
            f"compress` ({subnets['supernet_steps']} supernet fine-tuning steps with hidden-state "
            'distillation from the original, search of masked-LM loss vs params); scratch = the '
-           f'same architecture randomly initialised, same fine-tuning budget. Targets: {targets}.')
-  out = {'full': full, 'subnet': sub, 'scratch': scratch, 'targets': targets,
+           f'same architecture randomly initialised, same fine-tuning budget. subnet and scratch '
+           "are distilled from the full model's fine-tuned checkpoint of each task (prediction "
+           'layer, W-PCA\'s recipe); the labels-only columns are the same models fine-tuned on the '
+           f'labels alone. Targets (distilled pair): {targets}; labels-only pair: '
+           f'{targets_labels_only}.')
+  out = {**{c: results[c] for c in columns}, 'targets': targets,
+         'targets_labels_only': targets_labels_only,
          'subnet_method': 'elastic-jax compress: sort, supernet fine-tuning with hidden-state '
                           'distillation from the original, search, export under the budget',
          'params': {'full': subnets['original_params'], 'subnet': subnets['subnet_params']},
          'subnet_arch': subnets['arch'], 'layer_order': subnets['layer_order'],
          'settings': size, 'details': details, 'seconds': seconds,
          'total_seconds': round(time.perf_counter() - start, 1)}
-  path = common.write_results('bench_glue', out, rows, ('task', 'full', 'subnet 50%', 'scratch'),
+  path = common.write_results('bench_glue', out, rows,
+                              ('task', 'full', 'subnet 50% (distilled)', 'scratch (distilled)',
+                               'subnet 50%, labels only', 'scratch, labels only'),
                               notes=notes, quick=args.quick)
   print(path.with_suffix('.md').read_text())
 
