@@ -35,6 +35,7 @@ from elastic_jax.config import (
     SpaceConfig,
 )
 from elastic_jax.errors import UserError, read_json
+from elastic_jax.model import layers
 from elastic_jax.model.supernet import Model
 
 FORMAT = 'elastic_jax.dense/1'
@@ -67,7 +68,9 @@ def flat_params(model: nnx.Module) -> dict[tuple, jax.Array]:
 
 
 def abstract_model(cfg: ModelConfig, dims: ModelDims) -> Model:
-  return nnx.eval_shape(lambda: Model(cfg, dims, rngs=nnx.Rngs(0)))
+  """The model of `dims` with shapes-only parameters (`fill_model` gives them values)."""
+  with layers.abstract_params():
+    return Model(cfg, dims, rngs=nnx.Rngs(0))
 
 
 def fill_model(abstract: Model, values: Mapping[tuple, jax.Array | np.ndarray]) -> Model:

@@ -101,8 +101,7 @@ def apply(model: Model, perm: Permutation) -> Model:
       return {'heads': perm.heads, 'kv': perm.groups, 'mlp': perm.ffn}[name][path[1]]
     values[path] = reorder(var[...], axis_names(var), index_of,
                            f'parameter {export_lib.param_key(path)}')
-  abstract = nnx.eval_shape(lambda: Model(model.cfg, model.dims, rngs=nnx.Rngs(0)))
-  return export_lib.fill_model(abstract, values)
+  return export_lib.fill_model(export_lib.abstract_model(model.cfg, model.dims), values)
 
 
 def layer_order(scores: Scores) -> list[int]:
