@@ -48,13 +48,42 @@ def space_key(space: Space) -> tuple:
   return (space.model, space.cfg, space.seq_len)
 
 
-def genome_costs(space: Space, genomes_BxG) -> dict[str, np.ndarray]:
-  """Host convenience: the analytic costs of genomes (one compile per space, cached)."""
-  fn = _COST_FNS.get(space_key(space))
+def _host_call(name: str, space: Space, build: Callable, genomes_BxG):
+  """Host convenience: `build(space)` (a function of a [B, G] genome batch) jitted once per
+  space and applied to `genomes_BxG` padded to a power-of-two batch (so a handful of batch sizes
+  compile; eager calls compiled every primitive again for each new batch size); numpy outputs
+  for the real rows."""
+  key = (name, space_key(space))
+  fn = _COST_FNS.get(key)
   if fn is None:
-    fn = jax.jit(jax.vmap(lambda g: space.cost(space.decode(g))))
-    _COST_FNS[space_key(space)] = fn
-  return {k: np.asarray(v) for k, v in fn(jnp.asarray(genomes_BxG, jnp.int32)).items()}
+    fn = _COST_FNS[key] = jax.jit(build(space))
+  genomes_BxG = np.asarray(genomes_BxG, np.int32).reshape(-1, space.num_genes)
+  b = genomes_BxG.shape[0]
+  padded = np.zeros((max(8, 1 << max(b - 1, 0).bit_length()), space.num_genes), np.int32)
+  padded[:b] = genomes_BxG  # zero genomes (every gene's first choice) fill the rest
+  return jax.tree.map(lambda x: np.asarray(x)[:b], fn(padded))
+
+
+def genome_costs(space: Space, genomes_BxG) -> dict[str, np.ndarray]:
+  """Host convenience: the analytic costs of genomes."""
+  return _host_call('costs', space, lambda sp: jax.vmap(lambda g: sp.cost(sp.decode(g))),
+                    genomes_BxG)
+
+
+def decode_genomes(space: Space, genomes_BxG):
+  """Host convenience: the architectures of genomes, one `Arch` of numpy arrays [B, ...]
+  (`arch_at` takes one out)."""
+  return _host_call('decode', space, lambda sp: jax.vmap(sp.decode), genomes_BxG)
+
+
+def arch_at(archs, i: int):
+  """Architecture i of a batch from `decode_genomes`."""
+  return jax.tree.map(lambda x: x[i], archs)
+
+
+def canonical_genomes_host(space: Space, genomes_BxG) -> np.ndarray:
+  """Host convenience: `canonical_genomes` as numpy, jitted."""
+  return _host_call('canonical', space, lambda sp: CanonicalKey(sp), genomes_BxG)
 
 
 def extreme_genome(space: Space, name: str, largest: bool) -> np.ndarray:

@@ -41,7 +41,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from elastic_jax import arch as arch_lib
@@ -134,7 +133,7 @@ def _seeds(sc: SearchConfig, space, fitness: Fitness, budgets: Budgets,
     return None, None
   genomes, natural = np.concatenate(genomes), np.concatenate(natural)
   ok = np.asarray(budgets(genomes)) if budgets else np.ones(len(genomes), bool)
-  keys = np.asarray(genomes_lib.canonical_genomes(space, jnp.asarray(genomes)))
+  keys = genomes_lib.canonical_genomes_host(space, genomes)
   first = np.zeros(len(genomes), bool)
   first[np.unique(keys, axis=0, return_index=True)[1]] = True
   keep = ok & first

@@ -8,14 +8,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from elastic_jax import distributed, latency
 from elastic_jax.errors import UserError
 from elastic_jax.search.config import SearchConfig, n_children_of
 from elastic_jax.search.fitness import Fitness
-from elastic_jax.search.genomes import canonical_genomes, extreme_genome
+from elastic_jax.search.genomes import (
+  arch_at,
+  canonical_genomes_host,
+  decode_genomes,
+  extreme_genome,
+)
 from elastic_jax.search.hypervolume import hypervolume_nd, pareto_front_mask
 
 
@@ -53,8 +57,9 @@ def measure_latency(model, space, genomes, batch: Mapping, repeats: int = 5) -> 
   """Milliseconds per forward of `batch` for each genome's exported dense model (median of
   `repeats` runs after one compile-and-warm-up call)."""
   from elastic_jax import export as export_lib  # noqa: PLC0415
-  return [latency.forward_ms(export_lib.export(model, space.cfg, space.decode(jnp.asarray(g))),
-                             batch, repeats) for g in genomes]
+  archs = decode_genomes(space, genomes)
+  return [latency.forward_ms(export_lib.export(model, space.cfg, arch_at(archs, i)), batch, repeats)
+          for i in range(len(genomes))]
 
 
 def measure_decode_latency(model, space, genomes, repeats: int = 3) -> list[dict]:
@@ -62,8 +67,9 @@ def measure_decode_latency(model, space, genomes, repeats: int = 3) -> list[dict
   exported dense decoder."""
   from elastic_jax import export as export_lib  # noqa: PLC0415
   from elastic_jax.generate import decode_latency  # noqa: PLC0415
-  return [decode_latency(export_lib.export(model, space.cfg, space.decode(jnp.asarray(g))),
-                         repeats=repeats) for g in genomes]
+  archs = decode_genomes(space, genomes)
+  return [decode_latency(export_lib.export(model, space.cfg, arch_at(archs, i)), repeats=repeats)
+          for i in range(len(genomes))]
 
 
 def _spread(n: int, k: int) -> list[int]:
@@ -89,13 +95,13 @@ def build_pareto(sc: SearchConfig, space, fitness: Fitness, model, batches, prog
                     f'{dict(sc.budgets)}; raise the budgets or search.tries')
   front = _front_order(fitness, state, mask_P)
   # Reported genomes are canonical: genes that do not change the network are zeroed.
-  front_genomes = np.asarray(canonical_genomes(space, state.genomes_PxG[front]))
+  front_genomes = canonical_genomes_host(space, state.genomes_PxG[front])
   smallest, largest = extreme_genomes(space)
   initial = progress.initial
   random_genomes = np.zeros((0, space.num_genes), np.int32)
   if initial is not None and initial['mask'].any():
-    random_genomes = np.asarray(canonical_genomes(space, initial['genomes'][initial['mask']]))
-    seeded = np.asarray(canonical_genomes(space, np.stack([smallest, largest])))
+    random_genomes = canonical_genomes_host(space, initial['genomes'][initial['mask']])
+    seeded = canonical_genomes_host(space, np.stack([smallest, largest]))
     is_seed = (random_genomes[:, None, :] == seeded[None]).all(-1).any(-1)
     random_genomes = random_genomes[~is_seed]  # the random ones only
   names = tuple(extremes)
@@ -135,9 +141,11 @@ def build_pareto(sc: SearchConfig, space, fitness: Fitness, model, batches, prog
                                                    sc.latency_repeats)):
       decode[i] = v
 
+  archs = decode_genomes(space, everything[:nf + 2])
+
   def entry(i, genome):
     return {'genome': [int(x) for x in genome],
-            'arch': arch_lib.to_json(space.decode(jnp.asarray(genome))),
+            'arch': arch_lib.to_json(arch_at(archs, i)),
             'objectives': {n: rows[i][n] for n in fitness.names},
             'metrics': rows[i], 'heldout': held[i] if i < len(held) else None,
             'latency_ms': latency[i] if i < len(latency) else None,

@@ -1,5 +1,7 @@
 """`elastic-jax compile`: lower and compile for a TPU slice on this CPU (needs the tpu extra)."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -45,12 +47,21 @@ def test_mesh_that_does_not_fit_the_topology_is_one_clear_line(capsys):
   assert 'does not fit topology v5e:2x2 (4 devices)' in lines[0], lines[0]
 
 
-@pytest.mark.slow
-def test_small_config_compiles_for_v5e_2x2_and_reports_memory(capsys):
+@pytest.fixture(scope='module')
+def tiny_v5e_report():
+  """`elastic-jax compile` of the tiny quickstart config for v5e:2x2 (every program, FLOPs by
+  loop counts), compiled once for the tests of this file that read it."""
   pytest.importorskip('libtpu')
-  code, out, err = run(capsys, 'compile', QUICK, '--topology=v5e:2x2')
-  assert code == 0, err
-  report = json.loads(out)
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = cli.main(['elastic-jax', 'compile', QUICK, '--topology=v5e:2x2'])
+  assert code == 0, err.getvalue()
+  return json.loads(out.getvalue())
+
+
+@pytest.mark.slow
+def test_small_config_compiles_for_v5e_2x2_and_reports_memory(tiny_v5e_report):
+  report = tiny_v5e_report
   assert report['devices'] == 4 and report['mesh'] == {'data': 4, 'fsdp': 1, 'tensor': 1}
   assert report['fits']
   for name in ('train_step', 'population_eval', 'dense_step'):
@@ -70,11 +81,13 @@ def test_small_config_compiles_for_v5e_2x2_and_reports_memory(capsys):
   assert report['masked_over_dense'] == pytest.approx(
       dense['mfu_estimate'] / report['programs']['train_step']['mfu_estimate'])
 
-  # The loop-count FLOPs agree with analysis compiles whose loops are unrolled.
-  exact = aot.compile_report(load_config('quickstart', 'tiny'), 'v5e:2x2', flops='unrolled')
-  for name, p in exact['programs'].items():
-    assert report['programs'][name]['xla_flops_per_device'] == pytest.approx(
-        p['xla_flops_per_device'], rel=0.1), name
+  # The loop-count FLOPs agree with an analysis compile whose loops are unrolled. The train step's
+  # and the dense step's agreement is checked by the chunked-vocabulary and micro-batch tests
+  # below (their loops include this one's), so only the population evaluation is unrolled here.
+  exact = aot.compile_report(load_config('quickstart', 'tiny'), 'v5e:2x2',
+                             programs=('population_eval',), flops='unrolled')
+  assert report['programs']['population_eval']['xla_flops_per_device'] == pytest.approx(
+      exact['programs']['population_eval']['xla_flops_per_device'], rel=0.1)
 
 
 @pytest.mark.slow
@@ -148,14 +161,14 @@ def test_dense_reference_step_counts_every_micro_batch():
 
 
 @pytest.mark.slow
-def test_chunked_vocabulary_losses_are_counted_in_every_chunk():
+def test_chunked_vocabulary_losses_are_counted_in_every_chunk(tiny_v5e_report):
   """train.logits_chunk runs the losses in a loop whose body XLA counts once: the FLOP-counting
   twin unrolls it, so 'loops' still agrees with the unrolled analysis, and the chunked step
   counts more FLOPs than the unchunked one (its backward pass recomputes every chunk's logits;
   counted once, the 3 chunks' FLOPs would fall well below)."""
   pytest.importorskip('libtpu')
   cfg = load_config('quickstart', 'tiny')
-  plain = aot.compile_report(cfg, 'v5e:2x2', programs=('train_step',))
+  plain = tiny_v5e_report
   cfg.train.logits_chunk = 12  # 32 positions: chunks of 12, 12 and 8
   loops = aot.compile_report(cfg, 'v5e:2x2', programs=('train_step',))
   exact = aot.compile_report(cfg, 'v5e:2x2', programs=('train_step',), flops='unrolled')
