@@ -204,19 +204,22 @@ class Space:
     """Every numeric gene at its largest (smallest) choice; each layer's block the type with the
     most (fewest) parameters at those settings ('skip' only if `allow_skip`)."""
     g = np.array((self.gene_sizes - 1) if largest else np.zeros_like(self.gene_sizes))
+    choices = [i for i, b in enumerate(self.cfg.blocks) if b != 'skip' or allow_skip]
     for layer in range(self.num_layers):
       gene = GLOBAL_GENES + layer * LAYER_GENES
-      best, best_params = None, None
-      for i, b in enumerate(self.cfg.blocks):
-        if b == 'skip' and not allow_skip:
-          continue
-        trial = g.copy()
-        trial[gene] = i
-        p = int(self.cost(self.decode(trial, limits))['params'])
-        if best is None or (p > best_params if largest else p < best_params):
-          best, best_params = i, p
-      g[gene] = best
+      trials = np.repeat(g[None], len(choices), axis=0)
+      trials[:, gene] = choices
+      p = self._params_of_genomes(trials, limits)
+      g[gene] = choices[int(np.argmax(p) if largest else np.argmin(p))]  # the first of ties
     return g
+
+  def _params_of_genomes(self, genomes_NxG: np.ndarray, limits: Limits | None) -> np.ndarray:
+    """Parameters of each genome's arch, one jitted call (compiled once per space and batch
+    size; eager decoding compiled every primitive of it, seconds at every command's start)."""
+    if getattr(self, '_params_jit', None) is None:
+      self._params_jit = jax.jit(jax.vmap(lambda g, lim: self.cost(self.decode(g, lim))['params'],
+                                          in_axes=(0, None)))
+    return np.asarray(self._params_jit(jnp.asarray(genomes_NxG, jnp.int32), limits))
 
   def largest(self, limits: Limits | None = None) -> Arch:
     """The arch with the most parameters (the sandwich rule's teacher)."""
@@ -260,8 +263,10 @@ class Space:
                      seq_len=self.seq_len)
 
   def parameter_range(self) -> tuple[int, int]:
-    return (int(self.cost(self.fewest_params())['params']),
-            int(self.cost(self.largest())['params']))
+    """Parameters of `fewest_params()` and of `largest()`."""
+    low, high = self._params_of_genomes(np.stack([
+        self._extreme_genome(False, allow_skip=True), self._extreme_genome(True)]), None)
+    return int(low), int(high)
 
   def num_architectures(self) -> int:
     """Distinct architectures: for each depth, the product of per-layer options over the kept
