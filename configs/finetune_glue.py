@@ -7,6 +7,8 @@
 Distil a fine-tuned teacher (prediction-layer soft cross-entropy, W-PCA's gamma = 1):
   ... --config.finetune.teacher=/tmp/ft_rte_teacher
 `:quick` caps examples and epochs (minutes on a CPU); `:tiny` is what the tests use.
+Sentence-transformers checkpoints (all-MiniLM-L6-v2) were trained with mean pooling, not through
+[CLS] / BERT's pooler: fine-tune them with --config.finetune.pooling=mean.
 W-PCA does not state its learning rate; 5e-5 with 10% linear warmup then linear decay and weight
 decay 0.01 are the usual BERT-small settings (TinyBERT / MobileBERT fine-tuning grids hold it).
 """

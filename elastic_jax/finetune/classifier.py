@@ -6,32 +6,61 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from elastic_jax.errors import UserError
 from elastic_jax.model.layers import make_param
 from elastic_jax.model.supernet import Model
+
+POOLING = ('auto', 'pooler', 'cls', 'mean', 'last')
+
+
+def check_pooling(pooling: str, backbone: Model) -> None:
+  """One clear error for a pooling the backbone cannot do (`finetune.pooling`)."""
+  if pooling not in POOLING:
+    raise UserError(f'finetune.pooling={pooling!r} is unknown; use one of {", ".join(POOLING)}')
+  if pooling == 'pooler' and backbone.pooler is None:
+    raise UserError("finetune.pooling='pooler' needs a model with BERT's pooler; this one has "
+                    "none: use 'cls' or 'mean' (encoders), 'last' or 'mean' (decoders)")
+  if pooling == 'cls' and backbone.cfg.kind != 'encoder':
+    raise UserError("finetune.pooling='cls' reads the first token, which in a decoder has seen "
+                    "only itself: use 'last' or 'mean'")
 
 
 class Classifier(nnx.Module):
   """Pooled features -> dense -> `num_labels` outputs.
 
-  Pooling: BERT's pooler output when the model has one (what `BertForSequenceClassification`
-  reads), else the first token's last hidden state for encoders, and the last real token's for
-  decoders (the only one that has seen the whole input).
+  Pooling (`finetune.pooling`): 'auto' is BERT's pooler output when the model has one (what
+  `BertForSequenceClassification` reads), else the first token's last hidden state for encoders
+  and the last real token's for decoders (the only one that has seen the whole input);
+  'pooler', 'cls', 'last' choose one of those; 'mean' averages the last hidden states over the
+  real tokens, the pooling sentence-transformers checkpoints (all-MiniLM-L6-v2 among them) were
+  trained with: their [CLS] state and pooler never were.
   """
 
-  def __init__(self, backbone: Model, num_labels: int, *, rngs: nnx.Rngs):
+  def __init__(self, backbone: Model, num_labels: int, *, pooling: str = 'auto',
+               rngs: nnx.Rngs):
+    check_pooling(pooling, backbone)
     self.backbone = backbone
+    self.pooling = pooling
     cfg = backbone.cfg
     self.kernel = make_param(rngs, (backbone.dims.hidden, num_labels), ('embed', 'labels'), cfg)
     self.bias = make_param(rngs, (num_labels,), ('labels',), cfg, 'zeros')
 
   def pooled(self, batch) -> jax.Array:
-    model = self.backbone
-    if model.pooler is not None:
+    model, pooling = self.backbone, self.pooling
+    if pooling == 'auto':
+      pooling = ('pooler' if model.pooler is not None else
+                 'cls' if model.cfg.kind == 'encoder' else 'last')
+    if pooling == 'pooler':
       return model.hidden_states(batch, pooled=True)[1]
     x_BTD = model.hidden_states(batch)
-    if model.cfg.kind == 'encoder':
+    if pooling == 'cls':
       return x_BTD[:, 0]
-    last_B = jnp.sum(batch['segment_ids'] > 0, axis=1) - 1
+    real_BT = batch['segment_ids'] > 0
+    if pooling == 'mean':
+      w_BT1 = real_BT[..., None].astype(jnp.float32)
+      return jnp.sum(x_BTD.astype(jnp.float32) * w_BT1, axis=1) / jnp.maximum(
+          jnp.sum(w_BT1, axis=1), 1.0)
+    last_B = jnp.sum(real_BT, axis=1) - 1
     return jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
 
   def __call__(self, batch) -> jax.Array:

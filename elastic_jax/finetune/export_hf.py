@@ -24,6 +24,10 @@ def save_classifier(clf: Classifier, task: GlueTask, out: str | Path, *,
                     tokenizer_dir: str | Path | None = None, base: dict | None = None) -> dict:
   """Writes `clf` as a Hugging Face sequence-classification directory (atomically)."""
   model = clf.backbone
+  if clf.pooling not in ('auto', 'pooler'):
+    raise UserError(f"a classifier fine-tuned with finetune.pooling={clf.pooling!r} has no "
+                    "transformers form (BertForSequenceClassification reads the pooler); keep the "
+                    "fine-tuning checkpoint instead, or fine-tune with pooling 'auto'")
   if model.cfg.kind != 'encoder' or not model.cfg.pooler:
     raise UserError('only BERT-style classifiers (an encoder with a pooler) export to '
                     'AutoModelForSequenceClassification; keep the fine-tuning checkpoint instead')

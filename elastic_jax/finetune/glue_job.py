@@ -27,8 +27,8 @@ class GlueJob:
   def epochs(self, cfg) -> int:
     return int(cfg.epochs_cola if self.name == 'cola' else cfg.epochs)
 
-  def head(self, backbone, seed: int) -> Classifier:
-    return Classifier(backbone, self.task.num_labels, rngs=nnx.Rngs(seed))
+  def head(self, backbone, seed: int, pooling: str = 'auto') -> Classifier:
+    return Classifier(backbone, self.task.num_labels, pooling=pooling, rngs=nnx.Rngs(seed))
 
   def load(self, cfg, tokenizer, kind: str, seq_len: int):
     """(train arrays, dev arrays), each [N, seq_len] per input plus 'label' [N]."""

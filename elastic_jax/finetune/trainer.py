@@ -76,6 +76,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.distill_weight = 1.0  # weight of the soft cross-entropy (MSE for regression) to the teacher
   c.hard_weight = 0.0  # weight of the label loss when distilling (1 without a teacher)
   c.temperature = 1.0  # distillation temperature
+  # GLUE heads: how the model's last hidden states become one vector per example: 'auto' (BERT's
+  # pooler where the model has one, else the [CLS] state for encoders, the last real token's for
+  # decoders), 'pooler', 'cls', 'last', or 'mean' (over the real tokens: what sentence-transformers
+  # checkpoints such as all-MiniLM-L6-v2 were trained with). Only 'auto' / 'pooler' classifiers
+  # export to transformers' BertForSequenceClassification.
+  c.pooling = 'auto'
   return c
 
 
@@ -97,9 +103,9 @@ def _load_model_and_tokenizer(model_dir: str | Path):
   return model, tokenizer_from_file(tokenizer_path)
 
 
-def _head(model_dir, job, seed: int):
+def _head(model_dir, job, seed: int, pooling: str = 'auto'):
   model, tokenizer = _load_model_and_tokenizer(model_dir)
-  return job.head(model, seed), tokenizer
+  return job.head(model, seed, pooling), tokenizer
 
 
 def _batches(split: dict, order: np.ndarray, size: int, keys: tuple[str, ...],
@@ -171,7 +177,8 @@ def load_best(workdir: str | Path):
     raise UserError(f'{workdir} is not a fine-tuning workdir ({MANIFEST} is missing)')
   manifest = json.loads(path.read_text())
   job = job_for(manifest['task'])
-  clf, _ = _head(manifest['model'], job, manifest['config']['seed'])
+  config = {**default_config().to_dict(), **manifest['config']}  # fields added since: defaults
+  clf, _ = _head(manifest['model'], job, config['seed'], config['pooling'])
   best = workdir / 'checkpoints' / 'best'
   if not best.is_dir():
     raise UserError(f'{workdir} has no best checkpoint yet; fine-tune at least one epoch')
@@ -192,10 +199,12 @@ def finetune(model_dir: str | Path, task_name: str, workdir: str | Path,
               'config': cfg.to_dict()}
   if (workdir / MANIFEST).is_file():
     previous = json.loads((workdir / MANIFEST).read_text())
+    # A field added to the config since that run was made holds its default there.
+    previous['config'] = {**default_config().to_dict(), **previous.get('config', {})}
     if previous != manifest:
       raise UserError(f'{workdir} holds a fine-tuning run of other settings ({MANIFEST}); use '
                       'a new --workdir or the same model, task and config')
-  clf, tokenizer = _head(model_dir, job, cfg.seed)
+  clf, tokenizer = _head(model_dir, job, cfg.seed, cfg.pooling)
   kind = clf.backbone.cfg.kind
   inputs.check_tokenizer(tokenizer, kind, clf.backbone.cfg.vocab_size)
   seq_len = min(int(cfg.seq_len), clf.backbone.cfg.max_len)

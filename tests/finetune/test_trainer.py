@@ -19,6 +19,7 @@ from elastic_jax.data.glue_tasks import get_task
 from elastic_jax.data.tokenizer import ByteTokenizer
 from elastic_jax.errors import UserError
 from elastic_jax.finetune import trainer
+from elastic_jax.finetune.classifier import Classifier
 from elastic_jax.finetune.glue_job import GlueJob
 from elastic_jax.model.supernet import Model
 
@@ -109,6 +110,64 @@ def test_length_cut_batches_compute_what_full_length_batches_do(model, request, 
   assert got['history'][0]['train_loss'] == pytest.approx(ref['history'][0]['train_loss'],
                                                           rel=1e-5)
   assert got['best']['score'] == pytest.approx(ref['best']['score'], abs=1e-6)
+
+
+@pytest.mark.parametrize('model', ['encoder_dir', 'decoder_dir'])
+def test_every_pooling_reads_the_hidden_states_it_names(model, request):
+  """`finetune.pooling` against NumPy on the backbone's last hidden states of a padded batch:
+  'mean' over each row's real tokens, 'last' its last real token, 'cls' the first; 'auto' is the
+  pooler for the encoder (it has one) and the last token for the decoder."""
+  backbone, _ = export.load(request.getfixturevalue(model))
+  lengths, t = np.array([5, 9, 3, 12]), 12
+  segment_ids = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+  tokens = np.where(segment_ids > 0, np.random.RandomState(0).randint(3, 250, (4, t)), 0)
+  batch = {'tokens': tokens.astype(np.int32), 'segment_ids': segment_ids,
+           'positions': np.where(segment_ids > 0, np.arange(t)[None], 0).astype(np.int32),
+           'token_types': (np.arange(t)[None] >= lengths[:, None] // 2).astype(np.int32)}
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  h = np.asarray(backbone.hidden_states(batch), np.float64)
+  want = {'mean': np.stack([h[i, :n].mean(0) for i, n in enumerate(lengths)]),
+          'last': np.stack([h[i, n - 1] for i, n in enumerate(lengths)])}
+  if backbone.cfg.kind == 'encoder':
+    want['cls'] = h[:, 0]
+    want['pooler'] = want['auto'] = np.asarray(backbone.hidden_states(batch, pooled=True)[1])
+  else:
+    want['auto'] = want['last']
+  for pooling, expected in want.items():
+    clf = Classifier(backbone, 2, pooling=pooling, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(np.asarray(clf.pooled(batch)), expected, rtol=1e-5, atol=1e-6,
+                               err_msg=pooling)
+  assert not np.allclose(want['mean'], want['last'])  # the batch tells the poolings apart
+
+
+@pytest.mark.parametrize('pooling, match', [
+    ('max', "finetune.pooling='max' is unknown"),
+    ('pooler', "needs a model with BERT's pooler"),
+    ('cls', 'in a decoder has seen only itself'),
+])
+def test_a_pooling_the_model_cannot_do_is_one_clear_error(decoder_dir, pooling, match):
+  backbone, _ = export.load(decoder_dir)
+  with pytest.raises(UserError, match=match):
+    Classifier(backbone, 2, pooling=pooling, rngs=nnx.Rngs(0))
+
+
+def test_a_run_made_before_a_config_field_existed_still_resumes(encoder_dir, shared_data,
+                                                                tmp_path):
+  """A finished run whose manifest lacks a field added since (here `pooling`) reads it as the
+  default: the same settings, so it resumes (and re-reads its best) instead of being refused."""
+  cfg = _cfg(shared_data / 'glue', tmp_path / 'cache', epochs=1)
+  first = trainer.finetune(encoder_dir, 'wnli', tmp_path / 'w', cfg, log=lambda m: None)
+  path = tmp_path / 'w' / trainer.MANIFEST
+  old = json.loads(path.read_text())
+  del old['config']['pooling']
+  path.write_text(json.dumps(old))
+  again = trainer.finetune(encoder_dir, 'wnli', tmp_path / 'w', cfg, log=lambda m: None)
+  assert again['best'] == first['best']
+  _, _, best = trainer.load_best(tmp_path / 'w')
+  assert best['score'] == first['best']['score']
+  cfg.pooling = 'mean'
+  with pytest.raises(UserError, match='other settings'):
+    trainer.finetune(encoder_dir, 'wnli', tmp_path / 'w', cfg, log=lambda m: None)
 
 
 def test_decoder_regression_and_learning(decoder_dir, shared_data, tmp_path):

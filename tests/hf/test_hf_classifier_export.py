@@ -44,3 +44,12 @@ def test_decoder_classifier_is_refused(tmp_path):
   with pytest.raises(UserError, match='BERT-style'):
     save_classifier(clf, get_task('rte'), tmp_path / 'out')
   assert not (tmp_path / 'out').exists()
+
+
+def test_mean_pooled_classifier_is_refused(tmp_path):
+  """BertForSequenceClassification reads the pooler: a mean-pooled head has no exact form."""
+  directory = H.save_model('bert', tmp_path / 'bert')
+  clf = Classifier(convert.load_dense(directory).model, 2, pooling='mean', rngs=nnx.Rngs(0))
+  with pytest.raises(UserError, match="pooling='mean' has no transformers form"):
+    save_classifier(clf, get_task('rte'), tmp_path / 'out')
+  assert not (tmp_path / 'out').exists()
