@@ -103,6 +103,11 @@ def _load_model_and_tokenizer(model_dir: str | Path):
   return model, tokenizer_from_file(tokenizer_path)
 
 
+def _with_defaults(config: dict) -> dict:
+  """A saved run's config with every field added since it was made at its default."""
+  return {**default_config().to_dict(), **config}
+
+
 def _head(model_dir, job, seed: int, pooling: str = 'auto'):
   model, tokenizer = _load_model_and_tokenizer(model_dir)
   return job.head(model, seed, pooling), tokenizer
@@ -177,7 +182,7 @@ def load_best(workdir: str | Path):
     raise UserError(f'{workdir} is not a fine-tuning workdir ({MANIFEST} is missing)')
   manifest = json.loads(path.read_text())
   job = job_for(manifest['task'])
-  config = {**default_config().to_dict(), **manifest['config']}  # fields added since: defaults
+  config = _with_defaults(manifest['config'])
   clf, _ = _head(manifest['model'], job, config['seed'], config['pooling'])
   best = workdir / 'checkpoints' / 'best'
   if not best.is_dir():
@@ -199,8 +204,7 @@ def finetune(model_dir: str | Path, task_name: str, workdir: str | Path,
               'config': cfg.to_dict()}
   if (workdir / MANIFEST).is_file():
     previous = json.loads((workdir / MANIFEST).read_text())
-    # A field added to the config since that run was made holds its default there.
-    previous['config'] = {**default_config().to_dict(), **previous.get('config', {})}
+    previous['config'] = _with_defaults(previous.get('config', {}))
     if previous != manifest:
       raise UserError(f'{workdir} holds a fine-tuning run of other settings ({MANIFEST}); use '
                       'a new --workdir or the same model, task and config')

@@ -40,7 +40,7 @@ COST_INFO = {
 }
 
 
-_COST_FNS: dict[tuple, Callable] = {}
+_HOST_FNS: dict[tuple, Callable] = {}
 
 
 def space_key(space: Space) -> tuple:
@@ -54,9 +54,9 @@ def _host_call(name: str, space: Space, build: Callable, genomes_BxG):
   compile; eager calls compiled every primitive again for each new batch size); numpy outputs
   for the real rows."""
   key = (name, space_key(space))
-  fn = _COST_FNS.get(key)
+  fn = _HOST_FNS.get(key)
   if fn is None:
-    fn = _COST_FNS[key] = jax.jit(build(space))
+    fn = _HOST_FNS[key] = jax.jit(build(space))
   genomes_BxG = np.asarray(genomes_BxG, np.int32).reshape(-1, space.num_genes)
   b = genomes_BxG.shape[0]
   padded = np.zeros((max(8, 1 << max(b - 1, 0).bit_length()), space.num_genes), np.int32)
