@@ -34,7 +34,7 @@ from elastic_jax import export as export_lib
 from elastic_jax.data.glue_tasks import TASKS, get_task
 from elastic_jax.data.tokenizer import tokenizer_from_file
 from elastic_jax.errors import UserError
-from elastic_jax.finetune import inputs, squad_data
+from elastic_jax.finetune import inputs, probe, squad_data
 from elastic_jax.finetune.glue_job import GlueJob
 from elastic_jax.finetune.squad_job import SquadJob
 
@@ -82,6 +82,14 @@ def default_config() -> ml_collections.ConfigDict:
   # checkpoints such as all-MiniLM-L6-v2 were trained with). Only 'auto' / 'pooler' classifiers
   # export to transformers' BertForSequenceClassification.
   c.pooling = 'auto'
+  # LP-FT (finetune/probe.py): before the first epoch the GLUE head is fitted on the frozen
+  # backbone's pooled features of the training split (the run's own loss, L-BFGS, an L2 penalty
+  # on the kernel of the features divided by their common scale), so fine-tuning starts from a
+  # fitted head, not a random one. Several penalties: the one of least held-out loss in
+  # `probe_folds`-fold cross-validation on the training split; one, e.g. (0.01,): that one.
+  c.linear_probe = True
+  c.probe_l2 = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+  c.probe_folds = 5
   return c
 
 
@@ -104,8 +112,9 @@ def _load_model_and_tokenizer(model_dir: str | Path):
 
 
 def _with_defaults(config: dict) -> dict:
-  """A saved run's config with every field added since it was made at its default."""
-  return {**default_config().to_dict(), **config}
+  """A saved run's config with every field added since it was made at its default (as JSON
+  holds it: tuples as lists)."""
+  return json.loads(json.dumps({**default_config().to_dict(), **config}))
 
 
 def _head(model_dir, job, seed: int, pooling: str = 'auto'):
@@ -133,12 +142,13 @@ def _batches(split: dict, order: np.ndarray, size: int, keys: tuple[str, ...],
     yield batch
 
 
-def outputs(graphdef, params, arrays: dict, batch_size: int, pad_to_multiple: int = 0
-            ) -> np.ndarray:
-  """The head's outputs for every row of `arrays` (model inputs [N, T]). With `pad_to_multiple`
-  the rows are run shortest first in batches cut to their length (`_batches`); the head's outputs
-  must then be per row ([N, ...] without a time axis), returned in the rows' own order."""
-  forward = _forward_fn(graphdef)
+def outputs(graphdef, params, arrays: dict, batch_size: int, pad_to_multiple: int = 0,
+            method: str = '__call__') -> np.ndarray:
+  """The head's outputs (or another `method` of the head model: 'pooled' for its features) for
+  every row of `arrays` (model inputs [N, T]). With `pad_to_multiple` the rows are run shortest
+  first in batches cut to their length (`_batches`); the outputs must then be per row ([N, ...]
+  without a time axis), returned in the rows' own order."""
+  forward = _forward_fn(graphdef, method)
   order = np.arange(len(arrays['tokens']))
   if pad_to_multiple > 0:
     order = np.argsort((arrays['segment_ids'] > 0).sum(axis=1), kind='stable')
@@ -155,10 +165,31 @@ def outputs(graphdef, params, arrays: dict, batch_size: int, pad_to_multiple: in
 _FORWARDS: dict = {}
 
 
-def _forward_fn(graphdef):
-  if graphdef not in _FORWARDS:
-    _FORWARDS[graphdef] = jax.jit(lambda p, b: nnx.merge(graphdef, p)(b))
-  return _FORWARDS[graphdef]
+def _forward_fn(graphdef, method: str = '__call__'):
+  key = (graphdef, method)
+  if key not in _FORWARDS:
+    _FORWARDS[key] = jax.jit(lambda p, b: getattr(nnx.merge(graphdef, p), method)(b))
+  return _FORWARDS[key]
+
+
+def _linear_probe(graphdef, params, train: dict, job: GlueJob, cfg, teacher, log: Callable):
+  """`params` with the head fitted on the frozen backbone's pooled features of `train`
+  (`finetune.linear_probe`; probe.py)."""
+  start = time.perf_counter()
+  run = functools.partial(outputs, batch_size=cfg.eval_batch_size,
+                          pad_to_multiple=cfg.pad_to_multiple)
+  features = run(graphdef, params, train, method='pooled')
+  teacher_out = None if teacher is None else run(teacher[0], teacher[1], train)
+  clf = nnx.merge(graphdef, params)
+  kernel, bias, penalty = probe.fit_head(
+      features, train['label'], teacher_out, clf.kernel.shape[1],
+      lambda out, batch, t: job.loss(out, batch, t, cfg), tuple(cfg.probe_l2),
+      int(cfg.probe_folds))
+  clf.kernel[...] = jnp.asarray(kernel, clf.kernel.dtype)
+  clf.bias[...] = jnp.asarray(bias, clf.bias.dtype)
+  log(f'{job.name}: head fitted on frozen features (linear probe, L2 {penalty:g}) in '
+      f'{time.perf_counter() - start:.1f} s')
+  return nnx.split(clf, nnx.Param)[1]
 
 
 def _manager(directory: Path, items: tuple[str, ...]) -> ocp.CheckpointManager:
@@ -200,8 +231,9 @@ def finetune(model_dir: str | Path, task_name: str, workdir: str | Path,
   cfg = cfg or default_config()
   job = job_for(task_name)
   workdir = Path(workdir)
-  manifest = {'model': str(Path(model_dir).resolve()), 'task': job.name,
-              'config': cfg.to_dict()}
+  # As JSON reads it back (tuples become lists), so a rerun's comparison is like with like.
+  manifest = json.loads(json.dumps({'model': str(Path(model_dir).resolve()), 'task': job.name,
+                                    'config': cfg.to_dict()}))
   if (workdir / MANIFEST).is_file():
     previous = json.loads((workdir / MANIFEST).read_text())
     previous['config'] = _with_defaults(previous.get('config', {}))
@@ -260,6 +292,8 @@ def finetune(model_dir: str | Path, task_name: str, workdir: str | Path,
     params, opt_state, progress = restored['params'], restored['opt_state'], restored['meta']
     log(f'resuming after epoch {progress["epoch"] + 1} of {epochs}')
   else:
+    if cfg.linear_probe and isinstance(job, GlueJob):
+      params = _linear_probe(graphdef, params, train, job, cfg, teacher, log)
     workdir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(workdir / MANIFEST, json.dumps(manifest, indent=2) + '\n')
 
