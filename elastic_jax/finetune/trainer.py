@@ -88,7 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
   # fitted head, not a random one. Several penalties: the one of least held-out loss in
   # `probe_folds`-fold cross-validation on the training split; one, e.g. (0.01,): that one.
   c.linear_probe = True
-  c.probe_l2 = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+  c.probe_l2 = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
   c.probe_folds = 5
   return c
 
