@@ -121,16 +121,13 @@ def make_subnets(minilm: Path, workdir: Path, size: dict, log) -> dict:
 
 
 def finetune_run(model_dir: str, task: str, workdir: str, cfg: dict) -> dict:
-  """One fine-tuning run (in a worker process); its best epoch's record."""
+  """One fine-tuning run (in a worker process): its best epoch's record and its wall-clock
+  seconds."""
   from elastic_jax.finetune import trainer
   log = lambda m: print(f'{Path(workdir).parent.name}/{task}: {m}', file=sys.stderr,  # noqa: E731
                         flush=True)
-  return trainer.finetune(model_dir, task, workdir, ml_collections.ConfigDict(cfg), log=log)['best']
-
-
-def _timed_finetune_run(*args) -> dict:
   t0 = time.perf_counter()
-  best = finetune_run(*args)
+  best = trainer.finetune(model_dir, task, workdir, ml_collections.ConfigDict(cfg), log=log)['best']
   return {'best': best, 'seconds': time.perf_counter() - t0}
 
 
@@ -176,7 +173,7 @@ def main():
       for task in size['tasks']:
         cfg = dict(base_cfg.to_dict(), teacher=str(runs / teacher / task) if teacher else '')
         calls[(name, task)] = (str(model_dir), task, str(runs / run_name / task), cfg)
-    timed = common.in_workers(_timed_finetune_run, calls, args.jobs,
+    timed = common.in_workers(finetune_run, calls, args.jobs,
                               log=lambda msg: log(f'finished {msg}'))
     for name, *_ in phase:
       runs_of = {task: timed[(name, task)] for task in size['tasks']}
