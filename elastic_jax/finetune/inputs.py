@@ -3,6 +3,10 @@
 Encoders: [CLS] A [SEP] (B [SEP]) with token types 0 / 1 (the data pipeline's `GlueEncoder`, the
 layout BERT's tokenizer makes). Decoders: A [EOS] (B [EOS]), no token types; the classifier pools
 the last real token, which has seen the whole input.
+
+Siamese pairs (`finetune.pair_encoding='siamese'`): each sentence of a pair encoded alone, as a
+single-sentence task encodes it ([CLS] A [SEP] / A [EOS]), stacked as [N, 2, seq_len]: the
+bi-encoder layout sentence-transformers trains and serves.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from elastic_jax.data.glue_tasks import GlueTask
 from elastic_jax.data.pipelines import GlueEncoder, truncate_pair
 from elastic_jax.data.tokenizer import Tokenizer
 from elastic_jax.errors import UserError
+from elastic_jax.finetune.classifier import SEQUENCE_KEYS as INPUT_KEYS
 
 
 def open_task(glue: str, task: GlueTask, cache_dir: str = '') -> sources.Corpus:
@@ -71,14 +76,37 @@ def check_tokenizer(tokenizer: Tokenizer, kind: str, vocab_size: int) -> None:
                       f'{vocab_size}); fine-tune with the tokenizer the model was trained with')
 
 
+PAIR_ENCODINGS = ('cross', 'siamese')
+
+
+def check_pair_encoding(pair_encoding: str) -> None:
+  if pair_encoding not in PAIR_ENCODINGS:
+    raise UserError(f'finetune.pair_encoding={pair_encoding!r} is unknown; use one of '
+                    f'{", ".join(PAIR_ENCODINGS)}')
+
+
 def encode_split(records, reader, tokenizer: Tokenizer, task: GlueTask, kind: str,
-                 seq_len: int, limit: int = 0) -> dict[str, np.ndarray]:
-  """Every record of a split (the first `limit` if > 0) as stacked arrays [N, seq_len]."""
+                 seq_len: int, limit: int = 0, pair_encoding: str = 'cross'
+                 ) -> dict[str, np.ndarray]:
+  """Every record of a split (the first `limit` if > 0) as stacked arrays: inputs [N, seq_len],
+  or [N, 2, seq_len] for a pair task encoded 'siamese'; 'label' [N]."""
+  check_pair_encoding(pair_encoding)
   encoder_cls = GlueEncoder if kind == 'encoder' else DecoderPairEncoder
-  encode = encoder_cls(tokenizer=tokenizer, reader=reader, seq_len=seq_len, task=task)
   n = len(records) if not limit else min(limit, len(records))
-  examples = [encode(records[i]) for i in range(n)]
-  if not examples:
+  if n == 0:
     raise UserError(f'GLUE {task.name}: a split has no examples')
-  keys = ('tokens', 'segment_ids', 'positions', 'token_types', 'label')
-  return {k: np.stack([e[k] for e in examples]) for k in keys}
+  if pair_encoding == 'cross' or not task.is_pair:
+    encode = encoder_cls(tokenizer=tokenizer, reader=reader, seq_len=seq_len, task=task)
+    examples = [encode(records[i]) for i in range(n)]
+    return {k: np.stack([e[k] for e in examples]) for k in (*INPUT_KEYS, 'label')}
+  alone = dataclasses.replace(task, text_columns=task.text_columns[:1])
+  halves = []
+  for side in (0, 1):
+    def read(record, side=side):
+      *sentences, label = reader(record)
+      return sentences[side], '', label
+    encode = encoder_cls(tokenizer=tokenizer, reader=read, seq_len=seq_len, task=alone)
+    halves.append([encode(records[i]) for i in range(n)])
+  arrays = {k: np.stack([np.stack([a[k], b[k]]) for a, b in zip(*halves)]) for k in INPUT_KEYS}
+  arrays['label'] = np.stack([e['label'] for e in halves[0]])
+  return arrays

@@ -26,8 +26,9 @@ class SquadJob:
   def epochs(self, cfg) -> int:
     return int(cfg.epochs)
 
-  def head(self, backbone, seed: int, pooling: str = 'auto') -> SpanHead:
-    del pooling  # spans are read from every token: nothing is pooled
+  def head(self, backbone, seed: int, pooling: str = 'auto',
+           pair_encoding: str = 'cross') -> SpanHead:
+    del pooling, pair_encoding  # spans are read from every token of question + context
     if backbone.cfg.kind != 'encoder':
       raise UserError(f'{self.name} fine-tuning reads spans with an encoder; this model is a '
                       f'{backbone.cfg.kind} (fine-tune it on a GLUE task instead)')

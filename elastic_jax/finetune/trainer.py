@@ -41,7 +41,7 @@ from elastic_jax.finetune.squad_job import SquadJob
 SUITES = {'glue-small': ('cola', 'sst2', 'mrpc', 'rte', 'stsb', 'wnli')}
 MANIFEST = 'finetune.json'
 RESULTS = 'results.json'
-_ARRAYS = ('tokens', 'segment_ids', 'positions', 'token_types')
+_ARRAYS = inputs.INPUT_KEYS
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -82,6 +82,12 @@ def default_config() -> ml_collections.ConfigDict:
   # checkpoints such as all-MiniLM-L6-v2 were trained with). Only 'auto' / 'pooler' classifiers
   # export to transformers' BertForSequenceClassification.
   c.pooling = 'auto'
+  # GLUE sentence pairs: 'cross' (one sequence A [SEP] B, every layer attending across the pair:
+  # BERT's recipe) or 'siamese' (each sentence encoded alone and pooled to u, v; the head reads
+  # (u, v, |u - v|) for classes, cos(u, v) for STS-B's score: how sentence-transformers models,
+  # all-MiniLM-L6-v2 among them, are trained and used, so their similarity training carries over).
+  # Single-sentence tasks read one sequence either way. Siamese heads have no transformers form.
+  c.pair_encoding = 'cross'
   # LP-FT (finetune/probe.py): before the first epoch the GLUE head is fitted on the frozen
   # backbone's pooled features of the training split (the run's own loss, L-BFGS, an L2 penalty
   # on the kernel of the features divided by their common scale), so fine-tuning starts from a
@@ -117,9 +123,15 @@ def _with_defaults(config: dict) -> dict:
   return json.loads(json.dumps({**default_config().to_dict(), **config}))
 
 
-def _head(model_dir, job, seed: int, pooling: str = 'auto'):
+def _head(model_dir, job, seed: int, pooling: str = 'auto', pair_encoding: str = 'cross'):
   model, tokenizer = _load_model_and_tokenizer(model_dir)
-  return job.head(model, seed, pooling), tokenizer
+  return job.head(model, seed, pooling, pair_encoding), tokenizer
+
+
+def _lengths(split: dict) -> np.ndarray:
+  """Each row's real tokens (of its longer sentence for siamese pairs [N, 2, T])."""
+  real = split['segment_ids'] > 0
+  return real.sum(axis=-1).reshape(len(real), -1).max(axis=1)
 
 
 def _batches(split: dict, order: np.ndarray, size: int, keys: tuple[str, ...],
@@ -128,16 +140,16 @@ def _batches(split: dict, order: np.ndarray, size: int, keys: tuple[str, ...],
   `pad_to_multiple` > 0 the per-token arrays are cut to the batch's longest row rounded up to that
   multiple (padding positions only: `segment_ids` is 0 there, and every model reads it as the
   attention mask, so the real rows' outputs do not change)."""
-  full = split['segment_ids'].shape[1]
+  full = split['segment_ids'].shape[-1]
   for start in range(0, len(order), size):
     idx = order[start:start + size]
     real = len(idx)
     idx = np.concatenate([idx, np.zeros(size - real, idx.dtype)])
     batch = {k: split[k][idx] for k in keys}
     if pad_to_multiple > 0:
-      longest = int((batch['segment_ids'][:real] > 0).sum(axis=1).max())
+      longest = int(_lengths(batch)[:real].max())
       length = min(full, -(-max(longest, 1) // pad_to_multiple) * pad_to_multiple)
-      batch.update({k: batch[k][:, :length] for k in _ARRAYS})
+      batch.update({k: batch[k][..., :length] for k in _ARRAYS})
     batch['weight'] = (np.arange(size) < real).astype(np.float32)
     yield batch
 
@@ -151,7 +163,7 @@ def outputs(graphdef, params, arrays: dict, batch_size: int, pad_to_multiple: in
   forward = _forward_fn(graphdef, method)
   order = np.arange(len(arrays['tokens']))
   if pad_to_multiple > 0:
-    order = np.argsort((arrays['segment_ids'] > 0).sum(axis=1), kind='stable')
+    order = np.argsort(_lengths(arrays), kind='stable')
   out = []
   for batch in _batches(arrays, order, batch_size, _ARRAYS, pad_to_multiple):
     logits = np.asarray(forward(params, {k: batch[k] for k in _ARRAYS}))
@@ -214,7 +226,8 @@ def load_best(workdir: str | Path):
   manifest = json.loads(path.read_text())
   job = job_for(manifest['task'])
   config = _with_defaults(manifest['config'])
-  clf, _ = _head(manifest['model'], job, config['seed'], config['pooling'])
+  clf, _ = _head(manifest['model'], job, config['seed'], config['pooling'],
+                 config['pair_encoding'])
   best = workdir / 'checkpoints' / 'best'
   if not best.is_dir():
     raise UserError(f'{workdir} has no best checkpoint yet; fine-tune at least one epoch')
@@ -240,7 +253,7 @@ def finetune(model_dir: str | Path, task_name: str, workdir: str | Path,
     if previous != manifest:
       raise UserError(f'{workdir} holds a fine-tuning run of other settings ({MANIFEST}); use '
                       'a new --workdir or the same model, task and config')
-  clf, tokenizer = _head(model_dir, job, cfg.seed, cfg.pooling)
+  clf, tokenizer = _head(model_dir, job, cfg.seed, cfg.pooling, cfg.pair_encoding)
   kind = clf.backbone.cfg.kind
   inputs.check_tokenizer(tokenizer, kind, clf.backbone.cfg.vocab_size)
   seq_len = min(int(cfg.seq_len), clf.backbone.cfg.max_len)
@@ -256,6 +269,11 @@ def finetune(model_dir: str | Path, task_name: str, workdir: str | Path,
     if teacher_job.name != job.name:
       raise UserError(f'finetune.teacher {cfg.teacher} was fine-tuned on {teacher_job.name}, '
                       f'not {job.name}')
+    if getattr(teacher_clf, 'siamese', False) != getattr(clf, 'siamese', False):
+      raise UserError(f'finetune.teacher {cfg.teacher} reads {job.name} pairs '
+                      f'{"siamese" if teacher_clf.siamese else "cross"}-encoded, this run '
+                      f'{"siamese" if clf.siamese else "cross"}: the teacher must read the '
+                      'examples as the student does (set finetune.pair_encoding alike)')
     teacher = nnx.split(teacher_clf, nnx.Param)
 
   epochs = job.epochs(cfg)
