@@ -425,7 +425,13 @@ def finetune():
     print((Path(workdir) / f'{FLAGS.suite}.md').read_text())
     _print_json(scores)
     return
-  result = trainer.finetune(model, _require('task'), workdir, cfg, log=log)
+  task = _require('task')
+  pairs = getattr(getattr(trainer.job_for(task), 'task', None), 'is_pair', False)
+  if FLAGS.out and pairs and cfg.pair_encoding == 'siamese':
+    raise UserError("--out writes BertForSequenceClassification, which reads a sentence pair as "
+                    "one sequence; a finetune.pair_encoding='siamese' classifier has no such "
+                    "form: drop --out (the checkpoint stays in --workdir) or use 'cross'")
+  result = trainer.finetune(model, task, workdir, cfg, log=log)
   out = {'task': result['task'], 'best': result['best']}
   if FLAGS.out:  # the best epoch as a transformers AutoModelForSequenceClassification directory
     from elastic_jax.finetune.export_hf import save_classifier

@@ -199,40 +199,46 @@ class Space:
     per_NxLxK = per_NxLxK.at[..., 3].set(ffn_NxL).at[..., 1].set(heads_NxL)
     return genomes.at[:, GLOBAL_GENES:end].set(per_NxLxK.reshape(n, -1))
 
-  def _extreme_genome(self, largest: bool, allow_skip: bool = False,
-                      limits: Limits | None = None) -> np.ndarray:
-    """Every numeric gene at its largest (smallest) choice; each layer's block the type with the
-    most (fewest) parameters at those settings ('skip' only if `allow_skip`)."""
-    g = np.array((self.gene_sizes - 1) if largest else np.zeros_like(self.gene_sizes))
+  def extreme_genome(self, largest: bool, *, cost: str = 'params', allow_skip: bool = False,
+                     limits: Limits | None = None) -> np.ndarray:
+    """The genome of the exact max (min) of the analytic `cost` (a key of `cost()`).
+
+    Every cost is a sum over layers plus global terms and grows with every numeric choice, so the
+    extreme takes every numeric gene at its largest (smallest) choice and, layer by layer, the
+    block type of the largest (smallest) cost at those settings, the first of ties ('skip' only
+    if `allow_skip`): greedy is exact for a sum of independent layer terms. Each layer's trials
+    are costed in one jitted call.
+    """
+    g = np.array((self.gene_sizes - 1) if largest else np.zeros_like(self.gene_sizes), np.int32)
     choices = [i for i, b in enumerate(self.cfg.blocks) if b != 'skip' or allow_skip]
     for layer in range(self.num_layers):
       gene = GLOBAL_GENES + layer * LAYER_GENES
       trials = np.repeat(g[None], len(choices), axis=0)
       trials[:, gene] = choices
-      p = self._params_of_genomes(trials, limits)
-      g[gene] = choices[int(np.argmax(p) if largest else np.argmin(p))]  # the first of ties
+      values = np.asarray(self.genome_costs(trials, limits)[cost], np.float64)
+      g[gene] = choices[int(np.argmax(values) if largest else np.argmin(values))]
     return g
 
-  def _params_of_genomes(self, genomes_NxG: np.ndarray, limits: Limits | None) -> np.ndarray:
-    """Parameters of each genome's arch, one jitted call (compiled once per space and batch
-    size; eager decoding compiled every primitive of it, seconds at every command's start)."""
-    if getattr(self, '_params_jit', None) is None:
-      self._params_jit = jax.jit(jax.vmap(lambda g, lim: self.cost(self.decode(g, lim))['params'],
-                                          in_axes=(0, None)))
-    return np.asarray(self._params_jit(jnp.asarray(genomes_NxG, jnp.int32), limits))
+  def genome_costs(self, genomes_NxG: np.ndarray, limits: Limits | None = None) -> dict:
+    """`cost()` of each genome's arch, one jitted call (compiled once per space and batch size;
+    eager decoding compiled every primitive of it, seconds at every command's start)."""
+    if getattr(self, '_costs_jit', None) is None:
+      self._costs_jit = jax.jit(jax.vmap(lambda g, lim: self.cost(self.decode(g, lim)),
+                                         in_axes=(0, None)))
+    return self._costs_jit(jnp.asarray(genomes_NxG, jnp.int32), limits)
 
   def largest(self, limits: Limits | None = None) -> Arch:
     """The arch with the most parameters (the sandwich rule's teacher)."""
-    return self.decode(self._extreme_genome(True, limits=limits), limits)
+    return self.decode(self.extreme_genome(True, limits=limits), limits)
 
   def smallest(self, limits: Limits | None = None) -> Arch:
     """The smallest network of the sandwich rule (whittle's): every dimension at its smallest,
     the shallowest depth, each kept layer the lightest block type that computes ('skip' aside)."""
-    return self.decode(self._extreme_genome(False, limits=limits), limits)
+    return self.decode(self.extreme_genome(False, limits=limits), limits)
 
   def fewest_params(self) -> Arch:
     """The arch with the fewest parameters in the space ('skip' allowed: layers may vanish)."""
-    return self.decode(self._extreme_genome(False, allow_skip=True))
+    return self.decode(self.extreme_genome(False, allow_skip=True))
 
   def sample(self, key: jax.Array, n: int, *, max_params: int | None = None) -> Arch:
     """n archs (a batched Arch), uniform per gene; with `max_params`, uniform among those under
@@ -264,8 +270,8 @@ class Space:
 
   def parameter_range(self) -> tuple[int, int]:
     """Parameters of `fewest_params()` and of `largest()`."""
-    low, high = self._params_of_genomes(np.stack([
-        self._extreme_genome(False, allow_skip=True), self._extreme_genome(True)]), None)
+    low, high = np.asarray(self.genome_costs(np.stack([
+        self.extreme_genome(False, allow_skip=True), self.extreme_genome(True)]))['params'])
     return int(low), int(high)
 
   def num_architectures(self) -> int:

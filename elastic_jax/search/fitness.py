@@ -23,7 +23,7 @@ from flax import nnx
 
 from elastic_jax import distributed, evaluation
 from elastic_jax.errors import UserError
-from elastic_jax.search.genomes import extreme_genome, space_key
+from elastic_jax.search.genomes import extreme_genomes, space_key
 from elastic_jax.search.objectives import Context, Objective, get_objective
 from elastic_jax.space import Space
 
@@ -197,6 +197,4 @@ class Fitness:
 
   def extremes(self, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Values at the space's smallest and largest architectures (by parameters), natural."""
-    genomes = np.stack([extreme_genome(self.space, 'params', largest=False),
-                        extreme_genome(self.space, 'params', largest=True)])
-    return self.evaluate(genomes, names)
+    return self.evaluate(extreme_genomes(self.space), names)

@@ -87,23 +87,15 @@ def canonical_genomes_host(space: Space, genomes_BxG) -> np.ndarray:
 
 
 def extreme_genome(space: Space, name: str, largest: bool) -> np.ndarray:
-  """The genome of the exact min (max) of an analytic cost over the space.
+  """The genome of the exact min (max) of the analytic cost `name` (a COST_KEYS name) over the
+  whole space, 'skip' layers included (`Space.extreme_genome`)."""
+  return space.extreme_genome(largest, cost=COST_KEYS[name], allow_skip=True)
 
-  Every cost is a sum over layers plus global terms, and grows with every numeric choice; so the
-  extreme takes every numeric gene at its smallest (largest) choice and, layer by layer, the block
-  type with the smallest (largest) cost (greedy is exact for a sum of independent layer terms).
-  All trials of one layer are costed in one batched call.
-  """
-  key = COST_KEYS[name]
-  sizes = np.asarray(space.gene_sizes)
-  genome = (sizes - 1) if largest else np.zeros_like(sizes)
-  for layer in range(space.num_layers):
-    gene = GLOBAL_GENES + layer * LAYER_GENES
-    trials = np.repeat(genome[None], int(sizes[gene]), axis=0)
-    trials[:, gene] = np.arange(int(sizes[gene]))
-    values = genome_costs(space, trials)[key].astype(np.float64)
-    genome[gene] = int(np.argmax(values) if largest else np.argmin(values))
-  return genome.astype(np.int32)
+
+def extreme_genomes(space: Space) -> np.ndarray:
+  """[2, G]: the genomes of the fewest and of the most parameters."""
+  return np.stack([extreme_genome(space, 'params', largest=False),
+                   extreme_genome(space, 'params', largest=True)])
 
 
 def extreme_value(space: Space, name: str, largest: bool) -> float:

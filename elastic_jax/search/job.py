@@ -122,7 +122,7 @@ def _seeds(sc: SearchConfig, space, fitness: Fitness, budgets: Budgets,
   budgets, each network once; (None, None) when there are none."""
   genomes, natural = [], []
   if sc.seed_extremes:
-    genomes.append(pareto_lib.extreme_genomes(space))
+    genomes.append(genomes_lib.extreme_genomes(space))
     natural.append(np.stack([extremes[n] for n in fitness.names], axis=1))
   if sc.seed_archs:
     given = seed_genomes(sc.seed_archs, space)

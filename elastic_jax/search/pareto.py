@@ -18,7 +18,7 @@ from elastic_jax.search.genomes import (
   arch_at,
   canonical_genomes_host,
   decode_genomes,
-  extreme_genome,
+  extreme_genomes,
 )
 from elastic_jax.search.hypervolume import hypervolume_nd, pareto_front_mask
 
@@ -34,11 +34,6 @@ def hypervolumes(fitness_NxPxM, mask_NxP, ref_min_M) -> np.ndarray:
 def front_sizes(fitness_NxPxM, mask_NxP) -> np.ndarray:
   return np.asarray([int(np.sum(np.asarray(pareto_front_mask(f, m))))
                      for f, m in zip(fitness_NxPxM, mask_NxP)])
-
-
-def extreme_genomes(space) -> np.ndarray:
-  return np.stack([extreme_genome(space, 'params', largest=False),
-                   extreme_genome(space, 'params', largest=True)])
 
 
 def _front_order(fitness: Fitness, state, mask_P) -> np.ndarray:

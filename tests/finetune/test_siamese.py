@@ -150,6 +150,9 @@ def test_what_a_siamese_run_cannot_do_is_one_clear_error(encoder_dir, shared_dat
   err = _one_error_line(base + [f'--workdir={tmp_path / "x"}',
                                 '--config.finetune.pair_encoding=both'], capsys)
   assert "pair_encoding='both' is unknown" in err and not (tmp_path / 'x').exists()
+  err = _one_error_line(base + [f'--workdir={tmp_path / "y"}', f'--out={tmp_path / "y_hf"}',
+                                '--config.finetune.pair_encoding=siamese'], capsys)
+  assert 'drop --out' in err and not (tmp_path / 'y').exists()
   cross = _cfg(shared_data / 'glue', tmp_path / 'cache', epochs=1)
   trainer.finetune(encoder_dir, 'mrpc', tmp_path / 'teacher', cross, log=lambda m: None)
   student = _cfg(shared_data / 'glue', tmp_path / 'cache', epochs=1, pair_encoding='siamese',

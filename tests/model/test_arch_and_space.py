@@ -11,7 +11,7 @@ from conftest import randomize
 from flax import nnx
 
 from elastic_jax import arch as arch_lib
-from elastic_jax.config import ModelConfig, space_config
+from elastic_jax.config import BLOCK_TYPES, ModelConfig, space_config
 from elastic_jax.errors import UserError
 from elastic_jax.model.supernet import Model
 from elastic_jax.space import Space
@@ -122,6 +122,35 @@ def test_space_count_matches_enumeration():
                    for i, l in enumerate(d['layers']) if i < d['depth']]
     keys.add(json.dumps(d))
   assert space.num_architectures() == len(keys)
+
+
+@pytest.mark.parametrize('cost', ['params', 'flops', 'kv_cache'])
+def test_extreme_genomes_are_the_brute_force_extremes(cost):
+  """`extreme_value` (greedy per layer) equals the min / max over every genome of a tiny space
+  with three block types; `largest`, `smallest` (no 'skip') and `fewest_params` too."""
+  from elastic_jax.search.genomes import COST_KEYS, extreme_value
+  cfg = ModelConfig(vocab_size=11, max_len=8)
+  sc = space_config(dict(num_layers=2, hidden=[8, 12], depth=[1, 2],
+                         blocks=['transformer', 'bottleneck', 'skip'], heads=[2, 4],
+                         kv_groups=[1, 2], head_dim=[2], ffn=[4, 8], inner=[4],
+                         bottleneck_head_dim=2))
+  space = Space(cfg, sc, seq_len=8)
+  g = np.stack(np.meshgrid(*[np.arange(n) for n in space.gene_sizes], indexing='ij'), -1)
+  g = g.reshape(-1, space.num_genes)
+  costs = jax.vmap(lambda x: space.cost(space.decode(x)))(jnp.asarray(g))
+  values = np.asarray(costs[COST_KEYS[cost]], np.float64)
+  assert len(np.unique(values)) > 3  # the space's costs spread: extremes mean something
+  assert extreme_value(space, cost, largest=False) == pytest.approx(values.min(), rel=1e-6)
+  assert extreme_value(space, cost, largest=True) == pytest.approx(values.max(), rel=1e-6)
+  if cost == 'params':
+    archs = jax.vmap(space.decode)(jnp.asarray(g))
+    no_skip = np.all(np.asarray(archs.block) != BLOCK_TYPES.index('skip'), axis=1)
+    params = np.asarray(costs['params'])
+    assert int(space.cost(space.largest())['params']) == params.max()
+    assert int(space.cost(space.smallest())['params']) == params[no_skip].min()
+    assert int(space.cost(space.fewest_params())['params']) == params.min()
+    assert params[no_skip].min() > params.min()  # 'skip' makes a difference here
+    assert space.parameter_range() == (params.min(), params.max())
 
 
 def test_bad_space_configs():
