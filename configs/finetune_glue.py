@@ -15,8 +15,8 @@ Every run starts from a linearly probed head (LP-FT, `finetune.linear_probe`, on
 head fitted on the frozen model's features first, elastic_jax/finetune/probe.py).
 Sentence pairs of a sentence-transformers model: --config.finetune.pair_encoding=siamese encodes
 each sentence alone (a bi-encoder: cos(u, v) for STS-B, (u, v, |u - v|) for classes). On STS-B
-(bench_glue's recipe, one run each) all-MiniLM-L6-v2 scores 68.1 read cross, 86.7 siamese; its
-50% sub-network 31.6 and 80.2.
+(bench_glue's recipe, labels only; bench/results/bench_glue.json now and at 4f64076)
+all-MiniLM-L6-v2 scores 68.1 read cross, 86.7 siamese; its 50% sub-network 31.6 and 80.2.
 W-PCA does not state its learning rate; 5e-5 with 10% linear warmup then linear decay and weight
 decay 0.01 are the usual BERT-small settings (TinyBERT / MobileBERT fine-tuning grids hold it).
 """
