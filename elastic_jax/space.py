@@ -37,6 +37,7 @@ from elastic_jax.errors import UserError
 GLOBAL_GENES = 3
 LAYER_GENES = 5
 SCONE_GENES = ('fgrams', 'fgram_layers', 'fgram_ffn')
+_COSTS_JIT: dict = {}  # Space.key() -> the jitted, vmapped cost of genomes
 
 
 @struct.dataclass
@@ -219,13 +220,24 @@ class Space:
       g[gene] = choices[int(np.argmax(values) if largest else np.argmin(values))]
     return g
 
-  def genome_costs(self, genomes_NxG: np.ndarray, limits: Limits | None = None) -> dict:
-    """`cost()` of each genome's arch, one jitted call (compiled once per space and batch size;
-    eager decoding compiled every primitive of it, seconds at every command's start)."""
-    if getattr(self, '_costs_jit', None) is None:
-      self._costs_jit = jax.jit(jax.vmap(lambda g, lim: self.cost(self.decode(g, lim)),
-                                         in_axes=(0, None)))
-    return self._costs_jit(jnp.asarray(genomes_NxG, jnp.int32), limits)
+  def genome_costs(self, genomes_NxG, limits: Limits | None = None) -> dict[str, np.ndarray]:
+    """`cost()` of each genome's arch (numpy, one row per genome), one jitted call. Compiled once
+    per equal space (`key()`) and power-of-two batch size, so a handful of sizes compile however
+    many spaces and batches a job makes (eager decoding compiled every primitive of it, seconds
+    at every command's start); zero genomes (every gene's first choice) fill the padding."""
+    fn = _COSTS_JIT.get(self.key())
+    if fn is None:
+      fn = _COSTS_JIT[self.key()] = jax.jit(jax.vmap(
+          lambda g, lim: self.cost(self.decode(g, lim)), in_axes=(0, None)))
+    genomes_NxG = np.asarray(genomes_NxG, np.int32).reshape(-1, self.num_genes)
+    n = genomes_NxG.shape[0]
+    padded = np.zeros((max(8, 1 << max(n - 1, 0).bit_length()), self.num_genes), np.int32)
+    padded[:n] = genomes_NxG
+    return jax.tree.map(lambda x: np.asarray(x)[:n], fn(padded, limits))
+
+  def key(self) -> tuple:
+    """What the space's functions depend on (hashable): equal keys, equal computations."""
+    return (self.model, self.cfg, self.seq_len)
 
   def largest(self, limits: Limits | None = None) -> Arch:
     """The arch with the most parameters (the sandwich rule's teacher)."""

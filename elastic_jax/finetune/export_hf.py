@@ -24,7 +24,7 @@ def save_classifier(clf: Classifier, task: GlueTask, out: str | Path, *,
                     tokenizer_dir: str | Path | None = None, base: dict | None = None) -> dict:
   """Writes `clf` as a Hugging Face sequence-classification directory (atomically)."""
   model = clf.backbone
-  if getattr(clf, 'siamese', False):
+  if clf.siamese:
     raise UserError("a classifier fine-tuned with finetune.pair_encoding='siamese' reads each "
                     'sentence alone; BertForSequenceClassification reads the pair as one '
                     "sequence: keep the fine-tuning checkpoint, or fine-tune with 'cross'")

@@ -22,7 +22,7 @@ from elastic_jax.data.glue_tasks import GlueTask
 from elastic_jax.data.pipelines import GlueEncoder, truncate_pair
 from elastic_jax.data.tokenizer import Tokenizer
 from elastic_jax.errors import UserError
-from elastic_jax.finetune.classifier import SEQUENCE_KEYS as INPUT_KEYS
+from elastic_jax.finetune.classifier import SEQUENCE_KEYS
 
 
 def open_task(glue: str, task: GlueTask, cache_dir: str = '') -> sources.Corpus:
@@ -98,7 +98,7 @@ def encode_split(records, reader, tokenizer: Tokenizer, task: GlueTask, kind: st
   if pair_encoding == 'cross' or not task.is_pair:
     encode = encoder_cls(tokenizer=tokenizer, reader=reader, seq_len=seq_len, task=task)
     examples = [encode(records[i]) for i in range(n)]
-    return {k: np.stack([e[k] for e in examples]) for k in (*INPUT_KEYS, 'label')}
+    return {k: np.stack([e[k] for e in examples]) for k in (*SEQUENCE_KEYS, 'label')}
   alone = dataclasses.replace(task, text_columns=task.text_columns[:1])
   halves = []
   for side in (0, 1):
@@ -107,6 +107,6 @@ def encode_split(records, reader, tokenizer: Tokenizer, task: GlueTask, kind: st
       return sentences[side], '', label
     encode = encoder_cls(tokenizer=tokenizer, reader=read, seq_len=seq_len, task=alone)
     halves.append([encode(records[i]) for i in range(n)])
-  arrays = {k: np.stack([np.stack([a[k], b[k]]) for a, b in zip(*halves)]) for k in INPUT_KEYS}
+  arrays = {k: np.stack([np.stack([a[k], b[k]]) for a, b in zip(*halves)]) for k in SEQUENCE_KEYS}
   arrays['label'] = np.stack([e['label'] for e in halves[0]])
   return arrays

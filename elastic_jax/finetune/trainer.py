@@ -35,13 +35,13 @@ from elastic_jax.data.glue_tasks import TASKS, get_task
 from elastic_jax.data.tokenizer import tokenizer_from_file
 from elastic_jax.errors import UserError
 from elastic_jax.finetune import inputs, probe, squad_data
+from elastic_jax.finetune.classifier import SEQUENCE_KEYS
 from elastic_jax.finetune.glue_job import GlueJob
 from elastic_jax.finetune.squad_job import SquadJob
 
 SUITES = {'glue-small': ('cola', 'sst2', 'mrpc', 'rte', 'stsb', 'wnli')}
 MANIFEST = 'finetune.json'
 RESULTS = 'results.json'
-_ARRAYS = inputs.INPUT_KEYS
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -149,7 +149,7 @@ def _batches(split: dict, order: np.ndarray, size: int, keys: tuple[str, ...],
     if pad_to_multiple > 0:
       longest = int(_lengths(batch)[:real].max())
       length = min(full, -(-max(longest, 1) // pad_to_multiple) * pad_to_multiple)
-      batch.update({k: batch[k][..., :length] for k in _ARRAYS})
+      batch.update({k: batch[k][..., :length] for k in SEQUENCE_KEYS})
     batch['weight'] = (np.arange(size) < real).astype(np.float32)
     yield batch
 
@@ -165,8 +165,8 @@ def outputs(graphdef, params, arrays: dict, batch_size: int, pad_to_multiple: in
   if pad_to_multiple > 0:
     order = np.argsort(_lengths(arrays), kind='stable')
   out = []
-  for batch in _batches(arrays, order, batch_size, _ARRAYS, pad_to_multiple):
-    logits = np.asarray(forward(params, {k: batch[k] for k in _ARRAYS}))
+  for batch in _batches(arrays, order, batch_size, SEQUENCE_KEYS, pad_to_multiple):
+    logits = np.asarray(forward(params, {k: batch[k] for k in SEQUENCE_KEYS}))
     out.append(logits[:int(batch['weight'].sum())])
   result = np.concatenate(out)
   unsorted = np.empty_like(result)
@@ -318,7 +318,7 @@ def finetune(model_dir: str | Path, task_name: str, workdir: str | Path,
   for epoch in range(progress['epoch'] + 1, epochs):
     order = np.random.default_rng((cfg.seed, epoch)).permutation(n_train)
     t0, losses = time.perf_counter(), []
-    for batch in _batches(train, order, cfg.batch_size, (*_ARRAYS, *job.label_keys),
+    for batch in _batches(train, order, cfg.batch_size, (*SEQUENCE_KEYS, *job.label_keys),
                           cfg.pad_to_multiple):
       batch = {k: jnp.asarray(v) for k, v in batch.items()}
       params, opt_state, loss = step_fn(params, opt_state, batch, teacher_params)

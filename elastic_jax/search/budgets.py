@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elastic_jax.errors import UserError
-from elastic_jax.search.genomes import COST_INFO, COST_KEYS, extreme_value, space_key
+from elastic_jax.search.genomes import COST_INFO, COST_KEYS, extreme_value
 from elastic_jax.space import Space
 
 
@@ -35,7 +35,7 @@ class Budgets:
     object.__setattr__(self, 'space', space)
     object.__setattr__(self, 'budgets',
                        tuple(sorted((k, float(v)) for k, v in budgets.items() if v)))
-    object.__setattr__(self, 'space_key', space_key(space))
+    object.__setattr__(self, 'space_key', space.key())
 
   def __bool__(self):
     return bool(self.budgets)

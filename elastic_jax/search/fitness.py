@@ -23,7 +23,7 @@ from flax import nnx
 
 from elastic_jax import distributed, evaluation
 from elastic_jax.errors import UserError
-from elastic_jax.search.genomes import extreme_genomes, space_key
+from elastic_jax.search.genomes import extreme_genomes
 from elastic_jax.search.objectives import Context, Objective, get_objective
 from elastic_jax.space import Space
 
@@ -52,7 +52,7 @@ class FitnessFn:
 
   def __post_init__(self):
     object.__setattr__(self, 'objectives', tuple(get_objective(n) for n in self.names))
-    object.__setattr__(self, 'space_key', space_key(self.space))
+    object.__setattr__(self, 'space_key', self.space.key())
     object.__setattr__(self, '_traces', [0])
 
   @property

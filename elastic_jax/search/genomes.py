@@ -43,17 +43,12 @@ COST_INFO = {
 _HOST_FNS: dict[tuple, Callable] = {}
 
 
-def space_key(space: Space) -> tuple:
-  """What a space's functions depend on (hashable)."""
-  return (space.model, space.cfg, space.seq_len)
-
-
 def _host_call(name: str, space: Space, build: Callable, genomes_BxG):
   """Host convenience: `build(space)` (a function of a [B, G] genome batch) jitted once per
   space and applied to `genomes_BxG` padded to a power-of-two batch (so a handful of batch sizes
   compile; eager calls compiled every primitive again for each new batch size); numpy outputs
   for the real rows."""
-  key = (name, space_key(space))
+  key = (name, space.key())
   fn = _HOST_FNS.get(key)
   if fn is None:
     fn = _HOST_FNS[key] = jax.jit(build(space))
@@ -65,9 +60,8 @@ def _host_call(name: str, space: Space, build: Callable, genomes_BxG):
 
 
 def genome_costs(space: Space, genomes_BxG) -> dict[str, np.ndarray]:
-  """Host convenience: the analytic costs of genomes."""
-  return _host_call('costs', space, lambda sp: jax.vmap(lambda g: sp.cost(sp.decode(g))),
-                    genomes_BxG)
+  """Host convenience: the analytic costs of genomes (`Space.genome_costs`)."""
+  return space.genome_costs(genomes_BxG)
 
 
 def decode_genomes(space: Space, genomes_BxG):
@@ -145,7 +139,7 @@ class CanonicalKey:
   space_key: tuple = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
-    object.__setattr__(self, 'space_key', space_key(self.space))
+    object.__setattr__(self, 'space_key', self.space.key())
 
   def __call__(self, genomes_BxG):
     return canonical_genomes(self.space, genomes_BxG)
@@ -159,7 +153,7 @@ class ParamsOf:
   space_key: tuple = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
-    object.__setattr__(self, 'space_key', space_key(self.space))
+    object.__setattr__(self, 'space_key', self.space.key())
 
   def __call__(self, genomes_BxG):
     cost = jax.vmap(lambda g: self.space.cost(self.space.decode(g)))(genomes_BxG)

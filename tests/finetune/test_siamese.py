@@ -16,7 +16,7 @@ from elastic_jax import export
 from elastic_jax.data.glue_tasks import get_task
 from elastic_jax.data.tokenizer import tokenizer_from_file
 from elastic_jax.errors import UserError
-from elastic_jax.finetune import inputs, trainer
+from elastic_jax.finetune import classifier, inputs, trainer
 from elastic_jax.finetune.export_hf import save_classifier
 
 
@@ -66,7 +66,7 @@ def test_siamese_features_equal_sentence_transformers_recipe_in_transformers(min
   tokenizer = tokenizer_from_file(minilm)
   arrays = inputs.encode_split(corpus.validation, corpus.reader, tokenizer, get_task('stsb'),
                                'encoder', 64, 12, 'siamese')
-  batch = {k: arrays[k] for k in inputs.INPUT_KEYS}
+  batch = {k: arrays[k] for k in classifier.SEQUENCE_KEYS}
   backbone, _ = export.load_any(minilm)
   job = trainer.job_for('stsb')
   cos = np.asarray(job.head(backbone, 0, 'auto', 'siamese').pooled(batch))[:, 0]
@@ -108,7 +108,7 @@ def test_probed_cosine_head_is_least_squares_on_the_cosines(minilm, shared_data,
 
   def cosines(split):
     b = split['tokens'].shape[0]
-    flat = {k: split[k].reshape(2 * b, -1) for k in inputs.INPUT_KEYS}
+    flat = {k: split[k].reshape(2 * b, -1) for k in classifier.SEQUENCE_KEYS}
     h = np.asarray(clf.backbone.hidden_states(flat), np.float64)
     m = (flat['segment_ids'] > 0)[..., None]
     e = ((h * m).sum(1) / m.sum(1)).reshape(b, 2, -1)

@@ -19,7 +19,7 @@ from elastic_jax.data.glue_tasks import get_task
 from elastic_jax.data.tokenizer import ByteTokenizer
 from elastic_jax.errors import UserError
 from elastic_jax.finetune import trainer
-from elastic_jax.finetune.classifier import Classifier
+from elastic_jax.finetune.classifier import SEQUENCE_KEYS, Classifier
 from elastic_jax.finetune.glue_job import GlueJob
 from elastic_jax.model.supernet import Model
 
@@ -98,7 +98,7 @@ def test_length_cut_batches_compute_what_full_length_batches_do(model, request, 
   lengths = (train['segment_ids'] > 0).sum(axis=1)
   order = np.random.default_rng(0).permutation(len(lengths))
   shapes = [b['tokens'].shape for b in
-            trainer._batches(train, order, 8, (*trainer._ARRAYS, 'label'), 8)]
+            trainer._batches(train, order, 8, (*SEQUENCE_KEYS, 'label'), 8)]
   want = [(8, min(64, -(-int(lengths[order[i:i + 8]].max()) // 8) * 8))
           for i in range(0, len(order), 8)]
   assert shapes == want and min(w for _, w in want) < 64
