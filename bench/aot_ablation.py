@@ -51,14 +51,14 @@ logits distillation) compiled by libtpu for v5e:4x4 on a CPU, on a twin with {la
 (unrolled: XLA counts each once) and one mechanism changed per row. train_step is the masked
 sandwich step the trainer runs; dense_step the reference, the largest sub-network's dense export
 trained by a plain cross-entropy step with the same batch, micro-batches, optimizer and shardings.
-FLOPs and bytes: XLA's cost analysis per device per step, loop bodies times their trip counts
-(x 8 micro-batches; the masked step's sub-network scan x K / 2). est. ms: the roofline
-max(FLOPs / peak, bytes / HBM bandwidth) (197 TFLOP/s, 819 GB/s per v5e chip); every row is
-byte-bound there. MFU est.: the sub-networks' analytic model FLOPs (cost.py) over peak x est.
-masked / dense: the masked step's estimated time per model FLOP over the dense reference's of the
-same row (a row without its own dense step uses the first row's). With so few layers the
-vocabulary (50,304 x 1,024, tied) weighs far more than in the 24-layer model: read the rows
-against each other, and bench/results/aot.md for the full model.
+FLOPs and bytes: XLA's cost analysis per device per step, the micro-batch loop's body times its
+trip count (x 8; the masked step counted on a twin with its K sub-networks unrolled). est. ms:
+the roofline max(FLOPs / peak, bytes / HBM bandwidth) (197 TFLOP/s, 819 GB/s per v5e chip);
+every row is byte-bound there. MFU est.: the sub-networks' analytic model FLOPs (cost.py) over
+peak x est. masked / dense: the masked step's estimated time per model FLOP over the dense
+reference's of the same row (a row without its own dense step uses the first row's). With so few
+layers the vocabulary (50,304 x 1,024, tied) weighs far more than in the 24-layer model: read the
+rows against each other, and bench/results/aot.md for the full model.
 """
 
 

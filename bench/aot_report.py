@@ -56,12 +56,11 @@ non-elastic trainer would run); population_eval, the search's own loop. Memory: 
 assignment per device (arguments = sharded params + Adam state + batch; the donated state is
 aliased to the outputs; total = arguments + outputs - aliased + temporaries + code). XLA TFLOP:
 XLA's cost analysis of the compiled program, whose loop bodies XLA counts once, times the loop
-trip counts (train: x grad_accum x K / 2 with K = 4 sandwich sub-networks, counted on a twin
-with the layers unrolled; dense: x grad_accum; evaluation: x population x batches). est. ms: the
+trip counts (train: x grad_accum, counted on a twin with the layers and the K = 4 sandwich
+sub-networks unrolled; dense: x grad_accum; evaluation: x population x batches). est. ms: the
 roofline max(XLA FLOPs / peak, XLA bytes accessed / HBM bandwidth), scaled the same way (no
 collective latency, no host work); every program here is byte-bound in it. XLA's count of bytes
-is a model, not a profile (a dynamic-update-slice into a loop's stacked outputs counts the whole
-buffer, for instance), so est. ms and MFU are estimates; a profile on a TPU is the check.
+is a model, not a profile, so est. ms and MFU are estimates; a profile on a TPU is the check.
 MFU est.: the analytic model FLOPs (cost.py: 3 x forward FLOPs per token for training; for the
 masked step the sampled sub-networks', sandwich = largest + smallest + 2 random, averaged over 8
 steps; for the dense step the largest sub-network's) over (chips x bf16 peak x est. time); the

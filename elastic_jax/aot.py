@@ -26,22 +26,22 @@ the reference's (1 = no cost for elasticity).
 XLA's cost analysis counts the body of a loop once. The trainer runs its micro-batches in a
 `lax.scan` and, inside it, the first sub-network and then the other K - 1 in another scan; the
 search's fitness maps over chunks of archs and, inside, scans over batches and micro-batches. By
-default (`flops='loops'`) the counts are multiplied accordingly: train x grad_accum x K / 2 (one
-micro-batch with the first sub-network and one more, every sub-network running at the supernet's
-widths); eval: one generation's fitness (a separate compile of the fitness alone, every child
-evaluated) x chunks x batches x micro-batches. Memory is the search loop's, FLOPs and times one
-generation's. `flops='unrolled'` compiles analysis programs instead (one micro-batch with the
-sub-network scan unrolled; one (arch, micro-batch)): XLA's exact count, but the unrolled step of a
-large model needs tens of GB of host memory to compile. 'loops' agrees with 'unrolled' within 10% on
-the quickstart config (tested; it was 24% above on a 2-layer GPT-2-medium-width supernet, where
-the scan body's sub-network is not the average one), so read FLOPs, times and MFU as estimates;
-memory is exact: it always comes from the real programs.
+default (`flops='loops'`) the counts are multiplied accordingly: train x grad_accum, counted on a
+twin whose other loops run unrolled (below); eval: one generation's fitness (a separate compile
+of the fitness alone, every child evaluated) x chunks x batches x micro-batches. Memory is the
+search loop's, FLOPs and times one generation's. `flops='unrolled'` compiles analysis programs
+instead (one micro-batch with every loop unrolled; one (arch, micro-batch)): XLA's exact count.
+'loops' agrees with 'unrolled' within 3% on the train step (tested) and 10% on the population
+evaluation, so read FLOPs, times and MFU as estimates; memory is exact: it always comes from the
+real programs.
 
-The masked supernet runs its layers in a `lax.scan` (`model.scan_layers`), so compile time no
-longer grows with depth; XLA counting the scan body once, 'loops' takes FLOPs and times from a twin
-program with the layers unrolled (a second compile, whose time grows with depth: about five minutes
-for the 24-layer GPT-2-medium step on a 2-core CPU); `flops='none'` skips it. The chunks of the
-vocabulary losses (`train.logits_chunk`) run in a `lax.scan` too; the twin traces it unrolled.
+The twin: the masked supernet runs its layers in a `lax.scan` (`model.scan_layers`), so compile
+time no longer grows with depth, the K - 1 sub-networks in another and the vocabulary losses'
+chunks (`train.logits_chunk`) in a third. The train step's FLOPs and bytes come from a twin
+program with the layers, the sub-networks and the chunks unrolled (a second compile, whose time
+and host memory grow with depth x K); `flops='none'` skips it. Counting the sub-network scan's
+body once and scaling it x K / 2 instead came out ~40% above the unrolled program's
+bytes on a 2-layer GPT-2-medium-width step: the body carries what unrolled code fuses away.
 """
 
 from __future__ import annotations
@@ -144,16 +144,17 @@ def batch_keys(cfg) -> dict:
 
 
 def train_program(cfg, mesh, *, grad_accum: int | None = None, batch_size: int | None = None,
-                  unroll_chunks: bool = False):
+                  unroll_inner: bool = False):
   """(the trainer's StepSetup over `mesh`, its abstract (state, batch, teacher) arguments).
-  `unroll_chunks`: the loop over train.logits_chunk's chunks traced unrolled (FLOP counting)."""
+  `unroll_inner`: the loops over the K - 1 sub-networks and train.logits_chunk's chunks traced
+  unrolled (the FLOP-counting twin)."""
   import jax
 
   from elastic_jax.train.trainer import build_step
   if cfg.train.distill.teacher:
     raise UserError('compile builds the in-place distillation step; clear '
                     'train.distill.teacher (an external teacher) to compile this config')
-  setup = build_step(cfg, mesh, grad_accum=grad_accum, unroll_chunks=unroll_chunks)
+  setup = build_step(cfg, mesh, grad_accum=grad_accum, unroll_inner=unroll_inner)
   shape = (int(cfg.data.batch_size if batch_size is None else batch_size), cfg.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, d, sharding=setup.batch_sharding)
            for k, d in batch_keys(cfg).items()}
@@ -435,16 +436,18 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
       ok = micro % (mesh.shape['data'] * mesh.shape['fsdp']) == 0
       method = ('compile', analyse, tcfg.grad_accum) if ok else None
     elif flops == 'loops':
-      # XLA counts the micro-batch scan's body once, and in it the first sub-network plus the
-      # scan body of the other K - 1 (one sub-network; all run at supernet widths): x K / 2.
-      # Scanned layers and the vocabulary losses' chunks (train.logits_chunk; per chunk the
-      # first sub-network, then a scan over the other K - 1) would be counted once too: count
-      # the twin with both unrolled.
-      if unscanned is None and not int(tcfg.get('logits_chunk', 0)):
-        method = ('loops', tcfg.grad_accum * k / 2)
+      # XLA counts the micro-batch scan's body once: x grad_accum. Inside it, a twin runs every
+      # other loop unrolled: the layers (model.scan_layers off), the other K - 1 sub-networks and
+      # the vocabulary chunks (train.logits_chunk). The sub-network scan counted once and scaled
+      # x K / 2 came out ~40% above the unrolled count (`train.step.make_loss_fn`). Without
+      # scanned layers or chunks, and with the sub-networks unrolled (train.unroll_subnets) or
+      # K <= 2 (one iteration), the real program is counted exactly.
+      unrolled_k = bool(tcfg.get('unroll_subnets', True))
+      if unscanned is None and not int(tcfg.get('logits_chunk', 0)) and (unrolled_k or k <= 2):
+        method = ('loops', tcfg.grad_accum * (1 if unrolled_k else k / 2))
       else:
-        twin, twin_args = train_program(unscanned or cfg, mesh, unroll_chunks=True)
-        method = ('compile', lambda: (twin.step, *twin_args), tcfg.grad_accum * k / 2)
+        twin, twin_args = train_program(unscanned or cfg, mesh, unroll_inner=True)
+        method = ('compile', lambda: (twin.step, *twin_args), tcfg.grad_accum)
     else:
       method = None
     archs = arch_lib.stack([setup.sampler(jax.random.key(int(cfg.seed)), s) for s in range(8)])

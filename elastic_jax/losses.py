@@ -53,7 +53,8 @@ def logits_kl(student_BTV, teacher_BTV, weights_BT, temperature: float):
 
 
 def vocab_losses(x_KBTE, project, targets_BT, weights_BT, *, teacher=None,
-                 temperature: float = 1.0, chunk: int = 0, unroll: bool = False):
+                 temperature: float = 1.0, chunk: int = 0, unroll: bool = False,
+                 unroll_students: bool = False):
   """Cross-entropy and logits-KL sums of K students from their pre-logit states, never holding
   more than one chunk of positions' logits.
 
@@ -62,10 +63,11 @@ def vocab_losses(x_KBTE, project, targets_BT, weights_BT, *, teacher=None,
   teaches the others: in-place distillation; its own KL is 0) or (x_BTE, project) of an external
   teacher. Per chunk of `chunk` positions (of every row, so a chunk spans the whole batch axis and
   its devices), the teacher's log-probabilities are computed once and read by every student, and
-  the students run one at a time (a `lax.scan`, as the step's sub-networks do). `chunk` = 0 (or
-  >= T): one chunk, the whole [B, T, V] logits. The chunks run in a `lax.scan` under
-  `jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of keeping them;
-  `unroll` traces that scan unrolled (for XLA's cost analysis, which counts a loop body once).
+  the students run one at a time (in a `lax.scan`, or unrolled, as the step's sub-networks do).
+  `chunk` = 0 (or >= T): one chunk, the whole [B, T, V] logits. The chunks run in a `lax.scan`
+  under `jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of keeping
+  them; `unroll` traces both scans (chunks, students) unrolled (for XLA's cost analysis, which
+  counts a loop body once); `unroll_students` the students' alone (train.unroll_subnets).
 
   Returns (ce_K, kl_K): the weighted sums over tokens of each student's cross-entropy and of
   T^2 x KL(teacher || student) (zeros without a teacher), as `token_cross_entropy` and
@@ -95,7 +97,8 @@ def vocab_losses(x_KBTE, project, targets_BT, weights_BT, *, teacher=None,
       z = project(x_BCE)
       return None, (ce(z), kl(z))
 
-    _, (ce_rest, kl_rest) = jax.lax.scan(student, None, x_KBCE[1:])
+    _, (ce_rest, kl_rest) = jax.lax.scan(student, None, x_KBCE[1:],
+                                         unroll=unroll or unroll_students or 1)
     return (jnp.concatenate([ce(z0)[None], ce_rest]), jnp.concatenate([kl0[None], kl_rest]))
 
   if not chunk or chunk >= t_len:
@@ -119,7 +122,7 @@ def vocab_losses(x_KBTE, project, targets_BT, weights_BT, *, teacher=None,
 
   k = x_KBTE.shape[0]
   zeros = jnp.zeros((k,), jnp.float32)
-  (ce_K, kl_K), _ = jax.lax.scan(step, (zeros, zeros), xs, unroll=unroll)
+  (ce_K, kl_K), _ = jax.lax.scan(step, (zeros, zeros), xs, unroll=unroll or 1)
   return ce_K, kl_K
 
 

@@ -166,19 +166,28 @@ def split_microbatches(batch, grad_accum: int, sharding=None):
 
 def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
                  external_teacher: Callable | None = None, *, logits_chunk: int = 0,
-                 unroll_chunks: bool = False, gather: Callable | None = None):
+                 unroll_subnets: bool = True, unroll_inner: bool = False,
+                 gather: Callable | None = None):
   """loss(params, batch, archs, teacher_params, totals) -> (total, (loss_per_arch, ce_per_arch)):
   the summed loss of the K sub-networks `archs` on one micro-batch, normalised by the global
   batch's `totals` (`token_totals`; its optional 'distill' entry scales every distillation term:
   `DistillSpec.scale`). Differentiate it with respect to `params` only: the teacher
   (the first arch in-place, or `teacher_params`) enters through stop-gradient targets.
 
-  The first sub-network runs, then the other K - 1 in a `lax.scan`; the teacher's
-  log-probabilities are computed once and read by every student. `logits_chunk` = 0: each
-  sub-network's logits are formed in its own iteration. `logits_chunk` > 0: the iterations keep
-  only the pre-logit states, and every sub-network's cross-entropy and logits KL are computed
-  afterwards, `logits_chunk` positions at a time (`losses.vocab_losses`, which also says what
-  `unroll_chunks` does).
+  The first sub-network runs, then the other K - 1, unrolled (`unroll_subnets`, train's
+  default: XLA fuses across them) or in a `lax.scan` (one copy of the model in the program); the
+  teacher's log-probabilities are computed once and read by every student. `logits_chunk` = 0:
+  each sub-network's logits are formed with its trunk. `logits_chunk` > 0: only the pre-logit
+  states are kept, and every sub-network's cross-entropy and logits KL are computed afterwards,
+  `logits_chunk` positions at a time (`losses.vocab_losses`; its students unrolled or looped
+  alike).
+
+  `unroll_inner`: every loop here traced unrolled (the sub-networks and the vocabulary chunks),
+  for XLA's cost analysis (aot.py's counting twin): it counts a loop body once, and a body that
+  carries what unrolled code fuses away (the parameters' gradient accumulated through the loop's
+  carry, the residuals stacked for the backward pass) weighs more than an unrolled iteration:
+  x K / 2 of the looped count was ~40% above the unrolled program's bytes on a 2-layer
+  GPT-2-medium-width step.
 
   `gather`: applied to the model's parameters before use (`parallel.gather_fn`: FSDP-sharded
   parameters gathered once per micro-batch for all K sub-networks, their gradients
@@ -233,7 +242,8 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
       return None, (vocab(model.project(x)) if not logits_chunk else x, feature)
 
     rest = jax.tree.map(lambda x: x[1:], archs)
-    _, (out_rest, features_rest) = jax.lax.scan(body, None, rest)
+    _, (out_rest, features_rest) = jax.lax.scan(body, None, rest,
+                                                unroll=unroll_subnets or unroll_inner or 1)
     if not logits_chunk:
       ce_K = jnp.concatenate([ce0[None], out_rest[0]])
       kl_K = jnp.concatenate([kl0[None], out_rest[1]])
@@ -242,7 +252,8 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
       ce_K, kl_K = losses.vocab_losses(jnp.concatenate([x0[None], out_rest]), model.project,
                                        batch['targets'], batch['weights'], teacher=kl_teacher,
                                        temperature=spec.temperature, chunk=logits_chunk,
-                                       unroll=unroll_chunks)
+                                       unroll=unroll_inner,
+                                       unroll_students=unroll_subnets or unroll_inner)
     ces = ce_K / totals['weights']
     if not distilled:
       per_arch = ces
@@ -261,7 +272,8 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
 def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransformation,
                     spec: DistillSpec, grad_accum: int,
                     external_teacher: Callable | None = None, *, micro_sharding=None,
-                    logits_chunk: int = 0, unroll_chunks: bool = False,
+                    logits_chunk: int = 0, unroll_subnets: bool = True,
+                    unroll_inner: bool = False,
                     gather: Callable | None = None):
   """Returns step(state, batch[, teacher_params[, allowed]]) -> (state, metrics).
 
@@ -270,10 +282,11 @@ def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransfor
   Metrics: `loss` (the step's objective: the sum over its K sub-networks of their losses),
   `loss_per_arch` and `ce_per_arch` (float32[K], in the sampler's order), `grad_norm`, `finite`.
   `micro_sharding`: the sharding of the stacked micro-batches (see `split_microbatches`);
-  `logits_chunk`, `unroll_chunks`, `gather`: see `make_loss_fn`.
+  `logits_chunk`, `unroll_subnets`, `unroll_inner`, `gather`: see `make_loss_fn`.
   """
   loss_fn = make_loss_fn(graphdef, proj_graphdef, spec, external_teacher,
-                         logits_chunk=logits_chunk, unroll_chunks=unroll_chunks, gather=gather)
+                         logits_chunk=logits_chunk, unroll_subnets=unroll_subnets,
+                         unroll_inner=unroll_inner, gather=gather)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, batch, teacher_params=None, allowed=None):

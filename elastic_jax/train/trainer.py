@@ -170,12 +170,13 @@ class StepSetup:
 
 
 def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=None, *,
-               grad_accum: int | None = None, unroll_chunks: bool = False) -> StepSetup:
+               grad_accum: int | None = None, unroll_inner: bool = False) -> StepSetup:
   """The jitted training step of `cfg` over `mesh` (sharding-first, nothing allocated).
 
   `teacher`: an external dense teacher model (train.distill.teacher), else None. `grad_accum`
-  overrides train.grad_accum (aot's FLOP analysis compiles one micro-batch); `unroll_chunks`
-  traces the loop over train.logits_chunk's chunks unrolled (aot's FLOP-counting twin).
+  overrides train.grad_accum (aot's FLOP analysis compiles one micro-batch); `unroll_inner`
+  traces the loops over the K - 1 sub-networks and train.logits_chunk's chunks unrolled (aot's
+  FLOP-counting twin; `train.step.make_loss_fn`).
   """
   tcfg = cfg.train
   grad_accum = int(tcfg.grad_accum if grad_accum is None else grad_accum)
@@ -216,7 +217,8 @@ def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=
   step_fn = make_train_step(graphdef, proj_graphdef, sampler, tx, spec, grad_accum, external,
                             micro_sharding=parallel.microbatch_sharding(mesh),
                             logits_chunk=int(tcfg.get('logits_chunk', 0)),
-                            unroll_chunks=unroll_chunks,
+                            unroll_subnets=bool(tcfg.get('unroll_subnets', True)),
+                            unroll_inner=unroll_inner,
                             gather=parallel.gather_fn(cfg, model_shardings, mesh))
   batch_sharding = parallel.batch_sharding(mesh)
   dynamic = Controller.wanted(cfg)

@@ -73,14 +73,15 @@ def spec_of(setup, *, ce=W_CE, kl=W_KL, in_place=True, teacher_heads=None, start
 
 
 def step_grads(setup, spec, grad_accum=1, batch=None, external=None, teacher_params=None,
-               num_random=1, step=0):
+               num_random=1, step=0, unroll_subnets=True):
   """(gradient, metrics, archs) of one sandwich step (one compile per setting, shared)."""
   sampler = Sampler(setup['space'], 'sandwich', num_random=num_random)
-  key = (repr(spec), grad_accum, num_random, external is not None)
+  key = (repr(spec), grad_accum, num_random, external is not None, unroll_subnets)
   compiled = setup.setdefault('steps', {})
   if key not in compiled:
     compiled[key] = jax.jit(make_train_step(setup['graphdef'], setup['proj_graphdef'], sampler,
-                                            grad_capture(), spec, grad_accum, external))
+                                            grad_capture(), spec, grad_accum, external,
+                                            unroll_subnets=unroll_subnets))
   params = setup['params']
   rng = jax.random.key_data(jax.random.key(5))
   state = TrainState(step=jnp.int32(step), params=params,
@@ -210,9 +211,13 @@ def test_distillation_starts_at_start_step_and_ramps_in_linearly(setup):
     np.testing.assert_allclose(np.asarray(metrics['loss_per_arch']), per_arch, rtol=1e-5)
 
 
-def test_sandwich_gradient_with_in_place_distillation_and_no_gradient_to_the_teacher(setup):
+# Unrolled (train.unroll_subnets, the default) and looped sub-networks (`lax.scan`) alike.
+@pytest.mark.parametrize('unroll_subnets', [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_sandwich_gradient_with_in_place_distillation_and_no_gradient_to_the_teacher(
+    setup, unroll_subnets):
   spec = spec_of(setup, in_place=True)
-  grads, metrics, archs = step_grads(setup, spec)
+  grads, metrics, archs = step_grads(setup, spec, num_random=2, unroll_subnets=unroll_subnets)
+  assert archs.hidden.shape[0] == 4  # largest, smallest, two random: three students
   want, per_arch = per_arch_reference(setup, archs, setup['batch'])
   assert_trees_close(grads, want)
   np.testing.assert_allclose(np.asarray(metrics['loss_per_arch']), per_arch, rtol=1e-5)
@@ -330,11 +335,13 @@ def sgd_capture(lr: float = 0.1) -> optax.GradientTransformation:
       update=lambda grads, state, params=None: (jax.tree.map(lambda g: -lr * g, grads), grads))
 
 
-def sgd_step(setup, spec, logits_chunk, num_random=1, external=None, teacher_params=None):
+def sgd_step(setup, spec, logits_chunk, num_random=1, external=None, teacher_params=None,
+             unroll_subnets=True):
   """(new state, metrics, archs) of one sandwich step with SGD (compiled here, not cached)."""
   sampler = Sampler(setup['space'], 'sandwich', num_random=num_random)
   step = jax.jit(make_train_step(setup['graphdef'], setup['proj_graphdef'], sampler,
-                                 sgd_capture(), spec, 1, external, logits_chunk=logits_chunk))
+                                 sgd_capture(), spec, 1, external, logits_chunk=logits_chunk,
+                                 unroll_subnets=unroll_subnets))
   params = setup['params']
   rng = jax.random.key_data(jax.random.key(5))
   state = TrainState(step=jnp.int32(0), params=params, opt_state=sgd_capture().init(params),
@@ -343,10 +350,11 @@ def sgd_step(setup, spec, logits_chunk, num_random=1, external=None, teacher_par
   return new, metrics, sampler(jax.random.wrap_key_data(rng), jnp.int32(0))
 
 
-def test_chunked_vocabulary_losses_change_neither_the_losses_nor_the_step(setup):
+@pytest.mark.parametrize('unroll_subnets', [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_chunked_vocabulary_losses_change_neither_the_losses_nor_the_step(setup, unroll_subnets):
   spec = spec_of(setup, in_place=True)
-  off, m_off, archs = sgd_step(setup, spec, 0)
-  on, m_on, _ = sgd_step(setup, spec, CHUNK)
+  off, m_off, archs = sgd_step(setup, spec, 0, unroll_subnets=unroll_subnets)
+  on, m_on, _ = sgd_step(setup, spec, CHUNK, unroll_subnets=unroll_subnets)
   for name in ('loss_per_arch', 'ce_per_arch'):
     np.testing.assert_allclose(np.asarray(m_on[name]), np.asarray(m_off[name]), rtol=1e-5)
   assert_trees_close(on.opt_state, off.opt_state)  # the gradients
