@@ -4,9 +4,12 @@ Three jitted AdamW steps on the same batches (the quickstart config's model and 
 - dense:    the largest sub-network exported as a dense model, trained standalone (the baseline);
 - masked:   the same network as the supernet's largest arch, through the trainer's real step
             (`train.sampling='standard'`);
-- sandwich: the trainer's default step (largest + smallest + 2 random, in-place KD).
+- sandwich: the trainer's default step (largest + smallest + 2 random, in-place KD), its
+            sub-networks unrolled (`train.unroll_subnets`, the default);
+- sandwich, looped: the same with the K - 1 sub-networks after the first in a `lax.scan`.
 Reports step times (median over timed steps, compile excluded), tokens/s, `masked_over_dense`
-(target <= 1.15) and `sandwich_over_dense`; on a GPU also the model FLOP utilisation.
+(target <= 1.15), `sandwich_over_dense` and `looped_over_unrolled`; on a GPU also the model FLOP
+utilisation. Compile seconds of each step (its first call) are reported beside.
 
   python bench/bench_train.py [--quick]
 """
@@ -45,18 +48,18 @@ def quickstart_config(arg=None):
 
 
 def time_steps(step, state, batches, warmup=2):
-  """Median seconds per step after `warmup` steps (compile included in warmup only)."""
+  """(median seconds per step after `warmup` steps, seconds of the first call: compile included,
+  final state)."""
   times = []
-  for i, batch in enumerate(batches):
+  for batch in batches:
     t = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
-    if i >= warmup:
-      times.append(time.perf_counter() - t)
-  return statistics.median(times), state
+    times.append(time.perf_counter() - t)
+  return statistics.median(times[warmup:]), times[0], state
 
 
-def masked_step(cfg, space, strategy):
+def masked_step(cfg, space, strategy, unroll_subnets=True):
   """The trainer's own step function for a sampling strategy."""
   model = init_supernet(cfg, space)
   graphdef, params = nnx.split(model, nnx.Param)
@@ -70,8 +73,8 @@ def masked_step(cfg, space, strategy):
                      layer_map=distill.uniform_layer_map(space.num_layers, space.num_layers),
                      teacher_heads=tuple(int(h) for h in space.largest().heads))
   sampler = Sampler(space, strategy, cfg.train.num_random, cfg.train.ramp_steps)
-  step = jax.jit(make_train_step(graphdef, proj_graphdef, sampler, tx, spec, 1),
-                 donate_argnums=0)
+  step = jax.jit(make_train_step(graphdef, proj_graphdef, sampler, tx, spec, 1,
+                                 unroll_subnets=unroll_subnets), donate_argnums=0)
   all_params = nnx.State({'model': params, 'proj': proj_params})
   state = TrainState(step=jnp.int32(0), params=all_params, opt_state=tx.init(all_params),
                      rng=jax.random.key_data(jax.random.key(0)))
@@ -103,7 +106,7 @@ def quickstart_train_tokens_per_second(cfg, steps: int = 12) -> float:
   space = build_space(cfg)
   batches = batches_of(cfg, steps)
   step, state, _ = masked_step(cfg, space, cfg.train.sampling)
-  seconds, _ = time_steps(step, state, batches)
+  seconds, _, _ = time_steps(step, state, batches)
   return cfg.data.batch_size * cfg.data.seq_len / seconds
 
 
@@ -124,11 +127,13 @@ def main():
   tokens = cfg.data.batch_size * cfg.data.seq_len
 
   d_step, d_state = dense_step(cfg, space)
-  dense_s, _ = time_steps(d_step, d_state, batches)
+  dense_s, dense_first, _ = time_steps(d_step, d_state, batches)
   m_step, m_state, _ = masked_step(cfg, space, 'standard')
-  masked_s, _ = time_steps(m_step, m_state, batches)
+  masked_s, masked_first, _ = time_steps(m_step, m_state, batches)
   s_step, s_state, k = masked_step(cfg, space, 'sandwich')
-  sandwich_s, _ = time_steps(s_step, s_state, batches)
+  sandwich_s, sandwich_first, _ = time_steps(s_step, s_state, batches)
+  l_step, l_state, _ = masked_step(cfg, space, 'sandwich', unroll_subnets=False)
+  looped_s, looped_first, _ = time_steps(l_step, l_state, batches)
 
   flops = 3 * float(space.cost(space.largest())['flops_per_token']) * tokens
   device = jax.devices()[0].device_kind
@@ -136,8 +141,12 @@ def main():
   results = {
       'masked_over_dense': round(masked_s / dense_s, 3),
       'sandwich_over_dense': round(sandwich_s / dense_s, 3),
+      'looped_over_unrolled': round(looped_s / sandwich_s, 3),
       'dense_step_seconds': dense_s, 'masked_step_seconds': masked_s,
-      'sandwich_step_seconds': sandwich_s, 'sandwich_archs_per_step': k,
+      'sandwich_step_seconds': sandwich_s, 'looped_sandwich_step_seconds': looped_s,
+      'first_call_seconds': {'dense': dense_first, 'masked': masked_first,
+                             'sandwich': sandwich_first, 'sandwich_looped': looped_first},
+      'sandwich_archs_per_step': k,
       'tokens_per_step': tokens,
       'dense_tokens_per_s': tokens / dense_s, 'masked_tokens_per_s': tokens / masked_s,
       'sandwich_tokens_per_s': tokens / sandwich_s,
@@ -145,15 +154,19 @@ def main():
       'mfu_dense': flops / dense_s / peak if peak else None,
       'mfu_masked': flops / masked_s / peak if peak else None,
   }
-  rows = [('dense (exported largest)', f'{dense_s * 1e3:.1f}', f'{tokens / dense_s:,.0f}', '1.00'),
-          ('masked supernet, largest', f'{masked_s * 1e3:.1f}', f'{tokens / masked_s:,.0f}',
-           f'{masked_s / dense_s:.2f}'),
-          (f'sandwich ({k} archs, in-place KD)', f'{sandwich_s * 1e3:.1f}',
-           f'{tokens / sandwich_s:,.0f}', f'{sandwich_s / dense_s:.2f}')]
+  row = lambda name, s, first: (name, f'{s * 1e3:.1f}', f'{tokens / s:,.0f}',
+                                f'{s / dense_s:.2f}', f'{first:.1f}')
+  rows = [row('dense (exported largest)', dense_s, dense_first),
+          row('masked supernet, largest', masked_s, masked_first),
+          row(f'sandwich ({k} archs, in-place KD), sub-networks unrolled', sandwich_s,
+              sandwich_first),
+          row(f'sandwich ({k} archs, in-place KD), sub-networks in a lax.scan', looped_s,
+              looped_first)]
   notes = (f'Quickstart model ({results["largest_params"]:,} parameters at its largest), '
            f'{cfg.data.batch_size} x {cfg.data.seq_len} tokens per step, float32, median of '
            f'{steps - 2} steps after 2 warm-up steps.')
-  write_results('bench_train', results, rows, ('step', 'ms / step', 'tokens / s', 'x dense'),
+  write_results('bench_train', results, rows,
+                ('step', 'ms / step', 'tokens / s', 'x dense', 'first call s (compile)'),
                 notes, quick=args.quick)
   print(notes)
   for row in rows:
