@@ -3,7 +3,8 @@
 Three jitted AdamW steps on the same batches (the quickstart config's model and data):
 - dense:    the largest sub-network exported as a dense model, trained standalone (the baseline);
 - masked:   the same network as the supernet's largest arch, through the trainer's real step
-            (`train.sampling='standard'`);
+            (`train.sampling='standard'`), its layers in a `lax.scan` (`model.scan_layers`, the
+            default) and unrolled;
 - sandwich: the trainer's default step (largest + smallest + 2 random, in-place KD), its
             sub-networks unrolled (`train.unroll_subnets`, the default);
 - sandwich, looped: the same with the K - 1 sub-networks after the first in a `lax.scan`.
@@ -130,6 +131,10 @@ def main():
   dense_s, dense_first, _ = time_steps(d_step, d_state, batches)
   m_step, m_state, _ = masked_step(cfg, space, 'standard')
   masked_s, masked_first, _ = time_steps(m_step, m_state, batches)
+  unscanned = quickstart_config()
+  unscanned.model.scan_layers = False
+  u_step, u_state, _ = masked_step(unscanned, build_space(unscanned), 'standard')
+  unscanned_s, unscanned_first, _ = time_steps(u_step, u_state, batches)
   s_step, s_state, k = masked_step(cfg, space, 'sandwich')
   sandwich_s, sandwich_first, _ = time_steps(s_step, s_state, batches)
   l_step, l_state, _ = masked_step(cfg, space, 'sandwich', unroll_subnets=False)
@@ -140,11 +145,14 @@ def main():
   peak = next((v for k, v in PEAK_FLOPS.items() if k in device), None)
   results = {
       'masked_over_dense': round(masked_s / dense_s, 3),
+      'masked_unscanned_over_dense': round(unscanned_s / dense_s, 3),
       'sandwich_over_dense': round(sandwich_s / dense_s, 3),
       'looped_over_unrolled': round(looped_s / sandwich_s, 3),
       'dense_step_seconds': dense_s, 'masked_step_seconds': masked_s,
+      'masked_unscanned_step_seconds': unscanned_s,
       'sandwich_step_seconds': sandwich_s, 'looped_sandwich_step_seconds': looped_s,
       'first_call_seconds': {'dense': dense_first, 'masked': masked_first,
+                             'masked_unscanned': unscanned_first,
                              'sandwich': sandwich_first, 'sandwich_looped': looped_first},
       'sandwich_archs_per_step': k,
       'tokens_per_step': tokens,
@@ -158,6 +166,8 @@ def main():
                                 f'{s / dense_s:.2f}', f'{first:.1f}')
   rows = [row('dense (exported largest)', dense_s, dense_first),
           row('masked supernet, largest', masked_s, masked_first),
+          row('masked supernet, largest, layers unrolled (model.scan_layers=False)', unscanned_s,
+              unscanned_first),
           row(f'sandwich ({k} archs, in-place KD), sub-networks unrolled', sandwich_s,
               sandwich_first),
           row(f'sandwich ({k} archs, in-place KD), sub-networks in a lax.scan', looped_s,

