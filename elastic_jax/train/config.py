@@ -31,10 +31,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.logits_chunk = 0
   # The K - 1 sub-networks after the first run unrolled (the program holds one copy of the
   # supernet's forward and backward per sub-network; K is static) instead of in a `lax.scan`
-  # (one copy, compile time independent of K). Unrolled, XLA fuses across them (the scan's
-  # carry accumulates full-size parameter gradients once per sub-network): the quickstart step
-  # (K = 4) ran 1.14x faster on a 2-core CPU, and XLA counted 30% fewer HBM bytes in the
-  # GPT-2-medium-width step for v5e (bench/results/aot_ablation.md).
+  # (one copy, compile time independent of K). Unrolled, XLA fuses across them: the quickstart
+  # sandwich step (K = 4) ran 1.18x faster on a 2-core CPU (bench/results/bench_train.md) and
+  # the GPT-2-medium step for v5e:4x4 needs 8.92 GiB per chip instead of 10.47, but compiles in
+  # ~100-120 s instead of ~70 s on that CPU (bench/results/aot.md).
   c.unroll_subnets = True
   # Which sub-networks each step trains (elastic_jax/train/sampling.py):
   # 'standard' | 'random' | 'sandwich' (largest + smallest + num_random) | 'random_linear' |
