@@ -41,7 +41,8 @@ chunks (`train.logits_chunk`) in a third. The train step's FLOPs and bytes come 
 program with the layers, the sub-networks and the chunks unrolled (a second compile, whose time
 and host memory grow with depth x K); `flops='none'` skips it. Counting the sub-network scan's
 body once and scaling it x K / 2 instead came out ~40% above the unrolled program's
-bytes on a 2-layer GPT-2-medium-width step: the body carries what unrolled code fuses away.
+bytes on a 2-layer GPT-2-medium-width step: in XLA's count a looped body weighs more than an
+unrolled iteration (its carry and stacked residuals are traffic the unrolled program can fuse).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from conftest import REPO, xla_flags_with_devices
@@ -196,6 +197,12 @@ def test_bad_input_gives_clear_errors(tiny_cfg, tmp_path):
   with pytest.raises(UserError, match=r'train.distill.start_step=-1 must be an integer >= 0'):
     train(cfg, tmp_path / 'f', progress=False)
   assert not (tmp_path / 'f').exists()
+  # A config.json edited by hand: ml_collections' own type check does not run there.
+  values = tiny_cfg.to_dict()
+  values['train']['unroll_subnets'] = 'yes'
+  with pytest.raises(UserError, match=r"train.unroll_subnets='yes' must be True or False"):
+    train(ml_collections.ConfigDict(values), tmp_path / 'g', progress=False)
+  assert not (tmp_path / 'g').exists()
 
 
 def test_in_place_block_preserving_distillation_warns(tiny_cfg, caplog):
