@@ -162,16 +162,16 @@ def main():
       'mfu_dense': flops / dense_s / peak if peak else None,
       'mfu_masked': flops / masked_s / peak if peak else None,
   }
-  row = lambda name, s, first: (name, f'{s * 1e3:.1f}', f'{tokens / s:,.0f}',
+  table_row = lambda name, s, first: (name, f'{s * 1e3:.1f}', f'{tokens / s:,.0f}',
                                 f'{s / dense_s:.2f}', f'{first:.1f}')
-  rows = [row('dense (exported largest)', dense_s, dense_first),
-          row('masked supernet, largest', masked_s, masked_first),
-          row('masked supernet, largest, layers unrolled (model.scan_layers=False)', unscanned_s,
-              unscanned_first),
-          row(f'sandwich ({k} archs, in-place KD), sub-networks unrolled', sandwich_s,
-              sandwich_first),
-          row(f'sandwich ({k} archs, in-place KD), sub-networks in a lax.scan', looped_s,
-              looped_first)]
+  rows = [table_row('dense (exported largest)', dense_s, dense_first),
+          table_row('masked supernet, largest', masked_s, masked_first),
+          table_row('masked supernet, largest, layers unrolled (model.scan_layers=False)',
+                    unscanned_s, unscanned_first),
+          table_row(f'sandwich ({k} archs, in-place KD), sub-networks unrolled', sandwich_s,
+                    sandwich_first),
+          table_row(f'sandwich ({k} archs, in-place KD), sub-networks in a lax.scan', looped_s,
+                    looped_first)]
   notes = (f'Quickstart model ({results["largest_params"]:,} parameters at its largest), '
            f'{cfg.data.batch_size} x {cfg.data.seq_len} tokens per step, float32, median of '
            f'{steps - 2} steps after 2 warm-up steps.')

@@ -1,5 +1,5 @@
-"""Sums over slices in one `lax.scan`: gradient accumulation over micro-batches (training) and over
-slices of a minibatch (zero-cost proxies)."""
+"""Loops over slices in one `lax.scan`: sums (gradient accumulation over micro-batches in training,
+over slices of a minibatch in zero-cost proxies) and maps (the sandwich step's sub-networks)."""
 
 from __future__ import annotations
 
@@ -15,3 +15,11 @@ def scan_sum(fn, init, xs):
     tree, out = fn(x)
     return jax.tree.map(lambda a, b: a + b.astype(a.dtype), total, tree), out
   return jax.lax.scan(body, init, xs)
+
+
+def scan_map(fn, xs, unroll: bool):
+  """`fn(x)` on each slice of `xs`' leading axis, the outputs stacked: in one `lax.scan`, traced
+  unrolled when `unroll` and there is a slice (an empty loop traced unrolled slowed the K = 1
+  training step by 13% on a CPU)."""
+  n = jax.tree.leaves(xs)[0].shape[0]
+  return jax.lax.scan(lambda _, x: (None, fn(x)), None, xs, unroll=(unroll and n > 0) or 1)[1]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from elastic_jax.accumulate import scan_map
+
 
 def token_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
                         weights_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -93,12 +95,11 @@ def vocab_losses(x_KBTE, project, targets_BT, weights_BT, *, teacher=None,
           (lambda z: kl_to_teacher(z, log_p_t, weights_BC, temperature)))
     kl0 = kl(z0) if external else jnp.zeros((), jnp.float32)
 
-    def student(_, x_BCE):
+    def student(x_BCE):
       z = project(x_BCE)
-      return None, (ce(z), kl(z))
+      return ce(z), kl(z)
 
-    _, (ce_rest, kl_rest) = jax.lax.scan(student, None, x_KBCE[1:],
-                                         unroll=unroll or unroll_students or 1)
+    ce_rest, kl_rest = scan_map(student, x_KBCE[1:], unroll or unroll_students)
     return (jnp.concatenate([ce(z0)[None], ce_rest]), jnp.concatenate([kl0[None], kl_rest]))
 
   if not chunk or chunk >= t_len:

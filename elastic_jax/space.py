@@ -229,11 +229,17 @@ class Space:
     if fn is None:
       fn = _COSTS_JIT[self.key()] = jax.jit(jax.vmap(
           lambda g, lim: self.cost(self.decode(g, lim)), in_axes=(0, None)))
+    return self.padded_call(lambda g: fn(g, limits), genomes_NxG)
+
+  def padded_call(self, fn, genomes_NxG):
+    """`fn` (a jitted function of an [N, G] genome batch) on `genomes_NxG` padded to a
+    power-of-two batch (at least 8) with zero genomes (every gene's first choice), so a handful of
+    batch sizes compile; numpy outputs for the real rows."""
     genomes_NxG = np.asarray(genomes_NxG, np.int32).reshape(-1, self.num_genes)
     n = genomes_NxG.shape[0]
     padded = np.zeros((max(8, 1 << max(n - 1, 0).bit_length()), self.num_genes), np.int32)
     padded[:n] = genomes_NxG
-    return jax.tree.map(lambda x: np.asarray(x)[:n], fn(padded, limits))
+    return jax.tree.map(lambda x: np.asarray(x)[:n], fn(padded))
 
   def key(self) -> tuple:
     """What the space's functions depend on (hashable): equal keys, equal computations."""

@@ -45,18 +45,13 @@ _HOST_FNS: dict[tuple, Callable] = {}
 
 def _host_call(name: str, space: Space, build: Callable, genomes_BxG):
   """Host convenience: `build(space)` (a function of a [B, G] genome batch) jitted once per
-  space and applied to `genomes_BxG` padded to a power-of-two batch (so a handful of batch sizes
-  compile; eager calls compiled every primitive again for each new batch size); numpy outputs
-  for the real rows."""
+  space and applied to `genomes_BxG` padded to a power-of-two batch (`Space.padded_call`; eager
+  calls compiled every primitive again for each new batch size)."""
   key = (name, space.key())
   fn = _HOST_FNS.get(key)
   if fn is None:
     fn = _HOST_FNS[key] = jax.jit(build(space))
-  genomes_BxG = np.asarray(genomes_BxG, np.int32).reshape(-1, space.num_genes)
-  b = genomes_BxG.shape[0]
-  padded = np.zeros((max(8, 1 << max(b - 1, 0).bit_length()), space.num_genes), np.int32)
-  padded[:b] = genomes_BxG  # zero genomes (every gene's first choice) fill the rest
-  return jax.tree.map(lambda x: np.asarray(x)[:b], fn(padded))
+  return space.padded_call(fn, genomes_BxG)
 
 
 def genome_costs(space: Space, genomes_BxG) -> dict[str, np.ndarray]:

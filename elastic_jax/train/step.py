@@ -23,7 +23,7 @@ import optax
 from flax import nnx, struct
 
 from elastic_jax import losses, parallel
-from elastic_jax.accumulate import scan_sum
+from elastic_jax.accumulate import scan_map, scan_sum
 from elastic_jax.evaluation import model_inputs
 from elastic_jax.train import distill
 
@@ -235,16 +235,14 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
       ce0, kl0 = vocab(logits0)
       kl0 = jnp.zeros((), jnp.float32) if in_place else kl0
 
-    def body(_, arch):
+    def body(arch):
       x, feats = model.pre_logits(inputs, arch, capture)
       feature = (feature_loss(feats, batch, arch, teacher, spec, projections, totals)
                  if distilled else jnp.zeros((), jnp.float32))
-      return None, (vocab(model.project(x)) if not logits_chunk else x, feature)
+      return (vocab(model.project(x)) if not logits_chunk else x, feature)
 
     rest = jax.tree.map(lambda x: x[1:], archs)
-    # An empty scan (K = 1) stays a loop: traced unrolled it slowed the step by 13% on a CPU.
-    unroll = (unroll_subnets or unroll_inner) and jax.tree.leaves(rest)[0].shape[0] > 0
-    _, (out_rest, features_rest) = jax.lax.scan(body, None, rest, unroll=unroll or 1)
+    out_rest, features_rest = scan_map(body, rest, unroll_subnets or unroll_inner)
     if not logits_chunk:
       ce_K = jnp.concatenate([ce0[None], out_rest[0]])
       kl_K = jnp.concatenate([kl0[None], out_rest[1]])
