@@ -127,6 +127,10 @@ class LayerDims:
   # Query-head blocks a masked model may skip (the space's head-count choices); () in dense models.
   head_segments: tuple[int, ...] = ()
   ffn_layers: int = 1  # stacked FFN linears of FlexiBERT blocks (the supernet: the most allowed)
+  # Query heads per KV group shared by every architecture a masked model runs (1: multi-head
+  # attention), so attention reads the groups without a gather; 0: it varies, or a dense model
+  # (whose ratio is heads / kv_groups).
+  kv_ratio: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,13 +237,20 @@ class SpaceConfig:
   def max_kv_groups(self) -> int:
     return max(self.kv_groups) if self.kv_groups else max(self.heads)
 
+  @property
+  def kv_ratio(self) -> int:
+    """Query heads per KV group when every architecture of the space has the same ratio (1 for
+    multi-head attention), else 0."""
+    ratios = {h // g for h in self.heads for g in (self.kv_groups or (h,)) if h % g == 0}
+    return ratios.pop() if len(ratios) == 1 else 0
+
   def supernet_dims(self) -> ModelDims:
     kinds = self.kinds
     layer = LayerDims(blocks=kinds, heads=max(self.heads), kv_groups=self.max_kv_groups,
                       ffn=max(self.ffn),
                       inner=max(self.inner) if 'bottleneck' in kinds else 0,
                       ffn_segments=self.ffn, head_segments=self.heads,
-                      ffn_layers=max(self.ffn_layers))
+                      ffn_layers=max(self.ffn_layers), kv_ratio=self.kv_ratio)
     return ModelDims(hidden=max(self.hidden), head_dim=max(self.head_dim),
                      bottleneck_head_dim=self.bottleneck_head_dim if 'bottleneck' in kinds else 0,
                      layers=(layer,) * self.num_layers)

@@ -103,7 +103,7 @@ class TransformerBlock(nnx.Module):
     self.pre_norm = cfg.norm_placement == 'pre'
     self.norm1 = Norm(dims.hidden, 'embed', cfg, rngs=rngs)
     self.attn = Attention(dims.hidden, 'embed', layer.heads, layer.kv_groups, dims.head_dim, cfg,
-                          rngs=rngs, segments=layer.head_segments)
+                          rngs=rngs, segments=layer.head_segments, kv_ratio=layer.kv_ratio)
     self.norm2 = Norm(dims.hidden, 'embed', cfg, rngs=rngs)
     self.mlp = MLP(dims.hidden, 'embed', layer.ffn, cfg, rngs=rngs, segments=layer.ffn_segments)
 
@@ -172,7 +172,7 @@ class BottleneckBlock(nnx.Module):
     self.norm_a = Norm(layer.inner, 'inner', cfg, rngs=rngs)
     self.attn = Attention(layer.inner, 'inner', layer.heads, layer.kv_groups,
                           dims.bottleneck_head_dim, cfg, rngs=rngs,
-                          segments=layer.head_segments)
+                          segments=layer.head_segments, kv_ratio=layer.kv_ratio)
     self.norm_f = Norm(layer.inner, 'inner', cfg, rngs=rngs)
     self.mlp = MLP(layer.inner, 'inner', layer.ffn, cfg, rngs=rngs,
                    segments=layer.ffn_segments)

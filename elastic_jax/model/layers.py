@@ -186,12 +186,32 @@ class KVCache(nnx.Module):
     return self.k[...].astype(k_BTGH.dtype), self.v[...].astype(v_BTGH.dtype)
 
 
+def grouped_attention(q_BTNH: Array, k_BTGH: Array, v_BTGH: Array, attn_mask_BTS: Array,
+                      scale) -> tuple[Array, Array]:
+  """Softmax attention of N query heads over G key/value groups, query head n reading group
+  n // (N / G): the queries reshaped to [B, T, G, N / G, H], so K and V are read as they are (no
+  per-head copy). `scale` multiplies the queries. Logits from the compute-dtype matmul, softmax in
+  float32 (float64 in verification runs). Returns (context [B, T, N, H], probabilities
+  [B, N, T, S]; XLA drops the latter where nothing reads it)."""
+  b, t, n, h = q_BTNH.shape
+  s, g = k_BTGH.shape[1], k_BTGH.shape[2]
+  dtype, acc = q_BTNH.dtype, wide(q_BTNH.dtype)
+  q_BTGRH = (q_BTNH * scale).reshape(b, t, g, n // g, h)
+  logits_BGRTS = jnp.einsum('BTGRH,BSGH->BGRTS', q_BTGRH, k_BTGH).astype(acc)
+  logits_BGRTS = jnp.where(attn_mask_BTS[:, None, None], logits_BGRTS, jnp.finfo(acc).min)
+  probs_BGRTS = jax.nn.softmax(logits_BGRTS, axis=-1)
+  out_BTGRH = jnp.einsum('BGRTS,BSGH->BTGRH', probs_BGRTS.astype(dtype), v_BTGH)
+  return out_BTGRH.reshape(b, t, n, h), probs_BGRTS.reshape(b, n, t, s)
+
+
 class Attention(nnx.Module):
   """Multi-head / grouped-query attention on a `width`-wide stream.
 
   Elastic: active query heads (a prefix), active KV groups (a prefix), active head size (a prefix of
   every head). Active query head h reads KV group h // (heads / kv_groups), the usual GQA mapping
-  of a dense model with that many heads and groups.
+  of a dense model with that many heads and groups. Where the heads-per-group ratio is static
+  (dense models, multi-head spaces, spaces with one ratio) each head block reads its KV groups as
+  they are (`grouped_attention`); only a space whose ratio varies gathers each head's group.
 
   `segments` (the space's head-count choices) split the query heads into blocks [n_i, n_{i+1});
   in the masked model a block beyond the active head count is skipped by `lax.cond` (its query
@@ -200,9 +220,17 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, width: int, width_axis: str, heads: int, kv_groups: int, head_dim: int,
-               cfg: ModelConfig, *, rngs: nnx.Rngs, segments: Sequence[int] = ()):
+               cfg: ModelConfig, *, rngs: nnx.Rngs, segments: Sequence[int] = (),
+               kv_ratio: int = 0):
     self.cfg = cfg
     self.heads, self.kv_groups, self.head_dim = heads, kv_groups, head_dim
+    # Query heads per KV group of every architecture the masked model runs, when the space fixes
+    # it (LayerDims.kv_ratio); 0: it varies.
+    if kv_ratio and (heads % kv_ratio or any(c % kv_ratio for c in segments)
+                     or heads // kv_ratio > kv_groups):
+      raise ValueError(f'kv_ratio {kv_ratio} does not group heads {heads} (segments '
+                       f'{tuple(segments)}) into at most {kv_groups} KV groups')
+    self.kv_ratio = kv_ratio
     self.head_bounds = segment_bounds(heads, segments)
     w, n, g, h = width, heads, kv_groups, head_dim
     self.q = make_param(rngs, (w, n, h), (width_axis, 'heads', 'head_dim'), cfg)
@@ -219,7 +247,7 @@ class Attention(nnx.Module):
     # A `KVCache` while decoding (set by elastic_jax.generate on dense models), else None.
     self.kv_cache = nnx.data(None)
 
-  def _heads(self, x_BTD, k_BTGH, v_BTGH, lo: int, hi: int, kv_index, attn_mask_BTS,
+  def _heads(self, x_BTD, k_BTGH, v_BTGH, lo: int, hi: int, kv_index, ratio: int, attn_mask_BTS,
              positions_BT, head_dim, head_mask, hd_mask, names):
     """Query heads [lo, hi): (output [B,T,D] before the bias, captures of these heads)."""
     cfg, dtype = self.cfg, x_BTD.dtype
@@ -230,19 +258,17 @@ class Attention(nnx.Module):
       q_BTNH = rotary(q_BTNH, positions_BT, head_dim, cfg.rope_theta, hd_mask)
     elif hd_mask is not None:
       q_BTNH = q_BTNH * hd_mask
-    k_BTNH = jnp.take(k_BTGH, kv_index[lo:hi], axis=2)
-    v_BTNH = jnp.take(v_BTGH, kv_index[lo:hi], axis=2)
-    acc = wide(dtype)
-    scale = jax.lax.rsqrt(jnp.asarray(head_dim, acc)).astype(dtype)
-    logits_BNTS = jnp.einsum('BTNH,BSNH->BNTS', q_BTNH * scale, k_BTNH)
-    logits_BNTS = logits_BNTS.astype(acc)
-    logits_BNTS = jnp.where(attn_mask_BTS[:, None], logits_BNTS, jnp.finfo(acc).min)
-    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1)
+    if ratio:  # heads [lo, hi) read groups [lo / r, hi / r): the groups as they are, no gather
+      k_BTGH, v_BTGH = k_BTGH[:, :, lo // ratio:hi // ratio], v_BTGH[:, :, lo // ratio:hi // ratio]
+    else:  # the heads-per-group ratio is traced: each head's group gathered
+      k_BTGH = jnp.take(k_BTGH, kv_index[lo:hi], axis=2)
+      v_BTGH = jnp.take(v_BTGH, kv_index[lo:hi], axis=2)
+    scale = jax.lax.rsqrt(jnp.asarray(head_dim, wide(dtype))).astype(dtype)
+    out_BTNH, probs_BNTS = grouped_attention(q_BTNH, k_BTGH, v_BTGH, attn_mask_BTS, scale)
     captured = {}
     if 'attn_probs' in names:
       captured['attn_probs'] = probs_BNTS if head_mask is None else \
           probs_BNTS * head_mask[lo:hi, None, None]
-    out_BTNH = jnp.einsum('BNTS,BSNH->BTNH', probs_BNTS.astype(dtype), v_BTNH)
     if head_mask is not None:
       out_BTNH = out_BTNH * head_mask[lo:hi, None] * hd_mask
     if 'attn_heads' in names:
@@ -280,11 +306,16 @@ class Attention(nnx.Module):
       k_BTGH = rotary(k_BTGH, positions_BT, head_dim, cfg.rope_theta, hd_mask)
     if self.kv_cache is not None:  # keys S are the cache's slots; attn_mask_BTS covers them
       k_BTGH, v_BTGH = self.kv_cache.update(k_BTGH, v_BTGH)
-    # Query head n reads group n // (heads / groups); inactive heads read group 0 (masked later).
-    per_group = jnp.maximum(jnp.asarray(heads) // jnp.asarray(groups), 1)
-    kv_index = jnp.minimum(jnp.arange(self.heads) // per_group, self.kv_groups - 1)
+    # Query head n reads group n // (heads / groups). The ratio is static in a dense model and in
+    # a space where every architecture has the same one (`kv_ratio`: 1 for multi-head attention);
+    # otherwise it is traced, and inactive heads read group 0 (masked later).
+    ratio = self.heads // self.kv_groups if active is None else self.kv_ratio
+    kv_index = None
+    if not ratio:
+      per_group = jnp.maximum(jnp.asarray(heads) // jnp.asarray(groups), 1)
+      kv_index = jnp.minimum(jnp.arange(self.heads) // per_group, self.kv_groups - 1)
     want = tuple(n for n in ('attn_probs', 'attn_heads', 'attn_head_out') if n in names)
-    run = lambda x, lo, hi: self._heads(x, k_BTGH, v_BTGH, lo, hi, kv_index, attn_mask_BTS,
+    run = lambda x, lo, hi: self._heads(x, k_BTGH, v_BTGH, lo, hi, kv_index, ratio, attn_mask_BTS,
                                         positions_BT, head_dim, head_mask, hd_mask, want)
     out_BTD, parts = None, []
     for lo, hi in self.head_bounds:

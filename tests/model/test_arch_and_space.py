@@ -1,5 +1,6 @@
 """Architecture-as-data: JSON round trip, validation, genomes, sampling, no retracing, vmap."""
 
+import itertools
 import json
 
 import chex
@@ -166,3 +167,26 @@ def test_bad_space_configs():
     ModelConfig(param_dtype='float64')  # 64-bit JAX is off in the tests
   with jax.enable_x64(True):
     assert ModelConfig(dtype='float64', param_dtype='float64').dtype == 'float64'
+
+
+@pytest.mark.parametrize('heads, kv_groups, expected', [
+    ([2, 4], [], 1),  # multi-head attention: a group per head
+    ([6], [2], 3),  # one grouped-query shape
+    ([2, 4], [1, 2], 0),  # 2 / 1, 2 / 2, 4 / 1, 4 / 2
+    ([4, 8], [4], 0),  # 4 / 4, 8 / 4
+    ([4, 6], [2], 0),
+])
+def test_kv_ratio_is_the_one_heads_per_group_ratio_of_every_architecture(heads, kv_groups,
+                                                                           expected):
+  """The supernet's static ratio (its attention then reads K / V without a gather) against the
+  ratios of every genome the space can decode, enumerated."""
+  cfg = ModelConfig(kind='decoder', vocab_size=37, max_len=16)
+  sc = space_config(dict(num_layers=2, hidden=[16], depth=[1, 2], blocks=['transformer'],
+                         heads=heads, kv_groups=kv_groups, head_dim=[4], ffn=[8]))
+  space = Space(cfg, sc, seq_len=7)
+  genomes = np.asarray(list(itertools.product(*[range(int(n)) for n in space.gene_sizes])),
+                       np.int32)
+  archs = jax.vmap(space.decode)(jnp.asarray(genomes))
+  ratios = set((np.asarray(archs.heads) // np.asarray(archs.kv_groups)).ravel().tolist())
+  assert sc.kv_ratio == (ratios.pop() if len(ratios) == 1 else 0) == expected
+  assert {l.kv_ratio for l in sc.supernet_dims().layers} == {expected}

@@ -48,10 +48,18 @@ ARCHS_PER_FAMILY = 24  # x 9 families = 216 random architectures
 VOCAB = 53
 
 
-def build(family: str, seed: int, dtype: str = 'float32'):
+# Spaces whose heads-per-KV-group ratio is one for every architecture: attention reads the groups
+# without a gather (SPACE's ratio varies: 2 / 1, 3 / 3, 6 / 2, ...; each head's group is gathered).
+STATIC_RATIO_SPACES = {
+    'multi-head': ({**SPACE, 'kv_groups': []}, 1),
+    'gqa, one ratio': ({**SPACE, 'heads': [6], 'kv_groups': [2]}, 3),
+}
+
+
+def build(family: str, seed: int, dtype: str = 'float32', space: dict = SPACE):
   cfg = ModelConfig(vocab_size=VOCAB, max_len=16, dtype=dtype, param_dtype=dtype,
                     **FAMILIES[family])
-  space_cfg = space_config(SPACE)
+  space_cfg = space_config(space)
   check_compatible(cfg, space_cfg)
   space = Space(cfg, space_cfg, seq_len=11)
   model = randomize(Model(cfg, space_cfg.supernet_dims(), rngs=nnx.Rngs(seed)), seed + 1)
@@ -73,16 +81,18 @@ def rel_err(a, b) -> float:
   return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
 
 
-@pytest.mark.parametrize('family', list(FAMILIES))
-def test_masked_supernet_equals_exported_dense_model(family):
+def check_masked_equals_exported(family: str, space: dict = SPACE, n_archs: int = ARCHS_PER_FAMILY,
+                                 kv_ratio: int = 0):
   # In float64, so that the bound tests the maths and not rounding: in float32 the masked and the
   # dense model sum in different orders, and an ill-conditioned random arch (MobileBERT's
   # normless post-norm: logits in the hundreds) differs by 1e-5 of its largest logit, about as
   # much as the dense model jitted differs from itself run op by op.
   with jax.enable_x64(True):
-    cfg, space, model = build(family, seed=len(family), dtype='float64')
+    cfg, space, model = build(family, seed=len(family), dtype='float64', space=space)
+    ratios = {block.attn.kv_ratio for layer in model.layers for block in layer.blocks.values()}
+    assert ratios == {kv_ratio}  # the attention path under test
     batch = random_batch(cfg, seed=3)
-    archs = space.sample(jax.random.key(zlib.crc32(family.encode())), ARCHS_PER_FAMILY)
+    archs = space.sample(jax.random.key(zlib.crc32(family.encode())), n_archs)
     # One compiled, vmapped call for the whole population of masked sub-networks.
     graphdef, state = nnx.split(model)
     masked = jax.jit(jax.vmap(lambda s, a: nnx.merge(graphdef, s)(batch, a), in_axes=(None, 0)))
@@ -94,6 +104,18 @@ def test_masked_supernet_equals_exported_dense_model(family):
       err = rel_err(logits_PxBxTxV[i], dense(batch))
       assert err <= 1e-12, (family, arch_lib.to_json(arch), err)
       assert int(params[i]) == export.param_count(dense), arch_lib.to_json(arch)
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_masked_supernet_equals_exported_dense_model(family):
+  check_masked_equals_exported(family)
+
+
+@pytest.mark.parametrize('space', list(STATIC_RATIO_SPACES))
+@pytest.mark.parametrize('family', ['llama_gqa', 'bert_post'])
+def test_masked_equals_exported_where_heads_read_kv_groups_without_a_gather(family, space):
+  space, ratio = STATIC_RATIO_SPACES[space]
+  check_masked_equals_exported(family, space, n_archs=12, kv_ratio=ratio)
 
 
 def test_largest_and_smallest_arch_export():
