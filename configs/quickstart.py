@@ -34,6 +34,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.model.tie_embeddings = True
   cfg.model.use_bias = False
   cfg.model.dtype = 'float32'  # compute dtype ('bfloat16' on TPU)
+  # Layers unrolled: on a CPU XLA's while loop costs the scanned supernet ~20% of its step time
+  # (bench/results/bench_train.md) and 4 layers compile as fast either way. The TPU configs scan
+  # them (model.scan_layers, the default), so that compile time stops growing with depth.
+  cfg.model.scan_layers = False
 
   # The elastic search space, as data: allowed values per dimension.
   cfg.space = ml_collections.ConfigDict()

@@ -44,6 +44,7 @@ def setup():
   from conftest import load_config
   cfg = load_config('quickstart', 'tiny')
   cfg.model.vocab_size = VOCAB
+  cfg.model.scan_layers = True  # the TPU configs' layer scan (the quickstart unrolls on CPU)
   space = build_space(cfg)
   model = randomize(init_supernet(cfg, space), seed=3, scale=0.2)
   graphdef, model_params = nnx.split(model, nnx.Param)
