@@ -196,6 +196,11 @@ def grouped_attention(q_BTNH: Array, k_BTGH: Array, v_BTGH: Array, attn_mask_BTS
   b, t, n, h = q_BTNH.shape
   s, g = k_BTGH.shape[1], k_BTGH.shape[2]
   dtype, acc = q_BTNH.dtype, wide(q_BTNH.dtype)
+  if g == n:  # multi-head: one head per group
+    logits_BNTS = jnp.einsum('BTNH,BSNH->BNTS', q_BTNH * scale, k_BTGH).astype(acc)
+    logits_BNTS = jnp.where(attn_mask_BTS[:, None], logits_BNTS, jnp.finfo(acc).min)
+    probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1)
+    return jnp.einsum('BNTS,BSNH->BTNH', probs_BNTS.astype(dtype), v_BTGH), probs_BNTS
   q_BTGRH = (q_BTNH * scale).reshape(b, t, g, n // g, h)
   logits_BGRTS = jnp.einsum('BTGRH,BSGH->BGRTS', q_BTGRH, k_BTGH).astype(acc)
   logits_BGRTS = jnp.where(attn_mask_BTS[:, None, None], logits_BGRTS, jnp.finfo(acc).min)
