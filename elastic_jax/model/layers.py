@@ -196,7 +196,9 @@ def grouped_attention(q_BTNH: Array, k_BTGH: Array, v_BTGH: Array, attn_mask_BTS
   b, t, n, h = q_BTNH.shape
   s, g = k_BTGH.shape[1], k_BTGH.shape[2]
   dtype, acc = q_BTNH.dtype, wide(q_BTNH.dtype)
-  if g == n:  # multi-head: one head per group
+  if g == n:
+    # Multi-head: the plain per-head einsums. With the grouped form at one head per group, XLA
+    # planned the GPT-2-medium step for v5p:2x2x2 at 55.6 GiB per chip instead of 24.2.
     logits_BNTS = jnp.einsum('BTNH,BSNH->BNTS', q_BTNH * scale, k_BTGH).astype(acc)
     logits_BNTS = jnp.where(attn_mask_BTS[:, None], logits_BNTS, jnp.finfo(acc).min)
     probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1)

@@ -33,8 +33,8 @@ def default_config() -> ml_collections.ConfigDict:
   # supernet's forward and backward per sub-network; K is static) instead of in a `lax.scan`
   # (one copy, compile time independent of K). Unrolled, XLA fuses across them: the quickstart
   # sandwich step (K = 4) ran 1.27x faster on a 2-core CPU (bench/results/bench_train.md) and
-  # the GPT-2-medium step for v5e:4x4 needs 8.91 GiB per chip instead of 10.47 and compiles in
-  # 72.5 s on that CPU idle (bench/results/aot.md; the looped step: 70.5 s).
+  # the GPT-2-medium step for v5e:4x4 needs 8.92 GiB per chip instead of 10.47 and compiles in
+  # 67.8 s on that CPU idle (bench/results/aot.md; the looped step: 70.5 s).
   c.unroll_subnets = True
   # Which sub-networks each step trains (elastic_jax/train/sampling.py):
   # 'standard' | 'random' | 'sandwich' (largest + smallest + num_random) | 'random_linear' |
