@@ -82,7 +82,7 @@ def fill_model(abstract: Model, values: Mapping[tuple, jax.Array | np.ndarray]) 
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _sliced(supernet: Model, dims: ModelDims, source: list[int]) -> Model:
+def sliced(supernet: Model, dims: ModelDims, source: list[int]) -> Model:
   """A model of `dims` whose every array is the leading block of the supernet's (its layer i
   from the supernet's layer `source[i]`). Traceable: the supernet's arrays may be jit tracers."""
   abstract = abstract_model(supernet.cfg, dims)
@@ -102,7 +102,15 @@ def _sliced(supernet: Model, dims: ModelDims, source: list[int]) -> Model:
 def export(supernet: Model, space: SpaceConfig, arch: Arch) -> Model:
   """The dense model computing exactly what `supernet(batch, arch)` computes."""
   dims, source = dense_dims(space, arch)
-  return _sliced(supernet, dims, source)
+  return sliced(supernet, dims, source)
+
+
+def slicer(space: SpaceConfig, arch: Arch):
+  """`export` for a traced supernet: returns supernet -> the dense model of `arch` (a concrete
+  arch, read now), whose arrays are slices of the supernet's (differentiable: a training step
+  can run a sub-network this way and its gradient flows back into the supernet's arrays)."""
+  dims, source = dense_dims(space, arch)
+  return lambda supernet: sliced(supernet, dims, source)
 
 
 def narrow(supernet: Model, hidden: int) -> Model:
@@ -114,7 +122,7 @@ def narrow(supernet: Model, hidden: int) -> Model:
   if not 0 < hidden <= supernet.dims.hidden:
     raise ValueError(f'cannot narrow a hidden width of {supernet.dims.hidden} to {hidden}')
   dims = dataclasses.replace(supernet.dims, hidden=int(hidden))
-  return _sliced(supernet, dims, list(range(len(dims.layers))))
+  return sliced(supernet, dims, list(range(len(dims.layers))))
 
 
 def import_dense(supernet: Model, space: SpaceConfig, arch: Arch, dense: Model) -> None:

@@ -93,6 +93,7 @@ class Head(nnx.Module):
     self.cfg = cfg
     h = dims.hidden
     out_width, out_axis = (cfg.embed_dim, 'factor') if cfg.factorised else (h, 'embed')
+    self.pre_logits_width = out_width  # the last axis of `pre_logits`
     self.final_norm = Norm(h, 'embed', cfg, rngs=rngs) if cfg.norm_placement == 'pre' else None
     transform = cfg.head_transform
     self.transform = make_param(rngs, (h, out_width), ('embed', out_axis), cfg) if transform \

@@ -36,6 +36,13 @@ def default_config() -> ml_collections.ConfigDict:
   # the GPT-2-medium step for v5e:4x4 needs 8.92 GiB per chip instead of 10.47 and compiles in
   # 67.8 s on that CPU idle (bench/results/aot.md; the looped step: 70.5 s).
   c.unroll_subnets = True
+  # The sub-networks every step trains (the sandwich's largest and smallest, a fixed arch,
+  # anchors) run as their dense models, sliced from the supernet inside the step (the gradient
+  # flows back through the slices), instead of masked at the supernet's sizes: the same
+  # function of the parameters (masked == exported) at the dense models' cost. Off where
+  # features are distilled (hidden, attention, block-preserving losses), the space changes in
+  # training (train.dynamic) or SCONE is on: those keep the masked pass.
+  c.dense_static_archs = True
   # Which sub-networks each step trains (elastic_jax/train/sampling.py):
   # 'standard' | 'random' | 'sandwich' (largest + smallest + num_random) | 'random_linear' |
   # 'fixed' (only `arch`, e.g. one found by training-free search) | 'stratified' (largest +
@@ -95,8 +102,8 @@ def check(tcfg) -> None:
     value = tcfg.get(name, low)
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
       raise UserError(f'config field train.{name}={value!r} must be an integer >= {low}')
-  if not isinstance(tcfg.get('unroll_subnets', True), bool):
-    raise UserError(f'config field train.unroll_subnets={tcfg.unroll_subnets!r} must be True or '
-                    'False')
+  for name in ('unroll_subnets', 'dense_static_archs'):
+    if not isinstance(tcfg.get(name, True), bool):
+      raise UserError(f'config field train.{name}={tcfg[name]!r} must be True or False')
   if not float(tcfg.learning_rate) > 0:
     raise UserError(f'config field train.learning_rate={tcfg.learning_rate!r} must be positive')

@@ -112,6 +112,21 @@ class Sampler:
     return {'standard': ('largest',), 'fixed': ('fixed',), 'random': ('random',),
             'random_linear': ('sampled',)}[self.strategy]
 
+  def static_archs(self) -> tuple[Arch, ...]:
+    """The archs at the leading positions of every step's draw, the same in every step (without
+    `allowed`): the sandwich's largest and smallest, the fixed arch, the anchors; () where the
+    first is drawn."""
+    if self.strategy == 'standard':
+      return (self.largest,)
+    if self.strategy in ('sandwich', 'stratified'):
+      return (self.largest, self.smallest)
+    if self.strategy == 'fixed':
+      return (self.fixed,)
+    if self.strategy == 'anchored':
+      return tuple(jax.tree.map(lambda x, i=i: x[i], self.anchors)
+                   for i in range(self.num_anchors))
+    return ()
+
   def allowed(self, limits: Limits) -> Allowed:
     """`Allowed` of the space within `limits` (host side; int32 / bool arrays)."""
     if self.strategy in ('stratified', 'fixed', 'anchored'):

@@ -167,7 +167,7 @@ def split_microbatches(batch, grad_accum: int, sharding=None):
 def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
                  external_teacher: Callable | None = None, *, logits_chunk: int = 0,
                  unroll_subnets: bool = True, unroll_inner: bool = False,
-                 gather: Callable | None = None):
+                 gather: Callable | None = None, slices: tuple[Callable, ...] = ()):
   """loss(params, batch, archs, teacher_params, totals) -> (total, (loss_per_arch, ce_per_arch)):
   the summed loss of the K sub-networks `archs` on one micro-batch, normalised by the global
   batch's `totals` (`token_totals`; its optional 'distill' entry scales every distillation term:
@@ -192,9 +192,19 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
   `gather`: applied to the model's parameters before use (`parallel.gather_fn`: FSDP-sharded
   parameters gathered once per micro-batch for all K sub-networks, their gradients
   reduce-scattered back), or None.
+
+  `slices`: for the first len(slices) sub-networks, the archs every step trains (the sandwich's
+  largest and smallest, a fixed arch, anchors: `Sampler.static_archs`), a function from the
+  supernet to that sub-network's dense model (`export.slicer`: its arrays are slices of
+  the supernet's, so the gradient flows back into them). Those sub-networks then run at their own
+  sizes, without masks: the same function of the parameters (masked == exported), at the cost of
+  the dense model. Only without captured features (their layer lists and widths follow the
+  supernet's layout) and without SCONE (an export reads precomputed f-gram rows).
   """
   capture = spec.captures
   w = spec.weights
+  if slices and capture:
+    raise ValueError(f'dense slices of the static sub-networks cannot capture {capture}')
 
   def loss_fn(params, batch, archs, teacher_params, totals):
     model = nnx.merge(graphdef, params['model'] if gather is None else gather(params['model']))
@@ -203,7 +213,24 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
     teacher = (None if external_teacher is None
                else external_teacher(teacher_params, inputs, capture))
     first = jax.tree.map(lambda x: x[0], archs)
-    x0, feats0 = model.pre_logits(inputs, first, capture)
+    # Sub-network i < len(slices) runs as its dense model; `heads[i]` projects its pre-logit
+    # states to logits (narrower than the supernet's where its hidden width is).
+    dense = [cut(model) for cut in slices]
+    heads = [m.project for m in dense]
+
+    def trunk(i):
+      if i >= len(dense):
+        return model.pre_logits(inputs, jax.tree.map(lambda x: x[i], archs), capture)
+      return dense[i].pre_logits(inputs)
+
+    def padded(x):
+      """Pre-logit states of a dense slice zero-padded to the supernet's width (what the masked
+      supernet gives: its inactive channels are zeros), to project with the others."""
+      width = model.head.pre_logits_width
+      return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+
+    x0, feats0 = trunk(0)
+    project0 = heads[0] if heads else model.project
     in_place = spec.in_place and teacher is None
     if in_place:
       # The largest net learns from the data; it then teaches the others (stop-gradient).
@@ -220,7 +247,7 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
     if not logits_chunk:
       # Unchunked: each sub-network's logits inside the scan below, the teacher's
       # log-probabilities computed once, before it.
-      logits0 = model.project(x0)
+      logits0 = project0(x0)
       log_p_t = None
       if kl_teacher is not None:
         t_logits = logits0 if in_place else kl_teacher[1](kl_teacher[0])
@@ -235,14 +262,26 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
       ce0, kl0 = vocab(logits0)
       kl0 = jnp.zeros((), jnp.float32) if in_place else kl0
 
+    def student(x, feats, arch, project):
+      feature = (feature_loss(feats, batch, arch, teacher, spec, projections, totals)
+                 if distilled and capture else jnp.zeros((), jnp.float32))
+      return (vocab(project(x)) if not logits_chunk else padded(x), feature)
+
     def body(arch):
       x, feats = model.pre_logits(inputs, arch, capture)
-      feature = (feature_loss(feats, batch, arch, teacher, spec, projections, totals)
-                 if distilled else jnp.zeros((), jnp.float32))
-      return (vocab(model.project(x)) if not logits_chunk else x, feature)
+      return student(x, feats, arch, model.project)
 
-    rest = jax.tree.map(lambda x: x[1:], archs)
+    # The dense slices after the first, then the masked sub-networks (unrolled or looped).
+    start = max(len(dense), 1)
+    outs = [student(*trunk(i), None, heads[i]) for i in range(1, start)]
+    rest = jax.tree.map(lambda x: x[start:], archs)
     out_rest, features_rest = scan_map(body, rest, unroll_subnets or unroll_inner)
+    if outs:
+      stacked = jax.tree.map(lambda *v: jnp.stack(v), *outs)
+      out_rest, features_rest = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), stacked,
+                                             (out_rest, features_rest))
+    if logits_chunk and dense:
+      x0 = padded(x0)
     if not logits_chunk:
       ce_K = jnp.concatenate([ce0[None], out_rest[0]])
       kl_K = jnp.concatenate([kl0[None], out_rest[1]])
@@ -273,7 +312,7 @@ def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransfor
                     external_teacher: Callable | None = None, *, micro_sharding=None,
                     logits_chunk: int = 0, unroll_subnets: bool = True,
                     unroll_inner: bool = False,
-                    gather: Callable | None = None):
+                    gather: Callable | None = None, slices: tuple[Callable, ...] = ()):
   """Returns step(state, batch[, teacher_params[, allowed]]) -> (state, metrics).
 
   `allowed`: the sampler's `Allowed` (arrays) when the space changes in training, else None.
@@ -281,14 +320,17 @@ def make_train_step(graphdef, proj_graphdef, sampler, tx: optax.GradientTransfor
   Metrics: `loss` (the step's objective: the sum over its K sub-networks of their losses),
   `loss_per_arch` and `ce_per_arch` (float32[K], in the sampler's order), `grad_norm`, `finite`.
   `micro_sharding`: the sharding of the stacked micro-batches (see `split_microbatches`);
-  `logits_chunk`, `unroll_subnets`, `unroll_inner`, `gather`: see `make_loss_fn`.
+  `logits_chunk`, `unroll_subnets`, `unroll_inner`, `gather`, `slices`: see `make_loss_fn`
+  (`slices` only for a step without `allowed`: those archs are the sampler's, every step).
   """
   loss_fn = make_loss_fn(graphdef, proj_graphdef, spec, external_teacher,
                          logits_chunk=logits_chunk, unroll_subnets=unroll_subnets,
-                         unroll_inner=unroll_inner, gather=gather)
+                         unroll_inner=unroll_inner, gather=gather, slices=slices)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: TrainState, batch, teacher_params=None, allowed=None):
+    if slices and allowed is not None:
+      raise ValueError('dense slices of static archs need a space that stays the same')
     archs = sampler(jax.random.wrap_key_data(state.rng), state.step, allowed)
     totals = token_totals(batch)  # of the global batch, before it is split
     scale = spec.scale(state.step)

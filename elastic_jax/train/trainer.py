@@ -214,14 +214,15 @@ def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=
     t_graphdef, t_params = nnx.split(teacher, nnx.Param)
     teacher_shardings = parallel.param_shardings(t_params, mesh)
     external = _external_teacher_fn(t_graphdef)
+  dynamic = Controller.wanted(cfg)
   step_fn = make_train_step(graphdef, proj_graphdef, sampler, tx, spec, grad_accum, external,
                             micro_sharding=parallel.microbatch_sharding(mesh),
                             logits_chunk=int(tcfg.get('logits_chunk', 0)),
                             unroll_subnets=bool(tcfg.get('unroll_subnets', True)),
                             unroll_inner=unroll_inner,
-                            gather=parallel.gather_fn(cfg, model_shardings, mesh))
+                            gather=parallel.gather_fn(cfg, model_shardings, mesh),
+                            slices=dense_slices(cfg, sampler, spec, dynamic))
   batch_sharding = parallel.batch_sharding(mesh)
-  dynamic = Controller.wanted(cfg)
   in_shardings = (state_shardings, batch_sharding, teacher_shardings) + (
       (replicated,) if dynamic else ())
   step = jax.jit(step_fn, in_shardings=in_shardings,
@@ -229,6 +230,16 @@ def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=
   return StepSetup(space, mesh, sampler, strategy, graphdef, proj_graphdef, init_params, tx,
                    schedule, state_shardings, batch_sharding, teacher_shardings, step,
                    sharding_report, dynamic)
+
+
+def dense_slices(cfg: ml_collections.ConfigDict, sampler: Sampler, spec, dynamic: bool) -> tuple:
+  """The dense models the step runs for its static archs (`train.step.make_loss_fn`'s `slices`):
+  with train.dense_static_archs, a space that stays the same, no captured features and no
+  SCONE; else ()."""
+  if (not cfg.train.get('dense_static_archs', True) or dynamic or spec.captures
+      or scone_config(cfg.get('scone')) is not None):
+    return ()
+  return tuple(export_lib.slicer(sampler.space.cfg, a) for a in sampler.static_archs())
 
 
 def check_batch(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
