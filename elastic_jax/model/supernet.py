@@ -239,12 +239,16 @@ class Model(nnx.Module):
       return logits
     return logits, features
 
-  def pre_logits(self, batch: Mapping[str, Array], arch=None, capture: tuple[str, ...] = ()):
+  def pre_logits(self, batch: Mapping[str, Array], arch=None, capture: tuple[str, ...] = (), *,
+                 scan: bool = False):
     """What the vocabulary projection reads, [B, T, E] (`__call__`'s logits are
     `project(pre_logits(...))`), and the captured features (a dict, empty without `capture`).
 
-    For losses that project a few positions at a time rather than hold [B, T, vocab] logits."""
-    x, (hidden_mask, hidden_count), features = self._trunk(batch, arch, capture)
+    For losses that project a few positions at a time rather than hold [B, T, vocab] logits.
+    `scan`: a dense model runs its runs of same-shaped layers in a `lax.scan`, rematerialised by
+    `model.remat`, as the masked supernet does with `model.scan_layers` (the training step's
+    dense slices: one compiled layer instead of one per layer)."""
+    x, (hidden_mask, hidden_count), features = self._trunk(batch, arch, capture, scan_dense=scan)
     return self.head.pre_logits(x, hidden_mask, hidden_count), features
 
   def project(self, x_E: Array) -> Array:
@@ -298,12 +302,12 @@ class Model(nnx.Module):
                            lengths_BT.reshape(-1), hidden_mask, arch)
     return emb.reshape(b, t, -1), lengths_BT > 0
 
-  def _trunk(self, batch, arch, capture, skip_last_ffn: bool = False):
+  def _trunk(self, batch, arch, capture, skip_last_ffn: bool = False, scan_dense: bool = False):
     """(final hidden states, (hidden mask, active hidden count), {name: captured feature}).
 
     `skip_last_ffn`: the masked supernet skips the last active layer's FFN (whose output then
     is wrong: only for features read before it). A dense model needs no flag: XLA removes the
-    computation nobody reads."""
+    computation nobody reads. `scan_dense`: see `pre_logits`."""
     unknown = set(capture) - set(CAPTURES)
     if unknown:
       raise ValueError(f'unknown capture names {sorted(unknown)}; known: {CAPTURES}')
@@ -339,10 +343,10 @@ class Model(nnx.Module):
     if arch is not None and skip_last_ffn:
       on_L = arch.layer_on()
       last_on = len(self.layers) - 1 - jnp.argmax(on_L[::-1])
-    for start, stop in self._layer_groups(arch is not None):
+    for start, stop in self._layer_groups(arch is not None or scan_dense):
       if arch is None:
-        x, feats = self.layers[start](x, ctx)
-        hidden_L, feats_L = [x], {k: [v] for k, v in feats.items()}
+        x, hidden_L, feats_L = self._group(start, stop, x, lambda layer, x, _: layer(x, ctx),
+                                           jnp.arange(start, stop))
       else:
         x, hidden_L, feats_L = self._masked_group(start, stop, x, ctx, arch, last_on)
       features['hidden'].extend(hidden_L)
@@ -350,12 +354,12 @@ class Model(nnx.Module):
         features[k].extend(v)
     return x, (hidden_mask, hidden_count), {k: features[k] for k in capture}
 
-  def _layer_groups(self, masked: bool) -> list[tuple[int, int]]:
-    """[start, stop) runs of consecutive layers that one `lax.scan` can run: the masked
-    supernet's layers with the same parameter structure (a uniform space is one group), when
-    `model.scan_layers` is on; otherwise (and for dense models) one group per layer."""
+  def _layer_groups(self, scan: bool) -> list[tuple[int, int]]:
+    """[start, stop) runs of consecutive layers that one `lax.scan` can run: the layers with the
+    same parameter structure (a uniform space is one group), when `scan` (the masked supernet,
+    or a dense model asked to) and `model.scan_layers` are on; otherwise one group per layer."""
     n = len(self.layers)
-    if not (masked and self.cfg.scan_layers):
+    if not (scan and self.cfg.scan_layers):
       return [(i, i + 1) for i in range(n)]
     def structure(layer):
       graphdef, state = nnx.split(layer)
@@ -384,20 +388,27 @@ class Model(nnx.Module):
 
     names = ('heads', 'kv_groups', 'ffn', 'inner', 'ffn_layers', 'block')
     fields_L = {k: getattr(arch, k)[start:stop] for k in names}
+    return self._group(start, stop, x, lambda layer, x, inputs: apply(layer, x, *inputs),
+                       (jnp.arange(start, stop), fields_L))
+
+  def _group(self, start, stop, x, apply, inputs_L):
+    """Runs layers [start, stop): `apply(layer, x, inputs) -> (y, feats)` with each layer's
+    slice of `inputs_L` (leading axis: the layers), in one `lax.scan` over the stacked
+    parameters (rematerialised by `model.remat`) or the layer itself for a group of one.
+    Returns (output, [hidden per layer], {feature: [per layer]})."""
     if stop - start == 1:
-      x, feats = apply(self.layers[start], x, start, {k: v[0] for k, v in fields_L.items()})
+      x, feats = apply(self.layers[start], x, jax.tree.map(lambda v: v[0], inputs_L))
       return x, [x], {k: [v] for k, v in feats.items()}
     graphdef, _ = nnx.split(self.layers[start])
     states = [nnx.split(self.layers[i])[1] for i in range(start, stop)]
     stacked = jax.tree.map(lambda *v: jnp.stack(v), *states)
 
     def body(x, inputs):
-      state, i, fields = inputs
-      y, feats = apply(nnx.merge(graphdef, state), x, i, fields)
+      state, layer_inputs = inputs
+      y, feats = apply(nnx.merge(graphdef, state), x, layer_inputs)
       return y, (y, feats)
 
     if self.cfg.remat != 'none':
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat])
-    x, (hidden_LBTD, feats_L) = jax.lax.scan(
-        body, x, (stacked, jnp.arange(start, stop), fields_L))
+    x, (hidden_LBTD, feats_L) = jax.lax.scan(body, x, (stacked, inputs_L))
     return x, list(hidden_LBTD), {k: list(v) for k, v in feats_L.items()}

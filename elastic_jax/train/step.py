@@ -221,7 +221,7 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
     def trunk(i):
       if i >= len(dense):
         return model.pre_logits(inputs, jax.tree.map(lambda x: x[i], archs), capture)
-      return dense[i].pre_logits(inputs)
+      return dense[i].pre_logits(inputs, scan=True)
 
     def padded(x):
       """Pre-logit states of a dense slice zero-padded to the supernet's width (what the masked
