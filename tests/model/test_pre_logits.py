@@ -28,3 +28,20 @@ def test_projected_chunks_of_pre_logits_are_the_logits(family):
                                  np.asarray(logits_BTV[:, start:stop]), rtol=1e-6, atol=1e-6)
     for want, got in zip(feats['hidden'], pre_feats['hidden'], strict=True):
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize('family', ['llama_gqa', 'mobilebert'])
+def test_a_dense_model_asked_to_scan_its_layers_computes_the_same(family):
+  """`pre_logits(scan=True)` (the training step's dense slices) runs runs of same-shaped layers
+  in a `lax.scan`: the same states and per-layer features as layer by layer."""
+  cfg, space, model = build(family, seed=len(family) + 2)
+  batch = random_batch(cfg, seed=5)
+  dense = export.export(model, space.cfg, space.largest())
+  assert len(set(dense.dims.layers)) == 1 and len(dense.dims.layers) > 1  # one run of layers
+  x, feats = dense.pre_logits(batch, capture=('hidden',))
+  scanned = lambda: dense.pre_logits(batch, capture=('hidden',), scan=True)
+  assert 'scan' in str(jax.make_jaxpr(scanned)())
+  x_scan, feats_scan = scanned()
+  np.testing.assert_allclose(np.asarray(x_scan), np.asarray(x), rtol=1e-5, atol=1e-5)
+  for want, got in zip(feats['hidden'], feats_scan['hidden'], strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
