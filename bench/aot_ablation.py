@@ -35,6 +35,8 @@ VARIANTS = (
     ('as configured', {}, ('train_step', 'dense_step')),
     ('parameters left to XLA (train.gather_params=False)', {'train.gather_params': False},
      ('train_step', 'dense_step')),
+    ('static archs masked (train.dense_static_archs=False)', {'train.dense_static_archs': False},
+     ('train_step',)),
     ('K = 2 sub-networks (train.num_random=0)', {'train.num_random': 0}, ('train_step',)),
     ('no logits distillation (train.distill.logits_kl=0)', {'train.distill.logits_kl': 0.0},
      ('train_step',)),

@@ -48,8 +48,10 @@ HEADER = ('config', 'topology', 'program', 'max params', 'mesh d x f x t', 'batc
 NOTES = """
 Compiled on a CPU-only machine by the TPU compiler (libtpu) for the named slice with the config's
 own mesh (`elastic-jax compile`, elastic_jax/aot.py). Programs: train_step, the trainer's own
-masked sandwich step (`trainer.build_step`: same shardings, donation, strided micro-batches,
-scanned and rematerialised layers, FSDP-sharded parameters gathered once per micro-batch);
+sandwich step (`trainer.build_step`: same shardings, donation, strided micro-batches, scanned and
+rematerialised layers, FSDP-sharded parameters gathered once per micro-batch; the largest and
+smallest sub-networks as dense slices of the supernet where no features are distilled,
+`train.dense_static_archs`: GPT-2-medium; BERT-base ELM distils block outputs, all masked);
 dense_step, the reference: the largest sub-network's dense export trained by a plain
 cross-entropy step with the same batch, micro-batches, optimizer and shardings (what a
 non-elastic trainer would run); population_eval, the search's own loop. Memory: XLA's buffer
@@ -64,9 +66,12 @@ is a model, not a profile, so est. ms and MFU are estimates; a profile on a TPU 
 MFU est.: the analytic model FLOPs (cost.py: 3 x forward FLOPs per token for training; for the
 masked step the sampled sub-networks', sandwich = largest + smallest + 2 random, averaged over 8
 steps; for the dense step the largest sub-network's) over (chips x bf16 peak x est. time); the
-masked supernet computes every sub-network at the supernet's widths, so the hardware's FLOP
-utilisation is higher than its MFU. masked / dense: the masked step's estimated time per model
-FLOP over the dense reference's (1 = elasticity costs nothing). Where the bytes go, one
+masked supernet computes its sub-networks at the supernet's widths, so the hardware's FLOP
+utilisation is higher than its MFU. XLA's cost analysis counts a conditional as its costliest
+branch, so the layers (`lax.switch`), FFN column blocks and head blocks (`lax.cond`) that a
+masked sub-network skips at run time are counted as run: for the masked sub-networks the
+estimate is an upper bound. masked / dense: the masked step's estimated time per model FLOP over
+the dense reference's (1 = elasticity costs nothing). Where the bytes go, one
 mechanism at a time: bench/results/aot_ablation.md. compile s: lowering + compiling on a 2-core
 CPU that other jobs may have shared. The commit each case was compiled at: aot.json,
 reports.<case>.commit.

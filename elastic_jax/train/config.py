@@ -33,8 +33,8 @@ def default_config() -> ml_collections.ConfigDict:
   # supernet's forward and backward per sub-network; K is static) instead of in a `lax.scan`
   # (one copy, compile time independent of K). Unrolled, XLA fuses across them: the quickstart
   # sandwich step (K = 4) ran 1.27x faster on a 2-core CPU (bench/results/bench_train.md) and
-  # the GPT-2-medium step for v5e:4x4 needs 8.92 GiB per chip instead of 10.47 and compiles in
-  # 67.8 s on that CPU idle (bench/results/aot.md; the looped step: 70.5 s).
+  # the GPT-2-medium step for v5e:4x4 needed 8.92 GiB per chip instead of 10.47 (at 57d69c8,
+  # before train.dense_static_archs; README, "The K sub-networks of a step").
   c.unroll_subnets = True
   # The sub-networks every step trains (the sandwich's largest and smallest, a fixed arch,
   # anchors) run as their dense models, sliced from the supernet inside the step (the gradient
