@@ -81,7 +81,7 @@ def masked_step(cfg, space, strategy, unroll_subnets=True, dense_static=False):
                      layer_map=distill.uniform_layer_map(space.num_layers, space.num_layers),
                      teacher_heads=tuple(int(h) for h in space.largest().heads))
   sampler = Sampler(space, strategy, cfg.train.num_random, cfg.train.ramp_steps)
-  slices = dense_slices(cfg, sampler, spec, dynamic=False) if dense_static else ()
+  slices = dense_slices(cfg, sampler, dynamic=False) if dense_static else ()
   step = jax.jit(make_train_step(graphdef, proj_graphdef, sampler, tx, spec, 1,
                                  unroll_subnets=unroll_subnets, slices=slices), donate_argnums=0)
   all_params = nnx.State({'model': params, 'proj': proj_params})

@@ -105,12 +105,24 @@ def export(supernet: Model, space: SpaceConfig, arch: Arch) -> Model:
   return sliced(supernet, dims, source)
 
 
-def slicer(space: SpaceConfig, arch: Arch):
-  """`export` for a traced supernet: returns supernet -> the dense model of `arch` (a concrete
-  arch, read now), whose arrays are slices of the supernet's (differentiable: a training step
-  can run a sub-network this way and its gradient flows back into the supernet's arrays)."""
+@dataclasses.dataclass(frozen=True)
+class Slicer:
+  """`export` for a traced supernet: `slicer(supernet)` is the dense model of one arch, whose
+  arrays are slices of the supernet's (differentiable: a training step can run a sub-network
+  this way and its gradient flows back into the supernet's arrays). `source`: the supernet layer
+  of each of the dense model's layers."""
+
+  dims: ModelDims
+  source: tuple[int, ...]
+
+  def __call__(self, supernet: Model) -> Model:
+    return sliced(supernet, self.dims, list(self.source))
+
+
+def slicer(space: SpaceConfig, arch: Arch) -> Slicer:
+  """The `Slicer` of `arch` (a concrete arch, read now)."""
   dims, source = dense_dims(space, arch)
-  return lambda supernet: sliced(supernet, dims, source)
+  return Slicer(dims, tuple(source))
 
 
 def narrow(supernet: Model, hidden: int) -> Model:

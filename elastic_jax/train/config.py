@@ -39,9 +39,8 @@ def default_config() -> ml_collections.ConfigDict:
   # The sub-networks every step trains (the sandwich's largest and smallest, a fixed arch,
   # anchors) run as their dense models, sliced from the supernet inside the step (the gradient
   # flows back through the slices), instead of masked at the supernet's sizes: the same
-  # function of the parameters (masked == exported) at the dense models' cost. Off where
-  # features are distilled (hidden, attention, block-preserving losses), the space changes in
-  # training (train.dynamic) or SCONE is on: those keep the masked pass.
+  # function of the parameters (masked == exported) at the dense models' cost. Off where the
+  # space changes in training (train.dynamic) or SCONE is on: those keep the masked pass.
   c.dense_static_archs = True
   # Which sub-networks each step trains (elastic_jax/train/sampling.py):
   # 'standard' | 'random' | 'sandwich' (largest + smallest + num_random) | 'random_linear' |

@@ -150,6 +150,34 @@ def teacher_targets(x_BTE, feats, project=None) -> dict:
   return out
 
 
+def masked_layout(feats: dict, like: dict, source) -> dict:
+  """A dense sub-network's captured features laid out as the masked supernet gives them
+  (`like`: their shapes; `feats` must hold 'embed' where 'hidden' is asked for): every array
+  zero-padded at the end of each axis to the masked shape (inactive channels, heads and widths
+  are zeros there too), per-layer lists indexed by supernet layer (dense layer j is supernet
+  layer `source[j]`). A layer the sub-network skips is the identity there: its output
+  ('hidden') is its input, its block features zeros."""
+  def pad(x, want):
+    return jnp.pad(x.astype(want.dtype), [(0, n - m) for n, m in zip(want.shape, x.shape)])
+
+  out = {}
+  for name, want in like.items():
+    got = feats[name]
+    if not isinstance(want, list):
+      out[name] = pad(got, want)
+      continue
+    at = dict(zip(source, got, strict=True))
+    carried = feats['embed'] if name == 'hidden' else None
+    out[name] = []
+    for layer, v in enumerate(want):
+      if layer in at:
+        carried = at[layer] if name == 'hidden' else None
+        out[name].append(pad(at[layer], v))
+      else:
+        out[name].append(jnp.zeros(v.shape, v.dtype) if carried is None else pad(carried, v))
+  return out
+
+
 def split_microbatches(batch, grad_accum: int, sharding=None):
   """[B, ...] -> [grad_accum, B // grad_accum, ...], micro-batch i = rows i, i + grad_accum, ...
 
@@ -194,17 +222,15 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
   reduce-scattered back), or None.
 
   `slices`: for the first len(slices) sub-networks, the archs every step trains (the sandwich's
-  largest and smallest, a fixed arch, anchors: `Sampler.static_archs`), a function from the
-  supernet to that sub-network's dense model (`export.slicer`: its arrays are slices of
-  the supernet's, so the gradient flows back into them). Those sub-networks then run at their own
-  sizes, without masks: the same function of the parameters (masked == exported), at the cost of
-  the dense model. Only without captured features (their layer lists and widths follow the
-  supernet's layout) and without SCONE (an export reads precomputed f-gram rows).
+  largest and smallest, a fixed arch, anchors: `Sampler.static_archs`), the `export.Slicer` of
+  that sub-network's dense model (its arrays slices of the supernet's, so the gradient flows
+  back into them). Those sub-networks then run at their own sizes, without masks: the same
+  function of the parameters (masked == exported), at the cost of the dense model; their
+  captured features are laid out as the masked supernet's (`masked_layout`). Not with SCONE (an
+  export reads precomputed f-gram rows).
   """
   capture = spec.captures
   w = spec.weights
-  if slices and capture:
-    raise ValueError(f'dense slices of the static sub-networks cannot capture {capture}')
 
   def loss_fn(params, batch, archs, teacher_params, totals):
     model = nnx.merge(graphdef, params['model'] if gather is None else gather(params['model']))
@@ -218,10 +244,18 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
     dense = [cut(model) for cut in slices]
     heads = [m.project for m in dense]
 
+    arch_at = lambda i: jax.tree.map(lambda x: x[i], archs)
+
     def trunk(i):
       if i >= len(dense):
-        return model.pre_logits(inputs, jax.tree.map(lambda x: x[i], archs), capture)
-      return dense[i].pre_logits(inputs, scan=True)
+        return model.pre_logits(inputs, arch_at(i), capture)
+      # 'embed' too where layer outputs are captured: an off layer's output is its input.
+      extra = ('embed',) if 'hidden' in capture and 'embed' not in capture else ()
+      x, feats = dense[i].pre_logits(inputs, capture=capture + extra, scan=True)
+      if capture:  # as the masked supernet would give them (shapes only: nothing runs twice)
+        like = jax.eval_shape(lambda: model.pre_logits(inputs, arch_at(i), capture)[1])
+        feats = masked_layout(feats, like, slices[i].source)
+      return x, feats
 
     def padded(x):
       """Pre-logit states of a dense slice zero-padded to the supernet's width (what the masked
@@ -273,7 +307,7 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
 
     # The dense slices after the first, then the masked sub-networks (unrolled or looped).
     start = max(len(dense), 1)
-    outs = [student(*trunk(i), None, heads[i]) for i in range(1, start)]
+    outs = [student(*trunk(i), arch_at(i), heads[i]) for i in range(1, start)]
     rest = jax.tree.map(lambda x: x[start:], archs)
     out_rest, features_rest = scan_map(body, rest, unroll_subnets or unroll_inner)
     if outs:

@@ -221,7 +221,7 @@ def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=
                             unroll_subnets=bool(tcfg.get('unroll_subnets', True)),
                             unroll_inner=unroll_inner,
                             gather=parallel.gather_fn(cfg, model_shardings, mesh),
-                            slices=dense_slices(cfg, sampler, spec, dynamic))
+                            slices=dense_slices(cfg, sampler, dynamic))
   batch_sharding = parallel.batch_sharding(mesh)
   in_shardings = (state_shardings, batch_sharding, teacher_shardings) + (
       (replicated,) if dynamic else ())
@@ -232,11 +232,10 @@ def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=
                    sharding_report, dynamic)
 
 
-def dense_slices(cfg: ml_collections.ConfigDict, sampler: Sampler, spec, dynamic: bool) -> tuple:
+def dense_slices(cfg: ml_collections.ConfigDict, sampler: Sampler, dynamic: bool) -> tuple:
   """The dense models the step runs for its static archs (`train.step.make_loss_fn`'s `slices`):
-  with train.dense_static_archs, a space that stays the same, no captured features and no
-  SCONE; else ()."""
-  if (not cfg.train.get('dense_static_archs', True) or dynamic or spec.captures
+  with train.dense_static_archs, a space that stays the same and no SCONE; else ()."""
+  if (not cfg.train.get('dense_static_archs', True) or dynamic
       or scone_config(cfg.get('scone')) is not None):
     return ()
   return tuple(export_lib.slicer(sampler.space.cfg, a) for a in sampler.static_archs())

@@ -6,9 +6,10 @@ The reference is the masked step, itself checked against per-architecture losses
 hand (tests/train/test_train_step.py): with slices the loss and the gradient with respect to the
 supernet's parameters are the same (float64, 1e-12), on random architectures of families that
 cover every knob (GQA with a varying heads-per-group ratio, rotary, factorised embeddings,
-bottleneck and skip blocks, post-norm encoders), unchunked and chunked vocabulary losses. And the
-slices are what runs: the sliced program does fewer FLOPs, and slicing another arch than the
-sampler's changes the loss.
+bottleneck and skip blocks, post-norm encoders), unchunked and chunked vocabulary losses, and
+with every feature-distillation loss (the dense slices' features laid out as the masked
+supernet's). And the slices are what runs: the sliced program does fewer FLOPs, and slicing
+another arch than the sampler's changes the loss.
 """
 
 import jax
@@ -28,8 +29,8 @@ from elastic_jax.space import Space
 from elastic_jax.train import config as train_config
 from elastic_jax.train import distill
 from elastic_jax.train.sampling import Sampler
-from elastic_jax.train.step import DistillSpec, make_loss_fn, token_totals
-from elastic_jax.train.trainer import _distill_spec, dense_slices
+from elastic_jax.train.step import DistillSpec, make_loss_fn, masked_layout, token_totals
+from elastic_jax.train.trainer import dense_slices
 from elastic_jax.workdir import build_space
 
 FAMILIES = {
@@ -69,18 +70,21 @@ def batch_of(cfg: ModelConfig, seed: int) -> dict:
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-def in_place_spec(space) -> DistillSpec:
-  weights = {'ce': 0.6, 'logits_kl': 1.4, 'hidden_mse': 0.0, 'attn_kl': 0.0,
-             'block_preserving': 0.0}
+def in_place_spec(space, features: bool = False) -> DistillSpec:
+  """In-place distillation of logits, and with `features` of every feature loss (hidden states,
+  attention, ELM's block-preserving loss on embeddings and block outputs)."""
+  f = 0.8 if features else 0.0
+  weights = {'ce': 0.6, 'logits_kl': 1.4, 'hidden_mse': f, 'attn_kl': f / 2,
+             'block_preserving': f * 1.5}
   return DistillSpec(weights=weights, temperature=1.5, in_place=True,
                      layer_map=tuple(range(space.num_layers)),
                      teacher_heads=tuple(int(h) for h in space.largest().heads))
 
 
-def value_and_grad(model, space, archs, batch, slices, logits_chunk=0):
+def value_and_grad(model, space, archs, batch, slices, logits_chunk=0, features=False):
   graphdef, params = nnx.split(model, nnx.Param)
   proj_graphdef, proj = nnx.split(distill.Projections({}, rngs=nnx.Rngs(0)), nnx.Param)
-  loss_fn = make_loss_fn(graphdef, proj_graphdef, in_place_spec(space),
+  loss_fn = make_loss_fn(graphdef, proj_graphdef, in_place_spec(space, features),
                          logits_chunk=logits_chunk, slices=slices)
   totals = token_totals(batch)
   state = nnx.State({'model': params, 'proj': proj})
@@ -106,18 +110,50 @@ def test_dense_slices_give_the_masked_steps_loss_and_gradient(family):
     archs = space.sample(jax.random.key(len(family)), 4)
     static = arch_lib.unstack(archs)[:2]
     slices = tuple(export.slicer(space.cfg, a) for a in static)
-    for chunk, seed in ((0, 1), (4, 2)):  # whole logits; chunks of 4 positions (the last short)
+    # Whole logits; chunks of 4 positions (the last short) with every feature loss.
+    for chunk, seed, features in ((0, 1, False), (4, 2, True)):
       batch = batch_of(cfg, seed)
-      want, want_grads, masked_flops = value_and_grad(model, space, archs, batch, (), chunk)
-      got, grads, sliced_flops = value_and_grad(model, space, archs, batch, slices, chunk)
-      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12)
-      assert_close(grads, want_grads, 1e-12)
+      want, want_grads, masked_flops = value_and_grad(model, space, archs, batch, (), chunk,
+                                                      features)
+      got, grads, sliced_flops = value_and_grad(model, space, archs, batch, slices, chunk,
+                                                features)
+      # The feature losses compute in float32 (elastic_jax/losses.py) whatever the model's
+      # dtype: features equal to 1e-15 in float64 round apart there (5e-9 of the largest
+      # gradient seen), so those compare at float32's precision.
+      tol = 1e-6 if features else 1e-12
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol)
+      assert_close(grads, want_grads, tol)
       # The slices are what runs: the dense sub-networks cost fewer FLOPs than the masked ones.
       assert sliced_flops < masked_flops, (sliced_flops, masked_flops)
-    # The comparison can fail: slicing an arch other than the sampler's changes the losses.
-    wrong = (export.slicer(space.cfg, static[1]), slices[1])
-    other, _, _ = value_and_grad(model, space, archs, batch, wrong, 4)
-    assert not np.allclose(np.asarray(other), np.asarray(want), rtol=1e-6)
+    if family == 'llama_gqa':
+      # The comparison can fail: slicing an arch other than the sampler's changes the losses.
+      wrong = (export.slicer(space.cfg, static[1]), slices[1])
+      other, _, _ = value_and_grad(model, space, archs, batch, wrong, 4, True)
+      assert not np.allclose(np.asarray(other), np.asarray(want), rtol=1e-6)
+
+
+def test_a_dense_slices_features_in_the_masked_layout_are_the_masked_supernets():
+  """Every feature the distillation losses read, on random architectures (skipped layers,
+  narrower widths, fewer heads, bottleneck blocks): zero-padded and placed by supernet layer, a
+  skipped layer passing its input on, they are the masked supernet's (float64)."""
+  capture = ('embed', 'hidden', 'attn_out', 'ffn_out', 'attn_probs')
+  with jax.enable_x64(True):
+    for family in FAMILIES:
+      cfg, space, model = build(family)
+      batch = batch_of(cfg, 4)
+      inputs = {k: v for k, v in batch.items() if k not in ('targets', 'weights')}
+      skipped = 0
+      for arch in arch_lib.unstack(space.sample(jax.random.key(9), 8)):
+        cut = export.slicer(space.cfg, arch)
+        _, feats = cut(model).pre_logits(inputs, capture=capture, scan=True)
+        _, want = model.pre_logits(inputs, arch, capture)
+        got = masked_layout(feats, want, cut.source)
+        for name in capture:
+          for a, b in zip(jax.tree.leaves(got[name]), jax.tree.leaves(want[name]), strict=True):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12)
+        skipped += len(cut.source) < space.num_layers
+      assert skipped  # the identity layers were exercised
 
 
 @pytest.mark.parametrize('strategy', ['standard', 'sandwich', 'stratified', 'fixed', 'anchored',
@@ -135,22 +171,17 @@ def test_static_archs_are_the_leading_archs_of_every_draw(strategy):
       assert arch_lib.to_json(a) == arch_lib.to_json(b)
 
 
-def test_dense_slices_are_off_where_the_step_needs_the_masked_layout():
+def test_dense_slices_are_off_where_the_step_needs_the_masked_supernet():
   cfg = load_config('quickstart', 'tiny')
-  space = build_space(cfg)
-  sampler = Sampler(space, 'sandwich', num_random=2)
-  spec = lambda c: _distill_spec(c, space, None)[0]
-  assert len(dense_slices(cfg, sampler, spec(cfg), dynamic=False)) == 2
-  assert dense_slices(cfg, sampler, spec(cfg), dynamic=True) == ()
+  sampler = Sampler(build_space(cfg), 'sandwich', num_random=2)
+  assert len(dense_slices(cfg, sampler, dynamic=False)) == 2
+  assert dense_slices(cfg, sampler, dynamic=True) == ()  # the space changes in training
   off = ml_collections.ConfigDict(cfg.to_dict())
   off.train.dense_static_archs = False
-  assert dense_slices(off, sampler, spec(off), dynamic=False) == ()
-  features = ml_collections.ConfigDict(cfg.to_dict())
-  features.train.distill.hidden_mse = 1.0  # captured layer outputs: the masked layout
-  assert dense_slices(features, sampler, spec(features), dynamic=False) == ()
+  assert dense_slices(off, sampler, dynamic=False) == ()
   scone = ml_collections.ConfigDict(cfg.to_dict())
-  scone.scone = {'enabled': True}
-  assert dense_slices(scone, sampler, spec(cfg), dynamic=False) == ()
+  scone.scone = {'enabled': True}  # the f-gram model lives in the supernet only
+  assert dense_slices(scone, sampler, dynamic=False) == ()
 
 
 def test_dense_static_archs_must_be_a_bool():
