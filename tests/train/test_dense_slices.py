@@ -4,12 +4,13 @@ from the supernet inside the step, instead of masked at the supernet's sizes.
 
 The reference is the masked step, itself checked against per-architecture losses written out by
 hand (tests/train/test_train_step.py): with slices the loss and the gradient with respect to the
-supernet's parameters are the same (float64, 1e-12), on random architectures of families that
-cover every knob (GQA with a varying heads-per-group ratio, rotary, factorised embeddings,
-bottleneck and skip blocks, post-norm encoders), unchunked and chunked vocabulary losses, and
-with every feature-distillation loss (the dense slices' features laid out as the masked
-supernet's). And the slices are what runs: the sliced program does fewer FLOPs, and slicing
-another arch than the sampler's changes the loss.
+supernet's parameters are the same (float64, 1e-12; 1e-6 with the feature losses, which compute
+in float32), on random architectures of families that cover every knob (GQA with a varying
+heads-per-group ratio, rotary, factorised embeddings, bottleneck and skip blocks, post-norm
+encoders), unchunked and chunked vocabulary losses, and with every feature-distillation loss (the
+dense slices' features laid out as the masked supernet's, equal to its features to 1e-12). And
+the slices are what runs: the sliced program does fewer FLOPs, and slicing another arch than the
+sampler's changes the loss.
 """
 
 import jax
@@ -101,7 +102,9 @@ def assert_close(got, want, rtol):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=rtol * scale)
 
 
-@pytest.mark.parametrize('family', list(FAMILIES))
+# Two families for the step (three compiles each, ~40 s on 2 cores): GQA with rotary positions;
+# a factorised, normless post-norm encoder with bottleneck blocks. All three for the layout.
+@pytest.mark.parametrize('family', ['llama_gqa', 'mobilebert'])
 def test_dense_slices_give_the_masked_steps_loss_and_gradient(family):
   """Sub-networks 0 and 1 (the in-place teacher and a student) sliced, 2 and 3 masked; random
   architectures (sub-network 0 is a random one too: the slices need not be the largest)."""
