@@ -50,9 +50,11 @@ NOTES = """
 The GPT-2-medium supernet's training step (configs/gpt2_medium_supernet.py, v5e-16: batch 128 x
 512 in 8 micro-batches, pure FSDP over 16 chips, bf16 compute, sandwich K = 4 with in-place
 logits distillation) compiled by libtpu for v5e:4x4 on a CPU, on a twin with {layers} layers
-(unrolled: XLA counts each once) and one mechanism changed per row. train_step is the masked
-sandwich step the trainer runs; dense_step the reference, the largest sub-network's dense export
-trained by a plain cross-entropy step with the same batch, micro-batches, optimizer and shardings.
+(unrolled: XLA counts each once) and one mechanism changed per row. train_step is the sandwich
+step the trainer runs (its largest and smallest sub-networks as dense slices of the supernet, the
+two random ones masked; train.dense_static_archs); dense_step the reference, the largest
+sub-network's dense export trained by a plain cross-entropy step with the same batch,
+micro-batches, optimizer and shardings.
 FLOPs and bytes: XLA's cost analysis per device per step, the micro-batch loop's body times its
 trip count (x 8; the masked step counted on a twin with its K sub-networks unrolled). est. ms:
 the roofline max(FLOPs / peak, bytes / HBM bandwidth) (197 TFLOP/s, 819 GB/s per v5e chip);
