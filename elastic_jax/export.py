@@ -101,8 +101,7 @@ def sliced(supernet: Model, dims: ModelDims, source: list[int]) -> Model:
 
 def export(supernet: Model, space: SpaceConfig, arch: Arch) -> Model:
   """The dense model computing exactly what `supernet(batch, arch)` computes."""
-  dims, source = dense_dims(space, arch)
-  return sliced(supernet, dims, source)
+  return slicer(space, arch)(supernet)
 
 
 @dataclasses.dataclass(frozen=True)

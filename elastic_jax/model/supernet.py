@@ -345,8 +345,7 @@ class Model(nnx.Module):
       last_on = len(self.layers) - 1 - jnp.argmax(on_L[::-1])
     for start, stop in self._layer_groups(arch is not None or scan_dense):
       if arch is None:
-        x, hidden_L, feats_L = self._group(start, stop, x, lambda layer, x, _: layer(x, ctx),
-                                           jnp.arange(start, stop))
+        x, hidden_L, feats_L = self._group(start, stop, x, lambda layer, x, _: layer(x, ctx), None)
       else:
         x, hidden_L, feats_L = self._masked_group(start, stop, x, ctx, arch, last_on)
       features['hidden'].extend(hidden_L)
@@ -393,8 +392,9 @@ class Model(nnx.Module):
 
   def _group(self, start, stop, x, apply, inputs_L):
     """Runs layers [start, stop): `apply(layer, x, inputs) -> (y, feats)` with each layer's
-    slice of `inputs_L` (leading axis: the layers), in one `lax.scan` over the stacked
-    parameters (rematerialised by `model.remat`) or the layer itself for a group of one.
+    slice of `inputs_L` (leading axis: the layers; None: no per-layer inputs), in one `lax.scan`
+    over the stacked parameters (rematerialised by `model.remat`) or the layer itself for a
+    group of one.
     Returns (output, [hidden per layer], {feature: [per layer]})."""
     if stop - start == 1:
       x, feats = apply(self.layers[start], x, jax.tree.map(lambda v: v[0], inputs_L))

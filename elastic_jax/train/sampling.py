@@ -123,8 +123,7 @@ class Sampler:
     if self.strategy == 'fixed':
       return (self.fixed,)
     if self.strategy == 'anchored':
-      return tuple(jax.tree.map(lambda x, i=i: x[i], self.anchors)
-                   for i in range(self.num_anchors))
+      return tuple(arch_lib.unstack(self.anchors))
     return ()
 
   def allowed(self, limits: Limits) -> Allowed:

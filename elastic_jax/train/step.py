@@ -238,13 +238,12 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
     inputs = model_inputs(batch)
     teacher = (None if external_teacher is None
                else external_teacher(teacher_params, inputs, capture))
-    first = jax.tree.map(lambda x: x[0], archs)
+    arch_at = lambda i: jax.tree.map(lambda x: x[i], archs)
+    first = arch_at(0)
     # Sub-network i < len(slices) runs as its dense model; `heads[i]` projects its pre-logit
     # states to logits (narrower than the supernet's where its hidden width is).
     dense = [cut(model) for cut in slices]
     heads = [m.project for m in dense]
-
-    arch_at = lambda i: jax.tree.map(lambda x: x[i], archs)
 
     def trunk(i):
       if i >= len(dense):
