@@ -67,11 +67,18 @@ class Embedding(nnx.Module):
     return x
 
   def __call__(self, tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count,
-               fgram=None) -> Array:
+               fgram=None, vectors_BTW=None) -> Array:
     """`fgram`: None, or (embeddings [B, T, hidden], on [B, T] bool): SCONE's f-gram embeddings
-    replace the token embeddings where `on` (elastic_jax/scone/model.py)."""
+    replace the token embeddings where `on` (elastic_jax/scone/model.py). `vectors_BTW`: None, or
+    the `token_vectors` of `tokens_BT` already looked up in a model at least as wide whose table
+    this one's is a hidden prefix of (the training step's supernet, read by every sub-network:
+    one lookup, and one scatter-add in the backward pass, for all of them); the first hidden
+    features are this model's token vectors."""
     dtype = jnp.dtype(self.cfg.dtype)
-    x = self.token_vectors(tokens_BT)
+    if vectors_BTW is None:
+      x = self.token_vectors(tokens_BT)
+    else:
+      x = vectors_BTW[..., :(self.proj if self.cfg.factorised else self.tokens).shape[-1]]
     if fgram is not None:
       emb_BTD, on_BT = fgram
       x = jnp.where(on_BT[..., None], emb_BTD.astype(dtype), x)
@@ -337,7 +344,8 @@ class Model(nnx.Module):
                   tuple(c for c in capture if c in BLOCK_CAPTURES))
 
     fgram = self.fgram_inputs(batch, hidden_mask, arch)
-    x = self.embed(tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count, fgram)
+    x = self.embed(tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count, fgram,
+                   batch.get('token_vectors'))
     features = {'embed': x, 'hidden': []} | {k: [] for k in BLOCK_CAPTURES}
     last_on = None
     if arch is not None and skip_last_ffn:

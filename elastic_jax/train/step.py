@@ -238,6 +238,10 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
     inputs = model_inputs(batch)
     teacher = (None if external_teacher is None
                else external_teacher(teacher_params, inputs, capture))
+    if jax.tree.leaves(archs)[0].shape[0] > 1:
+      # One token lookup for the K sub-networks (each reads its hidden prefix), so the backward
+      # pass scatters their summed cotangents into the table once, not K times.
+      inputs = {**inputs, 'token_vectors': model.embed.token_vectors(inputs['tokens'])}
     arch_at = lambda i: jax.tree.map(lambda x: x[i], archs)
     first = arch_at(0)
     # Sub-network i < len(slices) runs as its dense model; `heads[i]` projects its pre-logit

@@ -399,3 +399,30 @@ def test_the_teachers_log_probabilities_are_computed_once_per_step_for_every_stu
     counts.append(count[0])
   assert counts[0] == counts[1]
   assert 3 <= counts[0] < 2 * 3  # 3 chunks: once each, plus part of the backward's recompute
+
+
+def test_the_sub_networks_share_one_token_lookup(setup):
+  """The K sub-networks of a step read their token vectors from one lookup of the supernet's
+  table (each its hidden prefix), so the backward pass scatters into the table once: counted in
+  the step's jaxpr, with 3 and with 4 sub-networks (the losses stay the per-arch reference's:
+  the tests above)."""
+  def table_ops(num_random):
+    sampler = Sampler(setup['space'], 'sandwich', num_random=num_random)
+    step = make_train_step(setup['graphdef'], setup['proj_graphdef'], sampler, grad_capture(),
+                           spec_of(setup), 1)
+    params = setup['params']
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=grad_capture().init(params),
+                       rng=jax.random.key_data(jax.random.key(5)))
+    counts = {'gather': 0, 'scatter-add': 0}
+
+    def walk(jaxpr):
+      for eqn in jaxpr.eqns:
+        if eqn.primitive.name in counts and eqn.invars[0].aval.shape[0] == VOCAB:
+          counts[eqn.primitive.name] += 1
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+          walk(sub)
+
+    walk(jax.make_jaxpr(step)(state, setup['batch'], None).jaxpr)
+    return counts
+
+  assert table_ops(1) == table_ops(2) == {'gather': 1, 'scatter-add': 1}
