@@ -204,7 +204,9 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
 
   The first sub-network runs, then the other K - 1, unrolled (`unroll_subnets`, train's
   default: XLA fuses across them) or in a `lax.scan` (one copy of the model in the program); the
-  teacher's log-probabilities are computed once and read by every student. `logits_chunk` = 0:
+  teacher's log-probabilities are computed once and read by every student, and all K read their
+  token vectors from one lookup of the supernet's table (one scatter-add into it in the backward
+  pass, not K). `logits_chunk` = 0:
   each sub-network's logits are formed with its trunk. `logits_chunk` > 0: only the pre-logit
   states are kept, and every sub-network's cross-entropy and logits KL are computed afterwards,
   `logits_chunk` positions at a time (`losses.vocab_losses`; its students unrolled or looped
