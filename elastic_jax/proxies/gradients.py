@@ -121,8 +121,10 @@ class _EmbeddingOverride:
     self._embed = embed
     self._fn = fn
 
-  def __call__(self, tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count, fgram=None):
-    x = self._embed(tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count, fgram)
+  def __call__(self, tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count, fgram=None,
+               vectors_BTW=None):
+    x = self._embed(tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count, fgram,
+                    vectors_BTW)
     return self._fn(x, hidden_mask)
 
 
