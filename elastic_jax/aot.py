@@ -191,9 +191,9 @@ def dense_program(cfg, mesh):
   state_sharding = state_shardings(tx, params, shardings, mesh)
   state = abstract_state(params, tx, state_sharding)
   batch_sharding = parallel.batch_sharding(mesh)
-  step = jax.jit(make_dense_step(graphdef, tx, int(cfg.train.grad_accum),
-                                 micro_sharding=parallel.microbatch_sharding(mesh),
-                                 gather=parallel.gather_fn(cfg, shardings['model'], mesh)),
+  step = jax.jit(parallel.on_mesh(make_dense_step(
+      graphdef, tx, int(cfg.train.grad_accum), micro_sharding=parallel.microbatch_sharding(mesh),
+      gather=parallel.gather_fn(cfg, shardings['model'], mesh)), mesh),
                  in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
   shape = (int(cfg.data.batch_size), cfg.data.seq_len)

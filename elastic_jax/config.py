@@ -37,6 +37,7 @@ _PLACEMENTS = ('pre', 'post')
 _MLPS = ('gelu', 'gelu_tanh', 'relu', 'swiglu')
 _DTYPES = ('float32', 'bfloat16', 'float16', 'float64')
 _REMATS = ('none', 'dots_saveable', 'full')
+_ATTENTIONS = ('einsum', 'splash', 'splash_interpret')
 
 
 def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -78,10 +79,17 @@ class ModelConfig:
   # Rematerialisation of the scanned layers in the backward pass: 'none' keeps every activation;
   # 'dots_saveable' keeps only matmul outputs; 'full' recomputes each layer from its input.
   remat: str = 'none'
+  # How softmax attention runs: 'einsum' (matmuls, the [B, N, T, S] scores in memory: any backend,
+  # exact reference, the only one that can capture attention probabilities or read a KV cache);
+  # 'splash' (TPU only: the Pallas splash kernel, no scores in HBM; sequence lengths multiples of
+  # 128); 'splash_interpret' (that kernel in the Pallas interpreter, any backend: tests). Where
+  # the kernel cannot serve a call (probabilities captured, a KV cache), 'einsum' serves it.
+  attention: str = 'einsum'
 
   def __post_init__(self):
     _one_of('model.kind', self.kind, _KINDS)
     _one_of('model.remat', self.remat, _REMATS)
+    _one_of('model.attention', self.attention, _ATTENTIONS)
     _one_of('model.positions', self.positions, _POSITIONS)
     _one_of('model.norm', self.norm, _NORMS)
     _one_of('model.norm_placement', self.norm_placement, _PLACEMENTS)

@@ -10,6 +10,8 @@ that leaves large tensors replicated on a multi-device mesh. The batch is split 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Mapping
 
@@ -61,6 +63,23 @@ def make_mesh(mesh_cfg: Mapping, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
   return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def mesh_context(mesh: Mesh | None):
+  """While tracing under it, `jax.sharding.get_abstract_mesh()` is `mesh` (no-op for None):
+  what code that must lay its own work out over the mesh reads (`jax.shard_map` around a Pallas
+  kernel, which XLA's partitioner cannot split: model/fused_attention.py)."""
+  return contextlib.nullcontext() if mesh is None else \
+      jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def on_mesh(fn, mesh: Mesh | None):
+  """`fn`, traced under `mesh_context(mesh)`: wrap a function before `jax.jit` over `mesh`."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with mesh_context(mesh):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def logical_to_spec(names, shape, mesh: Mesh) -> PartitionSpec:

@@ -60,6 +60,9 @@ class Context:
   hidden_mask: Array | None  # [hidden] active features; None in a dense model
   hidden_count: Array | int  # number of active hidden features
   capture: tuple[str, ...] = ()
+  # The segment ids the mask was made from (same segment, and causal in a decoder), or None when
+  # the mask came from elsewhere: what a fused attention kernel reads instead of the mask.
+  segments_BT: Array | None = None
 
 
 def attention_cost(cfg: ModelConfig, width, heads, kv_groups, head_dim):
@@ -118,12 +121,13 @@ class TransformerBlock(nnx.Module):
     ffn_skip = None if active is None else active.get('ffn_skip')
     if self.pre_norm:
       a = mask(self.attn(self.norm1(x, m, n), ctx.attn_mask_BTS, ctx.positions_BT, attn_active,
-                         cap.store))
+                         cap.store, ctx.segments_BT))
       x = x + a
       f = mask(self.mlp(self.norm2(x, m, n), ffn_active, cap.store, ffn_skip))
       x = x + f
     else:
-      a = mask(self.attn(x, ctx.attn_mask_BTS, ctx.positions_BT, attn_active, cap.store))
+      a = mask(self.attn(x, ctx.attn_mask_BTS, ctx.positions_BT, attn_active, cap.store,
+                         ctx.segments_BT))
       x = self.norm1(x + a, m, n)
       f = mask(self.mlp(x, ffn_active, cap.store, ffn_skip))
       x = self.norm2(x + f, m, n)
@@ -197,7 +201,7 @@ class BottleneckBlock(nnx.Module):
       return y if bias is None else y + bias[...].astype(v.dtype)
 
     attend = lambda z: imask(self.attn(z, ctx.attn_mask_BTS, ctx.positions_BT, attn_active,
-                                       cap.store))
+                                       cap.store, ctx.segments_BT))
     if self.pre_norm:
       z = imask(linear(self.norm_io(x, m, n), self.proj_in, self.proj_in_bias))
       a = attend(self.norm_a(z, im, i_n))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from elastic_jax.config import ModelConfig
+from elastic_jax.model.fused_attention import splash_attention
 
 Array = jax.Array
 
@@ -255,7 +256,7 @@ class Attention(nnx.Module):
     self.kv_cache = nnx.data(None)
 
   def _heads(self, x_BTD, k_BTGH, v_BTGH, lo: int, hi: int, kv_index, ratio: int, attn_mask_BTS,
-             positions_BT, head_dim, head_mask, hd_mask, names):
+             positions_BT, head_dim, head_mask, hd_mask, names, segments_BT):
     """Query heads [lo, hi): (output [B,T,D] before the bias, captures of these heads)."""
     cfg, dtype = self.cfg, x_BTD.dtype
     q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, self.q[...][:, lo:hi].astype(dtype))
@@ -271,7 +272,12 @@ class Attention(nnx.Module):
       k_BTGH = jnp.take(k_BTGH, kv_index[lo:hi], axis=2)
       v_BTGH = jnp.take(v_BTGH, kv_index[lo:hi], axis=2)
     scale = jax.lax.rsqrt(jnp.asarray(head_dim, wide(dtype))).astype(dtype)
-    out_BTNH, probs_BNTS = grouped_attention(q_BTNH, k_BTGH, v_BTGH, attn_mask_BTS, scale)
+    if cfg.attention != 'einsum' and segments_BT is not None and 'attn_probs' not in names:
+      out_BTNH = splash_attention(q_BTNH * scale, k_BTGH, v_BTGH, segments_BT, causal=cfg.causal,
+                                  interpret=cfg.attention == 'splash_interpret')
+      probs_BNTS = None
+    else:
+      out_BTNH, probs_BNTS = grouped_attention(q_BTNH, k_BTGH, v_BTGH, attn_mask_BTS, scale)
     captured = {}
     if 'attn_probs' in names:
       captured['attn_probs'] = probs_BNTS if head_mask is None else \
@@ -287,8 +293,11 @@ class Attention(nnx.Module):
     return jnp.einsum('BTNH,NHD->BTD', out_BTNH, o_NHD), captured
 
   def __call__(self, x_BTD: Array, attn_mask_BTS: Array, positions_BT: Array,
-               active: dict | None = None, capture: dict | None = None) -> Array:
-    """`active`: {'heads', 'kv_groups', 'head_dim'} traced sizes, or None for the dense layer."""
+               active: dict | None = None, capture: dict | None = None,
+               segments_BT: Array | None = None) -> Array:
+    """`active`: {'heads', 'kv_groups', 'head_dim'} traced sizes, or None for the dense layer.
+    `segments_BT`: the segment ids `attn_mask_BTS` was made from (`blocks.Context`), which a
+    fused kernel (`model.attention`) reads instead; None: the mask is all there is."""
     cfg = self.cfg
     dtype = x_BTD.dtype
     names = () if capture is None else capture['names']
@@ -313,6 +322,7 @@ class Attention(nnx.Module):
       k_BTGH = rotary(k_BTGH, positions_BT, head_dim, cfg.rope_theta, hd_mask)
     if self.kv_cache is not None:  # keys S are the cache's slots; attn_mask_BTS covers them
       k_BTGH, v_BTGH = self.kv_cache.update(k_BTGH, v_BTGH)
+      segments_BT = None
     # Query head n reads group n // (heads / groups). The ratio is static in a dense model and in
     # a space where every architecture has the same one (`kv_ratio`: 1 for multi-head attention);
     # otherwise it is traced, and inactive heads read group 0 (masked later).
@@ -323,7 +333,8 @@ class Attention(nnx.Module):
       kv_index = jnp.minimum(jnp.arange(self.heads) // per_group, self.kv_groups - 1)
     want = tuple(n for n in ('attn_probs', 'attn_heads', 'attn_head_out') if n in names)
     run = lambda x, lo, hi: self._heads(x, k_BTGH, v_BTGH, lo, hi, kv_index, ratio, attn_mask_BTS,
-                                        positions_BT, head_dim, head_mask, hd_mask, want)
+                                        positions_BT, head_dim, head_mask, hd_mask, want,
+                                        segments_BT)
     out_BTD, parts = None, []
     for lo, hi in self.head_bounds:
       if active is None or lo == 0:

@@ -44,7 +44,7 @@ class Embedding(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, dims: ModelDims, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    h = dims.hidden
+    h = self.hidden = dims.hidden
     table_width, table_axis = (cfg.embed_dim, 'factor') if cfg.factorised else (h, 'embed')
     self.tokens = make_param(rngs, (cfg.vocab_size, table_width), ('vocab', table_axis), cfg)
     if cfg.factorised:
@@ -78,7 +78,7 @@ class Embedding(nnx.Module):
     if vectors_BTW is None:
       x = self.token_vectors(tokens_BT)
     else:
-      x = vectors_BTW[..., :(self.proj if self.cfg.factorised else self.tokens).shape[-1]]
+      x = vectors_BTW[..., :self.hidden]
     if fgram is not None:
       emb_BTD, on_BT = fgram
       x = jnp.where(on_BT[..., None], emb_BTD.astype(dtype), x)
@@ -330,7 +330,9 @@ class Model(nnx.Module):
     if types_BT is None:
       types_BT = jnp.zeros((b, t), jnp.int32)
     attn_mask_BTS = batch.get('attn_mask')
+    mask_segments_BT = None
     if attn_mask_BTS is None:
+      mask_segments_BT = segments_BT
       attn_mask_BTS = segments_BT[:, :, None] == segments_BT[:, None, :]
       if self.cfg.causal:
         attn_mask_BTS = attn_mask_BTS & jnp.tril(jnp.ones((t, t), bool))
@@ -341,7 +343,7 @@ class Model(nnx.Module):
     else:
       hidden_mask, hidden_count = prefix_mask(self.dims.hidden, arch.hidden, dtype), arch.hidden
     ctx = Context(attn_mask_BTS, positions_BT, hidden_mask, hidden_count,
-                  tuple(c for c in capture if c in BLOCK_CAPTURES))
+                  tuple(c for c in capture if c in BLOCK_CAPTURES), mask_segments_BT)
 
     fgram = self.fgram_inputs(batch, hidden_mask, arch)
     x = self.embed(tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count, fgram,

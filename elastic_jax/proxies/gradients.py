@@ -121,10 +121,9 @@ class _EmbeddingOverride:
     self._embed = embed
     self._fn = fn
 
-  def __call__(self, tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count, fgram=None,
-               vectors_BTW=None):
-    x = self._embed(tokens_BT, positions_BT, types_BT, hidden_mask, hidden_count, fgram,
-                    vectors_BTW)
+  def __call__(self, tokens_BT, positions_BT, types_BT, hidden_mask, *args, **kwargs):
+    # Everything after the hidden mask goes through untouched, whatever Embedding adds later.
+    x = self._embed(tokens_BT, positions_BT, types_BT, hidden_mask, *args, **kwargs)
     return self._fn(x, hidden_mask)
 
 

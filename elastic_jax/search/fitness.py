@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from elastic_jax import distributed, evaluation
+from elastic_jax import distributed, evaluation, parallel
 from elastic_jax.errors import UserError
 from elastic_jax.search.genomes import extreme_genomes
 from elastic_jax.search.objectives import Context, Objective, get_objective
@@ -46,6 +46,7 @@ class FitnessFn:
   chunk: int
   micro_batches: int = 1
   hidden_buckets: tuple[int, ...] = ()
+  mesh: Any = None  # traced under parallel.mesh_context(mesh) (fused attention kernels read it)
   objectives: tuple[Objective, ...] = dataclasses.field(init=False)
   space_key: tuple = dataclasses.field(init=False, repr=False)
   _traces: list = dataclasses.field(init=False, compare=False, repr=False)
@@ -66,7 +67,8 @@ class FitnessFn:
     values of the inactive genomes are not wanted (the population forward skips them)."""
     ctx = Context(self.space, jnp.asarray(genomes_BxG, jnp.int32), self.graphdef, data,
                   self.chunk, active_B, self.micro_batches, self.hidden_buckets)
-    return {o.name: jnp.asarray(o.fn(ctx), jnp.float32) for o in objectives}
+    with parallel.mesh_context(self.mesh):
+      return {o.name: jnp.asarray(o.fn(ctx), jnp.float32) for o in objectives}
 
   def __call__(self, genomes_BxG: jax.Array, data: Mapping | None,
                active_B: jax.Array | None = None) -> jax.Array:
@@ -98,10 +100,10 @@ class Fitness:
                micro_batches: int = 1, mesh=None, graphdef=None, data: Mapping | None = None,
                hidden_buckets: bool = False):
     """`mesh`: lay the supernet and batches out on it (`search/placement.py`; None: this
-    process's default device). `graphdef` and `data` instead of `model` and `batches`: data
-    already built (e.g. shapes only, for `elastic-jax compile`). `hidden_buckets` (with chunk
-    1): each arch's forward runs on the supernet narrowed to its hidden choice
-    (`evaluation._sums_population`)."""
+    process's default device) and trace the forward under it (`parallel.mesh_context`).
+    `graphdef` and `data` instead of `model` and `batches`: data already built (e.g. shapes
+    only, for `elastic-jax compile`). `hidden_buckets` (with chunk 1): each arch's forward runs
+    on the supernet narrowed to its hidden choice (`evaluation._sums_population`)."""
     if not objectives:
       raise UserError('search.objectives is empty; name at least one, e.g. ("loss", "params")')
     if len(set(objectives)) != len(objectives):
@@ -129,7 +131,8 @@ class Fitness:
       raise UserError(f'objective(s) {missing} need the supernet: pass model= and batches=')
     buckets = evaluation.bucket_widths(space.cfg.hidden, space.cfg.supernet_dims().hidden,
                                        int(chunk)) if hidden_buckets else ()
-    self.fn = FitnessFn(space, self.names, graphdef, int(chunk), int(micro_batches), buckets)
+    self.fn = FitnessFn(space, self.names, graphdef, int(chunk), int(micro_batches), buckets,
+                        mesh)
 
   @property
   def maximize(self) -> tuple[bool, ...]:

@@ -70,7 +70,7 @@ def fitness_on_mesh(sc: SearchConfig, space, mesh, names: Sequence[str], *, mode
   else:
     fitness = Fitness(space, names, chunk=plan.chunk, micro_batches=plan.micro_batches,
                       graphdef=graphdef, data=placement.abstract_data(data, mesh),
-                      hidden_buckets=sc.hidden_buckets)
+                      hidden_buckets=sc.hidden_buckets, mesh=mesh)
   return Program(fitness, plan, mesh)
 
 

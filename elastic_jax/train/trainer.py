@@ -225,7 +225,7 @@ def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=
   batch_sharding = parallel.batch_sharding(mesh)
   in_shardings = (state_shardings, batch_sharding, teacher_shardings) + (
       (replicated,) if dynamic else ())
-  step = jax.jit(step_fn, in_shardings=in_shardings,
+  step = jax.jit(parallel.on_mesh(step_fn, mesh), in_shardings=in_shardings,
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
   return StepSetup(space, mesh, sampler, strategy, graphdef, proj_graphdef, init_params, tx,
                    schedule, state_shardings, batch_sharding, teacher_shardings, step,
