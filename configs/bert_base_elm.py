@@ -57,8 +57,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Scanned layers keep every residual of the scan body unless rematerialised; 'full' keeps only
   # each layer's input (the safe choice for 16 GiB v5e chips; see configs/gpt2_medium_supernet.py).
   cfg.model.remat = 'none' if local else 'full'
-  # TPU: the Pallas splash kernel, no [B, heads, T, T] scores in HBM (model/fused_attention.py);
-  # 'einsum' on other accelerators.
+  # On TPU the Pallas splash kernel: no [B, heads, T, T] scores in HBM (einsum attention on other
+  # platforms; model/fused_attention.py).
   cfg.model.attention = 'einsum' if local else 'splash'
 
   # The W-PCA space: per layer {BERT, bottleneck} x FFN width; hidden and heads fixed.

@@ -62,9 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # gather, 'dots_saveable' needed 10.5 GiB, and 11.27 with the sandwich's largest and smallest
   # as dense slices: bench/results/aot.md). 'dots_saveable' fits 16 GiB and recomputes the least.
   cfg.model.remat = 'none' if local else 'dots_saveable'
-  # TPU: the Pallas splash kernel, so no [B, heads, T, T] scores reach HBM (model/fused_attention
-  # .py); on v5e:4x4 the step's estimate fell from 1,101 to 959 ms (bench/results/aot.md). Set
-  # 'einsum' on other accelerators.
+  # On TPU the Pallas splash kernel, so no [B, heads, T, T] scores reach HBM (einsum attention on
+  # other platforms; model/fused_attention.py; bench/results/aot.md has the step's figures).
   cfg.model.attention = 'einsum' if local else 'splash'
 
   # The elastic space: depth prefix, hidden, heads, FFN width per layer.

@@ -81,9 +81,10 @@ class ModelConfig:
   remat: str = 'none'
   # How softmax attention runs: 'einsum' (matmuls, the [B, N, T, S] scores in memory: any backend,
   # exact reference, the only one that can capture attention probabilities or read a KV cache);
-  # 'splash' (TPU only: the Pallas splash kernel, no scores in HBM; sequence lengths multiples of
-  # 128); 'splash_interpret' (that kernel in the Pallas interpreter, any backend: tests). Where
-  # the kernel cannot serve a call (probabilities captured, a KV cache), 'einsum' serves it.
+  # 'splash' (in programs for TPU, the Pallas splash kernel: no scores in HBM; sequence lengths
+  # multiples of 128; 'einsum' on other platforms); 'splash_interpret' (that kernel in the Pallas
+  # interpreter, any backend: tests). Where the kernel cannot serve a call (probabilities
+  # captured, a KV cache), 'einsum' serves it.
   attention: str = 'einsum'
 
   def __post_init__(self):

@@ -11,6 +11,7 @@ that leaves large tensors replicated on a multi-device mesh. The batch is split 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 from collections.abc import Mapping
@@ -65,12 +66,30 @@ def make_mesh(mesh_cfg: Mapping, devices=None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(shape), AXES)
 
 
+_PLATFORM = contextvars.ContextVar('elastic_jax_mesh_platform', default=None)
+
+
+@contextlib.contextmanager
 def mesh_context(mesh: Mesh | None):
-  """While tracing under it, `jax.sharding.get_abstract_mesh()` is `mesh` (no-op for None):
-  what code that must lay its own work out over the mesh reads (`jax.shard_map` around a Pallas
-  kernel, which XLA's partitioner cannot split: model/fused_attention.py)."""
-  return contextlib.nullcontext() if mesh is None else \
-      jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+  """While tracing under it, `jax.sharding.get_abstract_mesh()` is `mesh` and `target_platform()`
+  its devices' platform (no-op for None): what code that must lay its own work out over the mesh
+  reads (`jax.shard_map` around a Pallas kernel, which XLA's partitioner cannot split, and only
+  in programs for TPU: model/fused_attention.py)."""
+  if mesh is None:
+    yield
+    return
+  token = _PLATFORM.set(mesh.devices.flat[0].platform)
+  try:
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      yield
+  finally:
+    _PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+  """The platform of the program being traced: the context mesh's (`mesh_context`; a TPU
+  topology's when compiling ahead of time on a CPU), else JAX's default backend."""
+  return _PLATFORM.get() or jax.default_backend()
 
 
 def on_mesh(fn, mesh: Mesh | None):

@@ -15,8 +15,10 @@ with `jax.set_mesh`, as the trainer and `elastic-jax compile` do) the kernel run
 `jax.shard_map`: the batch over the batch axes and heads over 'tensor' where they divide, the way
 the rest of the layer's activations lie.
 
-`interpret=True` ('splash_interpret') runs the same kernel in the Pallas interpreter, on any
-backend: how the CPU tests check it against the reference.
+'splash' runs the kernel in programs for TPU (`uses_kernel`), the reference elsewhere, so a
+config or an exported model that names it runs on any backend. `interpret=True`
+('splash_interpret') runs the same kernel in the Pallas interpreter, on any backend: how the CPU
+tests check it against the reference.
 """
 
 from __future__ import annotations
@@ -30,10 +32,19 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec
 
 from elastic_jax.errors import UserError
+from elastic_jax.parallel import BATCH_AXES, target_platform
 
 # Sequence tiles the kernel walks, largest first; the sequence length must be a multiple of one.
 _BLOCKS = (512, 256, 128)
 KINDS = ('splash', 'splash_interpret')
+
+
+def uses_kernel(kind: str, t: int) -> bool:
+  """Whether `model.attention=kind` runs the kernel on length-`t` sequences in the program being
+  traced (a length no tile divides goes through the reference)."""
+  if t % _BLOCKS[-1]:
+    return False
+  return kind == 'splash_interpret' or (kind == 'splash' and target_platform() == 'tpu')
 
 
 def check_length(t: int) -> int:
@@ -91,7 +102,6 @@ def splash_attention(q_BTNH, k_BTGH, v_BTGH, segments_BT, *, causal: bool,
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return run(q_BTNH, k_BTGH, v_BTGH, segments_BT)
-  from elastic_jax.parallel import BATCH_AXES  # noqa: PLC0415 (only sharded programs need it)
   rows = [a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1]
   if q_BTNH.shape[0] % math.prod(mesh.shape[a] for a in rows):
     rows = []  # a batch the batch axes do not divide stays whole on every device

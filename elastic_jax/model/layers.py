@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from elastic_jax.config import ModelConfig
-from elastic_jax.model.fused_attention import splash_attention
+from elastic_jax.model.fused_attention import splash_attention, uses_kernel
 
 Array = jax.Array
 
@@ -272,7 +272,8 @@ class Attention(nnx.Module):
       k_BTGH = jnp.take(k_BTGH, kv_index[lo:hi], axis=2)
       v_BTGH = jnp.take(v_BTGH, kv_index[lo:hi], axis=2)
     scale = jax.lax.rsqrt(jnp.asarray(head_dim, wide(dtype))).astype(dtype)
-    if cfg.attention != 'einsum' and segments_BT is not None and 'attn_probs' not in names:
+    if (segments_BT is not None and 'attn_probs' not in names
+        and uses_kernel(cfg.attention, x_BTD.shape[1])):
       out_BTNH = splash_attention(q_BTNH * scale, k_BTGH, v_BTGH, segments_BT, causal=cfg.causal,
                                   interpret=cfg.attention == 'splash_interpret')
       probs_BNTS = None

@@ -59,14 +59,20 @@ def test_kernel_equals_jax_dot_product_attention(causal, heads, groups):
     assert rel_err(got, want) < 1e-5
 
 
-def test_a_length_the_kernel_cannot_tile_is_refused_with_the_fix():
+def test_a_length_the_kernel_cannot_tile_goes_to_the_reference():
   x = jnp.zeros((1, 100, 2, 8))
   with pytest.raises(UserError, match="multiple of 128.*model.attention='einsum'"):
     splash_attention(x, x, x, jnp.ones((1, 100), jnp.int32), causal=True, interpret=True)
+  space_obj, fused = build('gpt2', 'splash_interpret', STATIC_RATIO_SPACES['multi-head'][0], 4)
+  _, plain = build('gpt2', 'einsum', STATIC_RATIO_SPACES['multi-head'][0], 4)
+  batch = {'tokens': jnp.arange(2 * 100).reshape(2, 100) % VOCAB}
+  arch = space_obj.largest()
+  assert pallas_calls(lambda a: fused(batch, a), arch) == 0
+  np.testing.assert_array_equal(np.asarray(fused(batch, arch)), np.asarray(plain(batch, arch)))
 
 
-def build(family: str, attention: str, space: dict, seed: int):
-  cfg = ModelConfig(vocab_size=VOCAB, max_len=T, attention=attention, **FAMILIES[family])
+def build(family: str, attention: str, space: dict, seed: int, max_len: int = T):
+  cfg = ModelConfig(vocab_size=VOCAB, max_len=max_len, attention=attention, **FAMILIES[family])
   space_cfg = space_config(space)
   check_compatible(cfg, space_cfg)
   model = randomize(Model(cfg, space_cfg.supernet_dims(), rngs=nnx.Rngs(seed)), seed + 1)
@@ -165,3 +171,34 @@ def test_on_a_mesh_the_kernel_runs_per_shard_and_equals_one_device():
   assert out.returncode == 0, out.stderr[-3000:]
   in_shard_map, err = out.stdout.split()
   assert in_shard_map == 'True' and float(err) < 1e-6
+
+
+def test_splash_runs_the_kernel_only_in_programs_for_tpu():
+  """On this CPU, a 'splash' model runs the einsum path (a config or export naming it works
+  anywhere); compiled for a TPU slice (on its mesh, as the trainer and `elastic-jax compile` do),
+  its forward and backward run the kernel and hold no [B, heads, T, T] array."""
+  space_obj, model = build('gpt2', 'splash', STATIC_RATIO_SPACES['multi-head'][0], 9, 2 * T)
+  _, plain = build('gpt2', 'einsum', STATIC_RATIO_SPACES['multi-head'][0], 9, 2 * T)
+  batch = batch_of(model.cfg, 9)
+  arch = space_obj.largest()
+  assert pallas_calls(lambda a: model(batch, a), arch) == 0
+  np.testing.assert_array_equal(np.asarray(model(batch, arch)), np.asarray(plain(batch, arch)))
+
+  pytest.importorskip('libtpu')
+  from jax.experimental import topologies
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  from elastic_jax import parallel
+  devices = topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x2').devices
+  mesh = Mesh(np.asarray(devices).reshape(1, 4, 1), parallel.AXES)
+  graphdef, state = nnx.split(model)
+  rows = NamedSharding(mesh, PartitionSpec(parallel.BATCH_AXES))
+  t = 2 * T  # not the kernel's lane width (128), which its softmax statistics are padded to
+  shapes = {k: jax.ShapeDtypeStruct((8, t), v.dtype, sharding=rows) for k, v in batch.items()}
+  grad = jax.grad(lambda s, b: jnp.sum(nnx.merge(graphdef, s)(b, arch)))
+  compiled = jax.jit(parallel.on_mesh(grad, mesh)).lower(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                  sharding=parallel.replicated(mesh)), state),
+      shapes).compile().as_text()
+  assert 'tpu_custom_call' in compiled
+  assert f',{t},{t}]' not in compiled  # no scores or probabilities of a [.., T, S] shape
