@@ -36,7 +36,6 @@ from elastic_jax.parallel import BATCH_AXES, target_platform
 
 # Sequence tiles the kernel walks, largest first; the sequence length must be a multiple of one.
 _BLOCKS = (512, 256, 128)
-KINDS = ('splash', 'splash_interpret')
 
 
 def uses_kernel(kind: str, t: int) -> bool:
@@ -88,8 +87,7 @@ def _local(q_BTNH, k_BTGH, v_BTGH, segments_BT, causal: bool, interpret: bool):
     kernel = _kernel(t, n // g, causal, True, interpret)
     per_group = jax.vmap(kernel, in_axes=(0, 0, 0, None))
     q_BGRTH = q_BNTH.reshape(b, g, n // g, t, h)
-    out_BNTH = jax.vmap(lambda q, k, v, i: per_group(q, k, v, i))(
-        q_BGRTH, k_BGTH, v_BGTH, ids).reshape(b, n, t, h)
+    out_BNTH = jax.vmap(per_group)(q_BGRTH, k_BGTH, v_BGTH, ids).reshape(b, n, t, h)
   return out_BNTH.transpose(0, 2, 1, 3)
 
 
