@@ -2,18 +2,19 @@
 never reach HBM (`model.attention='splash'`).
 
 `layers.grouped_attention` is the reference: it computes the logits as a matmul, writes them (and
-the probabilities) to memory and reads them back, which on a TPU costs more HBM traffic per layer
-than the layer's weights (bench/results/aot_ablation.md). The splash kernel
+the probabilities) to memory and reads them back, HBM traffic that grows with the square of the
+sequence length (bench/results/aot.md has the steps before and after). The splash kernel
 (`jax.experimental.pallas.ops.tpu.splash_attention`) walks key blocks with an online softmax in
 on-chip memory, skips blocks the causal mask rules out, and recomputes the probabilities in its
 backward kernel. Masks it supports are what the model builds from a batch: segment ids
 (attention stays within a segment; padding is its own segment) and, for decoders, causality.
 An explicit `attn_mask` (a KV cache's) goes through the reference.
 
-Sharding: a Pallas call is opaque to XLA's SPMD partitioner, so on a mesh (the context mesh set
-with `jax.set_mesh`, as the trainer and `elastic-jax compile` do) the kernel runs per shard under
-`jax.shard_map`: the batch over the batch axes and heads over 'tensor' where they divide, the way
-the rest of the layer's activations lie.
+Sharding: a Pallas call is opaque to XLA's SPMD partitioner, so on a mesh (the context mesh of
+`parallel.mesh_context`, under which the trainer's step, `elastic-jax compile`'s programs and the
+search's fitness are traced) the kernel runs per shard under `jax.shard_map`: the batch over the
+batch axes and heads over 'tensor' where they divide, the way the rest of the layer's activations
+lie.
 
 'splash' runs the kernel in programs for TPU (`uses_kernel`), the reference elsewhere, so a
 config or an exported model that names it runs on any backend. `interpret=True`
