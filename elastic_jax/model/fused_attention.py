@@ -39,19 +39,24 @@ from elastic_jax.parallel import BATCH_AXES, target_platform
 _BLOCKS = (512, 256, 128)
 
 
+def _tile(t: int) -> int | None:
+  """The largest tile that divides `t`, or None."""
+  return next((block for block in _BLOCKS if t % block == 0), None)
+
+
 def uses_kernel(kind: str, t: int) -> bool:
   """Whether `model.attention=kind` runs the kernel on length-`t` sequences in the program being
   traced (a length no tile divides goes through the reference)."""
-  if t % _BLOCKS[-1]:
+  if _tile(t) is None:
     return False
   return kind == 'splash_interpret' or (kind == 'splash' and target_platform() == 'tpu')
 
 
 def check_length(t: int) -> int:
   """The kernel's tile for sequences of length `t`, or a UserError saying how to fix it."""
-  for block in _BLOCKS:
-    if t % block == 0:
-      return block
+  block = _tile(t)
+  if block is not None:
+    return block
   raise UserError(f"model.attention='splash' needs a sequence length that is a multiple of "
                   f"{_BLOCKS[-1]}, got {t}: pad the batches (data.seq_len) or set "
                   f"model.attention='einsum'")
