@@ -42,6 +42,12 @@ VARIANTS = (
      ('train_step',)),
     ('float32 compute (model.dtype=float32)', {'model.dtype': 'float32'},
      ('train_step', 'dense_step')),
+    ('einsum attention (model.attention=einsum)', {'model.attention': 'einsum'},
+     ('train_step', 'dense_step')),
+    ('vocabulary 8,192 (model.vocab_size=8192)', {'model.vocab_size': 8192},
+     ('train_step', 'dense_step')),
+    ('no width segments (space.ffn=(4096,), space.heads=(16,))',
+     {'space.ffn': (4096,), 'space.heads': (16,)}, ('train_step',)),
 )
 GB, GIB = 1e9, 1024 ** 3
 HEADER = ('variant', 'program', 'XLA TFLOP / device', 'HBM GB / device', 'est. ms', 'MFU est.',
@@ -52,7 +58,8 @@ The GPT-2-medium supernet's training step (configs/gpt2_medium_supernet.py, v5e-
 logits distillation) compiled by libtpu for v5e:4x4 on a CPU, on a twin with {layers} layers
 (unrolled: XLA counts each once) and one mechanism changed per row. train_step is the sandwich
 step the trainer runs (its largest and smallest sub-networks as dense slices of the supernet, the
-two random ones masked; train.dense_static_archs); dense_step the reference, the largest
+two random ones masked; train.dense_static_archs; attention by the Pallas splash kernel,
+model.attention='splash'); dense_step the reference, the largest
 sub-network's dense export trained by a plain cross-entropy step with the same batch,
 micro-batches, optimizer and shardings.
 FLOPs and bytes: XLA's cost analysis per device per step, the micro-batch loop's body times its
@@ -62,7 +69,10 @@ every row is byte-bound there. MFU est.: the sub-networks' analytic model FLOPs 
 peak x est. masked / dense: the masked step's estimated time per model FLOP over the dense
 reference's of the same row (a row without its own dense step uses the first row's). With so few
 layers the vocabulary (50,304 x 1,024, tied) weighs far more than in the 24-layer model: read the
-rows against each other, and bench/results/aot.md for the full model.
+rows against each other, and bench/results/aot.md for the full model. No width segments: every
+sub-network has all 16 heads and the 4,096-wide FFN, so the masked ones run no `lax.cond` over
+head or FFN blocks (the sub-networks' model FLOPs grow with them). The GPT-2 space has one block
+type, so no layer `lax.switch` (configs/bert_base_elm.py's has two: bench/results/aot.md).
 """
 
 
