@@ -72,9 +72,9 @@ branch, so the layers (`lax.switch`), FFN column blocks and head blocks (`lax.co
 masked sub-network skips at run time are counted as run: for the masked sub-networks the
 estimate is an upper bound. masked / dense: the masked step's estimated time per model FLOP over
 the dense reference's (1 = elasticity costs nothing). Attention: the configs' `model.attention`
-('splash' in both TPU configs since b08287f; cases compiled before it, as the BERT-base ELM ones
-at 1e64c33, materialised the scores): the Pallas kernel is opaque to XLA's cost analysis, so
-its FLOPs are missing from XLA TFLOP and its bytes are its operands and results. Where the bytes
+('splash' in both TPU configs since b08287f; every case here is compiled with it): the Pallas
+kernel is opaque to XLA's cost analysis, so its FLOPs are missing from XLA TFLOP and its bytes
+are its operands and results. Where the bytes
 go, one mechanism at a time: bench/results/aot_ablation.md. compile s: lowering + compiling on a
 2-core CPU that other jobs may have shared. The commit each case was compiled at: aot.json,
 reports.<case>.commit.
