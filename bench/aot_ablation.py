@@ -46,6 +46,8 @@ VARIANTS = (
      ('train_step', 'dense_step')),
     ('vocabulary 8,192 (model.vocab_size=8192)', {'model.vocab_size': 8192},
      ('train_step', 'dense_step')),
+    ('no width conditionals (model.skip_width_blocks=False)', {'model.skip_width_blocks': False},
+     ('train_step',)),
     ('no width segments (space.ffn=(4096,), space.heads=(16,))',
      {'space.ffn': (4096,), 'space.heads': (16,)}, ('train_step',)),
 )
@@ -69,9 +71,11 @@ every row is byte-bound there. MFU est.: the sub-networks' analytic model FLOPs 
 peak x est. masked / dense: the masked step's estimated time per model FLOP over the dense
 reference's of the same row (a row without its own dense step uses the first row's). With so few
 layers the vocabulary (50,304 x 1,024, tied) weighs far more than in the 24-layer model: read the
-rows against each other, and bench/results/aot.md for the full model. No width segments: every
-sub-network has all 16 heads and the 4,096-wide FFN, so the masked ones run no `lax.cond` over
-head or FFN blocks (the sub-networks' model FLOPs grow with them). The GPT-2 space has one block
+rows against each other, and bench/results/aot.md for the full model. No width conditionals: the
+same space, the masked sub-networks computing every head and FFN unit and masking the inactive
+ones instead of skipping blocks of them by `lax.cond` (which XLA charges its costliest branch
+anyway). No width segments: every sub-network has all 16 heads and the 4,096-wide FFN, so there
+is nothing to skip (the sub-networks' model FLOPs grow with them). The GPT-2 space has one block
 type, so no layer `lax.switch` (configs/bert_base_elm.py's has two: bench/results/aot.md).
 """
 

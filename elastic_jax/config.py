@@ -86,6 +86,12 @@ class ModelConfig:
   # interpreter, any backend: tests). Where the kernel cannot serve a call (probabilities
   # captured, a KV cache), 'einsum' serves it.
   attention: str = 'einsum'
+  # Masked sub-networks skip the query-head blocks and FFN column blocks past their active sizes
+  # (blocks cut at the space's choices; a `lax.cond` each), so a narrow sub-network does not
+  # compute its inactive units. False: one block each, the inactive units computed and masked
+  # (no conditionals: fewer, larger fusions; XLA's cost analysis charges a conditional its
+  # costliest branch anyway: bench/results/aot_ablation.md). Exact either way.
+  skip_width_blocks: bool = True
 
   def __post_init__(self):
     _one_of('model.kind', self.kind, _KINDS)

@@ -224,7 +224,7 @@ class Attention(nnx.Module):
   `segments` (the space's head-count choices) split the query heads into blocks [n_i, n_{i+1});
   in the masked model a block beyond the active head count is skipped by `lax.cond` (its query
   projection, scores, context and output projection), as the MLP skips FFN column blocks. Dense
-  models have one block.
+  models, and masked ones with `model.skip_width_blocks` off, have one block.
   """
 
   def __init__(self, width: int, width_axis: str, heads: int, kv_groups: int, head_dim: int,
@@ -239,7 +239,7 @@ class Attention(nnx.Module):
       raise ValueError(f'kv_ratio {kv_ratio} does not group heads {heads} (segments '
                        f'{tuple(segments)}) into at most {kv_groups} KV groups')
     self.kv_ratio = kv_ratio
-    self.head_bounds = segment_bounds(heads, segments)
+    self.head_bounds = segment_bounds(heads, segments if cfg.skip_width_blocks else ())
     w, n, g, h = width, heads, kv_groups, head_dim
     self.q = make_param(rngs, (w, n, h), (width_axis, 'heads', 'head_dim'), cfg)
     self.k = make_param(rngs, (w, g, h), (width_axis, 'kv', 'head_dim'), cfg)
@@ -359,14 +359,15 @@ class MLP(nnx.Module):
   `segments` (the space's FFN width choices) split the FFN into column blocks [c_i, c_{i+1}); in
   the masked model a block beyond the active width is skipped by `lax.cond`, so a narrow FFN
   executes close to its own FLOPs when archs run one at a time (under vmap, cond computes both
-  sides and selects). Dense models have one block.
+  sides and selects). Dense models, and masked ones with `model.skip_width_blocks` off, have one
+  block.
   """
 
   def __init__(self, width: int, width_axis: str, ffn: int, cfg: ModelConfig, *, rngs: nnx.Rngs,
                segments: Sequence[int] = ()):
     self.kind = cfg.mlp
     self.ffn = ffn
-    self.bounds = segment_bounds(ffn, segments)
+    self.bounds = segment_bounds(ffn, segments if cfg.skip_width_blocks else ())
     self.up = make_param(rngs, (width, ffn), (width_axis, 'mlp'), cfg)
     self.gate = make_param(rngs, (width, ffn), (width_axis, 'mlp'), cfg) if cfg.mlp == 'swiglu' \
         else None

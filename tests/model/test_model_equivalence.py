@@ -56,9 +56,9 @@ STATIC_RATIO_SPACES = {
 }
 
 
-def build(family: str, seed: int, dtype: str = 'float32', space: dict = SPACE):
+def build(family: str, seed: int, dtype: str = 'float32', space: dict = SPACE, **model):
   cfg = ModelConfig(vocab_size=VOCAB, max_len=16, dtype=dtype, param_dtype=dtype,
-                    **FAMILIES[family])
+                    **FAMILIES[family], **model)
   space_cfg = space_config(space)
   check_compatible(cfg, space_cfg)
   space = Space(cfg, space_cfg, seq_len=11)
@@ -82,13 +82,13 @@ def rel_err(a, b) -> float:
 
 
 def check_masked_equals_exported(family: str, space: dict = SPACE, n_archs: int = ARCHS_PER_FAMILY,
-                                 kv_ratio: int = 0):
+                                 kv_ratio: int = 0, **model):
   # In float64, so that the bound tests the maths and not rounding: in float32 the masked and the
   # dense model sum in different orders, and an ill-conditioned random arch (MobileBERT's
   # normless post-norm: logits in the hundreds) differs by 1e-5 of its largest logit, about as
   # much as the dense model jitted differs from itself run op by op.
   with jax.enable_x64(True):
-    cfg, space, model = build(family, seed=len(family), dtype='float64', space=space)
+    cfg, space, model = build(family, seed=len(family), dtype='float64', space=space, **model)
     ratios = {block.attn.kv_ratio for layer in model.layers for block in layer.blocks.values()}
     assert ratios == {kv_ratio}  # the attention path under test
     batch = random_batch(cfg, seed=3)
@@ -154,10 +154,12 @@ def test_sliced_weights_are_the_only_ones_used():
   np.testing.assert_array_equal(before, model(batch, arch))
 
 
-def test_head_and_ffn_blocks_beyond_the_active_sizes_are_never_computed():
+@pytest.mark.parametrize('skip', [True, False])
+def test_head_and_ffn_blocks_beyond_the_active_sizes_are_never_computed(skip):
   """Query-head blocks and FFN column blocks past an arch's choice are skipped (`lax.cond`), not
-  masked: NaN weights there (NaN * 0 is NaN) leave the sub-network's output bit for bit."""
-  cfg, space, model = build('gpt2', seed=3)
+  masked: NaN weights there (NaN * 0 is NaN) leave the sub-network's output bit for bit. With
+  `model.skip_width_blocks` off they are one block each, computed and masked: NaN."""
+  cfg, space, model = build('gpt2', seed=3, skip_width_blocks=skip)
   batch = random_batch(cfg, seed=7)
   arch = space.smallest()  # 2 of [2, 3, 6] heads, FFN 10 of [10, 22, 34] in every layer
   arch = arch.replace(block=arch.block.at[0].set(0))  # a transformer block in layer 0
@@ -166,15 +168,26 @@ def test_head_and_ffn_blocks_beyond_the_active_sizes_are_never_computed():
   for layer in model.layers:
     block = layer.blocks['transformer']
     attn, mlp = block.attn, block.mlp
-    assert attn.head_bounds == ((0, 2), (2, 3), (3, 6))
+    assert attn.head_bounds == (((0, 2), (2, 3), (3, 6)) if skip else ((0, 6),))
+    assert mlp.bounds == (((0, 10), (10, 22), (22, 34)) if skip else ((0, 34),))
     attn.q[...] = attn.q[...].at[:, 2:].set(nan)
     attn.q_bias[...] = attn.q_bias[...].at[2:].set(nan)
     attn.o[...] = attn.o[...].at[2:].set(nan)
     mlp.up[...] = mlp.up[...].at[:, 10:].set(nan)
     mlp.down[...] = mlp.down[...].at[10:].set(nan)
-  np.testing.assert_array_equal(before, model(batch, arch))
+  if skip:
+    np.testing.assert_array_equal(before, model(batch, arch))
+  else:
+    assert np.isnan(np.asarray(model(batch, arch))).all()
   wider = arch.replace(heads=arch.heads.at[0].set(3))
   assert np.isnan(np.asarray(model(batch, wider))).any()
+
+
+@pytest.mark.parametrize('family', ['llama_gqa', 'bert_post'])
+def test_masked_equals_exported_without_width_blocks(family):
+  """`model.skip_width_blocks` off (every head and FFN unit computed, the inactive ones masked,
+  no conditionals): the masked sub-networks still compute their exports' logits (float64)."""
+  check_masked_equals_exported(family, n_archs=12, skip_width_blocks=False)
 
 
 def test_every_block_type_and_knob_is_covered():
