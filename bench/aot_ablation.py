@@ -46,8 +46,8 @@ VARIANTS = (
      ('train_step', 'dense_step')),
     ('vocabulary 8,192 (model.vocab_size=8192)', {'model.vocab_size': 8192},
      ('train_step', 'dense_step')),
-    ('no width conditionals (model.skip_width_blocks=False)', {'model.skip_width_blocks': False},
-     ('train_step',)),
+    ('head / FFN blocks skipped by lax.cond (model.skip_width_blocks=True)',
+     {'model.skip_width_blocks': True}, ('train_step',)),
     ('no width segments (space.ffn=(4096,), space.heads=(16,))',
      {'space.ffn': (4096,), 'space.heads': (16,)}, ('train_step',)),
 )
@@ -71,11 +71,12 @@ every row is byte-bound there. MFU est.: the sub-networks' analytic model FLOPs 
 peak x est. masked / dense: the masked step's estimated time per model FLOP over the dense
 reference's of the same row (a row without its own dense step uses the first row's). With so few
 layers the vocabulary (50,304 x 1,024, tied) weighs far more than in the 24-layer model: read the
-rows against each other, and bench/results/aot.md for the full model. No width conditionals: the
-same space, the masked sub-networks computing every head and FFN unit and masking the inactive
-ones instead of skipping blocks of them by `lax.cond` (which XLA charges its costliest branch
-anyway). No width segments: every sub-network has all 16 heads and the 4,096-wide FFN, so there
-is nothing to skip (the sub-networks' model FLOPs grow with them). The GPT-2 space has one block
+rows against each other, and bench/results/aot.md for the full model. As configured, the masked
+sub-networks compute every head and FFN unit and mask the inactive ones (model.skip_width_blocks
+off on TPU); the lax.cond row skips the blocks past their active sizes instead (XLA charges a
+conditional its costliest branch, so what skipping saves is not in the estimate, what the
+conditionals add is). No width segments: every sub-network has all 16 heads and the 4,096-wide
+FFN (the sub-networks' model FLOPs grow with them). The GPT-2 space has one block
 type, so no layer `lax.switch` (configs/bert_base_elm.py's has two: bench/results/aot.md).
 """
 
