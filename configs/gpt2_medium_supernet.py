@@ -59,9 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # told otherwise: on v5e:4x4 the step needs 35.2 GiB per chip without remat, 11.8 GiB with
   # 'dots_saveable' (matmul outputs kept, the rest recomputed) and 3.6 GiB with 'full'
   # (elastic-jax compile on a CPU, before the parameters were gathered per micro-batch; with the
-  # gather, 'dots_saveable' needed 10.5 GiB, and 11.18 with the sandwich's largest and smallest
-  # as dense slices and the splash kernel: bench/results/aot.md). 'dots_saveable' fits 16 GiB and
-  # recomputes the least.
+  # gather, 'dots_saveable' needed 10.5 GiB, and 11.15 as configured here: the sandwich's largest
+  # and smallest as dense slices, the splash kernel, no width conditionals; bench/results/aot.md).
+  # 'dots_saveable' fits 16 GiB and recomputes the least.
   cfg.model.remat = 'none' if local else 'dots_saveable'
   # On TPU the Pallas splash kernel, so no [B, heads, T, T] scores reach HBM (einsum attention on
   # other platforms; model/fused_attention.py; bench/results/aot.md has the step's figures).
