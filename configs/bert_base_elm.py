@@ -61,11 +61,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # platforms; model/fused_attention.py).
   cfg.model.attention = 'einsum' if local else 'splash'
   # On TPU the masked sub-networks compute every FFN unit and mask the inactive ones rather than
-  # skip column blocks by lax.cond: compiled for v5e:4x4 the conditionals added 34 GB of HBM
-  # traffic per step to XLA's count (est. 108 ms with them, 82 without, at 3862cf7; ad hoc, not
-  # a results file), more than skipping saves even here, where uniform FFN choices leave about
-  # half of a random sub-network's FFN work inactive (configs/gpt2_medium_supernet.py has the
-  # arithmetic; bench/results/aot.md the figures as configured).
+  # skip column blocks by lax.cond: compiled for v5e:4x4 the conditionals added 20.7 GB of HBM
+  # traffic per step to XLA's count (est. 108 ms with them at 76478e4, 82 without: aot.md's
+  # history), more than skipping saves even here, where uniform FFN choices leave about half of
+  # a random sub-network's FFN work inactive (configs/gpt2_medium_supernet.py has the arithmetic;
+  # bench/results/aot.md the figures as configured).
   cfg.model.skip_width_blocks = local
 
   # The W-PCA space: per layer {BERT, bottleneck} x FFN width; hidden and heads fixed.
