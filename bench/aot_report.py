@@ -70,8 +70,10 @@ masked supernet computes its sub-networks at the supernet's widths, so the hardw
 utilisation is higher than its MFU. XLA's cost analysis counts a conditional as its costliest
 branch, so the layers (`lax.switch`), FFN column blocks and head blocks (`lax.cond`) that a
 masked sub-network skips at run time are counted as run: for the masked sub-networks the
-estimate is an upper bound. masked / dense: the masked step's estimated time per model FLOP over
-the dense reference's (1 = elasticity costs nothing). Attention: the configs' `model.attention`
+estimate is an upper bound (both TPU configs mask inactive heads and FFN units instead of
+skipping them, model.skip_width_blocks off: only the layer switch is left). masked / dense:
+the masked step's estimated time per model FLOP over the dense reference's (1 = elasticity
+costs nothing). Attention: the configs' `model.attention`
 ('splash' in both TPU configs since b08287f; every case here is compiled with it): the Pallas
 kernel is opaque to XLA's cost analysis, so its FLOPs are missing from XLA TFLOP and its bytes
 are its operands and results. Where the bytes
