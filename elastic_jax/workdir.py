@@ -62,6 +62,9 @@ RUN_FREE_FIELDS = ('search', 'proxy', 'mesh', 'distributed', 'data.cache_dir',
 # Fields the supernet's arrays (and its seeded initialisation) depend on: a command that reads a
 # workdir's supernet with another config must agree on these.
 SUPERNET_FIELDS = ('seed', 'model', 'space')
+# How the supernet runs, not what it holds or computes (the same arrays, the same function): any
+# command may change them on a workdir, e.g. to try `model.skip_width_blocks` after a profile.
+EXECUTION_FIELDS = ('model.attention', 'model.remat', 'model.skip_width_blocks')
 
 
 def _flat(tree, prefix: str = '') -> dict[str, object]:
@@ -96,17 +99,18 @@ def check_same_run(workdir: str | Path, cfg: ml_collections.ConfigDict, *,
   """Compares `cfg` with W/config.json before anything in W is touched.
 
   `continuing`: the command adds to W's run (train, run), so every field but RUN_FREE_FIELDS
-  must agree; otherwise (evaluate, export, search, proxy) only the SUPERNET_FIELDS must. Raises
-  UserError naming the fields that differ. Returns whether W has a config.json.
+  must agree; otherwise (evaluate, export, search, proxy) only the SUPERNET_FIELDS must; the
+  EXECUTION_FIELDS never need to. Raises UserError naming the fields that differ. Returns
+  whether W has a config.json.
   """
   path = Path(workdir) / CONFIG_FILE
   if not path.is_file():
     return False
   saved = load_config(workdir)
   if continuing:
-    diff = config_diff(saved, cfg, ignore=RUN_FREE_FIELDS)
+    diff = config_diff(saved, cfg, ignore=RUN_FREE_FIELDS + EXECUTION_FIELDS)
   else:
-    diff = config_diff(saved, cfg, only=SUPERNET_FIELDS)
+    diff = config_diff(saved, cfg, only=SUPERNET_FIELDS, ignore=EXECUTION_FIELDS)
   if diff:
     more = f' (and {len(diff) - 3} more)' if len(diff) > 3 else ''
     raise UserError(f'--workdir {workdir} holds a run of another config ({"; ".join(diff[:3])}'

@@ -121,6 +121,24 @@ def test_a_reading_command_with_another_model_config_stops_too(trained, cache):
                              '--config.model.max_len=64'), 'model.max_len: 128 -> 64')
 
 
+@pytest.mark.parametrize('continuing', [True, False])
+def test_how_the_supernet_runs_may_change_on_a_workdir(tmp_path, continuing):
+  """model.attention, model.remat and model.skip_width_blocks change how the supernet runs, not
+  its arrays or its function: a workdir accepts them changed; a field beside them still stops."""
+  from elastic_jax import workdir as workdir_lib
+  from elastic_jax.errors import UserError
+  cfg = load_config('gpt2_medium_supernet', 'runlocal')
+  workdir_lib.save_config(tmp_path, cfg)
+  other = load_config('gpt2_medium_supernet', 'runlocal')
+  other.model.attention = 'splash'
+  other.model.remat = 'full'
+  other.model.skip_width_blocks = not cfg.model.skip_width_blocks
+  assert workdir_lib.check_same_run(tmp_path, other, continuing=continuing)
+  other.model.max_len = 2 * cfg.model.max_len
+  with pytest.raises(UserError, match='model.max_len'):
+    workdir_lib.check_same_run(tmp_path, other, continuing=continuing)
+
+
 # -- 3. silent wrong results ---------------------------------------------------------------
 
 
