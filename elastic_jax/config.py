@@ -76,8 +76,9 @@ class ModelConfig:
   # The masked supernet runs each run of structurally identical layers as one `lax.scan` over their
   # stacked parameters: compile time and program size stop growing with depth. Exact either way.
   scan_layers: bool = True
-  # Rematerialisation of the scanned layers in the backward pass: 'none' keeps every activation;
-  # 'dots_saveable' keeps only matmul outputs; 'full' recomputes each layer from its input.
+  # Rematerialisation of each layer (scanned or not) in the backward pass: 'none' keeps every
+  # activation; 'dots_saveable' keeps only matmul outputs; 'full' recomputes each layer from its
+  # input.
   remat: str = 'none'
   # How softmax attention runs: 'einsum' (matmuls, the [B, N, T, S] scores in memory: any backend,
   # exact reference, the only one that can capture attention probabilities or read a KV cache);

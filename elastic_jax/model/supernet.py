@@ -32,7 +32,8 @@ Array = jax.Array
 # and 'hidden' (each layer's output).
 CAPTURES = ('embed', 'hidden') + BLOCK_CAPTURES
 
-# `model.remat` of the scanned layers: what the backward pass keeps rather than recomputes.
+# `model.remat` of every layer, scanned or not: what the backward pass keeps rather than
+# recomputes.
 REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
@@ -405,9 +406,19 @@ class Model(nnx.Module):
     slice of `inputs_L` (leading axis: the layers; None: no per-layer inputs), in one `lax.scan`
     over the stacked parameters (rematerialised by `model.remat`) or the layer itself for a
     group of one.
-    Returns (output, [hidden per layer], {feature: [per layer]})."""
+    Returns (output, [hidden per layer], {feature: [per layer]}).
+    A layer run alone is rematerialised by the same policy, so `model.remat` means the same
+    whether the layers are scanned or unrolled (and the unrolled twin that `aot` counts FLOPs
+    and bytes on recomputes what the scanned program does)."""
     if stop - start == 1:
-      x, feats = apply(self.layers[start], x, jax.tree.map(lambda v: v[0], inputs_L))
+      graphdef, state = nnx.split(self.layers[start])
+
+      def one(x, state, inputs):
+        return apply(nnx.merge(graphdef, state), x, inputs)
+
+      if self.cfg.remat != 'none':
+        one = jax.checkpoint(one, policy=REMAT_POLICIES[self.cfg.remat])
+      x, feats = one(x, state, jax.tree.map(lambda v: v[0], inputs_L))
       return x, [x], {k: [v] for k, v in feats.items()}
     graphdef, _ = nnx.split(self.layers[start])
     states = [nnx.split(self.layers[i])[1] for i in range(start, stop)]

@@ -190,6 +190,31 @@ def test_masked_equals_exported_without_width_blocks(family):
   check_masked_equals_exported(family, n_archs=12, skip_width_blocks=False)
 
 
+@pytest.mark.parametrize('remat', ['dots_saveable', 'full'])
+def test_remat_applies_to_unrolled_layers_and_changes_no_gradient(remat):
+  """`model.remat` with the layers unrolled (`model.scan_layers` off) rematerialises each layer
+  as the scan does: the gradient's program recomputes (a remat in its jaxpr, none without
+  remat) and the gradient is the one without remat, for a masked sub-network and a dense export.
+  (The FLOP-counting twin of `elastic-jax compile` runs the layers unrolled.)"""
+  grads = {}
+  for policy in ('none', remat):
+    cfg, space, model = build('llama_gqa', seed=5, scan_layers=False, remat=policy)
+    batch = random_batch(cfg, seed=6)
+    arch = arch_lib.unstack(space.sample(jax.random.key(3), 1))[0]
+    for name, net, a in (('masked', model, arch), ('dense', export.export(model, space.cfg, arch),
+                                                   None)):
+      graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+      loss = lambda p, g=graphdef, r=rest, a=a, b=batch: jnp.mean(nnx.merge(g, p, r)(b, a) ** 2)
+      jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+      recomputes = 'remat' in jaxpr or 'checkpoint[' in jaxpr  # the primitive: remat2 today
+      assert recomputes == (policy != 'none'), (name, policy)
+      grads[policy, name] = jax.grad(loss)(params)
+  for name in ('masked', 'dense'):
+    for want, got in zip(jax.tree.leaves(grads['none', name]), jax.tree.leaves(grads[remat, name]),
+                         strict=True):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
 def test_every_block_type_and_knob_is_covered():
   """Guards the property test's coverage: each family knob value appears in some family."""
   values = {k: {fam.get(k) for fam in FAMILIES.values()} for k in
