@@ -5,7 +5,7 @@ learned positions, pre-LayerNorm, GELU, tied embeddings, context 1024); the spac
 hidden, heads and FFN width per layer. bf16 compute, float32 parameters and optimizer state, the
 mesh pure FSDP over every chip (parameters, gradients and Adam moments split 1/N per chip).
 
-Arguments (the slice decides batch and gradient accumulation; check a change with `compile`):
+Arguments (the slice decides batch, gradient accumulation and remat; check a change with `compile`):
   v5e-16    (default) 16 v5e chips, topology v5e:4x4 (gcloud accelerator type v5litepod-16)
   v5p-8     8 v5p chips, topology v5p:2x2x2 (gcloud accelerator type v5p-16: v5p counts cores)
   runlocal  a CPU-sized space of the same family, for laptops and tests
@@ -24,11 +24,17 @@ import ml_collections
 from elastic_jax import data, distributed
 from elastic_jax.train import config as train_config
 
-# slice -> global batch rows, tokens per row, gradient-accumulation micro-batches. Rows divide by
-# the chip count x grad_accum (every micro-batch spans all chips). Sized with `compile`: without
-# activation rematerialisation the 4 sandwich sub-networks' activations live at once, so a v5e
-# chip (16 GiB) takes one 512-token row per micro-batch; a v5p chip (95 GiB) two 1024-token rows.
-SLICES = {'v5e-16': (128, 512, 8), 'v5p-8': (64, 1024, 4)}
+# slice -> global batch rows, tokens per row, gradient-accumulation micro-batches, model.remat.
+# Rows divide by the chip count x grad_accum (every micro-batch spans all chips). Sized with
+# `compile` (elastic-jax compile on a CPU, 24 layers, recomputation counted): every micro-batch
+# gathers the FSDP-sharded parameters again and reads the 50,304 x 1,024 embedding, which at
+# 512 tokens per chip per micro-batch were most of XLA's byte count. On v5e:4x4 the whole
+# 128 x 512 batch in one micro-batch with 'full' remat fits in 8.1 GiB per chip and is estimated
+# at 261 ms per step (MFU est. 43%); 8 micro-batches with 'dots_saveable' were 743 ms (15%, with
+# no recomputation counted), 2 with 'full' 321 ms, 2 with 'dots_saveable' 388 ms (11.8 GiB):
+# byte-bound, saving the matmul outputs costs more HBM traffic than recomputing them.
+# v5p-8: not re-measured since (bench/results/aot.md has its figures).
+SLICES = {'v5e-16': (128, 512, 1, 'full'), 'v5p-8': (64, 1024, 4, 'dots_saveable')}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -55,14 +61,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.model.use_bias = True
   cfg.model.dtype = 'float32' if local else 'bfloat16'  # compute dtype; bf16 on the MXUs
   cfg.model.param_dtype = 'float32'  # master weights and Adam moments stay float32
-  # The layers run in a lax.scan, whose backward keeps every residual the scan body needs unless
-  # told otherwise: on v5e:4x4 the step needs 35.2 GiB per chip without remat, 11.8 GiB with
-  # 'dots_saveable' (matmul outputs kept, the rest recomputed) and 3.6 GiB with 'full'
-  # (elastic-jax compile on a CPU, before the parameters were gathered per micro-batch; with the
-  # gather, 'dots_saveable' needed 10.5 GiB, and 11.15 as configured here: the sandwich's largest
-  # and smallest as dense slices, the splash kernel, no width conditionals; bench/results/aot.md).
-  # 'dots_saveable' fits 16 GiB and recomputes the least.
-  cfg.model.remat = 'none' if local else 'dots_saveable'
+  # The layers' backward keeps every residual unless told otherwise: with 8 micro-batches on
+  # v5e:4x4 the step needed 35.2 GiB per chip without remat, 11.8 GiB with 'dots_saveable'
+  # (matmul outputs kept, the rest recomputed) and 3.6 GiB with 'full' (elastic-jax compile on a
+  # CPU, before the parameters were gathered per micro-batch). Per slice: SLICES above.
+  batch, seq_len, accum, remat = (8, 32, 1, 'none') if local else SLICES[arg]
+  cfg.model.remat = remat
   # On TPU the Pallas splash kernel, so no [B, heads, T, T] scores reach HBM (einsum attention on
   # other platforms; model/fused_attention.py; bench/results/aot.md has the step's figures).
   cfg.model.attention = 'einsum' if local else 'splash'
@@ -94,7 +98,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.data.task = 'causal_lm'
   cfg.data.tokenizer = 'bpe'
   cfg.data.bpe_vocab_size = cfg.model.get_ref('vocab_size')
-  batch, seq_len, accum = (8, 32, 1) if local else SLICES[arg]
   cfg.data.seq_len = seq_len  # the model's max_len stays 1024 (GPT-2's context)
   cfg.data.batch_size = batch  # rows per step over all hosts
   cfg.data.eval_batches = 2 if local else 8
