@@ -56,16 +56,17 @@ HEADER = ('variant', 'program', 'XLA TFLOP / device', 'HBM GB / device', 'est. m
           'masked / dense', 'GiB / device', 'compile s')
 NOTES = """
 The GPT-2-medium supernet's training step (configs/gpt2_medium_supernet.py, v5e-16: batch 128 x
-512 in 8 micro-batches, pure FSDP over 16 chips, bf16 compute, sandwich K = 4 with in-place
-logits distillation) compiled by libtpu for v5e:4x4 on a CPU, on a twin with {layers} layers
-(unrolled: XLA counts each once) and one mechanism changed per row. train_step is the sandwich
+512 in {accum} micro-batch(es), model.remat='{remat}', pure FSDP over 16 chips, bf16 compute,
+sandwich K = 4 with in-place logits distillation) compiled by libtpu for v5e:4x4 on a CPU, on a
+twin with {layers} layers (unrolled: XLA counts each once; rematerialised as configured) and one
+mechanism changed per row. train_step is the sandwich
 step the trainer runs (its largest and smallest sub-networks as dense slices of the supernet, the
 two random ones masked; train.dense_static_archs; attention by the Pallas splash kernel,
 model.attention='splash'); dense_step the reference, the largest
 sub-network's dense export trained by a plain cross-entropy step with the same batch,
 micro-batches, optimizer and shardings.
 FLOPs and bytes: XLA's cost analysis per device per step, the micro-batch loop's body times its
-trip count (x 8; the masked step counted on a twin with its K sub-networks unrolled). est. ms:
+trip count (x {accum}; the masked step counted on a twin with its K sub-networks unrolled). est. ms:
 the roofline max(FLOPs / peak, bytes / HBM bandwidth) (197 TFLOP/s, 819 GB/s per v5e chip);
 every row is byte-bound there. MFU est.: the sub-networks' analytic model FLOPs (cost.py) over
 peak x est. masked / dense: the masked step's estimated time per model FLOP over the dense
@@ -112,6 +113,8 @@ def main():
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
   variants = VARIANTS[:2] if args.quick else VARIANTS
   results, rows, reference = {}, [], None
+  base = load_config(*CASE[:2])
+  notes = NOTES.format(layers=args.layers, accum=base.train.grad_accum, remat=base.model.remat)
   for label, overrides, programs in variants:
     report = compile_variant(args.layers, overrides, programs)
     ps = report['programs']
@@ -129,7 +132,7 @@ def main():
                    f"{entry['masked_over_dense']:.2f}x" if name == 'train_step' else '-',
                    f"{f['memory_gib_per_device']:.2f}", f"{f['compile_seconds']:.0f}"))
     write_results('aot_ablation', {**results, 'layers': args.layers, 'case': list(CASE)}, rows,
-                  HEADER, NOTES.format(layers=args.layers), quick=args.quick)
+                  HEADER, notes, quick=args.quick)
 
 
 if __name__ == '__main__':

@@ -59,7 +59,9 @@ assignment per device (arguments = sharded params + Adam state + batch; the dona
 aliased to the outputs; total = arguments + outputs - aliased + temporaries + code). XLA TFLOP:
 XLA's cost analysis of the compiled program, whose loop bodies XLA counts once, times the loop
 trip counts (train: x grad_accum, counted on a twin with the layers and the K = 4 sandwich
-sub-networks unrolled; dense: x grad_accum; evaluation: x population x batches). est. ms: the
+sub-networks unrolled, each layer rematerialised as `model.remat` says, so the recomputation is
+counted, as in the dense step, which has the same remat: since 62c2c0a, before which no
+recomputation was counted; dense: x grad_accum; evaluation: x population x batches). est. ms: the
 roofline max(XLA FLOPs / peak, XLA bytes accessed / HBM bandwidth), scaled the same way (no
 collective latency, no host work); every program here is byte-bound in it. XLA's count of bytes
 is a model, not a profile, so est. ms and MFU are estimates; a profile on a TPU is the check.

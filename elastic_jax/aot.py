@@ -38,7 +38,8 @@ real programs.
 The twin: the masked supernet runs its layers in a `lax.scan` (`model.scan_layers`), so compile
 time no longer grows with depth, the K - 1 sub-networks in another and the vocabulary losses'
 chunks (`train.logits_chunk`) in a third. The train step's FLOPs and bytes come from a twin
-program with the layers, the sub-networks and the chunks unrolled (a second compile, whose time
+program with the layers, the sub-networks and the chunks unrolled, each layer rematerialised by
+`model.remat` as in the scan, so recomputation is counted (a second compile, whose time
 and host memory grow with depth x K); `flops='none'` skips it. Counting the sub-network scan's
 body once and scaling it x K / 2 instead came out ~40% above the unrolled program's
 bytes on a 2-layer GPT-2-medium-width step: in XLA's count a looped body weighs more than an
