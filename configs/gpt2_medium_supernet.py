@@ -32,9 +32,10 @@ from elastic_jax.train import config as train_config
 # 128 x 512 batch in one micro-batch with 'full' remat fits in 8.1 GiB per chip and is estimated
 # at 261 ms per step (MFU est. 43%); 8 micro-batches with 'dots_saveable' were 743 ms (15%, with
 # no recomputation counted), 2 with 'full' 321 ms, 2 with 'dots_saveable' 388 ms (11.8 GiB):
-# byte-bound, saving the matmul outputs costs more HBM traffic than recomputing them.
-# v5p-8: not re-measured since (bench/results/aot.md has its figures).
-SLICES = {'v5e-16': (128, 512, 1, 'full'), 'v5p-8': (64, 1024, 4, 'dots_saveable')}
+# byte-bound, saving the matmul outputs costs more HBM traffic than recomputing them. On
+# v5p:2x2x2 likewise: one micro-batch with 'full', 274 ms in 13.4 GiB; 4 with 'dots_saveable'
+# 387 ms. bench/results/aot.md has the configured programs' figures.
+SLICES = {'v5e-16': (128, 512, 1, 'full'), 'v5p-8': (64, 1024, 1, 'full')}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
