@@ -190,13 +190,13 @@ def test_masked_equals_exported_without_width_blocks(family):
   check_masked_equals_exported(family, n_archs=12, skip_width_blocks=False)
 
 
-@pytest.mark.parametrize('remat', ['dots_saveable', 'full'])
-def test_remat_applies_to_unrolled_layers_and_changes_no_gradient(remat):
-  """`model.remat` with the layers unrolled (`model.scan_layers` off) rematerialises each layer
-  as the scan does: the gradient's program recomputes (a remat in its jaxpr, none without
-  remat) and the gradient is the one without remat, for a masked sub-network and a dense export.
-  (The FLOP-counting twin of `elastic-jax compile` runs the layers unrolled.)"""
-  grads = {}
+def test_remat_applies_to_unrolled_layers_and_changes_no_gradient():
+  """`model.remat='full'` (the TPU configs') with the layers unrolled (`model.scan_layers` off)
+  rematerialises each layer as the scan does: the gradient's program recomputes (a remat in its
+  jaxpr, none without remat) and the gradient is the one without remat, for a masked
+  sub-network and a dense export. (The FLOP-counting twin of `elastic-jax compile` runs the
+  layers unrolled; 'dots_saveable' goes through the same lines with another policy.)"""
+  remat, grads = 'full', {}
   for policy in ('none', remat):
     cfg, space, model = build('llama_gqa', seed=5, scan_layers=False, remat=policy)
     batch = random_batch(cfg, seed=6)
