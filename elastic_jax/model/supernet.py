@@ -401,6 +401,12 @@ class Model(nnx.Module):
     return self._group(start, stop, x, lambda layer, x, inputs: apply(layer, x, *inputs),
                        (jnp.arange(start, stop), fields_L))
 
+  def _remat(self, fn):
+    """`fn` rematerialised by `model.remat` (itself where it is 'none')."""
+    if self.cfg.remat == 'none':
+      return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[self.cfg.remat])
+
   def _group(self, start, stop, x, apply, inputs_L):
     """Runs layers [start, stop): `apply(layer, x, inputs) -> (y, feats)` with each layer's
     slice of `inputs_L` (leading axis: the layers; None: no per-layer inputs), in one `lax.scan`
@@ -416,9 +422,7 @@ class Model(nnx.Module):
       def one(x, state, inputs):
         return apply(nnx.merge(graphdef, state), x, inputs)
 
-      if self.cfg.remat != 'none':
-        one = jax.checkpoint(one, policy=REMAT_POLICIES[self.cfg.remat])
-      x, feats = one(x, state, jax.tree.map(lambda v: v[0], inputs_L))
+      x, feats = self._remat(one)(x, state, jax.tree.map(lambda v: v[0], inputs_L))
       return x, [x], {k: [v] for k, v in feats.items()}
     graphdef, _ = nnx.split(self.layers[start])
     states = [nnx.split(self.layers[i])[1] for i in range(start, stop)]
@@ -429,7 +433,5 @@ class Model(nnx.Module):
       y, feats = apply(nnx.merge(graphdef, state), x, layer_inputs)
       return y, (y, feats)
 
-    if self.cfg.remat != 'none':
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat])
-    x, (hidden_LBTD, feats_L) = jax.lax.scan(body, x, (stacked, inputs_L))
+    x, (hidden_LBTD, feats_L) = jax.lax.scan(self._remat(body), x, (stacked, inputs_L))
     return x, list(hidden_LBTD), {k: list(v) for k, v in feats_L.items()}
