@@ -208,7 +208,7 @@ def test_remat_applies_to_unrolled_layers_and_changes_no_gradient():
       jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
       recomputes = 'remat' in jaxpr or 'checkpoint[' in jaxpr  # the primitive: remat2 today
       assert recomputes == (policy != 'none'), (name, policy)
-      grads[policy, name] = jax.grad(loss)(params)
+      grads[policy, name] = jax.jit(jax.grad(loss))(params)
   for name in ('masked', 'dense'):
     for want, got in zip(jax.tree.leaves(grads['none', name]), jax.tree.leaves(grads[remat, name]),
                          strict=True):

@@ -102,10 +102,13 @@ def assert_close(got, want, rtol):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=rtol * scale)
 
 
-# Two families for the step (three compiles each, ~40 s on 2 cores): GQA with rotary positions;
-# a factorised, normless post-norm encoder with bottleneck blocks. All three for the layout.
-@pytest.mark.parametrize('family', ['llama_gqa', 'mobilebert'])
-def test_dense_slices_give_the_masked_steps_loss_and_gradient(family):
+# Two families for the step, one loss path each (two compiles each; the slices' features in
+# the masked layout are checked for every family below): GQA with rotary positions on the whole
+# logits (the configs' default, train.logits_chunk=0), and a factorised, normless post-norm
+# encoder with bottleneck blocks on chunks of 4 positions (the last short) with every feature loss.
+@pytest.mark.parametrize('family,chunk,features', [('llama_gqa', 0, False),
+                                                   ('mobilebert', 4, True)])
+def test_dense_slices_give_the_masked_steps_loss_and_gradient(family, chunk, features):
   """Sub-networks 0 and 1 (the in-place teacher and a student) sliced, 2 and 3 masked; random
   architectures (sub-network 0 is a random one too: the slices need not be the largest)."""
   with jax.enable_x64(True):
@@ -113,25 +116,22 @@ def test_dense_slices_give_the_masked_steps_loss_and_gradient(family):
     archs = space.sample(jax.random.key(len(family)), 4)
     static = arch_lib.unstack(archs)[:2]
     slices = tuple(export.slicer(space.cfg, a) for a in static)
-    # Whole logits; chunks of 4 positions (the last short) with every feature loss.
-    for chunk, seed, features in ((0, 1, False), (4, 2, True)):
-      batch = batch_of(cfg, seed)
-      want, want_grads, masked_flops = value_and_grad(model, space, archs, batch, (), chunk,
-                                                      features)
-      got, grads, sliced_flops = value_and_grad(model, space, archs, batch, slices, chunk,
-                                                features)
-      # The feature losses compute in float32 (elastic_jax/losses.py) whatever the model's
-      # dtype: features equal to 1e-15 in float64 round apart there (5e-9 of the largest
-      # gradient seen), so those compare at float32's precision.
-      tol = 1e-6 if features else 1e-12
-      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol)
-      assert_close(grads, want_grads, tol)
-      # The slices are what runs: the dense sub-networks cost fewer FLOPs than the masked ones.
-      assert sliced_flops < masked_flops, (sliced_flops, masked_flops)
+    batch = batch_of(cfg, 1 + features)
+    want, want_grads, masked_flops = value_and_grad(model, space, archs, batch, (), chunk,
+                                                    features)
+    got, grads, sliced_flops = value_and_grad(model, space, archs, batch, slices, chunk, features)
+    # The feature losses compute in float32 (elastic_jax/losses.py) whatever the model's dtype:
+    # features equal to 1e-15 in float64 round apart there (5e-9 of the largest gradient seen),
+    # so those compare at float32's precision.
+    tol = 1e-6 if features else 1e-12
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol)
+    assert_close(grads, want_grads, tol)
+    # The slices are what runs: the dense sub-networks cost fewer FLOPs than the masked ones.
+    assert sliced_flops < masked_flops, (sliced_flops, masked_flops)
     if family == 'llama_gqa':
       # The comparison can fail: slicing an arch other than the sampler's changes the losses.
       wrong = (export.slicer(space.cfg, static[1]), slices[1])
-      other, _, _ = value_and_grad(model, space, archs, batch, wrong, 4, True)
+      other, _, _ = value_and_grad(model, space, archs, batch, wrong, chunk, features)
       assert not np.allclose(np.asarray(other), np.asarray(want), rtol=1e-6)
 
 
