@@ -98,11 +98,18 @@ def compile_variant(layers: int, overrides: dict, programs: tuple) -> dict:
 
 
 def figures(p: dict) -> dict:
-  return {'xla_tflop_per_device': p['xla_flops_per_device'] / 1e12,
-          'hbm_gb_per_device': p['xla_bytes_accessed_per_device'] / GB,
-          'estimated_ms': p['estimated_seconds'] * 1e3, 'mfu_estimate': p['mfu_estimate'],
-          'memory_gib_per_device': p['memory_bytes']['total'] / GIB,
-          'compile_seconds': p['compile_seconds']}
+  """One program's row; for a program the TPU compiler refuses as too large for HBM, only the
+  memory it needs (FLOPs, bytes, time and compile seconds None)."""
+  scaled = lambda key, unit: None if p.get(key) is None else p[key] / unit
+  return {'xla_tflop_per_device': scaled('xla_flops_per_device', 1e12),
+          'hbm_gb_per_device': scaled('xla_bytes_accessed_per_device', GB),
+          'estimated_ms': scaled('estimated_seconds', 1e-3), 'mfu_estimate': p.get('mfu_estimate'),
+          'memory_gib_per_device': p['memory_bytes']['total'] / GIB, 'fits': p['fits'],
+          'compile_seconds': p.get('compile_seconds')}
+
+
+def cell(value, spec: str) -> str:
+  return '-' if value is None else format(value, spec)
 
 
 def main():
@@ -121,16 +128,18 @@ def main():
     dense = ps.get('dense_step') or reference
     reference = reference or dense
     entry = {name: figures(p) for name, p in ps.items()}
-    entry['masked_over_dense'] = dense['mfu_estimate'] / ps['train_step']['mfu_estimate']
+    mfus = (dense and dense.get('mfu_estimate'), ps['train_step'].get('mfu_estimate'))
+    entry['masked_over_dense'] = mfus[0] / mfus[1] if all(mfus) else None
     entry['overrides'] = overrides
     results[label] = entry
     for name in ps:
       f = entry[name]
-      rows.append((label, name, f"{f['xla_tflop_per_device']:.2f}",
-                   f"{f['hbm_gb_per_device']:.1f}", f"{f['estimated_ms']:.0f}",
-                   f"{f['mfu_estimate']:.1%}",
-                   f"{entry['masked_over_dense']:.2f}x" if name == 'train_step' else '-',
-                   f"{f['memory_gib_per_device']:.2f}", f"{f['compile_seconds']:.0f}"))
+      ratio = entry['masked_over_dense'] if name == 'train_step' else None
+      rows.append((label, name, cell(f['xla_tflop_per_device'], '.2f'),
+                   cell(f['hbm_gb_per_device'], '.1f'), cell(f['estimated_ms'], '.0f'),
+                   cell(f['mfu_estimate'], '.1%'), cell(ratio, '.2f') + ('x' if ratio else ''),
+                   f"{f['memory_gib_per_device']:.2f}" + ('' if f['fits'] else ' (does not fit)'),
+                   cell(f['compile_seconds'], '.0f')))
     write_results('aot_ablation', {**results, 'layers': args.layers, 'case': list(CASE)}, rows,
                   HEADER, notes, quick=args.quick)
 

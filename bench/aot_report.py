@@ -50,8 +50,9 @@ Compiled on a CPU-only machine by the TPU compiler (libtpu) for the named slice 
 own mesh (`elastic-jax compile`, elastic_jax/aot.py). Programs: train_step, the trainer's own
 sandwich step (`trainer.build_step`: same shardings, donation, strided micro-batches, scanned and
 rematerialised layers, FSDP-sharded parameters gathered once per micro-batch; the largest and
-smallest sub-networks as dense slices of the supernet where no features are distilled,
-`train.dense_static_archs`: GPT-2-medium; BERT-base ELM distils block outputs, all masked);
+smallest sub-networks as dense slices of the supernet, `train.dense_static_archs`, the two
+random ones masked; BERT-base ELM's slices give their block outputs to the distillation laid out
+as the masked supernet's);
 dense_step, the reference: the largest sub-network's dense export trained by a plain
 cross-entropy step with the same batch, micro-batches, optimizer and shardings (what a
 non-elastic trainer would run); population_eval, the search's own loop. Memory: XLA's buffer
