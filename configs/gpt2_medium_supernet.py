@@ -73,9 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.model.attention = 'einsum' if local else 'splash'
   # Masked sub-networks compute every head and FFN unit and mask the inactive ones on TPU, rather
   # than skip blocks of them by lax.cond: compiled for v5e:4x4 (the 2-layer twin of
-  # bench/results/aot_ablation.md) the conditionals add 17.3 GB of HBM traffic per step in XLA's
-  # count (136.7 -> 119.4 GB without them, est. 167 -> 146 ms), ~0.5 GB per layer, sub-network
-  # and micro-batch: more time than the whole layer's matmuls at 512 tokens per chip, whereas
+  # bench/results/aot_ablation.md, at d0295ef) the conditionals add 11.3 GB of HBM traffic per
+  # step in XLA's count (39.1 -> 50.4 GB, est. 48 -> 62 ms), ~2.8 GB per layer and random
+  # sub-network at 4,096 tokens per chip: more time than the whole layer's matmuls, whereas
   # skipping saves about a quarter of a random sub-network's head and FFN work (uniform choices;
   # XLA charges a conditional its costliest branch, so that saving is not in its estimate). The
   # default (True, runlocal) skips: on a CPU it pays (bench/results/bench_train.md).
