@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,11 +28,16 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tests'))
 import common  # noqa: E402
-from conftest import load_config  # noqa: E402
 
+from elastic_jax import notebook  # noqa: E402
 from elastic_jax.workdir import build_space, init_supernet  # noqa: E402
+
+
+def load_config(name: str, arg: str | None = None):
+  """configs/<name>.py[:arg] as `--config` loads it. (Not the tests' helper: importing
+  tests/conftest.py would set the test run's XLA flags (LLVM -O0) and compilation cache.)"""
+  return notebook.load_config(f'configs/{name}.py' + (f':{arg}' if arg else ''))
 
 
 def cpu_programs(name: str, arg: str | None) -> list[dict]:
@@ -113,6 +119,7 @@ def main():
       'max_abs_diff_scan_vs_unrolled': max(r.get('max_abs_diff_scan_vs_unrolled', 0.0)
                                            for r in rows),
       'rows': rows,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
   header = ('config', 'program', 'scan_layers', 'compile s', 'max |scan - unrolled|', 'HBM GiB')
   table = [(r['config'], r['program'], r['scan_layers'], r['compile_seconds'],
@@ -121,7 +128,8 @@ def main():
   notes = ('Compile seconds (lowering + XLA compile) of the same programs with the masked '
            "supernet's layers scanned vs unrolled, in one run; CPU programs on batch 2 x 16 "
            'tokens, 4 archs; the TPU step compiled by libtpu on this CPU. The machine may have '
-           'been shared with other jobs: compare the two columns of one run.')
+           'been shared with other jobs: compare the two columns of one run. XLA_FLAGS: '
+           f"{results['xla_flags'] or '(none)'}.")
   path = common.write_results('bench_compile', results, table, header, notes, quick=args.quick)
   print(path.with_suffix('.md').read_text())
 
