@@ -77,8 +77,10 @@ sub-networks compute every head and FFN unit and mask the inactive ones (model.s
 off on TPU); the lax.cond row skips the blocks past their active sizes instead (XLA charges a
 conditional its costliest branch, so what skipping saves is not in the estimate, what the
 conditionals add is). No width segments: every sub-network has all 16 heads and the 4,096-wide
-FFN (the sub-networks' model FLOPs grow with them). The GPT-2 space has one block
-type, so no layer `lax.switch` (configs/bert_base_elm.py's has two: bench/results/aot.md).
+FFN (the sub-networks' model FLOPs grow with them). Each masked layer is a `lax.switch`
+between its block and the identity (a layer past the sub-network's depth; configs/bert_base_elm.py
+adds a second block type): XLA counts the block, so a masked sub-network shallower than the twin
+is charged for the layers it skips.
 """
 
 
