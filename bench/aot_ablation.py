@@ -24,8 +24,7 @@ import time
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-from aot_report import load_config  # noqa: E402
-from common import write_results  # noqa: E402
+from common import load_config, write_results  # noqa: E402
 
 from elastic_jax import aot  # noqa: E402
 

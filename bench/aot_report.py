@@ -21,20 +21,17 @@ about 15 GB of host memory while it compiles; on a small machine run one case pe
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-from common import RESULTS, provenance, write_results  # noqa: E402
+from common import RESULTS, load_config, provenance, write_results  # noqa: E402
 
 from elastic_jax import aot  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 CASES = [  # (config file, argument, topology), cheapest compiles first
     ('bert_base_elm', 'v5e-16', 'v5e:4x4'),
     ('bert_base_elm', 'v5p-8', 'v5p:2x2x2'),
@@ -84,13 +81,6 @@ go, one mechanism at a time: bench/results/aot_ablation.md. compile s: lowering 
 2-core CPU that other jobs may have shared. The commit each case was compiled at: aot.json,
 reports.<case>.commit.
 """
-
-
-def load_config(name: str, arg: str | None):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def row(case: str, report: dict, name: str) -> tuple:

@@ -29,15 +29,9 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from common import load_config  # noqa: E402
 
-from elastic_jax import notebook  # noqa: E402
 from elastic_jax.workdir import build_space, init_supernet  # noqa: E402
-
-
-def load_config(name: str, arg: str | None = None):
-  """configs/<name>.py[:arg] as `--config` loads it. (Not the tests' helper: importing
-  tests/conftest.py would set the test run's XLA flags (LLVM -O0) and compilation cache.)"""
-  return notebook.load_config(f'configs/{name}.py' + (f':{arg}' if arg else ''))
 
 
 def cpu_programs(name: str, arg: str | None) -> list[dict]:

@@ -40,7 +40,6 @@ os.environ.setdefault('XLA_FLAGS', '--xla_cpu_multi_thread_eigen=false')
 
 import argparse  # noqa: E402
 import fcntl  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
@@ -49,7 +48,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from common import in_workers, write_results  # noqa: E402
+from common import in_workers, load_config, write_results  # noqa: E402
 
 from elastic_jax import arch as arch_lib  # noqa: E402
 from elastic_jax import data, space_history  # noqa: E402
@@ -61,7 +60,6 @@ from elastic_jax.search.report import load_pareto  # noqa: E402
 from elastic_jax.train.trainer import train  # noqa: E402
 from elastic_jax.workdir import build_space, load_supernet  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ('plain', 'distill', 'growth', 'pruning')
 GLUE_TASKS = ('rte', 'mrpc')
 # The full size is one found to learn in this budget (scratch runs of the plain variant, lr as
@@ -82,13 +80,6 @@ SIZES = {
 
 def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
-
-
-def load_config(name: str, arg: str | None = None):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def variant_config(name: str, args):

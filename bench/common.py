@@ -14,10 +14,16 @@ from pathlib import Path
 
 import jax
 
-from elastic_jax import atomic
+from elastic_jax import atomic, notebook
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 REPO = RESULTS.parents[1]
+
+
+def load_config(name: str, arg: str | None = None):
+  """configs/<name>.py[:arg] as `--config` loads it (`elastic_jax.notebook.load_config`; not
+  the tests' helper, whose import would set the test run's XLA flags and compilation cache)."""
+  return notebook.load_config(f'configs/{name}.py' + (f':{arg}' if arg else ''), REPO)
 
 
 def timed(fn, *args, **kwargs):
