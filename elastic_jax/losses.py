@@ -128,10 +128,13 @@ def vocab_losses(x_KBTE, project, targets_BT, weights_BT, *, teacher=None,
 
 
 def channel_normalise(x_BTC, valid_BT, eps: float = 1e-6):
-  """ELM: each feature channel to zero mean / unit std over the sequence, per example."""
-  w = valid_BT[..., None].astype(jnp.float32)
+  """ELM: each feature channel to zero mean / unit std over the sequence, per example; in
+  float32, or float64 for a float64 model (dividing by a channel's std magnifies the rounding of
+  its input: a float64 verification run keeps its precision)."""
+  dtype = jnp.promote_types(x_BTC.dtype, jnp.float32)
+  w = valid_BT[..., None].astype(dtype)
   n = jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
-  x = x_BTC.astype(jnp.float32)
+  x = x_BTC.astype(dtype)
   mean = jnp.sum(x * w, axis=1, keepdims=True) / n
   var = jnp.sum(((x - mean) ** 2) * w, axis=1, keepdims=True) / n
   return (x - mean) * jax.lax.rsqrt(var + eps) * w

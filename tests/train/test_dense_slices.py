@@ -4,13 +4,12 @@ from the supernet inside the step, instead of masked at the supernet's sizes.
 
 The reference is the masked step, itself checked against per-architecture losses written out by
 hand (tests/train/test_train_step.py): with slices the loss and the gradient with respect to the
-supernet's parameters are the same (float64, 1e-12; 1e-6 with the feature losses, which compute
-in float32), on random architectures of families that cover every knob (GQA with a varying
-heads-per-group ratio, rotary, factorised embeddings, bottleneck and skip blocks, post-norm
-encoders), unchunked and chunked vocabulary losses, and with every feature-distillation loss (the
-dense slices' features laid out as the masked supernet's, equal to its features to 1e-12). And
-the slices are what runs: the sliced program does fewer FLOPs, and slicing another arch than the
-sampler's changes the loss.
+supernet's parameters are the same (float64, 1e-12), on random architectures of families that
+cover every knob (GQA with a varying heads-per-group ratio, rotary, factorised embeddings,
+bottleneck and skip blocks, post-norm encoders), unchunked and chunked vocabulary losses, and with
+every feature-distillation loss (the dense slices' features laid out as the masked supernet's,
+equal to its features to 1e-12). And the slices are what runs: the sliced program does fewer
+FLOPs, and slicing another arch than the sampler's changes the loss.
 """
 
 import jax
@@ -120,10 +119,7 @@ def test_dense_slices_give_the_masked_steps_loss_and_gradient(family, chunk, fea
     want, want_grads, masked_flops = value_and_grad(model, space, archs, batch, (), chunk,
                                                     features)
     got, grads, sliced_flops = value_and_grad(model, space, archs, batch, slices, chunk, features)
-    # The feature losses compute in float32 (elastic_jax/losses.py) whatever the model's dtype:
-    # features equal to 1e-15 in float64 round apart there (5e-9 of the largest gradient seen),
-    # so those compare at float32's precision.
-    tol = 1e-6 if features else 1e-12
+    tol = 1e-12
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol)
     assert_close(grads, want_grads, tol)
     # The slices are what runs: the dense sub-networks cost fewer FLOPs than the masked ones.
