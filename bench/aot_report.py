@@ -12,6 +12,10 @@ memory per chip and MFU of each program; the full reports under 'reports') and a
 --quick compiles the training step only and counts no FLOPs (memory only). Results are written
 after every case (each case records the commit it was compiled at); --resume keeps the cases
 already in the JSON file and compiles the others.
+--programs p1,p2 (re)compiles only those programs of the selected cases and, with --resume,
+puts them in place of the same programs of the cases already written, keeping the others (each
+program records the commit it was compiled at; e.g. after a change to the search's program:
+--resume --programs population_eval).
 --only selects cases by a substring of their key, config:arg@topology. A GPT-2-medium case holds
 about 15 GB of host memory while it compiles; on a small machine run one case per process:
   for c in bert_base_elm:v5e bert_base_elm:v5p gpt2_medium_supernet:v5e \
@@ -79,7 +83,8 @@ kernel is opaque to XLA's cost analysis, so its FLOPs are missing from XLA TFLOP
 are its operands and results. Where the bytes
 go, one mechanism at a time: bench/results/aot_ablation.md. compile s: lowering + compiling on a
 2-core CPU that other jobs may have shared. The commit each case was compiled at: aot.json,
-reports.<case>.commit.
+reports.<case>.commit, and each program's, reports.<case>.programs.<program>.commit (a program
+recompiled later, `--programs`, has its own).
 """
 
 
@@ -118,9 +123,13 @@ def main():
   parser.add_argument('--quick', action='store_true', help='train step, memory only')
   parser.add_argument('--only', default='', help='run only cases whose key contains this')
   parser.add_argument('--resume', action='store_true', help='keep cases already written')
+  parser.add_argument('--programs', default='',
+                      help='compile only these programs (comma-separated) of each case; with '
+                           '--resume, in place of those of the cases already written')
   args = parser.parse_args()
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
-  programs = ('train_step',) if args.quick else aot.PROGRAMS
+  redo = tuple(p for p in args.programs.split(',') if p)
+  programs = redo or (('train_step',) if args.quick else aot.PROGRAMS)
   path = RESULTS / ('aot_quick.json' if args.quick else 'aot.json')
   reports = {}
   if args.resume and path.is_file():
@@ -130,17 +139,31 @@ def main():
       report.setdefault('commit', previous['commit'])
   for name, arg, topology in CASES:
     key = f'{name}:{arg}@{topology}'
-    if args.only not in key or key in reports:
+    if args.only not in key or (key in reports and not redo):
       continue
     t = time.perf_counter()
     report = aot.compile_report(load_config(name, arg), topology, programs=programs,
                                 flops='none' if args.quick else 'loops')
     report['wall_seconds'] = time.perf_counter() - t
     report['commit'] = provenance()['commit']
+    for p in report['programs'].values():
+      p['commit'] = report['commit']
     print(aot.format_report(report), flush=True)
-    reports[key] = report
+    reports[key] = merged(reports[key], report) if key in reports else report
     write(reports, args.quick)
   write(reports, args.quick)  # (--resume with every case done: rewrites aot.md from aot.json)
+
+
+def merged(old: dict, new: dict) -> dict:
+  """Case report `old` with the programs of `new` (compiled later) in place of its own: each
+  program keeps the commit it was compiled at; the case's `fits` is over all its programs."""
+  out = {**old, 'programs': {**old['programs']}}
+  for p in out['programs'].values():
+    p.setdefault('commit', old['commit'])
+  out['programs'].update(new['programs'])
+  out['fits'] = all(p['fits'] for p in out['programs'].values())
+  out['masked_over_dense'] = aot.masked_over_dense(out['programs'])
+  return out
 
 
 def write(reports: dict, quick: bool) -> None:

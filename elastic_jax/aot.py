@@ -471,12 +471,12 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
     method = {'loops': ('loops', tcfg.grad_accum), 'unrolled': ('compile', unrolled, 1)}.get(flops)
     report['programs']['dense_step'] = _entry('dense_step', lambda: (step, *dense_args), method,
                                               dense_flops * tokens, **common)
-  report['masked_over_dense'] = _masked_over_dense(report['programs'])
+  report['masked_over_dense'] = masked_over_dense(report['programs'])
   report['fits'] = all(p['fits'] for p in report['programs'].values())
   return report
 
 
-def _masked_over_dense(programs: dict) -> float | None:
+def masked_over_dense(programs: dict) -> float | None:
   """The masked training step's estimated time per model FLOP over the dense reference's (the
   dense step's MFU estimate over the masked step's): 1 = as efficient as a non-elastic trainer
   on the largest sub-network; None without both estimates."""

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from elastic_jax import export
+from elastic_jax import export, parallel
 from elastic_jax.losses import token_accuracy, token_cross_entropy
 
 # The last four: SCONE's f-gram inputs (elastic_jax/scone), present only when it is enabled.
@@ -58,9 +58,9 @@ def bucket_widths(hidden_sizes, full: int, chunk: int = 1) -> tuple[int, ...]:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4),
-                   static_argnames=('micro_batches', 'hidden_buckets'))
+                   static_argnames=('micro_batches', 'hidden_buckets', 'mesh'))
 def _sums_population(graphdef, state, archs, stacked, chunk, active_P=None, *,
-                     micro_batches: int = 1, hidden_buckets: tuple[int, ...] = ()):
+                     micro_batches: int = 1, hidden_buckets: tuple[int, ...] = (), mesh=None):
   """float32[P, 3] sums of every arch; `active_P` (bool[P], optional): archs whose sums are
   wanted; the others give zeros, and with chunk 1 their forward is skipped (a `cond`).
 
@@ -73,8 +73,11 @@ def _sums_population(graphdef, state, archs, stacked, chunk, active_P=None, *,
   R / m rows (rows m*i + j form micro-batch j), one after another: the same sums with 1/m of the
   logits alive at once. Strided, so that on a mesh whose batch axes split the R rows in
   contiguous blocks every device keeps its own rows (no data moves between devices).
+
+  `mesh`: the mesh `state` and `stacked` lie on; with FSDP, the parameters are gathered once per
+  call and every device computes its own rows (`parallel.gathered`).
   """
-  model = nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef, parallel.gathered(state, mesh))
 
   def batch_total(model, arch, batch):
     if micro_batches == 1:

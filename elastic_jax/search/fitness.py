@@ -66,7 +66,7 @@ class FitnessFn:
     """Natural-unit values {name: float32[B]} of any objectives (jittable); with `active_B`,
     values of the inactive genomes are not wanted (the population forward skips them)."""
     ctx = Context(self.space, jnp.asarray(genomes_BxG, jnp.int32), self.graphdef, data,
-                  self.chunk, active_B, self.micro_batches, self.hidden_buckets)
+                  self.chunk, active_B, self.micro_batches, self.hidden_buckets, self.mesh)
     with parallel.mesh_context(self.mesh):
       return {o.name: jnp.asarray(o.fn(ctx), jnp.float32) for o in objectives}
 

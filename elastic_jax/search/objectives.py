@@ -39,7 +39,7 @@ class Context:
 
   def __init__(self, space: Space, genomes_BxG: jax.Array, graphdef, data: Mapping | None,
                chunk: int, active_B: jax.Array | None = None, micro_batches: int = 1,
-               hidden_buckets: tuple[int, ...] = ()):
+               hidden_buckets: tuple[int, ...] = (), mesh=None):
     self.space = space
     self.genomes = genomes_BxG
     self.active = active_B  # bool[B] or None: genomes whose values are read (others may be 0)
@@ -48,6 +48,7 @@ class Context:
     self.chunk = chunk
     self.micro_batches = micro_batches  # each validation batch as this many micro-batches
     self.hidden_buckets = hidden_buckets  # widths the population forward narrows the supernet to
+    self.mesh = mesh  # where the supernet and batches lie (None: one device)
 
   @functools.cached_property
   def archs(self):
@@ -97,7 +98,7 @@ class Context:
     return evaluation._sums_population(self.graphdef, self.data['state'], self.archs,
                                        self.data['batches'], max(1, min(self.chunk, population)),
                                        self.active, micro_batches=self.micro_batches,
-                                       hidden_buckets=self.hidden_buckets)
+                                       hidden_buckets=self.hidden_buckets, mesh=self.mesh)
 
   @property
   def loss(self) -> jax.Array:

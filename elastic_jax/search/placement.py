@@ -4,7 +4,10 @@ The search reads the config's `mesh` section, as `train` does (`parallel.make_me
 supernet's variables lie as in training (`parallel.param_shardings`: FSDP over the hidden axis,
 tensor parallelism over heads / FFN / vocabulary), the stacked validation batches [n, rows, ...]
 are split over the batch axes ('data', 'fsdp'), the archs, the search state and a proxy's
-minibatches are replicated. Every device (of every process) then takes part in each forward;
+minibatches are replicated. Each population call gathers the supernet once over 'fsdp'
+(`parallel.gathered`, as a training step does), so every device computes its own rows; left to
+itself XLA gathered the rows instead (every device computing every row's logits). Every device
+(of every process) then takes part in each forward;
 the same program runs on 1 CPU, 8 devices or a pod slice, and `elastic-jax compile` compiles it
 (`abstract_data`) for a TPU topology.
 

@@ -345,7 +345,7 @@ def _train(cfg, workdir: Path, space, mesh, is_main: bool, progress: bool) -> di
 
   def run_eval(state):
     sums = evaluation._sums_population(setup.graphdef, state.params['model'], eval_stacked,
-                                       eval_data, len(labels))
+                                       eval_data, len(labels), mesh=mesh)
     summary = evaluation._summarise(distributed.to_host(sums))
     out = {}
     for i, label in enumerate(labels):

@@ -25,7 +25,7 @@ from elastic_jax.search import placement
 # Run both in this process (1 device) and in a subprocess with 8 fake devices: the quickstart
 # tiny supernet (randomised), 2 synthetic validation batches of 8 x 13 tokens, 11 archs.
 SCRIPT = r'''
-import json, sys
+import json, re, sys
 import jax, jax.numpy as jnp, numpy as np
 from elastic_jax.errors import UserError
 from elastic_jax.search import config as search_cfg, program
@@ -56,11 +56,17 @@ def losses(mesh_cfg, chunk, max_logits_mib, rows=8):
   fit = prog.fitness
   # The call the compiled search loop makes: fn(genomes, data, active) inside a jit.
   active = np.ones(len(genomes), bool)
-  out = jax.jit(fit.fn)(jnp.asarray(genomes), fit.data, jnp.asarray(active))
+  call = jax.jit(fit.fn)
+  out = call(jnp.asarray(genomes), fit.data, jnp.asarray(active))
+  # The most rows of any per-device [..., rows, 13, features] array of the compiled call: each
+  # device should hold only its own rows (FSDP-split parameters gathered, not the batch).
+  text = call.lower(jnp.asarray(genomes), fit.data, jnp.asarray(active)).compile().as_text()
+  device_rows = max(int(r) for r in re.findall(r'[\[,](\d+),13,\d+\]', text))
   state_axes = {str(a) for x in jax.tree.leaves(fit.data['state']) for a in x.sharding.spec if a}
   return {'loss': np.asarray(jax.device_get(out))[:, 0].tolist(),
           'chunk': prog.plan.chunk, 'micro_batches': prog.plan.micro_batches,
           'devices': jax.device_count(), 'state_axes': sorted(state_axes),
+          'device_rows': device_rows,
           'batch_spec': [list(a) if isinstance(a, tuple) else a
                          for a in fit.data['batches']['tokens'].sharding.spec]}
 
@@ -108,6 +114,10 @@ def test_population_losses_on_8_devices_fsdp4_tensor2_equal_one_device(tmp_path)
   # The supernet lies as in training (FSDP and tensor axes), the rows over the batch axes.
   assert runs[0]['state_axes'] == ['fsdp', 'tensor']
   assert runs[0]['batch_spec'] == [None, ['data', 'fsdp']]
+  # Every device computes its own 2 rows (1 per micro-batch when micro-batched), never the
+  # whole batch's 8: without `parallel.gathered` XLA all-gathered the rows instead of the
+  # FSDP-split parameters and every device computed partial sums of all 8 rows.
+  assert [run['device_rows'] for run in runs] == [2, 2, 1]
   # The plans the bound makes (per device: 2 rows of 13 x 1024 float32 logits = 104 KiB):
   # chunk 0 under 1 MiB -> 9 archs at once; a bound of one row -> 2 micro-batches.
   assert [(run['chunk'], run['micro_batches']) for run in runs] == [(1, 1), (9, 1), (1, 2)]
