@@ -132,10 +132,14 @@ def _distill_spec(cfg, space, teacher) -> tuple[DistillSpec, dict]:
   return spec, features
 
 
-def _external_teacher_fn(teacher_graphdef):
+def _external_teacher_fn(teacher_graphdef, gather=None):
+  """The external teacher's forward in the step; `gather`: applied to its parameters first, as
+  to the students' (`parallel.gather_fn`): left to choose, XLA kept the FSDP-split teacher split
+  and computed its forward for the whole batch on every device."""
   from elastic_jax.train.step import teacher_targets
 
   def run(params, inputs, capture):
+    params = params if gather is None else gather(params)
     # Stop-gradient parameters: the projection the students' KL calls later carries none either.
     model = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(params))
     x, feats = model.pre_logits(inputs, None, capture)
@@ -213,7 +217,8 @@ def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=
   if teacher is not None:
     t_graphdef, t_params = nnx.split(teacher, nnx.Param)
     teacher_shardings = parallel.param_shardings(t_params, mesh)
-    external = _external_teacher_fn(t_graphdef)
+    external = _external_teacher_fn(t_graphdef,
+                                    parallel.gather_fn(cfg, teacher_shardings, mesh))
   dynamic = Controller.wanted(cfg)
   step_fn = make_train_step(graphdef, proj_graphdef, sampler, tx, spec, grad_accum, external,
                             micro_sharding=parallel.microbatch_sharding(mesh),
