@@ -517,7 +517,7 @@ def _population_entry(cfg, space, mesh, unscanned, flops: str, tokens: int, comm
   import numpy as np
   from flax import nnx
 
-  from elastic_jax import evaluation
+  from elastic_jax import evaluation, parallel
   from elastic_jax.search import program as search_program
   from elastic_jax.search.config import n_children_of
 
@@ -543,7 +543,8 @@ def _population_entry(cfg, space, mesh, unscanned, flops: str, tokens: int, comm
              for k, v in data['batches'].items()}
     arch = jax.eval_shape(space.decode, jax.ShapeDtypeStruct((space.num_genes,), np.int32))
     arch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), arch)
-    one = jax.jit(lambda s, a, b: evaluation.batch_sums(nnx.merge(fitness.fn.graphdef, s), b, a))
+    one = jax.jit(lambda s, a, b: evaluation.batch_sums(
+        nnx.merge(fitness.fn.graphdef, parallel.gathered(s, mesh)), b, a))
     with unrolled_scans():
       lowered = one.lower(data['state'], arch, batch)
     return (_Lowered(lowered),)
