@@ -145,22 +145,43 @@ def batch_keys(cfg) -> dict:
           'segment_ids': jnp.int32, 'positions': jnp.int32}
 
 
+def model_flops_per_token(cfg, cost: dict, *, train: bool):
+  """The analytic model FLOPs per token of one arch's `cost` (`space.cost`): forward, or
+  training (3 x forward). A masked-LM loss reads the vocabulary at the predicted positions only
+  (data.mlm_probability of them), so the vocabulary projection counts there alone, whether a
+  step forms logits at every position or not (data.mlm_max_predictions)."""
+  unneeded = 1.0 - float(cfg.data.mlm_probability) if cfg.data.task == 'mlm' else 0.0
+  flops = cost['flops_per_token'] - unneeded * cost['vocab_flops_per_token']
+  return 3.0 * flops if train else flops
+
+
+def abstract_batch(cfg, rows: int, sharding) -> dict:
+  """The abstract training batch of `rows` rows (`batch_keys`, [rows, seq_len] each, and a
+  masked-LM batch's `mlm_positions` [rows, data.mlm_max_predictions] where that is set)."""
+  import jax
+  import jax.numpy as jnp
+  shape = (int(rows), int(cfg.data.seq_len))
+  batch = {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding)
+           for k, d in batch_keys(cfg).items()}
+  cap = int(cfg.data.get('mlm_max_predictions', 0))
+  if cfg.data.task == 'mlm' and cap:
+    batch['mlm_positions'] = jax.ShapeDtypeStruct((shape[0], cap), jnp.int32, sharding=sharding)
+  return batch
+
+
 def train_program(cfg, mesh, *, grad_accum: int | None = None, batch_size: int | None = None,
                   unroll_inner: bool = False):
   """(the trainer's StepSetup over `mesh`, its abstract (state, batch, teacher) arguments).
   `unroll_inner`: the loops over the K - 1 sub-networks and train.logits_chunk's chunks traced
   unrolled (the FLOP-counting twin)."""
-  import jax
 
   from elastic_jax.train.trainer import build_step
   if cfg.train.distill.teacher:
     raise UserError('compile builds the in-place distillation step; clear '
                     'train.distill.teacher (an external teacher) to compile this config')
   setup = build_step(cfg, mesh, grad_accum=grad_accum, unroll_inner=unroll_inner)
-  shape = (int(cfg.data.batch_size if batch_size is None else batch_size), cfg.data.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, d, sharding=setup.batch_sharding)
-           for k, d in batch_keys(cfg).items()}
-  return setup, (setup.abstract_state(), batch, None)
+  rows = cfg.data.batch_size if batch_size is None else batch_size
+  return setup, (setup.abstract_state(), abstract_batch(cfg, rows, setup.batch_sharding), None)
 
 
 def dense_program(cfg, mesh):
@@ -197,10 +218,8 @@ def dense_program(cfg, mesh):
       gather=parallel.gather_fn(cfg, shardings['model'], mesh)), mesh),
                  in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
-  shape = (int(cfg.data.batch_size), cfg.data.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, d, sharding=batch_sharding)
-           for k, d in batch_keys(cfg).items()}
-  return step, (state, batch), float(space.cost(largest)['train_flops_per_token'])
+  batch = abstract_batch(cfg, cfg.data.batch_size, batch_sharding)
+  return step, (state, batch), float(model_flops_per_token(cfg, space.cost(largest), train=True))
 
 
 @contextlib.contextmanager
@@ -306,11 +325,12 @@ def _cost(compiled) -> dict:
           'seconds': float(cost.get('optimal_seconds', 0.0))}
 
 
-def _mean_train_flops(space, archs) -> float:
+def _mean_train_flops(cfg, space, archs) -> float:
   """Mean of the analytic training FLOPs per token summed over each step's archs."""
   import jax
   import numpy as np
-  costs = jax.vmap(jax.vmap(lambda a: space.cost(a)['train_flops_per_token']))(archs)
+  costs = jax.vmap(jax.vmap(lambda a: model_flops_per_token(cfg, space.cost(a), train=True)))(
+      archs)
   return float(np.asarray(costs).sum(axis=1).mean())
 
 
@@ -454,7 +474,7 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
       method = None
     archs = arch_lib.stack([setup.sampler(jax.random.key(int(cfg.seed)), s) for s in range(8)])
     entry = _entry('train_step', lambda: (setup.step, *args), method,
-                   _mean_train_flops(space, archs) * tokens, **common)
+                   _mean_train_flops(cfg, space, archs) * tokens, **common)
     entry['archs_per_step'] = int(k)
     report['programs']['train_step'] = entry
 
@@ -504,8 +524,8 @@ def _search_program(cfg, mesh):
                     "objectives are 'loss'-type or analytic")
   space = build_space(cfg)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: init_supernet(cfg, space)))
-  data = search_program.stacked_shapes(state, batch_keys(cfg), int(cfg.data.eval_batches) or 1,
-                                       int(cfg.data.batch_size), int(cfg.data.seq_len))
+  data = search_program.stacked_shapes(state, abstract_batch(cfg, cfg.data.batch_size, None),
+                                       int(cfg.data.eval_batches) or 1)
   return sc, space, search_program.build(sc, space, mesh, graphdef=graphdef, data=data)
 
 
@@ -560,7 +580,8 @@ def _population_entry(cfg, space, mesh, unscanned, flops: str, tokens: int, comm
             'unrolled': ('compile', analyse,
                          n_children * n_batches * plan.micro_batches)}.get(flops)
   archs = space.sample(jax.random.key(0), n_children)
-  flops_per_token = np.asarray(jax.vmap(lambda a: space.cost(a)['flops_per_token'])(archs))
+  flops_per_token = np.asarray(jax.vmap(
+      lambda a: model_flops_per_token(cfg, space.cost(a), train=False))(archs))
   entry = _entry('population_eval', build, method,
                  float(flops_per_token.sum()) * tokens * n_batches, **common)
   entry.update(population=n_children, chunk=plan.chunk, micro_batches=plan.micro_batches,

@@ -52,6 +52,7 @@ def arch_cost(cfg: ModelConfig, arch: Arch, *, bottleneck_head_dim: int, seq_len
   """Costs of one arch (or, under vmap, of each arch of a population).
 
   Returns int32 `params` and float32 `flops_per_token`, `train_flops_per_token`,
+  `vocab_flops_per_token` (the vocabulary projection's share of `flops_per_token`),
   `kv_cache_bytes_per_token`, `activation_bytes_per_token` (stored for backward, estimate),
   `param_bytes`, and `table_mb`: SCONE's precomputed f-gram table of the arch in host memory
   (float32 [arch.fgrams, arch.hidden], in MB; 0 without SCONE). The f-gram count and the f-gram
@@ -81,6 +82,8 @@ def arch_cost(cfg: ModelConfig, arch: Arch, *, bottleneck_head_dim: int, seq_len
       'params': params,
       'flops_per_token': flops,
       'train_flops_per_token': 3.0 * flops,
+      'vocab_flops_per_token': 2.0 * cfg.vocab_size * jnp.asarray(
+          cfg.embed_dim if cfg.factorised else h, jnp.float32),
       'kv_cache_bytes_per_token': act_bytes * jnp.sum(totals['kv_entries']),
       'activation_bytes_per_token': act_bytes * (jnp.sum(totals['act_entries']) + attn_probs
                                                  + 2.0 * h),

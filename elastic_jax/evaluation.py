@@ -15,11 +15,14 @@ import numpy as np
 from flax import nnx
 
 from elastic_jax import export, parallel
-from elastic_jax.losses import token_accuracy, token_cross_entropy
+from elastic_jax.losses import at_predictions, token_accuracy, token_cross_entropy
 
 # The last four: SCONE's f-gram inputs (elastic_jax/scone), present only when it is enabled.
 MODEL_INPUTS = ('tokens', 'positions', 'segment_ids', 'token_types', 'fgram_hits', 'fgram_limit',
                 'fgram_ids', 'fgram_emb')
+# What the losses read besides the model's output (`mlm_positions`: a masked-LM batch's predicted
+# positions, with data.mlm_max_predictions).
+LOSS_INPUTS = ('targets', 'weights', 'mlm_positions')
 
 
 def model_inputs(batch):
@@ -27,10 +30,15 @@ def model_inputs(batch):
 
 
 def batch_sums(model: nnx.Module, batch, arch=None) -> jax.Array:
-  """[loss sum, weight sum, correct count] of one batch."""
-  logits = model(model_inputs(batch), arch)
-  loss, weight = token_cross_entropy(logits, batch['targets'], batch['weights'])
-  correct = token_accuracy(logits, batch['targets'], batch['weights'])
+  """[loss sum, weight sum, correct count] of one batch (logits at its predicted positions
+  only, where a masked-LM batch names them: `losses.at_predictions`)."""
+  take, targets, weights = at_predictions(batch)
+  if 'mlm_positions' in batch:
+    logits = model.project(take(model.pre_logits(model_inputs(batch), arch)[0]))
+  else:
+    logits = model(model_inputs(batch), arch)
+  loss, weight = token_cross_entropy(logits, targets, weights)
+  correct = token_accuracy(logits, targets, weights)
   return jnp.stack([loss, weight, correct])
 
 

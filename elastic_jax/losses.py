@@ -54,6 +54,28 @@ def logits_kl(student_BTV, teacher_BTV, weights_BT, temperature: float):
                        temperature)
 
 
+def at_predictions(batch):
+  """(take, targets, weights) of the positions whose tokens a batch predicts.
+
+  A masked-LM batch with `mlm_positions` [B, P] (data.mlm_max_predictions: its rows' predicted
+  positions, -1 after the last) predicts at most P of its T positions: `take(x)` gathers
+  [B, T, ...] -> [B, P, ...] along axis 1, and targets and weights come at those positions
+  (weight 0 at the padding). The vocabulary projection, cross-entropy and distillation then
+  run on P positions per row instead of T, and give the same sums: every other position has
+  weight 0. Without `mlm_positions`: the identity and the batch's own targets and weights."""
+  pos_BP = batch.get('mlm_positions')
+  if pos_BP is None:
+    return (lambda x: x), batch['targets'], batch['weights']
+  index_BP = jnp.maximum(pos_BP, 0)
+
+  def take(x):
+    index = index_BP.reshape(index_BP.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+  valid_BP = (pos_BP >= 0).astype(batch['weights'].dtype)
+  return take, take(batch['targets']), take(batch['weights']) * valid_BP
+
+
 def vocab_losses(x_KBTE, project, targets_BT, weights_BT, *, teacher=None,
                  temperature: float = 1.0, chunk: int = 0, unroll: bool = False,
                  unroll_students: bool = False):

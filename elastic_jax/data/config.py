@@ -82,6 +82,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.mlm_probability = 0.15
   # mlm: select whole words (all tokens of a word together) instead of single tokens.
   c.whole_word_mask = False
+  # mlm: at most this many predicted tokens per row (BERT's max_predictions_per_seq; a row that
+  # drew more keeps a random subset of this many). Batches then name their predicted positions
+  # (`mlm_positions`), and training, evaluation and search form the [vocabulary] logits at those
+  # positions only instead of at every one: the same losses, a fraction of the vocabulary's
+  # work and memory (at seq_len 128 and 15%: 19 of 128 on average). 0 = no cap, logits at every
+  # position.
+  c.mlm_max_predictions = 0
   # How many fixed validation batches evaluation and search use; 0 = the whole validation split.
   c.eval_batches = 16
   # Where built datasets and trained tokenizers are cached; '' = $ELASTIC_JAX_CACHE, else
@@ -118,6 +125,7 @@ class DataConfig:
   num_shards: int
   mlm_probability: float
   whole_word_mask: bool
+  mlm_max_predictions: int
   eval_batches: int
   cache_dir: str
   seed: int
@@ -146,6 +154,7 @@ class DataConfig:
     merged['paths'] = _as_paths(merged['paths'])
     for name, kind in (('seed', int), ('seq_len', int), ('batch_size', int), ('num_shards', int),
                        ('bpe_vocab_size', int), ('eval_batches', int), ('num_workers', int),
+                       ('mlm_max_predictions', int),
                        ('validation_fraction', float), ('mlm_probability', float),
                        ('whole_word_mask', bool), ('shuffle', bool)):
       merged[name] = _coerce(name, merged[name], kind)
@@ -211,6 +220,9 @@ class DataConfig:
                       f'{self.num_shards}; make it a multiple')
     if not 0.0 < self.mlm_probability < 1.0:
       raise UserError(f'data.mlm_probability must be in (0, 1), got {self.mlm_probability}')
+    if not 0 <= self.mlm_max_predictions <= self.seq_len:
+      raise UserError(f'data.mlm_max_predictions must be in [0, data.seq_len={self.seq_len}] '
+                      f'(0 = no cap), got {self.mlm_max_predictions}')
     if self.eval_batches < 0:
       raise UserError(f'data.eval_batches must be >= 0 (0 = whole validation split), got '
                       f'{self.eval_batches}')

@@ -28,6 +28,7 @@ class MlmMasker:
   whole_word: bool
   seed: int
   stream: int  # separates the training stream(s) from the evaluation masks
+  max_predictions: int = 0  # at most this many predicted tokens per row, named (0: no cap)
 
   def __post_init__(self):
     self._is_special = self.tokenizer.is_special
@@ -49,11 +50,34 @@ class MlmMasker:
     chosen_BxL &= eligible_BxL
     how_BxL = rng.random(tokens_BxL.shape)
     random_BxL = self._ordinary[rng.integers(0, len(self._ordinary), tokens_BxL.shape)]
+    extra = {}
+    if self.max_predictions:
+      # Drawn after the draws above, so a row under the cap is masked as without one.
+      chosen_BxL = capped(chosen_BxL, self.max_predictions, rng)
+      extra['mlm_positions'] = predicted_positions(chosen_BxL, self.max_predictions)
     inputs_BxL = np.where(chosen_BxL & (how_BxL < MASK_SHARE), self.tokenizer.mask_id, tokens_BxL)
     use_random_BxL = chosen_BxL & (how_BxL >= MASK_SHARE) & (how_BxL < MASK_SHARE + RANDOM_SHARE)
     inputs_BxL = np.where(use_random_BxL, random_BxL, inputs_BxL)
     return {**batch, 'tokens': inputs_BxL.astype(np.int32), 'targets': tokens_BxL,
-            'weights': chosen_BxL.astype(np.float32)}
+            'weights': chosen_BxL.astype(np.float32), **extra}
+
+
+def capped(chosen_BxL: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+  """`chosen_BxL` with at most `cap` True per row: a row with more keeps a uniformly random
+  subset of `cap` of them (BERT's max_predictions_per_seq; with whole-word masking the cut can
+  fall inside a word). No draw when no row is over."""
+  if chosen_BxL.sum(axis=1).max(initial=0) <= cap:
+    return chosen_BxL
+  scores_BxL = np.where(chosen_BxL, rng.random(chosen_BxL.shape), 2.0)
+  rank_BxL = np.argsort(np.argsort(scores_BxL, axis=1, kind='stable'), axis=1, kind='stable')
+  return chosen_BxL & (rank_BxL < cap)
+
+
+def predicted_positions(chosen_BxL: np.ndarray, cap: int) -> np.ndarray:
+  """int32[B, cap]: each row's chosen positions in order, then -1 (at most `cap` chosen)."""
+  order_BxP = np.argsort(~chosen_BxL, axis=1, kind='stable')[:, :cap]
+  count_B = chosen_BxL.sum(axis=1)
+  return np.where(np.arange(cap)[None, :] < count_B[:, None], order_BxP, -1).astype(np.int32)
 
 
 def word_ids(tokens_BxL: np.ndarray, segment_ids_BxL: np.ndarray,

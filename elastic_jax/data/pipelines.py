@@ -12,7 +12,8 @@ Batches are dicts of numpy arrays, rows = batch_size // process_count, L = seq_l
   causal_lm / mlm: tokens int32[rows, L] (model input), targets int32[rows, L] (what to predict at
     each position; causal LM: the next token, already shifted), weights float32[rows, L] (loss
     weight), segment_ids int32[rows, L] (1, 2, ... per packed document, 0 = padding), positions
-    int32[rows, L] (position within its document piece).
+    int32[rows, L] (position within its document piece); mlm with data.mlm_max_predictions = P
+    also mlm_positions int32[rows, P] (the predicted positions in order, then -1).
   glue: tokens, segment_ids (1 real, 0 pad), positions, token_types (0 = [CLS] A [SEP],
     1 = B [SEP]) int32[rows, L]; label int32[rows] (float32 for regression); weights
     float32[rows] (1 = real example, 0 = padding row of the last evaluation batch).
@@ -253,7 +254,8 @@ def _shard_stream(cfg: DataConfig, corpus: sources.Corpus, tokenizer: Tokenizer,
       ds = ds.map(_causal_weights)
     else:
       ds = ds.map_with_index(MlmMasker(tokenizer, cfg.mlm_probability, cfg.whole_word_mask,
-                                       cfg.seed, stream=1 + shard))
+                                       cfg.seed, stream=1 + shard,
+                                       max_predictions=cfg.mlm_max_predictions))
   if transform is not None:
     ds = ds.map(transform)
   if cfg.num_workers > 0:
@@ -350,7 +352,7 @@ def eval_batches(data_cfg: Any,
     batches = [_causal_weights(b) for b in batches]
   elif cfg.task == 'mlm':
     masker = MlmMasker(tokenizer, cfg.mlm_probability, cfg.whole_word_mask, cfg.seed,
-                       stream=_EVAL_STREAM)
+                       stream=_EVAL_STREAM, max_predictions=cfg.mlm_max_predictions)
     batches = [masker(i, b) for i, b in enumerate(batches)]
   return batches if transform is None else [transform(b) for b in batches]
 

@@ -100,11 +100,10 @@ def lowered_advance(program: Program):
                               spec=searcher.spec)
 
 
-def stacked_shapes(graphdef_state, batch_keys: Mapping, n_batches: int, rows: int,
-                   seq_len: int) -> dict:
+def stacked_shapes(graphdef_state, batch: Mapping, n_batches: int) -> dict:
   """Shapes-only fitness data: the supernet's (abstract) state and n stacked validation batches
-  of `rows` x `seq_len` (`batch_keys`: name -> dtype)."""
-  shape = (n_batches, rows, seq_len)
+  shaped as `batch` (name -> an array or shape-and-dtype of one batch)."""
   return {'state': graphdef_state,
-          'batches': {k: jax.ShapeDtypeStruct(shape, d) for k, d in batch_keys.items()}}
+          'batches': {k: jax.ShapeDtypeStruct((n_batches, *v.shape), v.dtype)
+                      for k, v in batch.items()}}
 

@@ -238,6 +238,8 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
     model = nnx.merge(graphdef, params['model'] if gather is None else gather(params['model']))
     projections = nnx.merge(proj_graphdef, params['proj'])
     inputs = model_inputs(batch)
+    # Where the vocabulary is read: every position, or a masked-LM batch's predicted ones.
+    take, targets, weights = losses.at_predictions(batch)
     teacher = (None if external_teacher is None
                else external_teacher(teacher_params, inputs, capture))
     if jax.tree.leaves(archs)[0].shape[0] > 1:
@@ -282,20 +284,20 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
 
     kl_teacher = None
     if distilled and w['logits_kl']:
-      kl_teacher = 'first' if in_place else (teacher['pre_logits'], teacher['project'])
+      kl_teacher = 'first' if in_place else (take(teacher['pre_logits']), teacher['project'])
     if not logits_chunk:
       # Unchunked: each sub-network's logits inside the scan below, the teacher's
       # log-probabilities computed once, before it.
-      logits0 = project0(x0)
+      logits0 = project0(take(x0))
       log_p_t = None
       if kl_teacher is not None:
         t_logits = logits0 if in_place else kl_teacher[1](kl_teacher[0])
         log_p_t = jax.lax.stop_gradient(losses.teacher_log_probs(t_logits, spec.temperature))
 
       def vocab(logits):
-        ce = losses.token_cross_entropy(logits, batch['targets'], batch['weights'])[0]
+        ce = losses.token_cross_entropy(logits, targets, weights)[0]
         kl = (jnp.zeros((), jnp.float32) if log_p_t is None else
-              losses.kl_to_teacher(logits, log_p_t, batch['weights'], spec.temperature))
+              losses.kl_to_teacher(logits, log_p_t, weights, spec.temperature))
         return ce, kl
 
       ce0, kl0 = vocab(logits0)
@@ -304,7 +306,7 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
     def student(x, feats, arch, project):
       feature = (feature_loss(feats, batch, arch, teacher, spec, projections, totals)
                  if distilled and capture else jnp.zeros((), jnp.float32))
-      return (vocab(project(x)) if not logits_chunk else padded(x), feature)
+      return (vocab(project(take(x))) if not logits_chunk else padded(take(x)), feature)
 
     def body(arch):
       x, feats = model.pre_logits(inputs, arch, capture)
@@ -319,15 +321,15 @@ def make_loss_fn(graphdef, proj_graphdef, spec: DistillSpec,
       stacked = jax.tree.map(lambda *v: jnp.stack(v), *outs)
       out_rest, features_rest = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), stacked,
                                              (out_rest, features_rest))
-    if logits_chunk and dense:
-      x0 = padded(x0)
+    if logits_chunk:
+      x0 = padded(take(x0)) if dense else take(x0)
     if not logits_chunk:
       ce_K = jnp.concatenate([ce0[None], out_rest[0]])
       kl_K = jnp.concatenate([kl0[None], out_rest[1]])
     else:
       # Chunked: the trunks' pre-logit states, then every sub-network's losses chunk by chunk.
       ce_K, kl_K = losses.vocab_losses(jnp.concatenate([x0[None], out_rest]), model.project,
-                                       batch['targets'], batch['weights'], teacher=kl_teacher,
+                                       targets, weights, teacher=kl_teacher,
                                        temperature=spec.temperature, chunk=logits_chunk,
                                        unroll=unroll_inner,
                                        unroll_students=unroll_subnets or unroll_inner)
@@ -417,8 +419,9 @@ def make_dense_step(graphdef, tx: optax.GradientTransformation, grad_accum: int,
   `gather`: see `make_loss_fn`."""
   def loss_fn(params, mb, totals):
     model = nnx.merge(graphdef, params['model'] if gather is None else gather(params['model']))
-    logits = model(model_inputs(mb))
-    return losses.token_cross_entropy(logits, mb['targets'], mb['weights'])[0] / totals['weights']
+    take, targets, weights = losses.at_predictions(mb)
+    logits = model.project(take(model.pre_logits(model_inputs(mb))[0]))
+    return losses.token_cross_entropy(logits, targets, weights)[0] / totals['weights']
 
   grad_fn = jax.value_and_grad(loss_fn)
 

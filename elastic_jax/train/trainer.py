@@ -468,5 +468,5 @@ def _train(cfg, workdir: Path, space, mesh, is_main: bool, progress: bool) -> di
 
 
 def _model_batch(batch: dict) -> dict:
-  keep = evaluation.MODEL_INPUTS + ('targets', 'weights')
+  keep = evaluation.MODEL_INPUTS + evaluation.LOSS_INPUTS
   return {k: np.asarray(v) for k, v in batch.items() if k in keep}

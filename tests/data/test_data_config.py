@@ -41,6 +41,8 @@ def test_cache_dir_env(monkeypatch, tmp_path):
     ({'seq_len': 2}, 'data.seq_len'),
     ({'batch_size': 0}, 'data.batch_size'),
     ({'mlm_probability': 1.5}, 'data.mlm_probability'),
+    ({'mlm_max_predictions': -1}, 'data.mlm_max_predictions'),
+    ({'seq_len': 64, 'mlm_max_predictions': 65}, 'data.mlm_max_predictions'),
     ({'validation_fraction': 1.0}, 'data.validation_fraction'),
     ({'doc_boundary': 'sentence'}, 'data.doc_boundary'),
     ({'seed': -1}, 'data.seed'),

@@ -102,3 +102,51 @@ def test_mlm_pipeline_rate(shared_data, data_cache):
   eligible = ~TOK.is_special[targets]  # The stream has no padding; [cls]/[sep] frame documents.
   assert not (chosen & ~eligible).any()
   assert _within(chosen.sum() / eligible.sum(), 0.15, eligible.sum())
+  # With a cap (data.mlm_max_predictions) the pipeline names each row's predicted positions.
+  cfg.mlm_max_predictions = 24
+  for b in [next(data.train_iterator(cfg))] + data.eval_batches(cfg)[:2]:
+    weights, positions = b['weights'] > 0, b['mlm_positions']
+    assert positions.shape == (len(weights), 24)
+    for row in range(len(weights)):
+      want = np.flatnonzero(weights[row]).tolist()
+      assert positions[row].tolist() == want + [-1] * (24 - len(want))
+
+
+def test_a_prediction_cap_keeps_rows_under_it_and_names_the_positions():
+  batch = _batch(rows=40, length=128, seed=2)
+  free = MlmMasker(TOK, 0.15, False, seed=3, stream=1)(9, batch)
+  cap = 13  # about the mean count here (0.15 x 89 eligible), so many rows are over it
+  out = MlmMasker(TOK, 0.15, False, seed=3, stream=1, max_predictions=cap)(9, batch)
+  before, after = free['weights'] > 0, out['weights'] > 0
+  counts = before.sum(axis=1)
+  assert (counts > cap).any() and (counts <= cap).any()  # both kinds of row are tested
+  assert (after.sum(axis=1) == np.minimum(counts, cap)).all()
+  assert not (after & ~before).any()  # a subset of what was chosen without the cap
+  under = counts <= cap
+  for key in ('tokens', 'targets', 'weights'):  # rows under the cap: masked as without it
+    np.testing.assert_array_equal(out[key][under], free[key][under])
+  # An over-full row's dropped positions are plain input again, its kept ones as drawn.
+  dropped = before & ~after
+  np.testing.assert_array_equal(out['tokens'][dropped], batch['tokens'][dropped])
+  np.testing.assert_array_equal(out['tokens'][after], free['tokens'][after])
+  # mlm_positions: each row's chosen positions in increasing order, then -1 (brute force).
+  assert out['mlm_positions'].shape == (40, cap) and out['mlm_positions'].dtype == np.int32
+  for row in range(40):
+    want = np.flatnonzero(after[row]).tolist()
+    assert out['mlm_positions'][row].tolist() == want + [-1] * (cap - len(want))
+  assert 'mlm_positions' not in free
+
+
+def test_the_cap_drops_a_uniform_subset():
+  """Which of an over-full row's positions survive is uniform: every chosen position of a
+  fully eligible row is kept about cap / count of the time over many draws."""
+  batch = _batch(rows=400, length=128, seed=5)
+  kept = chosen = 0
+  for index in range(20):
+    free = MlmMasker(TOK, 0.5, False, seed=1, stream=1)(index, batch)['weights'] > 0
+    out = MlmMasker(TOK, 0.5, False, seed=1, stream=1, max_predictions=8)(index, batch)
+    over = free.sum(axis=1) > 8
+    kept = kept + (out['weights'] > 0)[over, 1:63].sum(axis=0)  # 1..62: eligible in every row
+    chosen = chosen + free[over, 1:63].sum(axis=0)
+  share = kept / chosen  # per position: no position is favoured (not the first, not the last)
+  assert share.max() - share.min() < 0.06, share

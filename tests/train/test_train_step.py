@@ -337,7 +337,7 @@ def sgd_capture(lr: float = 0.1) -> optax.GradientTransformation:
 
 
 def sgd_step(setup, spec, logits_chunk, num_random=1, external=None, teacher_params=None,
-             unroll_subnets=True):
+             unroll_subnets=True, batch=None):
   """(new state, metrics, archs) of one sandwich step with SGD (compiled here, not cached)."""
   sampler = Sampler(setup['space'], 'sandwich', num_random=num_random)
   step = jax.jit(make_train_step(setup['graphdef'], setup['proj_graphdef'], sampler,
@@ -347,7 +347,7 @@ def sgd_step(setup, spec, logits_chunk, num_random=1, external=None, teacher_par
   rng = jax.random.key_data(jax.random.key(5))
   state = TrainState(step=jnp.int32(0), params=params, opt_state=sgd_capture().init(params),
                      rng=rng)
-  new, metrics = step(state, setup['batch'], teacher_params)
+  new, metrics = step(state, setup['batch'] if batch is None else batch, teacher_params)
   return new, metrics, sampler(jax.random.wrap_key_data(rng), jnp.int32(0))
 
 
@@ -426,3 +426,79 @@ def test_the_sub_networks_share_one_token_lookup(setup):
     return counts
 
   assert table_ops(1) == table_ops(2) == {'gather': 1, 'scatter-add': 1}
+
+
+# -- a masked-LM batch that names its predicted positions (data.mlm_max_predictions) -----------
+
+def predicted_batch(setup, cap=4):
+  """The setup's tokens with masked-LM-like weights: 0 to `cap` random positions per row (a row
+  with none too), named in `mlm_positions` [B, cap] in order, then -1."""
+  rng = np.random.default_rng(7)
+  weights = np.zeros((B, T), np.float32)
+  positions = np.full((B, cap), -1, np.int32)
+  for row, count in enumerate([4, 0, 1, 3, 4, 2]):
+    chosen = np.sort(rng.choice(T, count, replace=False))
+    weights[row, chosen] = 1.0
+    positions[row, :count] = chosen
+  full = {**setup['batch'], 'weights': jnp.asarray(weights)}
+  return full, {**full, 'mlm_positions': jnp.asarray(positions)}
+
+
+@pytest.mark.parametrize('logits_chunk', [0, pytest.param(CHUNK, marks=pytest.mark.slow)])
+def test_predicted_positions_change_neither_the_losses_nor_the_step(setup, logits_chunk):
+  """The vocabulary read at the named positions only: the same losses and gradient as the
+  independent reference on whole logits (every other position has weight 0)."""
+  full, named = predicted_batch(setup)
+  spec = spec_of(setup, in_place=True)
+  on, m_on, archs = sgd_step(setup, spec, logits_chunk, num_random=2, batch=named)
+  want, per_arch = per_arch_reference(setup, archs, full)
+  assert_trees_close(on.opt_state, want)
+  np.testing.assert_allclose(np.asarray(m_on['loss_per_arch']), per_arch, rtol=1e-5)
+  # The positions are read: naming other positions gives another step.
+  shifted = {**named, 'mlm_positions': jnp.where(named['mlm_positions'] >= 0,
+                                                 (named['mlm_positions'] + 1) % T, -1)}
+  other, _, _ = sgd_step(setup, spec, logits_chunk, num_random=2, batch=shifted)
+  scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(want))
+  assert max_tree_diff(other.opt_state, want) > 1e-3 * scale
+
+
+@pytest.mark.slow  # one more compile of the step (~15 s on 2 cores)
+def test_predicted_positions_with_an_external_teacher_match_the_reference(setup):
+  full, named = predicted_batch(setup)
+  teacher, t_graphdef, t_params = external_teacher(setup)
+  spec = spec_of(setup, in_place=False,
+                 teacher_heads=tuple(l.heads for l in teacher.dims.layers))
+  on, m_on, archs = sgd_step(setup, spec, 0, external=_external_teacher_fn(t_graphdef),
+                             teacher_params=t_params, batch=named)
+  teacher_logits = jnp.asarray(np.asarray(teacher({'tokens': full['tokens']})))
+  want, per_arch = per_arch_reference(setup, archs, full, teacher_logits, in_place=False)
+  assert_trees_close(on.opt_state, want)
+  np.testing.assert_allclose(np.asarray(m_on['loss_per_arch']), per_arch, rtol=1e-5)
+
+
+def test_predicted_positions_in_evaluation_and_the_dense_step(setup):
+  """`evaluation.batch_sums` and the dense reference step (`make_dense_step`) read the named
+  positions only and give the whole logits' sums and gradient."""
+  from elastic_jax.evaluation import batch_sums
+  from elastic_jax.train.step import make_dense_step
+  full, named = predicted_batch(setup)
+  space = setup['space']
+  arch = space.smallest()
+  model = nnx.merge(setup['graphdef'], setup['params']['model'])
+  logits = model({'tokens': full['tokens']}, arch)
+  want = [hand_ce(logits, full) * jnp.sum(full['weights']), jnp.sum(full['weights']),
+          jnp.sum((jnp.argmax(logits, -1) == full['targets']) * full['weights'])]
+  got = jax.jit(batch_sums)(model, named, arch)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
+
+  dense = export.export(model, space.cfg, arch)
+  d_graphdef, d_params = nnx.split(dense, nnx.Param)
+  params = nnx.State({'model': d_params})
+  step = jax.jit(make_dense_step(d_graphdef, grad_capture(), 1))
+  state = TrainState(step=jnp.int32(0), params=params, opt_state=grad_capture().init(params),
+                     rng=jax.random.key_data(jax.random.key(0)))
+  new, metrics = step(state, named)
+  ref = jax.value_and_grad(lambda p: hand_ce(nnx.merge(d_graphdef, p['model'])(
+      {'tokens': full['tokens']}), full))(params)
+  assert float(metrics['loss']) == pytest.approx(float(ref[0]), rel=1e-5)
+  assert_trees_close(new.opt_state, ref[1])

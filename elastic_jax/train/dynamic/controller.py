@@ -26,7 +26,7 @@ from elastic_jax.train.dynamic.config import enabled
 def calibration_batch(data_cfg, n: int) -> dict:
   """The first `n` batches of a fresh pass over the training data, as one batch."""
   iterator = data.train_iterator(data_cfg, process_index=0, process_count=1)
-  keep = evaluation.MODEL_INPUTS + ('targets', 'weights')
+  keep = evaluation.MODEL_INPUTS + evaluation.LOSS_INPUTS
   batches = [{k: np.asarray(v) for k, v in next(iterator).items() if k in keep}
              for _ in range(n)]
   return {k: jnp.asarray(np.concatenate([b[k] for b in batches])) for k in batches[0]}
