@@ -70,9 +70,11 @@ collective latency, no host work); every program here is byte-bound in it. XLA's
 is a model, not a profile, so est. ms and MFU are estimates; a profile on a TPU is the check.
 MFU est.: the analytic model FLOPs (cost.py: 3 x forward FLOPs per token for training; for the
 masked step the sampled sub-networks', sandwich = largest + smallest + 2 random, averaged over 8
-steps; for the dense step the largest sub-network's) over (chips x bf16 peak x est. time); the
-masked supernet computes its sub-networks at the supernet's widths, so the hardware's FLOP
-utilisation is higher than its MFU. XLA's cost analysis counts a conditional as its costliest
+steps; for the dense step the largest sub-network's; for masked LM the vocabulary projection
+counted at the predicted share of positions, data.mlm_probability, since 015e804) over (chips x
+bf16 peak x est. time); the masked supernet computes its sub-networks at the supernet's widths,
+so the hardware's FLOP utilisation is higher than its MFU. XLA's cost analysis counts a
+conditional as its costliest
 branch, so the layers (`lax.switch`), FFN column blocks and head blocks (`lax.cond`) that a
 masked sub-network skips at run time are counted as run: for the masked sub-networks the
 estimate is an upper bound (both TPU configs mask inactive heads and FFN units instead of
