@@ -11,7 +11,8 @@ itself XLA gathered the rows instead (every device computing every row's logits)
 the same program runs on 1 CPU, 8 devices or a pod slice, and `elastic-jax compile` compiles it
 (`abstract_data`) for a TPU topology.
 
-Memory: a population forward holds float32 logits [archs, rows per device, seq_len, vocab]. They
+Memory: a population forward holds float32 logits [archs, rows per device, seq_len, vocab] (a
+masked-LM batch that names its predicted positions: [..., those, vocab]). They
 are kept under `search.max_logits_mib` per device (`eval_plan`): archs vmapped together
 (`search.chunk`; 0 = as many as fit) are capped at what fits, and when even one arch's logits of
 a whole batch do not fit, each batch is run as strided micro-batches of fewer rows
@@ -52,7 +53,8 @@ def search_mesh(cfg) -> jax.sharding.Mesh:
 
 def eval_plan(chunk: int, max_logits_mib: float, rows: int, seq_len: int, vocab: int,
               mesh: jax.sharding.Mesh) -> EvalPlan:
-  """The plan for validation batches of `rows` x `seq_len` tokens and a `vocab`-sized output.
+  """The plan for validation batches of `rows` rows whose logits are formed at `seq_len`
+  positions each (every token; a masked-LM batch's `mlm_positions`), `vocab`-sized.
 
   `chunk`: the archs wanted per vmapped step (search.chunk; 0 = as many as the bound allows).
   Raises UserError when the mesh's batch axes do not divide the rows, or when the bound is below

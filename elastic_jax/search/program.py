@@ -56,12 +56,15 @@ def fitness_on_mesh(sc: SearchConfig, space, mesh, names: Sequence[str], *, mode
   from elastic_jax.search.objectives import get_objective  # noqa: PLC0415
   if not any(get_objective(n).needs_model for n in names):  # analytic only: no data, no mesh
     return Program(Fitness(space, names), None, mesh)
-  if model is not None:
-    tokens = np.shape(batches[0]['tokens']) if not isinstance(batches, Mapping) else \
-        np.shape(batches['tokens'])[1:]
-  else:
-    tokens = tuple(data['batches']['tokens'].shape[1:])
-  plan = placement.eval_plan(sc.chunk, sc.max_logits_mib, int(tokens[0]), int(tokens[1]),
+  if model is not None and not isinstance(batches, Mapping):
+    shapes = {k: np.shape(v) for k, v in batches[0].items()}
+  else:  # stacked batches [n, rows, ...] (arrays, or shapes only)
+    shapes = {k: tuple(v.shape[1:]) for k, v in (batches if model is not None
+                                                  else data['batches']).items()}
+  rows, seq_len = shapes['tokens']
+  # Logits are formed at every position, or at a masked-LM batch's named ones.
+  positions = shapes['mlm_positions'][1] if 'mlm_positions' in shapes else seq_len
+  plan = placement.eval_plan(sc.chunk, sc.max_logits_mib, int(rows), int(positions),
                              space.model.vocab_size, mesh)
   if model is not None:
     fitness = Fitness(space, names, model=model, batches=batches, chunk=plan.chunk,

@@ -181,6 +181,24 @@ def test_eval_plan_keeps_logits_under_the_bound():
   assert (plan.micro_batches, plan.rows_per_device) == (3, 2)
 
 
+def test_a_masked_lm_plan_counts_the_named_positions_only():
+  """Batches naming their predicted positions (data.mlm_max_predictions) form logits there
+  only, so the bound holds more archs at once: 3 of 13 positions per row here."""
+  from elastic_jax.search import config as search_cfg
+  from elastic_jax.search import program
+  mod = _module()
+  _, space, model, batches, _ = mod.setup()
+  sc = search_cfg.search_config({'search': {'chunk': 0, 'max_logits_mib': 8 * 13 * 1024 * 4
+                                            / 2 ** 20}})
+  mesh = placement.search_mesh(mod.load_config('quickstart', 'tiny'))
+  whole = program.fitness_on_mesh(sc, space, mesh, ('loss',), model=model, batches=batches)
+  named = [{**b, 'mlm_positions': np.tile(np.arange(3, dtype=np.int32), (8, 1))}
+           for b in batches]
+  few = program.fitness_on_mesh(sc, space, mesh, ('loss',), model=model, batches=named)
+  assert (whole.plan.chunk, few.plan.chunk) == (1, 4)  # 13 / 3 positions: 4 archs fit
+  assert few.plan.logits_bytes == 4 * 8 * 3 * 1024 * 4
+
+
 @pytest.mark.parametrize('args, message', [
     ((1, 1024, 10, 32, 1024, _mesh(2, 2, 2)),
      'the validation batch has 10 rows (data.batch_size) but the mesh splits batches 4 ways '
