@@ -90,9 +90,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.data.bpe_vocab_size = cfg.model.get_ref('vocab_size')
   cfg.data.seq_len = 64 if local else 128
   # Vocabulary logits at the predicted positions only (BERT's max_predictions_per_seq): at most
-  # 36 of 128 (21 of 64) per row, the mean 15% plus four standard deviations, so the cap almost
-  # never binds and the vocabulary's work and memory fall about 3.5x.
-  cfg.data.mlm_max_predictions = 21 if local else 36
+  # seq_len / 4 + 4 per row (36 of 128, 20 of 64; follows --config.data.seq_len), about the mean
+  # 15% plus four standard deviations, so the cap almost never binds and the vocabulary's work
+  # and memory fall about 3.5x.
+  cfg.data.mlm_max_predictions = cfg.data.get_ref('seq_len') // 4 + 4
   batch, accum = (8, 1) if local else SLICES[arg]
   cfg.data.batch_size = batch
   cfg.data.eval_batches = 2 if local else 8
