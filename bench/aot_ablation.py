@@ -161,7 +161,7 @@ def main():
   results, rows, reference = {}, [], None
   base = load_config(*case[:2])
   notes = notes.format(layers=args.layers, accum=base.train.grad_accum, remat=base.model.remat)
-  name = 'aot_ablation' + ('' if args.case == 'gpt2_medium_supernet' else f'_{args.case}')
+  stem = 'aot_ablation' + ('' if args.case == 'gpt2_medium_supernet' else f'_{args.case}')
   for label, overrides, programs in variants:
     report = compile_variant(case, args.layers, overrides, programs)
     ps = report['programs']
@@ -180,7 +180,7 @@ def main():
                    cell(f['mfu_estimate'], '.1%'), cell(ratio, '.2f') + ('x' if ratio else ''),
                    f"{f['memory_gib_per_device']:.2f}" + ('' if f['fits'] else ' (does not fit)'),
                    cell(f['compile_seconds'], '.0f')))
-    write_results(name, {**results, 'layers': args.layers, 'case': list(case)}, rows,
+    write_results(stem, {**results, 'layers': args.layers, 'case': list(case)}, rows,
                   HEADER, notes, quick=args.quick)
 
 
