@@ -215,7 +215,7 @@ def dense_program(cfg, mesh):
   batch_sharding = parallel.batch_sharding(mesh)
   step = jax.jit(parallel.on_mesh(make_dense_step(
       graphdef, tx, int(cfg.train.grad_accum), micro_sharding=parallel.microbatch_sharding(mesh),
-      gather=parallel.gather_fn(cfg, shardings['model'], mesh)), mesh),
+      gather=parallel.gather_fn(cfg, mesh)), mesh),
                  in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
   batch = abstract_batch(cfg, cfg.data.batch_size, batch_sharding)

@@ -181,10 +181,9 @@ def gathered(state: nnx.State, mesh: Mesh | None) -> nnx.State:
   return constrain(state, gathered_shardings(param_shardings(state, mesh)))
 
 
-def gather_fn(cfg, shardings, mesh: Mesh):
+def gather_fn(cfg, mesh: Mesh):
   """What the training step applies to the model's parameters before use (its `gather`): with
-  `train.gather_params` on a mesh with mesh.fsdp > 1, a constraint to `gathered_shardings`, else
-  None.
+  `train.gather_params` on a mesh with mesh.fsdp > 1, `gathered` on `mesh`, else None.
 
   Why: left to choose, XLA's SPMD partitioner computes a weight gradient whose output is
   FSDP-sharded by all-gathering the activations (for the tied embedding, the whole batch's
@@ -193,8 +192,7 @@ def gather_fn(cfg, shardings, mesh: Mesh):
   back (bench/results/aot.md measures it)."""
   if mesh.shape['fsdp'] == 1 or not cfg.train.get('gather_params', True):
     return None
-  gathered = gathered_shardings(shardings)
-  return lambda params: constrain(params, gathered)
+  return functools.partial(gathered, mesh=mesh)
 
 
 def check_batch(rows: int, mesh: Mesh, what: str = 'the training batch') -> int:

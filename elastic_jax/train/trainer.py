@@ -217,15 +217,14 @@ def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=
   if teacher is not None:
     t_graphdef, t_params = nnx.split(teacher, nnx.Param)
     teacher_shardings = parallel.param_shardings(t_params, mesh)
-    external = _external_teacher_fn(t_graphdef,
-                                    parallel.gather_fn(cfg, teacher_shardings, mesh))
+    external = _external_teacher_fn(t_graphdef, parallel.gather_fn(cfg, mesh))
   dynamic = Controller.wanted(cfg)
   step_fn = make_train_step(graphdef, proj_graphdef, sampler, tx, spec, grad_accum, external,
                             micro_sharding=parallel.microbatch_sharding(mesh),
                             logits_chunk=int(tcfg.get('logits_chunk', 0)),
                             unroll_subnets=bool(tcfg.get('unroll_subnets', True)),
                             unroll_inner=unroll_inner,
-                            gather=parallel.gather_fn(cfg, model_shardings, mesh),
+                            gather=parallel.gather_fn(cfg, mesh),
                             slices=dense_slices(cfg, sampler, dynamic))
   batch_sharding = parallel.batch_sharding(mesh)
   in_shardings = (state_shardings, batch_sharding, teacher_shardings) + (
