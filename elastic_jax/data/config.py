@@ -83,7 +83,8 @@ def default_config() -> ml_collections.ConfigDict:
   # mlm: select whole words (all tokens of a word together) instead of single tokens.
   c.whole_word_mask = False
   # mlm: at most this many predicted tokens per row (BERT's max_predictions_per_seq; a row that
-  # drew more keeps a random subset of this many). Batches then name their predicted positions
+  # drew more keeps a random subset of this many; with whole_word_mask, of whole words, as BERT
+  # does, so such a row may end a few below the cap). Batches then name their predicted positions
   # (`mlm_positions`), and training, evaluation and search form the [vocabulary] logits at those
   # positions only instead of at every one: the same losses, a fraction of the vocabulary's
   # work and memory (at seq_len 128 and 15%: 19 of 128 on average). 0 = no cap, logits at every

@@ -41,6 +41,7 @@ class MlmMasker:
     tokens_BxL = batch['tokens']
     segment_ids_BxL = batch['segment_ids']
     eligible_BxL = (segment_ids_BxL > 0) & ~self._is_special[tokens_BxL]
+    word_BxL = None
     if self._words is None:
       chosen_BxL = rng.random(tokens_BxL.shape) < self.probability
     else:
@@ -53,7 +54,7 @@ class MlmMasker:
     extra = {}
     if self.max_predictions:
       # Drawn after the draws above, so a row under the cap is masked as without one.
-      chosen_BxL = capped(chosen_BxL, self.max_predictions, rng)
+      chosen_BxL = capped(chosen_BxL, self.max_predictions, rng, word_BxL)
       extra['mlm_positions'] = predicted_positions(chosen_BxL, self.max_predictions)
     inputs_BxL = np.where(chosen_BxL & (how_BxL < MASK_SHARE), self.tokenizer.mask_id, tokens_BxL)
     use_random_BxL = chosen_BxL & (how_BxL >= MASK_SHARE) & (how_BxL < MASK_SHARE + RANDOM_SHARE)
@@ -62,15 +63,37 @@ class MlmMasker:
             'weights': chosen_BxL.astype(np.float32), **extra}
 
 
-def capped(chosen_BxL: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
-  """`chosen_BxL` with at most `cap` True per row: a row with more keeps a uniformly random
-  subset of `cap` of them (BERT's max_predictions_per_seq; with whole-word masking the cut can
-  fall inside a word). No draw when no row is over."""
-  if chosen_BxL.sum(axis=1).max(initial=0) <= cap:
+def capped(chosen_BxL: np.ndarray, cap: int, rng: np.random.Generator,
+           word_BxL: np.ndarray | None = None) -> np.ndarray:
+  """`chosen_BxL` with at most `cap` True per row (BERT's max_predictions_per_seq). No draw when
+  no row is over.
+
+  Without `word_BxL` a row over the cap keeps a uniformly random subset of `cap` positions. With
+  it (whole-word masking: int[B, L] word index per token, as `word_ids` numbers them) words stay
+  whole, as in BERT's create_masked_lm_predictions: the row's chosen words are visited in a
+  uniformly random order and each is kept if it still fits under the cap, else skipped (a
+  smaller word later may fit), so a row can end below the cap but never cuts a word.
+  """
+  count_B = chosen_BxL.sum(axis=1)
+  if count_B.max(initial=0) <= cap:
     return chosen_BxL
-  scores_BxL = np.where(chosen_BxL, rng.random(chosen_BxL.shape), 2.0)
-  rank_BxL = np.argsort(np.argsort(scores_BxL, axis=1, kind='stable'), axis=1, kind='stable')
-  return chosen_BxL & (rank_BxL < cap)
+  rows, length = chosen_BxL.shape
+  if word_BxL is None:
+    scores_BxL = np.where(chosen_BxL, rng.random(chosen_BxL.shape), 2.0)
+    rank_BxL = np.argsort(np.argsort(scores_BxL, axis=1, kind='stable'), axis=1, kind='stable')
+    return chosen_BxL & (rank_BxL < cap)
+  order_BxW = np.argsort(rng.random((rows, length + 1)), axis=1)  # a row's words in random order
+  kept_BxL = chosen_BxL.copy()
+  for row in np.flatnonzero(count_B > cap):
+    size_W = np.bincount(word_BxL[row], weights=chosen_BxL[row], minlength=length + 1)
+    keep_W = np.zeros(length + 1, bool)
+    room = cap
+    for word in order_BxW[row]:
+      if 0 < size_W[word] <= room:
+        keep_W[word] = True
+        room -= int(size_W[word])
+    kept_BxL[row] &= keep_W[word_BxL[row]]
+  return kept_BxL
 
 
 def predicted_positions(chosen_BxL: np.ndarray, cap: int) -> np.ndarray:

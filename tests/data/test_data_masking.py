@@ -150,3 +150,38 @@ def test_the_cap_drops_a_uniform_subset():
     chosen = chosen + free[over, 1:63].sum(axis=0)
   share = kept / chosen  # per position: no position is favoured (not the first, not the last)
   assert share.max() - share.min() < 0.06, share
+
+
+def test_the_cap_keeps_whole_words():
+  """With whole-word masking a row over the cap keeps whole words only, as BERT's
+  create_masked_lm_predictions does (words in random order, each kept if it still fits): every
+  word is kept whole or dropped whole, and every dropped word was too big for the room left."""
+  batch = _batch(rows=300, length=128, seed=7)
+  words = word_ids(batch['tokens'], batch['segment_ids'], TOK.word_boundaries())
+  cap = 9
+  kept_by_size, chosen_by_size = np.zeros(8), np.zeros(8)
+  for index in range(4):
+    free = MlmMasker(TOK, 0.3, True, seed=2, stream=1)(index, batch)
+    out = MlmMasker(TOK, 0.3, True, seed=2, stream=1, max_predictions=cap)(index, batch)
+    before, after = free['weights'] > 0, out['weights'] > 0
+    counts = before.sum(axis=1)
+    assert (counts > cap).sum() > 100 and (counts <= cap).any()
+    assert not (after & ~before).any() and (after.sum(axis=1) <= cap).all()
+    under = counts <= cap
+    np.testing.assert_array_equal(out['tokens'][under], free['tokens'][under])
+    for row in np.flatnonzero(~under):
+      room = cap - after[row].sum()
+      for w in np.unique(words[row][before[row]]):
+        was, now = before[row][words[row] == w], after[row][words[row] == w]
+        assert now.all() or not now.any(), (row, w)  # never cut inside a word
+        size = int(was.sum())
+        if not now.any():
+          assert size > room, (row, w, size, room)  # dropped only when it did not fit
+        if size < 8:
+          kept_by_size[size] += now.any()
+          chosen_by_size[size] += 1
+      want = np.flatnonzero(after[row]).tolist()
+      assert out['mlm_positions'][row].tolist() == want + [-1] * (cap - len(want))
+  # Every word size is kept a fair share of the time (the order is random, not smallest first).
+  share = kept_by_size[1:5] / chosen_by_size[1:5]
+  assert (chosen_by_size[1:5] > 50).all() and (share > 0.2).all(), (chosen_by_size, share)
