@@ -4,7 +4,7 @@
 
 With the `libtpu` wheel installed (`pip install -e '.[tpu]'`), `get_topology_desc` describes the
 devices of a TPU slice without owning one. The training step is built exactly as the trainer builds
-it (same shardings, same donation); the population evaluation is the search's own compiled loop
+it (same shardings, same donation; an external teacher as its shapes, its weights unread); the population evaluation is the search's own compiled loop
 (`driver.advance`, built by `search.program.build`, the function `search` calls, on the config's
 mesh with the search's shardings, chunking and micro-batches), lowered
 with abstract arguments (`jax.ShapeDtypeStruct`s carrying `NamedSharding`s over the slice's mesh)
@@ -13,8 +13,8 @@ and compiled by the TPU compiler. The report gives, per program and per device:
   generated code, and the peak, against the chip's HBM;
 - XLA's FLOP count and its estimated run time (`optimal_seconds`, a roofline estimate of the
   compiled program: no collectives' latency, no host work);
-- MFU estimate: the sub-networks' analytic model FLOPs (`cost.py`) over (chips x peak x estimated
-  time). The masked supernet runs every sub-network at the supernet's widths, so this is lower than
+- MFU estimate: the sub-networks' analytic model FLOPs (`cost.py`; with an external teacher,
+  train.distill.teacher, its forward too) over (chips x peak x estimated time). The masked supernet runs every sub-network at the supernet's widths, so this is lower than
   the hardware FLOP utilisation (`xla_flops_utilisation`).
 
 The third program, `dense_step`, is the reference: the plain cross-entropy training step of the
@@ -155,6 +155,21 @@ def model_flops_per_token(cfg, cost: dict, *, train: bool):
   return 3.0 * flops if train else flops
 
 
+def teacher_flops_per_token(cfg) -> float:
+  """The external teacher's (train.distill.teacher) analytic forward FLOPs per token, which the
+  training step runs besides its sub-networks; 0 for the in-place teacher (the largest
+  sub-network, trained and counted among them)."""
+  if not cfg.train.distill.teacher:
+    return 0.0
+  from elastic_jax import cost
+  from elastic_jax.train.trainer import load_teacher
+  teacher = load_teacher(cfg.train.distill.teacher, cfg, abstract=True)
+  arch_cost = cost.arch_cost(teacher.cfg, cost.dense_arch(teacher.dims),
+                             bottleneck_head_dim=teacher.dims.bottleneck_head_dim,
+                             seq_len=int(cfg.data.seq_len))
+  return float(model_flops_per_token(cfg, arch_cost, train=False))
+
+
 def abstract_batch(cfg, rows: int, sharding) -> dict:
   """The abstract training batch of `rows` rows (`batch_keys`, [rows, seq_len] each, and a
   masked-LM batch's `mlm_positions` [rows, data.mlm_max_predictions] where that is set)."""
@@ -173,15 +188,25 @@ def train_program(cfg, mesh, *, grad_accum: int | None = None, batch_size: int |
                   unroll_inner: bool = False):
   """(the trainer's StepSetup over `mesh`, its abstract (state, batch, teacher) arguments).
   `unroll_inner`: the loops over the K - 1 sub-networks and train.logits_chunk's chunks traced
-  unrolled (the FLOP-counting twin)."""
+  unrolled (the FLOP-counting twin). An external teacher (train.distill.teacher) enters as its
+  shapes alone (`trainer.load_teacher(abstract=True)`: its weights are not read), laid out as
+  the trainer lays out the real one."""
+  import jax
+  from flax import nnx
 
-  from elastic_jax.train.trainer import build_step
+  from elastic_jax.train.trainer import build_step, load_teacher
+  teacher = teacher_args = None
   if cfg.train.distill.teacher:
-    raise UserError('compile builds the in-place distillation step; clear '
-                    'train.distill.teacher (an external teacher) to compile this config')
-  setup = build_step(cfg, mesh, grad_accum=grad_accum, unroll_inner=unroll_inner)
+    teacher = load_teacher(cfg.train.distill.teacher, cfg, abstract=True)
+  setup = build_step(cfg, mesh, teacher, grad_accum=grad_accum, unroll_inner=unroll_inner)
+  if teacher is not None:
+    leaves, treedef = jax.tree.flatten(nnx.state(teacher, nnx.Param))
+    teacher_args = treedef.unflatten([
+        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        for x, s in zip(leaves, jax.tree.leaves(setup.teacher_shardings), strict=True)])
   rows = cfg.data.batch_size if batch_size is None else batch_size
-  return setup, (setup.abstract_state(), abstract_batch(cfg, rows, setup.batch_sharding), None)
+  return setup, (setup.abstract_state(), abstract_batch(cfg, rows, setup.batch_sharding),
+                 teacher_args)
 
 
 def dense_program(cfg, mesh):
@@ -473,9 +498,12 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
     else:
       method = None
     archs = arch_lib.stack([setup.sampler(jax.random.key(int(cfg.seed)), s) for s in range(8)])
+    teacher_flops = teacher_flops_per_token(cfg)
     entry = _entry('train_step', lambda: (setup.step, *args), method,
-                   _mean_train_flops(cfg, space, archs) * tokens, **common)
+                   (_mean_train_flops(cfg, space, archs) + teacher_flops) * tokens, **common)
     entry['archs_per_step'] = int(k)
+    if cfg.train.distill.teacher:
+      entry['teacher_flops_per_token'] = teacher_flops
     report['programs']['train_step'] = entry
 
   if 'population_eval' in programs:

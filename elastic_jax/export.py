@@ -276,11 +276,9 @@ def saved_data_config(directory: str | Path, config: Mapping):
   return data_cfg
 
 
-def load(directory: str | Path) -> tuple[Model, dict]:
-  """Loads an exported dense model; returns it and its config.json."""
-  from safetensors import SafetensorError
-  from safetensors.numpy import load_file
-
+def load_abstract(directory: str | Path) -> tuple[Model, dict]:
+  """An exported dense model with shapes-only parameters (its weights not read: what
+  `elastic-jax compile` needs of an external teacher), and its config.json."""
   directory = Path(directory)
   config = read_config(directory)
   try:
@@ -289,6 +287,16 @@ def load(directory: str | Path) -> tuple[Model, dict]:
   except (KeyError, TypeError) as e:
     raise UserError(f'{directory / CONFIG_FILE} does not describe a model ({e}); re-export') \
         from None
+  return abstract_model(cfg, dims), config
+
+
+def load(directory: str | Path) -> tuple[Model, dict]:
+  """Loads an exported dense model; returns it and its config.json."""
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+
+  directory = Path(directory)
+  abstract, config = load_abstract(directory)
   weights = directory / WEIGHTS_FILE
   if not weights.is_file():
     raise UserError(f'{weights} is missing; re-export the model')
@@ -296,7 +304,6 @@ def load(directory: str | Path) -> tuple[Model, dict]:
     tensors = load_file(str(weights))
   except (SafetensorError, OSError, ValueError) as e:
     raise UserError(f'{weights} is corrupt or truncated ({e}); re-export the model') from None
-  abstract = abstract_model(cfg, dims)
   values = {}
   for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
     key = param_key(path)

@@ -48,6 +48,7 @@ from elastic_jax.workdir import (
   build_space,
   cleanup_on_failure,
   init_supernet,
+  load_config,
   load_supernet,
   save_config,
 )
@@ -70,17 +71,24 @@ def _named_archs(names, space) -> tuple[list[str], list]:
   return labels, archs
 
 
-def _load_teacher(path: str, cfg, space):
-  """An external dense teacher: an exported model dir, or a workdir's trained supernet (its
-  largest sub-network, exported)."""
+def load_teacher(path: str, cfg, *, abstract: bool = False):
+  """An external dense teacher: an exported model dir, or a run's workdir (its trained supernet's
+  largest sub-network, exported; read with the run's own config and space, which may differ from
+  `cfg`'s; `cfg` stands in for a workdir without a config.json). `abstract`: its parameters as
+  shapes only, no weights read (`elastic-jax compile`)."""
   p = Path(path)
-  if (p / export_lib.CONFIG_FILE).is_file():
-    return export_lib.load(p)[0]
-  if checkpoints_lib.has_checkpoints(p):
-    supernet, step = load_supernet(cfg, str(p), space)
+  if checkpoints_lib.has_checkpoints(p):  # a workdir has a config.json too: checked first
+    t_cfg = load_config(p) if (p / export_lib.CONFIG_FILE).is_file() else cfg
+    space = build_space(t_cfg, p)
+    if abstract:
+      dims, _ = export_lib.dense_dims(space.cfg, space.largest())
+      return export_lib.abstract_model(space.model, dims)
+    supernet, step = load_supernet(t_cfg, str(p), space)
     if step is None:
       raise UserError(f'teacher workdir {p} has no readable checkpoint; train it first')
     return export_lib.export(supernet, space.cfg, space.largest())
+  if (p / export_lib.CONFIG_FILE).is_file():
+    return (export_lib.load_abstract if abstract else export_lib.load)(p)[0]
   raise UserError(f'config field train.distill.teacher={path!r}: no exported model '
                   f'({export_lib.CONFIG_FILE}) or checkpoints found there; export a model with '
                   '`elastic-jax export` or train a teacher first')
@@ -281,7 +289,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
 def _train(cfg, workdir: Path, space, mesh, is_main: bool, progress: bool) -> dict:
   tcfg = cfg.train
 
-  teacher = _load_teacher(tcfg.distill.teacher, cfg, space) if tcfg.distill.teacher else None
+  teacher = load_teacher(tcfg.distill.teacher, cfg) if tcfg.distill.teacher else None
   setup = build_step(cfg, mesh, teacher)
   sampler, replicated = setup.sampler, parallel.replicated(mesh)
   shardings = setup.state_shardings

@@ -207,3 +207,62 @@ jax.jit(cpu_program)(jnp.ones((64, 64))).block_until_ready()
   entries = [p.name for p in cache.iterdir() if p.name.endswith('-cache')]
   assert any(n.startswith('jit_cpu_program') for n in entries), entries
   assert not any(n.startswith('jit_tpu_program') for n in entries), entries
+
+
+@pytest.mark.slow
+def test_compile_builds_the_step_with_an_external_teacher(tiny_cfg, tmp_path, capsys):
+  """`compile` of a config whose train.distill.teacher names an exported model or a trained
+  workdir (the compress job's fine-tuning): the teacher enters as shapes, without its weights
+  read, laid out as the trainer lays the loaded teacher out; the step fits, and its model FLOPs
+  count the teacher's forward, which XLA's count of the compiled program covers."""
+  pytest.importorskip('libtpu')
+  import copy
+
+  import jax
+  from conftest import randomize
+  from flax import nnx
+
+  from elastic_jax import export, parallel
+  from elastic_jax.train import trainer
+  from elastic_jax.workdir import build_space, init_supernet
+
+  cfg = tiny_cfg
+  space = build_space(cfg)
+  exported = tmp_path / 'teacher'
+  export.save(export.export(randomize(init_supernet(cfg, space), 3, 0.05), space.cfg,
+                            space.largest()), exported, arch=space.largest())
+  # A teacher run with a wider FFN than this run's space: read with its own config.
+  run_cfg = copy.deepcopy(cfg)
+  run_cfg.space.ffn = (32, 96)
+  run_cfg.train.update({'steps': 1, 'checkpoint_every': 1, 'eval_every': 0, 'log_every': 1})
+  trainer.train(run_cfg, tmp_path / 'W', progress=False)
+  mesh = parallel.make_mesh(cfg.mesh)
+  for path, ffn in ((exported, 64), (tmp_path / 'W', 96)):
+    cfg.train.distill.teacher = str(path)
+    setup, (_, _, teacher_args) = aot.train_program(cfg, mesh)
+    loaded = trainer.load_teacher(str(path), cfg)
+    assert {l.ffn for l in loaded.dims.layers} == {ffn}
+    loaded = nnx.state(loaded, nnx.Param)
+    assert jax.tree.structure(teacher_args) == jax.tree.structure(loaded)
+    assert [(x.shape, x.dtype) for x in jax.tree.leaves(teacher_args)] == [
+        (x.shape, x.dtype) for x in jax.tree.leaves(loaded)], path
+    assert [x.sharding for x in jax.tree.leaves(teacher_args)] == jax.tree.leaves(
+        setup.teacher_shardings)
+
+  cfg.train.distill.teacher = str(exported)
+  report = aot.compile_report(cfg, 'v5e:2x2', programs=('train_step',))
+  step = report['programs']['train_step']
+  assert step['fits'] and step['memory_bytes']['arguments'] > 0
+  # The teacher is the space's largest model: its forward, costed as a dense model, is the
+  # largest sub-network's forward as the space costs it.
+  forward = float(aot.model_flops_per_token(cfg, space.cost(space.largest()), train=False))
+  assert step['teacher_flops_per_token'] == pytest.approx(forward, rel=1e-6)
+  assert step['xla_flops_per_device'] * report['devices'] >= 0.9 * step['model_flops']
+
+  # A teacher that is not there: one line, exit 2, before anything compiles.
+  code = cli.main(['elastic-jax', 'compile', QUICK, '--topology=v5e:2x2',
+                   f'--config.train.distill.teacher={tmp_path / "absent"}'])
+  out, err = capsys.readouterr()
+  lines = [l for l in err.splitlines() if l.startswith('elastic-jax')]
+  assert code == 2 and not out and len(lines) == 1, err
+  assert 'train.distill.teacher' in lines[0] and 'absent' in lines[0], lines[0]

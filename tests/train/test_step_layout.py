@@ -19,11 +19,8 @@ from conftest import REPO, xla_flags_with_devices
 SCRIPT = r'''
 import json, re, sys, tempfile
 import jax
-from flax import nnx
 from conftest import load_config, randomize
-from elastic_jax import export, parallel
-from elastic_jax.aot import batch_keys
-from elastic_jax.train import trainer
+from elastic_jax import aot, export, parallel
 from elastic_jax.workdir import build_space, init_supernet
 
 ROWS, T = 8, 20
@@ -36,15 +33,9 @@ cfg.train.distill.teacher = folder + '/teacher'
 cfg.data.batch_size, cfg.data.seq_len = ROWS, T
 cfg.mesh.update({'data': 1, 'fsdp': 8, 'tensor': 1})
 mesh = parallel.make_mesh(cfg.mesh)
-teacher = trainer._load_teacher(cfg.train.distill.teacher, cfg, space)
-setup = trainer.build_step(cfg, mesh, teacher)
-batch = {k: jax.ShapeDtypeStruct((ROWS, T), d, sharding=setup.batch_sharding)
-         for k, d in batch_keys(cfg).items()}
-leaves, treedef = jax.tree.flatten(nnx.state(teacher, nnx.Param))
-teacher_params = treedef.unflatten([
-    jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    for x, s in zip(leaves, jax.tree.leaves(setup.teacher_shardings), strict=True)])
-text = setup.step.lower(setup.abstract_state(), batch, teacher_params).compile().as_text()
+# The trainer's step, its state, batch and teacher as shapes laid out as the trainer lays them.
+setup, (state, batch, teacher_params) = aot.train_program(cfg, mesh)
+text = setup.step.lower(state, batch, teacher_params).compile().as_text()
 # Per-device shapes [rows, T, features] (leading): the rows each device computes (times heads
 # where attention merges them).
 rows = sorted({int(r) for r in re.findall(rf'\[(\d+),{T},\d+\]', text)})
