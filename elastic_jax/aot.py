@@ -4,18 +4,20 @@
 
 With the `libtpu` wheel installed (`pip install -e '.[tpu]'`), `get_topology_desc` describes the
 devices of a TPU slice without owning one. The training step is built exactly as the trainer builds
-it (same shardings, same donation; an external teacher as its shapes, its weights unread); the population evaluation is the search's own compiled loop
-(`driver.advance`, built by `search.program.build`, the function `search` calls, on the config's
-mesh with the search's shardings, chunking and micro-batches), lowered
-with abstract arguments (`jax.ShapeDtypeStruct`s carrying `NamedSharding`s over the slice's mesh)
-and compiled by the TPU compiler. The report gives, per program and per device:
+it (same shardings, same donation; an external teacher as its shapes, its weights unread); the
+population evaluation is the search's own compiled loop (`driver.advance`, built by
+`search.program.build`, the function `search` calls, on the config's mesh with the search's
+shardings, chunking and micro-batches), lowered with abstract arguments
+(`jax.ShapeDtypeStruct`s carrying `NamedSharding`s over the slice's mesh) and compiled by the TPU
+compiler. The report gives, per program and per device:
 - memory (XLA's buffer assignment): arguments, outputs, aliased (donated) bytes, temporaries,
   generated code, and the peak, against the chip's HBM;
 - XLA's FLOP count and its estimated run time (`optimal_seconds`, a roofline estimate of the
   compiled program: no collectives' latency, no host work);
 - MFU estimate: the sub-networks' analytic model FLOPs (`cost.py`; with an external teacher,
-  train.distill.teacher, its forward too) over (chips x peak x estimated time). The masked supernet runs every sub-network at the supernet's widths, so this is lower than
-  the hardware FLOP utilisation (`xla_flops_utilisation`).
+  train.distill.teacher, its forward too) over (chips x peak x estimated time). The masked
+  supernet runs every sub-network at the supernet's widths, so this is lower than the hardware
+  FLOP utilisation (`xla_flops_utilisation`).
 
 The third program, `dense_step`, is the reference: the plain cross-entropy training step of the
 largest sub-network's dense export (`train.step.make_dense_step`: same batch, micro-batches,
