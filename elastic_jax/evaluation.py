@@ -32,11 +32,8 @@ def model_inputs(batch):
 def batch_sums(model: nnx.Module, batch, arch=None) -> jax.Array:
   """[loss sum, weight sum, correct count] of one batch (logits at its predicted positions
   only, where a masked-LM batch names them: `losses.at_predictions`)."""
-  take, targets, weights = at_predictions(batch)
-  if 'mlm_positions' in batch:
-    logits = model.project(take(model.pre_logits(model_inputs(batch), arch)[0]))
-  else:
-    logits = model(model_inputs(batch), arch)
+  take, targets, weights = at_predictions(batch)  # take: the identity without mlm_positions
+  logits = model.project(take(model.pre_logits(model_inputs(batch), arch)[0]))
   loss, weight = token_cross_entropy(logits, targets, weights)
   correct = token_accuracy(logits, targets, weights)
   return jnp.stack([loss, weight, correct])
