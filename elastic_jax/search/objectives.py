@@ -122,7 +122,9 @@ class Objective:
     unit: the unit label after scaling.
     prepare: optional `prepare(space, model, batches) -> pytree` run once on the host when a
       `Fitness` is built; its result travels with the supernet's state as a jit argument and
-      `fn` reads it as `ctx.extra(name)` (e.g. a proxy's own minibatch format).
+      `fn` reads it as `ctx.extra(name)` (e.g. a proxy's own minibatch format). Its leaves are
+      stacked minibatches [k, rows, ...] of the validation batches' rows: on a mesh they are
+      split over the batch axes as those are (`search.placement.data_shardings`).
   """
 
   name: str

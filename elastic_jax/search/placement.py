@@ -3,10 +3,10 @@
 The search reads the config's `mesh` section, as `train` does (`parallel.make_mesh`): the
 supernet's variables lie as in training (`parallel.param_shardings`: FSDP over the hidden axis,
 tensor parallelism over heads / FFN / vocabulary), the stacked validation batches [n, rows, ...]
-are split over the batch axes ('data', 'fsdp'), the archs, the search state and a proxy's
-minibatches are replicated. Each population call gathers the supernet once over 'fsdp'
-(`parallel.gathered`, as a training step does), so every device computes its own rows; left to
-itself XLA gathered the rows instead (every device computing every row's logits). Every device
+and a proxy's minibatches [k, rows, ...] are split over the batch axes ('data', 'fsdp'), the
+archs and the search state are replicated. Each population call gathers the supernet once over
+'fsdp' (`parallel.gathered`, as a training step does), so every device computes its own rows; left
+to itself XLA gathered the rows instead (every device computing every row's logits). Every device
 (of every process) then takes part in each forward;
 the same program runs on 1 CPU, 8 devices or a pod slice, and `elastic-jax compile` compiles it
 (`abstract_data`) for a TPU topology.
@@ -80,12 +80,14 @@ def eval_plan(chunk: int, max_logits_mib: float, rows: int, seq_len: int, vocab:
 def data_shardings(data: dict, mesh: jax.sharding.Mesh) -> dict:
   """Shardings of the fitness data {'state', 'batches'[, 'extra']} (one per array; the state's
   stand for its NNX variables)."""
-  replicated = parallel.replicated(mesh)
+  stacked = parallel.microbatch_sharding(mesh)
   out = {'state': parallel.param_shardings(data['state'], mesh),
-         # Stacked validation batches [n, rows, ...] lie like training's stacked micro-batches.
-         'batches': {k: parallel.microbatch_sharding(mesh) for k in data['batches']}}
+         # Stacked validation batches [n, rows, ...] lie like training's stacked micro-batches,
+         # and so do the objectives' prepared minibatches (`Objective.prepare`: [k, rows, ...],
+         # the first validation batches in their own format).
+         'batches': {k: stacked for k in data['batches']}}
   if 'extra' in data:
-    out['extra'] = jax.tree.map(lambda _: replicated, data['extra'])
+    out['extra'] = jax.tree.map(lambda _: stacked, data['extra'])
   return out
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from elastic_jax import parallel
 from elastic_jax.search.objectives import Context, Objective, register_objective
 
 
@@ -26,7 +27,10 @@ class _ProxyFn:
     measures = proxy_score._measures((self.name,))
     if not measures:
       return params
-    values = proxy_score._population(ctx.graphdef, ctx.data['state'], ctx.archs,
+    # Gathered over FSDP once per call, as the loss's population forward reads it
+    # (`parallel.gathered`): every device then runs its own rows of the minibatches.
+    state = parallel.gathered(ctx.data['state'], ctx.mesh)
+    values = proxy_score._population(ctx.graphdef, state, ctx.archs,
                                      ctx.extra(self.name), cfg=self.cfg, measures=measures,
                                      widths=proxy_score.pca_widths(ctx.space, self.cfg))
     return proxy_score._assemble((self.name,), measures, values, params)[self.name]

@@ -70,9 +70,29 @@ def losses(mesh_cfg, chunk, max_logits_mib, rows=8):
           'batch_spec': [list(a) if isinstance(a, tuple) else a
                          for a in fit.data['batches']['tokens'].sharding.spec]}
 
+def proxies(mesh_cfg):
+  """Zero-cost proxy objectives (a forward one, a gradient one) of the population."""
+  from elastic_jax.search import proxy_objective
+  cfg, space, model, batches, genomes = setup()
+  cfg.mesh.update(mesh_cfg)
+  names = ('vpca', 'grad_norm')
+  proxy_objective.register_proxies(names, {'num_batches': 2})
+  mesh = program.placement.search_mesh(cfg)
+  fit = program.fitness_on_mesh(search_cfg.search_config({}), space, mesh, names, model=model,
+                                batches=batches).fitness
+  active = jnp.ones(len(genomes), bool)
+  call = jax.jit(fit.fn)
+  out = call(jnp.asarray(genomes), fit.data, active)
+  text = call.lower(jnp.asarray(genomes), fit.data, active).compile().as_text()
+  extra = jax.tree.leaves(fit.data['extra'])
+  return {'values': np.asarray(jax.device_get(out)).tolist(),
+          'device_rows': max(int(r) for r in re.findall(r'[\[,](\d+),13,\d+\]', text)),
+          'extra_specs': sorted({str(x.sharding.spec) for x in extra})}
+
 if __name__ == '__main__':
   mesh_cfg = json.loads(sys.argv[1])
   out = {'runs': [losses(mesh_cfg, c, m) for c, m in json.loads(sys.argv[2])]}
+  out['proxies'] = proxies(mesh_cfg)
   try:
     losses(mesh_cfg, 1, 1024.0, rows=6)
   except UserError as e:
@@ -126,6 +146,14 @@ def test_population_losses_on_8_devices_fsdp4_tensor2_equal_one_device(tmp_path)
     np.testing.assert_allclose(run['loss'], single[0]['loss'], rtol=1e-5)
   np.testing.assert_allclose(single[0]['loss'], alone, rtol=1e-5)
   assert len(set(np.round(alone, 4))) > 5  # the archs differ: the comparison can fail
+  # Zero-cost proxy objectives (search.objectives = wpca, ...): the same values on 8 devices as
+  # on 1; their minibatches lie over the batch axes as the validation rows do, and each device
+  # runs its own 2 rows (before: replicated minibatches, and every device ran all 8 rows).
+  proxies, one = sharded['proxies'], mod.proxies({'data': -1, 'fsdp': 1, 'tensor': 1})
+  np.testing.assert_allclose(proxies['values'], one['values'], rtol=1e-4)
+  assert [len(set(np.round(v, 3))) for v in np.transpose(one['values'])] >= [3, 8], one
+  assert proxies['extra_specs'] == ["P(None, ('data', 'fsdp'))"], proxies
+  assert proxies['device_rows'] == 2 and one['device_rows'] == 8, (proxies, one)
   assert sharded['error'] == (
       'the validation batch has 6 rows (data.batch_size) but the mesh splits batches 4 ways '
       '(mesh.data=1 x mesh.fsdp=4); make data.batch_size a multiple of 4 or change mesh.data / '
