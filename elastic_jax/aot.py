@@ -538,24 +538,32 @@ def masked_over_dense(programs: dict) -> float | None:
 
 def _search_program(cfg, mesh):
   """The search's program for `cfg` on `mesh`, built by the function the search calls
-  (`search.program.build`) from shapes only: (program, abstract fitness data's graphdef)."""
+  (`search.program.build`) from shapes only: (search config, space, program). Objectives that
+  prepare their own minibatches (zero-cost proxies) prepare them from placeholder batches of the
+  validation batches' shapes: only their shapes are used."""
   from flax import nnx
 
   from elastic_jax.search import program as search_program
   from elastic_jax.search.config import search_config
   from elastic_jax.search.objectives import get_objective
+  from elastic_jax.search.proxy_objective import register_proxies
   from elastic_jax.workdir import build_space, init_supernet
 
   sc = search_config(cfg)
-  prepared = [n for n in sc.objectives if get_objective(n).prepare]
-  if prepared:
-    raise UserError(f'compile builds the validation-loss search; search.objectives {prepared} '
-                    'need data prepared on the host (zero-cost proxies): compile a config whose '
-                    "objectives are 'loss'-type or analytic")
+  register_proxies(sc.objectives, cfg.get('proxy', None))  # as the search job does
   space = build_space(cfg)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: init_supernet(cfg, space)))
-  data = search_program.stacked_shapes(state, abstract_batch(cfg, cfg.data.batch_size, None),
-                                       int(cfg.data.eval_batches) or 1)
+  batch = abstract_batch(cfg, cfg.data.batch_size, None)
+  n_batches = int(cfg.data.eval_batches) or 1
+  data = search_program.stacked_shapes(state, batch, n_batches)
+  prepared = [get_objective(n) for n in sc.objectives if get_objective(n).prepare]
+  if prepared:  # e.g. zero-cost proxies: their minibatches' shapes, from placeholder batches
+    import jax
+    import numpy as np
+    ones = [{k: np.ones(v.shape, v.dtype) for k, v in batch.items()}] * n_batches
+    extra = {o.name: o.prepare(space, None, ones) for o in prepared}
+    data['extra'] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                                 extra)
   return sc, space, search_program.build(sc, space, mesh, graphdef=graphdef, data=data)
 
 
@@ -570,6 +578,7 @@ def _population_entry(cfg, space, mesh, unscanned, flops: str, tokens: int, comm
   from elastic_jax import evaluation, parallel
   from elastic_jax.search import program as search_program
   from elastic_jax.search.config import n_children_of
+  from elastic_jax.search.objectives import get_objective
 
   sc, _, prog = _search_program(cfg, mesh)
   plan, fitness = prog.plan, prog.fitness
@@ -609,6 +618,10 @@ def _population_entry(cfg, space, mesh, unscanned, flops: str, tokens: int, comm
   method = {'loops': loops_method,
             'unrolled': ('compile', analyse,
                          n_children * n_batches * plan.micro_batches)}.get(flops)
+  if any(get_objective(n).prepare for n in sc.objectives):
+    # A zero-cost proxy's work (PCA, gradients) is no model forward the analytic FLOPs or the
+    # loss-only analysis program count: memory and XLA's raw counts only.
+    method = None
   archs = space.sample(jax.random.key(0), n_children)
   flops_per_token = np.asarray(jax.vmap(
       lambda a: model_flops_per_token(cfg, space.cost(a), train=False))(archs))

@@ -116,10 +116,11 @@ def test_large_configs_build(name, arg):
                                                          None else 1)) == 0
 
 
-def test_compile_builds_the_program_the_search_runs():
+@pytest.mark.parametrize('objectives', [('loss', 'params'), ('wpca', 'params')])
+def test_compile_builds_the_program_the_search_runs(objectives):
   """`elastic-jax compile`'s population evaluation is the search's own loop: the same jit key
   (strategy, fitness, sizes, chunking), with shapes-only data laid out as the search lays out
-  the real supernet and validation batches."""
+  the real supernet and validation batches (and a zero-cost proxy's minibatches)."""
   import jax
   import numpy as np
 
@@ -128,11 +129,14 @@ def test_compile_builds_the_program_the_search_runs():
   from elastic_jax.workdir import init_supernet
 
   cfg = load_config('quickstart', 'tiny')
+  cfg.search.objectives = objectives
+  cfg.proxy.num_batches = 1
   mesh = placement.search_mesh(cfg)
   sc, space, compiled = aot._search_program(cfg, mesh)
   rows, seq = cfg.data.batch_size, cfg.data.seq_len
-  batches = [{k: np.zeros((rows, seq), d) for k, d in aot.batch_keys(cfg).items()}
-             for _ in range(cfg.data.eval_batches)]
+  rng = np.random.default_rng(0)
+  batches = [{k: rng.integers(1, 9, (rows, seq)).astype(d)
+              for k, d in aot.batch_keys(cfg).items()} for _ in range(cfg.data.eval_batches)]
   searched = search_program.build(sc, space, mesh, model=init_supernet(cfg, space),
                                   batches=batches)
   assert compiled.searcher.spec == searched.searcher.spec
