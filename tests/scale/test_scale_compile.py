@@ -117,14 +117,17 @@ def test_large_configs_build(name, arg):
 
 
 @pytest.mark.parametrize('objectives', [('loss', 'params'), ('wpca', 'params')])
-def test_compile_builds_the_program_the_search_runs(objectives):
+def test_compile_builds_the_program_the_search_runs(objectives, monkeypatch):
   """`elastic-jax compile`'s population evaluation is the search's own loop: the same jit key
   (strategy, fitness, sizes, chunking), with shapes-only data laid out as the search lays out
   the real supernet and validation batches (and a zero-cost proxy's minibatches)."""
   import jax
   import numpy as np
 
+  from elastic_jax.search import objectives as objectives_lib
   from elastic_jax.search import placement
+  # The proxies compile registers with this config's settings (as the search does) stay here.
+  monkeypatch.setattr(objectives_lib, 'OBJECTIVES', dict(objectives_lib.OBJECTIVES))
   from elastic_jax.search import program as search_program
   from elastic_jax.workdir import init_supernet
 

@@ -110,7 +110,10 @@ def _module():
 
 
 @pytest.mark.slow
-def test_population_losses_on_8_devices_fsdp4_tensor2_equal_one_device(tmp_path):
+def test_population_losses_on_8_devices_fsdp4_tensor2_equal_one_device(tmp_path, monkeypatch):
+  from elastic_jax.search import objectives
+  # The proxies this test registers (with its own proxy settings) stay in this test.
+  monkeypatch.setattr(objectives, 'OBJECTIVES', dict(objectives.OBJECTIVES))
   script = tmp_path / 'sharded_script.py'
   script.write_text(SCRIPT)
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',  # the script imports conftest as the tests do
