@@ -193,19 +193,17 @@ def train_program(cfg, mesh, *, grad_accum: int | None = None, batch_size: int |
   unrolled (the FLOP-counting twin). An external teacher (train.distill.teacher) enters as its
   shapes alone (`trainer.load_teacher(abstract=True)`: its weights are not read), laid out as
   the trainer lays out the real one."""
-  import jax
   from flax import nnx
 
+  from elastic_jax import parallel
   from elastic_jax.train.trainer import build_step, load_teacher
   teacher = teacher_args = None
   if cfg.train.distill.teacher:
     teacher = load_teacher(cfg.train.distill.teacher, cfg, abstract=True)
   setup = build_step(cfg, mesh, teacher, grad_accum=grad_accum, unroll_inner=unroll_inner)
   if teacher is not None:
-    leaves, treedef = jax.tree.flatten(nnx.state(teacher, nnx.Param))
-    teacher_args = treedef.unflatten([
-        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-        for x, s in zip(leaves, jax.tree.leaves(setup.teacher_shardings), strict=True)])
+    teacher_args = parallel.with_shardings(nnx.state(teacher, nnx.Param),
+                                           setup.teacher_shardings)
   rows = cfg.data.batch_size if batch_size is None else batch_size
   return setup, (setup.abstract_state(), abstract_batch(cfg, rows, setup.batch_sharding),
                  teacher_args)
@@ -232,8 +230,7 @@ def dense_program(cfg, mesh):
 
   space = build_space(cfg)
   largest = space.largest()
-  dims, _ = export.dense_dims(space.cfg, largest)
-  graphdef, params = nnx.split(export.abstract_model(space.model, dims), nnx.Param)
+  graphdef, params = nnx.split(export.abstract_export(space.model, space.cfg, largest), nnx.Param)
   params = nnx.State({'model': params})
   tx, _ = make_optimizer(cfg.train)
   shardings = parallel.param_shardings(params, mesh)
@@ -556,7 +553,7 @@ def _search_program(cfg, mesh):
   batch = abstract_batch(cfg, cfg.data.batch_size, None)
   n_batches = int(cfg.data.eval_batches) or 1
   data = search_program.stacked_shapes(state, batch, n_batches)
-  prepared = [get_objective(n) for n in sc.objectives if get_objective(n).prepare]
+  prepared = [o for o in map(get_objective, sc.objectives) if o.prepare]
   if prepared:  # e.g. zero-cost proxies: their minibatches' shapes, from placeholder batches
     import jax
     import numpy as np

@@ -73,6 +73,11 @@ def abstract_model(cfg: ModelConfig, dims: ModelDims) -> Model:
     return Model(cfg, dims, rngs=nnx.Rngs(0))
 
 
+def abstract_export(model_cfg: ModelConfig, space: SpaceConfig, arch: Arch) -> Model:
+  """What `export` makes of `arch`, with shapes-only parameters (no supernet needed)."""
+  return abstract_model(model_cfg, dense_dims(space, arch)[0])
+
+
 def fill_model(abstract: Model, values: Mapping[tuple, jax.Array | np.ndarray]) -> Model:
   """Builds a concrete model from an abstract one and a value for every parameter path."""
   graphdef, state = nnx.split(abstract)

@@ -164,6 +164,15 @@ def constrain(tree, shardings):
                             zip(leaves, jax.tree.leaves(shardings), strict=True)])
 
 
+def with_shardings(tree, shardings):
+  """`tree` (arrays or shapes) as `jax.ShapeDtypeStruct`s, each carrying its sharding in
+  `shardings` (the same leaves in the same order; the shardings' leaves may stand for whole NNX
+  variables): abstract arguments to lower a program with."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in
+                            zip(leaves, jax.tree.leaves(shardings), strict=True)])
+
+
 def gathered(state: nnx.State, mesh: Mesh | None) -> nnx.State:
   """`state` (NNX variables carrying logical names; inside a jitted function) constrained to
   `gathered_shardings`: the parameters as a forward pass over a batch split on the batch axes

@@ -101,9 +101,4 @@ def abstract_data(data: dict, mesh: jax.sharding.Mesh) -> dict:
   """Fitness data of shapes only (arrays or ShapeDtypeStructs) -> ShapeDtypeStructs carrying
   their shardings on `mesh` (what `elastic-jax compile` lowers with)."""
   shardings = data_shardings(data, mesh)
-  out = {}
-  for k, v in data.items():
-    leaves, treedef = jax.tree.flatten(v)
-    out[k] = treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in
-                                zip(leaves, jax.tree.leaves(shardings[k]), strict=True)])
-  return out
+  return {k: parallel.with_shardings(v, shardings[k]) for k, v in data.items()}

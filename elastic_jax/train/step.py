@@ -43,9 +43,7 @@ def abstract_state(params, tx: optax.GradientTransformation, shardings: TrainSta
   shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                       opt_state=jax.eval_shape(tx.init, params),
                       rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))))
-  leaves, treedef = jax.tree.flatten(shapes)
-  return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-                            for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True)])
+  return parallel.with_shardings(shapes, shardings)
 
 
 def state_shardings(tx: optax.GradientTransformation, params, param_shardings,

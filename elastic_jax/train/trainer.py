@@ -81,8 +81,7 @@ def load_teacher(path: str, cfg, *, abstract: bool = False):
     t_cfg = load_config(p) if (p / export_lib.CONFIG_FILE).is_file() else cfg
     space = build_space(t_cfg, p)
     if abstract:
-      dims, _ = export_lib.dense_dims(space.cfg, space.largest())
-      return export_lib.abstract_model(space.model, dims)
+      return export_lib.abstract_export(space.model, space.cfg, space.largest())
     supernet, step = load_supernet(t_cfg, str(p), space)
     if step is None:
       raise UserError(f'teacher workdir {p} has no readable checkpoint; train it first')
