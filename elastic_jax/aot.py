@@ -457,7 +457,6 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
             'grad_accum': int(tcfg.grad_accum), 'dtype': str(cfg.model.get('dtype', 'float32')),
             'programs': {}}
 
-  setup, args = train_program(cfg, mesh)
   # XLA counts a loop body once: the FLOPs of a model whose layers run in a `lax.scan` are counted
   # on its twin with the layers unrolled (the same computation; memory is the real program's).
   unscanned = None
@@ -466,6 +465,7 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
     with unscanned.unlocked():
       unscanned.model.scan_layers = False
   if 'train_step' in programs:
+    setup, args = train_program(cfg, mesh)
     report['replicated_fraction'] = setup.sharding_report['replicated_fraction']
     micro = cfg.data.batch_size // tcfg.grad_accum
 
