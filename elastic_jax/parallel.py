@@ -92,6 +92,20 @@ def target_platform() -> str:
   return _PLATFORM.get() or jax.default_backend()
 
 
+def spread(x: jax.Array, axis: int) -> jax.Array:
+  """`x` (inside traced code) constrained to lie split along `axis` over every device of the
+  context mesh (`mesh_context`): for work on replicated operands that every device would
+  otherwise repeat in full (the search's W-PCA products, `proxies.pca.linear_count`); XLA then
+  splits the products that read `x` along that axis. `x` itself without a context mesh of more
+  than one device, or when the mesh's size does not divide the axis."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or x.shape[axis] % mesh.size:
+    return x
+  spec = [None] * x.ndim
+  spec[axis] = tuple(mesh.axis_names)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+
 def on_mesh(fn, mesh: Mesh | None):
   """`fn`, traced under `mesh_context(mesh)`: wrap a function before `jax.jit` over `mesh`."""
   @functools.wraps(fn)

@@ -37,6 +37,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from elastic_jax import parallel
+
 _EPS32 = float(jnp.finfo(jnp.float32).eps)
 
 
@@ -121,7 +123,9 @@ def linear_count(scatter_DxD: jax.Array, n_valid: jax.Array, kernel_DxF: jax.Arr
   non-zero eigenvalues are those of the D x D matrix R K K^T R^T for any R with S = R^T R (here
   R = Lambda^1/2 V^T from S's eigendecomposition), which is cheaper to decompose.
   """
-  kernel_DxF = kernel_DxF.astype(jnp.float32)
+  # On a mesh the products split over the FFN axis (each device its own columns; only the D x D
+  # or F x F results are summed): the kernel comes replicated, gathered for the forward pass.
+  kernel_DxF = parallel.spread(kernel_DxF.astype(jnp.float32), 1)
   d, f = kernel_DxF.shape
   if f <= d:
     m = kernel_DxF.T @ (scatter_DxD @ kernel_DxF)

@@ -1,10 +1,17 @@
 """The PCA count against a float64 SciPy reference, degenerate matrices included."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+from conftest import REPO, xla_flags_with_devices
 
 from elastic_jax.proxies import pca_count, pca_count_linear, pca_counts
 
@@ -174,3 +181,44 @@ def test_both_eigenvalue_solvers_agree():
     scale = max(float(a[0]), 1e-30)
     np.testing.assert_allclose(a / scale, np.maximum(b, 0) / scale, atol=1e-5, err_msg=name)
     np.testing.assert_array_equal(np.asarray(pca.descending_eigenvalues(m)), a)  # CPU: SVD
+
+
+MESH_SCRIPT = textwrap.dedent('''
+  import json, re
+  import jax, jax.numpy as jnp, numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec
+  from elastic_jax import parallel
+  from elastic_jax.proxies import pca_count_linear
+  rng = np.random.default_rng(4)
+  x = (rng.normal(size=(120, 16)) * 0.8 ** np.arange(16)).astype(np.float32)
+  k = rng.normal(size=(16, 40)).astype(np.float32)
+  mesh = parallel.make_mesh({'data': 2, 'fsdp': 4, 'tensor': 1})
+  rep = lambda a: jax.device_put(a, NamedSharding(mesh, PartitionSpec()))
+  run = jax.jit(parallel.on_mesh(pca_count_linear, mesh), static_argnums=2)
+  counts = [int(run(rep(x), rep(k), eta)) for eta in (0.5, 0.9, 0.99)]
+  text = run.lower(rep(x), rep(k), 0.9).compile().as_text()
+  dots = sorted({m for m in re.findall(r'= f32\\[([\\d,]+)\\][^ ]* dot\\(', text)})
+  print(json.dumps({'counts': counts, 'dots': dots}))
+''')
+
+
+def test_on_a_mesh_the_products_split_over_the_ffn_axis_and_count_the_same():
+  """The search runs W-PCA on replicated (gathered) kernels on every device of its mesh:
+  `linear_count` splits its kernel products over the FFN axis (each of 8 fake devices
+  multiplies its 5 of the kernel's 40 columns; on the search's BERT-base ELM population for
+  v5e:4x4 a device otherwise repeated every 768 x 3,072 product in full), with the counts of one
+  device."""
+  out = subprocess.run([sys.executable, '-c', MESH_SCRIPT], capture_output=True, text=True,
+                       cwd=REPO, timeout=600,
+                       env={**os.environ, 'XLA_FLAGS': xla_flags_with_devices(8),
+                            'JAX_PLATFORMS': 'cpu'})
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = json.loads(out.stdout.splitlines()[-1])
+  rng = np.random.default_rng(4)
+  x = (rng.normal(size=(120, 16)) * 0.8 ** np.arange(16)).astype(np.float32)
+  k = rng.normal(size=(16, 40)).astype(np.float32)
+  assert got['counts'] == [int(pca_count_linear(jnp.asarray(x), jnp.asarray(k), eta))
+                           for eta in (0.5, 0.9, 0.99)]
+  dims = [[int(d) for d in shape.split(',')] for shape in got['dots']]
+  assert [16, 5] in dims, got  # a device's own columns of the [16, 40] product
+  assert not any(40 in d for d in dims), got  # nobody multiplies all 40
