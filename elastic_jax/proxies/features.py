@@ -73,7 +73,11 @@ def _count_by_width(x_NxD, w_N, kernel_DxF, eta, layer, widths):
   d_sizes = _sizes(widths[0], x_NxD.shape[-1])
   f_sizes = _sizes(widths[1], kernel_DxF.shape[-1])
   branches = [lambda x, k: jnp.int32(0)]
-  branches += [lambda x, k, d=d, f=f: pca_count_linear(x[:, :d], k[:d, :f], eta, w_N)
+  # Active columns only, so the kernel slice is normally full-rank and its Gram matrix is
+  # factored (`pca.linear_count`; a rank-deficient one, e.g. a width outside the choices run
+  # at the full width, falls back; lax.map runs one side of that choice).
+  branches += [lambda x, k, d=d, f=f: pca_count_linear(x[:, :d], k[:d, :f], eta, w_N,
+                                                       factor_kernel=True)
                for d in d_sizes for f in f_sizes]
   chosen = 1 + _index(d_sizes, layer['ffn_in']) * len(f_sizes) + _index(f_sizes, layer['ffn'])
   return jax.lax.switch(jnp.where(layer['on'], chosen, 0), branches, x_NxD, kernel_DxF)

@@ -116,12 +116,21 @@ def pca_count(h_NxD: jax.Array, eta: float, row_weight_N: jax.Array | None = Non
 
 
 def linear_count(scatter_DxD: jax.Array, n_valid: jax.Array, kernel_DxF: jax.Array,
-                 eta: float) -> jax.Array:
+                 eta: float, *, factor_kernel: bool = False) -> jax.Array:
   """The PCA count of x @ kernel (+ any bias) from the scatter matrix S of centred x: int32.
 
   The pre-activations' scatter matrix is K^T S K (F x F). When F > D it has rank <= D, and its
   non-zero eigenvalues are those of the D x D matrix R K K^T R^T for any R with S = R^T R (here
   R = Lambda^1/2 V^T from S's eigendecomposition), which is cheaper to decompose.
+
+  `factor_kernel` (F > D): the D x D matrix is L^T S L for the Cholesky factor L L^T = K K^T
+  instead (the same non-zero eigenvalues: those of X K K^T X^T), so one count takes one
+  symmetric eigendecomposition instead of two, and D^3-sized products instead of D^2 F ones
+  (1.6x faster for D = 768, F = 3,072 on this CPU; on TPU the eigendecompositions dominate). It
+  needs K K^T non-singular (a full-rank kernel): a rank-deficient one (zero columns padding a
+  masked FFN beyond D active units, an all-zero kernel) falls back to S's eigendecomposition,
+  chosen at run time. Only where a `lax.cond` runs one side: not under `vmap`, which would run
+  both.
   """
   # On a mesh the products split over the FFN axis (each device its own columns; only the D x D
   # or F x F results are summed): the kernel comes replicated, gathered for the forward pass.
@@ -130,10 +139,27 @@ def linear_count(scatter_DxD: jax.Array, n_valid: jax.Array, kernel_DxF: jax.Arr
   if f <= d:
     m = kernel_DxF.T @ (scatter_DxD @ kernel_DxF)
     return count_from_scatter(m, n_valid, jnp.sum(jnp.diagonal(m) > 0), eta)
-  lam_D, v_DxD = jnp.linalg.eigh(0.5 * (scatter_DxD + scatter_DxD.T))
-  rk_DxF = (v_DxD * jnp.sqrt(jnp.maximum(lam_D, 0.0))).T @ kernel_DxF
-  varying = jnp.sum(jnp.sum(rk_DxF * rk_DxF, axis=0) > 0)  # = non-zero diagonal of K^T S K
-  return count_from_scatter(rk_DxF @ rk_DxF.T, n_valid, varying, eta)
+  scatter_DxD = 0.5 * (scatter_DxD + scatter_DxD.T)
+
+  def by_scatter_factor(_):
+    lam_D, v_DxD = jnp.linalg.eigh(scatter_DxD)
+    rk_DxF = (v_DxD * jnp.sqrt(jnp.maximum(lam_D, 0.0))).T @ kernel_DxF
+    varying = jnp.sum(jnp.sum(rk_DxF * rk_DxF, axis=0) > 0)  # = non-zero diagonal of K^T S K
+    return count_from_scatter(rk_DxF @ rk_DxF.T, n_valid, varying, eta)
+
+  if not factor_kernel:
+    return by_scatter_factor(None)
+  gram_DxD = kernel_DxF @ kernel_DxF.T
+  l_DxD = jnp.linalg.cholesky(0.5 * (gram_DxD + gram_DxD.T))
+
+  def by_kernel_factor(_):
+    # Columns that can vary: the kernel's non-zero ones, when x varies at all (a column whose
+    # pre-activation is constant although x varies needs x's variation orthogonal to it; the
+    # count only uses this for its noise tolerance).
+    varying = jnp.sum(jnp.any(kernel_DxF != 0, axis=0)) * (jnp.trace(scatter_DxD) > 0)
+    return count_from_scatter(l_DxD.T @ (scatter_DxD @ l_DxD), n_valid, varying, eta)
+
+  return jax.lax.cond(jnp.all(jnp.isfinite(l_DxD)), by_kernel_factor, by_scatter_factor, None)
 
 
 def input_scatter(x_NxD: jax.Array, row_weight_N: jax.Array | None = None
@@ -144,10 +170,12 @@ def input_scatter(x_NxD: jax.Array, row_weight_N: jax.Array | None = None
 
 
 def pca_count_linear(x_NxD: jax.Array, kernel_DxF: jax.Array, eta: float,
-                     row_weight_N: jax.Array | None = None) -> jax.Array:
-  """`pca_count(x_NxD @ kernel_DxF + bias, eta, row_weight_N)` without forming the product."""
+                     row_weight_N: jax.Array | None = None, *,
+                     factor_kernel: bool = False) -> jax.Array:
+  """`pca_count(x_NxD @ kernel_DxF + bias, eta, row_weight_N)` without forming the product
+  (`factor_kernel`: see `linear_count`)."""
   scatter_DxD, n_valid = input_scatter(x_NxD, row_weight_N)
-  return linear_count(scatter_DxD, n_valid, kernel_DxF, eta)
+  return linear_count(scatter_DxD, n_valid, kernel_DxF, eta, factor_kernel=factor_kernel)
 
 
 def pca_counts(h_PxNxD: jax.Array, eta: float, row_weight_PxN: jax.Array | None = None

@@ -142,10 +142,12 @@ def test_random_spectra_batch_matches_reference():
       assert got[i] == k_ref or (near <= MARGIN and abs(got[i] - k_ref) <= 1), (i, eta)
 
 
-def test_linear_count_equals_count_of_the_product():
+@pytest.mark.parametrize('factor_kernel', [False, True])
+def test_linear_count_equals_count_of_the_product(factor_kernel):
   """W-PCA's path: the count of x @ kernel + bias from x's scatter matrix equals the count of the
   formed pre-activations, for full-rank, rank-deficient and padded inputs and for kernels with
-  zeroed (masked) columns."""
+  zeroed (masked) columns, by either factorisation (`factor_kernel`: the kernel's Gram matrix,
+  falling back to the scatter matrix's for a rank-deficient kernel)."""
   rng = np.random.default_rng(4)
   cases = []
   x = rng.normal(size=(120, 16)) * 0.8 ** np.arange(16)
@@ -157,13 +159,18 @@ def test_linear_count_equals_count_of_the_product():
   w = (rng.uniform(size=120) > 0.25).astype(np.float32)
   cases.append((x, k, w))
   cases.append((rng.normal(size=(10, 16)), rng.normal(size=(16, 8)), None))  # N < D
+  k = rng.normal(size=(16, 24))
+  k[:, 10:] = 0.0  # 10 active units of 24: K K^T has rank 10 < 16 (the fallback)
+  cases.append((x, k, None))
+  cases.append((x, np.zeros((16, 24)), None))  # no unit active: count 0
   bias = rng.normal(size=(64,))
   for x, k, w in cases:
     x, k = x.astype(np.float32), k.astype(np.float32)
     h = x @ k + bias[:k.shape[1]].astype(np.float32)
     wj = None if w is None else jnp.asarray(w)
     for eta in ETAS:
-      got = int(jax.jit(pca_count_linear)(jnp.asarray(x), jnp.asarray(k), eta, wj))
+      got = int(jax.jit(pca_count_linear, static_argnames='factor_kernel')(
+          jnp.asarray(x), jnp.asarray(k), eta, wj, factor_kernel=factor_kernel))
       k_ref, near = reference(np.asarray(h, np.float64), eta, w)
       assert got == k_ref or (near <= MARGIN and abs(got - k_ref) <= 1), (x.shape, eta, got, k_ref)
 
