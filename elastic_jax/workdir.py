@@ -25,7 +25,7 @@ from pathlib import Path
 import ml_collections
 from flax import nnx
 
-from elastic_jax import atomic, space_history
+from elastic_jax import atomic, checkpoints, space_history
 from elastic_jax.config import check_compatible, model_config, space_config
 from elastic_jax.errors import UserError, read_json
 from elastic_jax.model.supernet import Model
@@ -130,7 +130,9 @@ def check_exists(workdir: str | Path | None) -> None:
 def cleanup_on_failure(workdir: str | Path) -> Iterator[None]:
   """Removes what a failing command created in `workdir` while W holds no checkpoint (of training
   or of a search): a run that fails before it has saved anything leaves no workdir holding only
-  config.json and TensorBoard files behind. Whatever was in W before is kept."""
+  config.json and TensorBoard files behind. Whatever was in W before is kept, and so is all of W
+  once it holds checkpoints moved aside as unreadable (W/checkpoints_unreadable: the run found
+  them there, and its error says where they went)."""
   workdir = Path(workdir)
   existed = workdir.is_dir()
   before = set(workdir.iterdir()) if existed else set()
@@ -139,7 +141,8 @@ def cleanup_on_failure(workdir: str | Path) -> Iterator[None]:
   except BaseException:
     ckpt = workdir / 'checkpoints'
     saved = ((ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir()))
-             or (workdir / 'search' / 'state.npz').is_file())
+             or (workdir / 'search' / 'state.npz').is_file()
+             or (workdir / checkpoints.UNREADABLE_DIRNAME).is_dir())
     if not saved:
       if not existed:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -16,6 +16,7 @@ from conftest import REPO
 from flax import nnx
 
 from elastic_jax import checkpoints
+from elastic_jax.errors import UserError
 from elastic_jax.train.step import TrainState
 from elastic_jax.train.trainer import train
 from elastic_jax.workdir import init_supernet
@@ -96,6 +97,32 @@ def test_unreadable_checkpoint_is_moved_aside_and_its_step_saved_again(tiny_cfg,
   for a, b in zip(jax.tree.leaves(nnx.state(retrained, nnx.Param)),
                   jax.tree.leaves(nnx.state(reference, nnx.Param)), strict=True):
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-6
+
+
+@pytest.mark.slow
+def test_when_no_checkpoint_is_readable_they_are_kept_where_the_error_says(tiny_cfg, tmp_path):
+  """Every checkpoint unreadable: the run stops with one error saying where they were moved,
+  and they are there (the failed run's cleanup once deleted them with the rest of what it
+  created); run again, it trains from scratch."""
+  cfg = tiny_cfg.copy_and_resolve_references()
+  cfg.train.steps = 8
+  cfg.train.checkpoint_every = 4
+  cfg.train.eval_every = 0
+  train(cfg, tmp_path, progress=False)
+  sizes = {}
+  for f in (tmp_path / 'checkpoints').rglob('*'):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+      sizes[f.relative_to(tmp_path / 'checkpoints')] = f.stat().st_size
+  assert {p.parts[0] for p in sizes} == {'4', '8'}
+  with pytest.raises(UserError, match='no readable checkpoint') as info:
+    train(cfg, tmp_path, progress=False)
+  aside = tmp_path / 'checkpoints_unreadable'
+  assert f'moved to {aside}; run again to train from scratch' in str(info.value)
+  kept = {f.relative_to(aside): f.stat().st_size for f in aside.rglob('*') if f.is_file()}
+  assert {p: n for p, n in kept.items() if p in sizes} == sizes  # every truncated file, as left
+  train(cfg, tmp_path, progress=False)
+  assert checkpoints.restore_params_if_any(tmp_path, init_supernet(cfg)) == 8
 
 
 # A training run that kills itself (SIGKILL) when its checkpoint write of step `at` reaches
