@@ -150,6 +150,9 @@ def _restore_latest(manager, abstract_params, abstract_opt_state=None, abstract_
       items['extra_params'] = ocp.args.StandardRestore(abstract_extra)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
+      meta = restored['meta']
+      if not isinstance(meta, dict) or meta.get('step') != step or type(meta['step']) is not int:
+        raise ValueError(f'its meta item does not hold step {step} ({str(meta)[:80]})')
     except Exception as e:  # noqa: BLE001  (any unreadable checkpoint: fall back to an older one)
       where = ''
       if move_unreadable_to is not None:

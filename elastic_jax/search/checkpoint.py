@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 import jax
@@ -86,7 +87,7 @@ class Progress:
     try:
       with np.load(path) as z:
         a = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
       raise UserError(f'{path} is not a readable search checkpoint ({e}); delete it or set '
                       'search.resume=False') from None
     missing = [k for k in _STATE_FIELDS if f'state_{k}' not in a]

@@ -55,6 +55,33 @@ def test_a_failing_save_names_the_step_and_the_cause(tmp_path):
     ckpt.close()
 
 
+def test_a_checkpoint_whose_meta_does_not_hold_its_step_is_unreadable(tmp_path, caplog):
+  """A meta item that is not {'step': <its step>, ...} (emptied, a string step, another step)
+  is an unreadable checkpoint like any other: the restore falls back to the one before (it
+  raised KeyError / ValueError from the reader)."""
+  ckpt = checkpoints.Checkpoints(tmp_path)
+  try:
+    ckpt.save(4, tiny_state(1.0), {'step': 4})
+    ckpt.wait()
+    ckpt.save(8, tiny_state(2.0), {'step': 8})
+    ckpt.wait()
+    metadata = tmp_path / 'checkpoints' / '8' / 'meta' / 'metadata'
+    assert metadata.is_file()
+    for bad in ('{}', '{"step": "x"}', '{"step": 4}', '[8]'):
+      metadata.write_text(bad)
+      caplog.clear()
+      with caplog.at_level(logging.WARNING):
+        state, meta = ckpt.restore_latest(checkpoints.abstract_of(tiny_state(0.0)))
+      assert meta['step'] == 4 and int(state.step) == 4, bad
+      assert float(state.params['model']['w'][0]) == 1.0
+      assert 'checkpoint at step 8' in caplog.text and 'does not hold step 8' in caplog.text
+      # Restoring moved step 8 aside: put it back for the next case.
+      (tmp_path / 'checkpoints_unreadable' / '8').rename(tmp_path / 'checkpoints' / '8')
+      ckpt.manager.reload()
+  finally:
+    ckpt.close()
+
+
 def test_describe_gives_words():
   assert checkpoints.describe(ValueError('bad shape\nmore')) == 'ValueError: bad shape'
   assert checkpoints.describe(KeyError()) == 'KeyError'
