@@ -501,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     if wants_help:
       print(command_help(cmd, _loaded_config()))
       return 0
+    workdir = _flag('workdir')
+    if workdir and Path(workdir).exists() and not Path(workdir).is_dir():
+      raise UserError(f'--workdir {workdir} is a file, not a directory; pass a directory (a '
+                      'missing one is created)')
     _use_compilation_cache()
     _release_memory_after_long_compiles()
     cmd.fn()
@@ -509,6 +513,11 @@ def main(argv: list[str] | None = None) -> int:
       print(command_help(cmd))
       return 0
     print(f'elastic-jax {name}: error: {e}', file=sys.stderr)
+    return 2
+  except OSError as e:  # the file system refused (permissions, a file where a folder goes, full)
+    where = f': {e.filename}' if e.filename else ''
+    print(f'elastic-jax {name}: error: {e.strerror or e}{where}; check that path and its '
+          'permissions', file=sys.stderr)
     return 2
   return 0
 

@@ -94,6 +94,24 @@ def test_missing_files_and_unknown_command(capsys, tmp_path):
   assert code == 2 and len(err.strip().splitlines()) == 1
 
 
+def test_paths_the_file_system_refuses_are_one_line_exit_2(capsys, cache, tmp_path):
+  """A --workdir that is a file, and an --out below a file, are one line each (they were
+  FileExistsError / NotADirectoryError tracebacks), and nothing is written."""
+  afile = tmp_path / 'afile'
+  afile.write_text('x')
+  for command in ('train', 'search', 'export'):
+    code, _, err = run(capsys, command, QUICK, cache, f'--workdir={afile}',
+                       *(['--arch=largest', '--out=o'] if command == 'export' else []))
+    assert code == 2 and err.splitlines() == [
+        f'elastic-jax {command}: error: --workdir {afile} is a file, not a directory; pass a '
+        'directory (a missing one is created)'], err
+  code, _, err = run(capsys, 'export', QUICK, cache, '--arch=largest',
+                     f'--out={afile / "sub" / "m"}')
+  assert code == 2 and len(err.splitlines()) == 1, err
+  assert err.startswith('elastic-jax export: error: Not a directory') and str(afile) in err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['afile'] and afile.read_text() == 'x'
+
+
 def test_corrupt_exported_weights(capsys, cache, tmp_path):
   code, out, _ = run(capsys, 'sample', QUICK, '--n=1')
   (tmp_path / 'a.json').write_text(out)
