@@ -31,6 +31,8 @@ GLUE = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'glue'
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg not in (None, '', 'quick', 'tiny'):
+    raise ValueError(f"configs/finetune_glue.py takes '', 'quick' or 'tiny', got {arg!r}")
   cfg = ml_collections.ConfigDict()
   ft = trainer.default_config()
   ft.glue_dir = str(GLUE)  # a GLUE directory of TSV files, or 'tfds' (downloads tfds:glue)

@@ -14,6 +14,8 @@ from elastic_jax.finetune import trainer
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg not in (None, '', 'quick', 'tiny'):
+    raise ValueError(f"configs/finetune_squad.py takes '', 'quick' or 'tiny', got {arg!r}")
   cfg = ml_collections.ConfigDict()
   ft = trainer.default_config()
   ft.squad_dir = ''  # the official JSON files' directory, or 'tfds'

@@ -99,6 +99,39 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+# finetune fields that must be numbers in a range: (lowest, above it, lowest allowed itself).
+_RANGES = {
+    'seq_len': (4, math.inf, True), 'batch_size': (1, math.inf, True),
+    'eval_batch_size': (1, math.inf, True), 'epochs': (1, math.inf, True),
+    'epochs_cola': (1, math.inf, True), 'learning_rate': (0.0, math.inf, True),
+    'warmup_fraction': (0.0, 1.0, True), 'weight_decay': (0.0, math.inf, True),
+    'pad_to_multiple': (0, math.inf, True), 'max_train_examples': (0, math.inf, True),
+    'max_dev_examples': (0, math.inf, True), 'doc_stride': (1, math.inf, True),
+    'max_query_len': (1, math.inf, True), 'n_best': (1, math.inf, True),
+    'max_answer_len': (1, math.inf, True), 'distill_weight': (0.0, math.inf, True),
+    'hard_weight': (0.0, math.inf, True), 'temperature': (0.0, math.inf, False),
+}
+_INTEGERS = ('seq_len', 'batch_size', 'eval_batch_size', 'epochs', 'epochs_cola',
+             'pad_to_multiple', 'max_train_examples', 'max_dev_examples', 'doc_stride',
+             'max_query_len', 'n_best', 'max_answer_len')
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """UserError naming the first `finetune` field outside its range, before anything is read or
+  written (a zero batch or epoch count, a negative learning rate, a warmup share of 1 or more
+  failed deep inside the run, or ran)."""
+  for name, (low, high, closed) in _RANGES.items():
+    value = cfg.get(name)
+    number = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value))
+    if not (number and (name not in _INTEGERS or float(value).is_integer())
+            and (value >= low if closed else value > low) and value < high):
+      bound = (f'>= {low}' if closed else f'> {low}') + (f' and < {high}' if high < math.inf
+                                                         else '')
+      kind = 'a whole number' if name in _INTEGERS else 'a number'
+      raise UserError(f'finetune.{name}={value!r} must be {kind} {bound}')
+
+
 def job_for(task_name: str) -> GlueJob | SquadJob:
   """The job of `task_name`: a GLUE task, or 'squad' / 'squad_v2'."""
   if task_name in squad_data.VERSIONS:
@@ -242,6 +275,7 @@ def finetune(model_dir: str | Path, task_name: str, workdir: str | Path,
   """Fine-tunes `model_dir` on `task_name` (a GLUE task, 'squad' or 'squad_v2') in `workdir`
   (resuming it); returns the results."""
   cfg = cfg or default_config()
+  check_config(cfg)
   job = job_for(task_name)
   workdir = Path(workdir)
   # As JSON reads it back (tuples become lists), so a rerun's comparison is like with like.
@@ -361,6 +395,7 @@ def run_suite(model_dir: str | Path, suite: str, workdir: str | Path,
   """Fine-tunes every task of `suite` in workdir/<task>; writes workdir/<suite>.json and .md."""
   if suite not in SUITES:
     raise UserError(f'unknown --suite {suite!r}; use one of {", ".join(SUITES)}')
+  check_config(cfg or default_config())
   workdir = Path(workdir)
   scores = {}
   for name in SUITES[suite]:

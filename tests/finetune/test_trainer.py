@@ -265,6 +265,50 @@ def test_bad_input_is_one_line_exit_2(encoder_dir, shared_data, tmp_path, capsys
   assert 'unknown --suite' in _one_error_line(base + ['--suite=glue-big', config, glue], capsys)
 
 
+@pytest.mark.parametrize('override, message', [
+    ('epochs=0', 'finetune.epochs=0 must be a whole number >= 1'),
+    ('batch_size=-2', 'finetune.batch_size=-2 must be a whole number >= 1'),
+    ('eval_batch_size=0', 'finetune.eval_batch_size=0 must be a whole number >= 1'),
+    ('seq_len=0', 'finetune.seq_len=0 must be a whole number >= 4'),
+    ('max_train_examples=-1', 'finetune.max_train_examples=-1 must be a whole number >= 0'),
+    ('learning_rate=-1.0', 'finetune.learning_rate=-1.0 must be a number >= 0.0'),
+    ('warmup_fraction=2.0', 'finetune.warmup_fraction=2.0 must be a number >= 0.0 and < 1.0'),
+    ('pad_to_multiple=-1', 'finetune.pad_to_multiple=-1 must be a whole number >= 0'),
+    ('temperature=0.0', 'finetune.temperature=0.0 must be a number > 0.0'),
+])
+def test_a_finetune_value_out_of_range_is_one_line_before_anything_is_written(
+    encoder_dir, shared_data, tmp_path, capsys, override, message):
+  """Each was a traceback deep in the run (epochs 0: StopIteration after the probe, leaving a
+  workdir a corrected rerun refused), a misleading NaN-loss error, or a run that went on."""
+  err = _one_error_line(['elastic-jax', 'finetune', f'--model={encoder_dir}', '--task=rte',
+                         f'--workdir={tmp_path / "w"}', '--config=configs/finetune_glue.py:tiny',
+                         f'--config.finetune.glue_dir={shared_data / "glue"}',
+                         f'--config.finetune.{override}'], capsys)
+  assert err == f'elastic-jax finetune: error: {message}'
+  assert not (tmp_path / 'w').exists()
+
+
+def test_glue_folder_errors_name_the_finetune_field_and_empty_files(encoder_dir, shared_data,
+                                                                     tmp_path, capsys):
+  base = ['elastic-jax', 'finetune', f'--model={encoder_dir}', '--task=rte',
+          '--config=configs/finetune_glue.py:tiny',
+          f'--config.finetune.cache_dir={tmp_path / "cache"}']
+  err = _one_error_line(base + [f'--workdir={tmp_path / "w1"}',
+                                f'--config.finetune.glue_dir={tmp_path / "none"}'], capsys)
+  assert err.startswith(f"elastic-jax finetune: error: finetune.glue_dir '{tmp_path / 'none'}' "
+                        'is not a directory')
+  err = _one_error_line(base[:3] + ['--task=mnli', *base[4:], f'--workdir={tmp_path / "w2"}',
+                                    f'--config.finetune.glue_dir={shared_data / "glue"}'], capsys)
+  assert 'no MNLI/ folder' in err and 'set finetune.glue_dir to' in err
+  header_only = _glue_copy(shared_data, tmp_path / 'h', 'RTE', lambda n, t: t[:1])
+  err = _one_error_line(base + [f'--workdir={tmp_path / "w3"}',
+                                f'--config.finetune.glue_dir={header_only}'], capsys)
+  assert 'train.tsv holds no examples (a header alone?)' in err, err
+  with pytest.raises(ValueError, match="takes '', 'quick' or 'tiny', got 'tinyy'"):
+    from conftest import load_config
+    load_config('finetune_glue', 'tinyy')
+
+
 @pytest.mark.parametrize('arg', [None, 'quick', 'tiny'])
 def test_finetune_config_loads_with_every_field_known(arg):
   from conftest import load_config

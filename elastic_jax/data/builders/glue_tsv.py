@@ -24,11 +24,12 @@ from elastic_jax.errors import UserError
 _COLA_COLUMNS = ('source', 'label', 'original_label', 'sentence')
 
 
-def find_task_dir(glue_dir: str | Path, task: GlueTask) -> Path:
-  """The task's folder: <glue_dir>/<CoLA|SST-2|...>, or glue_dir itself if it holds the files."""
+def find_task_dir(glue_dir: str | Path, task: GlueTask, field: str = 'data.glue_dir') -> Path:
+  """The task's folder: <glue_dir>/<CoLA|SST-2|...>, or glue_dir itself if it holds the files.
+  `field`: the config field the user set glue_dir with, for the messages."""
   root = Path(glue_dir).expanduser()
   if not root.is_dir():
-    raise UserError(f'data.glue_dir {str(glue_dir)!r} is not a directory; point it at the GLUE '
+    raise UserError(f'{field} {str(glue_dir)!r} is not a directory; point it at the GLUE '
                     'data folder holding CoLA/, SST-2/, ...')
   wanted = {task.dir_name.lower(), task.name, task.dir_name.lower().replace('-', '')}
   for child in sorted(root.iterdir()):
@@ -37,7 +38,7 @@ def find_task_dir(glue_dir: str | Path, task: GlueTask) -> Path:
   if (root / 'train.tsv').is_file():
     return root
   raise UserError(f'GLUE task {task.name}: no {task.dir_name}/ folder in {root}; download GLUE '
-                  'there or set data.glue_dir to the folder holding it')
+                  f'there or set {field} to the folder holding it')
 
 
 def task_files(task_dir: Path, task: GlueTask) -> dict[str, Path]:
@@ -150,6 +151,11 @@ class GlueTsv(local.LocalFilesBuilder, skip_registration=True):
 
   def _generate_examples(self, split: str, path: Path):
     task = self.builder_config.task
+    empty = True
     for index, sentence1, sentence2, raw_label in read_rows(path, task, split):
       label = parse_label(raw_label, task, f'{path} row {index + 1}')
+      empty = False
       yield index, {'idx': index, 'sentence1': sentence1, 'sentence2': sentence2, 'label': label}
+    if empty:
+      raise UserError(f'{path} holds no examples (a header alone?); is it the GLUE '
+                      f'{task.dir_name} {path.name}?')
