@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from elastic_jax.errors import UserError
 from elastic_jax.workdir import (
   apply_init_from,
   build_space,
+  cleanup_on_failure,
   init_supernet,
   load_config,
   load_supernet,
@@ -56,9 +58,10 @@ def _stderr(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def parse_budgets(spec: str, original_params: int) -> list[tuple[str, int]]:
+def parse_budgets(spec: str, original_params: int | None) -> list[tuple[str, int]]:
   """'params=0.3,0.5,0.7' -> [(label, parameter count)]; values <= 1 are fractions of the
-  original, larger ones counts (k/M/G suffixes accepted)."""
+  original, larger ones whole counts (k/M/G suffixes accepted), each below the original's
+  `original_params` (None: the form alone is checked, before the original is read)."""
   from elastic_jax.search.pick import parse_number  # noqa: PLC0415
   spec = (spec or '').strip()
   if not spec.startswith('params='):
@@ -67,10 +70,18 @@ def parse_budgets(spec: str, original_params: int) -> list[tuple[str, int]]:
   out = []
   for part in spec[len('params='):].split(','):
     value = parse_number(part)
-    if value <= 0:
-      raise UserError(f'--budgets: {part!r} must be positive')
-    count = int(round(value * original_params)) if value <= 1 else int(value)
+    if not (math.isfinite(value) and value > 0):
+      raise UserError(f'--budgets: {part!r} must be a positive number')
+    if value > 1 and not float(value).is_integer():
+      raise UserError(f'--budgets: {part!r} is neither a fraction of the original (<= 1) nor a '
+                      'whole parameter count')
+    count = int(round(value * (original_params or 1))) if value <= 1 else int(value)
     label = f'{value:g}' if value <= 1 else part.strip()
+    if original_params is not None and count >= original_params:
+      raise UserError(f'--budgets: params={label} ({count:,} parameters) is not below the '
+                      f"original's {original_params:,}: nothing to compress")
+    if original_params is not None and count in [seen for _, seen in out]:
+      raise UserError(f'--budgets: params={label} asks for {count:,} parameters again')
     out.append((label, count))
   return out
 
@@ -264,16 +275,23 @@ def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
                  budgets: str | None = None, user_cfg: ml_collections.ConfigDict | None = None,
                  gguf: str | Path | None = None,
                  log: Callable[[str], None] = _stderr) -> dict:
-  """Runs (or resumes) every stage; returns the summary (also W/compress/summary.json)."""
+  """Runs (or resumes) every stage; returns the summary (also W/compress/summary.json). A run
+  that fails before the fine-tuning's first checkpoint leaves W as it found it (the import and
+  sort it made removed: a rerun with a corrected config starts over from them)."""
+  if budgets:
+    parse_budgets(budgets, None)  # a malformed spec fails before any work
+  with cleanup_on_failure(workdir):
+    return _run_stages(model_dir, Path(workdir), budgets=budgets, user_cfg=user_cfg, gguf=gguf,
+                       log=log)
+
+
+def _run_stages(model_dir, workdir: Path, *, budgets, user_cfg, gguf, log) -> dict:
   from elastic_jax.search.job import run_search  # noqa: PLC0415
   from elastic_jax.search.pick import export_pick  # noqa: PLC0415
   from elastic_jax.search.report import load_pareto  # noqa: PLC0415
   from elastic_jax.train.trainer import train as train_job  # noqa: PLC0415
 
-  workdir = Path(workdir)
   out_dir = workdir / COMPRESS_DIR
-  if budgets:
-    parse_budgets(budgets, 1)  # a malformed spec fails before any work
   _import(model_dir, workdir, user_cfg, gguf, log)
   stages = Stages(workdir)
   stages.finish('import', True) if 'import' not in stages.done else None

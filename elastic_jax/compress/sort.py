@@ -26,6 +26,7 @@ from elastic_jax import export as export_lib
 from elastic_jax.compress import config as compress_config
 from elastic_jax.compress import importance, permute
 from elastic_jax.errors import UserError
+from elastic_jax.hf.importer import PRETRAINED
 
 SORT_DIR = 'sort'
 SCORES_FILE = 'scores.npz'
@@ -78,6 +79,15 @@ def run_sort(cfg, workdir, *, log=print) -> dict:
     return done[1]
   c = compress_section(cfg)
   pretrained = pretrained_dir(cfg, workdir)
+  own = (workdir / PRETRAINED).resolve()
+  if pretrained.resolve() != own:
+    # Sorting permutes the original in place: never another run's (a copied workdir's config
+    # still names the first one's).
+    raise UserError(f'train.init_from={str(pretrained)!r} is not {workdir}\'s own imported model '
+                    f'({own}), and sorting rewrites it in place; import into this workdir '
+                    '(`elastic-jax import-hf --model DIR --out W`), or, for a copied workdir, set '
+                    f'train.init_from and data.tokenizer in {workdir}/config.json to its own '
+                    'pretrained/')
   if (workdir / 'checkpoints').is_dir() and any((workdir / 'checkpoints').iterdir()):
     raise UserError(f'{workdir} already holds fine-tuning checkpoints; sort before fine-tuning '
                     '(import into a new workdir, sort, then train)')

@@ -201,3 +201,39 @@ def test_compress_end_to_end_and_resume(tmp_path, monkeypatch):
   assert again['budgets']['0.5']['search']['ppl'] == entry['search']['ppl']
   assert again['budgets']['0.5']['pruned_finetuned']['ppl'] == entry['pruned_finetuned']['ppl']
 
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('params=nan', "'nan' must be a positive number"),
+    ('params=inf', "'inf' must be a positive number"),
+    ('params=1.5', "'1.5' is neither a fraction of the original (<= 1) nor a whole parameter"),
+    ('params=0.5,0.5', 'params=0.5 asks for'),
+    ('params=1e9', "is not below the original's"),
+    ('params=1', "is not below the original's"),
+    ('params=0.001', 'below the smallest sub-network'),
+])
+def test_bad_budgets_are_one_line_and_leave_no_workdir(imported, tmp_path, capsys, spec,
+                                                       message):
+  """Each was a traceback (nan, inf), a budget of 1 parameter (1.5), or a run that went on (a
+  duplicate, a budget above the original); a budget the space cannot reach failed after the
+  import and left a workdir behind."""
+  llama, _ = imported
+  fresh = tmp_path / 'fresh'
+  line = one_line_error(*run(capsys, 'compress', f'--model={llama}', f'--workdir={fresh}',
+                             f'--budgets={spec}')[::2])
+  assert message in line, line
+  assert not fresh.exists()
+
+
+def test_sort_never_permutes_another_workdirs_original(imported, tmp_path, capsys):
+  """A copied workdir's config names the first workdir's pretrained/ (train.init_from): sorting
+  it permuted the first one's original in place."""
+  import shutil
+  _, w = imported
+  copy = tmp_path / 'W2'
+  shutil.copytree(w, copy)
+  weights = (w / 'pretrained' / 'model.safetensors').read_bytes()
+  line = one_line_error(*run(capsys, 'sort', f'--workdir={copy}')[::2])
+  assert "is not" in line and "own imported model" in line and 'config.json' in line, line
+  assert (w / 'pretrained' / 'model.safetensors').read_bytes() == weights
+  assert not (w / 'sort').exists() and not (copy / 'sort').exists()
