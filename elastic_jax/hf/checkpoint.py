@@ -91,6 +91,7 @@ class Tensors(Mapping):
         raise UserError(f'{path} is not a readable safetensors file ({e})') from None
     self.directory = Path(directory)
     self.used: set[str] = set()
+    self.last: str | None = None
 
   def __getitem__(self, name: str) -> np.ndarray:
     from safetensors import safe_open
@@ -99,6 +100,7 @@ class Tensors(Mapping):
       raise UserError(f'{self.directory}: the checkpoint lacks tensor {name!r}; it is incomplete '
                       'or not of the model type its config.json names')
     self.used.add(name)
+    self.last = name  # for a message when converting it fails (its shape)
     path = self._where[name]
     try:
       with safe_open(str(path), framework='numpy') as f:

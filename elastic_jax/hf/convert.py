@@ -61,7 +61,13 @@ def read(directory: str | Path) -> tuple[ModelConfig, layout.Shape, dict, dict, 
     cfg = ModelConfig(**fields)
   except UserError as e:
     raise UserError(f'{directory}: {e}') from None
-  native = family.to_native(tensors, hf_config, shape)
+  try:
+    native = family.to_native(tensors, hf_config, shape)
+  except ValueError as e:  # a tensor that does not reshape to the sizes config.json gives
+    module = (tensors.last or '?').rsplit('.', 1)[0]  # the failing one was read last, or its pair
+    raise UserError(f'{directory}: the checkpoint tensors of {module!r} do not have the shapes '
+                    f'config.json implies ({e}); is config.json the one these weights were saved '
+                    'with?') from None
   unused = sorted(set(tensors) - tensors.used)
   unknown = [n for n in unused if not _NOT_IMPORTED.search(n)]
   if unknown:

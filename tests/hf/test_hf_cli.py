@@ -122,6 +122,19 @@ def test_missing_tensor_is_named(llama_dir, tmp_path, capsys):
   assert 'model.layers.1.mlp.up_proj.weight' in _error(capsys, tmp_path, llama_dir)
 
 
+@pytest.mark.parametrize('family', ['llama', 'gpt2'])
+def test_a_tensor_of_the_wrong_shape_is_named(family, tmp_path, capsys):
+  """A tensor cut by a column is one line naming its module (a numpy reshape traceback)."""
+  model_dir = H.save_model(family, tmp_path / family)
+  tensors = load_file(str(model_dir / 'model.safetensors'))
+  name = next(n for n in tensors if ('q_proj' in n or 'c_attn' in n) and n.endswith('weight'))
+  tensors[name] = tensors[name][..., :-1].copy()
+  save_file(tensors, str(model_dir / 'model.safetensors'))
+  capsys.readouterr()  # transformers' progress bar
+  line = _error(capsys, tmp_path, model_dir)
+  assert repr(name.rsplit('.', 1)[0]) in line and 'config.json implies' in line, line
+
+
 def test_import_into_a_non_empty_workdir_is_refused(llama_dir, tmp_path, capsys):
   (tmp_path / 'W').mkdir()
   (tmp_path / 'W' / 'mine.txt').write_text('keep me')
