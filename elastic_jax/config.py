@@ -172,6 +172,10 @@ class ModelDims:
 
 
 def _choices(field: str, values: Sequence[int], *, allow_empty: bool = False) -> tuple[int, ...]:
+  if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+    values = (values,)  # e.g. --config.space.hidden=abc, or one number
+  _require(all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer()
+               for v in values), field, list(values), 'choices must be whole numbers')
   values = tuple(int(v) for v in values)
   if not values and allow_empty:
     return values
@@ -315,10 +319,27 @@ def check_known_fields(section: str, values, known) -> None:
     raise UserError(f'unknown config field(s) {names}; known fields: {sorted(known)}')
 
 
+def _check_present(section: str, cfg: Mapping, typed) -> None:
+  """UserError naming the first field `typed` (a dataclass) requires that `cfg` lacks."""
+  for f in dataclasses.fields(typed):
+    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    if required and f.name not in cfg and f.name not in _DERIVED.get(section, ()):
+      raise UserError(f'config field {section}.{f.name} is missing: every {section} section sets '
+                      'it (configs/quickstart.py shows one; a workdir\'s config.json holds every '
+                      'field its run used)')
+
+
+# Fields a section may leave out: derived from others when absent.
+_DERIVED = {'space': ('depth', 'blocks', 'kv_groups', 'head_dim', 'inner', 'bottleneck_head_dim',
+                      'ffn_layers', 'ffn_max', 'heads_allowed', 'fgrams', 'fgram_layers',
+                      'fgram_ffn')}
+
+
 def model_config(cfg: Mapping) -> ModelConfig:
   """Builds the typed model family config from the `model` section of a ConfigDict."""
   values = dict(cfg)
   check_known_fields('model', values, {f.name for f in dataclasses.fields(ModelConfig)})
+  _check_present('model', values, ModelConfig)
   return ModelConfig(**values)
 
 
@@ -329,6 +350,7 @@ def space_config(cfg: Mapping) -> SpaceConfig:
   largest head count to divide the largest hidden size.
   """
   check_known_fields('space', cfg, {f.name for f in dataclasses.fields(SpaceConfig)})
+  _check_present('space', cfg, SpaceConfig)
   hidden = _choices('space.hidden', cfg['hidden'])
   heads = _choices('space.heads', cfg['heads'])
   head_dim = _choices('space.head_dim', cfg.get('head_dim', ()), allow_empty=True)

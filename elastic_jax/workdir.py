@@ -40,9 +40,14 @@ def save_config(workdir: str | Path, cfg: ml_collections.ConfigDict) -> None:
 
 
 def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(read_json(
-      Path(workdir) / CONFIG_FILE, f'workdir {workdir} has no {CONFIG_FILE}; pass '
-      '--config=configs/X.py', 'pass --config=configs/X.py'))
+  path = Path(workdir) / CONFIG_FILE
+  saved = read_json(path, f'workdir {workdir} has no {CONFIG_FILE}; pass --config=configs/X.py',
+                    'pass --config=configs/X.py')
+  for section in ('model', 'space', 'data'):  # what every command on a workdir reads
+    if not isinstance(saved, dict) or not isinstance(saved.get(section), dict):
+      raise UserError(f'{path} has no {section!r} section (every run writes one: was the file '
+                      'edited?); restore it, or pass --config=configs/X.py with the run\'s config')
+  return ml_collections.ConfigDict(saved)
 
 
 def resolve_config(workdir: str | None, cfg: ml_collections.ConfigDict | None):

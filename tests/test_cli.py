@@ -122,6 +122,33 @@ def test_corrupt_exported_weights(capsys, cache, tmp_path):
   assert code == 2 and 'corrupt or truncated' in err
 
 
+@pytest.mark.parametrize('edit, message', [
+    (lambda c: c.pop('space'), "config.json has no 'space' section"),
+    (lambda c: c.pop('model'), "config.json has no 'model' section"),
+    (lambda c: c.pop('data'), "config.json has no 'data' section"),
+    (lambda c: c['space'].pop('ffn'), 'config field space.ffn is missing'),
+    (lambda c: c['space'].update(hidden='abc'), "space.hidden=['abc'] is invalid: choices must be "
+                                                'whole numbers'),
+    (lambda c: c['space'].update(hidden=[32, 4.5]), 'space.hidden=[32, 4.5] is invalid: choices '
+                                                    'must be whole numbers'),
+])
+def test_a_damaged_workdir_config_is_one_line(capsys, cache, tmp_path, edit, message):
+  """A workdir's config.json without a section or a required field, or with a choice that is
+  not a whole number: one line (KeyError / AttributeError / ValueError tracebacks; 4.5 was read
+  as 4)."""
+  cfg = load_config('quickstart', 'tiny').to_dict()
+  edit(cfg)
+  w = tmp_path / 'w'
+  w.mkdir()
+  (w / 'config.json').write_text(json.dumps(cfg))
+  for command in ('evaluate', 'export'):
+    code, out, err = run(capsys, command, f'--workdir={w}', '--arch=largest',
+                         *(['--out=' + str(tmp_path / 'o')] if command == 'export' else []))
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1, err
+    assert message in err, err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['w']
+
+
 @pytest.mark.parametrize('name, arg', [('quickstart', None), ('quickstart', 'tiny'),
                                        ('bert_elm', None), ('bert_elm', 'tiny'),
                                        ('bert_elm', 'runlocal'), ('flexibert', None),
