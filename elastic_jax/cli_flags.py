@@ -158,6 +158,24 @@ def _innermost(e: BaseException) -> BaseException:
   return seen
 
 
+# What a flag's parser says -> what the value should have been.
+_EXPECTED = (('for int()', 'a whole number'), ('to float', 'a number'),
+             ('Non-boolean', 'true or false'))
+
+
+def _bad_value_error(e: BaseException) -> str | None:
+  """One line for a value a flag or a config field cannot take (`--max_new_tokens=abc`,
+  `--config.train.steps=1.5`), naming it and its type; None for other errors (--config's own)."""
+  m = re.match(r'flag --([\w.]+)=(.*?): (.*)', str(e).splitlines()[0] if str(e) else '')
+  if not isinstance(e, flags.Error) or not m or m.group(1) == 'config':
+    return None
+  name, value, reason = m.groups()
+  expected = next((want for said, want in _EXPECTED if said in reason), None)
+  field = f'config field {name[len("config."):]}' if name.startswith('config.') else f'--{name}'
+  return (f'{field}={value!r} is invalid: it must be {expected}' if expected else
+          f'{field}={value!r} is invalid: {reason}')
+
+
 def _override_error(e: BaseException, args: list[str]) -> str:
   """One line for an override naming a field the config does not have."""
   text = str(e).replace('\\n', '\n').replace('\\', '')
@@ -220,6 +238,9 @@ def parse(cmd: Command, args: list[str]) -> flags.FlagValues:
   except (flags.Error, OSError, ValueError, TypeError) as e:
     if isinstance(e, UserError):
       raise
+    bad_value = _bad_value_error(e)
+    if bad_value:
+      raise UserError(bad_value) from None
     inner = _innermost(e)
     if inner is not e and not isinstance(inner, OSError):  # the config file's own reason
       first = [l for l in str(inner).splitlines() if l.strip()] or [type(inner).__name__]

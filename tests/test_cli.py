@@ -122,6 +122,24 @@ def test_corrupt_exported_weights(capsys, cache, tmp_path):
   assert code == 2 and 'corrupt or truncated' in err
 
 
+@pytest.mark.parametrize('args, message', [
+    (['generate', '--model=m', '--prompt=hi', '--max_new_tokens=abc'],
+     "--max_new_tokens='abc' is invalid: it must be a whole number"),
+    (['generate', '--model=m', '--prompt=hi', '--temperature=hot'],
+     "--temperature='hot' is invalid: it must be a number"),
+    (['train', QUICK, '--workdir=w', '--config.train.steps=1.5'],
+     "config field train.steps='1.5' is invalid: it must be a whole number"),
+    (['train', QUICK, '--workdir=w', '--config.model.scan_layers=maybe'],
+     "config field model.scan_layers='maybe' is invalid: it must be true or false"),
+])
+def test_a_value_of_the_wrong_type_names_its_flag(capsys, tmp_path, monkeypatch, args, message):
+  """They said '--config: invalid literal for int() ...', whatever the flag."""
+  monkeypatch.chdir(tmp_path)
+  code, out, err = run(capsys, *args)
+  assert code == 2 and not out and err.strip() == f'elastic-jax {args[0]}: error: {message}'
+  assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize('edit, message', [
     (lambda c: c.pop('space'), "config.json has no 'space' section"),
     (lambda c: c.pop('model'), "config.json has no 'model' section"),
