@@ -157,8 +157,9 @@ def _restore_latest(manager, abstract_params, abstract_opt_state=None, abstract_
       where = ''
       if move_unreadable_to is not None:
         where = f'; moved to {_move_aside(manager, step, move_unreadable_to)}'
-      logging.warning('checkpoint at step %d in %s is unreadable (%s)%s; trying the previous one',
-                      step, manager.directory, describe(e), where)
+      if step != steps[-1]:  # the last one's failure is in the error below
+        logging.warning('checkpoint at step %d in %s is unreadable (%s)%s; trying the previous '
+                        'one', step, manager.directory, describe(e), where)
       errors.append((step, describe(e)))
       continue
     return (restored['params'], restored.get('opt_state'), restored['meta'],
@@ -166,7 +167,9 @@ def _restore_latest(manager, abstract_params, abstract_opt_state=None, abstract_
   if errors:
     tried = '; '.join(f'step {s}: {why}' for s, why in errors)
     moved = (f' (moved to {move_unreadable_to}; run again to train from scratch)'
-             if move_unreadable_to is not None else '; delete it to train from scratch')
+             if move_unreadable_to is not None else
+             '; restore the workdir from a copy, or run `elastic-jax train` on it, which moves '
+             'unreadable checkpoints aside and trains from scratch')
     raise UserError(f'no readable checkpoint in {manager.directory} ({tried}){moved}')
   return None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -476,8 +477,38 @@ def data_():
 # -- flag parsing ----------------------------------------------------------------------------
 
 
+def _quiet_closed_loop_callbacks() -> None:
+  """After a failed checkpoint read (already reported in one line, or a fallback's warning),
+  Orbax's other array reads finish on threads: they call back into its closed event loop, and
+  their coroutines, never awaited, are collected holding their own read errors. Python printed
+  each with its traceback (up to 385 lines after one readable error). Those alone are dropped;
+  every other unraisable exception is printed as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'elastic_jax', False):
+    return  # installed by an earlier call of main() in this process
+
+  def orbax_leftover(unraisable) -> bool:
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == 'Event loop is closed'):
+      return True
+    code = getattr(unraisable.object, 'cr_code', None)  # a coroutine's
+    return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+
+  def hook(unraisable):
+    if not orbax_leftover(unraisable):
+      previous(unraisable)
+
+  hook.elastic_jax = True
+  sys.unraisablehook = hook
+  # ... and asyncio logs the reads' tasks and futures it collects with their errors unread.
+  import logging  # noqa: PLC0415
+  logging.getLogger('asyncio').addFilter(
+      lambda record: 'exception was never retrieved' not in str(record.msg))
+
+
 def main(argv: list[str] | None = None) -> int:
   global FLAGS, _RUNNING
+  _quiet_closed_loop_callbacks()
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
     print(usage())
