@@ -169,9 +169,13 @@ def _read_json_archs(path: str | Path) -> list:
   """The JSON archs of a file: one object, a list of them, or JSON lines (one per line, as
   `elastic-jax sample` prints them)."""
   path = Path(path)
+  if path.is_dir():
+    raise UserError(f'architecture file {path} is a directory; pass a JSON file written by '
+                    '`elastic-jax sample --config C --n 1 > arch.json`, or largest / smallest')
   if not path.is_file():
     raise UserError(f'architecture file {path} does not exist; write one with '
-                    '`elastic-jax sample --config C --n 1 > arch.json`')
+                    '`elastic-jax sample --config C --n 1 > arch.json`, or pass largest / '
+                    'smallest')
   text = path.read_text().strip()
   try:
     try:

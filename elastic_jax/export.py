@@ -256,6 +256,10 @@ def read_config(directory: str | Path) -> dict:
     raise UserError(f'{directory} is the workdir of a run, not an exported model: use '
                     f'--workdir={directory} --arch=ARCH.json, or export a sub-network first '
                     f'(`elastic-jax export --workdir={directory} --pick=knee`)')
+  if config.get('format') != FORMAT and 'model_type' in config:
+    raise UserError(f'{directory} is a Hugging Face model directory, not an elastic_jax export: '
+                    f'import it first (`elastic-jax import-hf --model={directory} --out=W`), then '
+                    'use --workdir=W')
   if config.get('format') != FORMAT:
     raise UserError(f'{path} has format {config.get("format")!r}, expected {FORMAT!r}')
   return config

@@ -41,8 +41,9 @@ class Sampling:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if not self.temperature >= 0:
-      raise UserError(f'--temperature={self.temperature} must be >= 0 (0 = greedy)')
+    if not 0 <= self.temperature < float('inf'):
+      raise UserError(f'--temperature={self.temperature} must be a finite number >= 0 '
+                      '(0 = greedy)')
     if self.top_k < 0:
       raise UserError(f'--top_k={self.top_k} must be >= 0 (0 = no top-k filter)')
     if not 0 < self.top_p <= 1:

@@ -140,6 +140,23 @@ def test_a_value_of_the_wrong_type_names_its_flag(capsys, tmp_path, monkeypatch,
   assert not list(tmp_path.iterdir())
 
 
+def test_a_path_of_the_wrong_kind_says_what_to_pass(capsys, tmp_path):
+  """A Hugging Face directory given to evaluate (it said: format None, expected ...), a missing
+  one to import-hf (it asked for a tokenizer.json), a directory or a misspelt word as --arch."""
+  hf = tmp_path / 'hf'
+  hf.mkdir()
+  (hf / 'config.json').write_text(json.dumps({'model_type': 'llama'}))
+  code, _, err = run(capsys, 'evaluate', f'--model={hf}')
+  assert code == 2 and 'is a Hugging Face model directory' in err and 'import-hf' in err, err
+  code, _, err = run(capsys, 'import-hf', f'--model={tmp_path / "none"}',
+                     f'--out={tmp_path / "w"}')
+  assert code == 2 and 'is not a directory' in err, err
+  for arch, said in ((hf, 'is a directory'), ('biggest', 'does not exist')):
+    code, _, err = run(capsys, 'export', QUICK, f'--arch={arch}', f'--out={tmp_path / "o"}')
+    assert code == 2 and said in err and 'largest / smallest' in err, err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['hf']
+
+
 @pytest.mark.parametrize('edit, message', [
     (lambda c: c.pop('space'), "config.json has no 'space' section"),
     (lambda c: c.pop('model'), "config.json has no 'model' section"),

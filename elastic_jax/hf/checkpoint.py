@@ -122,6 +122,7 @@ class Tensors(Mapping):
 def tokenizer_files(directory: str | Path) -> dict[str, Path]:
   """The tokenizer files present in `directory` (tokenizer.json required)."""
   directory = Path(directory)
+  _require_dir(directory)
   if not (directory / TOKENIZER_FILE).is_file():
     raise UserError(f'{directory} has no {TOKENIZER_FILE}; save the fast tokenizer beside the '
                     'weights (AutoTokenizer.from_pretrained(...).save_pretrained(DIR))')

@@ -149,6 +149,9 @@ def test_bad_input(tmp_path, capsys):
     g.generate([[VOCAB]], 3)
   with pytest.raises(UserError, match='top_p'):
     gen.Sampling(temperature=1.0, top_p=0.0)
+  for t in (float('inf'), float('nan'), -1.0):  # inf was taken (uniform sampling, silently)
+    with pytest.raises(UserError, match='temperature.*must be a finite number >= 0'):
+      gen.Sampling(temperature=t)
   encoder = Model(ModelConfig(kind='encoder', vocab_size=VOCAB), dense.dims, rngs=nnx.Rngs(0))
   with pytest.raises(UserError, match='decoder'):
     gen.Generator(encoder)
