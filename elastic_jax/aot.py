@@ -109,9 +109,12 @@ def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
     raise UserError(f'unknown topology {topology!r}: write {example} (chips: {", ".join(CHIPS)})')
   chip = CHIPS[m['chip']]
   shape = tuple(int(s) for s in m['shape'].split('x'))
-  if len(shape) != chip.torus_dims or min(shape) < 1:
+  if len(shape) != chip.torus_dims:
     raise UserError(f'unknown topology {topology!r}: a {chip.name} slice has '
                     f'{chip.torus_dims} dimensions; write {example}')
+  if min(shape) < 1:
+    raise UserError(f'unknown topology {topology!r}: every dimension counts chips, so is at '
+                    f'least 1; write {example}')
   return m['chip'], shape
 
 
@@ -122,11 +125,16 @@ def tpu_devices(topology: str) -> list:
     from jax.experimental import topologies
     topo = topologies.get_topology_desc(platform='tpu', topology_name=topology.strip().lower())
   except Exception as e:  # noqa: BLE001  (a missing plugin and a bad name both surface here)
+    import importlib.util
     text = f'{type(e).__name__}: {e}'
-    if 'libtpu' in text.lower() or 'plugin' in text.lower() or 'tpu' not in text.lower():
+    if importlib.util.find_spec('libtpu') is None:
       raise UserError(f'cannot describe TPU topology {topology!r} ({_first_line(text)}); '
                       "compiling for TPU needs the tpu extra: pip install -e '.[tpu]'") from None
-    raise UserError(f'TPU topology {topology!r} is not available: {_first_line(text)}') from None
+    reason = next((l.strip() for l in text.splitlines() if 'INVALID_ARGUMENT' in l),
+                  _first_line(text))
+    raise UserError(f'TPU topology {topology!r} is not available: {reason[:300]} (libtpu '
+                    'describes the slices a real pod offers: each dimension a multiple of a '
+                    'host\'s chips)') from None
   return list(topo.devices)
 
 

@@ -31,6 +31,17 @@ def test_unknown_topology_is_one_clear_line(capsys, topology):
   assert 'v5e:4x4' in lines[0]  # says what to write
 
 
+def test_a_slice_libtpu_cannot_describe_says_why(capsys):
+  """v5e:3x3 parses but no v5e pod has it (a host's 2x2 chips do not divide it): libtpu's reason,
+  not 'install the tpu extra' (it is installed)."""
+  pytest.importorskip('libtpu')
+  code, out, err = run(capsys, 'compile', QUICK, '--topology=v5e:3x3')
+  lines = [l for l in err.splitlines() if l.startswith('elastic-jax')]
+  assert code == 2 and not out and len(lines) == 1, err
+  assert "TPU topology 'v5e:3x3' is not available" in lines[0] and 'divisible' in lines[0]
+  assert 'tpu extra' not in lines[0]
+
+
 def test_topology_names_parse():
   assert aot.parse_topology('v5e:4x4') == ('v5e', (4, 4))
   assert aot.parse_topology('V5P:2x2x2') == ('v5p', (2, 2, 2))
