@@ -427,19 +427,18 @@ def finetune():
     _print_json(scores)
     return
   task = _require('task')
-  pairs = getattr(getattr(trainer.job_for(task), 'task', None), 'is_pair', False)
-  if FLAGS.out and pairs and cfg.pair_encoding == 'siamese':
-    raise UserError("--out writes BertForSequenceClassification, which reads a sentence pair as "
-                    "one sequence; a finetune.pair_encoding='siamese' classifier has no such "
-                    "form: drop --out (the checkpoint stays in --workdir) or use 'cross'")
+  job = trainer.job_for(task)
+  if FLAGS.out:  # what the export would refuse, before the fine-tuning rather than after it
+    from elastic_jax.finetune.export_hf import check_before_finetuning
+    if not hasattr(job, 'task'):
+      raise UserError(f'--out exports GLUE classifiers; {job.name} has no transformers export '
+                      'here (its checkpoint is in --workdir)')
+    check_before_finetuning(model, cfg, job.task.is_pair, FLAGS.out)
   result = trainer.finetune(model, task, workdir, cfg, log=log)
   out = {'task': result['task'], 'best': result['best']}
   if FLAGS.out:  # the best epoch as a transformers AutoModelForSequenceClassification directory
     from elastic_jax.finetune.export_hf import save_classifier
     clf, job, _ = trainer.load_best(workdir)
-    if not hasattr(job, 'task'):
-      raise UserError(f'--out exports GLUE classifiers; {job.name} has no transformers export '
-                      'here (its checkpoint is in --workdir)')
     config = json.loads((Path(model) / 'config.json').read_text())
     base = config if 'model_type' in config else None  # a Hugging Face --model: keep its ids
     out['exported'] = save_classifier(clf, job.task, FLAGS.out, tokenizer_dir=model, base=base)

@@ -309,6 +309,30 @@ def test_glue_folder_errors_name_the_finetune_field_and_empty_files(encoder_dir,
     load_config('finetune_glue', 'tinyy')
 
 
+def test_an_out_the_export_would_refuse_is_refused_before_fine_tuning(
+    encoder_dir, decoder_dir, shared_data, tmp_path, capsys):
+  """A decoder, a mean-pooled head, an --out holding a user's file, a SQuAD task: each was
+  found only after the whole fine-tuning had run."""
+  glue = f'--config.finetune.glue_dir={shared_data / "glue"}'
+  config = '--config=configs/finetune_glue.py:tiny'
+  taken = tmp_path / 'taken'
+  taken.mkdir()
+  (taken / 'notes.txt').write_text('mine')
+  cases = [(decoder_dir, [], 'only BERT-style classifiers'),
+           (encoder_dir, ['--config.finetune.pooling=mean'], "pooling='mean' has no"),
+           (encoder_dir, [f'--out={taken}'], str(taken)),
+           (encoder_dir, ['--task=squad'], 'squad has no transformers export')]
+  for i, (model, extra, said) in enumerate(cases):
+    out = [] if any(a.startswith('--out') for a in extra) else [f'--out={tmp_path / "o"}']
+    task = [] if any(a.startswith('--task') for a in extra) else ['--task=rte']
+    err = _one_error_line(['elastic-jax', 'finetune', f'--model={model}', *task,
+                           f'--workdir={tmp_path / f"w{i}"}', config, glue, *out, *extra],
+                          capsys)
+    assert said in err, err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['taken']
+  assert (taken / 'notes.txt').read_text() == 'mine'
+
+
 @pytest.mark.parametrize('arg', [None, 'quick', 'tiny'])
 def test_finetune_config_loads_with_every_field_known(arg):
   from conftest import load_config
