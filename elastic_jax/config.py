@@ -15,6 +15,7 @@ Three layers:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -172,9 +173,10 @@ class ModelDims:
 
 
 def _choices(field: str, values: Sequence[int], *, allow_empty: bool = False) -> tuple[int, ...]:
-  if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+  if isinstance(values, (str, bytes)) or not hasattr(values, '__iter__'):
     values = (values,)  # e.g. --config.space.hidden=abc, or one number
-  _require(all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer()
+  values = tuple(values)
+  _require(all(isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v).is_integer()
                for v in values), field, list(values), 'choices must be whole numbers')
   values = tuple(int(v) for v in values)
   if not values and allow_empty:
