@@ -321,27 +321,10 @@ def check_known_fields(section: str, values, known) -> None:
     raise UserError(f'unknown config field(s) {names}; known fields: {sorted(known)}')
 
 
-def _check_present(section: str, cfg: Mapping, typed) -> None:
-  """UserError naming the first field `typed` (a dataclass) requires that `cfg` lacks."""
-  for f in dataclasses.fields(typed):
-    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    if required and f.name not in cfg and f.name not in _DERIVED.get(section, ()):
-      raise UserError(f'config field {section}.{f.name} is missing: every {section} section sets '
-                      'it (configs/quickstart.py shows one; a workdir\'s config.json holds every '
-                      'field its run used)')
-
-
-# Fields a section may leave out: derived from others when absent.
-_DERIVED = {'space': ('depth', 'blocks', 'kv_groups', 'head_dim', 'inner', 'bottleneck_head_dim',
-                      'ffn_layers', 'ffn_max', 'heads_allowed', 'fgrams', 'fgram_layers',
-                      'fgram_ffn')}
-
-
 def model_config(cfg: Mapping) -> ModelConfig:
   """Builds the typed model family config from the `model` section of a ConfigDict."""
   values = dict(cfg)
   check_known_fields('model', values, {f.name for f in dataclasses.fields(ModelConfig)})
-  _check_present('model', values, ModelConfig)
   return ModelConfig(**values)
 
 
@@ -352,7 +335,11 @@ def space_config(cfg: Mapping) -> SpaceConfig:
   largest head count to divide the largest hidden size.
   """
   check_known_fields('space', cfg, {f.name for f in dataclasses.fields(SpaceConfig)})
-  _check_present('space', cfg, SpaceConfig)
+  missing = [f for f in ('num_layers', 'hidden', 'heads', 'ffn') if f not in cfg]  # no default
+  if missing:
+    raise UserError(f'config field space.{missing[0]} is missing: every space section sets it '
+                    '(configs/quickstart.py shows one; a workdir\'s config.json holds every '
+                    'field its run used)')
   hidden = _choices('space.hidden', cfg['hidden'])
   heads = _choices('space.heads', cfg['heads'])
   head_dim = _choices('space.head_dim', cfg.get('head_dim', ()), allow_empty=True)

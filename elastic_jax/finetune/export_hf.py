@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from elastic_jax import export as export_lib
-from elastic_jax.config import ModelConfig
 from elastic_jax.data.glue_tasks import GlueTask
 from elastic_jax.errors import UserError
 from elastic_jax.finetune.classifier import Classifier
@@ -49,11 +48,8 @@ def check_before_finetuning(model_dir: str | Path, finetune_cfg, is_pair: bool,
   model_dir = Path(model_dir)
   if export_lib.is_export(model_dir):
     model_cfg = export_lib.load_abstract(model_dir)[0].cfg
-  else:  # a Hugging Face directory: its family's config, from config.json and tensor names
-    hf_config = checkpoint.read_config(model_dir)
-    fields, _ = convert.family_of(hf_config).model_config(hf_config,
-                                                          set(checkpoint.Tensors(model_dir)))
-    model_cfg = ModelConfig(**fields)
+  else:  # a Hugging Face directory
+    model_cfg = convert.read_header(model_dir)[0]
   siamese = is_pair and finetune_cfg.pair_encoding == 'siamese'
   check_exportable(model_cfg, finetune_cfg.pooling, siamese, out)
 

@@ -395,7 +395,6 @@ def run_suite(model_dir: str | Path, suite: str, workdir: str | Path,
   """Fine-tunes every task of `suite` in workdir/<task>; writes workdir/<suite>.json and .md."""
   if suite not in SUITES:
     raise UserError(f'unknown --suite {suite!r}; use one of {", ".join(SUITES)}')
-  check_config(cfg or default_config())
   workdir = Path(workdir)
   scores = {}
   for name in SUITES[suite]:

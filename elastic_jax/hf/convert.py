@@ -51,8 +51,9 @@ class Imported:
   not_imported: list[str]  # checkpoint entries that are not model parameters
 
 
-def read(directory: str | Path) -> tuple[ModelConfig, layout.Shape, dict, dict, list[str]]:
-  """(model family, sizes, config.json, native arrays, unused checkpoint entries)."""
+def read_header(directory: str | Path):
+  """(model family config, sizes, config.json, the checkpoint's tensors, its family module),
+  from config.json and the tensors' names and shapes alone (no weights read)."""
   hf_config = checkpoint.read_config(directory)
   family = family_of(hf_config)
   tensors = checkpoint.Tensors(directory)
@@ -61,6 +62,12 @@ def read(directory: str | Path) -> tuple[ModelConfig, layout.Shape, dict, dict, 
     cfg = ModelConfig(**fields)
   except UserError as e:
     raise UserError(f'{directory}: {e}') from None
+  return cfg, shape, hf_config, tensors, family
+
+
+def read(directory: str | Path) -> tuple[ModelConfig, layout.Shape, dict, dict, list[str]]:
+  """(model family, sizes, config.json, native arrays, unused checkpoint entries)."""
+  cfg, shape, hf_config, tensors, family = read_header(directory)
   try:
     native = family.to_native(tensors, hf_config, shape)
   except ValueError as e:  # a tensor that does not reshape to the sizes config.json gives
