@@ -6,8 +6,11 @@ is either whole or absent), keeping the last K; a save Orbax refuses or fails is
 silence. Restore takes the latest checkpoint, and falls back to the one before it, with a warning,
 when the latest cannot be read; the training run's restore also moves the unreadable one aside
 (to W/checkpoints_unreadable/, kept for inspection), so that the step can be saved again when the
-run retrains it. Arrays are restored onto the shardings the caller gives, so a checkpoint written on
-one mesh or process count reads on any other.
+run retrains it. A checkpoint that fails to restore because its saved arrays (per their metadata)
+have other shapes than the config's model, or are other arrays, is not unreadable: the config
+changed, and that is one error (`CheckpointMismatch`) that leaves every checkpoint in place. Arrays
+are restored onto the shardings the caller gives, so a checkpoint written on one mesh or process
+count reads on any other.
 """
 
 from __future__ import annotations
@@ -28,6 +31,20 @@ UNREADABLE_DIRNAME = 'checkpoints_unreadable'
 
 class CheckpointError(UserError):
   """A checkpoint could not be written."""
+
+
+class CheckpointMismatch(UserError):
+  """Checkpoints whose saved arrays do not fit the model the config builds (another shape, or
+  another set of arrays): the config is not the one that wrote them. `detail` names the first
+  difference."""
+
+  def __init__(self, directory: Path, step: int, detail: str):
+    self.directory, self.step, self.detail = Path(directory), step, detail
+    super().__init__(
+        f'the checkpoints in {directory} do not fit the model of the config (step {step}: '
+        f'{detail}); the config has changed since they were written: restore the config that '
+        'wrote them, or use a new --workdir for this config (the checkpoints are left as they '
+        'are)')
 
 
 def has_checkpoints(workdir: str | Path) -> bool:
@@ -143,17 +160,23 @@ def _restore_latest(manager, abstract_params, abstract_opt_state=None, abstract_
   will save those steps again; Orbax would refuse a step it still lists)."""
   steps = sorted(manager.all_steps(), reverse=True)
   errors = []
+  targets = {'params': abstract_params}
+  if abstract_opt_state is not None:
+    targets.update(extra_params=abstract_extra, opt_state=abstract_opt_state)
   for step in steps:
-    items = {'params': ocp.args.StandardRestore(abstract_params), 'meta': ocp.args.JsonRestore()}
-    if abstract_opt_state is not None:
-      items['opt_state'] = ocp.args.StandardRestore(abstract_opt_state)
-      items['extra_params'] = ocp.args.StandardRestore(abstract_extra)
+    items = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
+    items['meta'] = ocp.args.JsonRestore()
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
       meta = restored['meta']
       if not isinstance(meta, dict) or meta.get('step') != step or type(meta['step']) is not int:
         raise ValueError(f'its meta item does not hold step {step} ({str(meta)[:80]})')
     except Exception as e:  # noqa: BLE001  (any unreadable checkpoint: fall back to an older one)
+      # Readable, but saved for another model: the config changed, not the checkpoint. An error
+      # that leaves every checkpoint where it is (no fallback: the older ones fit no better).
+      mismatch = _shape_mismatch(Path(manager.directory) / str(step), targets)
+      if mismatch is not None:
+        raise CheckpointMismatch(Path(manager.directory), step, mismatch) from None
       where = ''
       if move_unreadable_to is not None:
         where = f'; moved to {_move_aside(manager, step, move_unreadable_to)}'
@@ -171,6 +194,67 @@ def _restore_latest(manager, abstract_params, abstract_opt_state=None, abstract_
              '; restore the workdir from a copy, or run `elastic-jax train` on it, which moves '
              'unreadable checkpoints aside and trains from scratch')
     raise UserError(f'no readable checkpoint in {manager.directory} ({tried}){moved}')
+  return None
+
+
+# What each item's arrays are, in messages.
+_ITEM_WORDS = {'params': 'parameter', 'extra_params': 'training array',
+               'opt_state': 'optimizer state array'}
+
+
+def _key_name(key) -> str:
+  """A pytree path entry as a name: dict key, attribute or index ('layers', 'value', '0')."""
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _shapes(tree) -> dict[str, tuple | None]:
+  """{'embed/tokens': shape} for every array of `tree` (ShapeDtypeStructs, or Orbax's saved
+  array metadata); an nnx Variable's trailing 'value' is left out of the name."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = [_key_name(k) for k in path]
+    if len(names) > 1 and names[-1] == 'value':
+      names.pop()
+    shape = getattr(leaf, 'shape', None)
+    out['/'.join(names)] = None if shape is None else tuple(int(n) for n in shape)
+  return out
+
+
+def _saved_shapes(item_dir: Path) -> dict[str, tuple | None] | None:
+  """The shapes of the arrays saved in a checkpoint item, from its metadata (no array is read);
+  None when the metadata cannot be read (a damaged checkpoint)."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return _shapes(handler.metadata(item_dir))
+  except Exception:  # noqa: BLE001  (missing, truncated or garbled metadata: unreadable)
+    return None
+  finally:
+    handler.close()
+
+
+def _shape_mismatch(step_dir: Path, targets: dict) -> str | None:
+  """How the arrays saved in checkpoint `step_dir` differ from the restore's `targets` (item ->
+  ShapeDtypeStructs), per their saved metadata: the first difference in words, with how many
+  more there are; None when they fit, or when the metadata of an item cannot be read (then the
+  checkpoint is damaged, not of another model)."""
+  for item, target in targets.items():
+    saved = _saved_shapes(step_dir / item)
+    if saved is None:
+      return None
+    want, word = _shapes(target), _ITEM_WORDS.get(item, f'{item} array')
+    diffs = [f'{word} {k} is saved with shape {saved[k]} but the config builds {want[k]}'
+             for k in want if k in saved and None not in (saved[k], want[k])
+             and saved[k] != want[k]]
+    diffs += [f'the config builds {word} {k} {want[k]}, which the checkpoint does not hold'
+              for k in want if k not in saved]
+    diffs += [f'{word} {k} {saved[k]} is saved but the config builds no such array'
+              for k in saved if k not in want]
+    if diffs:
+      more = f', and {len(diffs) - 1} more arrays differ' if len(diffs) > 1 else ''
+      return diffs[0] + more
   return None
 
 

@@ -245,13 +245,18 @@ def save(model: Model, out: str | Path, *, arch: Arch | None = None,
   return write_export_dir(out, write, overwrite=overwrite)
 
 
-def read_config(directory: str | Path) -> dict:
+# What to do about an exported model's unreadable files; a model that is no export (the original
+# an import wrote into a workdir) names its own remedy (`fix`).
+REEXPORT = 're-export the model'
+
+
+def read_config(directory: str | Path, fix: str = REEXPORT) -> dict:
   directory = Path(directory)
   path = directory / CONFIG_FILE
   config = read_json(path, f'{directory} is not an exported model: {CONFIG_FILE} is missing; '
-                     'create one with `elastic-jax export`', 're-export the model')
+                     'create one with `elastic-jax export`', fix)
   if not isinstance(config, dict):
-    raise UserError(f'{path} does not describe an exported model; re-export it')
+    raise UserError(f'{path} does not describe an exported model; {fix}')
   if config.get('format') != FORMAT and ('space' in config or (directory / 'checkpoints').is_dir()):
     raise UserError(f'{directory} is the workdir of a run, not an exported model: use '
                     f'--workdir={directory} --arch=ARCH.json, or export a sub-network first '
@@ -285,42 +290,44 @@ def saved_data_config(directory: str | Path, config: Mapping):
   return data_cfg
 
 
-def load_abstract(directory: str | Path) -> tuple[Model, dict]:
+def load_abstract(directory: str | Path, *, fix: str = REEXPORT) -> tuple[Model, dict]:
   """An exported dense model with shapes-only parameters (its weights not read: what
-  `elastic-jax compile` needs of an external teacher), and its config.json."""
+  `elastic-jax compile` needs of an external teacher), and its config.json. `fix`: the advice
+  of every error about its files."""
   directory = Path(directory)
-  config = read_config(directory)
+  config = read_config(directory, fix)
   try:
     cfg = ModelConfig(**config['model'])
     dims = ModelDims.from_json(config['dims'])
   except (KeyError, TypeError) as e:
-    raise UserError(f'{directory / CONFIG_FILE} does not describe a model ({e}); re-export') \
+    raise UserError(f'{directory / CONFIG_FILE} does not describe a model ({e}); {fix}') \
         from None
   return abstract_model(cfg, dims), config
 
 
-def load(directory: str | Path) -> tuple[Model, dict]:
-  """Loads an exported dense model; returns it and its config.json."""
+def load(directory: str | Path, *, fix: str = REEXPORT) -> tuple[Model, dict]:
+  """Loads an exported dense model; returns it and its config.json. `fix`: the advice of every
+  error about its files."""
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
 
   directory = Path(directory)
-  abstract, config = load_abstract(directory)
+  abstract, config = load_abstract(directory, fix=fix)
   weights = directory / WEIGHTS_FILE
   if not weights.is_file():
-    raise UserError(f'{weights} is missing; re-export the model')
+    raise UserError(f'{weights} is missing; {fix}')
   try:
     tensors = load_file(str(weights))
   except (SafetensorError, OSError, ValueError) as e:
-    raise UserError(f'{weights} is corrupt or truncated ({e}); re-export the model') from None
+    raise UserError(f'{weights} is corrupt or truncated ({e}); {fix}') from None
   values = {}
   for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
     key = param_key(path)
     if key not in tensors:
-      raise UserError(f'{weights} lacks tensor {key}; re-export the model')
+      raise UserError(f'{weights} lacks tensor {key}; {fix}')
     if tuple(tensors[key].shape) != tuple(var.shape):
       raise UserError(f'{weights}: tensor {key} has shape {tensors[key].shape}, config.json '
-                      f'implies {tuple(var.shape)}; re-export the model')
+                      f'implies {tuple(var.shape)}; {fix}')
     values[path] = tensors[key]
   return fill_model(abstract, values), config
 

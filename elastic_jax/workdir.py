@@ -228,16 +228,24 @@ def apply_init_from(path: str, model: Model, space: Space) -> str:
     arch = arch_lib.from_json(original_arch(imported.shape, space.num_layers), space.cfg)
     export_lib.import_dense(model, space.cfg, arch, imported.model)
     return f'Hugging Face checkpoint {path[3:]}'
+  from elastic_jax import checkpoints  # noqa: PLC0415
   p = Path(path)
-  if (p / export_lib.CONFIG_FILE).is_file():
-    dense, saved = export_lib.load(p)
+  # A workdir has a config.json too: its checkpoints are checked first (as for a teacher).
+  if (p / export_lib.CONFIG_FILE).is_file() and not checkpoints.has_checkpoints(p):
+    from elastic_jax.hf.importer import load_fix  # noqa: PLC0415  (an import's W/pretrained)
+    dense, saved = export_lib.load(p, fix=load_fix(p))
     source = saved.get('source_arch')
     if source is None:
       raise UserError(f'{p} records no source_arch; it cannot be placed into this supernet')
     export_lib.import_dense(model, space.cfg, arch_lib.from_json(source, space.cfg), dense)
     return f'exported model {p}'
-  from elastic_jax import checkpoints  # noqa: PLC0415
-  if checkpoints.restore_params_if_any(p, model) is not None:
+  try:
+    step = checkpoints.restore_params_if_any(p, model)
+  except checkpoints.CheckpointMismatch as e:
+    raise UserError(f'config field train.init_from={path!r}: its checkpoints do not fit the '
+                    f'model of this config (step {e.step}: {e.detail}); point it at a run of the '
+                    'same model and space') from None
+  if step is not None:
     return f'workdir {p}'
   raise UserError(f'config field train.init_from={path!r}: neither an exported model, a '
                   'workdir with checkpoints nor hf:DIR (a Hugging Face checkpoint)')

@@ -48,6 +48,26 @@ def original_hf_config(cfg: ml_collections.ConfigDict) -> dict:
   return json.loads(path.read_text())
 
 
+def load_fix(directory: str | Path) -> str:
+  """The advice for unreadable files of the dense model in `directory` (`export.load`'s `fix`):
+  for the original an import wrote into a workdir (W/pretrained, beside W/import.json), to import
+  it again, into a new workdir (the import refuses a non-empty one, and a rerun of compress
+  resumes from W's import); for any other model, to re-export it."""
+  directory = Path(directory).resolve()
+  report = directory.parent / REPORT
+  if directory.name != PRETRAINED or not report.is_file():
+    return export_lib.REEXPORT
+  try:
+    source = json.loads(report.read_text())['source']
+  except (OSError, ValueError, KeyError, TypeError):
+    source = None
+  flag = '--gguf' if source and Path(source).is_file() else '--model'
+  source = source or 'DIR'
+  return (f'{directory} is the model imported into {directory.parent}, not an export: import it '
+          f'again, into a new workdir (`elastic-jax compress {flag}={source} --workdir=NEW_W`, '
+          f'or `elastic-jax import-hf {flag}={source} --out=NEW_W`)')
+
+
 def base_config(kind: str, max_len: int) -> ml_collections.ConfigDict:
   """Data, training, search and proxy sections for fine-tuning and searching an imported model
   on the embedded corpus (override any field with --config or --config.a.b=v)."""

@@ -46,6 +46,7 @@ from elastic_jax.train.step import state_shardings as state_shardings_of
 from elastic_jax.workdir import (
   apply_init_from,
   build_space,
+  check_same_run,
   cleanup_on_failure,
   init_supernet,
   load_config,
@@ -87,7 +88,8 @@ def load_teacher(path: str, cfg, *, abstract: bool = False):
       raise UserError(f'teacher workdir {p} has no readable checkpoint; train it first')
     return export_lib.export(supernet, space.cfg, space.largest())
   if (p / export_lib.CONFIG_FILE).is_file():
-    return (export_lib.load_abstract if abstract else export_lib.load)(p)[0]
+    from elastic_jax.hf.importer import load_fix  # noqa: PLC0415  (compress's W/pretrained)
+    return (export_lib.load_abstract if abstract else export_lib.load)(p, fix=load_fix(p))[0]
   raise UserError(f'config field train.distill.teacher={path!r}: no exported model '
                   f'({export_lib.CONFIG_FILE}) or checkpoints found there; export a model with '
                   '`elastic-jax export` or train a teacher first')
@@ -278,6 +280,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
   check_batch(cfg, mesh)
   tokenizer = data.load_tokenizer(cfg.data)
   data.check_vocab(tokenizer, cfg.model.vocab_size, task=cfg.data.task)
+  # A workdir of another run keeps its config.json (its checkpoints' only description): refused
+  # here, before it is rewritten, for library callers as for the CLI.
+  check_same_run(workdir, cfg, continuing=True)
   is_main = jax.process_index() == 0
   with cleanup_on_failure(workdir) if is_main else contextlib.nullcontext():
     if is_main:

@@ -2,6 +2,7 @@
 moved aside and its step saved again; kill -9 at several points of a checkpoint write, then
 resume, ends with the parameters of an uninterrupted run."""
 
+import json
 import logging
 import os
 import subprocess
@@ -15,11 +16,11 @@ import pytest
 from conftest import REPO
 from flax import nnx
 
-from elastic_jax import checkpoints
+from elastic_jax import checkpoints, cli
 from elastic_jax.errors import UserError
 from elastic_jax.train.step import TrainState
 from elastic_jax.train.trainer import train
-from elastic_jax.workdir import init_supernet
+from elastic_jax.workdir import apply_init_from, build_space, init_supernet
 
 
 def tiny_state(value: float) -> TrainState:
@@ -150,6 +151,91 @@ def test_when_no_checkpoint_is_readable_they_are_kept_where_the_error_says(tiny_
   assert {p: n for p, n in kept.items() if p in sizes} == sizes  # every truncated file, as left
   train(cfg, tmp_path, progress=False)
   assert checkpoints.restore_params_if_any(tmp_path, init_supernet(cfg)) == 8
+
+
+def _files(directory):
+  return {f.relative_to(directory): f.read_bytes() for f in directory.rglob('*') if f.is_file()}
+
+
+@pytest.mark.slow
+def test_checkpoints_of_another_model_are_a_config_mismatch_left_in_place(tiny_cfg, tmp_path,
+                                                                          capsys, caplog):
+  """A workdir whose config.json was edited so that its checkpoints no longer fit the model
+  (hidden size, vocabulary, layers): evaluate called them unreadable, and train moved them aside
+  as unreadable. Now: one line naming the array, its saved and its configured shape, and the fix;
+  exit 2; every checkpoint where it was. A checkpoint whose arrays are damaged but whose metadata
+  fits is still unreadable (moved aside by train, the previous one used)."""
+  cfg = tiny_cfg.copy_and_resolve_references()
+  cfg.train.steps, cfg.train.checkpoint_every, cfg.train.eval_every = 4, 2, 0
+  w = tmp_path / 'w'
+  train(cfg, w, progress=False)
+  capsys.readouterr()
+  ckpt = w / 'checkpoints'
+  saved = _files(ckpt)
+  config = json.loads((w / 'config.json').read_text())
+
+  def edited(edit):
+    c = json.loads(json.dumps(config))
+    edit(c)
+    (w / 'config.json').write_text(json.dumps(c))
+
+  def wider(c):
+    c['space']['hidden'] = [32, 64]
+
+  def more_layers(c):
+    c['space']['num_layers'] = 3
+
+  cases = [
+      (wider, 'parameter embed/tokens is saved with shape (1024, 48) but the config builds '
+              '(1024, 64), and 19 more arrays differ', ('evaluate', 'train')),
+      (lambda c: c['model'].update(vocab_size=2048),
+       'parameter embed/tokens is saved with shape (1024, 48) but the config builds (2048, 48))',
+       ('evaluate',)),
+      (more_layers, 'the config builds parameter layers/2/blocks/transformer/attn/k (48, 2, 8), '
+                    'which the checkpoint does not hold', ('evaluate',)),
+  ]
+  for edit, detail, commands in cases:
+    edited(edit)
+    for command in commands:
+      code = cli.main(['elastic-jax', command, f'--workdir={w}',
+                       *(['--arch=largest'] if command == 'evaluate' else [])])
+      out, err = capsys.readouterr()
+      assert code == 2 and not out and len(err.splitlines()) == 1, err
+      assert err.startswith(f'elastic-jax {command}: error: the checkpoints in {ckpt} do not fit '
+                            f'the model of the config (step 4: {detail}'), err
+      assert err.rstrip().endswith('restore the config that wrote them, or use a new --workdir '
+                                   'for this config (the checkpoints are left as they are)'), err
+      assert 'unreadable' not in caplog.text
+      assert _files(ckpt) == saved and not (w / checkpoints.UNREADABLE_DIRNAME).exists()
+
+  # train.init_from naming that workdir, from a config of another model: its own advice.
+  other = cfg.copy_and_resolve_references()
+  other.space.hidden = (32, 64)
+  space = build_space(other)
+  with pytest.raises(UserError, match=r"^config field train.init_from='.*': its checkpoints do not "
+                     r'fit the model of this config \(step 4: parameter embed/tokens .*point it '
+                     r'at a run of the same model and space$'):
+    apply_init_from(str(w), init_supernet(other, space), space)
+  # ... and from the config of the same model, its latest supernet (the workdir's config.json
+  # once made it read as an export: 'is the workdir of a run, not an exported model').
+  (w / 'config.json').write_text(json.dumps(config))
+  same = cfg.copy_and_resolve_references()
+  space = build_space(same)
+  assert apply_init_from(str(w), init_supernet(same, space), space) == f'workdir {w}'
+  # The library's train() with another model's config refuses before it rewrites config.json
+  # (it did rewrite it: the checkpoints' only description was lost).
+  written = (w / 'config.json').read_bytes()
+  with pytest.raises(UserError, match=r'holds a run of another config \(space.hidden: '):
+    train(other, w, progress=False)
+  assert (w / 'config.json').read_bytes() == written and _files(ckpt) == saved
+
+  # Damaged arrays under intact metadata: unreadable, as before (not a config mismatch).
+  for f in (ckpt / '4' / 'params').rglob('*'):
+    if f.is_file() and f.parent.name == 'd':
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  with caplog.at_level(logging.WARNING):
+    assert checkpoints.restore_params_if_any(w, init_supernet(cfg)) == 2
+  assert 'checkpoint at step 4' in caplog.text and 'is unreadable' in caplog.text
 
 
 # A training run that kills itself (SIGKILL) when its checkpoint write of step `at` reaches
