@@ -50,6 +50,9 @@ def _config(*, continuing: bool = False):
   supernet's), else W/config.json."""
   from elastic_jax import workdir as workdir_lib
   loaded, workdir = _loaded_config(), _flag('workdir')
+  if loaded is None and 'workdir' not in FLAGS:  # no workdir to read a config.json from
+    raise UserError(f'--config is required for `elastic-jax {_RUNNING}` (it takes no '
+                    '--workdir): pass --config=configs/X.py[:arg], the experiment config to use')
   if loaded is not None and workdir:
     workdir_lib.check_same_run(workdir, loaded, continuing=continuing)
   return workdir_lib.resolve_config(workdir, loaded)

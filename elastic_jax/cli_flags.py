@@ -116,8 +116,8 @@ def command_help(cmd: Command, cfg=None) -> str:
   their values when --config was given too)."""
   lines = [f'usage: elastic-jax {cmd.name} [--config=configs/X.py[:arg]] [--config.a.b=v ...] '
            + ' '.join(f'[--{f}]' for f in cmd.flags), '', cmd.fn.__doc__.strip(), '', 'flags:',
-           '  --config=configs/X.py[:arg]  the experiment config (a workdir\'s config.json when '
-           'left out)']
+           '  --config=configs/X.py[:arg]  the experiment config'
+           + (" (a workdir's config.json when left out)" if 'workdir' in cmd.flags else '')]
   for name in cmd.flags:
     kind, default, help_text = FLAG_DEFS[name]
     value = {'string': '=S', 'integer': '=N', 'float': '=X', 'bool': ''}[kind]

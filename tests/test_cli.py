@@ -94,6 +94,38 @@ def test_missing_files_and_unknown_command(capsys, tmp_path):
   assert code == 2 and len(err.strip().splitlines()) == 1
 
 
+def test_compile_without_config_asks_for_config_not_workdir(capsys, tmp_path, monkeypatch):
+  """compile takes no --workdir: without --config it said to pass one, which it then refused."""
+  monkeypatch.chdir(tmp_path)
+  code, out, err = run(capsys, 'compile', '--topology=v5e:2x2')
+  assert code == 2 and not out and err.splitlines() == [
+      'elastic-jax compile: error: --config is required for `elastic-jax compile` (it takes no '
+      '--workdir): pass --config=configs/X.py[:arg], the experiment config to use'], err
+  code, out, _ = run(capsys, 'compile', '--help')
+  assert code == 0 and "config.json when left out" not in out
+  assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.search.budgets.params=-5',
+     'search.budgets.params=-5 is invalid: a budget must be a positive number, an absolute upper '
+     'bound in parameters (not a fraction), or 0 for no budget'),
+    ('--config.search.objectives=()',
+     'search.objectives is empty; name at least one objective, e.g. ("loss", "params"), from: '
+     'params, flops, '),
+])
+def test_a_bad_search_setting_is_one_line_before_anything_runs(capsys, cache, tmp_path, override,
+                                                               message):
+  """A negative budget said 'below the smallest achievable value ...; raise the budget'; empty
+  objectives printed 'every objective is zero-cost; scoring the seeded initialisation' first."""
+  w = tmp_path / 'w'
+  code, out, err = run(capsys, 'search', QUICK, cache, f'--workdir={w}', override,
+                       '--config.search.allow_untrained=true')
+  assert code == 2 and not out and len(err.splitlines()) == 1, err
+  assert err.startswith(f'elastic-jax search: error: {message}'), err
+  assert not w.exists()
+
+
 def test_paths_the_file_system_refuses_are_one_line_exit_2(capsys, cache, tmp_path):
   """A --workdir that is a file, and an --out below a file, are one line each (they were
   FileExistsError / NotADirectoryError tracebacks), and nothing is written."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import jax
@@ -14,13 +15,29 @@ from elastic_jax.search.genomes import COST_INFO, COST_KEYS, extreme_value
 from elastic_jax.space import Space
 
 
+def check_bound(name: str, value) -> float:
+  """`search.budgets.<name>` as a float: 0 (or None) for no budget, else a positive absolute bound
+  in the cost's own units (parameters, FLOPs per token, bytes per token). UserError otherwise."""
+  description = COST_INFO[name][0] if name in COST_INFO else 'the cost\'s own units'
+  try:
+    bound = 0.0 if value is None else float(value)
+  except (TypeError, ValueError):
+    bound = float('nan')
+  if not (bound >= 0 and math.isfinite(bound)):
+    shown = f'{value:g}' if isinstance(value, (int, float)) else repr(value)
+    raise UserError(f'search.budgets.{name}={shown} is invalid: a budget must be a positive '
+                    f'number, an absolute upper bound in {description} (not a fraction), or 0 '
+                    'for no budget')
+  return bound
+
+
 @dataclasses.dataclass(frozen=True, init=False)
 class Budgets:
   """Constraint `feasible(genomes_BxG) -> bool[B]` from analytic cost budgets (jittable).
 
-  `budgets` maps cost names (`COST_KEYS`: params, flops, kv_cache, ...) to upper bounds; a value
-  of 0 or None means no budget. A frozen dataclass equal by value (the space's key and the
-  budgets), so jitted loops are shared between runs.
+  `budgets` maps cost names (`COST_KEYS`: params, flops, kv_cache, ...) to upper bounds, positive
+  and absolute (`check_bound`); a value of 0 or None means no budget. A frozen dataclass equal by
+  value (the space's key and the budgets), so jitted loops are shared between runs.
   """
 
   space: Space = dataclasses.field(compare=False, repr=False)
@@ -32,9 +49,9 @@ class Budgets:
     if unknown:
       raise UserError(f'search.budgets.{unknown[0]} is not a budgetable cost; use one of '
                       f'{", ".join(COST_KEYS)}')
+    bounds = {k: check_bound(k, v) for k, v in budgets.items()}
     object.__setattr__(self, 'space', space)
-    object.__setattr__(self, 'budgets',
-                       tuple(sorted((k, float(v)) for k, v in budgets.items() if v)))
+    object.__setattr__(self, 'budgets', tuple(sorted((k, v) for k, v in bounds.items() if v)))
     object.__setattr__(self, 'space_key', space.key())
 
   def __bool__(self):
@@ -57,7 +74,7 @@ class Budgets:
         raise UserError(
             f'search.budgets.{name}={bound:,.6g} is below the smallest achievable value in this '
             f'search space: {lowest:,.6g} {description} ({lowest / scale:.4g} {unit}); raise '
-            'the budget')
+            'the budget' + (' (it is an absolute bound, not a fraction)' if bound <= 1 else ''))
     if not self.budgets:
       return 1.0
     genomes = self.space.random_genomes(jax.random.key(seed), sample)

@@ -12,7 +12,9 @@ import ml_collections
 
 from elastic_jax.errors import UserError
 from elastic_jax.search import driver
+from elastic_jax.search.budgets import check_bound
 from elastic_jax.search.genomes import ParamsOf
+from elastic_jax.search.objectives import check_not_empty
 
 STRATEGY_NAMES = ('auto', 'nsga2', 'regularized', 'ga', 'random', 'stratified')
 
@@ -169,6 +171,7 @@ def search_config(cfg: ml_collections.ConfigDict | Mapping) -> SearchConfig:
                     f'{", ".join(sorted(merged))}')
   budgets = dict(merged.pop('budgets'))
   budgets.update(given.pop('budgets', None) or {})
+  budgets = {k: check_bound(k, v) for k, v in budgets.items()}  # UserError: negative, not a number
   merged.update(given)
   seed = int(merged['seed'])
   if seed < 0:
@@ -184,6 +187,7 @@ def search_config(cfg: ml_collections.ConfigDict | Mapping) -> SearchConfig:
                       f'{", ".join(p for p in PROXIES if p != "params")} (or leave it empty '
                       'and set search.objectives)')
     objectives = (fitness,)
+  check_not_empty(objectives)
   paper = bool(fitness)  # the W-PCA paper's population and generations
   sc = SearchConfig(
       objectives=tuple(objectives), fitness=fitness, strategy=str(merged['strategy']),

@@ -24,7 +24,7 @@ from flax import nnx
 from elastic_jax import distributed, evaluation, parallel
 from elastic_jax.errors import UserError
 from elastic_jax.search.genomes import extreme_genomes
-from elastic_jax.search.objectives import Context, Objective, get_objective
+from elastic_jax.search.objectives import Context, Objective, check_not_empty, get_objective
 from elastic_jax.space import Space
 
 
@@ -104,8 +104,7 @@ class Fitness:
     `graphdef` and `data` instead of `model` and `batches`: data already built (e.g. shapes
     only, for `elastic-jax compile`). `hidden_buckets` (with chunk 1): each arch's forward runs
     on the supernet narrowed to its hidden choice (`evaluation._sums_population`)."""
-    if not objectives:
-      raise UserError('search.objectives is empty; name at least one, e.g. ("loss", "params")')
+    check_not_empty(objectives)
     if len(set(objectives)) != len(objectives):
       raise UserError(f'search.objectives lists an objective twice: {list(objectives)}')
     self.objectives = tuple(get_objective(n) for n in objectives)

@@ -149,14 +149,29 @@ def register_objective(objective: Objective, *, overwrite: bool = False) -> Obje
   return objective
 
 
+def known_objectives() -> tuple[str, ...]:
+  """Every name `search.objectives` accepts: the registered objectives, then the zero-cost
+  proxies (registered when first used)."""
+  from elastic_jax.proxies import PROXIES  # noqa: PLC0415
+  return tuple(OBJECTIVES) + tuple(p for p in PROXIES if p != 'params' and p not in OBJECTIVES)
+
+
+def check_not_empty(names: Sequence[str]) -> None:
+  """UserError naming the accepted objectives when `search.objectives` names none."""
+  if not names:
+    raise UserError('search.objectives is empty; name at least one objective, e.g. '
+                    f'("loss", "params"), from: {", ".join(known_objectives())}')
+
+
 def get_objective(name: str) -> Objective:
   if name not in OBJECTIVES:
     from elastic_jax.proxies import PROXIES  # noqa: PLC0415
     if name in PROXIES and name != 'params':
       from elastic_jax.search.proxy_objective import proxy_objective  # noqa: PLC0415
       return register_objective(proxy_objective(name))
-    raise UserError(f'unknown objective {name!r}; known objectives: {", ".join(sorted(OBJECTIVES))}'
-                    ' (register more with elastic_jax.search.objectives.register_objective)')
+    raise UserError(f'unknown objective {name!r}; known objectives: '
+                    f'{", ".join(known_objectives())} (register more with '
+                    'elastic_jax.search.objectives.register_objective)')
   return OBJECTIVES[name]
 
 

@@ -308,6 +308,45 @@ def test_budget_below_the_smallest_architecture_names_it(tmp_path, cache_dir):
     job.run_search(cfg, tmp_path, log=_quiet)
 
 
+def test_a_budget_must_be_positive_and_absolute(cache_dir):
+  """A negative budget was kept (only 0 is 'no budget') and reported as below the smallest
+  achievable value, 'raise the budget'; a value that is not a number was a ValueError."""
+  for value, shown in ((-5, '-5'), (-0.5, '-0.5'), ('abc', "'abc'"), (float('nan'), 'nan')):
+    with pytest.raises(UserError) as info:
+      search_cfg.search_config({'search': {'budgets': {'params': value}}})
+    assert str(info.value) == (
+        f'search.budgets.params={shown} is invalid: a budget must be a positive number, an '
+        'absolute upper bound in parameters (not a fraction), or 0 for no budget'), value
+  with pytest.raises(UserError, match=r'budgets.kv_cache=-1 .* in KV-cache bytes per token'):
+    budgets_lib.Budgets(build_space(_quickstart('tiny')), {'kv_cache': -1})
+  sc = search_cfg.search_config({'search': {'budgets': {'params': 7e4, 'flops': 0}}})
+  assert sc.budgets == (('params', 7e4),)
+  cfg = tiny_config(cache_dir)
+  cfg.search.budgets.params = 0.5  # a fraction, as `compress --budgets` takes
+  with pytest.raises(UserError, match=r'raise the budget \(it is an absolute bound, not a '
+                     r'fraction\)$'):
+    budgets_lib.Budgets(build_space(cfg), dict(search_cfg.search_config(cfg).budgets)).check()
+
+
+def test_empty_objectives_name_the_accepted_ones(tmp_path, cache_dir):
+  """search.objectives=() said 'every objective is zero-cost; scoring the seeded
+  initialisation' (an empty list is vacuously training-free) before its error."""
+  logged = []
+  cfg = tiny_config(cache_dir, objectives=())
+  with pytest.raises(UserError) as info:
+    job.run_search(cfg, tmp_path / 'w', log=logged.append)
+  assert not logged and not (tmp_path / 'w').exists()
+  message = str(info.value)
+  assert message.startswith('search.objectives is empty; name at least one objective, e.g. '
+                            '("loss", "params"), from: ')
+  named = message.split('from: ')[1].split(', ')
+  assert {'loss', 'perplexity', 'accuracy', 'params', 'flops', 'wpca'} <= set(named)
+  for name in named:  # every name offered is one the search accepts
+    assert objectives.get_objective(name).name == name
+  with pytest.raises(UserError, match='search.objectives is empty'):
+    search_cfg.search_config({'search': {'objectives': ''}})
+
+
 def test_workdir_without_trained_supernet_says_to_train_first(tmp_path, cache_dir):
   cfg = tiny_config(cache_dir, allow_untrained=False)
   with pytest.raises(UserError, match='no trained supernet.*elastic-jax train'):
