@@ -1,8 +1,14 @@
-"""The `compress` config section, every field commented."""
+"""The `compress` config section, every field commented, and its check (`section`)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import ml_collections
+
+from elastic_jax.config import check_known_fields
+from elastic_jax.errors import UserError
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -42,3 +48,61 @@ def default_config() -> ml_collections.ConfigDict:
   c.budget_baselines = True
   c.latency_batch = 1  # rows of the batch whose forward latency is measured
   return c
+
+
+TEACHERS = ('original', 'in_place')
+ANCHORS = ('loss', 'pruning')
+# Fields that must be whole numbers at least this large; `anchor_low` is checked on its own.
+_AT_LEAST = {'calibration_batches': 1, 'min_calibration_tokens': 0, 'anchor_candidates': 1,
+             'latency_batch': 1}
+
+
+def _invalid(field: str, value, allowed: str) -> UserError:
+  return UserError(f'config field compress.{field}={value!r} is invalid: {allowed}')
+
+
+def section(cfg) -> ml_collections.ConfigDict:
+  """The `compress` section of `cfg` (a ConfigDict, or None) over the defaults, every field
+  checked: a UserError naming the first unknown field, or the first value of the wrong type or
+  outside what is accepted, and what is. Cheap: `compress` checks the config with it before the
+  import reads the checkpoint."""
+  from elastic_jax.compress.importance import LAYER_METHODS, METHODS  # noqa: PLC0415
+  from elastic_jax.train.sampling import STRATEGIES  # noqa: PLC0415
+  merged = default_config()
+  given = cfg.get('compress') if cfg is not None else None
+  if given is None:
+    return merged
+  if not isinstance(given, (Mapping, ml_collections.ConfigDict)):
+    raise UserError(f'config section compress={given!r} is invalid: it must hold fields '
+                    f'(known fields: {sorted(merged)})')
+  check_known_fields('compress', given, merged)
+  for name, value in given.items():
+    default = merged[name]
+    if isinstance(default, bool):
+      ok, kind = isinstance(value, bool), 'True or False'
+    elif isinstance(default, int):
+      ok, kind = isinstance(value, int) and not isinstance(value, bool), 'a whole number'
+    elif isinstance(default, float):
+      ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+      kind = 'a finite number'
+    else:
+      ok, kind = isinstance(value, str), 'a string'
+    if not ok:
+      raise _invalid(name, value, f'must be {kind} (default {default!r})')
+    merged[name] = value
+  for name, low in _AT_LEAST.items():
+    if merged[name] < low:
+      raise _invalid(name, merged[name], f'must be >= {low}')
+  for name, choices in (('importance', METHODS), ('layer_importance', LAYER_METHODS),
+                        ('teacher', TEACHERS), ('sampling', STRATEGIES), ('anchors', ANCHORS)):
+    if merged[name] not in choices:
+      raise _invalid(name, merged[name], f'accepted values are {list(choices)}')
+  if not 0 < merged.anchor_low <= 1:
+    raise _invalid('anchor_low', merged.anchor_low, 'must lie in (0, 1] (a fraction of each '
+                   'budget)')
+  if merged.sampling == 'anchored' and merged.teacher != 'original':
+    raise _invalid('teacher', merged.teacher, "compress.sampling='anchored' trains no largest "
+                   "network to distil from in place; set compress.teacher='original' or "
+                   "compress.sampling='stratified'")
+  return merged

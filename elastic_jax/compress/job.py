@@ -58,30 +58,32 @@ def _stderr(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def parse_budgets(spec: str, original_params: int | None) -> list[tuple[str, int]]:
+def parse_budgets(spec: str, original_params: int | None,
+                  field: str = '--budgets') -> list[tuple[str, int]]:
   """'params=0.3,0.5,0.7' -> [(label, parameter count)]; values <= 1 are fractions of the
   original, larger ones whole counts (k/M/G suffixes accepted), each below the original's
-  `original_params` (None: the form alone is checked, before the original is read)."""
+  `original_params` (None: the form alone is checked, before the original is read). `field`:
+  where the spec came from, for the messages (the flag, or 'config field compress.budgets')."""
   from elastic_jax.search.pick import parse_number  # noqa: PLC0415
   spec = (spec or '').strip()
   if not spec.startswith('params='):
-    raise UserError(f'--budgets {spec!r} is not understood; expected params=F[,F...], fractions '
+    raise UserError(f'{field} {spec!r} is not understood; expected params=F[,F...], fractions '
                     'of the original (0.3) or parameter counts (50M)')
   out = []
   for part in spec[len('params='):].split(','):
     value = parse_number(part)
     if not (math.isfinite(value) and value > 0):
-      raise UserError(f'--budgets: {part!r} must be a positive number')
+      raise UserError(f'{field}: {part!r} must be a positive number')
     if value > 1 and not float(value).is_integer():
-      raise UserError(f'--budgets: {part!r} is neither a fraction of the original (<= 1) nor a '
+      raise UserError(f'{field}: {part!r} is neither a fraction of the original (<= 1) nor a '
                       'whole parameter count')
     count = int(round(value * (original_params or 1))) if value <= 1 else int(value)
     label = f'{value:g}' if value <= 1 else part.strip()
     if original_params is not None and count >= original_params:
-      raise UserError(f'--budgets: params={label} ({count:,} parameters) is not below the '
+      raise UserError(f'{field}: params={label} ({count:,} parameters) is not below the '
                       f"original's {original_params:,}: nothing to compress")
     if original_params is not None and count in [seen for _, seen in out]:
-      raise UserError(f'--budgets: params={label} asks for {count:,} parameters again')
+      raise UserError(f'{field}: params={label} asks for {count:,} parameters again')
     out.append((label, count))
   return out
 
@@ -119,17 +121,11 @@ def _import(model_dir, workdir: Path, user_cfg, gguf, log) -> None:
 
 def _finetune_config(cfg, workdir: Path, c) -> ml_collections.ConfigDict:
   cfg = copy.deepcopy(cfg)
-  cfg.train.sampling = str(c.sampling)
-  if c.sampling == 'anchored' and c.teacher != 'original':
-    raise UserError("compress.sampling='anchored' trains no largest network to distil from in "
-                    "place; set compress.teacher='original' or compress.sampling='stratified'")
+  cfg.train.sampling = str(c.sampling)  # c: checked by compress_section
   if c.teacher == 'original':
     # The losses are train.distill's (logits KL by default; hidden-state MSE and the others as
     # configured, e.g. for an encoder whose checkpoint has no trained LM head).
     cfg.train.distill.teacher = str(pretrained_dir(cfg, workdir))
-  elif c.teacher != 'in_place':
-    raise UserError(f"config field compress.teacher={c.teacher!r} is invalid; allowed values are "
-                    "['original', 'in_place']")
   return cfg
 
 
@@ -225,14 +221,8 @@ def choose_anchors(cfg, space, rule: pruning.PruningRule, workdir: Path, budget_
   budget first; each shape once), by compress.anchors; 'loss' also writes every candidate's loss to
   W/compress/anchors.json."""
   from elastic_jax.compress.sort import calibration_batches  # noqa: PLC0415
-  c = compress_section(cfg)
+  c = compress_section(cfg)  # anchors, anchor_low and anchor_candidates checked there
   counts = sorted(count for _, count in budget_list)
-  if c.anchors not in ('loss', 'pruning'):
-    raise UserError(f"config field compress.anchors={c.anchors!r} is invalid; allowed values "
-                    "are ['loss', 'pruning']")
-  if c.anchors == 'loss' and not (0 < float(c.anchor_low) <= 1 and int(c.anchor_candidates) >= 1):
-    raise UserError('config fields compress.anchor_low (in (0, 1]) and compress.anchor_candidates '
-                    f'(>= 1) are invalid: {c.anchor_low!r}, {c.anchor_candidates!r}')
   if c.anchors == 'pruning':
     return [rule.pick(count)[0] for count in counts]
   per_budget = [rule.shapes_near(count, float(c.anchor_low), int(c.anchor_candidates))
@@ -271,6 +261,10 @@ def _write_seeds(cfg, rule: pruning.PruningRule, workdir: Path, budget_list,
   return _write_archs(workdir, 'seed_archs', archs[:limit])
 
 
+def _budgets_field(flag: str | None) -> str:
+  return '--budgets' if flag else 'config field compress.budgets'
+
+
 def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
                  budgets: str | None = None, user_cfg: ml_collections.ConfigDict | None = None,
                  gguf: str | Path | None = None,
@@ -278,8 +272,13 @@ def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
   """Runs (or resumes) every stage; returns the summary (also W/compress/summary.json). A run
   that fails before the fine-tuning's first checkpoint leaves W as it found it (the import and
   sort it made removed: a rerun with a corrected config starts over from them)."""
-  if budgets:
-    parse_budgets(budgets, None)  # a malformed spec fails before any work
+  # Every compress.* value and the budgets' form are checked before any work (the import reads
+  # the whole checkpoint): the config the stages will read is W's own once W holds an import
+  # (a rerun resumes with it), else the one the import is about to write there.
+  from elastic_jax.hf.importer import REPORT  # noqa: PLC0415
+  imported = (Path(workdir) / REPORT).is_file()
+  c = compress_section(load_config(workdir) if imported else user_cfg)
+  parse_budgets(budgets or str(c.budgets), None, _budgets_field(budgets))
   with cleanup_on_failure(workdir):
     return _run_stages(model_dir, Path(workdir), budgets=budgets, user_cfg=user_cfg, gguf=gguf,
                        log=log)
@@ -299,7 +298,7 @@ def _run_stages(model_dir, workdir: Path, *, budgets, user_cfg, gguf, log) -> di
   c = compress_section(cfg)
   space = build_space(cfg)
   original_params = int(json.loads((workdir / 'import.json').read_text())['params'])
-  budget_list = parse_budgets(budgets or str(c.budgets), original_params)
+  budget_list = parse_budgets(budgets or str(c.budgets), original_params, _budgets_field(budgets))
   smallest = space.parameter_range()[0]
   for label, count in budget_list:
     if count < smallest:

@@ -26,7 +26,7 @@ from elastic_jax import export as export_lib
 from elastic_jax.compress import config as compress_config
 from elastic_jax.compress import importance, permute
 from elastic_jax.errors import UserError
-from elastic_jax.hf.importer import PRETRAINED
+from elastic_jax.hf.importer import PRETRAINED, load_fix
 
 SORT_DIR = 'sort'
 SCORES_FILE = 'scores.npz'
@@ -34,11 +34,9 @@ REPORT_FILE = 'sort.json'
 _DENSE_FILES = (export_lib.CONFIG_FILE, export_lib.WEIGHTS_FILE, export_lib.ARCH_FILE)
 
 
-def compress_section(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  merged = compress_config.default_config()
-  if 'compress' in cfg:
-    merged.update(cfg.compress)
-  return merged
+def compress_section(cfg: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+  """`cfg`'s compress section over the defaults, every value checked (compress/config.py)."""
+  return compress_config.section(cfg)
 
 
 def pretrained_dir(cfg, workdir) -> Path:
@@ -92,7 +90,7 @@ def run_sort(cfg, workdir, *, log=print) -> dict:
     raise UserError(f'{workdir} already holds fine-tuning checkpoints; sort before fine-tuning '
                     '(import into a new workdir, sort, then train)')
   start = time.perf_counter()
-  model, saved = export_lib.load(pretrained)
+  model, saved = export_lib.load(pretrained, fix=load_fix(pretrained))
   if saved.get('source_arch') is None:
     raise UserError(f'{pretrained} records no source_arch; re-import the model')
   batches = calibration_batches(cfg, int(c.calibration_batches))

@@ -14,6 +14,7 @@ import pytest
 from elastic_jax import cli
 from elastic_jax import export as export_lib
 from elastic_jax.compress import job as compress_job
+from elastic_jax.errors import UserError
 from elastic_jax.hf import convert
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'hf'))
@@ -237,3 +238,105 @@ def test_sort_never_permutes_another_workdirs_original(imported, tmp_path, capsy
   assert "is not" in line and "own imported model" in line and 'config.json' in line, line
   assert (w / 'pretrained' / 'model.safetensors').read_bytes() == weights
   assert not (w / 'sort').exists() and not (copy / 'sort').exists()
+
+
+def _config_file(tmp_path: Path, compress: dict) -> str:
+  """A --config file whose compress section holds `compress` (what an experiment file sets)."""
+  path = tmp_path / 'compress_cfg.py'
+  path.write_text('import ml_collections\n\n\ndef get_config(arg=None):\n'
+                  f'  return ml_collections.ConfigDict({{"compress": {compress!r}}})\n')
+  return str(path)
+
+
+@pytest.mark.parametrize('values, message', [
+    ({'teacher': 'bogus'},
+     "config field compress.teacher='bogus' is invalid: accepted values are ['original', "
+     "'in_place']"),
+    ({'teacher': 'in_place'},
+     "config field compress.teacher='in_place' is invalid: compress.sampling='anchored' trains "
+     'no largest network'),
+    ({'sampling': 'zz'}, "config field compress.sampling='zz' is invalid: accepted values are "
+                         "['standard',"),
+    ({'importance': 'foo'}, "config field compress.importance='foo' is invalid: accepted values "
+                            "are ['activation', 'taylor']"),
+    ({'layer_importance': 'x'}, "config field compress.layer_importance='x' is invalid: accepted "
+                                "values are ['cosine', 'loss']"),
+    ({'anchors': 'y'}, "config field compress.anchors='y' is invalid: accepted values are "
+                       "['loss', 'pruning']"),
+    ({'anchor_low': 2.0}, 'config field compress.anchor_low=2.0 is invalid: must lie in (0, 1]'),
+    ({'anchor_candidates': 0},
+     'config field compress.anchor_candidates=0 is invalid: must be >= 1'),
+    ({'calibration_batches': 0},
+     'config field compress.calibration_batches=0 is invalid: must be >= 1'),
+    ({'latency_batch': 0}, 'config field compress.latency_batch=0 is invalid: must be >= 1'),
+    ({'baselines': 'maybe'},
+     "config field compress.baselines='maybe' is invalid: must be True or False (default True)"),
+    ({'budgets': 'flops=3'}, "config field compress.budgets 'flops=3' is not understood"),
+    ({'temperature': 2.0}, 'unknown config field(s) compress.temperature; known fields:'),
+])
+def test_bad_compress_values_are_one_line_before_the_import(tmp_path, capsys, monkeypatch, values,
+                                                            message):
+  """Each was found only after the import (and most after the sort as well); a bogus teacher was
+  reported as a sampling problem, an unknown field, a latency batch of 0 or a non-boolean
+  `baselines` ran on (or failed with a traceback)."""
+  from elastic_jax.hf import importer
+
+  def no_import(*args, **kwargs):
+    raise AssertionError('the checkpoint was imported before the config was checked')
+
+  monkeypatch.setattr(importer, 'import_workdir', no_import)
+  llama = H.save_model('llama', tmp_path / 'llama')
+  capsys.readouterr()  # transformers' progress bar
+  w = tmp_path / 'W'
+  line = one_line_error(*run(capsys, 'compress', f'--model={llama}', f'--workdir={w}',
+                             f'--config={_config_file(tmp_path, values)}')[::2])
+  assert line.startswith(f'elastic-jax compress: error: {message}'), line
+  assert not w.exists()
+
+
+def test_a_resumed_workdirs_compress_values_are_checked_before_the_sort(imported, capsys,
+                                                                        monkeypatch):
+  """Rerun on an imported workdir, compress reads W/config.json: its values are checked before
+  the sort stage (which scored the calibration set before the bad teacher was noticed)."""
+  _, w = imported
+  _set(w, 'compress', teacher='bogus')
+
+  def no_sort(*args, **kwargs):
+    raise AssertionError('the sort ran before the config was checked')
+
+  monkeypatch.setattr(compress_job, 'run_sort', no_sort)
+  line = one_line_error(*run(capsys, 'compress', f'--workdir={w}')[::2])
+  assert "compress.teacher='bogus' is invalid: accepted values are ['original', 'in_place']" \
+      in line, line
+
+
+def test_unreadable_pretrained_advises_a_new_import_not_an_export(imported, tmp_path, capsys):
+  """W/pretrained is written by the import: export.load's advice to re-export it was wrong,
+  whether the sort or a later stage (here the anchors' choice, through train.init_from) reads
+  it. An exported model's own files keep the advice to export again."""
+  import shutil
+  llama, w = imported
+  _set(w, 'data', seq_len=16, batch_size=4)
+  _set(w, 'compress', calibration_batches=2, min_calibration_tokens=64)
+  exported = tmp_path / 'exported'
+  shutil.copytree(w / 'pretrained', exported)
+  weights = w / 'pretrained' / 'model.safetensors'
+  good = weights.read_bytes()
+  weights.write_bytes(good[:100])
+  line = one_line_error(*run(capsys, 'sort', f'--workdir={w}')[::2])
+  assert 'is corrupt or truncated' in line and 're-export' not in line, line
+  assert f'import it again, into a new workdir (`elastic-jax compress --model={llama}' in line
+  assert f'`elastic-jax import-hf --model={llama} --out=NEW_W`' in line
+  weights.write_bytes(good)
+  code, _, err = run(capsys, 'sort', f'--workdir={w}')
+  assert code == 0, err
+  config = w / 'pretrained' / 'config.json'
+  config.write_text('{"format": ')
+  code, _, err = run(capsys, 'compress', f'--workdir={w}', '--budgets=params=0.5')
+  line = err.strip().splitlines()[-1]  # after the stages' progress lines
+  assert code == 2 and line.startswith('elastic-jax compress: error: '), err
+  assert f'{config} is not valid JSON' in line and 're-export' not in err, line
+  assert f'compress --model={llama} --workdir=NEW_W' in line
+  (exported / 'model.safetensors').write_bytes(good[:100])
+  with pytest.raises(UserError, match='is corrupt or truncated .*; re-export the model$'):
+    export_lib.load(exported)
