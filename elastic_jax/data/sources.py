@@ -12,7 +12,9 @@ import contextlib
 import dataclasses
 import io
 import logging
+import shutil
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -86,8 +88,10 @@ class Corpus:
     return self.splits[self.validation_split]
 
 
-def open_corpus(cfg: DataConfig) -> Corpus:
-  """Builds (first time) or opens the dataset `cfg` selects; raises UserError on bad input."""
+def open_corpus(cfg: DataConfig, *, glue_dir_field: str = 'data.glue_dir') -> Corpus:
+  """Builds (first time) or opens the dataset `cfg` selects; raises UserError on bad input.
+  `glue_dir_field`: the config field the user set `cfg.glue_dir` with, for the messages (fine-tuning
+  passes 'finetune.glue_dir')."""
   if cfg.is_tfds:
     return _open_tfds(cfg)
   if cfg.source == 'python_docs':
@@ -103,7 +107,8 @@ def open_corpus(cfg: DataConfig) -> Corpus:
     reader, task = LmRecords(), None
   elif cfg.source == 'glue':
     task = glue_tasks.get_task(cfg.glue_task)
-    config = glue_tsv.GlueTsvConfig(task=task, task_dir=glue_tsv.find_task_dir(cfg.glue_dir, task))
+    config = glue_tsv.GlueTsvConfig(task=task, task_dir=glue_tsv.find_task_dir(
+        cfg.glue_dir, task, field=glue_dir_field))
     builder = _prepare(glue_tsv.GlueTsv, config, cfg)
     reader = GlueRecords()
   else:  # DataConfig validation makes this unreachable.
@@ -124,8 +129,37 @@ def _prepare(builder_cls: type, config: Any, cfg: DataConfig) -> tfds.core.Datas
     builder = builder_cls(config=config, data_dir=str(data_dir), file_format='array_record')
     if not builder.is_prepared():
       _log.info('Building %s/%s into %s', builder.name, config.name, data_dir)
-      builder.download_and_prepare()
+      with _removed_on_failure(data_dir, Path(builder.data_dir).parent):
+        builder.download_and_prepare()
   return builder
+
+
+@contextlib.contextmanager
+def _removed_on_failure(data_dir: Path, own: Path) -> Iterator[None]:
+  """On an exception, removes what the build made in the cache `data_dir` and nothing else:
+  whatever appeared in `own`, the config's folder <data_dir>/<builder>/<config> (all of it if it
+  appeared: only the build holding the config's lock writes there), then each shared folder
+  (the builder's, TFDS's download folders, data_dir) that appeared and is empty again (another
+  build may be using it). A failed build left an empty or partial dataset folder behind."""
+  shared = [own.parent, data_dir / 'downloads' / 'extracted', data_dir / 'downloads', data_dir]
+  existed = {p for p in [own, *shared] if p.exists()}
+  before = set(own.iterdir()) if own.is_dir() else set()
+  try:
+    yield
+  except BaseException:
+    if own not in existed:
+      shutil.rmtree(own, ignore_errors=True)
+    elif own.is_dir():
+      for p in set(own.iterdir()) - before:
+        if p.is_dir():
+          shutil.rmtree(p, ignore_errors=True)
+        else:
+          p.unlink(missing_ok=True)
+    for p in shared:
+      if p not in existed:
+        with contextlib.suppress(OSError):
+          p.rmdir()  # only when empty
+    raise
 
 
 @contextlib.contextmanager

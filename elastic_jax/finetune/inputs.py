@@ -17,7 +17,6 @@ import numpy as np
 
 from elastic_jax import data
 from elastic_jax.data import sources
-from elastic_jax.data.builders import glue_tsv
 from elastic_jax.data.config import DataConfig
 from elastic_jax.data.glue_tasks import GlueTask
 from elastic_jax.data.pipelines import GlueEncoder, truncate_pair
@@ -34,9 +33,9 @@ def open_task(glue: str, task: GlueTask, cache_dir: str = '') -> sources.Corpus:
   if glue == 'tfds':
     cfg.source = f'tfds:glue/{task.tfds_name}'
   else:
-    glue_tsv.find_task_dir(glue, task, field='finetune.glue_dir')  # its messages name that field
     cfg.source, cfg.glue_dir, cfg.glue_task = 'glue', glue, task.name
-  return sources.open_corpus(DataConfig.from_config(cfg))
+  # The user set glue_dir as finetune.glue_dir: the messages name that field.
+  return sources.open_corpus(DataConfig.from_config(cfg), glue_dir_field='finetune.glue_dir')
 
 
 @dataclasses.dataclass(frozen=True)

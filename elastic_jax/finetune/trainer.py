@@ -31,6 +31,7 @@ from flax import nnx
 
 from elastic_jax import atomic
 from elastic_jax import export as export_lib
+from elastic_jax.data.builders import glue_tsv
 from elastic_jax.data.glue_tasks import TASKS, get_task
 from elastic_jax.data.tokenizer import tokenizer_from_file
 from elastic_jax.errors import UserError
@@ -395,6 +396,9 @@ def run_suite(model_dir: str | Path, suite: str, workdir: str | Path,
   """Fine-tunes every task of `suite` in workdir/<task>; writes workdir/<suite>.json and .md."""
   if suite not in SUITES:
     raise UserError(f'unknown --suite {suite!r}; use one of {", ".join(SUITES)}')
+  glue = (cfg or default_config()).glue_dir
+  if glue and glue != 'tfds':  # every task's files before the first is fine-tuned
+    glue_tsv.check_tasks(glue, [get_task(name) for name in SUITES[suite]], 'finetune.glue_dir')
   workdir = Path(workdir)
   scores = {}
   for name in SUITES[suite]:

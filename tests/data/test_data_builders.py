@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from elastic_jax.data import glue_tasks, sources
-from elastic_jax.data.builders import python_docs
+from elastic_jax.data.builders import glue_tsv, python_docs
 from elastic_jax.data.config import DataConfig
 from elastic_jax.errors import UserError
 
@@ -135,8 +135,54 @@ def test_glue_missing_task(shared_data, data_cache):
   glue_dir = data_testing.glue_dir(shared_data)
   cfg = DataConfig.from_config({'source': 'glue', 'task': 'glue', 'glue_dir': str(glue_dir),
                                 'glue_task': 'qnli', 'cache_dir': str(data_cache)})
-  with pytest.raises(UserError, match='no QNLI/ folder'):
+  with pytest.raises(UserError, match='no QNLI/ folder .* set data.glue_dir to'):
     sources.open_corpus(cfg)
+  # Fine-tuning's glue_dir is finetune.glue_dir: the messages name the field the user set.
+  with pytest.raises(UserError, match='no QNLI/ folder .* set finetune.glue_dir to'):
+    sources.open_corpus(cfg, glue_dir_field='finetune.glue_dir')
+
+
+def _tree(root) -> list[str]:
+  return sorted(str(p.relative_to(root)) for p in root.rglob('*')) if root.exists() else []
+
+
+def _sst2_dir(root, train: str):
+  task_dir = root / 'SST-2'
+  task_dir.mkdir(parents=True)
+  (task_dir / 'train.tsv').write_text(train)
+  (task_dir / 'dev.tsv').write_text('sentence\tlabel\nbad movie\t0\n')
+  return task_dir
+
+
+def test_a_failed_glue_build_removes_what_it_made_and_nothing_else(tmp_path):
+  """A TSV with a bad label or wrong columns failed the build and left the dataset's folder
+  (<cache>/datasets/glue_tsv/<task>-<key>/, and the folders above it) behind in the cache. Now the
+  failed build removes what it created; a cache that was there before, another dataset's or a
+  folder of the same dataset, stays as it was."""
+  cache = tmp_path / 'cache'
+
+  def config(task_dir):
+    return DataConfig.from_config({'source': 'glue', 'task': 'glue',
+                                   'glue_dir': str(task_dir.parent), 'glue_task': 'sst2',
+                                   'cache_dir': str(cache)})
+
+  bad_label = _sst2_dir(tmp_path / 'bad_label', 'sentence\tlabel\ngood movie\tmaybe\n')
+  with pytest.raises(UserError, match="label 'maybe' is not one of"):
+    sources.open_corpus(config(bad_label))
+  assert _tree(cache / 'datasets') == [] and not (cache / 'datasets').exists()
+  good = _sst2_dir(tmp_path / 'good', 'sentence\tlabel\ngood movie\t1\n')
+  assert len(sources.open_corpus(config(good)).train) == 1
+  wrong_columns = _sst2_dir(tmp_path / 'wrong_columns', 'text\tlabel\ngood movie\t1\n')
+  name = glue_tsv.GlueTsvConfig(task=glue_tasks.get_task('sst2'), task_dir=wrong_columns).name
+  earlier = cache / 'datasets' / 'glue_tsv' / name  # e.g. a build killed before this code ran
+  earlier.mkdir()
+  (earlier / 'notes.txt').write_text('kept')
+  before = _tree(cache / 'datasets')
+  with pytest.raises(UserError, match="needs columns"):
+    sources.open_corpus(config(wrong_columns))
+  assert _tree(cache / 'datasets') == before
+  assert (earlier / 'notes.txt').read_text() == 'kept'
+  assert len(sources.open_corpus(config(good)).train) == 1  # the built one, still whole
 
 
 def test_tfds_catalog_name_reads_prepared_data(shared_data, data_cache):

@@ -222,6 +222,30 @@ def test_suite_writes_table_and_json(encoder_dir, shared_data, tmp_path, monkeyp
   assert '| mrpc |' in table and '| avg |' in table
 
 
+def test_suite_finds_every_missing_task_before_training_the_first(decoder_dir, shared_data,
+                                                                  tmp_path, capsys, monkeypatch):
+  """A suite whose later tasks have no data in finetune.glue_dir failed only after fine-tuning
+  the tasks before them, one missing task per run."""
+  monkeypatch.setitem(trainer.SUITES, 'glue-small', ('wnli', 'mrpc', 'rte'))
+
+  def no_training(*args, **kwargs):
+    raise AssertionError('a task was fine-tuned before the suite\'s data were checked')
+
+  monkeypatch.setattr(trainer, 'finetune', no_training)
+  glue = tmp_path / 'glue'
+  glue.mkdir()
+  (glue / 'WNLI').symlink_to(shared_data / 'glue' / 'WNLI')
+  (glue / 'RTE').mkdir()  # a train file without its dev file
+  (glue / 'RTE' / 'train.tsv').write_text((shared_data / 'glue' / 'RTE' / 'train.tsv').read_text())
+  err = _one_error_line(['elastic-jax', 'finetune', f'--model={decoder_dir}', '--suite=glue-small',
+                         f'--workdir={tmp_path / "w"}', '--config=configs/finetune_glue.py:tiny',
+                         f'--config.finetune.glue_dir={glue}'], capsys)
+  assert err == (f'elastic-jax finetune: error: no data for GLUE task(s) mrpc (no {glue}/MRPC/), '
+                 f'rte (no {glue}/RTE/dev.tsv); download GLUE into {glue} or set '
+                 "finetune.glue_dir to the folder holding every task's folder")
+  assert not (tmp_path / 'w').exists()
+
+
 def _glue_copy(shared_data, tmp_path, task_dir: str, edit) -> str:
   root = tmp_path / 'glue'
   (root / task_dir).mkdir(parents=True)

@@ -9,7 +9,7 @@ test rows get label -1.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,21 +24,52 @@ from elastic_jax.errors import UserError
 _COLA_COLUMNS = ('source', 'label', 'original_label', 'sentence')
 
 
-def find_task_dir(glue_dir: str | Path, task: GlueTask, field: str = 'data.glue_dir') -> Path:
-  """The task's folder: <glue_dir>/<CoLA|SST-2|...>, or glue_dir itself if it holds the files.
-  `field`: the config field the user set glue_dir with, for the messages."""
+def _glue_root(glue_dir: str | Path, field: str) -> Path:
   root = Path(glue_dir).expanduser()
   if not root.is_dir():
     raise UserError(f'{field} {str(glue_dir)!r} is not a directory; point it at the GLUE '
                     'data folder holding CoLA/, SST-2/, ...')
+  return root
+
+
+def _task_dir(root: Path, task: GlueTask) -> Path | None:
   wanted = {task.dir_name.lower(), task.name, task.dir_name.lower().replace('-', '')}
   for child in sorted(root.iterdir()):
     if child.is_dir() and child.name.lower() in wanted:
       return child
-  if (root / 'train.tsv').is_file():
-    return root
-  raise UserError(f'GLUE task {task.name}: no {task.dir_name}/ folder in {root}; download GLUE '
-                  f'there or set {field} to the folder holding it')
+  return root if (root / 'train.tsv').is_file() else None
+
+
+def find_task_dir(glue_dir: str | Path, task: GlueTask, field: str = 'data.glue_dir') -> Path:
+  """The task's folder: <glue_dir>/<CoLA|SST-2|...>, or glue_dir itself if it holds the files.
+  `field`: the config field the user set glue_dir with, for the messages."""
+  root = _glue_root(glue_dir, field)
+  task_dir = _task_dir(root, task)
+  if task_dir is None:
+    raise UserError(f'GLUE task {task.name}: no {task.dir_name}/ folder in {root}; download GLUE '
+                    f'there or set {field} to the folder holding it')
+  return task_dir
+
+
+def check_tasks(glue_dir: str | Path, tasks: Sequence[GlueTask],
+                field: str = 'data.glue_dir') -> None:
+  """One UserError naming every task of `tasks` without its folder or its train / validation
+  file under glue_dir, and what is missing where, so that a run over several tasks finds them all
+  before it starts on the first."""
+  root = _glue_root(glue_dir, field)
+  missing = []
+  for task in tasks:
+    task_dir = _task_dir(root, task)
+    if task_dir is None:
+      missing.append(f'{task.name} (no {root / task.dir_name}/)')
+      continue
+    absent = [str(task_dir / name) for _, name in task.splits[:2]
+              if not (task_dir / name).is_file()]
+    if absent:
+      missing.append(f'{task.name} (no {" or ".join(absent)})')
+  if missing:
+    raise UserError(f'no data for GLUE task(s) {", ".join(missing)}; download GLUE into {root} or '
+                    f'set {field} to the folder holding every task\'s folder')
 
 
 def task_files(task_dir: Path, task: GlueTask) -> dict[str, Path]:
