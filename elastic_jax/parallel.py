@@ -97,9 +97,10 @@ def spread(x: jax.Array, axis: int) -> jax.Array:
   context mesh (`mesh_context`): for work on replicated operands that every device would
   otherwise repeat in full (the search's W-PCA products, `proxies.pca.linear_count`); XLA then
   splits the products that read `x` along that axis. `x` itself without a context mesh of more
-  than one device, or when the mesh's size does not divide the axis."""
+  than one device, inside `shard_map` (each device's own work already), or when the mesh's size
+  does not divide the axis."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1 or x.shape[axis] % mesh.size:
+  if mesh.empty or mesh.size == 1 or mesh.manual_axes or x.shape[axis] % mesh.size:
     return x
   spec = [None] * x.ndim
   spec[axis] = tuple(mesh.axis_names)

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from elastic_jax.config import BLOCK_TYPES
-from elastic_jax.proxies.pca import pca_count_linear
+from elastic_jax.proxies.pca import input_scatter, linear_count, pca_count_linear
 
 _BOTTLENECK = BLOCK_TYPES.index('bottleneck')
 
@@ -65,22 +66,50 @@ def _index(sizes, value):
   return jnp.where(jnp.any(match), jnp.argmax(match), len(sizes) - 1)
 
 
-def _count_by_width(x_NxD, w_N, kernel_DxF, eta, layer, widths):
-  """PCA count of one layer's FFN pre-activations on the active widths only: `lax.switch` picks
-  the first `ffn_in` input columns and `ffn` kernel columns among the space's choices (exact: the
-  columns beyond are zeros, which add only zero eigenvalues); an off layer skips it. Outside
-  `vmap` only the chosen branch executes, so a narrow layer costs its own O(width^3)."""
-  d_sizes = _sizes(widths[0], x_NxD.shape[-1])
+def _count_by_width(scatter_DxD, n_valid, kernel_DxF, eta, layer, widths):
+  """PCA count of one layer's FFN pre-activations on the active widths only, from the scatter
+  matrix of its FFN input at the full width: `lax.switch` picks the first `ffn_in` rows and
+  columns of it (the scatter matrix of the first `ffn_in` input columns) and the first `ffn`
+  kernel columns among the space's choices (exact: the columns beyond are zeros, which add only
+  zero eigenvalues); an off layer skips it. Outside `vmap` only the chosen branch executes, so a
+  narrow layer costs its own O(width^3)."""
+  d_sizes = _sizes(widths[0], scatter_DxD.shape[-1])
   f_sizes = _sizes(widths[1], kernel_DxF.shape[-1])
-  branches = [lambda x, k: jnp.int32(0)]
+  branches = [lambda s, k: jnp.int32(0)]
   # Active columns only, so the kernel slice is normally full-rank and its Gram matrix is
   # factored (`pca.linear_count`; a rank-deficient one, e.g. a width outside the choices run
   # at the full width, falls back; lax.map runs one side of that choice).
-  branches += [lambda x, k, d=d, f=f: pca_count_linear(x[:, :d], k[:d, :f], eta, w_N,
-                                                       factor_kernel=True)
+  branches += [lambda s, k, d=d, f=f: linear_count(s[:d, :d], n_valid, k[:d, :f], eta,
+                                                   factor_kernel=True)
                for d in d_sizes for f in f_sizes]
   chosen = 1 + _index(d_sizes, layer['ffn_in']) * len(f_sizes) + _index(f_sizes, layer['ffn'])
-  return jax.lax.switch(jnp.where(layer['on'], chosen, 0), branches, x_NxD, kernel_DxF)
+  return jax.lax.switch(jnp.where(layer['on'], chosen, 0), branches, scatter_DxD, kernel_DxF)
+
+
+def _counts_by_layer(x_LxNxD, w_N, kernel_LxDxF, fields, eta, widths) -> jax.Array:
+  """`_count_by_width` of every layer (equal shapes, stacked): the FFN inputs' scatter matrices
+  first (on a mesh each device sums its own rows; the D x D results are all-reduced), then the
+  counts in one `lax.map`, which holds each width's PCA once, not per layer. On a mesh of several
+  devices each device counts its own share of the layers (`jax.shard_map` over the layer axis,
+  padded with off layers) instead of every device repeating every layer's factorisations and
+  eigendecompositions: ceil(L / devices) of them per device instead of L."""
+  scatter_LxDxD, n_valid_L = jax.vmap(lambda x: input_scatter(x, w_N))(x_LxNxD)
+
+  def count(scatter, n_valid, kernel, layer):
+    return jax.lax.map(lambda a: _count_by_width(a[0], n_valid, a[1], eta, a[2], widths),
+                       (scatter, kernel, layer))
+
+  operands = (scatter_LxDxD, n_valid_L[0], kernel_LxDxF, fields)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return count(*operands)
+  layers, pad = x_LxNxD.shape[0], -x_LxNxD.shape[0] % mesh.size
+  padded = jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]),
+                        (scatter_LxDxD, kernel_LxDxF, fields))  # padding: off layers, count 0
+  split, whole = PartitionSpec(tuple(mesh.axis_names)), PartitionSpec()
+  counts = jax.shard_map(count, mesh=mesh, in_specs=(split, whole, split, split),
+                         out_specs=split, check_vma=False)(padded[0], operands[1], *padded[1:])
+  return counts[:layers]
 
 
 def vpca(ffn_in: list[jax.Array], ffn_kernel: list[jax.Array], valid_BT: jax.Array, layers,
@@ -91,7 +120,7 @@ def vpca(ffn_in: list[jax.Array], ffn_kernel: list[jax.Array], valid_BT: jax.Arr
 
   With `widths` (the space's (FFN input width choices, FFN width choices); masked supernet, archs
   one at a time) each PCA runs at its layer's active widths (`_count_by_width`); layers of the
-  same shapes run in one `lax.map`, so the program holds each width's PCA once, not per layer.
+  same shapes run together (`_counts_by_layer`: one `lax.map`, split over the devices of a mesh).
   """
   if not ffn_in:
     return jnp.float32(0.0)
@@ -102,10 +131,9 @@ def vpca(ffn_in: list[jax.Array], ffn_kernel: list[jax.Array], valid_BT: jax.Arr
   elif len({(x.shape, k.shape) for x, k in zip(xs, ffn_kernel)}) == 1:
     fields = {f: jnp.stack([jnp.asarray(layer[f]) for layer in layers])
               for f in ('on', 'ffn_in', 'ffn')}
-    counts = jax.lax.map(lambda a: _count_by_width(a[0], w_N, a[1], eta, a[2], widths),
-                         (jnp.stack(xs), jnp.stack(ffn_kernel), fields))
+    counts = _counts_by_layer(jnp.stack(xs), w_N, jnp.stack(ffn_kernel), fields, eta, widths)
   else:
-    counts = [_count_by_width(x, w_N, k, eta, layer, widths)
+    counts = [_count_by_width(*input_scatter(x, w_N), k, eta, layer, widths)
               for x, k, layer in zip(xs, ffn_kernel, layers)]
   k_L = jnp.asarray(counts).astype(jnp.float32)
   if bottleneck_ffn == 'exclude':

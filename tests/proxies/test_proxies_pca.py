@@ -229,3 +229,68 @@ def test_on_a_mesh_the_products_split_over_the_ffn_axis_and_count_the_same():
   dims = [[int(d) for d in shape.split(',')] for shape in got['dots']]
   assert [16, 5] in dims, got  # a device's own columns of the [16, 40] product
   assert not any(40 in d for d in dims), got  # nobody multiplies all 40
+
+
+LAYER_SPLIT_SCRIPT = textwrap.dedent('''
+  import json
+  import jax, jax.numpy as jnp, numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec
+  from elastic_jax import parallel
+  from elastic_jax.proxies import features
+  rng = np.random.default_rng(5)
+  L, N, D, F = 5, 96, 16, 40
+  x = (rng.normal(size=(L, N, D)) * 0.8 ** np.arange(D)).astype(np.float32)
+  k = rng.normal(size=(L, D, F)).astype(np.float32)
+  valid = (rng.random(N) > 0.1).astype(np.float32)
+  fields = {'on': jnp.asarray([True, True, False, True, True]),
+            'ffn_in': jnp.asarray(rng.choice([8, 16], L)), 'ffn': jnp.asarray(rng.choice([10, 20, 40], L))}
+  count = lambda x, k, valid, fields: features._counts_by_layer(x, valid, k, fields, 0.99,
+                                                                ((8, 16), (10, 20, 40)))
+
+  def scan_lengths(jaxpr, in_shard_map=False):  # (inside a shard_map?, trip count) of every scan
+    out = []
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'scan':
+        out.append([in_shard_map, eqn.params['length']])
+      for p in eqn.params.values():
+        for sub in (p if isinstance(p, (list, tuple)) else [p]):
+          if hasattr(getattr(sub, 'jaxpr', sub), 'eqns'):
+            out += scan_lengths(getattr(sub, 'jaxpr', sub),
+                                in_shard_map or eqn.primitive.name == 'shard_map')
+    return out
+
+  mesh = parallel.make_mesh({'data': 2, 'fsdp': 4, 'tensor': 1})
+  rep = lambda a: jax.device_put(a, NamedSharding(mesh, PartitionSpec()))
+  args = (rep(x), rep(k), rep(valid), jax.tree.map(rep, fields))
+  with parallel.mesh_context(mesh):
+    scans = scan_lengths(jax.make_jaxpr(count)(*args).jaxpr)
+  print(json.dumps({'x': x.tolist(), 'k': k.tolist(), 'valid': valid.tolist(),
+                    'fields': {f: np.asarray(v).tolist() for f, v in fields.items()},
+                    'counts': np.asarray(jax.jit(parallel.on_mesh(count, mesh))(*args)).tolist(),
+                    'scans': scans, 'scans_one_device': scan_lengths(
+                        jax.make_jaxpr(count)(x, k, valid, fields).jaxpr)}))
+''')
+
+
+def test_on_a_mesh_each_device_counts_its_own_layers():
+  """The search's per-width W-PCA counts of a masked arch's layers (`features._counts_by_layer`):
+  on 8 fake devices each device runs the factorisations and eigendecompositions of its own layers
+  (one of the 5, padded to 8), not of all 5 as every device did; the counts are those of the
+  layers' pre-activations at their active widths (float64 NumPy; off layer 0)."""
+  out = subprocess.run([sys.executable, '-c', LAYER_SPLIT_SCRIPT], capture_output=True,
+                       text=True, cwd=REPO, timeout=600,
+                       env={**os.environ, 'XLA_FLAGS': xla_flags_with_devices(8),
+                            'JAX_PLATFORMS': 'cpu'})
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = json.loads(out.stdout.splitlines()[-1])
+  assert got['scans'] == [[True, 1]], got['scans']  # per device: one layer's count
+  assert got['scans_one_device'] == [[False, 5]], got['scans_one_device']
+  x, k, valid = (np.asarray(got[n], np.float64) for n in ('x', 'k', 'valid'))
+  f = got['fields']
+  expected = []
+  for i in range(5):
+    d, w = f['ffn_in'][i], f['ffn'][i]
+    want, near = reference(x[i][:, :d] @ k[i][:d, :w], 0.99, valid)
+    assert near > MARGIN
+    expected.append(want if f['on'][i] else 0)
+  assert got['counts'] == expected
