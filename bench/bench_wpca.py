@@ -16,15 +16,21 @@ costs per device on a TPU slice.
    zero columns (a masked FFN wider than D, K K^T singular) checks the fallback.
 2. On a TPU slice, compiled here (`elastic_jax.aot.compile_report`, libtpu; skipped without the
    `tpu` extra): the search's population program with the W-PCA objective for BERT-base ELM
-   (configs/bert_base_elm.py, v5e:4x4, 2 unrolled layers, as `elastic-jax compile` builds it), as
-   the search runs it (`split`: the W-PCA kernel products constrained to lie split over the FFN
-   axis across every device, `parallel.spread`, 7007aec) and with that constraint removed
-   (`replicated`: the gathered kernel makes every device repeat every product in full). XLA's
-   counts per device with loop bodies counted once (the population's `lax.map`), and its buffer
-   assignment.
+   (configs/bert_base_elm.py, v5e:4x4, 2 unrolled layers, as `elastic-jax compile` builds it):
+   that it compiles and fits, its buffer assignment, and XLA's counts per device. XLA counts a
+   loop body once whatever its trip count, so the layer split of part 3 (the layers' counts are a
+   loop) does not show in them.
+
+3. Layers over devices, on 8 fake CPU devices (one process, XLA's devices sharing this CPU's
+   cores, so the wall time is the total work): one masked arch's per-width W-PCA counts of 12
+   BERT-base-sized FFN layers (8,192 tokens, D 768, F 768-3,072), as the search computes them
+   (`features._counts_by_layer`: each device the factorisations and eigendecompositions of its
+   own layers, `shard_map` over the layer axis) and as it computed them before (`lax.map` over
+   every layer on every device, the products split over the FFN axis); the counts must agree.
 
 Writes bench/results/bench_wpca.json (top-level keys: `kernel_over_scatter_speedup` at the
-largest size, `counts_agree`, `aot` per variant) and bench_wpca.md.
+largest size, `counts_agree`, `aot`, `layer_split` with its `speedup`) and
+bench_wpca.md.
 
   python bench/bench_wpca.py [--quick]    # full: ~10 min on a 2-core CPU; --quick: ~1 min, no AOT
 """
@@ -32,8 +38,8 @@ largest size, `counts_agree`, `aot` per variant) and bench_wpca.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
+import json
 import os
 import time
 from unittest import mock
@@ -115,9 +121,9 @@ def per_count(n: int, d: int, f: int, zero_columns: int, repeats: int) -> dict:
   return row
 
 
-def population_on_tpu(variant: str, topology: str = 'v5e:4x4', layers: int = 2) -> dict:
+def population_on_tpu(topology: str = 'v5e:4x4', layers: int = 2) -> dict:
   """The search's W-PCA population program of BERT-base ELM on `topology`, compiled here."""
-  from elastic_jax import aot, parallel
+  from elastic_jax import aot
 
   cfg = load_config('bert_base_elm', 'v5e-16')
   with cfg.unlocked():
@@ -133,10 +139,7 @@ def population_on_tpu(variant: str, topology: str = 'v5e:4x4', layers: int = 2) 
     return costs[-1]
 
   start = time.perf_counter()
-  with contextlib.ExitStack() as patches:
-    patches.enter_context(mock.patch.object(aot, '_cost', recorded))
-    if variant == 'replicated':
-      patches.enter_context(mock.patch.object(parallel, 'spread', lambda x, axis: x))
+  with mock.patch.object(aot, '_cost', recorded):
     report = aot.compile_report(cfg, topology, programs=('population_eval',))
   p = report['programs']['population_eval']
   gib = 2 ** 30
@@ -146,10 +149,75 @@ def population_on_tpu(variant: str, topology: str = 'v5e:4x4', layers: int = 2) 
          'memory_gib': p['memory_bytes']['total'] / gib,
          'temporaries_gib': p['memory_bytes']['temporaries'] / gib,
          'fits': p['fits'], 'compile_seconds': time.perf_counter() - start}
-  print(f'{variant}: {out["flops_per_device_loop_bodies_once"] / 1e9:.1f} GFLOP, '
+  print(f'TPU: {out["flops_per_device_loop_bodies_once"] / 1e9:.1f} GFLOP, '
         f'{out["bytes_accessed_per_device_loop_bodies_once"] / 1e9:.2f} GB accessed, '
-        f'{out["memory_gib"]:.2f} GiB per device', flush=True)
+        f'{out["memory_gib"]:.2f} GiB per device, fits: {out["fits"]}', flush=True)
   return out
+
+
+LAYER_SPLIT_SCRIPT = """
+import json, sys, time
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from elastic_jax import parallel
+from elastic_jax.proxies import features
+layers, n, d, repeats = (int(a) for a in sys.argv[1:5])
+widths = ((d,), (d, 2 * d, 4 * d))
+rng = np.random.default_rng(0)
+x = (rng.normal(size=(layers, n, d)) * 0.99 ** np.arange(d)).astype(np.float32)
+k = (rng.normal(size=(layers, d, 4 * d)) * 0.05).astype(np.float32)
+fields = {'on': np.ones(layers, bool), 'ffn_in': np.full(layers, d),
+          'ffn': rng.choice(widths[1], layers)}
+valid = np.ones(n, np.float32)
+
+def split(x, k, valid, fields):  # the search's way
+  return features._counts_by_layer(x, valid, k, fields, 0.99, widths)
+
+def replicated(x, k, valid, fields):  # before: every device every layer
+  scatter, n_valid = jax.vmap(lambda a: features.input_scatter(a, valid))(x)
+  return jax.lax.map(lambda a: features._count_by_width(a[0], n_valid[0], a[1], 0.99, a[2],
+                                                        widths), (scatter, k, fields))
+
+mesh = parallel.make_mesh({'data': 1, 'fsdp': jax.device_count(), 'tensor': 1})
+rows = NamedSharding(mesh, PartitionSpec(None, 'fsdp'))  # tokens over the devices, as a batch
+rep = NamedSharding(mesh, PartitionSpec())
+args = (jax.device_put(x, rows), jax.device_put(k, rep), jax.device_put(valid, NamedSharding(
+    mesh, PartitionSpec('fsdp'))), jax.device_put(fields, rep))
+out = {'devices': jax.device_count(), 'layers': layers, 'tokens': n, 'd': d,
+       'ffn': fields['ffn'].tolist()}
+for name, fn in (('split', split), ('replicated', replicated)):
+  run = jax.jit(parallel.on_mesh(fn, mesh))
+  start = time.perf_counter()
+  counts = np.asarray(run(*args))
+  out[name + '_first_s'] = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run(*args).block_until_ready()
+    times.append(time.perf_counter() - start)
+  out[name + '_s'], out[name + '_counts'] = min(times), counts.tolist()
+print(json.dumps(out))
+"""
+
+
+def layer_split(quick: bool) -> dict:
+  """Part 3, in a subprocess with 8 fake CPU devices (the device count is fixed at start-up)."""
+  import subprocess
+  import sys
+  size = ('4', '512', '64', '2') if quick else ('12', '8192', '768', '3')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': (
+      os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()}
+  out = subprocess.run([sys.executable, '-c', LAYER_SPLIT_SCRIPT, *size], env=env, text=True,
+                       capture_output=True, check=False)
+  if out.returncode:
+    raise SystemExit(f'the fake-device run failed:\n{out.stderr[-3000:]}')
+  got = json.loads(out.stdout.splitlines()[-1])
+  got['agree'] = got['split_counts'] == got['replicated_counts']
+  got['speedup'] = got['replicated_s'] / got['split_s']
+  print(f'8 fake devices, {got["layers"]} layers: split {got["split_s"]:.2f} s, replicated '
+        f'{got["replicated_s"]:.2f} s ({got["speedup"]:.2f}x); counts agree: {got["agree"]}',
+        flush=True)
+  return got
 
 
 def main():
@@ -168,11 +236,13 @@ def main():
     except ImportError:
       print('libtpu not installed (the tpu extra): the TPU compile is skipped')
     else:
-      aot = {v: population_on_tpu(v) for v in ('split', 'replicated')}
+      aot = population_on_tpu()
+  split = layer_split(args.quick)
   largest = rows[-2]
   results = {'kernel_over_scatter_speedup': largest['kernel_over_scatter_speedup'],
              'largest': {k: largest[k] for k in ('tokens', 'd', 'f')},
-             'counts_agree': all(r['agree'] for r in rows), 'aot': aot, 'per_count': rows,
+             'counts_agree': all(r['agree'] for r in rows) and split['agree'], 'aot': aot,
+             'layer_split': split, 'per_count': rows,
              'etas': ETAS, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
              'openblas_num_threads': os.environ.get('OPENBLAS_NUM_THREADS', '')}
   table = [(r['tokens'], r['d'], r['f'], r['zero_columns'], f'{r["scatter_ms"]:.1f}',
@@ -187,18 +257,21 @@ def main():
       'time), formed = x @ K and the F x F scatter matrix of the pre-activations. Counts at eta '
       f'{"/".join(map(str, ETAS))} checked against float64 NumPy on the formed pre-activations '
       f'(all agree: {results["counts_agree"]}).']
+  ffn = '/'.join(map(str, sorted(set(split['ffn']))))
+  notes.append(
+      f'\nLayers over devices: one arch\'s per-width counts of {split["layers"]} FFN layers '
+      f'({split["tokens"]} tokens, D {split["d"]}, F {ffn})'
+      f' on {split["devices"]} fake CPU devices sharing this CPU (wall time = total work): each '
+      f'device its own layers (`features._counts_by_layer`) {split["split_s"]:.2f} s, every device '
+      f'every layer (before) {split["replicated_s"]:.2f} s: {split["speedup"]:.2f}x; counts '
+      f'agree: {split["agree"]}.')
   if aot:
-    def summary(v):
-      return (f'{v["flops_per_device_loop_bodies_once"] / 1e9:.1f} GFLOP, '
-              f'{v["bytes_accessed_per_device_loop_bodies_once"] / 1e9:.2f} GB accessed, '
-              f'{v["memory_gib"]:.2f} GiB')
-    s, r = aot['split'], aot['replicated']
     notes.append(
-        f'\nThe search\'s W-PCA population program, BERT-base ELM ({s["layers"]} unrolled '
-        f'layers, population {s["population"]}), compiled for {s["topology"]} by libtpu here; '
-        'per device, XLA\'s counts with loop bodies once: split (the search: W-PCA kernel '
-        f'products split over the FFN axis, `parallel.spread`) {summary(s)}; replicated (that '
-        f'constraint removed) {summary(r)}.')
+        f'\nThe search\'s W-PCA population program, BERT-base ELM ({aot["layers"]} unrolled '
+        f'layers, population {aot["population"]}), compiled for {aot["topology"]} by libtpu '
+        f'here: {aot["memory_gib"]:.2f} GiB per device (fits: {aot["fits"]}); XLA\'s counts per '
+        f'device, loop bodies once: {aot["flops_per_device_loop_bodies_once"] / 1e9:.1f} GFLOP, '
+        f'{aot["bytes_accessed_per_device_loop_bodies_once"] / 1e9:.2f} GB accessed.')
   header = ('tokens', 'D', 'F', 'zero kernel columns', 'scatter ms', 'kernel ms',
             'kernel speed-up', 'formed ms', 'reference counts', 'all agree')
   write_results('bench_wpca', results, table, header, '\n'.join(notes), quick=args.quick)
