@@ -119,8 +119,8 @@ def vpca(ffn_in: list[jax.Array], ffn_kernel: list[jax.Array], valid_BT: jax.Arr
   cheaper than forming the pre-activations' covariance). Off layers count 0.
 
   With `widths` (the space's (FFN input width choices, FFN width choices); masked supernet, archs
-  one at a time) each PCA runs at its layer's active widths (`_count_by_width`); layers of the
-  same shapes run together (`_counts_by_layer`: one `lax.map`, split over the devices of a mesh).
+  one at a time) each PCA runs at its layer's active widths (`_count_by_width`); the layers of
+  each shape run together (`_counts_by_layer`: one `lax.map`, split over the devices of a mesh).
   """
   if not ffn_in:
     return jnp.float32(0.0)
@@ -128,14 +128,19 @@ def vpca(ffn_in: list[jax.Array], ffn_kernel: list[jax.Array], valid_BT: jax.Arr
   xs = [x_BTD.reshape(-1, x_BTD.shape[-1]) for x_BTD in ffn_in]
   if widths is None:  # a dense model, or vmapped archs (masked columns are exact zeros)
     counts = [pca_count_linear(x, k, eta, w_N) for x, k in zip(xs, ffn_kernel)]
-  elif len({(x.shape, k.shape) for x, k in zip(xs, ffn_kernel)}) == 1:
-    fields = {f: jnp.stack([jnp.asarray(layer[f]) for layer in layers])
-              for f in ('on', 'ffn_in', 'ffn')}
-    counts = _counts_by_layer(jnp.stack(xs), w_N, jnp.stack(ffn_kernel), fields, eta, widths)
-  else:
-    counts = [_count_by_width(*input_scatter(x, w_N), k, eta, layer, widths)
-              for x, k, layer in zip(xs, ffn_kernel, layers)]
-  k_L = jnp.asarray(counts).astype(jnp.float32)
+  else:  # layers of equal shapes together
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, k) in enumerate(zip(xs, ffn_kernel)):
+      groups.setdefault((x.shape, k.shape), []).append(i)
+    counts = [None] * len(xs)
+    for members in groups.values():
+      fields = {f: jnp.stack([jnp.asarray(layers[i][f]) for i in members])
+                for f in ('on', 'ffn_in', 'ffn')}
+      group = _counts_by_layer(jnp.stack([xs[i] for i in members]), w_N,
+                               jnp.stack([ffn_kernel[i] for i in members]), fields, eta, widths)
+      for j, i in enumerate(members):
+        counts[i] = group[j]
+  k_L = jnp.stack(counts).astype(jnp.float32)
   if bottleneck_ffn == 'exclude':
     k_L = k_L * (1.0 - jnp.stack([layer['bottleneck'] for layer in layers]))
   return jnp.sum(k_L)

@@ -294,3 +294,30 @@ def test_on_a_mesh_each_device_counts_its_own_layers():
     assert near > MARGIN
     expected.append(want if f['on'][i] else 0)
   assert got['counts'] == expected
+
+
+def test_vpca_groups_layers_of_each_shape_and_keeps_their_order():
+  """`features.vpca` on a masked arch whose FFN layers come in two shapes, interleaved: each
+  shape's layers are counted together (`_counts_by_layer`), every layer at its active widths,
+  summed with bottleneck layers excluded; equal to float64 NumPy on the formed pre-activations."""
+  from elastic_jax.proxies import features
+  rng = np.random.default_rng(6)
+  shapes = [(16, 40), (8, 24), (16, 40), (8, 24), (16, 40)]
+  active = [(16, 20), (8, 24), (8, 40), (8, 12), (16, 10)]
+  on = [True, True, True, False, True]
+  bottleneck = [0.0, 1.0, 0.0, 0.0, 0.0]
+  b, t = 2, 48
+  valid = (rng.random((b, t)) > 0.1).astype(np.float32)
+  xs = [(rng.normal(size=(b, t, d)) * 0.8 ** np.arange(d)).astype(np.float32) for d, _ in shapes]
+  ks = [rng.normal(size=(d, f)).astype(np.float32) for d, f in shapes]
+  layers = [{'on': jnp.asarray(o), 'ffn_in': jnp.asarray(d), 'ffn': jnp.asarray(f),
+             'bottleneck': jnp.asarray(n)} for o, (d, f), n in zip(on, active, bottleneck)]
+  got = jax.jit(lambda xs, ks, v, lay: features.vpca(
+      xs, ks, v, lay, 0.99, 'exclude', widths=((8, 16), (10, 12, 20, 24, 40))))(
+          [jnp.asarray(x) for x in xs], [jnp.asarray(k) for k in ks], jnp.asarray(valid), layers)
+  expected = 0
+  for x, k, o, (d, f), n in zip(xs, ks, on, active, bottleneck):
+    want, near = reference(x.reshape(-1, x.shape[-1])[:, :d] @ k[:d, :f], 0.99, valid.ravel())
+    assert near > MARGIN
+    expected += want * o * (1 - n)
+  assert float(got) == expected
