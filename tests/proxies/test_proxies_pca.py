@@ -243,7 +243,8 @@ LAYER_SPLIT_SCRIPT = textwrap.dedent('''
   k = rng.normal(size=(L, D, F)).astype(np.float32)
   valid = (rng.random(N) > 0.1).astype(np.float32)
   fields = {'on': jnp.asarray([True, True, False, True, True]),
-            'ffn_in': jnp.asarray(rng.choice([8, 16], L)), 'ffn': jnp.asarray(rng.choice([10, 20, 40], L))}
+            'ffn_in': jnp.asarray(rng.choice([8, 16], L)),
+            'ffn': jnp.asarray(rng.choice([10, 20, 40], L))}
   count = lambda x, k, valid, fields: features._counts_by_layer(x, valid, k, fields, 0.99,
                                                                 ((8, 16), (10, 20, 40)))
 
