@@ -45,5 +45,9 @@ def test_run_resumes_with_its_fgrams_and_writes_its_table(tiny_cfg, tmp_path):
   hits = job.batch_transform(first)({'tokens': first.tokens_SK[:, 1:].clip(0)})['fgram_hits']
   assert (lookup.longest(hits)[:, -1] >= 0).all()
   cfg.scone.num_fgrams = 50  # another run's settings in this workdir
-  with pytest.raises(UserError, match="holds f-grams with .*scone.num_fgrams=50"):
+  with pytest.raises(UserError, match=r'holds a run of another config \(scone.num_fgrams: 97 -> '
+                                      r'50\)'):
     train(cfg, w, progress=False)
+  # The f-grams the workdir holds are checked against the settings too (a file from another run).
+  with pytest.raises(UserError, match="holds f-grams with .*scone.num_fgrams=50"):
+    job.run_fgrams(scone_config(cfg.scone), cfg.data, w, write=False)
