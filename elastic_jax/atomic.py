@@ -106,3 +106,16 @@ def write_dir(out: str | Path, write: Callable[[Path], None], *, replace: bool =
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out
+
+
+def remove_added(directory: Path, existed: bool, before: set[Path]) -> None:
+  """Undoes what a failed step added to `directory`: all of it if it did not exist (`existed`),
+  else the entries not in `before` (its listing when the step began); nothing else."""
+  if not existed:
+    shutil.rmtree(directory, ignore_errors=True)
+  elif directory.is_dir():
+    for p in set(directory.iterdir()) - before:
+      if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+      else:
+        p.unlink(missing_ok=True)

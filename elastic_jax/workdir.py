@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -149,14 +148,7 @@ def cleanup_on_failure(workdir: str | Path) -> Iterator[None]:
              or (workdir / 'search' / 'state.npz').is_file()
              or (workdir / checkpoints.UNREADABLE_DIRNAME).is_dir())
     if not saved:
-      if not existed:
-        shutil.rmtree(workdir, ignore_errors=True)
-      elif workdir.is_dir():
-        for p in set(workdir.iterdir()) - before:
-          if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-          else:
-            p.unlink(missing_ok=True)
+      atomic.remove_added(workdir, existed, before)
     raise
 
 

@@ -34,8 +34,9 @@ import numpy as np
 from elastic_jax import arch as arch_lib
 from elastic_jax import atomic, data, evaluation, latency
 from elastic_jax import export as export_lib
+from elastic_jax.compress import config as compress_config
 from elastic_jax.compress import pruning
-from elastic_jax.compress.sort import compress_section, pretrained_dir, run_sort
+from elastic_jax.compress.sort import pretrained_dir, run_sort
 from elastic_jax.errors import UserError
 from elastic_jax.workdir import (
   apply_init_from,
@@ -121,7 +122,7 @@ def _import(model_dir, workdir: Path, user_cfg, gguf, log) -> None:
 
 def _finetune_config(cfg, workdir: Path, c) -> ml_collections.ConfigDict:
   cfg = copy.deepcopy(cfg)
-  cfg.train.sampling = str(c.sampling)  # c: checked by compress_section
+  cfg.train.sampling = str(c.sampling)  # c: checked by compress_config.section
   if c.teacher == 'original':
     # The losses are train.distill's (logits KL by default; hidden-state MSE and the others as
     # configured, e.g. for an encoder whose checkpoint has no trained LM head).
@@ -221,7 +222,7 @@ def choose_anchors(cfg, space, rule: pruning.PruningRule, workdir: Path, budget_
   budget first; each shape once), by compress.anchors; 'loss' also writes every candidate's loss to
   W/compress/anchors.json."""
   from elastic_jax.compress.sort import calibration_batches  # noqa: PLC0415
-  c = compress_section(cfg)  # anchors, anchor_low and anchor_candidates checked there
+  c = compress_config.section(cfg)  # anchors, anchor_low and anchor_candidates checked there
   counts = sorted(count for _, count in budget_list)
   if c.anchors == 'pruning':
     return [rule.pick(count)[0] for count in counts]
@@ -277,7 +278,7 @@ def run_compress(model_dir: str | Path | None, workdir: str | Path, *,
   # (a rerun resumes with it), else the one the import is about to write there.
   from elastic_jax.hf.importer import REPORT  # noqa: PLC0415
   imported = (Path(workdir) / REPORT).is_file()
-  c = compress_section(load_config(workdir) if imported else user_cfg)
+  c = compress_config.section(load_config(workdir) if imported else user_cfg)
   parse_budgets(budgets or str(c.budgets), None, _budgets_field(budgets))
   with cleanup_on_failure(workdir):
     return _run_stages(model_dir, Path(workdir), budgets=budgets, user_cfg=user_cfg, gguf=gguf,
@@ -295,7 +296,7 @@ def _run_stages(model_dir, workdir: Path, *, budgets, user_cfg, gguf, log) -> di
   stages = Stages(workdir)
   stages.finish('import', True) if 'import' not in stages.done else None
   cfg = load_config(workdir)
-  c = compress_section(cfg)
+  c = compress_config.section(cfg)
   space = build_space(cfg)
   original_params = int(json.loads((workdir / 'import.json').read_text())['params'])
   budget_list = parse_budgets(budgets or str(c.budgets), original_params, _budgets_field(budgets))

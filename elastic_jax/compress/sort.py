@@ -17,7 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 
 from elastic_jax import arch as arch_lib
@@ -32,11 +31,6 @@ SORT_DIR = 'sort'
 SCORES_FILE = 'scores.npz'
 REPORT_FILE = 'sort.json'
 _DENSE_FILES = (export_lib.CONFIG_FILE, export_lib.WEIGHTS_FILE, export_lib.ARCH_FILE)
-
-
-def compress_section(cfg: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
-  """`cfg`'s compress section over the defaults, every value checked (compress/config.py)."""
-  return compress_config.section(cfg)
 
 
 def pretrained_dir(cfg, workdir) -> Path:
@@ -75,7 +69,7 @@ def run_sort(cfg, workdir, *, log=print) -> dict:
   if done is not None:
     log(f'sort: {workdir / SORT_DIR / REPORT_FILE} exists; already sorted')
     return done[1]
-  c = compress_section(cfg)
+  c = compress_config.section(cfg)
   pretrained = pretrained_dir(cfg, workdir)
   own = (workdir / PRETRAINED).resolve()
   if pretrained.resolve() != own:

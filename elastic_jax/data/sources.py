@@ -12,13 +12,13 @@ import contextlib
 import dataclasses
 import io
 import logging
-import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import tensorflow_datasets as tfds
 
+from elastic_jax import atomic
 from elastic_jax.data import cache, glue_tasks
 from elastic_jax.data.builders import glue_tsv, python_docs, text_files
 from elastic_jax.data.config import DataConfig
@@ -147,14 +147,7 @@ def _removed_on_failure(data_dir: Path, own: Path) -> Iterator[None]:
   try:
     yield
   except BaseException:
-    if own not in existed:
-      shutil.rmtree(own, ignore_errors=True)
-    elif own.is_dir():
-      for p in set(own.iterdir()) - before:
-        if p.is_dir():
-          shutil.rmtree(p, ignore_errors=True)
-        else:
-          p.unlink(missing_ok=True)
+    atomic.remove_added(own, own in existed, before)
     for p in shared:
       if p not in existed:
         with contextlib.suppress(OSError):
