@@ -3,12 +3,16 @@
 A checkpoint holds params, optimizer state, step, RNG and the data iterator's position. Saved every
 N steps asynchronously (Orbax writes to a temporary name and renames when complete, so a checkpoint
 is either whole or absent), keeping the last K; a save Orbax refuses or fails is an error, never
-silence. Restore takes the latest checkpoint, and falls back to the one before it, with a warning,
-when the latest cannot be read; the training run's restore also moves the unreadable one aside
-(to W/checkpoints_unreadable/, kept for inspection), so that the step can be saved again when the
-run retrains it. A checkpoint that fails to restore because its saved arrays (per their metadata)
-have other shapes than the config's model, or are other arrays, is not unreadable: the config
-changed, and that is one error (`CheckpointMismatch`) that leaves every checkpoint in place. Arrays
+silence. The training run's restore takes the latest checkpoint, and when it cannot be read moves it
+aside (to W/checkpoints_unreadable/, kept for inspection) with a warning and falls back to the one
+before it, whose later steps it then trains again. A reader that does not train (search, export,
+evaluate, `train.init_from`, a teacher) never uses older weights in place of the latest: an
+unreadable latest checkpoint is one error naming it, the newest step that does read, and the two
+ways on (move the unreadable one aside to use that step, or let `train` retrain it). A
+checkpoint that fails to
+restore because its saved arrays (per their metadata) have other shapes than the config's model,
+or are other arrays, is not unreadable: the config changed, and that is one error
+(`CheckpointMismatch`) that leaves every checkpoint in place. Arrays
 are restored onto the shardings the caller gives, so a checkpoint written on one mesh or process
 count reads on any other.
 """
@@ -45,6 +49,28 @@ class CheckpointMismatch(UserError):
         f'{detail}); the config has changed since they were written: restore the config that '
         'wrote them, or use a new --workdir for this config (the checkpoints are left as they '
         'are)')
+
+
+class UnreadableLatest(UserError):
+  """A reader that does not train found the newest checkpoint(s) unreadable and an older one
+  readable: one error naming them and the ways on, instead of the older weights in their place."""
+
+  def __init__(self, directory: Path, errors: list[tuple[int, str]], readable: int):
+    self.directory, self.errors, self.readable = Path(directory), errors, readable
+    steps = [s for s, _ in errors]
+    newest, workdir = steps[0], Path(directory).parent
+    which = (f'the latest checkpoint in {directory} (step {newest}) is unreadable'
+             if len(steps) == 1 else
+             f"the {len(steps)} latest checkpoints in {directory} (steps "
+             f"{', '.join(map(str, steps))}) are unreadable")
+    why = '; '.join(f'step {s}: {e}' for s, e in errors)
+    aside = workdir / UNREADABLE_DIRNAME
+    moves = ' and '.join(f'{directory / str(s)}' for s in steps)
+    super().__init__(
+        f'{which} ({why}); step {readable} reads. To use step {readable}, move {moves} out '
+        f'of {directory} (e.g. into {aside}); to train steps {readable + 1}-{newest} again, run '
+        f'`elastic-jax train --workdir={workdir}`, which moves unreadable checkpoints aside '
+        'itself')
 
 
 def has_checkpoints(workdir: str | Path) -> bool:
@@ -156,8 +182,11 @@ def _restore_latest(manager, abstract_params, abstract_opt_state=None, abstract_
                     move_unreadable_to: Path | None = None):
   """(params, opt_state, meta, extra) of the newest readable checkpoint, or None if there is none.
 
-  `move_unreadable_to`: move each unreadable checkpoint there (the training run's restore, which
-  will save those steps again; Orbax would refuse a step it still lists)."""
+  `move_unreadable_to`: move each unreadable checkpoint there and fall back to the one before (the
+  training run's restore, which will save those steps again; Orbax would refuse a step it still
+  lists). Without it (a reader that does not train), unreadable newer checkpoints are an error
+  (`UnreadableLatest`) once an older one is found to read: the weights the caller asked for, the
+  latest, are not there, and older ones are not silently used instead."""
   steps = sorted(manager.all_steps(), reverse=True)
   errors = []
   targets = {'params': abstract_params}
@@ -180,11 +209,13 @@ def _restore_latest(manager, abstract_params, abstract_opt_state=None, abstract_
       where = ''
       if move_unreadable_to is not None:
         where = f'; moved to {_move_aside(manager, step, move_unreadable_to)}'
-      if step != steps[-1]:  # the last one's failure is in the error below
+      if step != steps[-1] and move_unreadable_to is not None:  # the last one's: the error below
         logging.warning('checkpoint at step %d in %s is unreadable (%s)%s; trying the previous '
                         'one', step, manager.directory, describe(e), where)
       errors.append((step, describe(e)))
       continue
+    if errors and move_unreadable_to is None:
+      raise UnreadableLatest(Path(manager.directory), errors, step)
     return (restored['params'], restored.get('opt_state'), restored['meta'],
             restored.get('extra_params'))
   if errors:
@@ -285,6 +316,7 @@ def _sync(name: str) -> None:
 def restore_params_if_any(workdir: Path, model) -> int | None:
   """Loads the latest trained params of `workdir` into `model` (host-local arrays, e.g. from
   `init_supernet`), whatever mesh and process count wrote them; returns the step, or None.
+  An unreadable latest checkpoint is an error (`UnreadableLatest`), not a fallback: see above.
 
   Reads on this process alone: in a multi-process run the others need not call it."""
   from flax import nnx

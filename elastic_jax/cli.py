@@ -252,7 +252,7 @@ def evaluate():
     check_exists(FLAGS.workdir)
     cfg = _config()
     data.check_lm_task(cfg.data)
-    space, model, arch, _ = _supernet_and_arch(cfg)
+    space, model, arch, step = _supernet_and_arch(cfg)
     batches = data.eval_batches(cfg.data)
     scfg = scone_config(cfg.get('scone'))
     if scfg is not None:
@@ -260,6 +260,7 @@ def evaluate():
       table = scone_job.inference_table(model, scfg, cfg.data, FLAGS.workdir, arch)
       batches = [table(b) for b in batches]
     result = evaluation.evaluate(model, batches, arch)
+    result['step'] = step  # the checkpoint's training step (null: the seeded initialisation)
     cost = space.cost(arch)
     if scfg is not None:  # the sub-network's own rows: its f-gram count x its hidden width
       rows = min(table.n_used or len(table.fgrams), len(table.fgrams))
@@ -480,7 +481,7 @@ def data_():
 
 
 def _quiet_closed_loop_callbacks() -> None:
-  """After a failed checkpoint read (already reported in one line, or a fallback's warning),
+  """After a failed checkpoint read (already reported in one line, or the training run's warning),
   Orbax's other array reads finish on threads: they call back into its closed event loop, and
   their coroutines, never awaited, are collected holding their own read errors. Python printed
   each with its traceback (up to 385 lines after one readable error). Those alone are dropped;
@@ -506,6 +507,10 @@ def _quiet_closed_loop_callbacks() -> None:
   import logging  # noqa: PLC0415
   logging.getLogger('asyncio').addFilter(
       lambda record: 'exception was never retrieved' not in str(record.msg))
+  # ... and Orbax logs a garbled checkpoint metadata file as an error of its own before the read
+  # fails (the error or warning that names the checkpoint says why).
+  logging.getLogger('absl').addFilter(
+      lambda record: not str(record.msg).startswith('Failed to json parse Metadata file'))
 
 
 def main(argv: list[str] | None = None) -> int:

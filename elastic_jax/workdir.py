@@ -237,6 +237,8 @@ def apply_init_from(path: str, model: Model, space: Space) -> str:
     raise UserError(f'config field train.init_from={path!r}: its checkpoints do not fit the '
                     f'model of this config (step {e.step}: {e.detail}); point it at a run of the '
                     'same model and space') from None
+  except checkpoints.UnreadableLatest as e:
+    raise UserError(f'config field train.init_from={path!r}: {e}') from None
   if step is not None:
     return f'workdir {p}'
   raise UserError(f'config field train.init_from={path!r}: neither an exported model, a '

@@ -105,11 +105,17 @@ def test_unreadable_checkpoint_is_moved_aside_and_its_step_saved_again(tiny_cfg,
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncate every file
 
-  # A read-only reader falls back to step 4 and leaves the run's directory alone.
-  with caplog.at_level(logging.WARNING):
-    assert checkpoints.restore_params_if_any(tmp_path, init_supernet(cfg)) == 4
-  assert latest.is_dir()
-  assert 'checkpoint at step 8' in caplog.text and 'is unreadable' in caplog.text
+  # A reader that does not train refuses (no older weights in place of the latest), names the
+  # step that reads and the ways on, and leaves the run's directory alone.
+  before = _files(tmp_path / 'checkpoints')
+  with pytest.raises(checkpoints.UnreadableLatest) as info:
+    checkpoints.restore_params_if_any(tmp_path, init_supernet(cfg))
+  message = str(info.value)
+  assert message.startswith(f'the latest checkpoint in {tmp_path / "checkpoints"} (step 8) is '
+                            'unreadable (step 8: ')
+  assert '; step 4 reads. To use step 4, move ' in message and 'train steps 5-8 again' in message
+  assert '\n' not in message and 'bound method' not in message
+  assert _files(tmp_path / 'checkpoints') == before
 
   # The training run moves it aside, retrains steps 5-8 and saves step 8 again.
   caplog.clear()
@@ -233,9 +239,9 @@ def test_checkpoints_of_another_model_are_a_config_mismatch_left_in_place(tiny_c
   for f in (ckpt / '4' / 'params').rglob('*'):
     if f.is_file() and f.parent.name == 'd':
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-  with caplog.at_level(logging.WARNING):
-    assert checkpoints.restore_params_if_any(w, init_supernet(cfg)) == 2
-  assert 'checkpoint at step 4' in caplog.text and 'is unreadable' in caplog.text
+  with pytest.raises(checkpoints.UnreadableLatest, match=r'\(step 4\) is unreadable .*; step 2 '
+                     r'reads\.'):
+    checkpoints.restore_params_if_any(w, init_supernet(cfg))
 
 
 # A training run that kills itself (SIGKILL) when its checkpoint write of step `at` reaches

@@ -221,7 +221,12 @@ def test_in_place_block_preserving_distillation_warns(tiny_cfg, caplog):
 
 
 @pytest.mark.slow
-def test_corrupt_latest_checkpoint_falls_back_with_warning(tiny_cfg, tmp_path, caplog):
+def test_corrupt_latest_checkpoint_is_one_error_for_a_reader_and_its_advice_works(
+    tiny_cfg, tmp_path, capsys, caplog):
+  """`evaluate` on a workdir whose latest checkpoint is damaged: one line, exit 2, nothing moved
+  (it once evaluated step 4's weights with only a warning); moved aside as the line says, step
+  4 is what it evaluates."""
+  from elastic_jax import cli
   cfg = tiny_cfg.copy_and_resolve_references()
   cfg.train.steps = 8
   cfg.train.checkpoint_every = 4
@@ -230,11 +235,22 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tiny_cfg, tmp_path, c
   for f in latest.rglob('*'):
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncate every file
-  from elastic_jax.checkpoints import restore_params_if_any
+  capsys.readouterr()
   with caplog.at_level('WARNING'):
-    step = restore_params_if_any(tmp_path, init_supernet(cfg))
-  assert step == 4
-  assert 'unreadable' in caplog.text
+    code = cli.main(['elastic-jax', 'evaluate', f'--workdir={tmp_path}', '--arch=largest'])
+  out, err = capsys.readouterr()
+  assert code == 2 and not out and len(err.splitlines()) == 1, err
+  assert err.startswith(f'elastic-jax evaluate: error: the latest checkpoint in {latest.parent} '
+                        '(step 8) is unreadable'), err
+  assert f'move {latest} out of {latest.parent}' in err and latest.is_dir()
+  assert 'unreadable' not in caplog.text  # no warning besides the error
+  aside = tmp_path / 'checkpoints_unreadable'
+  aside.mkdir()
+  latest.rename(aside / '8')
+  from elastic_jax.checkpoints import restore_params_if_any
+  assert restore_params_if_any(tmp_path, init_supernet(cfg)) == 4
+  assert cli.main(['elastic-jax', 'evaluate', f'--workdir={tmp_path}', '--arch=largest']) == 0
+  assert json.loads(capsys.readouterr().out)['step'] == 4
 
 
 def test_divergence_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path):
