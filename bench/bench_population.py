@@ -38,16 +38,19 @@ SPACE = dict(num_layers=6, hidden=[128, 192, 256, 320, 384], depth=[2, 3, 4, 5, 
 
 def executed_flops(space: Space, archs, narrowed: bool = False) -> np.ndarray:
   """FLOPs/token the masked path executes per arch, archs run one at a time: lax.switch skips
-  removed layers and lax.cond skips FFN blocks past the active width (the FFN choices are the
-  block bounds), so a kept layer runs at the supernet's hidden size and heads, its own FFN.
-  `narrowed` (search.hidden_buckets): at the arch's own hidden size."""
+  removed layers, and lax.cond skips FFN column blocks past the active width and query-head
+  blocks past the active head count (the space's FFN and head choices are the block bounds), so
+  a kept layer runs its own FFN and its own query heads (their scores, context and output
+  projection), but its K and V projections at every KV group of the supernet, and all of it at
+  the supernet's hidden size. `narrowed` (search.hidden_buckets): at the arch's own hidden size."""
   full = space.largest()
   hidden = archs.hidden if narrowed else jnp.full_like(archs.hidden, full.hidden)
-  widest = archs.replace(hidden=hidden,
-                         head_dim=jnp.full_like(archs.head_dim, full.head_dim),
-                         heads=jnp.broadcast_to(full.heads, archs.heads.shape),
-                         kv_groups=jnp.broadcast_to(full.kv_groups, archs.kv_groups.shape))
-  return np.asarray(jax.vmap(lambda a: space.cost(a)['flops_per_token'])(widest))
+  own_heads = archs.replace(hidden=hidden)
+  flops = jax.vmap(lambda a: space.cost(a)['flops_per_token'])(own_heads)
+  # K and V of the groups past the arch's own: 2 projections x 2 FLOPs per multiply-add.
+  idle_groups = jnp.where(archs.layer_on(), full.kv_groups - archs.kv_groups, 0)
+  kv = 4.0 * hidden * archs.head_dim * jnp.sum(idle_groups, axis=-1)
+  return np.asarray(flops + kv)
 
 
 def main():
