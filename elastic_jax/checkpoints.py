@@ -8,13 +8,12 @@ aside (to W/checkpoints_unreadable/, kept for inspection) with a warning and fal
 before it, whose later steps it then trains again. A reader that does not train (search, export,
 evaluate, `train.init_from`, a teacher) never uses older weights in place of the latest: an
 unreadable latest checkpoint is one error naming it, the newest step that does read, and the two
-ways on (move the unreadable one aside to use that step, or let `train` retrain it). A
-checkpoint that fails to
-restore because its saved arrays (per their metadata) have other shapes than the config's model,
-or are other arrays, is not unreadable: the config changed, and that is one error
-(`CheckpointMismatch`) that leaves every checkpoint in place. Arrays
-are restored onto the shardings the caller gives, so a checkpoint written on one mesh or process
-count reads on any other.
+ways on (move the unreadable one aside to use that step, or let `train` retrain it). A checkpoint
+that fails to restore because its saved arrays (per their metadata) have other shapes than the
+config's model, or are other arrays, is not unreadable: the config changed, and that is one error
+(`CheckpointMismatch`) that leaves every checkpoint in place. Arrays are restored onto the
+shardings the caller gives, so a checkpoint written on one mesh or process count reads on any
+other.
 """
 
 from __future__ import annotations
@@ -186,7 +185,7 @@ def _restore_latest(manager, abstract_params, abstract_opt_state=None, abstract_
   training run's restore, which will save those steps again; Orbax would refuse a step it still
   lists). Without it (a reader that does not train), unreadable newer checkpoints are an error
   (`UnreadableLatest`) once an older one is found to read: the weights the caller asked for, the
-  latest, are not there, and older ones are not silently used instead."""
+  latest, are not there, and older ones are not used in their place."""
   steps = sorted(manager.all_steps(), reverse=True)
   errors = []
   targets = {'params': abstract_params}
