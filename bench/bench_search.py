@@ -4,7 +4,8 @@
    tokens:
    - masked population (this design): a whole NSGA-II search (`elastic_jax.search.driver.Searcher`),
      every generation's population evaluated through the supernet in one compiled call, one
-     compile for the whole search;
+     compile for the whole search, each arch on the supernet narrowed to its hidden choice as the
+     search job does by default (`search.hidden_buckets`; not with --chunk > 1);
    - slice-and-recompile (whittle's way): export each architecture the search evaluated to its own
      dense model and `jax.jit` its loss, one compile per architecture.
    Also reports the agreement of the two losses and the useful share of executed FLOPs (the
@@ -151,8 +152,11 @@ def main():
   space, model, step, train_seconds = supernet(cfg, workdir, args.untrained)
   batches = data.eval_batches(cfg.data)
   tokens = int(sum(float(np.sum(b['weights'])) for b in batches))
+  # The search job's own evaluation: its default hidden_buckets (each arch on the supernet
+  # narrowed to its hidden choice) where archs run one at a time.
+  narrowed = bool(search_cfg.search_config({}).hidden_buckets) and args.chunk == 1
   fit = fitness_lib.Fitness(space, ('loss', 'params'), model=model, batches=batches,
-                            chunk=args.chunk)
+                            chunk=args.chunk, hidden_buckets=narrowed)
   extremes = fit.extremes()
   ref = fit.reference_point(extremes=extremes)  # the search job's default reference point
   ref_min = fit.to_minimised(ref)
@@ -200,7 +204,7 @@ def main():
   rel_err = float(np.max(np.abs(f_all[chosen, 0] - sliced) / np.abs(sliced)))
   archs = jax.vmap(space.decode)(jnp.asarray(g_all[distinct]))
   own = np.asarray(jax.vmap(lambda a: space.cost(a)['flops_per_token'])(archs))
-  executed = executed_flops(space, archs) if args.chunk == 1 else \
+  executed = executed_flops(space, archs, narrowed=narrowed) if args.chunk == 1 else \
       np.full(len(own), float(space.cost(space.largest())['flops_per_token']))
   useful = float(own.sum() / executed.sum())
   speedup = masked_rate / slice_rate
@@ -245,7 +249,7 @@ def main():
       'archs_per_second_slice_recompile': round(slice_rate, 3),
       'masked_seconds_first_search': round(first['seconds'], 2),
       'evaluations_per_search': first['n_evals'], 'generations': generations,
-      'population': pop, 'seeds': args.seeds, 'chunk': args.chunk,
+      'population': pop, 'seeds': args.seeds, 'chunk': args.chunk, 'hidden_buckets': narrowed,
       'slice_recompile_archs': len(chosen), 'slice_recompile_seconds': round(sliced_s, 2),
       'distinct_archs_for_flop_share': len(distinct),
       'max_relative_loss_difference': rel_err,
