@@ -55,7 +55,6 @@ class UnreadableLatest(UserError):
   readable: one error naming them and the ways on, instead of the older weights in their place."""
 
   def __init__(self, directory: Path, errors: list[tuple[int, str]], readable: int):
-    self.directory, self.errors, self.readable = Path(directory), errors, readable
     steps = [s for s, _ in errors]
     newest, workdir = steps[0], Path(directory).parent
     which = (f'the latest checkpoint in {directory} (step {newest}) is unreadable'
