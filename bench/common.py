@@ -33,10 +33,27 @@ def timed(fn, *args, **kwargs):
   return out, time.perf_counter() - start
 
 
+def host_cpu() -> dict:
+  """The host CPU's model name and widest vector extension XLA's CPU kernels can use (Linux;
+  empty elsewhere). Hosts that all record '2 cpus' differ: bench_peers' 64-arch population
+  (masked, and the dense exports) ran 3-4x slower steady on an AVX2-only AMD EPYC than in its
+  committed results, so a timing is read with the CPU it ran on."""
+  try:
+    text = Path('/proc/cpuinfo').read_text()
+  except OSError:
+    return {}
+  fields = dict(line.split(':', 1) for line in text.splitlines() if ':' in line)
+  fields = {k.strip(): v.strip() for k, v in fields.items()}
+  flags = set(fields.get('flags', '').split())
+  simd = next((f for f in ('avx512f', 'avx2', 'avx', 'sse4_2', 'asimd') if f in flags), None)
+  return {'cpu_model': fields.get('model name'), 'simd': simd}
+
+
 def machine() -> dict:
   dev = jax.devices()[0]
   return {'platform': dev.platform, 'device': dev.device_kind, 'devices': jax.device_count(),
-          'cpus': os.cpu_count(), 'python': platform.python_version(), 'jax': jax.__version__}
+          'cpus': os.cpu_count(), **host_cpu(), 'python': platform.python_version(),
+          'jax': jax.__version__}
 
 
 def provenance() -> dict:
