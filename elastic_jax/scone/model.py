@@ -47,13 +47,13 @@ where the paper leaves room:
   differ by 3%: 249.4 and 242.6). The multiplier 16 -> 401.9, 2 -> 308.1, 1 -> 303.3, 0.25 ->
   279.6, 0 -> 249.4 (the baseline's exact losses: with the f-gram path silenced the batches and
   the main model's training are the baseline's); h not normalised, x 1: 376.4, x 16 / width:
-  319.0; the sum rescaled to the token embedding's own RMS: 305.4; without the stop-gradient:
-  383.8. The global gradient norm is no larger than the baseline's (1.15 vs 1.66 at step 100),
-  so clipping does not slow the main model. Any amount of the added vector slows the main
-  model's early training there, the more the larger it is, and the lag persists (x 0.25 at step
-  500: 87.7 vs 63.5; the other baseline seed: 83.4): on this corpus and scale the f-gram path
-  costs more than its n-gram information gives, whatever its pace. The 800-step comparison itself
-  is made mid-descent, where the two baseline seeds end at 46.9 and 63.4.
+  319.0; x 16 with the sum rescaled to the token embedding's own RMS: 305.4, without the
+  stop-gradient: 383.8. The global gradient norm is no larger than the baseline's (1.15 vs
+  1.66 at step 100), so clipping does not slow the main model. Any amount of the added vector
+  slows the main model's early training there, the more the larger it is, and the lag persists
+  (x 0.25 at step 500: 87.7 vs 63.5; the other baseline seed: 83.4): on this corpus and scale
+  the f-gram path costs more than its n-gram information gives, whatever its pace. The 800-step
+  comparison itself is made mid-descent, where the two baseline seeds end at 46.9 and 63.4.
 - Shapes: an f-gram of length n is right-aligned in a window of K slots (its last token in slot
   K - 1, the output read there); padding slots attend only to themselves and are never attended
   to, so the output depends on the n real tokens alone and never on NaN-producing empty rows.
