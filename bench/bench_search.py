@@ -153,10 +153,11 @@ def main():
   batches = data.eval_batches(cfg.data)
   tokens = int(sum(float(np.sum(b['weights'])) for b in batches))
   # The search job's own evaluation: its default hidden_buckets (each arch on the supernet
-  # narrowed to its hidden choice) where archs run one at a time.
-  narrowed = bool(search_cfg.search_config({}).hidden_buckets) and args.chunk == 1
+  # narrowed to its hidden choice; Fitness leaves it off where it cannot apply, chunk > 1).
   fit = fitness_lib.Fitness(space, ('loss', 'params'), model=model, batches=batches,
-                            chunk=args.chunk, hidden_buckets=narrowed)
+                            chunk=args.chunk,
+                            hidden_buckets=search_cfg.search_config({}).hidden_buckets)
+  narrowed = bool(fit.fn.hidden_buckets)
   extremes = fit.extremes()
   ref = fit.reference_point(extremes=extremes)  # the search job's default reference point
   ref_min = fit.to_minimised(ref)
