@@ -44,7 +44,7 @@ def host_cpu() -> dict:
     return {}
   fields = dict(line.split(':', 1) for line in text.splitlines() if ':' in line)
   fields = {k.strip(): v.strip() for k, v in fields.items()}
-  flags = set(fields.get('flags', '').split())
+  flags = set((fields.get('flags') or fields.get('Features', '')).split())  # x86 / Arm
   simd = next((f for f in ('avx512f', 'avx2', 'avx', 'sse4_2', 'asimd') if f in flags), None)
   return {'cpu_model': fields.get('model name'), 'simd': simd}
 
