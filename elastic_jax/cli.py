@@ -297,12 +297,15 @@ def train():
     _print_json(result)
 
 
-@command(flags=('topology',), sections=_TRAIN_SECTIONS + ('search',))
+@command(flags=('topology', 'programs', 'flops'), sections=_TRAIN_SECTIONS + ('search',))
 def compile_():
   """Compiles training and population evaluation for a TPU --topology: memory, FLOPs, MFU."""
   from elastic_jax import aot
   cfg = _config()
-  report = aot.compile_report(cfg, _require('topology'))
+  programs = tuple(p.strip() for p in FLAGS.programs.split(',') if p.strip())
+  if not programs:
+    raise UserError(f'--programs names no program; choose from {", ".join(aot.PROGRAMS)}')
+  report = aot.compile_report(cfg, _require('topology'), programs=programs, flops=FLAGS.flops)
   print(aot.format_report(report), file=sys.stderr)
   _print_json(report)
   aot.check_fits(report)  # exit 2 with one line if a program does not fit in HBM

@@ -284,3 +284,23 @@ def test_compile_builds_the_step_with_an_external_teacher(tiny_cfg, tmp_path, ca
   lines = [l for l in err.splitlines() if l.startswith('elastic-jax')]
   assert code == 2 and not out and len(lines) == 1, err
   assert 'train.distill.teacher' in lines[0] and 'absent' in lines[0], lines[0]
+
+
+def test_programs_and_flops_flags_choose_what_compile_builds(capsys):
+  """--programs compiles only the named programs and --flops=none skips the FLOP-counting twin
+  (memory and fit only); a wrong value of either is one line, before anything compiles."""
+  pytest.importorskip('libtpu')
+  code, out, err = run(capsys, 'compile', QUICK, '--topology=v5e:2x2', '--programs=dense_step',
+                       '--flops=none')
+  assert code == 0, err
+  report = json.loads(out)
+  assert list(report['programs']) == ['dense_step'] and report['fits']
+  dense = report['programs']['dense_step']
+  assert dense['memory_bytes']['total'] > 0 and dense['estimated_seconds'] is None
+  assert report['masked_over_dense'] is None
+  for flag, message in [('--programs=train', "unknown program(s) ['train']"),
+                        ('--programs=,', '--programs names no program'),
+                        ('--flops=exact', "unknown FLOP counting 'exact'")]:
+    code, out, err = run(capsys, 'compile', QUICK, '--topology=v5e:2x2', flag)
+    lines = [l for l in err.splitlines() if l.startswith('elastic-jax')]
+    assert code == 2 and not out and len(lines) == 1 and message in lines[0], err
