@@ -302,7 +302,9 @@ def compile_():
   """Compiles training and population evaluation for a TPU --topology: memory, FLOPs, MFU."""
   from elastic_jax import aot
   cfg = _config()
-  programs = tuple(p.strip() for p in FLAGS.programs.split(',') if p.strip())
+  programs = aot.PROGRAMS
+  if FLAGS.programs is not None:
+    programs = tuple(p.strip() for p in FLAGS.programs.split(',') if p.strip())
   if not programs:
     raise UserError(f'--programs names no program; choose from {", ".join(aot.PROGRAMS)}')
   report = aot.compile_report(cfg, _require('topology'), programs=programs, flops=FLAGS.flops)

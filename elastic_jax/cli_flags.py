@@ -49,8 +49,8 @@ FLAG_DEFS = {
              '(see elastic_jax/search/pick.py).'),
     'topology': ('string', None, 'TPU slice to compile for: CHIP:AxB (v5e, v6e) or CHIP:AxBxC '
                  '(v4, v5p), e.g. v5e:4x4.'),
-    'programs': ('string', 'train_step,population_eval,dense_step', 'compile: the programs to '
-                 'compile, comma-separated (train_step, population_eval, dense_step).'),
+    'programs': ('string', None, 'compile: the programs to compile, comma-separated '
+                 '(train_step, population_eval, dense_step; default: all three).'),
     'flops': ('string', 'loops', "compile: FLOP counting: loops (XLA's counts times the loops' "
               'trip counts; scanned layers counted on an unrolled twin), unrolled (exact; large '
               'models need tens of GB), none (memory and fit only: the quickest check).'),
