@@ -3,6 +3,7 @@
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -105,6 +106,17 @@ def tiny_cfg(data_cache):
   cfg = load_config('quickstart', 'tiny')
   cfg.data.cache_dir = str(data_cache)
   return cfg
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_steps_between_tests():
+  """Each test starts with no training step kept by `train` (trainer.shared_step): a test that
+  patches the step's code must not be given a step traced before the patch. Within a test,
+  calling `train` again with the same config reuses its step, as for a user."""
+  trainer = sys.modules.get('elastic_jax.train.trainer')  # imported by a test, if at all
+  if trainer is not None:
+    trainer.clear_shared_steps()
+  yield
 
 
 @pytest.fixture(autouse=True, scope='module')

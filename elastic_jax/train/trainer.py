@@ -8,6 +8,7 @@ The host dispatches step N+1 before it reads step N's metrics, so the device nev
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -245,6 +246,45 @@ def build_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher=
                    sharding_report, dynamic)
 
 
+# The training steps `train` built last, by what they were built from. Calling `train` again in
+# the same process with the same config (a notebook cell re-run after an interruption, a resume)
+# reuses the traced step and its compiled executable instead of tracing it again and reading it
+# back from the compilation cache (~10 s + ~7 s for the tiny quickstart model on a 2-core CPU).
+_STEPS: collections.OrderedDict = collections.OrderedDict()
+_STEPS_KEPT = 2
+
+
+def _step_key(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """What `build_step(cfg, mesh)` is built from: the whole config and the contents of the
+  architecture files it reads; None (build anew) for a config JSON cannot hold."""
+  try:
+    text = cfg.to_json(sort_keys=True)
+  except (TypeError, ValueError):
+    return None
+  files = tuple(Path(f).read_bytes() if f and Path(f).is_file() else f
+                for f in (cfg.train.arch, cfg.train.get('anchor_archs', '')))
+  return text, files, mesh
+
+
+def shared_step(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> StepSetup:
+  """`build_step(cfg, mesh)` (no external teacher), reused while the config, its architecture
+  files and the mesh are the same. `clear_shared_steps()` forgets them (what a test that patches
+  the step's code between calls needs)."""
+  key = _step_key(cfg, mesh)
+  if key is None:
+    return build_step(cfg, mesh)
+  if key not in _STEPS:
+    _STEPS[key] = build_step(cfg, mesh)
+    while len(_STEPS) > _STEPS_KEPT:
+      _STEPS.popitem(last=False)
+  _STEPS.move_to_end(key)
+  return _STEPS[key]
+
+
+def clear_shared_steps() -> None:
+  _STEPS.clear()
+
+
 def dense_slices(cfg: ml_collections.ConfigDict, sampler: Sampler, dynamic: bool) -> tuple:
   """The dense models the step runs for its static archs (`train.step.make_loss_fn`'s `slices`):
   with train.dense_static_archs, a space that stays the same and no SCONE; else ()."""
@@ -294,7 +334,7 @@ def _train(cfg, workdir: Path, space, mesh, is_main: bool, progress: bool) -> di
   tcfg = cfg.train
 
   teacher = load_teacher(tcfg.distill.teacher, cfg) if tcfg.distill.teacher else None
-  setup = build_step(cfg, mesh, teacher)
+  setup = build_step(cfg, mesh, teacher) if teacher is not None else shared_step(cfg, mesh)
   sampler, replicated = setup.sampler, parallel.replicated(mesh)
   shardings = setup.state_shardings
 

@@ -287,3 +287,38 @@ def test_microbatches_take_strided_rows_so_each_spans_every_device():
   assert micro['tokens'].shape == (3, 4, 2)
   for i in range(3):
     np.testing.assert_array_equal(micro['tokens'][i], batch['tokens'][i::3])
+
+
+def test_training_again_in_the_same_process_reuses_the_traced_step(tiny_cfg, tmp_path,
+                                                                  monkeypatch):
+  """A second `train` with the same config (a notebook cell re-run, a resume) runs the step the
+  first one traced and compiled: built once, traced once, the same losses. Another config, or an
+  architecture file whose contents changed, builds its own step."""
+  from elastic_jax import arch as arch_lib
+  from elastic_jax import parallel
+  from elastic_jax.train import trainer
+  from elastic_jax.workdir import build_space
+  built = []
+  build_step = trainer.build_step
+  monkeypatch.setattr(trainer, 'build_step', lambda *a, **k: built.append(a) or build_step(*a, **k))
+  cfg = tiny_cfg.copy_and_resolve_references()
+  cfg.train.steps, cfg.train.log_every = 2, 1
+  train(cfg, tmp_path / 'a', progress=False)
+  train(cfg, tmp_path / 'b', progress=False)
+  mesh = parallel.make_mesh(cfg.get('mesh', {}))
+  setup = trainer.shared_step(cfg, mesh)
+  assert len(built) == 1 and setup.step._cache_size() == 1  # one build, one trace
+  assert losses(tmp_path / 'a') == losses(tmp_path / 'b')
+
+  other = cfg.copy_and_resolve_references()
+  other.train.learning_rate *= 2  # another schedule: another step
+  assert trainer.shared_step(other, mesh) is not setup and len(built) == 2
+  space = build_space(cfg)
+  arch_file = tmp_path / 'arch.json'
+  fixed = cfg.copy_and_resolve_references()
+  fixed.train.arch = str(arch_file)
+  arch_file.write_text(json.dumps(arch_lib.to_json(space.largest())))
+  first = trainer.shared_step(fixed, mesh)
+  assert trainer.shared_step(fixed, mesh) is first
+  arch_file.write_text(json.dumps(arch_lib.to_json(space.smallest())))
+  assert trainer.shared_step(fixed, mesh) is not first  # same path, other contents

@@ -15,6 +15,7 @@ above the budget.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -44,21 +45,22 @@ def probe_archs(space: Space, limits: Limits, kinds: list[int]) -> Arch:
 
 def make_measure(graphdef, eta: float):
   """measure(model_params, batch, archs) -> int32[A, L]: the PCA count of every layer's FFN
-  pre-activations, per probe arch."""
+  pre-activations, per probe arch. One jitted function keyed by the model's structure: another
+  run of the same model in this process (a resumed `train`) reuses its trace."""
+  return functools.partial(_measure, graphdef=graphdef, eta=float(eta))
 
-  @jax.jit
-  def measure(params, batch, archs):
-    model = nnx.merge(graphdef, params)
-    w_N = valid_tokens(batch).reshape(-1)
 
-    def one(arch):
-      feats = model.features(model_inputs(batch), arch, ('ffn_in', 'ffn_kernel'))
-      return jnp.stack([pca_count_linear(x_BTD.reshape(-1, x_BTD.shape[-1]), k_DxF, eta, w_N)
-                        for x_BTD, k_DxF in zip(feats['ffn_in'], feats['ffn_kernel'])])
+@functools.partial(jax.jit, static_argnames=('graphdef', 'eta'))
+def _measure(params, batch, archs, *, graphdef, eta: float):
+  model = nnx.merge(graphdef, params)
+  w_N = valid_tokens(batch).reshape(-1)
 
-    return jax.lax.map(one, archs)
+  def one(arch):
+    feats = model.features(model_inputs(batch), arch, ('ffn_in', 'ffn_kernel'))
+    return jnp.stack([pca_count_linear(x_BTD.reshape(-1, x_BTD.shape[-1]), k_DxF, eta, w_N)
+                      for x_BTD, k_DxF in zip(feats['ffn_in'], feats['ffn_kernel'])])
 
-  return measure
+  return jax.lax.map(one, archs)
 
 
 def make_mean_params(space: Space, n: int, seed: int):

@@ -17,6 +17,8 @@ are a prefix and every head count up to theirs is a sub-network of them.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,21 +56,22 @@ def head_cka(h_NxHxD: jax.Array, w_N: jax.Array | None = None) -> jax.Array:
 
 
 def make_head_cka(graphdef):
-  """cka(model_params, batch, archs) -> float32[A, L, H, H] per probe arch (growth.probe_archs)."""
+  """cka(model_params, batch, archs) -> float32[A, L, H, H] per probe arch (growth.probe_archs).
+  One jitted function keyed by the model's structure, as `growth.make_measure`."""
+  return functools.partial(_head_cka_of_archs, graphdef=graphdef)
 
-  @jax.jit
-  def cka(params, batch, archs):
-    model = nnx.merge(graphdef, params)
-    w_N = valid_tokens(batch).reshape(-1)
 
-    def one(arch):
-      feats = model.features(model_inputs(batch), arch, ('attn_head_out',))
-      return jnp.stack([head_cka(h.reshape((-1,) + h.shape[2:]).astype(jnp.float32), w_N)
-                        for h in feats['attn_head_out']])
+@functools.partial(jax.jit, static_argnames=('graphdef',))
+def _head_cka_of_archs(params, batch, archs, *, graphdef):
+  model = nnx.merge(graphdef, params)
+  w_N = valid_tokens(batch).reshape(-1)
 
-    return jax.lax.map(one, archs)
+  def one(arch):
+    feats = model.features(model_inputs(batch), arch, ('attn_head_out',))
+    return jnp.stack([head_cka(h.reshape((-1,) + h.shape[2:]).astype(jnp.float32), w_N)
+                      for h in feats['attn_head_out']])
 
-  return cka
+  return jax.lax.map(one, archs)
 
 
 def choose_heads(cka_HxH: np.ndarray, active: int, threshold: float, width: int | None
