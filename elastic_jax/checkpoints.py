@@ -9,7 +9,7 @@ before it, whose later steps it then trains again. A reader that does not train 
 evaluate, `train.init_from`, a teacher) never uses older weights in place of the latest: an
 unreadable latest checkpoint is one error naming it, the newest step that does read, and the two
 ways on (move the unreadable one aside to use that step, or let `train` retrain it). A checkpoint
-that fails to restore because its saved arrays (per their metadata) have other shapes than the
+whose saved arrays (per their metadata, read before any array is) have other shapes than the
 config's model, or are other arrays, is not unreadable: the config changed, and that is one error
 (`CheckpointMismatch`) that leaves every checkpoint in place. Arrays are restored onto the
 shardings the caller gives, so a checkpoint written on one mesh or process count reads on any
@@ -191,6 +191,13 @@ def _restore_latest(manager, abstract_params, abstract_opt_state=None, abstract_
   if abstract_opt_state is not None:
     targets.update(extra_params=abstract_extra, opt_state=abstract_opt_state)
   for step in steps:
+    # Saved for another model (per its metadata; no array is read): the config changed, not the
+    # checkpoint. An error that leaves every checkpoint where it is (no fallback: the older ones
+    # fit no better). Checked before Orbax starts reading, which would fail part-way and leave
+    # its array reads abandoned (a "coroutine never awaited" warning after the error).
+    mismatch = _shape_mismatch(Path(manager.directory) / str(step), targets)
+    if mismatch is not None:
+      raise CheckpointMismatch(Path(manager.directory), step, mismatch)
     items = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
     items['meta'] = ocp.args.JsonRestore()
     try:
@@ -199,11 +206,6 @@ def _restore_latest(manager, abstract_params, abstract_opt_state=None, abstract_
       if not isinstance(meta, dict) or meta.get('step') != step or type(meta['step']) is not int:
         raise ValueError(f'its meta item does not hold step {step} ({str(meta)[:80]})')
     except Exception as e:  # noqa: BLE001  (any unreadable checkpoint: fall back to an older one)
-      # Readable, but saved for another model: the config changed, not the checkpoint. An error
-      # that leaves every checkpoint where it is (no fallback: the older ones fit no better).
-      mismatch = _shape_mismatch(Path(manager.directory) / str(step), targets)
-      if mismatch is not None:
-        raise CheckpointMismatch(Path(manager.directory), step, mismatch) from None
       where = ''
       if move_unreadable_to is not None:
         where = f'; moved to {_move_aside(manager, step, move_unreadable_to)}'

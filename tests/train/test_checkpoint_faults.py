@@ -12,6 +12,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
 from flax import nnx
@@ -165,7 +166,8 @@ def _files(directory):
 
 @pytest.mark.slow
 def test_checkpoints_of_another_model_are_a_config_mismatch_left_in_place(tiny_cfg, tmp_path,
-                                                                          capsys, caplog):
+                                                                          capsys, caplog,
+                                                                          monkeypatch):
   """A workdir whose config.json was edited so that its checkpoints no longer fit the model
   (hidden size, vocabulary, layers): evaluate called them unreadable, and train moved them aside
   as unreadable. Now: one line naming the array, its saved and its configured shape, and the fix;
@@ -200,12 +202,19 @@ def test_checkpoints_of_another_model_are_a_config_mismatch_left_in_place(tiny_c
       (more_layers, 'the config builds parameter layers/2/blocks/transformer/attn/k (48, 2, 8), '
                     'which the checkpoint does not hold', ('evaluate',)),
   ]
+  # Told from the checkpoint's metadata before Orbax reads any array: a restore that fails part-way
+  # left its array reads abandoned ("coroutine ... was never awaited" after the error line).
+  restores = []
+  restore = ocp.CheckpointManager.restore
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore',
+                      lambda *a, **k: restores.append(1) or restore(*a, **k))
   for edit, detail, commands in cases:
     edited(edit)
     for command in commands:
       code = cli.main(['elastic-jax', command, f'--workdir={w}',
                        *(['--arch=largest'] if command == 'evaluate' else [])])
       out, err = capsys.readouterr()
+      assert not restores
       assert code == 2 and not out and len(err.splitlines()) == 1, err
       assert err.startswith(f'elastic-jax {command}: error: the checkpoints in {ckpt} do not fit '
                             f'the model of the config (step 4: {detail}'), err
