@@ -425,8 +425,8 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
   programs' counts times their loop trip counts; no extra compile), 'unrolled' (analysis
   compiles with the loops unrolled: exact, but a large model's unrolled step needs tens of GB
   of host memory to compile) or 'none' (memory only). Raises UserError for an unknown topology,
-  a mesh that does not fit it, or a bad config; a program that does not fit in HBM is reported
-  (`fits: False`), not raised.
+  no program or an unknown one, a mesh that does not fit it, or a bad config; a program that
+  does not fit in HBM is reported (`fits: False`), not raised.
   """
   import jax
 
@@ -442,6 +442,8 @@ def compile_report(cfg, topology: str, *, programs=PROGRAMS, flops: str = 'loops
   unknown = sorted(set(programs) - set(PROGRAMS))
   if unknown:
     raise UserError(f'unknown program(s) {unknown}; choose from {list(PROGRAMS)}')
+  if not programs:
+    raise UserError(f'no program to compile; name one or more of {list(PROGRAMS)}')
   devices = tpu_devices(topology)
   chips = math.prod(shape)
   devices_per_chip = max(len(devices) // chips, 1)

@@ -305,8 +305,6 @@ def compile_():
   programs = aot.PROGRAMS
   if FLAGS.programs is not None:
     programs = tuple(p.strip() for p in FLAGS.programs.split(',') if p.strip())
-  if not programs:
-    raise UserError(f'--programs names no program; choose from {", ".join(aot.PROGRAMS)}')
   report = aot.compile_report(cfg, _require('topology'), programs=programs, flops=FLAGS.flops)
   print(aot.format_report(report), file=sys.stderr)
   _print_json(report)

@@ -299,8 +299,11 @@ def test_programs_and_flops_flags_choose_what_compile_builds(capsys):
   assert dense['memory_bytes']['total'] > 0 and dense['estimated_seconds'] is None
   assert report['masked_over_dense'] is None
   for flag, message in [('--programs=train', "unknown program(s) ['train']"),
-                        ('--programs=,', '--programs names no program'),
+                        ('--programs=,', 'no program to compile'),
                         ('--flops=exact', "unknown FLOP counting 'exact'")]:
     code, out, err = run(capsys, 'compile', QUICK, '--topology=v5e:2x2', flag)
     lines = [l for l in err.splitlines() if l.startswith('elastic-jax')]
     assert code == 2 and not out and len(lines) == 1 and message in lines[0], err
+  # A library caller gets the same error, not an empty report.
+  with pytest.raises(UserError, match='no program to compile'):
+    aot.compile_report(load_config('quickstart', 'tiny'), 'v5e:2x2', programs=())
