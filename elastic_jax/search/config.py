@@ -78,8 +78,10 @@ def default_config() -> ml_collections.ConfigDict:
   # The final front is re-scored on this many held-out validation batches: the ones after the
   # `data.eval_batches` batches the search selects on (with data.eval_batches = 0, the last ones
   # of the split, which selection then does not use; fewer, with a warning, when the split runs
-  # out). The report gives both values. 0 = off.
-  c.holdout_batches = 2
+  # out). The report gives both values. 0 = off; -1 (default) = as many as the search selects
+  # on (data.eval_batches; 2 when that is 0): the re-scoring then runs the program that scored
+  # the front, with no compile of its own.
+  c.holdout_batches = -1
   # Generations per compiled call; the checkpoint (W/search/state.npz) is written after each.
   c.checkpoint_every = 5
   # Continue from W/search/state.npz when it exists (it must come from the same search
@@ -176,6 +178,13 @@ def search_config(cfg: ml_collections.ConfigDict | Mapping) -> SearchConfig:
   seed = int(merged['seed'])
   if seed < 0:
     seed = int(cfg.get('seed', 0)) if hasattr(cfg, 'get') else 0
+  holdout = int(merged['holdout_batches'])
+  if holdout < -1:
+    raise UserError(f'search.holdout_batches must be >= 0, or -1 for as many as '
+                    f'data.eval_batches; got {holdout}')
+  if holdout == -1:  # as many as the search selects on
+    data = cfg.get('data', None) if hasattr(cfg, 'get') else None
+    holdout = int((data.get('eval_batches', 0) if hasattr(data, 'get') else 0) or 2)
   objectives = merged['objectives']
   if isinstance(objectives, str):
     objectives = tuple(o.strip() for o in objectives.split(',') if o.strip())
@@ -204,7 +213,7 @@ def search_config(cfg: ml_collections.ConfigDict | Mapping) -> SearchConfig:
       top_k=int(merged['top_k']), tries=int(merged['tries']),
       seed_extremes=bool(merged['seed_extremes']), seed_archs=str(merged['seed_archs'] or ''),
       stratify_bins=int(merged['stratify_bins']), archive_size=int(merged['archive_size']),
-      holdout_batches=int(merged['holdout_batches']), seed=seed, latency=bool(merged['latency']),
+      holdout_batches=holdout, seed=seed, latency=bool(merged['latency']),
       latency_max=int(merged['latency_max']), latency_repeats=int(merged['latency_repeats']),
       decode_latency_max=int(merged['decode_latency_max']),
       allow_untrained=bool(merged['allow_untrained']), export_pick=str(merged['export_pick']))
@@ -214,7 +223,7 @@ def search_config(cfg: ml_collections.ConfigDict | Mapping) -> SearchConfig:
                     ('checkpoint_every', 1), ('tries', 1), ('stratify_bins', 1),
                     ('latency_max', 0), ('latency_repeats', 1), ('decode_latency_max', 0),
                     ('sample_size', 0),
-                    ('top_k', 0), ('archive_size', 0), ('holdout_batches', 0)):
+                    ('top_k', 0), ('archive_size', 0)):
     if getattr(sc, name) < low:
       raise UserError(f'search.{name} must be >= {low}, got {getattr(sc, name)}')
   if sc.n_children > sc.pop_size and resolve_strategy(sc) in ('regularized', 'ga'):

@@ -151,11 +151,15 @@ class Fitness:
 
   to_natural = to_minimised  # negation is its own inverse
 
-  def evaluate(self, genomes_BxG, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Host convenience: natural values of `names` (default: the objectives) for genomes.
+  def evaluate(self, genomes_BxG, names: Sequence[str] | None = None,
+               data: Mapping | None = None) -> dict[str, np.ndarray]:
+    """Host convenience: natural values of `names` (default: the objectives) for genomes, on
+    `self.data` or on `data` of the same structure (e.g. held-out batches placed alike).
 
     Runs in blocks of `EVAL_BLOCK` genomes (the last one padded), so every call, whatever its
-    size, uses one compiled program per set of names (shared by equal `Fitness` objects)."""
+    size, uses one compiled program per set of names and data shapes (shared by equal `Fitness`
+    objects)."""
+    data = self.data if data is None else data
     names = tuple(names or self.names)
     genomes = np.asarray(genomes_BxG, np.int32).reshape(-1, self.space.num_genes)
     b = genomes.shape[0]
@@ -165,7 +169,7 @@ class Fitness:
     genomes = np.concatenate([genomes, np.repeat(genomes[:1], padded - b, axis=0)])
     # The objectives' definitions, not just their names, key the compiled program.
     objectives = tuple(get_objective(n) for n in names)
-    outs = [_metrics_jit(jnp.asarray(genomes[i:i + EVAL_BLOCK]), self.data, fn=self.fn,
+    outs = [_metrics_jit(jnp.asarray(genomes[i:i + EVAL_BLOCK]), data, fn=self.fn,
                          objectives=objectives) for i in range(0, padded, EVAL_BLOCK)]
     # On a mesh spanning processes every process runs this call; each reads the whole result.
     return {n: np.concatenate([distributed.to_host(o[n]) for o in outs])[:b] for n in names}

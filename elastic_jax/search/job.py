@@ -273,15 +273,14 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
         + (f', hypervolume {hist["hv"][-1]:.4g}' if len(fitness.names) > 1 else '')
         + f', {(evals - evals_before) / seconds:.1f} distinct archs/s')
 
-  heldout_fitness = None
-  if heldout:
-    names = tuple(n for n in report_names if get_objective(n).needs_model)
-    heldout_fitness = search_program.fitness_on_mesh(sc, space, mesh, names, model=model,
-                                                     batches=heldout).fitness
+  heldout_data = None
+  if heldout:  # laid out as the selection data (the same objectives' inputs, the same mesh)
+    heldout_data = search_program.fitness_on_mesh(sc, space, mesh, fitness.names, model=model,
+                                                  batches=heldout).fitness.data
   # Latency is measured (on this host's device) by the process that writes the report.
   pareto = pareto_lib.build_pareto(sc if is_main else dataclasses.replace(sc, latency=False),
                                    space, fitness, model, batches, progress, supernet_step,
-                                   strategy, extremes, log, heldout=heldout_fitness)
+                                   strategy, extremes, log, heldout=heldout_data)
   pareto['results_digest'] = results_digest(fp, sc, progress.generation)
   paths = (report.write_all(out_dir, pareto, progress.history, fitness.names) if is_main
            else report.output_paths(out_dir))

@@ -21,6 +21,7 @@ from elastic_jax.search.genomes import (
   extreme_genomes,
 )
 from elastic_jax.search.hypervolume import hypervolume_nd, pareto_front_mask
+from elastic_jax.search.objectives import get_objective
 
 
 def _quiet(msg: str) -> None:
@@ -76,11 +77,13 @@ def _spread(n: int, k: int) -> list[int]:
 
 def build_pareto(sc: SearchConfig, space, fitness: Fitness, model, batches, progress,
                  supernet_step, strategy: str, extremes: dict[str, np.ndarray],
-                 log=_quiet, heldout: Fitness | None = None) -> dict:
+                 log=_quiet, heldout: Mapping | None = None) -> dict:
   """The pareto.json content: the front, the baselines (`extremes`: every report metric at the
-  smallest and largest architectures), the settings. `heldout`: the data-dependent metrics on
-  validation batches the search never scored with; every front member and baseline then also
-  carries them (`heldout`), beside the values that selected it (`metrics`)."""
+  smallest and largest architectures), the settings. `heldout`: `fitness.data` of validation
+  batches the search never scored with; every front member and baseline then also carries its
+  data-dependent metrics on them (`heldout`), beside the values that selected it (`metrics`).
+  They are scored by the program that scored the front (one compile for both where the batch
+  counts agree)."""
   from elastic_jax import arch as arch_lib  # noqa: PLC0415
 
   state = jax.tree.map(np.asarray, progress.state)
@@ -109,14 +112,15 @@ def build_pareto(sc: SearchConfig, space, fitness: Fitness, model, batches, prog
   ref_min = fitness.to_minimised(progress.ref)
   held, hv_heldout, heldout_info = [None] * (nf + 2), None, {}
   if heldout is not None:
-    log(f'search: re-scoring the front on {heldout.data["batches"]["tokens"].shape[0]} held-out '
+    log(f'search: re-scoring the front on {heldout["batches"]["tokens"].shape[0]} held-out '
         'validation batches')
-    scores = heldout.evaluate(everything[:nf + 2])
-    held = [{n: float(scores[n][i]) for n in heldout.names} for i in range(nf + 2)]
+    scores = fitness.evaluate(everything[:nf + 2], names, data=heldout)
+    data_dependent = [n for n in names if get_objective(n).needs_model]
+    held = [{n: float(scores[n][i]) for n in data_dependent} for i in range(nf + 2)]
     heldout_fit = np.asarray([[held[i].get(n, rows[i][n]) for n in fitness.names]
                               for i in range(nf)]).reshape(-1, len(fitness.names))
     hv_heldout = float(hypervolume_nd(fitness.to_minimised(heldout_fit), ref_min)) if nf else 0.0
-    weights = distributed.to_host(heldout.data['batches']['weights'])
+    weights = distributed.to_host(heldout['batches']['weights'])
     heldout_info = {'heldout_batches': int(weights.shape[0]),
                     'heldout_tokens': int(weights.sum())}
 

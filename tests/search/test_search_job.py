@@ -222,6 +222,43 @@ def test_front_is_rescored_on_held_out_batches_disjoint_from_selection(searched)
   assert 'held-out' in summary
 
 
+def test_holdout_batches_default_follows_the_selection_count():
+  import ml_collections
+  def resolved(holdout, eval_batches=None):
+    cfg = ml_collections.ConfigDict({'search': {'holdout_batches': holdout}})
+    if eval_batches is not None:
+      cfg.data = {'eval_batches': eval_batches}
+    return search_cfg.search_config(cfg).holdout_batches
+  assert resolved(-1, 3) == 3 and resolved(5, 3) == 5 and resolved(0, 3) == 0
+  assert resolved(-1, 0) == 2 and resolved(-1) == 2  # the whole split / no data section
+  with pytest.raises(UserError, match='holdout_batches must be >= 0, or -1'):
+    resolved(-2, 3)
+
+
+@pytest.mark.parametrize('holdout', [-1, 1])
+def test_held_out_rescoring_runs_the_program_that_scored_the_front(cache_dir, tmp_path, holdout,
+                                                                   monkeypatch):
+  """By default (-1) the held-out set has as many batches as the selection set, so the front is
+  re-scored by the compiled program that scored it: the same objectives, fitness and data
+  shapes, no compile of its own. Another count (1) needs its own program."""
+  cfg = tiny_config(cache_dir, holdout_batches=holdout)
+  keys, real = [], fitness_lib._metrics_jit
+
+  def spy(genomes, data, *, fn, objectives):
+    leaves = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(data))
+    keys.append((fn, objectives, jax.tree.structure(data), leaves))
+    return real(genomes, data, fn=fn, objectives=objectives)
+
+  monkeypatch.setattr(fitness_lib, '_metrics_jit', spy)
+  log = lambda msg: keys.append('held-out') if 're-scoring the front' in msg else None
+  pareto = job.run_search(cfg, tmp_path / 'w', log=log)['pareto']
+  assert pareto['heldout_batches'] == (cfg.data.eval_batches if holdout == -1 else holdout)
+  assert pareto['selection_batches'] == cfg.data.eval_batches == 2
+  before, after = keys[:keys.index('held-out')], keys[keys.index('held-out') + 1:]
+  assert before and after
+  assert all((key in before) == (holdout == -1) for key in after)
+
+
 def test_a_split_too_small_for_the_held_out_batches_warns_and_keeps_selection(cache_dir):
   cfg = tiny_config(cache_dir)
   messages = []
