@@ -114,17 +114,10 @@ class Fitness:
       raise UserError(f'search.chunk must be >= 1, got {chunk}')
     self.data = data
     if model is not None:
-      graphdef, state = nnx.split(model)
       if batches is None:
         raise UserError('Fitness(model=...) also needs the validation batches')
-      stacked = batches if isinstance(batches, Mapping) else evaluation.stack_batches(batches)
-      self.data = {'state': state, 'batches': {k: jnp.asarray(v) for k, v in stacked.items()}}
-      extra = {o.name: o.prepare(space, model, batches) for o in self.objectives if o.prepare}
-      if extra:
-        self.data['extra'] = extra
-      if mesh is not None:
-        from elastic_jax.search import placement  # noqa: PLC0415
-        self.data = placement.place(self.data, mesh)
+      graphdef = nnx.graphdef(model)
+      self.data = self.data_of(model, batches, mesh)
     missing = [o.name for o in self.objectives if o.needs_model and self.data is None]
     if missing:
       raise UserError(f'objective(s) {missing} need the supernet: pass model= and batches=')
@@ -132,6 +125,21 @@ class Fitness:
                                        int(chunk)) if hidden_buckets else ()
     self.fn = FitnessFn(space, self.names, graphdef, int(chunk), int(micro_batches), buckets,
                         mesh)
+
+  def data_of(self, model: nnx.Module, batches: Sequence[Mapping] | Mapping, mesh=None) -> dict:
+    """This fitness's data (see the class docstring) for `model` and validation `batches`: the
+    supernet's state, the stacked batches and the objectives' prepared inputs, laid out on
+    `mesh`. Other batches of the same count give data that runs the same compiled programs."""
+    stacked = batches if isinstance(batches, Mapping) else evaluation.stack_batches(batches)
+    data = {'state': nnx.state(model),
+            'batches': {k: jnp.asarray(v) for k, v in stacked.items()}}
+    extra = {o.name: o.prepare(self.space, model, batches) for o in self.objectives if o.prepare}
+    if extra:
+      data['extra'] = extra
+    if mesh is not None:
+      from elastic_jax.search import placement  # noqa: PLC0415
+      data = placement.place(data, mesh)
+    return data
 
   @property
   def maximize(self) -> tuple[bool, ...]:

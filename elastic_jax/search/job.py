@@ -273,10 +273,7 @@ def _run_search(cfg, workdir, sc: SearchConfig, model, supernet_step, log) -> di
         + (f', hypervolume {hist["hv"][-1]:.4g}' if len(fitness.names) > 1 else '')
         + f', {(evals - evals_before) / seconds:.1f} distinct archs/s')
 
-  heldout_data = None
-  if heldout:  # laid out as the selection data (the same objectives' inputs, the same mesh)
-    heldout_data = search_program.fitness_on_mesh(sc, space, mesh, fitness.names, model=model,
-                                                  batches=heldout).fitness.data
+  heldout_data = fitness.data_of(model, heldout, mesh) if heldout else None
   # Latency is measured (on this host's device) by the process that writes the report.
   pareto = pareto_lib.build_pareto(sc if is_main else dataclasses.replace(sc, latency=False),
                                    space, fitness, model, batches, progress, supernet_step,
