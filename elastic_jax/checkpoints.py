@@ -104,8 +104,11 @@ def _manager(directory: Path, keep: int = 3, async_save: bool = True,
 
 def abstract_of(tree):
   """ShapeDtypeStructs with the shardings of `tree`'s arrays: a restore target that puts every
-  array where the live one is (any mesh, any process count)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+  array where the live one is (any mesh, any process count). A leaf with no sharding (a
+  shapes-only parameter) goes to this process's first device, as an eager array would."""
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                     sharding=x.sharding or local), tree)
 
 
 class Checkpoints:
@@ -315,7 +318,8 @@ def _sync(name: str) -> None:
 
 def restore_params_if_any(workdir: Path, model) -> int | None:
   """Loads the latest trained params of `workdir` into `model` (host-local arrays, e.g. from
-  `init_supernet`), whatever mesh and process count wrote them; returns the step, or None.
+  `init_supernet`, or shapes only, restored to this process's first device), whatever mesh and
+  process count wrote them; returns the step, or None.
   An unreadable latest checkpoint is an error (`UnreadableLatest`), not a fallback: see above.
 
   Reads on this process alone: in a multi-process run the others need not call it."""

@@ -27,6 +27,7 @@ from flax import nnx
 from elastic_jax import atomic, checkpoints, space_history
 from elastic_jax.config import check_compatible, model_config, space_config
 from elastic_jax.errors import UserError, read_json
+from elastic_jax.model.layers import abstract_params
 from elastic_jax.model.supernet import Model
 from elastic_jax.scone.config import scone_config, with_scone_choices
 from elastic_jax.space import Space
@@ -188,12 +189,18 @@ def load_supernet(cfg: ml_collections.ConfigDict, workdir: str | None,
   Returns the model and the training step it comes from (None for the initialisation).
   """
   space = space or build_space(cfg, workdir)
-  model = init_supernet(cfg, space)
-  step = None
+  model, step = None, None
   if workdir:
     check_exists(workdir)
     from elastic_jax import checkpoints  # noqa: PLC0415  (Orbax loads only when needed)
-    step = checkpoints.restore_params_if_any(Path(workdir), model)
+    if checkpoints.has_checkpoints(workdir):
+      # Restored into a shapes-only supernet: drawing the initialisation only to overwrite it
+      # compiles a random draw per parameter shape (1-4 s of every command that loads W).
+      with abstract_params():
+        model = init_supernet(cfg, space)
+      step = checkpoints.restore_params_if_any(Path(workdir), model)
+  if step is None:
+    model = init_supernet(cfg, space)
   init_from = cfg.get('train', {}).get('init_from', '')
   if step is None and init_from:  # e.g. an imported pre-trained model, not yet fine-tuned
     apply_init_from(init_from, model, space)

@@ -253,6 +253,38 @@ def test_corrupt_latest_checkpoint_is_one_error_for_a_reader_and_its_advice_work
   assert json.loads(capsys.readouterr().out)['step'] == 4
 
 
+def test_loading_a_trained_supernet_draws_no_initialisation(tiny_cfg, tmp_path, monkeypatch):
+  """A workdir with checkpoints is restored into a shapes-only supernet: no parameter is drawn
+  (each draw compiled a program per shape, seconds of every command that reads W) and the values
+  are the checkpoint's, as restored into the seeded initialisation. Without checkpoints it is the
+  seeded initialisation itself."""
+  from elastic_jax.checkpoints import restore_params_if_any
+  from elastic_jax.workdir import load_supernet
+
+  def params(model):
+    return jax.tree.leaves(nnx.state(model, nnx.Param))
+
+  cfg = tiny_cfg.copy_and_resolve_references()
+  cfg.train.steps = 2
+  cfg.train.checkpoint_every = 2
+  fresh, step = load_supernet(cfg, str(tmp_path))
+  assert step is None
+  for a, b in zip(params(fresh), params(init_supernet(cfg)), strict=True):
+    np.testing.assert_array_equal(a, b)
+  train(cfg, tmp_path, progress=False)
+  expected = init_supernet(cfg)
+  assert restore_params_if_any(tmp_path, expected) == 2
+  draws = []
+  normal = jax.random.normal
+  monkeypatch.setattr(jax.random, 'normal', lambda *a, **k: draws.append(a) or normal(*a, **k))
+  model, step = load_supernet(cfg, str(tmp_path))
+  assert step == 2 and not draws
+  for a, b in zip(params(model), params(expected), strict=True):
+    assert isinstance(a, jax.Array) and a.shape == b.shape
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(params(model), params(fresh)))  # trained
+
+
 def test_divergence_stops_with_clear_error_and_keeps_last_good_checkpoint(tiny_cfg, tmp_path):
   from elastic_jax.checkpoints import restore_params_if_any
   from elastic_jax.train.trainer import TrainingDiverged
