@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 
@@ -64,6 +65,11 @@ class Budgets:
       ok &= cost[COST_KEYS[name]].astype(jnp.float32) <= jnp.float32(bound)
     return ok
 
+  def feasible(self, genomes_BxG) -> np.ndarray:
+    """Host convenience: `self(genomes)` as NumPy bool[B], one compiled program per padded batch
+    size (`Space.padded_call`), shared by equal budgets."""
+    return self.space.padded_call(functools.partial(_feasible, self), genomes_BxG)
+
   def check(self, sample: int = 4096, seed: int = 0) -> float:
     """Raises UserError unless some architecture meets every budget; returns the feasible share
     of uniform random genomes (a small share makes the search's rejection sampling slow)."""
@@ -78,11 +84,16 @@ class Budgets:
     if not self.budgets:
       return 1.0
     genomes = self.space.random_genomes(jax.random.key(seed), sample)
-    share = float(np.mean(np.asarray(jax.jit(self.__call__)(genomes))))
+    share = float(np.mean(self.feasible(genomes)))
     if share == 0.0:
       # Each budget alone is achievable; check the all-smallest architectures jointly.
       extremes = [self.space.encode(self.space.smallest())]
-      if not bool(np.any(np.asarray(self(jnp.stack(extremes))))):
+      if not bool(np.any(self.feasible(jnp.stack(extremes)))):
         raise UserError(f'no architecture meets all of search.budgets {dict(self.budgets)} '
                         'together (each alone is achievable); raise one of them')
     return share
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _feasible(budgets: Budgets, genomes_BxG: jax.Array) -> jax.Array:
+  return budgets(genomes_BxG)

@@ -138,22 +138,14 @@ class Searcher:
     """An empty population, or one holding already evaluated `seeds` (minimised `fitness`) in
     its first slots; the first generations fill the rest with random genomes. Seeds count as
     evaluations and enter the archive."""
-    state = state_lib.init_state(self.gene_sizes, self.spec.pop_size, self.n_objectives,
-                                 self.archive_size)
-    if seeds_SxG is None or len(seeds_SxG) == 0:
-      return state
-    seeds_SxG = jnp.asarray(seeds_SxG, jnp.int32)[:self.spec.pop_size]
-    fitness_SxM = jnp.asarray(fitness_SxM, jnp.float32)[:self.spec.pop_size]
-    n = seeds_SxG.shape[0]
-    best = jnp.argmin(fitness_SxM, axis=0)
-    state = state._replace(
-        genomes_PxG=state.genomes_PxG.at[:n].set(seeds_SxG),
-        fitness_PxM=state.fitness_PxM.at[:n].set(fitness_SxM),
-        feasible_P=state.feasible_P.at[:n].set(True),
-        birth_P=state.birth_P.at[:n].set(jnp.arange(n, dtype=jnp.int32)),
-        best_M=jnp.min(fitness_SxM, axis=0), best_genomes_MxG=seeds_SxG[best])
-    keys_SxG = seeds_SxG if self.spec.key_fn is None else self.spec.key_fn(seeds_SxG)
-    return state_lib.archive_insert(state, keys_SxG, fitness_SxM, jnp.ones((n,), bool))
+    shape = (0, self.gene_sizes.shape[0])
+    seeds_SxG = np.zeros(shape, np.int32) if seeds_SxG is None else np.asarray(seeds_SxG)
+    fitness_SxM = (np.zeros((0, self.n_objectives)) if fitness_SxM is None
+                   else np.asarray(fitness_SxM))
+    pop = self.spec.pop_size
+    return _initial_state(self.gene_sizes, seeds_SxG[:pop].astype(np.int32),
+                          fitness_SxM[:pop].astype(np.float32), pop_size=pop,
+                          archive_size=self.archive_size, key_fn=self.spec.key_fn)
 
   def advance(self, state, key, start: int, count: int, data=None):
     data = self.data if data is None else data
@@ -169,6 +161,25 @@ class Searcher:
     # The state back on the host: small, and the same on every process of a multi-process run
     # (the next call takes it as replicated input, whatever layout XLA chose for the output).
     return jax.tree.map(lambda x: jnp.asarray(distributed.to_host(x)), state), history
+
+
+@functools.partial(jax.jit, static_argnames=('pop_size', 'archive_size', 'key_fn'))
+def _initial_state(gene_sizes_G, seeds_SxG, fitness_SxM, *, pop_size: int, archive_size: int,
+                   key_fn) -> state_lib.SearchState:
+  """`Searcher.init_state` as one program (op by op, a seeded one compiled some thirty)."""
+  n, m = fitness_SxM.shape
+  state = state_lib.init_state(gene_sizes_G, pop_size, m, archive_size)
+  if n == 0:
+    return state
+  best = jnp.argmin(fitness_SxM, axis=0)
+  state = state._replace(
+      genomes_PxG=state.genomes_PxG.at[:n].set(seeds_SxG),
+      fitness_PxM=state.fitness_PxM.at[:n].set(fitness_SxM),
+      feasible_P=state.feasible_P.at[:n].set(True),
+      birth_P=state.birth_P.at[:n].set(jnp.arange(n, dtype=jnp.int32)),
+      best_M=jnp.min(fitness_SxM, axis=0), best_genomes_MxG=seeds_SxG[best])
+  keys_SxG = seeds_SxG if key_fn is None else key_fn(seeds_SxG)
+  return state_lib.archive_insert(state, keys_SxG, fitness_SxM, jnp.ones((n,), bool))
 
 
 @dataclasses.dataclass(frozen=True)

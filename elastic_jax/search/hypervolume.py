@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
+@jax.jit  # one program per shape: the report calls it on host arrays
 def pareto_front_mask(fitness_PxM: jax.Array, mask_P: jax.Array | None = None) -> jax.Array:
   """bool[P]: valid rows that no other valid row Pareto-dominates.
 

@@ -132,7 +132,7 @@ def _seeds(sc: SearchConfig, space, fitness: Fitness, budgets: Budgets,
   if not genomes:
     return None, None
   genomes, natural = np.concatenate(genomes), np.concatenate(natural)
-  ok = np.asarray(budgets(genomes)) if budgets else np.ones(len(genomes), bool)
+  ok = budgets.feasible(genomes) if budgets else np.ones(len(genomes), bool)
   keys = genomes_lib.canonical_genomes_host(space, genomes)
   first = np.zeros(len(genomes), bool)
   first[np.unique(keys, axis=0, return_index=True)[1]] = True

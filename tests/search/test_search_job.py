@@ -181,6 +181,47 @@ def test_seed_archs_start_the_population_evaluated_once_each(tmp_path, cache_dir
     job.run_search(cfg, tmp_path / 'w', log=_quiet)
 
 
+def test_the_seeded_start_and_the_front_masks_are_one_program_each(cache_dir):
+  """The seeds' budget check, the seeded initial state (canonical keys, archive insert) and the
+  report's front masks each run as one compiled program, not op by op: before, a search
+  compiled some 100 tiny programs around its loop (seconds at XLA's default optimisation on a
+  2-core CPU). Counted by JAX's own lowering events; the values are checked against NumPy."""
+  cfg = tiny_config(cache_dir)
+  space = build_space(cfg)
+  budgets = budgets_lib.Budgets(space, {'params': 70_000})
+  genomes = np.asarray(space.random_genomes(jax.random.key(11), 13))
+  fitness = np.random.default_rng(0).normal(size=(13, 2)).astype(np.float32)
+  searcher = driver.Searcher(lambda g, d, a=None: jnp.zeros((g.shape[0], 2)), space.gene_sizes,
+                             2, 'nsga2', pop_size=8, archive_size=16,
+                             key_fn=genomes_lib.CanonicalKey(space), feasible_fn=budgets)
+  lowered = []
+
+  def listener(event, duration, **kw):
+    if event == '/jax/core/compile/jaxpr_to_mlir_module_duration':
+      lowered.append(kw.get('fun_name'))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    ok = budgets.feasible(genomes)
+    state = searcher.init_state(genomes, fitness)
+    front = np.asarray(pareto_front_mask(fitness, ok))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert set(lowered) <= {'jit(_feasible)', 'jit(_initial_state)', 'jit(pareto_front_mask)'}, \
+      lowered
+  assert len(lowered) <= 3, lowered
+  params = genomes_lib.genome_costs(space, genomes)['params']
+  np.testing.assert_array_equal(ok, params <= 70_000)
+  np.testing.assert_array_equal(np.asarray(state.genomes_PxG), genomes[:8])
+  np.testing.assert_array_equal(np.asarray(state.best_M), fitness[:8].min(axis=0))
+  assert int(state.n_evals) == 8
+  np.testing.assert_array_equal(np.asarray(state.archive_AxG)[:8],
+                                genomes_lib.canonical_genomes_host(space, genomes[:8]))
+  dominated = [any(ok[j] and np.all(fitness[j] <= fitness[i]) and np.any(fitness[j] < fitness[i])
+                   for j in range(13)) for i in range(13)]
+  np.testing.assert_array_equal(front, ok & ~np.asarray(dominated))
+
+
 def test_bad_seed_archs_are_one_clear_error(tmp_path, cache_dir):
   cfg = tiny_config(cache_dir, seed_archs=str(tmp_path / 'absent.jsonl'))
   with pytest.raises(UserError, match='absent.jsonl does not exist'):
