@@ -63,9 +63,18 @@ class Arch:
   fgram_ffn: jax.Array
 
   def layer_on(self) -> jax.Array:
-    """bool[L]: which layers compute something."""
+    """bool[L]: which layers compute something (NumPy for a concrete arch: host code)."""
+    xp = np if is_concrete(self) else jnp
     num_layers = self.block.shape[-1]
-    return (jnp.arange(num_layers) < self.depth[..., None]) & (self.block != SKIP)
+    depth = xp.asarray(self.depth)
+    return (xp.arange(num_layers) < depth[..., None]) & (xp.asarray(self.block) != SKIP)
+
+
+def is_concrete(tree) -> bool:
+  """Whether `tree` holds no tracer: a call from host code, outside any jit, vmap or grad. The
+  jittable space and cost functions then run as one compiled program each (op by op, every
+  primitive compiled a program of its own: tens per call, seconds at a command's start)."""
+  return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
 def stack(archs: Sequence[Arch]) -> Arch:

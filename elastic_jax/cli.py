@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from elastic_jax import __version__
@@ -510,6 +511,11 @@ def _quiet_closed_loop_callbacks() -> None:
   import logging  # noqa: PLC0415
   logging.getLogger('asyncio').addFilter(
       lambda record: 'exception was never retrieved' not in str(record.msg))
+  # ... and Python warns of each such coroutine collected before it started ("coroutine
+  # 'Store._get_array_metadatas' was never awaited" after the error line, seen on a busy host).
+  # The project runs no coroutine of its own: such a warning is a library's abandoned read.
+  warnings.filterwarnings('ignore', message=r"coroutine '.*' was never awaited",
+                          category=RuntimeWarning)
   # ... and Orbax logs a garbled checkpoint metadata file as an error of its own before the read
   # fails (the error or warning that names the checkpoint says why).
   logging.getLogger('absl').addFilter(

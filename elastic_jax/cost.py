@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-from elastic_jax.arch import Arch
+from elastic_jax.arch import Arch, is_concrete
 from elastic_jax.config import BLOCK_TYPES, ModelConfig, ModelDims
 from elastic_jax.model.blocks import BLOCKS, linear_params, norm_params
 
@@ -49,7 +51,8 @@ def _embed_head_cost(cfg: ModelConfig, h):
 
 
 def arch_cost(cfg: ModelConfig, arch: Arch, *, bottleneck_head_dim: int, seq_len: int) -> dict:
-  """Costs of one arch (or, under vmap, of each arch of a population).
+  """Costs of one arch (or, under vmap, of each arch of a population; from host code, one
+  compiled call).
 
   Returns int32 `params` and float32 `flops_per_token`, `train_flops_per_token`,
   `vocab_flops_per_token` (the vocabulary projection's share of `flops_per_token`),
@@ -58,6 +61,12 @@ def arch_cost(cfg: ModelConfig, arch: Arch, *, bottleneck_head_dim: int, seq_len
   (float32 [arch.fgrams, arch.hidden], in MB; 0 without SCONE). The f-gram count and the f-gram
   model's size change nothing else: the accelerator receives gathered rows as an input.
   """
+  if is_concrete(arch):
+    return _arch_cost_jit(cfg, arch, bottleneck_head_dim=bottleneck_head_dim, seq_len=seq_len)
+  return _arch_cost(cfg, arch, bottleneck_head_dim=bottleneck_head_dim, seq_len=seq_len)
+
+
+def _arch_cost(cfg: ModelConfig, arch: Arch, *, bottleneck_head_dim: int, seq_len: int) -> dict:
   h = arch.hidden
   on = arch.layer_on()
   sizes = {'hidden': h, 'heads': arch.heads, 'kv_groups': arch.kv_groups,
@@ -92,19 +101,23 @@ def arch_cost(cfg: ModelConfig, arch: Arch, *, bottleneck_head_dim: int, seq_len
   }
 
 
+_arch_cost_jit = jax.jit(_arch_cost, static_argnums=0,
+                         static_argnames=('bottleneck_head_dim', 'seq_len'))
+
+
 def dense_arch(dims: ModelDims) -> Arch:
   """The arch a dense model computes, in its own one-point space (for costing exported models)."""
   layers = dims.layers
   return Arch(
-      hidden=jnp.int32(dims.hidden), depth=jnp.int32(len(layers)),
-      head_dim=jnp.int32(dims.head_dim),
-      block=jnp.asarray([BLOCK_TYPES.index(l.blocks[0]) for l in layers], jnp.int32),
-      heads=jnp.asarray([l.heads for l in layers], jnp.int32),
-      kv_groups=jnp.asarray([l.kv_groups for l in layers], jnp.int32),
-      ffn=jnp.asarray([l.ffn for l in layers], jnp.int32),
-      inner=jnp.asarray([l.inner for l in layers], jnp.int32),
-      ffn_layers=jnp.asarray([l.ffn_layers for l in layers], jnp.int32),
-      fgrams=jnp.int32(0), fgram_layers=jnp.int32(0), fgram_ffn=jnp.int32(0),
+      hidden=np.int32(dims.hidden), depth=np.int32(len(layers)),
+      head_dim=np.int32(dims.head_dim),
+      block=np.asarray([BLOCK_TYPES.index(l.blocks[0]) for l in layers], np.int32),
+      heads=np.asarray([l.heads for l in layers], np.int32),
+      kv_groups=np.asarray([l.kv_groups for l in layers], np.int32),
+      ffn=np.asarray([l.ffn for l in layers], np.int32),
+      inner=np.asarray([l.inner for l in layers], np.int32),
+      ffn_layers=np.asarray([l.ffn_layers for l in layers], np.int32),
+      fgrams=np.int32(0), fgram_layers=np.int32(0), fgram_ffn=np.int32(0),
   )
 
 

@@ -37,7 +37,7 @@ from elastic_jax.errors import UserError
 GLOBAL_GENES = 3
 LAYER_GENES = 5
 SCONE_GENES = ('fgrams', 'fgram_layers', 'fgram_ffn')
-_COSTS_JIT: dict = {}  # Space.key() -> the jitted, vmapped cost of genomes
+_JITTED: dict = {}  # (name, Space.key()) -> a jitted function of the space (`Space.jitted`)
 
 
 @struct.dataclass
@@ -123,8 +123,13 @@ class Space:
 
   # -- genomes <-> archs ----------------------------------------------------------------------
   def decode(self, genome_G: jax.Array, limits: Limits | None = None) -> Arch:
-    """Genome -> Arch (jittable, vmappable); `limits` (arrays, may be traced) replace the
-    config's."""
+    """Genome -> Arch (jittable, vmappable; from host code, one compiled call); `limits`
+    (arrays, may be traced) replace the config's."""
+    if arch_lib.is_concrete((genome_G, limits)):
+      return self.jitted('decode', lambda sp: sp._decode)(genome_G, limits)
+    return self._decode(genome_G, limits)
+
+  def _decode(self, genome_G: jax.Array, limits: Limits | None) -> Arch:
     t = {k: jnp.asarray(v) for k, v in self.tables.items()}
     genome_G = jnp.asarray(genome_G, jnp.int32)
     end = GLOBAL_GENES + self.num_layers * LAYER_GENES
@@ -160,7 +165,13 @@ class Space:
             for i, f in enumerate(SCONE_GENES)}
 
   def encode(self, arch: Arch) -> jax.Array:
-    """Arch -> genome (jittable). The arch must lie in the space (see `arch.from_json`)."""
+    """Arch -> genome (jittable; from host code, one compiled call). The arch must lie in the
+    space (see `arch.from_json`)."""
+    if arch_lib.is_concrete(arch):
+      return self.jitted('encode', lambda sp: sp._encode)(arch)
+    return self._encode(arch)
+
+  def _encode(self, arch: Arch) -> jax.Array:
     t = {k: jnp.asarray(v) for k, v in self.tables.items()}
     index = lambda table, v: jnp.argmax(table == jnp.asarray(v)[..., None], axis=-1)
     kv = (index(t['kv_groups'], arch.kv_groups) if self.cfg.kv_groups
@@ -180,7 +191,14 @@ class Space:
   # -- sampling ----------------------------------------------------------------------------
   def random_genomes(self, key: jax.Array, n: int, limits: Limits | None = None) -> jax.Array:
     """[n, G] genomes, each gene uniform over its choices (with limits: a layer's FFN and heads
-    genes uniform over the choices its block type allows)."""
+    genes uniform over the choices its block type allows). From host code, one compiled call
+    per `n`."""
+    if arch_lib.is_concrete((key, limits)):
+      return self.jitted('random_genomes', lambda sp: sp._random_genomes,
+                         static_argnums=1)(key, n, limits)
+    return self._random_genomes(key, n, limits)
+
+  def _random_genomes(self, key: jax.Array, n: int, limits: Limits | None) -> jax.Array:
     u = jax.random.uniform(key, (n, self.num_genes))
     genomes = jnp.floor(u * self.gene_sizes).astype(jnp.int32)
     if limits is None and not self.limited:
@@ -225,11 +243,25 @@ class Space:
     per equal space (`key()`) and power-of-two batch size, so a handful of sizes compile however
     many spaces and batches a job makes (eager decoding compiled every primitive of it, seconds
     at every command's start); zero genomes (every gene's first choice) fill the padding."""
-    fn = _COSTS_JIT.get(self.key())
-    if fn is None:
-      fn = _COSTS_JIT[self.key()] = jax.jit(jax.vmap(
-          lambda g, lim: self.cost(self.decode(g, lim)), in_axes=(0, None)))
+    fn = self.jitted('genome_costs', lambda sp: jax.vmap(lambda g, lim: sp.cost(sp.decode(g, lim)),
+                                                         in_axes=(0, None)))
     return self.padded_call(lambda g: fn(g, limits), genomes_NxG)
+
+  def decode_genomes(self, genomes_NxG) -> Arch:
+    """Host convenience: the archs of genomes, one `Arch` of NumPy arrays [N, ...], one jitted
+    call (padded batches, `padded_call`)."""
+    fn = self.jitted('decode_genomes', lambda sp: jax.vmap(sp._decode, in_axes=(0, None)))
+    return self.padded_call(lambda g: fn(g, None), genomes_NxG)
+
+  def jitted(self, name: str, build, **jit_kwargs):
+    """`jax.jit(build(self), **jit_kwargs)`, made once per `name` and equal space (`key()`):
+    the host conveniences compile once however many Space objects a job makes. A name stands
+    for one function of the space, whoever asks for it."""
+    key = (name, self.key())
+    fn = _JITTED.get(key)
+    if fn is None:
+      fn = _JITTED[key] = jax.jit(build(self), **jit_kwargs)
+    return fn
 
   def padded_call(self, fn, genomes_NxG):
     """`fn` (a jitted function of an [N, G] genome batch) on `genomes_NxG` padded to a
@@ -262,7 +294,7 @@ class Space:
     """n archs (a batched Arch), uniform per gene; with `max_params`, uniform among those under
     the budget (rejection sampling, vectorised; raises UserError if the budget is infeasible)."""
     if max_params is None:
-      return jax.vmap(self.decode)(self.random_genomes(key, n))
+      return jax.tree.map(jnp.asarray, self.decode_genomes(self.random_genomes(key, n)))
     smallest = int(self.cost(self.fewest_params())['params'])
     if max_params < smallest:
       raise UserError(f'parameter budget {max_params:,} is below the smallest architecture of '
@@ -271,12 +303,11 @@ class Space:
     for attempt in range(64):
       key, sub = jax.random.split(key)
       genomes = self.random_genomes(sub, max(4 * need, 64))
-      archs = jax.vmap(self.decode)(genomes)
-      ok = np.asarray(jax.vmap(lambda a: self.cost(a)['params'])(archs) <= max_params)
+      ok = self.genome_costs(genomes)['params'] <= max_params
       found.extend(np.asarray(genomes)[ok][:need])
       need = n - len(found)
       if need <= 0:
-        return jax.vmap(self.decode)(jnp.asarray(np.stack(found)))
+        return jax.tree.map(jnp.asarray, self.decode_genomes(np.stack(found)))
       del attempt
     raise UserError(f'could not sample {n} architectures under {max_params:,} parameters: the '
                     'budget admits too small a share of the space; raise it')

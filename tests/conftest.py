@@ -1,6 +1,7 @@
 """Shared test helpers: small random models, the shared data folder."""
 
 import atexit
+import contextlib
 import os
 import shutil
 import sys
@@ -61,6 +62,25 @@ def randomize(model: nnx.Module, seed: int, scale: float = 0.3) -> nnx.Module:
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
   return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+@contextlib.contextmanager
+def lowerings():
+  """Yields the names of the programs JAX lowers inside the block (JAX's own lowering events,
+  which fire with or without the persistent cache): a host call run as one compiled program
+  lowers one program, the same call op by op one per primitive."""
+  names = []
+
+  def listener(event, duration, **kw):
+    del duration
+    if event == '/jax/core/compile/jaxpr_to_mlir_module_duration':
+      names.append(kw.get('fun_name'))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @pytest.fixture

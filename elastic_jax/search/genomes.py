@@ -8,7 +8,6 @@ loops that take them as static arguments are shared between equal searches.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -40,20 +39,6 @@ COST_INFO = {
 }
 
 
-_HOST_FNS: dict[tuple, Callable] = {}
-
-
-def _host_call(name: str, space: Space, build: Callable, genomes_BxG):
-  """Host convenience: `build(space)` (a function of a [B, G] genome batch) jitted once per
-  space and applied to `genomes_BxG` padded to a power-of-two batch (`Space.padded_call`; eager
-  calls compiled every primitive again for each new batch size)."""
-  key = (name, space.key())
-  fn = _HOST_FNS.get(key)
-  if fn is None:
-    fn = _HOST_FNS[key] = jax.jit(build(space))
-  return space.padded_call(fn, genomes_BxG)
-
-
 def genome_costs(space: Space, genomes_BxG) -> dict[str, np.ndarray]:
   """Host convenience: the analytic costs of genomes (`Space.genome_costs`)."""
   return space.genome_costs(genomes_BxG)
@@ -62,7 +47,7 @@ def genome_costs(space: Space, genomes_BxG) -> dict[str, np.ndarray]:
 def decode_genomes(space: Space, genomes_BxG):
   """Host convenience: the architectures of genomes, one `Arch` of numpy arrays [B, ...]
   (`arch_at` takes one out)."""
-  return _host_call('decode', space, lambda sp: jax.vmap(sp.decode), genomes_BxG)
+  return space.decode_genomes(genomes_BxG)
 
 
 def arch_at(archs, i: int):
@@ -71,8 +56,8 @@ def arch_at(archs, i: int):
 
 
 def canonical_genomes_host(space: Space, genomes_BxG) -> np.ndarray:
-  """Host convenience: `canonical_genomes` as numpy, jitted."""
-  return _host_call('canonical', space, lambda sp: CanonicalKey(sp), genomes_BxG)
+  """Host convenience: `canonical_genomes` as numpy, one jitted call (padded batches)."""
+  return space.padded_call(space.jitted('canonical_genomes', CanonicalKey), genomes_BxG)
 
 
 def extreme_genome(space: Space, name: str, largest: bool) -> np.ndarray:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import randomize
+from conftest import lowerings, randomize
 from flax import nnx
 
 from elastic_jax import arch as arch_lib
@@ -105,6 +105,37 @@ def test_vmap_over_16_archs_equals_16_calls(setup):
   together = jax.jit(jax.vmap(forward, in_axes=(None, 0)))(state, archs)
   for i, a in enumerate(arch_lib.unstack(archs)):
     np.testing.assert_allclose(together[i], forward(state, a), rtol=1e-5, atol=1e-5)
+
+
+def test_host_calls_of_the_space_and_costs_are_one_program_each():
+  """From host code, `random_genomes`, `decode`, `encode`, `cost` and `layer_on` run as one
+  compiled program each, or none (op by op, every primitive was a program of its own: 47 for
+  `elastic-jax sample --n=1`, 95 for `evaluate --workdir=W --arch=largest`), and give what the
+  same functions give traced inside a jit. A space of its own shapes, so nothing is compiled
+  yet in this process."""
+  cfg = ModelConfig(kind='decoder', vocab_size=29, max_len=16, positions='rotary',
+                    norm='rmsnorm', mlp='swiglu')
+  space = Space(cfg, space_config({**SPACE, 'num_layers': 5, 'depth': [3, 5]}), seq_len=9)
+  key = jax.random.key(13)
+  with lowerings() as names:
+    genomes = space.random_genomes(key, 3)
+    arch = space.decode(np.asarray(genomes)[1])
+    genome = space.encode(arch)
+    cost = space.cost(arch)
+    on = arch.layer_on()
+  assert sorted(names) == ['jit(_arch_cost)', 'jit(_decode)', 'jit(_encode)',
+                           'jit(_random_genomes)'], names
+
+  @jax.jit
+  def traced(key, i):
+    genomes = space.random_genomes(key, 3)
+    arch = space.decode(genomes[i])
+    return genomes, arch, space.encode(arch), space.cost(arch), arch.layer_on()
+
+  chex.assert_trees_all_equal((genomes, arch, genome, cost, on), traced(key, 1),
+                              strict=False)
+  assert isinstance(on, np.ndarray) and on.sum() == int(arch.depth) - int(
+      np.sum((np.asarray(arch.block) == BLOCK_TYPES.index('skip'))[:int(arch.depth)]))
 
 
 def test_space_count_matches_enumeration():

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, lowerings
 
 from elastic_jax import evaluation, proxies
 from elastic_jax import export as export_lib
@@ -194,19 +194,10 @@ def test_the_seeded_start_and_the_front_masks_are_one_program_each(cache_dir):
   searcher = driver.Searcher(lambda g, d, a=None: jnp.zeros((g.shape[0], 2)), space.gene_sizes,
                              2, 'nsga2', pop_size=8, archive_size=16,
                              key_fn=genomes_lib.CanonicalKey(space), feasible_fn=budgets)
-  lowered = []
-
-  def listener(event, duration, **kw):
-    if event == '/jax/core/compile/jaxpr_to_mlir_module_duration':
-      lowered.append(kw.get('fun_name'))
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with lowerings() as lowered:
     ok = budgets.feasible(genomes)
     state = searcher.init_state(genomes, fitness)
     front = np.asarray(pareto_front_mask(fitness, ok))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert set(lowered) <= {'jit(_feasible)', 'jit(_initial_state)', 'jit(pareto_front_mask)'}, \
       lowered
   assert len(lowered) <= 3, lowered
