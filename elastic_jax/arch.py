@@ -29,6 +29,8 @@ required).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -71,10 +73,28 @@ class Arch:
 
 
 def is_concrete(tree) -> bool:
-  """Whether `tree` holds no tracer: a call from host code, outside any jit, vmap or grad. The
-  jittable space and cost functions then run as one compiled program each (op by op, every
-  primitive compiled a program of its own: tens per call, seconds at a command's start)."""
+  """Whether `tree` holds no tracer: a call from host code, outside any jit, vmap or grad."""
   return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def host_jit(fn=None, /, *, static_argnames: tuple[str, ...] = ()):
+  """Decorator of a jittable function: called from host code (no tracer among its non-static
+  arguments, `is_concrete`), it runs as one compiled program, `jax.jit(fn, static_argnames)`
+  made once (a `Space` argument is static and equal by its key, so equal spaces share it);
+  called traced (inside jit, vmap or grad), it runs inline. Run op by op instead, every primitive
+  compiled a program of its own: tens per call, seconds at a command's start."""
+  if fn is None:
+    return functools.partial(host_jit, static_argnames=static_argnames)
+  compiled = jax.jit(fn, static_argnames=static_argnames)
+  signature = inspect.signature(fn)
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    named = signature.bind(*args, **kwargs).arguments
+    dynamic = [v for k, v in named.items() if k not in static_argnames]
+    return (compiled if is_concrete(dynamic) else fn)(*args, **kwargs)
+
+  return call
 
 
 def stack(archs: Sequence[Arch]) -> Arch:

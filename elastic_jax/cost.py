@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elastic_jax.arch import Arch, is_concrete
+from elastic_jax.arch import Arch, host_jit
 from elastic_jax.config import BLOCK_TYPES, ModelConfig, ModelDims
 from elastic_jax.model.blocks import BLOCKS, linear_params, norm_params
 
@@ -50,6 +49,7 @@ def _embed_head_cost(cfg: ModelConfig, h):
   return params, macs
 
 
+@host_jit(static_argnames=('cfg', 'bottleneck_head_dim', 'seq_len'))
 def arch_cost(cfg: ModelConfig, arch: Arch, *, bottleneck_head_dim: int, seq_len: int) -> dict:
   """Costs of one arch (or, under vmap, of each arch of a population; from host code, one
   compiled call).
@@ -61,12 +61,6 @@ def arch_cost(cfg: ModelConfig, arch: Arch, *, bottleneck_head_dim: int, seq_len
   (float32 [arch.fgrams, arch.hidden], in MB; 0 without SCONE). The f-gram count and the f-gram
   model's size change nothing else: the accelerator receives gathered rows as an input.
   """
-  if is_concrete(arch):
-    return _arch_cost_jit(cfg, arch, bottleneck_head_dim=bottleneck_head_dim, seq_len=seq_len)
-  return _arch_cost(cfg, arch, bottleneck_head_dim=bottleneck_head_dim, seq_len=seq_len)
-
-
-def _arch_cost(cfg: ModelConfig, arch: Arch, *, bottleneck_head_dim: int, seq_len: int) -> dict:
   h = arch.hidden
   on = arch.layer_on()
   sizes = {'hidden': h, 'heads': arch.heads, 'kv_groups': arch.kv_groups,
@@ -99,10 +93,6 @@ def _arch_cost(cfg: ModelConfig, arch: Arch, *, bottleneck_head_dim: int, seq_le
       'param_bytes': jnp.dtype(cfg.param_dtype).itemsize * params.astype(jnp.float32),
       'table_mb': 4e-6 * arch.fgrams.astype(jnp.float32) * h.astype(jnp.float32),
   }
-
-
-_arch_cost_jit = jax.jit(_arch_cost, static_argnums=0,
-                         static_argnames=('bottleneck_head_dim', 'seq_len'))
 
 
 def dense_arch(dims: ModelDims) -> Arch:

@@ -21,6 +21,7 @@ stays valid whatever the heads gene does.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -29,7 +30,7 @@ import numpy as np
 from flax import struct
 
 from elastic_jax import arch as arch_lib
-from elastic_jax.arch import Arch
+from elastic_jax.arch import Arch, host_jit
 from elastic_jax.config import BLOCK_TYPES, FLEXIBERT_BLOCKS, ModelConfig, SpaceConfig
 from elastic_jax.cost import arch_cost
 from elastic_jax.errors import UserError
@@ -37,7 +38,6 @@ from elastic_jax.errors import UserError
 GLOBAL_GENES = 3
 LAYER_GENES = 5
 SCONE_GENES = ('fgrams', 'fgram_layers', 'fgram_ffn')
-_JITTED: dict = {}  # (name, Space.key()) -> a jitted function of the space (`Space.jitted`)
 
 
 @struct.dataclass
@@ -122,14 +122,10 @@ class Space:
             .at[:, 1].set(_pick(per_LxK[:, 1], heads_ok)))
 
   # -- genomes <-> archs ----------------------------------------------------------------------
+  @host_jit(static_argnames=('self',))
   def decode(self, genome_G: jax.Array, limits: Limits | None = None) -> Arch:
     """Genome -> Arch (jittable, vmappable; from host code, one compiled call); `limits`
     (arrays, may be traced) replace the config's."""
-    if arch_lib.is_concrete((genome_G, limits)):
-      return self.jitted('decode', lambda sp: sp._decode)(genome_G, limits)
-    return self._decode(genome_G, limits)
-
-  def _decode(self, genome_G: jax.Array, limits: Limits | None) -> Arch:
     t = {k: jnp.asarray(v) for k, v in self.tables.items()}
     genome_G = jnp.asarray(genome_G, jnp.int32)
     end = GLOBAL_GENES + self.num_layers * LAYER_GENES
@@ -164,14 +160,10 @@ class Space:
     return {f: t[f][genome_G[self.num_genes - len(SCONE_GENES) + i]]
             for i, f in enumerate(SCONE_GENES)}
 
+  @host_jit(static_argnames=('self',))
   def encode(self, arch: Arch) -> jax.Array:
     """Arch -> genome (jittable; from host code, one compiled call). The arch must lie in the
     space (see `arch.from_json`)."""
-    if arch_lib.is_concrete(arch):
-      return self.jitted('encode', lambda sp: sp._encode)(arch)
-    return self._encode(arch)
-
-  def _encode(self, arch: Arch) -> jax.Array:
     t = {k: jnp.asarray(v) for k, v in self.tables.items()}
     index = lambda table, v: jnp.argmax(table == jnp.asarray(v)[..., None], axis=-1)
     kv = (index(t['kv_groups'], arch.kv_groups) if self.cfg.kv_groups
@@ -189,16 +181,11 @@ class Space:
     return jnp.concatenate(parts).astype(jnp.int32)
 
   # -- sampling ----------------------------------------------------------------------------
+  @host_jit(static_argnames=('self', 'n'))
   def random_genomes(self, key: jax.Array, n: int, limits: Limits | None = None) -> jax.Array:
     """[n, G] genomes, each gene uniform over its choices (with limits: a layer's FFN and heads
     genes uniform over the choices its block type allows). From host code, one compiled call
     per `n`."""
-    if arch_lib.is_concrete((key, limits)):
-      return self.jitted('random_genomes', lambda sp: sp._random_genomes,
-                         static_argnums=1)(key, n, limits)
-    return self._random_genomes(key, n, limits)
-
-  def _random_genomes(self, key: jax.Array, n: int, limits: Limits | None) -> jax.Array:
     u = jax.random.uniform(key, (n, self.num_genes))
     genomes = jnp.floor(u * self.gene_sizes).astype(jnp.int32)
     if limits is None and not self.limited:
@@ -243,25 +230,12 @@ class Space:
     per equal space (`key()`) and power-of-two batch size, so a handful of sizes compile however
     many spaces and batches a job makes (eager decoding compiled every primitive of it, seconds
     at every command's start); zero genomes (every gene's first choice) fill the padding."""
-    fn = self.jitted('genome_costs', lambda sp: jax.vmap(lambda g, lim: sp.cost(sp.decode(g, lim)),
-                                                         in_axes=(0, None)))
-    return self.padded_call(lambda g: fn(g, limits), genomes_NxG)
+    return self.padded_call(lambda g: _genome_costs(self, g, limits), genomes_NxG)
 
   def decode_genomes(self, genomes_NxG) -> Arch:
     """Host convenience: the archs of genomes, one `Arch` of NumPy arrays [N, ...], one jitted
     call (padded batches, `padded_call`)."""
-    fn = self.jitted('decode_genomes', lambda sp: jax.vmap(sp._decode, in_axes=(0, None)))
-    return self.padded_call(lambda g: fn(g, None), genomes_NxG)
-
-  def jitted(self, name: str, build, **jit_kwargs):
-    """`jax.jit(build(self), **jit_kwargs)`, made once per `name` and equal space (`key()`):
-    the host conveniences compile once however many Space objects a job makes. A name stands
-    for one function of the space, whoever asks for it."""
-    key = (name, self.key())
-    fn = _JITTED.get(key)
-    if fn is None:
-      fn = _JITTED[key] = jax.jit(build(self), **jit_kwargs)
-    return fn
+    return self.padded_call(functools.partial(_decode_genomes, self), genomes_NxG)
 
   def padded_call(self, fn, genomes_NxG):
     """`fn` (a jitted function of an [N, G] genome batch) on `genomes_NxG` padded to a
@@ -276,6 +250,14 @@ class Space:
   def key(self) -> tuple:
     """What the space's functions depend on (hashable): equal keys, equal computations."""
     return (self.model, self.cfg, self.seq_len)
+
+  # Equal by key: a static argument of jitted functions, compiled once however many Space
+  # objects a job makes of the same configuration.
+  def __eq__(self, other):
+    return isinstance(other, Space) and self.key() == other.key()
+
+  def __hash__(self):
+    return hash(self.key())
 
   def largest(self, limits: Limits | None = None) -> Arch:
     """The arch with the most parameters (the sandwich rule's teacher)."""
@@ -361,3 +343,13 @@ class Space:
         'smallest': arch_lib.to_json(self.smallest()),
         'largest': arch_lib.to_json(self.largest()),
     }
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _genome_costs(space: Space, genomes_NxG: jax.Array, limits: Limits | None) -> dict:
+  return jax.vmap(lambda g: space.cost(space.decode(g, limits)))(genomes_NxG)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_genomes(space: Space, genomes_NxG: jax.Array) -> Arch:
+  return jax.vmap(space.decode)(genomes_NxG)

@@ -8,12 +8,14 @@ loops that take them as static arguments are shared between equal searches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elastic_jax.arch import host_jit
 from elastic_jax.config import BLOCK_TYPES, FLEXIBERT_BLOCKS
 from elastic_jax.space import GLOBAL_GENES, LAYER_GENES, SCONE_GENES, Space
 
@@ -57,7 +59,7 @@ def arch_at(archs, i: int):
 
 def canonical_genomes_host(space: Space, genomes_BxG) -> np.ndarray:
   """Host convenience: `canonical_genomes` as numpy, one jitted call (padded batches)."""
-  return space.padded_call(space.jitted('canonical_genomes', CanonicalKey), genomes_BxG)
+  return space.padded_call(functools.partial(canonical_genomes, space), genomes_BxG)
 
 
 def extreme_genome(space: Space, name: str, largest: bool) -> np.ndarray:
@@ -78,9 +80,10 @@ def extreme_value(space: Space, name: str, largest: bool) -> float:
   return float(genome_costs(space, genome[None])[COST_KEYS[name]][0])
 
 
+@host_jit(static_argnames=('space',))
 def canonical_genomes(space: Space, genomes_BxG: jax.Array) -> jax.Array:
-  """One genome per architecture (jittable): genes that do not change the computed network are
-  zeroed, so equal architectures get equal genomes.
+  """One genome per architecture (jittable; from host code, one compiled call): genes that do
+  not change the computed network are zeroed, so equal architectures get equal genomes.
 
   The encoding is redundant: a layer beyond `depth` ignores all its genes, a 'skip' layer all but
   its block gene, a non-bottleneck layer its `inner` gene, and a kv gene maps to the divisor of

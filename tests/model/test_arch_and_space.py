@@ -123,8 +123,14 @@ def test_host_calls_of_the_space_and_costs_are_one_program_each():
     genome = space.encode(arch)
     cost = space.cost(arch)
     on = arch.layer_on()
-  assert sorted(names) == ['jit(_arch_cost)', 'jit(_decode)', 'jit(_encode)',
-                           'jit(_random_genomes)'], names
+  assert sorted(names) == ['jit(arch_cost)', 'jit(decode)', 'jit(encode)',
+                           'jit(random_genomes)'], names
+  # Another Space of the same configuration is equal to it and reuses its programs.
+  again = Space(cfg, space_config({**SPACE, 'num_layers': 5, 'depth': [3, 5]}), seq_len=9)
+  assert again == space and hash(again) == hash(space) and again != Space(cfg, space.cfg)
+  with lowerings() as names:
+    chex.assert_trees_all_equal(again.decode(np.asarray(again.random_genomes(key, 3))[1]), arch)
+  assert names == [], names
 
   @jax.jit
   def traced(key, i):
