@@ -330,27 +330,42 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool
     return _train(cfg, workdir, space, mesh, is_main, progress)
 
 
-def _train(cfg, workdir: Path, space, mesh, is_main: bool, progress: bool) -> dict:
-  tcfg = cfg.train
-
-  teacher = load_teacher(tcfg.distill.teacher, cfg) if tcfg.distill.teacher else None
-  setup = build_step(cfg, mesh, teacher) if teacher is not None else shared_step(cfg, mesh)
-  sampler, replicated = setup.sampler, parallel.replicated(mesh)
-  shardings = setup.state_shardings
-
-  # The seeded initialisation, created sharded; or another run's weights, read on every host.
+def _initial_state(cfg, space, setup: StepSetup) -> tuple[TrainState, str]:
+  """The state at step 0 and where its weights come from: the seeded initialisation, created
+  sharded, or `train.init_from`'s weights, read on every host (the projections seeded); the
+  optimizer's state initialised for them."""
+  shardings, replicated = setup.state_shardings, parallel.replicated(setup.mesh)
   params = jax.jit(setup.init_params, out_shardings=shardings.params)()
   source = 'seeded initialisation'
-  if tcfg.init_from:
+  if cfg.train.init_from:
     model = init_supernet(cfg, space)
-    source = apply_init_from(tcfg.init_from, model, space)
+    source = apply_init_from(cfg.train.init_from, model, space)
     params = nnx.State({'model': distributed.put_global(nnx.state(model, nnx.Param),
                                                         shardings.params['model']),
                         'proj': params['proj']})
   opt_state = jax.jit(setup.tx.init, out_shardings=shardings.opt_state)(params)
   step0, rng = jax.jit(lambda: (jnp.int32(0), jax.random.key_data(jax.random.key(int(cfg.seed)))),
                        out_shardings=(replicated, replicated))()
-  state = TrainState(step=step0, params=params, opt_state=opt_state, rng=rng)
+  return TrainState(step=step0, params=params, opt_state=opt_state, rng=rng), source
+
+
+def _train(cfg, workdir: Path, space, mesh, is_main: bool, progress: bool) -> dict:
+  tcfg = cfg.train
+
+  teacher = load_teacher(tcfg.distill.teacher, cfg) if tcfg.distill.teacher else None
+  setup = build_step(cfg, mesh, teacher) if teacher is not None else shared_step(cfg, mesh)
+  sampler, replicated = setup.sampler, parallel.replicated(mesh)
+  learning_rate = jax.jit(setup.schedule)  # one program, not one per primitive at each log
+
+  # The latest checkpoint, restored into the state's shapes; else the seeded initialisation,
+  # created sharded, or another run's weights, read on every host.
+  checkpoints = checkpoints_lib.Checkpoints(workdir, tcfg.keep_checkpoints)
+  restored = checkpoints.restore_latest(setup.abstract_state())
+  if restored is not None:
+    state, meta = restored
+    source = f"the checkpoint at step {meta['step']}"
+  else:
+    state, source = _initial_state(cfg, space, setup)
 
   shard_index, shard_count = distributed.process_batch_shard(setup.batch_sharding,
                                                              cfg.data.batch_size)
@@ -362,12 +377,8 @@ def _train(cfg, workdir: Path, space, mesh, is_main: bool, progress: bool) -> di
     transform = scone_job.batch_transform(fgrams)
   iterator = data.train_iterator(cfg.data, process_index=shard_index, process_count=shard_count,
                                  transform=transform)
-  checkpoints = checkpoints_lib.Checkpoints(workdir, tcfg.keep_checkpoints)
-  restored = checkpoints.restore_latest(setup.abstract_state())
   if restored is not None:
-    state, meta = restored
-    iterator.set_state(data.process_state(meta['data_state'], shard_index, shard_count))
-    source = f"the checkpoint at step {meta['step']}"
+    iterator.set_state(data.process_state(restored[1]['data_state'], shard_index, shard_count))
 
   teacher_params = None
   if teacher is not None:
@@ -449,7 +460,7 @@ def _train(cfg, workdir: Path, space, mesh, is_main: bool, progress: bool) -> di
       # loss: the step's objective, the SUM over its K sub-networks of their losses (README,
       # "Training"); each sub-network's loss and cross-entropy are logged under its label.
       line = {'step': step, 'loss': loss, 'grad_norm': float(host['grad_norm']),
-              'lr': float(setup.schedule(step - 1))}
+              'lr': float(learning_rate(step - 1))}
       ces = np.asarray(host['ce_per_arch'])
       for label, arch_loss, ce in zip(sampler.labels, np.asarray(host['loss_per_arch']), ces,
                                       strict=True):
